@@ -1,0 +1,427 @@
+"""Typed configuration: dataclasses with defaults, YAML presets, dotted ``key=value`` overrides.
+
+``load_config("rtdetr_r18", ["model.num_classes=4", "train.epochs=2"])`` reads
+``dset/configs/rtdetr_r18.yaml`` (or a path to any YAML file), applies the overrides and validates
+the result. A preset may name another with ``base: NAME`` and only state what differs. Every
+unknown key and every invalid value is a :class:`ConfigError` that names the dotted key, raised
+before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+PRESET_DIR = Path(__file__).resolve().parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key (and file) concerned."""
+
+
+# --------------------------------------------------------------------------------------------- model
+@dataclass
+class BackboneConfig:
+    depth: int = 18                      # PResNet-vd depth: 18 or 34
+    freeze_at: int = -1                  # freeze the stem and the first N stages (-1: nothing frozen, as RT-DETR)
+    pretrained: Optional[str] = None     # local PResNet-vd ImageNet weights (.pth); no download
+
+
+@dataclass
+class EncoderConfig:
+    hidden_dim: int = 256
+    nhead: int = 8
+    dim_feedforward: int = 1024
+    dropout: float = 0.0
+    num_encoder_layers: int = 1
+    pe_temperature: float = 10000.0
+    expansion: float = 0.5
+    depth_mult: float = 1.0
+
+
+@dataclass
+class DecoderConfig:
+    num_queries: int = 300
+    num_layers: int = 3
+    nhead: int = 8
+    dim_feedforward: int = 1024
+    dropout: float = 0.0
+    num_points: int = 4
+    num_denoising: int = 100
+    label_noise_ratio: float = 0.5
+    box_noise_scale: float = 1.0
+    eval_idx: int = -1
+
+
+@dataclass
+class MoEConfig:
+    enabled: bool = False
+    num_experts: int = 6
+    top_k: int = 3
+    expert_hidden_dim: Optional[int] = None   # None: the dense FFN's width (1024), as the original DSET
+    router_noise: float = 0.0
+    balance_loss_weight: float = 0.03
+    z_loss_weight: float = 0.0
+    upcycle_noise: float = 0.0                # relative noise when experts are copied from a dense FFN
+
+
+@dataclass
+class PruningConfig:
+    enabled: bool = False
+    keep_ratio: float = 0.7
+    min_tokens: int = 100
+    warmup_epochs: int = 10
+    ramp_epochs: int = 10
+    fill: str = "identity"                    # pruned tokens keep their input ("identity") or become 0 ("zero")
+    predictor_hidden_dim: int = 128
+    loss_weight: float = 0.01
+
+
+@dataclass
+class LossConfig:
+    vfl_weight: float = 1.0
+    bbox_weight: float = 5.0
+    giou_weight: float = 2.0
+    vfl_alpha: float = 0.75
+    vfl_gamma: float = 2.0
+    matcher_cost_class: float = 2.0
+    matcher_cost_bbox: float = 5.0
+    matcher_cost_giou: float = 2.0
+    matcher_alpha: float = 0.25
+    matcher_gamma: float = 2.0
+
+
+@dataclass
+class ModelConfig:
+    name: str = "rtdetr_r18"
+    num_classes: int = 80
+    eval_spatial_size: list[int] = field(default_factory=lambda: [640, 640])
+    checkpoint: Optional[str] = None          # local RT-DETR checkpoint to start from (MoE experts upcycled)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    encoder_moe: MoEConfig = field(default_factory=MoEConfig)
+    token_pruning: PruningConfig = field(default_factory=PruningConfig)
+    decoder_moe: MoEConfig = field(default_factory=lambda: MoEConfig(balance_loss_weight=0.05))
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+# ---------------------------------------------------------------------------------------------- data
+@dataclass
+class SplitConfig:
+    images: Optional[str] = None              # folder of images
+    annotations: Optional[str] = None         # COCO instances JSON
+
+
+@dataclass
+class SyntheticConfig:
+    num_train: int = 256
+    num_val: int = 64
+    image_size: int = 320
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"                   # "synthetic" (built in) or "coco" (train/val below)
+    train: SplitConfig = field(default_factory=SplitConfig)
+    val: SplitConfig = field(default_factory=SplitConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    image_size: int = 640                     # training and evaluation resolution (square)
+    batch_size: int = 4
+    num_workers: int = 0
+    max_train_images: Optional[int] = None    # use only the first N training images (budgets)
+    max_val_images: Optional[int] = None
+
+
+# --------------------------------------------------------------------------------------------- train
+@dataclass
+class TrainConfig:
+    epochs: int = 72
+    lr: float = 1e-4                          # new components (everything when training from scratch)
+    lr_pretrained: float = 1e-5               # parameters loaded from pretrained weights
+    weight_decay: float = 1e-4                # none on norms and biases
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 0.1
+    warmup_steps: int = 2000                  # linear lr warm-up, then cosine annealing
+    min_lr_ratio: float = 0.0
+    ema_decay: float = 0.9999
+    ema_warmup_steps: int = 2000
+    amp: bool = True                          # only on CUDA
+    early_stop_patience: Optional[int] = None # epochs without mAP improvement; None: never stop early
+    eval_every: int = 1
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    device: str = "auto"                      # "auto", "cpu", "cuda", "cuda:1", ...
+    out_dir: Optional[str] = None
+    deterministic: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Flat ``{dotted.key: value}`` view (what studies log as parameters)."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, node: Any) -> None:
+            if isinstance(node, dict):
+                for k, v in node.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = node
+
+        walk("", self.to_dict())
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ------------------------------------------------------------------------------------ construction
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert the harmless cases (int -> float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of settings, got {value!r}")
+        return _build(tp, value, key)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-4 as a string
+            try:
+                return _coerce(float(value), float, key)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise ConfigError(f"unknown configuration key '{key}'; valid keys here: {', '.join(sorted(names))}")
+        kwargs[k] = _coerce(v, hints[k], key)
+    obj = cls(**kwargs)
+    # nested dataclasses not mentioned keep their defaults (already built by default_factory)
+    return obj
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _resolve_preset(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"configuration file not found: {path}")
+        return path
+    candidate = PRESET_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        raise ConfigError(f"unknown preset '{name_or_path}'; known presets: {', '.join(preset_names())}")
+    return candidate
+
+
+def _read_yaml_chain(name_or_path: str | Path, seen: tuple = ()) -> dict:
+    path = _resolve_preset(name_or_path)
+    if path in seen:
+        raise ConfigError(f"{path}: 'base' presets form a cycle: {' -> '.join(map(str, seen + (path,)))}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    base = data.pop("base", None)
+    if base is not None:
+        bases = base if isinstance(base, list) else [base]
+        merged: dict = {}
+        for b in bases:
+            b_path = Path(b)
+            if b_path.suffix in (".yaml", ".yml") and not b_path.is_absolute():
+                b = path.parent / b_path
+            merged = _merge(merged, _read_yaml_chain(b, seen + (path,)))
+        data = _merge(merged, data)
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'model.decoder_moe.top_k=2'`` -> (['model', 'decoder_moe', 'top_k'], 2). Values are YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    data = _merge({}, data)
+    for text in overrides or []:
+        parts, value = parse_override(text)
+        node = data
+        for p in parts[:-1]:
+            if not isinstance(node.get(p, {}), dict):
+                raise ConfigError(f"override {text!r}: '{p}' is a value, not a group of settings")
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return data
+
+
+def validate(cfg: Config) -> Config:
+    """Checks that the types alone cannot express. Each error names its key."""
+    m = cfg.model
+
+    def need(cond: bool, key: str, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"{key}: {msg}")
+
+    need(m.num_classes >= 1, "model.num_classes", f"must be >= 1, got {m.num_classes}")
+    need(m.backbone.depth in (18, 34), "model.backbone.depth", f"must be 18 or 34, got {m.backbone.depth}")
+    need(len(m.eval_spatial_size) == 2 and all(s > 0 and s % 32 == 0 for s in m.eval_spatial_size),
+         "model.eval_spatial_size", f"must be two positive multiples of 32, got {m.eval_spatial_size}")
+    need(m.encoder.hidden_dim % m.encoder.nhead == 0, "model.encoder.nhead",
+         f"hidden_dim {m.encoder.hidden_dim} is not divisible by nhead {m.encoder.nhead}")
+    need(m.encoder.hidden_dim % 4 == 0, "model.encoder.hidden_dim", "must be divisible by 4 (2D sin-cos embedding)")
+    need(m.decoder.num_layers >= 1, "model.decoder.num_layers", f"must be >= 1, got {m.decoder.num_layers}")
+    need(m.decoder.num_queries >= 1, "model.decoder.num_queries", f"must be >= 1, got {m.decoder.num_queries}")
+    need(-m.decoder.num_layers <= m.decoder.eval_idx < m.decoder.num_layers, "model.decoder.eval_idx",
+         f"must index one of the {m.decoder.num_layers} decoder layers, got {m.decoder.eval_idx}")
+    need(m.decoder.num_denoising >= 0, "model.decoder.num_denoising", "must be >= 0")
+    for name in ("encoder_moe", "decoder_moe"):
+        moe: MoEConfig = getattr(m, name)
+        key = f"model.{name}"
+        need(moe.num_experts >= 1, f"{key}.num_experts", f"must be >= 1, got {moe.num_experts}")
+        need(1 <= moe.top_k <= moe.num_experts, f"{key}.top_k",
+             f"must be between 1 and num_experts ({moe.num_experts}), got {moe.top_k}")
+        need(moe.expert_hidden_dim is None or moe.expert_hidden_dim >= 1, f"{key}.expert_hidden_dim",
+             f"must be >= 1, got {moe.expert_hidden_dim}")
+        need(moe.router_noise >= 0, f"{key}.router_noise", f"must be >= 0, got {moe.router_noise}")
+        need(moe.balance_loss_weight >= 0, f"{key}.balance_loss_weight", "must be >= 0")
+        need(moe.z_loss_weight >= 0, f"{key}.z_loss_weight", "must be >= 0")
+    p = m.token_pruning
+    need(0 < p.keep_ratio <= 1, "model.token_pruning.keep_ratio", f"must be in (0, 1], got {p.keep_ratio}")
+    need(p.min_tokens >= 1, "model.token_pruning.min_tokens", f"must be >= 1, got {p.min_tokens}")
+    need(p.warmup_epochs >= 0, "model.token_pruning.warmup_epochs", f"must be >= 0, got {p.warmup_epochs}")
+    need(p.ramp_epochs >= 0, "model.token_pruning.ramp_epochs", f"must be >= 0, got {p.ramp_epochs}")
+    need(p.fill in ("identity", "zero"), "model.token_pruning.fill", f"must be 'identity' or 'zero', got {p.fill!r}")
+    need(p.loss_weight >= 0, "model.token_pruning.loss_weight", "must be >= 0")
+    for path_key, value in (("model.checkpoint", m.checkpoint), ("model.backbone.pretrained", m.backbone.pretrained)):
+        need(value is None or Path(value).is_file(), path_key, f"file not found: {value}")
+
+    d = cfg.data
+    need(d.name in ("synthetic", "coco"), "data.name", f"must be 'synthetic' or 'coco', got {d.name!r}")
+    need(d.image_size > 0 and d.image_size % 32 == 0, "data.image_size",
+         f"must be a positive multiple of 32, got {d.image_size}")
+    need(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
+    need(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    if d.name == "coco":
+        for split in ("train", "val"):
+            s: SplitConfig = getattr(d, split)
+            need(s.images is not None, f"data.{split}.images", "is required when data.name is 'coco'")
+            need(s.annotations is not None, f"data.{split}.annotations", "is required when data.name is 'coco'")
+            need(Path(s.images).is_dir(), f"data.{split}.images", f"folder not found: {s.images}")
+            need(Path(s.annotations).is_file(), f"data.{split}.annotations", f"file not found: {s.annotations}")
+
+    t = cfg.train
+    need(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")
+    need(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    need(t.lr_pretrained >= 0, "train.lr_pretrained", f"must be >= 0, got {t.lr_pretrained}")
+    need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    need(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", f"must be two numbers in [0, 1), got {t.betas}")
+    need(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+    need(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    need(0 <= t.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
+    need(t.early_stop_patience is None or t.early_stop_patience >= 1, "train.early_stop_patience", "must be >= 1")
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    return validate(_build(Config, data))
+
+
+def load_config(name_or_path: str | Path | Config = "rtdetr_r18", overrides: list[str] | None = None) -> Config:
+    """Load a preset name or YAML path, apply ``key.sub=value`` overrides, validate."""
+    if isinstance(name_or_path, Config):
+        data = name_or_path.to_dict()
+    else:
+        data = _read_yaml_chain(name_or_path)
+    return config_from_dict(apply_overrides(data, overrides))

@@ -1,0 +1,42 @@
+"""Shared test set-up: where the parity fixture lives, and small helpers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+PARITY = SHARED / "parity"
+
+
+def shared_path(name: str) -> Path:
+    """Path of a file under ../shared/parity; skip (or fail under CI=true) when it is absent."""
+    path = PARITY / name
+    if not path.exists():
+        reason = f"{path} is absent: the RT-DETR parity fixture lives in ../shared beside the checkout"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(reason + " (CI=true: its absence is a failure)")
+        pytest.skip(reason)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    torch.manual_seed(0)
+    yield
+
+
+def random_targets(batch: int, num_classes: int, counts: list[int], generator: torch.Generator | None = None):
+    """Random valid targets: normalised cx, cy, w, h boxes inside the image, labels in range."""
+    g = generator or torch.Generator().manual_seed(0)
+    targets = []
+    for b in range(batch):
+        n = counts[b]
+        wh = torch.rand(n, 2, generator=g) * 0.4 + 0.05
+        cxy = wh / 2 + torch.rand(n, 2, generator=g) * (1 - wh)
+        targets.append({"boxes": torch.cat([cxy, wh], 1), "labels": torch.randint(0, num_classes, (n,), generator=g)})
+    return targets

@@ -1,0 +1,115 @@
+"""The RT-DETR baseline reproduces the reference implementation (../shared/parity)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dset
+from dset.models.postprocess import PostProcessor
+
+from conftest import shared_path
+
+
+def read_key_file(depth: int) -> list[tuple[str, tuple[int, ...]]]:
+    rows = []
+    for line in shared_path(f"rtdetr_r{depth}vd_state_dict_keys.txt").read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        key, shape, _dtype = line.split("\t")
+        rows.append((key, tuple(int(s) for s in shape.strip("()").split(",") if s.strip())))
+    return rows
+
+
+@pytest.mark.parametrize("depth,expected_params", [(18, 20_184_464), (34, 31_441_668)])
+def test_state_dict_layout_and_parameter_count(depth, expected_params):
+    ref = read_key_file(depth)
+    model = dset.build_model(f"rtdetr_r{depth}")
+    ours = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+    assert ours == ref  # same keys, same shapes, same order
+    assert sum(p.numel() for p in model.parameters()) == expected_params
+
+
+@pytest.mark.parametrize("preset", ["dset_r18", "dset_r34"])
+def test_dset_preset_with_switches_off_is_rtdetr(preset):
+    depth = int(preset[-2:])
+    off = ["model.encoder_moe.enabled=false", "model.token_pruning.enabled=false", "model.decoder_moe.enabled=false"]
+    model = dset.build_model(preset, off)
+    assert [(k, tuple(v.shape)) for k, v in model.state_dict().items()] == read_key_file(depth)
+
+
+@pytest.fixture(scope="module")
+def parity():
+    fx = torch.load(shared_path("rtdetr_r18vd_parity.pt"), weights_only=True)
+    model = dset.build_model("rtdetr_r18", ["model.eval_spatial_size=[320,320]"]).eval()
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in fx["state_dict_fp16"].items()}
+    model.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        feats = model.backbone(fx["input"])
+        enc = model.encoder(feats)
+        out = model(fx["input"])
+    return fx, model, feats, enc, out
+
+
+def test_backbone_and_encoder_match_reference(parity):
+    fx, _, feats, enc, _ = parity
+    for ours, ref in zip(feats, fx["backbone_feats"], strict=True):
+        assert ours.shape == ref.shape
+        assert (ours - ref).abs().max() <= 1e-4
+    for ours, ref in zip(enc, fx["encoder_outs"], strict=True):
+        assert ours.shape == ref.shape
+        assert (ours - ref).abs().max() <= 1e-4
+
+
+def align_queries(ours_logits, ours_boxes, ref_logits, ref_boxes):
+    """Index j such that our query j[i] is the reference's query i.
+
+    Why an alignment: with this random initialisation many encoder tokens have query-selection scores
+    within 5e-7 of each other, so the top-300 *order* among them is decided by float rounding, which
+    differs between CPUs and BLAS builds (the *set* of selected tokens is the same). The decoder is
+    permutation-equivariant over queries, so a faithful model gives the reference's outputs up to
+    that reordering; we pair queries by their outputs and then compare values.
+    """
+    cost = (ref_boxes[:, None] - ours_boxes[None]).abs().amax(-1) + (ref_logits[:, None] - ours_logits[None]).abs().amax(-1)
+    return cost.argmin(1)
+
+
+def test_decoder_outputs_match_reference(parity):
+    fx, _, _, _, out = parity
+    assert out["pred_logits"].shape == fx["pred_logits"].shape == (2, 300, 80)
+    assert out["pred_boxes"].shape == fx["pred_boxes"].shape == (2, 300, 4)
+    for b in range(2):
+        j = align_queries(out["pred_logits"][b], out["pred_boxes"][b], fx["pred_logits"][b], fx["pred_boxes"][b])
+        assert len(set(j.tolist())) == 300, "query pairing is not one-to-one"
+        # only local reorderings among near-tied queries, not a different selection
+        assert (j - torch.arange(300)).abs().max() <= 5
+        assert (out["pred_boxes"][b][j] - fx["pred_boxes"][b]).abs().max() <= 1e-4
+        assert (out["pred_logits"][b][j] - fx["pred_logits"][b]).abs().max() <= 1e-3
+
+
+def test_postprocessed_detections_match_reference(parity):
+    fx, _, _, _, out = parity
+    results = PostProcessor(num_classes=80, num_top_queries=300)(out, fx["orig_target_sizes_wh"])
+    for ours, ref in zip(results, fx["postprocessed"], strict=True):
+        assert ours["scores"].shape == ref["scores"].shape == (300,)
+        # scores are sorted, so they compare position by position
+        assert (ours["scores"] - ref["scores"]).abs().max() <= 1e-4
+        # each reference detection has a twin of ours: same label, same score, same box (pixels)
+        cost = ((ref["boxes"][:, None] - ours["boxes"][None]).abs().amax(-1)
+                + 1e6 * (ref["labels"][:, None] != ours["labels"][None])
+                + 1e3 * (ref["scores"][:, None] - ours["scores"][None]).abs())
+        best = cost.min(1)
+        assert len(set(best.indices.tolist())) == 300
+        assert best.values.max() <= 1e-3  # boxes in pixels of 640x480 / 320x320 images
+
+
+def test_parity_is_sensitive_to_a_wrong_weight(parity):
+    """Guard against a comparison that cannot fail: perturbing one decoder weight breaks the match."""
+    fx, model, _, _, _ = parity
+    broken = dset.build_model("rtdetr_r18").eval()
+    broken.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        broken.decoder.dec_score_head[2].bias.add_(0.01)
+        out = broken(fx["input"])
+    j = align_queries(out["pred_logits"][0], out["pred_boxes"][0], fx["pred_logits"][0], fx["pred_boxes"][0])
+    assert (out["pred_logits"][0][j] - fx["pred_logits"][0]).abs().max() > 1e-3
