@@ -9,9 +9,16 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+
+class DatasetError(ValueError):
+    """A data set file is missing or malformed; the message names the file and the offending key/value.
+
+    Defined here (torch-free) so the converters' command lines start fast; ``dset.data.coco.DatasetError``
+    is this class."""
+
+
 _EXPORTS = {
     "CocoDetection": "coco",
-    "DatasetError": "coco",
     "collate_fn": "coco",
     "train_transforms": "transforms",
     "eval_transforms": "transforms",
@@ -21,7 +28,7 @@ _EXPORTS = {
     "DAIR_V2X_CLASSES": "dair_v2x",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, "DatasetError"])
 
 
 def __getattr__(name: str) -> Any:
