@@ -35,6 +35,7 @@ __all__ = [
     "UnknownLossError",
     "DEFAULT_WEIGHT_DICT",
     "DEFAULT_EXTRA_LOSS_WEIGHTS",
+    "build_criterion",
 ]
 
 DEFAULT_WEIGHT_DICT: dict[str, float] = {"loss_vfl": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
@@ -281,3 +282,25 @@ class SetCriterion(nn.Module):
                 raise ValueError(f"SetCriterion: extra loss {name!r} must be a scalar, got shape {tuple(value.shape)}")
             losses[name] = value.reshape(()) * self.extra_loss_weights[name]
         return losses
+
+
+def build_criterion(cfg) -> SetCriterion:
+    """Matcher + criterion from a :class:`dset.config.Config` (``model.loss`` and the sparse switches'
+    loss weights)."""
+    from .matcher import HungarianMatcher
+
+    m = cfg.model
+    loss = m.loss
+    matcher = HungarianMatcher(cost_class=loss.matcher_cost_class, cost_bbox=loss.matcher_cost_bbox,
+                               cost_giou=loss.matcher_cost_giou, use_focal=True, alpha=loss.matcher_alpha,
+                               gamma=loss.matcher_gamma)
+    extra = {
+        "loss_enc_moe_balance": m.encoder_moe.balance_loss_weight,
+        "loss_enc_moe_z": m.encoder_moe.z_loss_weight,
+        "loss_dec_moe_balance": m.decoder_moe.balance_loss_weight,
+        "loss_dec_moe_z": m.decoder_moe.z_loss_weight,
+        "loss_pruning": m.token_pruning.loss_weight,
+    }
+    weights = {"loss_vfl": loss.vfl_weight, "loss_bbox": loss.bbox_weight, "loss_giou": loss.giou_weight}
+    return SetCriterion(m.num_classes, matcher, weight_dict=weights, alpha=loss.vfl_alpha, gamma=loss.vfl_gamma,
+                        extra_loss_weights=extra)

@@ -1,0 +1,66 @@
+"""``python -m dset.profile PRESET [PRESET ...] [--size 640] [--json]``: parameters, GFLOPs by
+component, latency and FPS, for several models measured side by side in one process.
+
+DSET models are measured in their trained state: the token-pruning schedule is set to its end
+(``--epoch`` overrides), so pruning runs at the target keep ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from .config import ConfigError, load_config
+from .measure import profile_models
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dset.profile", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="+", help="preset names or YAML files (e.g. rtdetr_r18 dset_r18)")
+    parser.add_argument("--size", type=int, default=640, help="square input size in pixels (default 640)")
+    parser.add_argument("--device", default="cpu", help="device for latency (FLOPs are counted on CPU)")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--flops-inputs", type=int, default=3, help="random inputs to average DSET FLOPs over")
+    parser.add_argument("--epoch", type=int, default=None,
+                        help="epoch for the token-pruning schedule (default: the end of its ramp)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="configuration override applied to every model (repeatable)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per model")
+    args = parser.parse_args(argv)
+
+    from .models.detector import build_model
+
+    models = {}
+    try:
+        for name in args.models:
+            cfg = load_config(name, args.overrides)
+            model = build_model(cfg)
+            if model.token_pruner is not None:
+                p = cfg.model.token_pruning
+                model.set_epoch(args.epoch if args.epoch is not None else p.warmup_epochs + p.ramp_epochs)
+            models[name] = model
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    results = profile_models(models, args.size, args.device, args.flops_inputs, args.warmup, args.repeats,
+                             args.batch_size)
+    for name, r in results.items():
+        if args.json:
+            print(json.dumps(r))
+        else:
+            comp = ", ".join(f"{k} {v:.2f}" for k, v in r["gflops_by_component"].items())
+            print(f"{name}: {r['params']:,} params ({r['active_params']:,} active), {r['gflops']:.2f} GFLOPs "
+                  f"({comp}), {r['latency_ms']:.1f} ms = {r['fps']:.1f} FPS on {r['device']}, "
+                  f"batch {r['batch_size']}, {args.size}x{args.size}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
