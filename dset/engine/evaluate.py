@@ -17,12 +17,13 @@ import contextlib
 import io
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+import torch
 
 __all__ = ["METRIC_KEYS", "coco_metrics", "detections_from_predictions"]
 
@@ -204,3 +205,42 @@ def detections_from_predictions(
     if n_non_finite:
         warnings.warn(f"detections_from_predictions: skipped {n_non_finite} detection(s) with non-finite box/score")
     return out
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: torch.nn.Module,
+    postprocessor: torch.nn.Module,
+    loader: Iterable,
+    dataset: Any,
+    device: torch.device | str = "cpu",
+    image_ids: Sequence[int] | None = None,
+) -> dict:
+    """Run ``model`` over ``loader`` in eval mode and score it with :func:`coco_metrics`.
+
+    ``dataset`` is the :class:`~dset.data.coco.CocoDetection` behind the loader (its ``coco`` ground
+    truth and ``label_to_category_id``). Boxes are scaled to each image's original size
+    (``target['orig_size']``, (w, h)), so the metrics are on the original images. ``image_ids``
+    restricts the evaluation to those images; default: the images the loader yielded (so a loader
+    over a subset is scored on that subset, not penalised for images it never showed).
+    Returns the metric dict plus ``detections`` (the COCO detection list, for gathering across processes).
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    detections: list[dict] = []
+    seen: list[int] = []
+    try:
+        for images, targets in loader:
+            outputs = model(images.to(device))
+            sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
+            results = postprocessor(outputs, sizes)
+            ids = [int(t["image_id"]) for t in targets]
+            seen.extend(ids)
+            detections.extend(detections_from_predictions(results, ids, dataset.label_to_category_id))
+    finally:
+        model.train(was_training)
+    metrics = coco_metrics(dataset.coco, detections, dataset.category_names,
+                           image_ids=list(image_ids) if image_ids is not None else sorted(set(seen)))
+    metrics["detections"] = detections
+    return metrics
