@@ -1,0 +1,74 @@
+"""Measurement: FLOPs against the reference's published counts and analytic formulas, parameters."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import dset
+from dset.measure import aifi_layer_macs, count_active_params, count_flops, count_params, measure_latency
+
+
+@pytest.mark.parametrize("preset,total,parts", [
+    ("rtdetr_r18", 61.73, {"backbone": 33.85, "encoder": 17.33, "decoder": 10.56}),
+    ("rtdetr_r34", 93.89, {"backbone": 64.09, "encoder": 17.33, "decoder": 12.48}),
+])
+def test_gflops_match_the_reference_at_640(preset, total, parts):
+    """Values from shared/parity/README.md (fvcore with attention counted, x2)."""
+    flops = count_flops(dset.build_model(preset), 640)
+    assert flops["gflops"] == pytest.approx(total, rel=0.01)
+    for name, value in parts.items():
+        assert flops["gflops_by_component"][name] == pytest.approx(value, rel=0.01)
+    assert sum(flops["gflops_by_component"].values()) == pytest.approx(flops["gflops"], rel=1e-6)
+
+
+@pytest.mark.parametrize("keep_ratio,top_k", [(0.5, 3), (0.7, 2), (1.0, 1)])
+def test_counted_encoder_layer_flops_follow_the_analytic_formula(keep_ratio, top_k):
+    """Only kept tokens and only active experts are counted."""
+    model = dset.build_model("dset_r18", [f"model.token_pruning.keep_ratio={keep_ratio}", "model.token_pruning.min_tokens=10",
+                                          f"model.encoder_moe.top_k={top_k}", "model.decoder.num_queries=50"])
+    model.set_epoch(100)  # the end of the pruning schedule: the target keep ratio is in force
+    size = 256
+    tokens = (size // 32) ** 2
+    kept = max(10, round(keep_ratio * tokens))
+    counted = count_flops(model, size, num_inputs=1)["gflops_by_module"]["encoder.encoder.0.layers.0"]
+    analytic = 2 * aifi_layer_macs(kept, 256, 1024, num_experts=6, top_k=top_k) / 1e9
+    assert counted == pytest.approx(analytic, rel=0.02)
+    # and the dense layer of RT-DETR on all tokens
+    dense = count_flops(dset.build_model("rtdetr_r18", ["model.decoder.num_queries=50"]), size)["gflops_by_module"]
+    assert dense["encoder.encoder.0.layers.0"] == pytest.approx(2 * aifi_layer_macs(tokens) / 1e9, rel=0.02)
+
+
+def test_active_parameters_count_top_k_experts():
+    model = dset.build_model("dset_r18")
+    per_expert = 2 * 256 * 1024 + 1024 + 256
+    moe_layers = 1 + 3  # AIFI + 3 decoder layers
+    assert count_active_params(model) == count_params(model) - moe_layers * (6 - 3) * per_expert
+    dense = dset.build_model("rtdetr_r18")
+    assert count_active_params(dense) == count_params(dense) == 20_184_464
+
+
+def test_latency_is_measured_for_every_model_round_robin():
+    models = {"a": dset.build_model("rtdetr_r18", ["model.decoder.num_queries=20"]),
+              "b": dset.build_model("dset_r18", ["model.decoder.num_queries=20"])}
+    result = measure_latency(models, size=64, warmup=1, repeats=2)
+    for name in models:
+        r = result[name]
+        assert r["latency_ms"] > 0 and r["fps"] == pytest.approx(1000 / r["latency_ms"])
+        assert r["repeats"] == 2 and r["batch_size"] == 1 and r["device"].startswith("cpu")
+        assert models[name].training  # built in train mode; measuring leaves the mode as it found it
+
+
+def test_profile_cli_prints_one_json_object_per_model(capsys):
+    from dset.profile import main
+
+    assert main(["rtdetr_r18", "dset_r18", "--size", "128", "--json", "--warmup", "0", "--repeats", "1",
+                 "--flops-inputs", "1", "--set", "model.decoder.num_queries=20"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [r["model"] for r in lines] == ["rtdetr_r18", "dset_r18"]
+    for r in lines:
+        assert {"params", "active_params", "gflops", "gflops_by_component", "latency_ms", "fps", "device"} <= set(r)
+    assert lines[1]["active_params"] < lines[1]["params"]
+    assert lines[1]["sparse"]["token_pruning"]["keep_ratio_in_force"] == pytest.approx(0.7)
