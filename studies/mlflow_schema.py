@@ -1,0 +1,67 @@
+"""How studies log to MLflow: the names that ``studies/`` writes and ``analysis/`` reads.
+
+One experiment per study (named after it). One parent run per invocation of ``python -m studies.run``
+and one nested child run per grid cell or Optuna trial (``mlflow.parentRunId`` tag).
+
+Child runs carry:
+- params: the full resolved configuration, flat dotted keys (``model.decoder_moe.top_k`` ...);
+- tags (below), all strings; switches are "true"/"false";
+- per-epoch metrics at ``step=epoch`` (prefixes below);
+- final metrics (names below);
+- artifacts: config.yaml, metrics.jsonl, summary.json, per_class_ap.csv, expert_usage.png (DSET only).
+A failed child run has MLflow status FAILED and the tag ``dset.error`` with the error message.
+"""
+
+# ----------------------------------------------------------------------------------------------- tags
+TAG_ROLE = "dset.role"                 # "parent" or "child"
+TAG_STUDY = "dset.study"               # study name, e.g. "ablation_grid"
+TAG_CELL = "dset.cell"                 # cell id, e.g. "r18-enc_moe-prune-dec_moe-s0" or "trial-12"
+TAG_VARIANT = "dset.variant"           # human label, e.g. "RT-DETR R18" or "DSET R18 (E+P+D)"
+TAG_BACKBONE = "dset.backbone"         # "R18" or "R34"
+TAG_ENCODER_MOE = "dset.encoder_moe"   # "true" / "false"
+TAG_TOKEN_PRUNING = "dset.token_pruning"
+TAG_DECODER_MOE = "dset.decoder_moe"
+TAG_SEED = "dset.seed"
+TAG_DEVICE = "dset.device"             # device the run trained on, e.g. "cpu" or "NVIDIA H100"
+TAG_LATENCY_DEVICE = "dset.latency_device"  # device and threads of the latency measurement
+TAG_GIT_COMMIT = "dset.git_commit"
+TAG_FINGERPRINT = "dset.fingerprint"   # hash of the resolved config + seed (resume / dedup)
+TAG_TRIAL = "dset.trial"               # Optuna trial number (Optuna studies)
+TAG_ERROR = "dset.error"               # error message of a failed run
+TAG_STATUS = "dset.status"             # "completed", "failed", "stopped" (early stop or pruned)
+TAG_CHECKPOINT_DIR = "dset.checkpoint_dir"
+
+SWITCH_TAGS = (TAG_ENCODER_MOE, TAG_TOKEN_PRUNING, TAG_DECODER_MOE)
+
+# ----------------------------------------------------------------------------- per-epoch metric prefixes
+TRAIN_LOSS_PREFIX = "train/"           # train/loss (total), train/loss_vfl, train/loss_bbox, ... (epoch means)
+LR_PREFIX = "lr/"                      # lr/<param group name>
+VAL_PREFIX = "val/"                    # val/mAP, val/mAP50, val/mAP75, val/mAP_small, val/mAP_medium, val/mAP_large, val/AR100
+KEEP_RATIO = "sparse/keep_ratio"       # token keep ratio in force that epoch
+# expert usage share: sparse/<encoder_moe|decoder_moe>/layer<i>/expert<j>; entropy: .../layer<i>/entropy
+USAGE_PREFIX = "sparse/"
+
+# ---------------------------------------------------------------------------------------- final metrics
+BEST_MAP = "best/mAP"                  # mAP@0.5:0.95 of the best epoch (EMA weights)
+BEST_MAP50 = "best/mAP50"
+BEST_MAP75 = "best/mAP75"
+BEST_EPOCH = "best/epoch"
+PARAMS = "params"
+ACTIVE_PARAMS = "active_params"
+GFLOPS = "gflops"                      # 2 x multiply-adds, fvcore + attention/grid-sample handles
+GFLOPS_COMPONENT_PREFIX = "gflops/"    # gflops/backbone, gflops/encoder, gflops/decoder
+LATENCY_MS = "latency_ms"              # batch 1, median, on TAG_LATENCY_DEVICE
+FPS = "fps"
+FINAL_KEEP_RATIO = "final/keep_ratio"
+EPOCHS_RUN = "epochs_run"
+TRAIN_MINUTES = "train_minutes"
+
+ARTIFACTS = ("config.yaml", "metrics.jsonl", "summary.json", "per_class_ap.csv", "expert_usage.png")
+
+
+def usage_metric(where: str, layer: int, expert: int) -> str:
+    return f"{USAGE_PREFIX}{where}/layer{layer}/expert{expert}"
+
+
+def entropy_metric(where: str, layer: int) -> str:
+    return f"{USAGE_PREFIX}{where}/layer{layer}/entropy"
