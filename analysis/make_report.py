@@ -1,0 +1,291 @@
+"""Report: the tables and plots that compare every variant of a study with RT-DETR R18/R34.
+
+    python analysis/make_report.py [--experiment ablation_grid] [--out report/] [--tracking-uri URI]
+
+Reads one MLflow experiment (one study) and writes into ``--out``: each table as Markdown, CSV and
+LaTeX (``<table>.md/.csv/.tex``), each plot as PNG, ``index.html`` (one self-contained page: every
+table, every plot embedded as a data URI, and a line saying how and when the numbers were produced)
+and ``report_files.txt`` (what this report wrote; files a previous report wrote there and this one
+does not are removed, nothing else is touched). It prints where it wrote them and the main table.
+
+Where the numbers come from: MLflow only. Runs, params, tags and final metrics are read with
+``mlflow.search_runs`` (pandas); the per-epoch curves (mAP, keep ratio, training loss) with
+``MlflowClient.get_metric_history``, which is the same store's record of the same metrics. No run
+artifact is downloaded and no file a run wrote (checkpoints, metrics.jsonl) is read. The names are
+those of ``studies/mlflow_schema.py``. The compute table's "sites" column is the one number this
+report computes itself (closed-form multiply-adds from each run's logged configuration), and says so.
+
+Tables: main (every variant vs RT-DETR of the same backbone), ablation (8 switch combinations per
+backbone, mean ± std over seeds, Welch test against seed noise), compute (GFLOPs by component and the
+share the sparse mechanisms act on), reported_vs_measured (the seed report's DAIR-V2X numbers next to
+ours), optuna_pareto and optuna_importances (Optuna studies), runs (every run, with status and error).
+Plots: map_vs_gflops, map_vs_latency, ablation_bars, expert_usage_<variant>, map_keep_ratio_per_epoch,
+train_loss, optuna_pareto, optuna_importances.
+
+Behaviour: failed, unfinished and missing runs are listed (runs table; "runs not included" columns;
+"not run" rows in the ablation) rather than dropped; an unknown or empty experiment is a one-line
+message and exit status 2 or 1; the same store gives byte-identical files (stable ordering, fixed
+number formats, no wall-clock time anywhere, PNGs without metadata).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: put the repository root, not analysis/, on the path
+    _HERE = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+    sys.path.insert(0, str(_HERE.parent))
+
+import argparse  # noqa: E402
+import base64  # noqa: E402
+import html  # noqa: E402
+
+import pandas as pd  # noqa: E402
+
+from analysis import plots as P  # noqa: E402
+from analysis import runs as R  # noqa: E402
+from analysis import tables as T  # noqa: E402
+from studies import mlflow_schema as S  # noqa: E402
+
+MANIFEST = "report_files.txt"
+HISTORY_KEYS = (S.VAL_PREFIX + "mAP", S.KEEP_RATIO, S.TRAIN_LOSS_PREFIX + "loss")
+PLOT_CAPTIONS = {
+    "map_vs_gflops": "mAP@0.5:0.95 against measured GFLOPs for every variant (seed mean ± std); RT-DETR baselines "
+                     "as stars; dashed: the Pareto front (no other variant has more mAP for fewer GFLOPs).",
+    "map_vs_latency": "mAP@0.5:0.95 against latency (batch 1, median, on the latency device) for every variant; "
+                      "RT-DETR baselines as stars; dashed: the Pareto front.",
+    "ablation_bars": "Ablation: mean mAP@0.5:0.95 per switch combination and backbone, error bars = sample std "
+                     "over seeds.",
+    "map_keep_ratio_per_epoch": "Per epoch: validation mAP (left) and the token keep ratio in force (right), "
+                                "seed means.",
+    "train_loss": "Training loss (train/loss, epoch mean) per epoch, seed means.",
+    "optuna_pareto": "Optuna trials: best mAP against GFLOPs; red: the Pareto-optimal trials (trial numbers "
+                     "annotated).",
+    "optuna_importances": "Optuna parameter importances for each objective, computed by this report from the "
+                          "logged trials.",
+}
+
+
+def provenance(study: R.Study) -> str:
+    runs = study.runs
+    children = study.children
+    statuses = ", ".join(f"{n} {s}" for s, n in sorted(children["status"].value_counts().items()))
+    starts = runs["start_time"].dropna()
+    when = "no start times logged" if starts.empty else (
+        f"runs started between {starts.min():%Y-%m-%d %H:%M} and {starts.max():%Y-%m-%d %H:%M} UTC "
+        f"(newest run: {starts.max():%Y-%m-%d})")
+    return (f"Produced by analysis/make_report.py from MLflow (tracking URI {R.redact_uri(study.tracking_uri)}, "
+            f"experiment '{study.experiment}', id {study.experiment_id}): {len(runs)} runs "
+            f"({int((runs['role'] == 'parent').sum())} parent, {len(children)} child: {statuses or 'none'}); {when}. "
+            "Every number is one the runs logged (mlflow.search_runs; per-epoch curves via get_metric_history) or "
+            "a mean, difference or test of them; the compute table's sites are closed-form and labelled so.")
+
+
+def build_tables(study: R.Study, vs: pd.DataFrame) -> tuple[dict, dict, dict]:
+    tables: dict[str, T.Table] = {}
+    skipped: dict[str, str] = {}
+    extra: dict = {}
+    if vs.empty:
+        for name in ("main", "ablation", "compute", "reported_vs_measured"):
+            skipped[name] = "no child runs (only study invocations) in this experiment"
+    else:
+        tables["main"] = T.main_table(study, vs)
+        for name, (table, why) in (("ablation", T.ablation_table(study, vs)), ("compute", T.compute_table(study, vs))):
+            if table is None:
+                skipped[name] = why
+            else:
+                tables[name] = table
+        tables["reported_vs_measured"] = T.reported_table(study, vs)
+    trials = T.optuna_trials(study)
+    extra["trials"] = trials
+    table, why = T.optuna_pareto_table(study, trials)
+    if table is None:
+        skipped["optuna_pareto"] = why
+    else:
+        tables["optuna_pareto"] = table
+    if study.is_optuna:
+        table, why, imp = T.optuna_importance_table(trials)
+        extra.update(imp)
+        if table is None:
+            skipped["optuna_importances"] = why
+        else:
+            tables["optuna_importances"] = table
+    else:
+        skipped["optuna_importances"] = "not an Optuna study (no run has a dset.trial tag)"
+    tables["runs"] = T.runs_table(study)
+    return tables, skipped, extra
+
+
+def build_figures(study: R.Study, vs: pd.DataFrame, tables: dict, extra: dict) -> tuple[dict, dict, dict]:
+    figures, skipped, captions = {}, {}, {}
+
+    def add(name: str, fig, why: str, caption: str | None = None):
+        if fig is None:
+            skipped[name] = why
+        else:
+            figures[name] = fig
+            captions[name] = caption or PLOT_CAPTIONS[name]
+
+    devices = sorted(set(vs["latency_device"].dropna())) if not vs.empty else []
+    if vs.empty:
+        for name in ("map_vs_gflops", "map_vs_latency"):
+            skipped[name] = "no child runs"
+    else:
+        add("map_vs_gflops", P.map_vs(vs, "gflops", "GFLOPs (2 × multiply-adds)"),
+            "no variant logged gflops and best/mAP")
+        latency_axis = f"latency (ms, batch 1; {'; '.join(devices) or 'device not logged'})"
+        add("map_vs_latency", P.map_vs(vs, "latency_ms", latency_axis), "no variant logged latency_ms and best/mAP")
+    if "ablation" in tables:
+        add("ablation_bars", P.ablation_bars(tables["ablation"].df), "no finished ablation runs")
+    else:
+        skipped["ablation_bars"] = "no ablation table"
+    # an Optuna study has one variant per trial: draw the Pareto-optimal trials' heatmaps and curves only
+    focus = vs[vs["n"] > 0] if not vs.empty else vs
+    note = ""
+    if study.is_optuna and not extra["trials"].empty:
+        front = set(extra["trials"].loc[extra["trials"]["pareto"], "trial"])
+        focus = focus[focus["trial"].isin(front)]
+        note = " (Optuna study: Pareto-optimal trials only)"
+    used = set()
+    for _, v in focus.iterrows():
+        mats = R.usage_matrices(study, v["group"])
+        if not mats:
+            continue
+        name = "expert_usage_" + P.slug(v["label"])
+        while name in used:
+            name += "_"
+        used.add(name)
+        add(name, P.expert_usage(v["label"], mats), "",
+            f"Expert usage of {v['label']}: share of token-slots per expert and layer at the final epoch "
+            f"(sparse/<encoder_moe|decoder_moe>/layer<i>/expert<j>), mean over {v['n']} run(s).")
+    if not used:
+        skipped["expert_usage_*"] = "no finished run logged expert usage (no MoE variant)"
+    inc = study.included
+    hist = R.histories(study, HISTORY_KEYS, inc[inc["group"].isin(set(focus["group"]))] if len(focus) else inc.iloc[:0])
+    add("map_keep_ratio_per_epoch", P.per_epoch(hist), "no per-epoch val/mAP logged",
+        PLOT_CAPTIONS["map_keep_ratio_per_epoch"] + note)
+    add("train_loss", P.train_loss(hist), "no per-epoch train/loss logged", PLOT_CAPTIONS["train_loss"] + note)
+    if study.is_optuna:
+        add("optuna_pareto", P.optuna_pareto(extra["trials"]), "no finished trial with best/mAP and gflops")
+        add("optuna_importances", P.optuna_importances(extra.get("importances", {}), extra.get("method", "")),
+            "importances not computed (see the tables' notes)")
+    return figures, skipped, captions
+
+
+HTML_STYLE = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;
+max-width:1200px;padding:0 1em;color:#222}table{border-collapse:collapse;margin:.5em 0;font-size:13px}
+th,td{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#f3f3f3}
+td:first-child,th:first-child{text-align:left}
+.provenance{background:#f7f7f0;border-left:4px solid #bb9;padding:.5em 1em}.notes{font-size:12px;color:#555}
+figure{margin:1em 0}img{max-width:100%;border:1px solid #eee}figcaption{font-size:13px;color:#444}
+.files{font-size:12px}.skipped{font-size:13px;color:#666}"""
+
+
+def render_html(study: R.Study, tables: dict, pngs: dict, captions: dict, skipped: dict) -> str:
+    def e(text: str) -> str:
+        return html.escape(str(text), quote=False)
+
+    out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+           f"<title>DSET report: {e(study.experiment)}</title>", f"<style>{HTML_STYLE}</style>", "</head>", "<body>",
+           f"<h1>DSET report: experiment {e(study.experiment)}</h1>",
+           f'<p class="provenance">{e(provenance(study))}</p>', "<h2>Contents</h2>", "<ul>"]
+    out += [f'<li><a href="#{e(n)}">{e(t.title)}</a></li>' for n, t in tables.items()]
+    out += [f'<li><a href="#plot-{e(n)}">{e(n)}.png</a></li>' for n in pngs]
+    out += ["</ul>", "<h2>Tables</h2>"]
+    for name, t in tables.items():
+        links = " · ".join(f'<a href="{e(name)}.{ext}">{e(name)}.{ext}</a>' for ext in ("md", "csv", "tex"))
+        out += [f'<section id="{e(name)}">', f"<h3>{e(t.title)}</h3>", f'<p class="files">files: {links}</p>',
+                T.to_html(t), "</section>"]
+    out += ["<h2>Plots</h2>"]
+    for name, data in pngs.items():
+        b64 = base64.b64encode(data).decode("ascii")
+        out += [f'<figure id="plot-{e(name)}">', f'<img alt="{e(name)}.png" src="data:image/png;base64,{b64}">',
+                f"<figcaption><b>{e(name)}.png</b>: {e(captions[name])}</figcaption>", "</figure>"]
+    if skipped:
+        out += ["<h2>Not produced</h2>", '<ul class="skipped">']
+        out += [f"<li>{e(n)}: {e(why)}</li>" for n, why in skipped.items()]
+        out += ["</ul>"]
+    out += ["</body>", "</html>"]
+    return "\n".join(out) + "\n"
+
+
+def _write(out: Path, files: dict[str, bytes]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = out / MANIFEST
+    if manifest.is_file():  # remove what an earlier report wrote here and this one does not
+        for name in manifest.read_text().split():
+            stale = out / name
+            if name not in files and "/" not in name and name != MANIFEST and stale.is_file():
+                stale.unlink()
+    for name, data in files.items():
+        (out / name).write_bytes(data)
+    manifest.write_text("".join(f"{n}\n" for n in sorted(files)))
+
+
+def build_report(experiment: str = "ablation_grid", out_dir: str | Path = "report",
+                 tracking_uri: str | None = None) -> dict:
+    """Read ``experiment`` from MLflow and write the report into ``out_dir``. Returns ``out_dir``,
+    ``tables`` (name -> :class:`analysis.tables.Table`), ``plots`` (name -> PNG path), ``files`` (every
+    path written), ``skipped`` (name -> why it was not produced), ``provenance``, ``study``, ``variants``
+    (:func:`analysis.runs.variants`) and ``trials`` (:func:`analysis.tables.optuna_trials`).
+    Raises :class:`analysis.runs.ReportError` for an unknown or empty experiment."""
+    study = R.load_study(experiment, tracking_uri)
+    vs = R.variants(study)
+    tables, skipped, extra = build_tables(study, vs)
+    figures, skipped_plots, captions = build_figures(study, vs, tables, extra)
+    skipped.update(skipped_plots)
+    pngs = {name: P.png_bytes(fig) for name, fig in figures.items()}
+    files: dict[str, bytes] = {}
+    for name, t in tables.items():
+        files[f"{name}.md"] = T.to_markdown(t).encode()
+        files[f"{name}.csv"] = T.to_csv(t).encode()
+        files[f"{name}.tex"] = T.to_latex(t).encode()
+    for name, data in pngs.items():
+        files[f"{name}.png"] = data
+    files["index.html"] = render_html(study, tables, pngs, captions, skipped).encode()
+    out = Path(out_dir)
+    _write(out, files)
+    return {"out_dir": out, "tables": tables, "plots": {n: out / f"{n}.png" for n in pngs},
+            "files": [out / n for n in sorted(files)] + [out / MANIFEST], "skipped": skipped,
+            "provenance": provenance(study), "study": study, "variants": vs, "trials": extra["trials"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python analysis/make_report.py",
+        description="Tables and plots comparing every variant of a study with RT-DETR, from MLflow.")
+    parser.add_argument("--experiment", default="ablation_grid",
+                        help="MLflow experiment (= study name); default ablation_grid")
+    parser.add_argument("--out", default="report", help="output folder; default report/")
+    parser.add_argument("--tracking-uri", default=None,
+                        help=f"MLflow tracking URI; default $MLFLOW_TRACKING_URI, else {R.DEFAULT_TRACKING_URI}")
+    args = parser.parse_args(argv)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        result = build_report(args.experiment, args.out, args.tracking_uri)
+    except R.ReportError as exc:
+        print(f"make_report: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except MlflowException as exc:
+        print(f"make_report: MLflow could not read {R.redact_uri(R.resolve_tracking_uri(args.tracking_uri))}: "
+              f"{exc.message if hasattr(exc, 'message') else exc}", file=sys.stderr)
+        return 2
+    out = result["out_dir"]
+    tables, plots = result["tables"], result["plots"]
+    print(result["provenance"])
+    print(f"\nWrote {len(result['files'])} files to {out}/: open {out / 'index.html'}")
+    print(f"  tables (.md .csv .tex): {', '.join(tables)}")
+    print(f"  plots (.png): {', '.join(plots) or 'none'}")
+    for name, why in result["skipped"].items():
+        print(f"  not produced: {name}: {why}")
+    if "main" in tables:
+        print(f"\n{tables['main'].title}\n")
+        print(T.markdown_grid(tables["main"].text()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""The report's figures. Each builder returns a matplotlib ``Figure`` (no pyplot state, no display
+backend), or None when the experiment has nothing to draw; ``png_bytes`` renders one reproducibly
+(Agg, fixed size and dpi, no PNG metadata: no software version, no time stamp)."""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from studies import mlflow_schema as S
+
+from . import runs as R
+from . import stats
+
+DPI = 100
+BACKBONE_COLORS = {"R18": "tab:blue", "R34": "tab:orange"}
+OTHER_COLORS = ["tab:green", "tab:purple", "tab:brown", "tab:gray"]
+RC = {"font.size": 9, "axes.titlesize": 10, "legend.fontsize": 7, "figure.dpi": DPI, "savefig.dpi": DPI}
+
+
+def png_bytes(fig: Figure) -> bytes:
+    import matplotlib
+
+    with matplotlib.rc_context(RC):
+        return _png(fig)
+
+
+def _png(fig: Figure) -> bytes:
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
+def _color(backbone: str | None, seen: list) -> str:
+    if backbone in BACKBONE_COLORS:
+        return BACKBONE_COLORS[backbone]
+    if backbone not in seen:
+        seen.append(backbone)
+    return OTHER_COLORS[seen.index(backbone) % len(OTHER_COLORS)]
+
+
+def _styled(fn):
+    """Build (and lay out) the figure under the report's fixed style, whatever the caller's rcParams."""
+    import functools
+
+    import matplotlib
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with matplotlib.rc_context(RC):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _new(width: float, height: float, rows: int = 1, cols: int = 1):
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    return fig, axes
+
+
+def _short_label(v: pd.Series) -> str:
+    if v["trial"] is not None and not pd.isna(v["trial"]):
+        return f"t{int(v['trial'])}"
+    return v["combo"] if v["combo"] else ("RT-DETR" if v["combo"] == "" else v["label"])
+
+
+@_styled
+def map_vs(vs: pd.DataFrame, x_stem: str, x_label: str) -> Figure | None:
+    """mAP against ``x_stem`` (gflops or latency_ms) for every variant, Pareto front (max mAP, min x)
+    drawn, RT-DETR baselines as stars, seed std as error bars."""
+    pts = vs[(vs["n"] > 0) & vs[f"{x_stem}_mean"].notna() & vs["map_mean"].notna()].reset_index(drop=True)
+    if pts.empty:
+        return None
+    fig, axes = _new(6.4, 4.4)
+    ax = axes[0, 0]
+    seen: list = []
+    front = stats.pareto_mask(pts["map_mean"], pts[f"{x_stem}_mean"])
+    for bb in sorted(set(pts["backbone"].dropna()), key=lambda b: (R.BACKBONE_ORDER.get(b, 9), b)):
+        sub = pts[pts["backbone"] == bb]
+        color = _color(bb, seen)
+        base = sub["combo"] == ""
+        kinds = ((~base, "o", 36, f"DSET variants {bb}"), (base, "*", 160, f"RT-DETR {bb} (baseline)"))
+        for mask, marker, size, label in kinds:
+            s = sub[mask]
+            if s.empty:
+                continue
+            ax.errorbar(s[f"{x_stem}_mean"], s["map_mean"], yerr=s["map_std"].fillna(0), fmt="none", ecolor=color,
+                        elinewidth=0.8, capsize=2, alpha=0.7)
+            ax.scatter(s[f"{x_stem}_mean"], s["map_mean"], s=size, marker=marker, color=color, edgecolor="black",
+                       linewidth=0.6 if marker == "*" else 0.3, label=label, zorder=3)
+        for _, v in sub.iterrows():
+            ax.annotate(_short_label(v), (v[f"{x_stem}_mean"], v["map_mean"]), textcoords="offset points",
+                        xytext=(4, 3), fontsize=6.5)
+    f = pts[front].sort_values(f"{x_stem}_mean", kind="mergesort")
+    ax.step(f[f"{x_stem}_mean"], f["map_mean"], where="post", color="black", linestyle="--", linewidth=1,
+            label="Pareto front (max mAP, min " + x_label.split(" (")[0] + ")", zorder=2)
+    ax.scatter(f[f"{x_stem}_mean"], f["map_mean"], s=90, facecolor="none", edgecolor="black", linewidth=1, zorder=4)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("mAP@0.5:0.95 (best epoch; seed mean ± std)")
+    ax.set_title(f"mAP vs {x_label.split(' (')[0]}: every variant")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    return fig
+
+
+@_styled
+def ablation_bars(table_df: pd.DataFrame) -> Figure | None:
+    """Grouped bars: mean mAP per switch combination, one bar per backbone, sample std as error bars."""
+    df = table_df[table_df["n"] > 0]
+    if df.empty:
+        return None
+    backbones = list(dict.fromkeys(df["backbone"]))
+    codes = []
+    for e, p, d in R.COMBOS:
+        code = R.combo_code(e, p, d) or "RT-DETR"
+        if any(((table_df["enc MoE"] == ("on" if e else "off")) & (table_df["pruning"] == ("on" if p else "off"))
+                & (table_df["dec MoE"] == ("on" if d else "off")) & (table_df["n"] > 0))):
+            codes.append((code, e, p, d))
+    fig, axes = _new(7.2, 4.0)
+    ax = axes[0, 0]
+    width = 0.8 / max(1, len(backbones))
+    seen: list = []
+    labels: list = []
+    for j, bb in enumerate(backbones):
+        xs, means, stds, ns = [], [], [], []
+        for i, (_, e, p, d) in enumerate(codes):
+            r = df[(df["backbone"] == bb) & (df["enc MoE"] == ("on" if e else "off"))
+                   & (df["pruning"] == ("on" if p else "off")) & (df["dec MoE"] == ("on" if d else "off"))]
+            if r.empty:
+                continue
+            r = r.iloc[0]
+            xs.append(i + (j - (len(backbones) - 1) / 2) * width)
+            means.append(r["mean"])
+            stds.append(0.0 if pd.isna(r["std"]) else r["std"])
+            ns.append(int(r["n"]))
+        color = _color(bb, seen)
+        ax.bar(xs, means, width=width * 0.95, yerr=stds, capsize=3, color=color, edgecolor="black", linewidth=0.4,
+               label=bb, error_kw={"elinewidth": 0.8})
+        labels += list(zip(xs, ns))
+    ax.set_xticks(range(len(codes)), [c[0] for c in codes])
+    ax.set_xlabel("switches on (E = encoder MoE, P = token pruning, D = decoder MoE)")
+    ax.set_ylabel("mAP@0.5:0.95 (seed mean ± std)")
+    lo = np.nanmin(df["mean"] - df["std"].fillna(0))
+    hi = np.nanmax(df["mean"] + df["std"].fillna(0))
+    pad = max(0.02, (hi - lo) * 0.3)
+    ax.set_ylim(max(0.0, lo - pad), hi + pad)
+    for x, n in labels:  # the number of seeds, inside each bar's foot
+        ax.text(x, max(0.0, lo - pad), f"n={n}", ha="center", va="bottom", fontsize=6, color="white")
+    ax.set_title("Ablation: mAP per switch combination")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(title="backbone")
+    return fig
+
+
+@_styled
+def expert_usage(label: str, mats: dict[str, np.ndarray]) -> Figure:
+    """Heatmaps (layer x expert) of the final-epoch share of token-slots each expert received."""
+    fig, axes = _new(3.2 * len(mats) + 0.8, 3.0, 1, len(mats))
+    for ax, (where, mat) in zip(axes[0], sorted(mats.items(), key=lambda kv: kv[0] != "encoder_moe")):
+        im = ax.imshow(mat, cmap="viridis", vmin=0.0, vmax=max(float(np.nanmax(mat)), 1e-9), aspect="auto")
+        ax.set_xticks(range(mat.shape[1]))
+        ax.set_yticks(range(mat.shape[0]))
+        ax.set_xlabel("expert")
+        ax.set_ylabel("layer")
+        ax.set_title(f"{where.replace('_', ' ')} (uniform = {1 / mat.shape[1]:.3f})")
+        for (i, j), val in np.ndenumerate(mat):
+            if not math.isnan(val):
+                ax.text(j, i, f"{val:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if val < 0.6 * np.nanmax(mat) else "black")
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.suptitle(f"Expert usage, final epoch: {label}", fontsize=10)
+    return fig
+
+
+def _curves(ax, hist: pd.DataFrame, key: str, styles: dict) -> bool:
+    sub = hist[hist["key"] == key]
+    drawn = False
+    for (_, label), g in sub.groupby(["sort_key", "label"], sort=True):
+        mean = g.groupby("step", sort=True)["value"].mean()
+        ls, color = styles[label]
+        ax.plot(mean.index, mean.values, marker="o", markersize=2.5, linewidth=1, linestyle=ls, color=color,
+                label=label)
+        drawn = True
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return drawn
+
+
+def _styles(hist: pd.DataFrame) -> dict:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10"]
+    labels = list(dict.fromkeys(hist.sort_values(["sort_key", "label"], kind="mergesort")["label"]))
+    return {lab: (["-", "--", ":", "-."][(i // 10) % 4], cmap(i % 10)) for i, lab in enumerate(labels)}
+
+
+@_styled
+def per_epoch(hist: pd.DataFrame) -> Figure | None:
+    """Validation mAP per epoch (left) and the token keep ratio in force (right), per variant, seed means."""
+    if hist.empty or not (hist["key"] == S.VAL_PREFIX + "mAP").any():
+        return None
+    backbones = sorted(set(hist["backbone"].dropna()), key=lambda b: (R.BACKBONE_ORDER.get(b, 9), b)) or [None]
+    fig, axes = _new(9.0, 3.0 * len(backbones), len(backbones), 2)
+    styles = _styles(hist)
+    for row, bb in enumerate(backbones):
+        h = hist if bb is None else hist[hist["backbone"] == bb]
+        ax_m, ax_k = axes[row]
+        _curves(ax_m, h, S.VAL_PREFIX + "mAP", styles)
+        ax_m.set_title(f"{bb or ''} validation mAP@0.5:0.95 per epoch")
+        ax_m.set_xlabel("epoch")
+        ax_m.set_ylabel("val/mAP")
+        ax_m.grid(alpha=0.3)
+        ax_m.legend(loc="best")
+        if _curves(ax_k, h, S.KEEP_RATIO, styles):
+            ax_k.legend(loc="best")
+        else:
+            ax_k.text(0.5, 0.5, "no token pruning in these variants", ha="center", va="center",
+                      transform=ax_k.transAxes)
+        ax_k.set_title(f"{bb or ''} token keep ratio in force")
+        ax_k.set_xlabel("epoch")
+        ax_k.set_ylabel("sparse/keep_ratio")
+        ax_k.set_ylim(0, 1.05)
+        ax_k.grid(alpha=0.3)
+    return fig
+
+
+@_styled
+def train_loss(hist: pd.DataFrame) -> Figure | None:
+    """Total training loss (epoch mean) per epoch, per variant, seed means; one panel per backbone."""
+    if hist.empty or not (hist["key"] == S.TRAIN_LOSS_PREFIX + "loss").any():
+        return None
+    backbones = sorted(set(hist["backbone"].dropna()), key=lambda b: (R.BACKBONE_ORDER.get(b, 9), b)) or [None]
+    fig, axes = _new(4.8 * len(backbones), 3.4, 1, len(backbones))
+    styles = _styles(hist)
+    for ax, bb in zip(axes[0], backbones):
+        h = hist if bb is None else hist[hist["backbone"] == bb]
+        _curves(ax, h, S.TRAIN_LOSS_PREFIX + "loss", styles)
+        ax.set_title(f"{bb or ''} training loss (train/loss, epoch mean)")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best")
+    return fig
+
+
+@_styled
+def optuna_pareto(trials: pd.DataFrame) -> Figure | None:
+    if trials.empty:
+        return None
+    fig, axes = _new(6.0, 4.2)
+    ax = axes[0, 0]
+    rest, front = trials[~trials["pareto"]], trials[trials["pareto"]].sort_values("gflops", kind="mergesort")
+    ax.scatter(rest["gflops"], rest["map"], s=28, color="tab:gray", label="trials", zorder=3)
+    ax.scatter(front["gflops"], front["map"], s=48, color="tab:red", edgecolor="black", linewidth=0.5,
+               label="Pareto-optimal trials", zorder=4)
+    ax.step(front["gflops"], front["map"], where="post", color="tab:red", linestyle="--", linewidth=1, zorder=2)
+    for _, t in trials.iterrows():
+        ax.annotate(str(int(t["trial"])), (t["gflops"], t["map"]), textcoords="offset points", xytext=(4, 3),
+                    fontsize=7)
+    ax.set_xlabel("GFLOPs (2 × multiply-adds)")
+    ax.set_ylabel("best mAP@0.5:0.95")
+    ax.set_title(f"Optuna: {len(trials)} finished trials, Pareto front (max mAP, min GFLOPs)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    return fig
+
+
+@_styled
+def optuna_importances(imp: dict[str, dict[str, float]], method: str) -> Figure | None:
+    if not imp:
+        return None
+    objectives = list(imp)
+    keys = sorted(imp[objectives[0]], key=lambda k: (imp[objectives[0]][k], k))
+    fig, axes = _new(4.0 * len(objectives) + 1.5, 0.45 * len(keys) + 1.8, 1, len(objectives))
+    for ax, obj in zip(axes[0], objectives):
+        ax.barh(range(len(keys)), [imp[obj][k] for k in keys], color="tab:blue")
+        names = [k[len("model."):] if k.startswith("model.") else k for k in keys]
+        ax.set_yticks(range(len(keys)), names, fontsize=7)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("importance (sums to 1)")
+        ax.set_title(f"for {obj}")
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle("Optuna parameter importances: " + method, fontsize=8)
+    return fig

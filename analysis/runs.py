@@ -1,0 +1,460 @@
+"""A study's runs, read from MLflow and put in order: one row per run, one row per variant.
+
+MLflow is the only source. Runs, their params, tags and final metrics come from ``mlflow.search_runs``
+(pandas); per-epoch curves come from ``MlflowClient.get_metric_history`` (the same store, the
+metric's full history instead of its last value). No artifact is downloaded and no file written by
+a run is read. The names are those of ``studies/mlflow_schema.py``.
+
+``load_study(experiment, tracking_uri)`` returns a :class:`Study` whose ``runs`` frame keeps every
+column ``search_runs`` returned (``metrics.*``, ``params.*``, ``tags.*``) and adds normalised ones:
+``role``, ``backbone``, the three switches as booleans, ``combo`` ("", "E", "E+P", ...), ``seed``,
+``trial``, ``included`` (the run's numbers enter the tables) and ``reason`` (why not, e.g. the error of a
+failed run), ``note`` (an early stop, a failed profile), ``group`` and ``label`` (the variant the run belongs to).
+
+A *variant* is a set of runs that differ only in their seed: the same logged configuration once the
+``run.*`` parameters (seed, device, output folder) are set aside, and the same Optuna trial when
+there is one. ``variants(study)`` summarises each variant over its included runs (mean, sample std, n).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+import pandas as pd
+
+from studies import mlflow_schema as S
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+SWITCHES = ("encoder_moe", "token_pruning", "decoder_moe")
+SWITCH_CODES = {"encoder_moe": "E", "token_pruning": "P", "decoder_moe": "D"}
+# the 8 switch combinations in reading order: baseline, one switch, two, all three
+COMBOS = [(False, False, False), (True, False, False), (False, True, False), (False, False, True),
+          (True, True, False), (True, False, True), (False, True, True), (True, True, True)]
+BACKBONE_ORDER = {"R18": 0, "R34": 1}
+TAG_STOP_REASON = getattr(S, "TAG_STOP_REASON", "dset.stop_reason")        # "early_stopping: ...", "optuna_pruned"
+TAG_PROFILE_ERROR = getattr(S, "TAG_PROFILE_ERROR", "dset.profile_error")  # why params/GFLOPs/latency are missing
+
+# final metrics summarised per variant: (summary column stem, MLflow metric)
+FINAL_METRICS = {
+    "map": S.BEST_MAP, "map50": S.BEST_MAP50, "map75": S.BEST_MAP75, "best_epoch": S.BEST_EPOCH,
+    "params": S.PARAMS, "active_params": S.ACTIVE_PARAMS, "gflops": S.GFLOPS,
+    "gflops_backbone": S.GFLOPS_COMPONENT_PREFIX + "backbone", "gflops_encoder": S.GFLOPS_COMPONENT_PREFIX + "encoder",
+    "gflops_decoder": S.GFLOPS_COMPONENT_PREFIX + "decoder", "latency_ms": S.LATENCY_MS, "fps": S.FPS,
+    "final_keep_ratio": S.FINAL_KEEP_RATIO, "epochs_run": S.EPOCHS_RUN, "train_minutes": S.TRAIN_MINUTES,
+}
+USAGE_RE = re.compile(r"^metrics\." + re.escape(S.USAGE_PREFIX) + r"(encoder_moe|decoder_moe)/layer(\d+)/expert(\d+)$")
+
+
+class ReportError(Exception):
+    """A problem the user can fix (no traceback): the message says what; ``exit_code`` is the CLI's."""
+
+    exit_code = 1
+
+
+class UnknownExperiment(ReportError):
+    exit_code = 2
+
+
+class EmptyExperiment(ReportError):
+    exit_code = 1
+
+
+# ------------------------------------------------------------------------------------------- store
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """``uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` (what ``mlflow ui`` opens here)."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def redact_uri(uri: str) -> str:
+    """The URI without a password (``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``)."""
+    parts = urlsplit(uri)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        return urlunsplit(parts._replace(netloc=netloc))
+    return uri
+
+
+def _local_store_path(uri: str) -> Path | None:
+    """The file or folder a local tracking URI points at (None for a server or a database server)."""
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        return None if path in ("", ":memory:") else Path(path)
+    if uri.startswith("file:"):
+        return Path(urlsplit(uri).path)
+    if "://" not in uri:
+        return Path(uri)
+    return None
+
+
+@contextlib.contextmanager
+def _quiet_mlflow():
+    """MLflow and alembic log at INFO on every store open; the report's output is its own."""
+    names = ("mlflow", "alembic", "alembic.runtime.migration")
+    old = {n: logging.getLogger(n).level for n in names}
+    try:
+        for n in names:
+            logging.getLogger(n).setLevel(logging.WARNING)
+        yield
+    finally:
+        for n, level in old.items():
+            logging.getLogger(n).setLevel(level)
+
+
+def client_for(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+# ------------------------------------------------------------------------------------------- study
+@dataclass
+class Study:
+    experiment: str
+    experiment_id: str
+    tracking_uri: str
+    runs: pd.DataFrame                         # every run (parents too), normalised, in a stable order
+    _histories: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def children(self) -> pd.DataFrame:
+        return self.runs[self.runs["role"] == "child"]
+
+    @property
+    def included(self) -> pd.DataFrame:
+        return self.runs[self.runs["included"]]
+
+    @property
+    def is_optuna(self) -> bool:
+        return bool(self.children["trial"].notna().any())
+
+    def metric(self, frame: pd.DataFrame, name: str) -> pd.Series:
+        """The final value of MLflow metric ``name`` for each row of ``frame`` (NaN where not logged)."""
+        col = f"metrics.{name}"
+        return frame[col].astype(float) if col in frame else pd.Series(np.nan, index=frame.index)
+
+
+
+def load_study(experiment: str = "ablation_grid", tracking_uri: str | None = None) -> Study:
+    """Every run of ``experiment`` in the store at ``tracking_uri``, normalised (see the module docstring).
+    Raises :class:`UnknownExperiment` (no such store or experiment) or :class:`EmptyExperiment`."""
+    import mlflow
+
+    uri = resolve_tracking_uri(tracking_uri)
+    local = _local_store_path(uri)
+    if local is not None and not local.exists():
+        raise UnknownExperiment(
+            f"no MLflow store at {uri} ({local} does not exist): run a study first "
+            f"(python -m studies.run {experiment}) or pass --tracking-uri / set MLFLOW_TRACKING_URI")
+    with _quiet_mlflow():
+        try:
+            client = client_for(uri)
+            exp = client.get_experiment_by_name(experiment)
+        except Exception as exc:  # no driver, no server, not an MLflow database: say so in one line
+            message = str(exc).splitlines()[0] if str(exc) else ""
+            password = urlsplit(uri).password
+            if password:
+                message = message.replace(password, "***")
+            raise UnknownExperiment(f"could not open the MLflow store at {redact_uri(uri)}: "
+                                    f"{type(exc).__name__}: {message}") from None
+        if exp is None or exp.lifecycle_stage != "active":
+            known = sorted(e.name for e in client.search_experiments())
+            state = "not found" if exp is None else "deleted"
+            raise UnknownExperiment(
+                f"experiment '{experiment}' {state} in {redact_uri(uri)}; "
+                f"experiments there: {', '.join(known) if known else '(none)'}")
+        # search_runs reads the global tracking URI (set_tracking_uri also sets $MLFLOW_TRACKING_URI):
+        # point it at this store for the call, then put back what was there (None unsets both)
+        previous = os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(uri)
+        try:
+            raw = mlflow.search_runs(experiment_ids=[exp.experiment_id], output_format="pandas")
+        finally:
+            mlflow.set_tracking_uri(previous)
+    if raw.empty:
+        raise EmptyExperiment(f"experiment '{experiment}' in {redact_uri(uri)} has no runs yet: nothing to report")
+    return Study(experiment, str(exp.experiment_id), uri, normalise(raw))
+
+
+def _tag(frame: pd.DataFrame, tag: str) -> pd.Series:
+    col = f"tags.{tag}"
+    if col not in frame:
+        return pd.Series([None] * len(frame), index=frame.index, dtype=object)
+    return pd.Series([None if pd.isna(v) else str(v) for v in frame[col]], index=frame.index, dtype=object)
+
+
+def _objects(frame: pd.DataFrame, values: list) -> pd.Series:
+    """A column that keeps None as None (pandas would turn a list of str/None into strings and NaN)."""
+    return pd.Series(values, index=frame.index, dtype=object)
+
+
+def _as_bool(value) -> bool | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    return None
+
+
+def _as_int(value) -> int | None:
+    try:
+        return int(float(value))
+    except (TypeError, ValueError):
+        return None
+
+
+def combo_code(e: bool, p: bool, d: bool) -> str:
+    return "+".join(c for c, on in zip("EPD", (e, p, d)) if on)
+
+
+def combo_label(backbone: str, e: bool, p: bool, d: bool) -> str:
+    code = combo_code(e, p, d)
+    return f"RT-DETR {backbone}" if not code else f"DSET {backbone} ({code})"
+
+
+def normalise(raw: pd.DataFrame) -> pd.DataFrame:
+    """Add the normalised columns to what ``search_runs`` returned and sort the rows stably."""
+    df = raw.copy()
+    df["role"] = ["parent" if r == "parent" else "child" for r in _tag(df, S.TAG_ROLE)]
+    # a run without a dset.role tag but with nested children is a parent too
+    parents = set(_tag(df, "mlflow.parentRunId").dropna())
+    df.loc[df["run_id"].isin(parents) & _tag(df, S.TAG_ROLE).isna(), "role"] = "parent"
+
+    backbone = []
+    depths = df["params.model.backbone.depth"] if "params.model.backbone.depth" in df else [None] * len(df)
+    for tag, depth in zip(_tag(df, S.TAG_BACKBONE), depths):
+        backbone.append(tag if tag else (f"R{_as_int(depth)}" if _as_int(depth) else None))
+    df["backbone"] = _objects(df, backbone)
+    for name, tag in zip(SWITCHES, S.SWITCH_TAGS):
+        tag_values = [_as_bool(v) for v in _tag(df, tag)]
+        param_col = f"params.model.{name}.enabled"
+        param_values = [_as_bool(v) for v in df[param_col]] if param_col in df else [None] * len(df)
+        df[name] = _objects(df, [t if t is not None else p for t, p in zip(tag_values, param_values)])
+    df["combo"] = _objects(df, [combo_code(bool(e), bool(p), bool(d)) if None not in (e, p, d) else None
+                                for e, p, d in zip(df["encoder_moe"], df["token_pruning"], df["decoder_moe"])])
+    seed_param = df["params.run.seed"] if "params.run.seed" in df else [None] * len(df)
+    df["seed"] = pd.array([_as_int(t) if t is not None else _as_int(p)
+                           for t, p in zip(_tag(df, S.TAG_SEED), seed_param)], dtype="Int64")
+    df["trial"] = pd.array([_as_int(t) for t in _tag(df, S.TAG_TRIAL)], dtype="Int64")
+    df["cell"] = _tag(df, S.TAG_CELL)
+    df["variant_tag"] = _tag(df, S.TAG_VARIANT)
+    df["dset_status"] = _tag(df, S.TAG_STATUS)
+    df["error"] = _tag(df, S.TAG_ERROR)
+    df["latency_device"] = _tag(df, S.TAG_LATENCY_DEVICE)
+    df["device"] = _tag(df, S.TAG_DEVICE)
+    df["stop_reason"] = _tag(df, TAG_STOP_REASON)
+    df["note"] = _objects(df, ["; ".join(x for x in (f"stopped early ({s})" if s else "",
+                                                     f"not profiled: {p}" if p else "") if x) or None
+                               for s, p in zip(df["stop_reason"], _tag(df, TAG_PROFILE_ERROR))])
+
+    map_col = f"metrics.{S.BEST_MAP}"
+    has_map = df[map_col].notna() if map_col in df else pd.Series(False, index=df.index)
+    included, reason = [], []
+    for i, row in df.iterrows():
+        if row["role"] == "parent":
+            included.append(False)
+            reason.append("parent run (the study invocation)")
+        elif row["status"] == "FINISHED" and has_map[i]:
+            included.append(True)
+            reason.append("")
+        elif row["status"] == "FAILED" or row["error"]:
+            included.append(False)
+            reason.append("failed: " + (row["error"] or "no dset.error tag"))
+        elif row["status"] in ("RUNNING", "SCHEDULED"):
+            included.append(False)
+            reason.append(f"{row['status'].lower()} (unfinished or interrupted)")
+        elif row["status"] == "KILLED":
+            included.append(False)
+            reason.append("killed")
+        else:
+            included.append(False)
+            reason.append(f"{row['status'].lower()} without {S.BEST_MAP}")
+    df["included"] = included
+    df["reason"] = reason
+
+    df["group"] = [_group_key(row) for _, row in df.iterrows()]
+    df = df.sort_values(by=["role", "group", "seed", "start_time", "run_id"],
+                        key=lambda s: s.map(_role_rank) if s.name == "role" else s,
+                        na_position="last", kind="mergesort").reset_index(drop=True)
+    _label_groups(df)
+    # final order: parents, then variants in reading order, seeds, start
+    df = df.sort_values(by=["role", "sort_key", "seed", "start_time", "run_id"],
+                        key=lambda s: s.map(_role_rank) if s.name == "role" else s,
+                        na_position="last", kind="mergesort").reset_index(drop=True)
+    return df
+
+
+def _role_rank(role: str) -> int:
+    return 0 if role == "parent" else 1
+
+
+def _group_key(row: pd.Series) -> str:
+    """Variant identity: the logged configuration without ``run.*`` (seed, device, out dir), plus the trial."""
+    if row["role"] == "parent":
+        return "parent:" + row["run_id"]
+    params = {k[len("params."):]: v for k, v in row.items()
+              if k.startswith("params.") and not k.startswith("params.run.") and isinstance(v, str)}
+    ident = {"params": params, "trial": None if pd.isna(row["trial"]) else int(row["trial"])}
+    if not params:  # nothing logged (e.g. a run that failed at once): fall back on the tags
+        ident.update(backbone=row["backbone"], switches=[row[s] for s in SWITCHES], variant=row["variant_tag"],
+                     cell=re.sub(r"-s\d+$", "", row["cell"] or ""))
+    return hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _label_groups(df: pd.DataFrame) -> None:
+    """Give each variant a readable label and a reading-order sort key (in place)."""
+    labels, keys = {}, {}
+    for gid, g in df[df["role"] == "child"].groupby("group", sort=True):
+        first = g.iloc[0]
+        bb = first["backbone"] or "?"
+        tags = sorted({t for t in g["variant_tag"] if t})
+        if tags:
+            label = tags[0]
+        elif first["combo"] is not None:
+            label = combo_label(bb, first["encoder_moe"], first["token_pruning"], first["decoder_moe"])
+        else:
+            label = first["cell"] or gid
+        if not pd.isna(first["trial"]):
+            label = f"{label} [trial {int(first['trial'])}]"
+        combo = (first["encoder_moe"], first["token_pruning"], first["decoder_moe"])
+        combo_rank = COMBOS.index(combo) if combo in COMBOS else len(COMBOS)
+        trial = -1 if pd.isna(first["trial"]) else int(first["trial"])
+        labels[gid] = label
+        keys[gid] = (BACKBONE_ORDER.get(bb, 9), bb, combo_rank, trial, label, gid)
+    # the same label for different configurations: say which cell each is
+    by_label: dict[str, list[str]] = {}
+    for gid, label in labels.items():
+        by_label.setdefault(label, []).append(gid)
+    for label, gids in by_label.items():
+        if len(gids) > 1:
+            for gid in gids:
+                cells = sorted({re.sub(r"-s\d+$", "", c) for c in df.loc[df["group"] == gid, "cell"] if c})
+                labels[gid] = f"{label} [{cells[0] if cells else gid}]"
+                keys[gid] = keys[gid][:4] + (labels[gid], gid)
+    order = {gid: i for i, gid in enumerate(sorted(keys, key=lambda g: keys[g]))}
+    df["label"] = [labels.get(g, "(parent)") for g in df["group"]]
+    df["sort_key"] = [order.get(g, -1) for g in df["group"]]
+
+
+# ---------------------------------------------------------------------------------------- variants
+def _describe_data(row: pd.Series) -> str:
+    name = row.get("params.data.name")
+    if not isinstance(name, str):
+        return "?"
+    parts = [name]
+    size = row.get("params.data.image_size")
+    if isinstance(size, str):
+        parts.append(f"{size} px")
+    epochs = row.get("params.train.epochs")
+    if isinstance(epochs, str):
+        parts.append(f"{epochs} epochs")
+    return ", ".join(parts)
+
+
+def variants(study: Study) -> pd.DataFrame:
+    """One row per variant (child runs grouped as in the module docstring), in reading order.
+
+    Columns: group, label, backbone, encoder_moe, token_pruning, decoder_moe, combo, trial, n (included
+    runs), n_runs (all runs), seeds (included), failed (count), data, latency_device, and for each final
+    metric stem in ``FINAL_METRICS``: ``<stem>_mean``, ``<stem>_std`` (sample std, NaN for n < 2) and
+    ``<stem>_values`` (a tuple in seed order); ``first_run`` (a run id) to read settings from."""
+    children = study.children
+    rows = []
+    for gid, g in children.groupby("group", sort=False):
+        inc = g[g["included"]]
+        first = g.iloc[0]
+        row = {
+            "group": gid, "label": first["label"], "sort_key": first["sort_key"], "backbone": first["backbone"],
+            "encoder_moe": first["encoder_moe"], "token_pruning": first["token_pruning"],
+            "decoder_moe": first["decoder_moe"], "combo": first["combo"],
+            "trial": None if pd.isna(first["trial"]) else int(first["trial"]),
+            "n": len(inc), "n_runs": len(g), "failed": int((g["status"] == "FAILED").sum()),
+            "seeds": tuple(int(s) for s in inc["seed"] if not pd.isna(s)),
+            "all_seeds": tuple(sorted({int(s) for s in g["seed"] if not pd.isna(s)})),
+            "data": _describe_data((inc if len(inc) else g).iloc[0]),
+            "latency_device": "; ".join(sorted({d for d in inc["latency_device"] if d})) or None,
+            "first_run": (inc if len(inc) else g).iloc[0]["run_id"],
+            "not_included": tuple(g.loc[~g["included"], "reason"]),
+        }
+        for stem, metric in FINAL_METRICS.items():
+            values = study.metric(inc, metric).dropna().to_numpy(dtype=float)
+            row[f"{stem}_values"] = tuple(float(v) for v in values)
+            row[f"{stem}_mean"] = float(np.mean(values)) if len(values) else math.nan
+            row[f"{stem}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return out
+    return out.sort_values("sort_key", kind="mergesort").reset_index(drop=True)
+
+
+def baseline_of(vs: pd.DataFrame, backbone: str) -> pd.Series | None:
+    """The RT-DETR variant (all switches off) of ``backbone`` with included runs, if there is exactly one
+    such configuration (otherwise the comparison would be ambiguous: None)."""
+    base = vs[(vs["backbone"] == backbone) & (vs["encoder_moe"] == False) & (vs["token_pruning"] == False)  # noqa: E712
+              & (vs["decoder_moe"] == False) & (vs["n"] > 0) & vs["trial"].isna()]  # noqa: E712
+    return base.iloc[0] if len(base) == 1 else None
+
+
+def usage_matrices(study: Study, group: str) -> dict[str, np.ndarray]:
+    """Final-epoch expert usage shares of a variant, averaged over its included runs:
+    ``{"encoder_moe": [layers, experts], "decoder_moe": ...}`` (only the MoE sites that logged usage)."""
+    inc = study.included[study.included["group"] == group]
+    found: dict[str, dict[tuple[int, int], str]] = {}
+    for col in study.runs.columns:
+        m = USAGE_RE.match(col)
+        if m and inc[col].notna().any():
+            found.setdefault(m.group(1), {})[(int(m.group(2)), int(m.group(3)))] = col
+    out = {}
+    for where in ("encoder_moe", "decoder_moe"):
+        cells = found.get(where)
+        if not cells:
+            continue
+        layers = max(k[0] for k in cells) + 1
+        experts = max(k[1] for k in cells) + 1
+        mat = np.full((layers, experts), np.nan)
+        for (layer, expert), col in cells.items():
+            mat[layer, expert] = float(inc[col].astype(float).mean())
+        out[where] = mat
+    return out
+
+
+def histories(study: Study, keys: tuple[str, ...], runs: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per-epoch values of metrics ``keys`` for ``runs`` (default: the included runs), from
+    ``MlflowClient.get_metric_history``: columns run_id, group, label, key, step, value. When a step
+    was logged more than once (a resumed run), the last value logged wins."""
+    runs = study.included if runs is None else runs
+    rows = []
+    with _quiet_mlflow():
+        client = client_for(study.tracking_uri)
+        for _, run in runs.iterrows():
+            for key in keys:
+                if f"metrics.{key}" not in run or pd.isna(run[f"metrics.{key}"]):
+                    continue
+                cache_key = (run["run_id"], key)
+                if cache_key not in study._histories:
+                    study._histories[cache_key] = [(m.step, m.timestamp, m.value)
+                                                   for m in client.get_metric_history(run["run_id"], key)]
+                for step, ts, value in study._histories[cache_key]:
+                    rows.append({"run_id": run["run_id"], "group": run["group"], "label": run["label"],
+                                 "sort_key": run["sort_key"], "backbone": run["backbone"], "key": key,
+                                 "step": int(step), "timestamp": int(ts), "value": float(value)})
+    cols = ["run_id", "group", "label", "sort_key", "backbone", "key", "step", "timestamp", "value"]
+    if not rows:
+        return pd.DataFrame(columns=cols)
+    df = pd.DataFrame(rows, columns=cols)
+    df = df.sort_values(["sort_key", "run_id", "key", "step", "timestamp"], kind="mergesort")
+    df = df.drop_duplicates(["run_id", "key", "step"], keep="last").drop(columns="timestamp")
+    return df.reset_index(drop=True)

@@ -1,0 +1,527 @@
+"""The report's tables, built from a :class:`analysis.runs.Study`, and their Markdown/CSV/LaTeX/HTML forms.
+
+Each builder returns a :class:`Table` (or None when the experiment has nothing for it, with the reason
+in ``skipped``). A table keeps raw values (floats, ints, strings; NaN for "not logged") in ``df``: the
+CSV has them at full precision; Markdown, LaTeX and HTML show ``text_columns`` through ``formats``.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from studies import mlflow_schema as S
+
+from . import runs as R
+from . import stats
+
+MISSING = "–"
+
+# The seed report's published DAIR-V2X numbers: (model, backbone) -> (mAP@0.5:0.95, mAP@0.5, mAP@0.75)
+REPORTED = {
+    ("RT-DETR", "R18"): (0.5851, 0.8077, 0.6658),
+    ("DSET", "R18"): (0.5780, 0.8054, 0.6554),
+    ("RT-DETR", "R34"): (0.5898, 0.8146, 0.6654),
+    ("DSET", "R34"): (0.5960, 0.8185, 0.6766),
+}
+REPORTED_DATA = "DAIR-V2X (seed report)"
+# ../shared/parity/README.md, measured on the reference RT-DETR R18 at 640 px (multiply-adds)
+REFERENCE_R18_MACS = {"aifi": 0.40e9, "dec_ffn": 0.47e9, "total": 30.87e9}
+
+
+def missing(v) -> bool:
+    if v is None or v is pd.NA:
+        return True
+    if isinstance(v, (float, np.floating)):
+        return math.isnan(v)
+    return False
+
+
+def fmt(spec: str) -> Callable:
+    return lambda v: MISSING if missing(v) else format(v, spec)
+
+
+F4, F2, F1, SIGNED2, SIGNED4 = fmt(".4f"), fmt(".2f"), fmt(".1f"), fmt("+.2f"), fmt("+.4f")
+
+
+def millions(v) -> str:
+    return MISSING if missing(v) else f"{v / 1e6:.2f} M"
+
+
+def pvalue(v) -> str:
+    if missing(v):
+        return MISSING
+    return "<0.001" if v < 0.001 else f"{v:.3f}"
+
+
+def integer(v) -> str:
+    return MISSING if missing(v) else str(int(v))
+
+
+def mean_pm(mean: float, std: float, spec: str = ".4f") -> str:
+    if missing(mean):
+        return MISSING
+    return format(mean, spec) if missing(std) else f"{format(mean, spec)} ± {format(std, spec)}"
+
+
+@dataclass
+class Table:
+    name: str                                   # file stem: <name>.md/.csv/.tex
+    title: str
+    df: pd.DataFrame
+    text_columns: list[str] | None = None       # shown in Markdown/LaTeX/HTML (None: all)
+    csv_columns: list[str] | None = None        # written to CSV (None: all)
+    formats: dict[str, Callable] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def text(self) -> pd.DataFrame:
+        """The table as shown: the text columns, every cell a string."""
+        cols = self.text_columns or list(self.df.columns)
+        out = pd.DataFrame(index=self.df.index)
+        for c in cols:
+            f = self.formats.get(c, _default_format)
+            out[c] = [f(v) for v in self.df[c]]
+        return out.reset_index(drop=True)
+
+
+def _default_format(v) -> str:
+    if missing(v):
+        return MISSING
+    if isinstance(v, (bool, np.bool_)):
+        return "yes" if v else "no"
+    if isinstance(v, (float, np.floating)):
+        return str(int(v)) if float(v).is_integer() else format(float(v), ".4g")
+    if isinstance(v, (tuple, list)):
+        return ", ".join(str(x) for x in v) or MISSING
+    return str(v)
+
+
+def _csv_value(v) -> str:
+    if missing(v):
+        return ""
+    if isinstance(v, (bool, np.bool_)):
+        return "true" if v else "false"
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        return format(float(v), ".10g")
+    if isinstance(v, (tuple, list)):
+        return " ".join(str(x) for x in v)
+    return str(v)
+
+
+# ------------------------------------------------------------------------------------------ render
+def to_csv(t: Table) -> str:
+    cols = t.csv_columns or list(t.df.columns)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols)
+    for _, row in t.df[cols].iterrows():
+        w.writerow([_csv_value(v) for v in row])
+    return buf.getvalue()
+
+
+def markdown_grid(text: pd.DataFrame) -> str:
+    def cell(s: str) -> str:
+        return str(s).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(c) for c in text.columns) + " |", "|" + "|".join("---" for _ in text.columns) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in text.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def to_markdown(t: Table) -> str:
+    parts = [f"## {t.title}", "", markdown_grid(t.text())]
+    if t.notes:
+        parts += [""] + [f"- {n}" for n in t.notes]
+    return "\n".join(parts) + "\n"
+
+
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"\ensuremath{\pm}",
+        "Δ": r"\ensuremath{\Delta}", "×": r"\ensuremath{\times}", "–": "--", "—": "---", "≥": r"\ensuremath{\geq}",
+        "≤": r"\ensuremath{\leq}", "−": r"\ensuremath{-}", "·": r"\ensuremath{\cdot}", "<": r"\textless{}",
+        ">": r"\textgreater{}", "ρ": r"\ensuremath{\rho}"}
+
+
+def tex_escape(s: str) -> str:
+    return "".join(_TEX.get(ch, ch) for ch in str(s))
+
+
+def to_latex(t: Table) -> str:
+    text = t.text()
+    numeric = [all(_looks_numeric(v) for v in text[c]) and len(text) > 0 for c in text.columns]
+    spec = "".join("r" if n else "l" for n in numeric)
+    lines = [f"% {t.name}: generated by analysis/make_report.py; needs \\usepackage{{booktabs}}",
+             r"\begin{table}[t]", r"\centering", r"\small", f"\\caption{{{tex_escape(t.title)}}}",
+             f"\\label{{tab:{t.name}}}", f"\\begin{{tabular}}{{{spec}}}", r"\toprule",
+             " & ".join(tex_escape(c) for c in text.columns) + r" \\", r"\midrule"]
+    lines += [" & ".join(tex_escape(v) for v in row) + r" \\" for row in text.itertuples(index=False)]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    if t.notes:
+        lines += [r"\par\smallskip\footnotesize"] + [tex_escape(n) + r"\par" for n in t.notes]
+    lines += [r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def _looks_numeric(s: str) -> bool:
+    s = s.replace("±", "").replace(" M", "").replace("<", "").replace(" ", "").replace(MISSING, "0")
+    try:
+        float(s.replace("+", "", 1))
+        return True
+    except ValueError:
+        return False
+
+
+def to_html(t: Table) -> str:
+    text = t.text()
+    head = "".join(f"<th>{html.escape(str(c), quote=False)}</th>" for c in text.columns)
+    body = "\n".join("<tr>" + "".join(f"<td>{html.escape(str(v), quote=False)}</td>" for v in row) + "</tr>"
+                     for row in text.itertuples(index=False))
+    notes = "".join(f"<li>{html.escape(n, quote=False)}</li>" for n in t.notes)
+    return (f'<table id="table-{t.name}">\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>\n'
+            + (f'<ul class="notes">{notes}</ul>\n' if notes else ""))
+
+
+# ---------------------------------------------------------------------------------------- builders
+def _excluded_note(reasons: tuple[str, ...]) -> str:
+    counts = Counter(r.split(":")[0] if r.startswith("failed") else r for r in reasons)
+    return "; ".join(f"{n} {why}" for why, n in sorted(counts.items()))
+
+
+def data_note(vs: pd.DataFrame) -> str:
+    datas = sorted(set(vs["data"]))
+    return "Measured here on: " + " | ".join(datas) + " (params data.name, data.image_size, train.epochs)."
+
+
+def main_table(study: R.Study, vs: pd.DataFrame) -> Table:
+    """Every variant: accuracy, change against RT-DETR of the same backbone, size, compute, speed."""
+    rows = []
+    for _, v in vs.iterrows():
+        base = R.baseline_of(vs, v["backbone"])
+        rel = math.nan
+        if base is not None and base["group"] != v["group"] and not missing(v["map_mean"]) and base["map_mean"]:
+            rel = (v["map_mean"] - base["map_mean"]) / base["map_mean"] * 100
+        rows.append({
+            "model": v["label"], "backbone": v["backbone"], "n": v["n"],
+            "mAP@0.5:0.95": mean_pm(v["map_mean"], v["map_std"]),
+            "mAP@0.5:0.95 mean": v["map_mean"], "mAP@0.5:0.95 std": v["map_std"],
+            "mAP@0.5": v["map50_mean"], "mAP@0.75": v["map75_mean"],
+            "ΔmAP vs RT-DETR same backbone (%)": rel,
+            "params": v["params_mean"], "active params": v["active_params_mean"], "GFLOPs": v["gflops_mean"],
+            "latency (ms)": v["latency_ms_mean"], "FPS": v["fps_mean"], "latency device": v["latency_device"],
+            "best epoch": ", ".join(str(int(e)) for e in v["best_epoch_values"]) or None,
+            "data": v["data"], "runs not included": _excluded_note(v["not_included"]) or None,
+        })
+    df = pd.DataFrame(rows)
+    text = [c for c in df.columns if c not in ("mAP@0.5:0.95 mean", "mAP@0.5:0.95 std", "data")]
+    csv_cols = [c for c in df.columns if c != "mAP@0.5:0.95"]
+    baselines = [bb for bb in sorted(set(vs["backbone"].dropna())) if R.baseline_of(vs, bb) is not None]
+    notes = [
+        "mAP: best epoch's mAP (EMA weights, COCO evaluation) as logged (best/mAP, best/mAP50, best/mAP75); "
+        "with n > 1 seeds: mean, and ± sample std for mAP@0.5:0.95.",
+        "ΔmAP: (mAP − mAP of RT-DETR with the same backbone) / mAP of RT-DETR × 100, on seed means"
+        + (f"; RT-DETR baselines here: {', '.join(baselines)}." if baselines
+           else "; no RT-DETR baseline in this experiment."),
+        "GFLOPs = 2 × multiply-adds (RT-DETR paper convention), counted by the runs with fvcore plus handles for "
+        "attention products and grid sampling; params: total; active params: those one token uses (top-k experts).",
+        "Latency: batch 1, eval mode, median of timed runs on the latency device shown; FPS = 1000 / latency.",
+        data_note(vs),
+    ]
+    return Table("main", "Main comparison: every variant against RT-DETR with the same backbone", df, text, csv_cols,
+                 {"n": integer, "mAP@0.5": F4, "mAP@0.75": F4, "mAP@0.5:0.95 mean": F4, "mAP@0.5:0.95 std": F4,
+                  "ΔmAP vs RT-DETR same backbone (%)": SIGNED2, "params": millions, "active params": millions,
+                  "GFLOPs": F2, "latency (ms)": F2, "FPS": F1}, notes)
+
+
+def ablation_table(study: R.Study, vs: pd.DataFrame) -> tuple[Table | None, str]:
+    """The 8 switch combinations per backbone, deltas against the baseline and a seed-noise test."""
+    grid = vs[vs["trial"].isna() & vs["combo"].notna()]
+    combos = {(r.encoder_moe, r.token_pruning, r.decoder_moe) for r in grid.itertuples()}
+    if len(combos) < 2:
+        if study.is_optuna and grid.empty:
+            return None, "not an ablation: every run is an Optuna trial (see the optuna tables)"
+        return None, ("not an ablation: the experiment has runs of only one switch combination"
+                      if combos else "no runs with switch tags")
+    children = study.children
+    all_seeds = sorted({int(s) for s in children.loc[children["trial"].isna(), "seed"] if not pd.isna(s)})
+    rows = []
+    for bb in sorted(set(grid["backbone"].dropna()), key=lambda b: (R.BACKBONE_ORDER.get(b, 9), b)):
+        base = R.baseline_of(vs, bb)
+        for e, p, d in R.COMBOS:
+            groups = grid[(grid["backbone"] == bb) & (grid["encoder_moe"] == e) & (grid["token_pruning"] == p)
+                          & (grid["decoder_moe"] == d)]
+            common = {"backbone": bb, "enc MoE": "on" if e else "off", "pruning": "on" if p else "off",
+                      "dec MoE": "on" if d else "off"}
+            if groups.empty:
+                rows.append({**common, "model": R.combo_label(bb, e, p, d), "n": 0, "seeds": None,
+                             "mAP@0.5:0.95": None, "mean": math.nan, "std": math.nan, "ΔmAP": math.nan,
+                             "ΔmAP (%)": math.nan,
+                             "ΔmAP 95% CI": None, "p (Welch)": math.nan, "beyond seed noise?": MISSING,
+                             "runs not included": "not run"})
+                continue
+            for _, g in groups.iterrows():
+                notes = [_excluded_note(g["not_included"])] if g["not_included"] else []
+                never = [s for s in all_seeds if s not in g["all_seeds"]]
+                if never:
+                    notes.append("seed " + ", ".join(map(str, never)) + " not run")
+                row = {**common, "model": g["label"], "n": g["n"], "seeds": g["seeds"] or None,
+                       "mAP@0.5:0.95": mean_pm(g["map_mean"], g["map_std"]), "mean": g["map_mean"], "std": g["map_std"],
+                       "runs not included": "; ".join(n for n in notes if n) or None}
+                if base is None or base["group"] == g["group"] or g["n"] == 0:
+                    verdict = "baseline" if base is not None and base["group"] == g["group"] else (
+                        "no baseline" if base is None else "no runs")
+                    row.update({"ΔmAP": math.nan, "ΔmAP (%)": math.nan, "ΔmAP 95% CI": None, "p (Welch)": math.nan,
+                                "beyond seed noise?": verdict})
+                else:
+                    c = stats.welch(g["map_values"], base["map_values"])
+                    row.update({"ΔmAP": c.diff, "ΔmAP (%)": c.diff / base["map_mean"] * 100,
+                                "ΔmAP 95% CI": None if missing(c.ci_low) else f"[{c.ci_low:+.4f}, {c.ci_high:+.4f}]",
+                                "p (Welch)": c.p, "beyond seed noise?": c.verdict})
+                rows.append(row)
+    order = ["backbone", "enc MoE", "pruning", "dec MoE", "model", "n", "seeds", "mAP@0.5:0.95", "mean", "std", "ΔmAP",
+             "ΔmAP (%)", "ΔmAP 95% CI", "p (Welch)", "beyond seed noise?", "runs not included"]
+    df = pd.DataFrame(rows)[order]
+    text = [c for c in df.columns if c not in ("mean", "std")]
+    csv_cols = [c for c in df.columns if c != "mAP@0.5:0.95"]
+    notes = [
+        "Switches: enc MoE = encoder token-level MoE FFN, pruning = encoder token pruning, dec MoE = decoder "
+        "query-level MoE FFN; all off = RT-DETR.",
+        "mAP@0.5:0.95 of the best epoch: mean ± sample std over the n seeds listed. ΔmAP = variant mean − "
+        "baseline mean (absolute; % of the baseline mean).",
+        "Beyond seed noise: Welch's unequal-variance t-test on the per-seed values, two-sided, p < 0.05; the 95% "
+        "CI is Welch's interval of the difference. With n=1 on either side there is no estimate of seed noise "
+        "(\"n=1, no test\"): a difference then says nothing about noise.",
+        "Combinations with no finished run are listed (\"not run\", or the runs' failures); see the runs table.",
+    ]
+    return Table("ablation", "Ablation: the switch combinations per backbone against RT-DETR", df, text, csv_cols,
+                 {"n": integer, "mean": F4, "std": F4, "ΔmAP": SIGNED4, "ΔmAP (%)": SIGNED2, "p (Welch)": pvalue},
+                 notes), ""
+
+
+def run_config(study: R.Study, run_id: str) -> dict:
+    row = study.runs[study.runs["run_id"] == run_id].iloc[0]
+    return {k[len("params."):]: stats.parse_param(v) for k, v in row.items()
+            if k.startswith("params.") and isinstance(v, str)}
+
+
+def _image_size(cfg: dict) -> int | None:
+    size = cfg.get("data.image_size")
+    if isinstance(size, int):
+        return size
+    spatial = cfg.get("model.eval_spatial_size")
+    if isinstance(spatial, str) and spatial.startswith("["):
+        try:
+            return int(spatial.strip("[]").split(",")[0])
+        except ValueError:
+            return None
+    return None
+
+
+def compute_table(study: R.Study, vs: pd.DataFrame) -> tuple[Table | None, str]:
+    """GFLOPs by component (measured) and the share of the sites the sparse mechanisms act on (closed form)."""
+    rows, sizes = [], set()
+    for _, v in vs[vs["n"] > 0].iterrows():
+        if missing(v["gflops_mean"]):
+            continue
+        parts = [v[f"gflops_{c}_mean"] for c in ("backbone", "encoder", "decoder")]
+        # rounded: the remainder of logged values carries float noise (1e-15), not information
+        other = round(v["gflops_mean"] - sum(parts), 6) + 0.0 if not any(missing(x) for x in parts) else math.nan
+        cfg = run_config(study, v["first_run"])
+        size = _image_size(cfg)
+        row = {"model": v["label"], "backbone": v["backbone"], "GFLOPs": v["gflops_mean"],
+               "GFLOPs backbone": parts[0], "GFLOPs encoder": parts[1], "GFLOPs decoder": parts[2],
+               "GFLOPs other": other}
+        for name, x in zip(("backbone", "encoder", "decoder"), parts):
+            row[f"{name} %"] = x / v["gflops_mean"] * 100 if v["gflops_mean"] else math.nan
+        if size:
+            sizes.add(size)
+            keep = None if missing(v["final_keep_ratio_mean"]) else v["final_keep_ratio_mean"]
+            m = stats.sparse_site_macs(cfg, size, keep)
+            dense = 2 * (m["aifi_dense"] + m["dec_ffn_dense"]) / 1e9
+            as_run = 2 * (m["aifi"] + m["dec_ffn"]) / 1e9
+            row.update({"sites dense GFLOPs": dense, "sites as run GFLOPs": as_run,
+                        "sites share (%)": as_run / v["gflops_mean"] * 100 if v["gflops_mean"] else math.nan,
+                        "AIFI tokens kept": f"{m['kept_tokens']}/{m['tokens']}"})
+        else:
+            row.update({"sites dense GFLOPs": math.nan, "sites as run GFLOPs": math.nan, "sites share (%)": math.nan,
+                        "AIFI tokens kept": None})
+        rows.append(row)
+    if not rows:
+        return None, "no finished run logged gflops"
+    ref = stats.sparse_site_macs({}, 640)
+    ref_aifi, ref_dec, ref_total = (REFERENCE_R18_MACS[k] / 1e9 for k in ("aifi", "dec_ffn", "total"))
+    notes = [
+        "GFLOPs = 2 × multiply-adds as measured by the runs (fvcore + attention and grid-sample handles), total and "
+        "by component (gflops/backbone, gflops/encoder, gflops/decoder); other = total − the three; % of the total.",
+        "Sites = what the switches act on: the AIFI encoder layer(s) on the stride-32 map (token pruning, encoder MoE) "
+        "and the decoder layers' FFNs over the queries (decoder MoE). Computed in closed form (not measured) from each "
+        "variant's logged configuration at data.image_size = " + ", ".join(f"{s} px" for s in sorted(sizes))
+        + " (the resolution dset profiles at), eval mode (no denoising queries): projections, attention "
+        "products and FFN/expert matmuls, ×2; norms, softmax, biases and the pruning predictor not counted.",
+        "sites dense = the same configuration with every switch off; sites as run = top-k experts (+ router) and "
+        "the final keep ratio (final/keep_ratio, else the configured target); share = sites as run / measured total.",
+        "Reference figure (../shared/parity/README.md, reference RT-DETR R18 at 640 px): AIFI layer "
+        f"{ref_aifi:.2f} G and the three decoder FFNs {ref_dec:.2f} G multiply-adds of {ref_total:.2f} G, about "
+        f"{(ref_aifi + ref_dec) / ref_total * 100:.1f}% of the model; "
+        f"the closed form here gives {ref['aifi_dense'] / 1e9:.2f} G and {ref['dec_ffn_dense'] / 1e9:.2f} G for it.",
+    ]
+    fm = {c: F2 for c in ("GFLOPs", "GFLOPs backbone", "GFLOPs encoder", "GFLOPs decoder", "GFLOPs other",
+                          "sites dense GFLOPs", "sites as run GFLOPs")}
+    fm.update({c: F1 for c in ("backbone %", "encoder %", "decoder %")})
+    fm["sites share (%)"] = F2
+    return Table("compute", "Compute breakdown: where the GFLOPs go, and the share the sparse mechanisms act on",
+                 pd.DataFrame(rows), None, None, fm, notes), ""
+
+
+def reported_table(study: R.Study, vs: pd.DataFrame) -> Table:
+    """The seed report's published DAIR-V2X numbers next to the ones measured in this experiment."""
+    rows = []
+    backbones = ["R18", "R34"] + sorted(b for b in set(vs["backbone"].dropna()) if b not in ("R18", "R34"))
+    grid = vs[vs["trial"].isna() & (vs["n"] > 0)]
+    for bb in backbones:
+        measured = {}
+        for model, combo in (("RT-DETR", ""), ("DSET", "E+P+D")):
+            hits = grid[(grid["backbone"] == bb) & (grid["combo"] == combo)]
+            measured[model] = hits.iloc[0] if len(hits) == 1 else (None if hits.empty else "several")
+        for source in ("reported", "measured here"):
+            for model in ("RT-DETR", "DSET"):
+                name = f"{model}-{bb}" if model == "RT-DETR" else f"{model}-{bb} (E+P+D)"
+                if source == "reported":
+                    if (model, bb) not in REPORTED:
+                        continue
+                    vals = REPORTED[(model, bb)]
+                    base = REPORTED[("RT-DETR", bb)][0]
+                    rows.append({"model": name, "source": "reported", "data": REPORTED_DATA, "n": None,
+                                 "mAP@0.5:0.95": vals[0], "mAP@0.5": vals[1], "mAP@0.75": vals[2],
+                                 "ΔmAP vs RT-DETR (%)": (vals[0] - base) / base * 100 if model == "DSET" else math.nan,
+                                 "note": None})
+                    continue
+                m = measured[model]
+                if (model, bb) not in REPORTED and not isinstance(m, pd.Series):
+                    continue
+                if not isinstance(m, pd.Series):
+                    why = "not in this experiment" if m is None else "several configurations here: see the main table"
+                    rows.append({"model": name, "source": "measured here", "data": None, "n": 0,
+                                 "mAP@0.5:0.95": math.nan, "mAP@0.5": math.nan, "mAP@0.75": math.nan,
+                                 "ΔmAP vs RT-DETR (%)": math.nan, "note": why})
+                    continue
+                b = measured["RT-DETR"]
+                rel = ((m["map_mean"] - b["map_mean"]) / b["map_mean"] * 100
+                       if model == "DSET" and isinstance(b, pd.Series) and b["map_mean"] else math.nan)
+                rows.append({"model": name, "source": "measured here", "data": m["data"], "n": m["n"],
+                             "mAP@0.5:0.95": m["map_mean"], "mAP@0.5": m["map50_mean"], "mAP@0.75": m["map75_mean"],
+                             "ΔmAP vs RT-DETR (%)": rel, "note": None if m["n"] < 2 else "mean over seeds"})
+    notes = [
+        "reported: the numbers published in the seed report (DAIR-V2X, mAP@0.5:0.95 / @0.5 / @0.75), copied, not "
+        "re-measured. measured here: this experiment's runs (best epoch; seed means), on the data set named in the "
+        "data column (params data.name, data.image_size, train.epochs).",
+        "Numbers from different data sets, resolutions or budgets are not comparable with each other; only the "
+        "ΔmAP within one source compares DSET with RT-DETR.",
+    ]
+    return Table("reported_vs_measured", "Seed report (reported) versus this experiment (measured here)",
+                 pd.DataFrame(rows), None, None,
+                 {"n": integer, "mAP@0.5:0.95": F4, "mAP@0.5": F4, "mAP@0.75": F4, "ΔmAP vs RT-DETR (%)": SIGNED2},
+                 notes)
+
+
+def optuna_trials(study: R.Study) -> pd.DataFrame:
+    """Finished trials with both objectives (Optuna-pruned ones left out: their mAP is from a cut-short
+    training): trial, run_id, map, gflops, latency_ms, settings (dict of the parameters that vary across
+    them, parsed), pareto (bool)."""
+    trials = study.included[study.included["trial"].notna()]
+    trials = trials[[not (s or "").startswith("optuna_pruned") for s in trials["stop_reason"]]]
+    rows = []
+    for _, t in trials.iterrows():
+        m, g = t.get(f"metrics.{S.BEST_MAP}"), t.get(f"metrics.{S.GFLOPS}")
+        if missing(m) or missing(g):
+            continue
+        cfg = {k[len("params."):]: stats.parse_param(v) for k, v in t.items()
+               if k.startswith("params.") and not k.startswith("params.run.") and isinstance(v, str)}
+        rows.append({"trial": int(t["trial"]), "run_id": t["run_id"], "map": float(m), "gflops": float(g),
+                     "latency_ms": float(t.get(f"metrics.{S.LATENCY_MS}", math.nan)), "cfg": cfg})
+    df = pd.DataFrame(rows, columns=["trial", "run_id", "map", "gflops", "latency_ms", "cfg"])
+    if df.empty:
+        return df.assign(settings=[], pareto=[])
+    df = df.sort_values(["trial", "run_id"], kind="mergesort").reset_index(drop=True)
+    keys = sorted({k for c in df["cfg"] for k in c})
+    varying = [k for k in keys if len({repr(c.get(k)) for c in df["cfg"]}) > 1]
+    df["settings"] = [{k: c.get(k) for k in varying} for c in df["cfg"]]
+    df["pareto"] = stats.pareto_mask(df["map"], df["gflops"])
+    return df.drop(columns="cfg")
+
+
+def _short(key: str) -> str:
+    return key[len("model."):] if key.startswith("model.") else key
+
+
+def optuna_pareto_table(study: R.Study, trials: pd.DataFrame) -> tuple[Table | None, str]:
+    if not study.is_optuna:
+        return None, "not an Optuna study (no run has a dset.trial tag)"
+    if trials.empty:
+        return None, "no finished trial with both best/mAP and gflops"
+    front = trials[trials["pareto"]].sort_values(["gflops", "trial"], kind="mergesort")
+    keys = sorted({k for s in trials["settings"] for k in s})
+    rows = []
+    for _, t in front.iterrows():
+        row = {"trial": t["trial"], "mAP@0.5:0.95": t["map"], "GFLOPs": t["gflops"], "latency (ms)": t["latency_ms"]}
+        row.update({_short(k): t["settings"].get(k) for k in keys})
+        rows.append(row)
+    n_trials = int(study.children["trial"].notna().sum())
+    notes = [f"Pareto-optimal trials (maximise best/mAP, minimise gflops) among {len(trials)} finished trials "
+             f"with both metrics ({n_trials} trials logged; the others, failed, unfinished or pruned by Optuna, "
+             "are listed in the runs table).",
+             "Settings: the parameters that vary across the finished trials (MLflow params, model. prefix dropped)."]
+    df = pd.DataFrame(rows)
+    return Table("optuna_pareto", "Optuna: Pareto-optimal trials and their settings", df, None, None,
+                 {"trial": integer, "mAP@0.5:0.95": F4, "GFLOPs": F2, "latency (ms)": F2}, notes), ""
+
+
+def optuna_importance_table(trials: pd.DataFrame) -> tuple[Table | None, str, dict]:
+    if trials.empty:
+        return None, "no finished trials", {}
+    imp, method = stats.param_importances(list(trials["settings"]), list(zip(trials["map"], trials["gflops"])),
+                                          ("mAP", "GFLOPs"), ("maximize", "minimize"))
+    if not imp:
+        return None, method, {}
+    keys = sorted(imp["mAP"], key=lambda k: (-imp["mAP"][k], k))
+    df = pd.DataFrame([{"parameter": _short(k), "importance for mAP": imp["mAP"][k],
+                        "importance for GFLOPs": imp["GFLOPs"][k]} for k in keys])
+    notes = [f"Method: {method}. Importances of one objective sum to 1; with few trials they are rough.",
+             "Computed by this report from the logged trials (params and final metrics), not by the study."]
+    return (Table("optuna_importances", "Optuna: parameter importances", df, None, None,
+                  {"importance for mAP": fmt(".3f"), "importance for GFLOPs": fmt(".3f")}, notes), "",
+            {"importances": imp, "method": method})
+
+
+def runs_table(study: R.Study) -> Table:
+    """Every run of the experiment, finished or not, with why it is or is not in the other tables."""
+    rows = []
+    for _, r in study.runs.iterrows():
+        rows.append({
+            "role": r["role"], "cell": r["cell"], "model": None if r["role"] == "parent" else r["label"],
+            "seed": None if pd.isna(r["seed"]) else int(r["seed"]),
+            "trial": None if pd.isna(r["trial"]) else int(r["trial"]), "MLflow status": r["status"],
+            "dset status": r["dset_status"], "in tables": "yes" if r["included"] else "no",
+            "reason / error": "; ".join(x for x in (r["reason"], r["note"]) if x) or None,
+            "mAP@0.5:0.95": r.get(f"metrics.{S.BEST_MAP}", math.nan), "GFLOPs": r.get(f"metrics.{S.GFLOPS}", math.nan),
+            "started (UTC)": None if pd.isna(r["start_time"]) else r["start_time"].strftime("%Y-%m-%d %H:%M:%S"),
+            "run id": r["run_id"],
+        })
+    df = pd.DataFrame(rows)
+    counts = Counter(study.children["status"])
+    notes = [f"{len(study.runs)} runs: {int((study.runs['role'] == 'parent').sum())} parent (study invocations), "
+             f"{len(study.children)} child ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}); "
+             f"{int(study.runs['included'].sum())} enter the other tables.",
+             "A run enters the tables when MLflow marks it FINISHED and it logged best/mAP; the others are listed "
+             "here with their status and error (tag dset.error)."]
+    return Table("runs", "Runs: every run of the experiment and its status", df, None, None,
+                 {"seed": integer, "trial": integer, "mAP@0.5:0.95": F4, "GFLOPs": F2}, notes)

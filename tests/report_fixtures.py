@@ -1,0 +1,234 @@
+"""A tiny MLflow store, logged the way ``studies/`` logs (``studies/mlflow_schema.py``), for the report tests.
+
+Everything is logged directly through the MLflow API with known, hand-picked numbers so that the
+tests can recompute every table value by hand. Parameters are the real flat configuration
+(``dset.config.load_config(...).flat()``), so the report sees the same keys a study writes.
+
+Experiments:
+- ``ablation_grid``: a parent run and child runs over R18/R34 x some switch combinations x seeds 0, 1
+  (see ``ABLATION_RUNS``), one of them FAILED with ``dset.error``; 3 epochs of per-epoch metrics;
+  expert usage shares for the MoE variants.
+- ``optuna_search``: a parent run and trials 0-4 (``OPTUNA_TRIALS``) with ``dset.trial`` tags, plus a
+  failed trial 5 and a trial 6 that Optuna pruned (finished, with numbers that would dominate the front).
+- ``crashed_study``: a FAILED parent, a child that failed before logging any param, and a child still
+  RUNNING (interrupted) with one epoch of metrics and no final ones: nothing finished.
+- ``empty_study``: no runs.
+"""
+
+from __future__ import annotations
+
+import time
+
+from dset.config import load_config
+from studies import mlflow_schema as S
+
+EPOCHS = 3
+T0_MS = 1_700_000_000_000  # fixed start times: the report's "newest run" date is then known
+
+# (backbone, encoder_moe, token_pruning, decoder_moe, seed, best mAP) -- or best mAP None: a FAILED run
+ABLATION_RUNS = [
+    ("R18", False, False, False, 0, 0.500),
+    ("R18", False, False, False, 1, 0.510),
+    ("R18", True, False, False, 0, 0.520),
+    ("R18", True, False, False, 1, 0.530),
+    ("R18", False, False, True, 0, 0.515),      # only one seed: "n=1, no test"
+    ("R18", True, True, True, 0, 0.480),
+    ("R18", True, True, True, 1, 0.600),        # large seed spread: within noise
+    ("R34", False, False, False, 0, 0.550),
+    ("R34", False, False, False, 1, 0.552),
+    ("R34", True, True, True, 0, 0.600),
+    ("R34", True, True, True, 1, 0.602),        # tight: distinguishable from seed noise
+    ("R34", False, True, False, 0, None),       # FAILED
+]
+FAILED_ERROR = "RuntimeError: CUDA out of memory (fixture)"
+MAP50_OFFSET, MAP75_OFFSET = 0.25, 0.05
+
+BASE_GFLOPS = {"R18": (8.5, 4.3, 2.2), "R34": (16.0, 4.3, 3.2)}   # backbone, encoder, decoder
+BASE_LATENCY = {"R18": 20.0, "R34": 30.0}
+BASE_PARAMS = {"R18": 20_184_464, "R34": 31_441_668}
+
+# Optuna trials: (trial, encoder experts, top_k, keep_ratio, best mAP, GFLOPs). Pareto (max mAP, min GFLOPs): 0, 1, 3.
+OPTUNA_TRIALS = [
+    (0, 4, 1, 0.5, 0.30, 10.0),
+    (1, 6, 2, 0.7, 0.35, 12.0),
+    (2, 8, 2, 0.6, 0.32, 13.0),
+    (3, 8, 3, 0.9, 0.40, 15.0),
+    (4, 4, 2, 0.8, 0.28, 11.0),
+]
+OPTUNA_PARETO = [0, 1, 3]
+
+
+def combo_code(e: bool, p: bool, d: bool) -> str:
+    return "+".join(c for c, on in zip("EPD", (e, p, d)) if on)
+
+
+def variant_label(backbone: str, e: bool, p: bool, d: bool) -> str:
+    code = combo_code(e, p, d)
+    return f"RT-DETR {backbone}" if not code else f"DSET {backbone} ({code})"
+
+
+def gflops_of(backbone: str, e: bool, p: bool, d: bool) -> tuple[float, float, float]:
+    b, enc, dec = BASE_GFLOPS[backbone]
+    return b, enc + 0.3 * e - 0.1 * p, dec + 0.2 * d
+
+
+def usage_shares(layer: int, num_experts: int = 6) -> list[float]:
+    raw = [(j + layer) % num_experts + 1 for j in range(num_experts)]
+    return [r / sum(raw) for r in raw]
+
+
+def _config_params(backbone: str, e: bool, p: bool, d: bool, seed: int, extra: list[str] = ()) -> dict:
+    preset = f"rtdetr_{backbone.lower()}"
+    overrides = [f"model.encoder_moe.enabled={str(e).lower()}", f"model.token_pruning.enabled={str(p).lower()}",
+                 f"model.decoder_moe.enabled={str(d).lower()}", f"run.seed={seed}", "data.image_size=320",
+                 f"train.epochs={EPOCHS}", "model.num_classes=4", *extra]
+    return {k: str(v) for k, v in load_config(preset, overrides).flat().items()}
+
+
+def _log_run(client, exp_id: str, parent_id: str, *, start_ms: int, tags: dict, params: dict, status: str,
+             metrics: list | None = None) -> str:
+    from mlflow.entities import Metric, Param, RunTag
+
+    run = client.create_run(exp_id, start_time=start_ms, tags={"mlflow.parentRunId": parent_id, **tags})
+    rid = run.info.run_id
+    items = [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(rid, params=items[i:i + 100])
+    if metrics:
+        ms = [Metric(k, float(v), start_ms + 1000 * (step + 1), step) for k, v, step in metrics]
+        for i in range(0, len(ms), 500):
+            client.log_batch(rid, metrics=ms[i:i + 500])
+    client.log_batch(rid, tags=[RunTag("dset.fixture", "1")])
+    client.set_terminated(rid, status=status, end_time=start_ms + 60_000)
+    return rid
+
+
+def _child_tags(study: str, cell: str, backbone: str, e: bool, p: bool, d: bool, seed: int, status: str) -> dict:
+    return {S.TAG_ROLE: "child", S.TAG_STUDY: study, S.TAG_CELL: cell, S.TAG_VARIANT: variant_label(backbone, e, p, d),
+            S.TAG_BACKBONE: backbone, S.TAG_ENCODER_MOE: str(e).lower(), S.TAG_TOKEN_PRUNING: str(p).lower(),
+            S.TAG_DECODER_MOE: str(d).lower(), S.TAG_SEED: str(seed), S.TAG_DEVICE: "cpu",
+            S.TAG_LATENCY_DEVICE: "cpu (2 threads)", S.TAG_GIT_COMMIT: "abc1234", S.TAG_STATUS: status}
+
+
+def _final_metrics(backbone: str, e: bool, p: bool, d: bool, best_map: float, latency: float, gflops=None) -> list:
+    b, enc, dec = gflops_of(backbone, e, p, d)
+    total = b + enc + dec if gflops is None else gflops
+    n_moe = 6 * 2 * 256 * 1024 + 6 * 1024 + 6 * 256 + 256 * 6 + 6   # per MoE layer (order of magnitude only)
+    params = BASE_PARAMS[backbone] + e * n_moe + d * 3 * n_moe
+    active = params - (e + 3 * d) * 3 * (2 * 256 * 1024 + 1024 + 256)
+    out = [(S.BEST_MAP, best_map, 0), (S.BEST_MAP50, best_map + MAP50_OFFSET, 0),
+           (S.BEST_MAP75, best_map + MAP75_OFFSET, 0), (S.BEST_EPOCH, EPOCHS - 1, 0), (S.PARAMS, params, 0),
+           (S.ACTIVE_PARAMS, active, 0), (S.GFLOPS, total, 0), (S.LATENCY_MS, latency, 0),
+           (S.FPS, 1000.0 / latency, 0), (S.EPOCHS_RUN, EPOCHS, 0), (S.TRAIN_MINUTES, 1.5, 0)]
+    if gflops is None:
+        out += [(S.GFLOPS_COMPONENT_PREFIX + "backbone", b, 0), (S.GFLOPS_COMPONENT_PREFIX + "encoder", enc, 0),
+                (S.GFLOPS_COMPONENT_PREFIX + "decoder", dec, 0)]
+    if p:
+        out.append((S.FINAL_KEEP_RATIO, 0.7, 0))
+    return out
+
+
+def _epoch_metrics(e: bool, p: bool, d: bool, seed: int, best_map: float, num_dec_layers: int) -> list:
+    out = []
+    for ep in range(EPOCHS):
+        frac = (ep + 1) / EPOCHS
+        out += [(S.TRAIN_LOSS_PREFIX + "loss", 10.0 - ep - 0.1 * seed, ep), (S.TRAIN_LOSS_PREFIX + "loss_vfl", 1.0, ep),
+                (S.LR_PREFIX + "default", 1e-4, ep), (S.VAL_PREFIX + "mAP", best_map * frac, ep),
+                (S.VAL_PREFIX + "mAP50", (best_map + MAP50_OFFSET) * frac, ep),
+                (S.VAL_PREFIX + "mAP75", (best_map + MAP75_OFFSET) * frac, ep)]
+        if p:
+            out.append((S.KEEP_RATIO, [1.0, 0.85, 0.7][ep], ep))
+        for where, on, layers in (("encoder_moe", e, 1), ("decoder_moe", d, num_dec_layers)):
+            if not on:
+                continue
+            for layer in range(layers):
+                # earlier epochs uniform; the final epoch carries the shares the heatmap must show
+                shares = usage_shares(layer) if ep == EPOCHS - 1 else [1 / 6] * 6
+                out += [(S.usage_metric(where, layer, j), s, ep) for j, s in enumerate(shares)]
+                out.append((S.entropy_metric(where, layer), 1.5, ep))
+    return out
+
+
+def log_ablation(client, name: str = "ablation_grid") -> str:
+    exp_id = client.create_experiment(name)
+    parent = client.create_run(exp_id, start_time=T0_MS, tags={S.TAG_ROLE: "parent", S.TAG_STUDY: name})
+    for i, (bb, e, p, d, seed, best) in enumerate(ABLATION_RUNS):
+        start = T0_MS + 3_600_000 * (i + 1)
+        cell = f"{bb.lower()}-{combo_code(e, p, d) or 'base'}-s{seed}"
+        params = _config_params(bb, e, p, d, seed)
+        n_dec = int(params["model.decoder.num_layers"])
+        if best is None:
+            _log_run(client, exp_id, parent.info.run_id, start_ms=start, params=params, status="FAILED",
+                     tags={**_child_tags(name, cell, bb, e, p, d, seed, "failed"), S.TAG_ERROR: FAILED_ERROR})
+            continue
+        latency = BASE_LATENCY[bb] + 1.0 * e + 0.5 * d - 2.0 * p
+        metrics = _final_metrics(bb, e, p, d, best, latency) + _epoch_metrics(e, p, d, seed, best, n_dec)
+        _log_run(client, exp_id, parent.info.run_id, start_ms=start, params=params, status="FINISHED",
+                 tags=_child_tags(name, cell, bb, e, p, d, seed, "completed"), metrics=metrics)
+    client.set_terminated(parent.info.run_id, status="FAILED", end_time=T0_MS + 3_600_000 * (len(ABLATION_RUNS) + 1))
+    return exp_id
+
+
+def newest_ablation_start_ms() -> int:
+    return T0_MS + 3_600_000 * len(ABLATION_RUNS)
+
+
+def log_optuna(client, name: str = "optuna_search") -> str:
+    exp_id = client.create_experiment(name)
+    parent = client.create_run(exp_id, start_time=T0_MS, tags={S.TAG_ROLE: "parent", S.TAG_STUDY: name})
+    for trial, experts, top_k, keep, best, gflops in OPTUNA_TRIALS + [(5, 6, 1, 0.5, None, None)]:
+        extra = [f"model.encoder_moe.num_experts={experts}", f"model.encoder_moe.top_k={top_k}",
+                 f"model.token_pruning.keep_ratio={keep}"]
+        params = _config_params("R18", True, True, True, 0, extra)
+        tags = {**_child_tags(name, f"trial-{trial}", "R18", True, True, True, 0,
+                              "completed" if best is not None else "failed"), S.TAG_TRIAL: str(trial)}
+        start = T0_MS + 60_000 * (trial + 1)
+        if best is None:
+            tags[S.TAG_ERROR] = "ValueError: diverged (fixture)"
+            _log_run(client, exp_id, parent.info.run_id, start_ms=start, params=params, status="FAILED", tags=tags)
+            continue
+        metrics = _final_metrics("R18", True, True, True, best, 20.0 + gflops, gflops=gflops)
+        metrics += _epoch_metrics(True, True, True, 0, best, 3)
+        _log_run(client, exp_id, parent.info.run_id, start_ms=start, params=params, status="FINISHED",
+                 tags=tags, metrics=metrics)
+    # trial 6: pruned by Optuna after one epoch; its (meaningless) numbers would dominate every other trial
+    extra = ["model.encoder_moe.num_experts=6", "model.encoder_moe.top_k=1", "model.token_pruning.keep_ratio=0.5"]
+    tags = {**_child_tags(name, "trial-6", "R18", True, True, True, 0, "stopped"), S.TAG_TRIAL: "6",
+            "dset.stop_reason": "optuna_pruned"}
+    metrics = _final_metrics("R18", True, True, True, 0.99, 21.0, gflops=1.0)
+    metrics += _epoch_metrics(True, True, True, 0, 0.99, 3)
+    _log_run(client, exp_id, parent.info.run_id, start_ms=T0_MS + 60_000 * 7, status="FINISHED", tags=tags,
+             params=_config_params("R18", True, True, True, 0, extra), metrics=metrics)
+    client.set_terminated(parent.info.run_id, status="FINISHED", end_time=T0_MS + 600_000)
+    return exp_id
+
+
+CRASH_ERROR = "KeyboardInterrupt (fixture)"
+
+
+def log_crashed(client, name: str = "crashed_study") -> str:
+    from mlflow.entities import Metric
+
+    exp_id = client.create_experiment(name)
+    parent = client.create_run(exp_id, start_time=T0_MS, tags={S.TAG_ROLE: "parent", S.TAG_STUDY: name})
+    pid = parent.info.run_id
+    tags = {**_child_tags(name, "r18-base-s0", "R18", False, False, False, 0, "failed"), S.TAG_ERROR: CRASH_ERROR}
+    _log_run(client, exp_id, pid, start_ms=T0_MS + 1000, params={}, status="FAILED", tags=tags)
+    running = client.create_run(exp_id, start_time=T0_MS + 2000, tags={
+        "mlflow.parentRunId": pid, **_child_tags(name, "r34-base-s0", "R34", False, False, False, 0, "running")})
+    client.log_batch(running.info.run_id, metrics=[Metric(S.VAL_PREFIX + "mAP", 0.1, T0_MS + 3000, 0)])
+    client.set_terminated(pid, status="FAILED", end_time=T0_MS + 5000)
+    return exp_id
+
+
+def make_store(uri: str) -> float:
+    """Create the three experiments in the (empty) tracking store at ``uri``; returns the seconds it took."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    t = time.perf_counter()
+    log_ablation(client)
+    log_optuna(client)
+    log_crashed(client)
+    client.create_experiment("empty_study")
+    return time.perf_counter() - t

@@ -1,0 +1,375 @@
+"""The report (analysis/make_report.py) against a tiny MLflow store logged the way studies/ logs.
+
+The store (tests/report_fixtures.py) holds an ablation grid with known numbers, a failed run, per-epoch
+metrics and expert usage, an Optuna-like study and an empty experiment. Every table value checked here
+is recomputed by hand from what the fixture logged.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import report_fixtures as F
+from analysis import make_report, runs, stats
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("mlflow_store")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    F.make_store(uri)
+    return uri
+
+
+@pytest.fixture(scope="module")
+def ablation(store, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("report") / "ablation"
+    return make_report.build_report("ablation_grid", out, store)
+
+
+@pytest.fixture(scope="module")
+def optuna_report(store, ablation, tmp_path_factory) -> dict:
+    """The Optuna report, written into a copy of the ablation report's folder plus a file of the user's:
+    the ablation's files must go, the user's must stay."""
+    out = tmp_path_factory.mktemp("report") / "optuna"
+    shutil.copytree(ablation["out_dir"], out)
+    (out / "my_notes.txt").write_text("mine")
+    return make_report.build_report("optuna_search", out, store)
+
+
+def _means(backbone, e, p, d) -> list[float]:
+    return [m for bb, ee, pp, dd, _, m in F.ABLATION_RUNS if (bb, ee, pp, dd) == (backbone, e, p, d) and m is not None]
+
+
+def _row(df: pd.DataFrame, col: str, value) -> pd.Series:
+    hit = df[df[col] == value]
+    assert len(hit) == 1, f"{col}={value!r}: {len(hit)} rows"
+    return hit.iloc[0]
+
+
+# ------------------------------------------------------------------------------------------- tables
+def test_main_table_values(ablation):
+    main = ablation["tables"]["main"].df
+    expected_labels = ["RT-DETR R18", "DSET R18 (E)", "DSET R18 (D)", "DSET R18 (E+P+D)", "RT-DETR R34",
+                       "DSET R34 (P)", "DSET R34 (E+P+D)"]
+    assert list(main["model"]) == expected_labels  # reading order; the all-failed variant is listed, not dropped
+    for bb in ("R18", "R34"):
+        base = statistics.fmean(_means(bb, False, False, False))
+        for e, p, d in [(False, False, False), (True, False, False), (False, False, True), (True, True, True)]:
+            vals = _means(bb, e, p, d)
+            if not vals:
+                continue
+            row = _row(main, "model", F.variant_label(bb, e, p, d))
+            mean = statistics.fmean(vals)
+            assert row["n"] == len(vals)
+            assert row["mAP@0.5:0.95 mean"] == pytest.approx(mean)
+            assert row["mAP@0.5"] == pytest.approx(mean + F.MAP50_OFFSET)
+            assert row["mAP@0.75"] == pytest.approx(mean + F.MAP75_OFFSET)
+            rel = row["ΔmAP vs RT-DETR same backbone (%)"]
+            if (e, p, d) == (False, False, False):
+                assert math.isnan(rel)
+            else:
+                assert rel == pytest.approx((mean - base) / base * 100)
+            assert row["GFLOPs"] == pytest.approx(sum(F.gflops_of(bb, e, p, d)))
+            latency = F.BASE_LATENCY[bb] + 1.0 * e + 0.5 * d - 2.0 * p
+            assert row["latency (ms)"] == pytest.approx(latency)
+            assert row["FPS"] == pytest.approx(1000 / latency)
+            assert row["latency device"] == "cpu (2 threads)"
+            assert row["best epoch"] == ", ".join([str(F.EPOCHS - 1)] * len(vals))
+            assert row["data"] == "synthetic, 320 px, 3 epochs"
+    assert _row(main, "model", "RT-DETR R18")["params"] == F.BASE_PARAMS["R18"]
+    failed = _row(main, "model", "DSET R34 (P)")
+    assert failed["n"] == 0 and failed["runs not included"] == "1 failed"
+    # the text form: mean ± sample std with n > 1, the mean alone with n = 1
+    text = ablation["tables"]["main"].text()
+    assert _row(text, "model", "RT-DETR R18")["mAP@0.5:0.95"] == f"0.5050 ± {statistics.stdev([0.5, 0.51]):.4f}"
+    assert _row(text, "model", "DSET R18 (D)")["mAP@0.5:0.95"] == "0.5150"
+    # the CSV holds the same numbers
+    csv = pd.read_csv(ablation["out_dir"] / "main.csv")
+    assert csv.loc[csv["model"] == "DSET R34 (E+P+D)", "ΔmAP vs RT-DETR same backbone (%)"].item() == pytest.approx(
+        (0.601 - 0.551) / 0.551 * 100)
+
+
+def test_ablation_table_deltas_and_seed_noise(ablation):
+    from scipy import stats as sst
+
+    df = ablation["tables"]["ablation"].df
+    assert len(df) == 16  # 8 combinations x 2 backbones, run or not
+    assert list(df["backbone"]) == ["R18"] * 8 + ["R34"] * 8
+
+    def row(bb, code):
+        return _row(df, "model", f"RT-DETR {bb}" if not code else f"DSET {bb} ({code})")
+
+    base18 = _means("R18", False, False, False)
+    e18 = _means("R18", True, False, False)
+    r = row("R18", "E")
+    assert (r["n"], r["seeds"]) == (2, (0, 1))
+    assert r["mean"] == pytest.approx(statistics.fmean(e18))
+    assert r["std"] == pytest.approx(statistics.stdev(e18))
+    assert r["ΔmAP"] == pytest.approx(statistics.fmean(e18) - statistics.fmean(base18))
+    rel = (statistics.fmean(e18) - statistics.fmean(base18)) / statistics.fmean(base18) * 100
+    assert r["ΔmAP (%)"] == pytest.approx(rel)
+    assert r["p (Welch)"] == pytest.approx(sst.ttest_ind(e18, base18, equal_var=False).pvalue)
+    assert r["beyond seed noise?"] == "no: within seed noise"
+    assert row("R18", "E+P+D")["beyond seed noise?"] == "no: within seed noise"  # +0.035 with a 0.085 seed std
+    tight = row("R34", "E+P+D")
+    assert tight["beyond seed noise?"] == "yes (p<0.05)" and tight["p (Welch)"] < 0.05
+    low, high = (float(x) for x in tight["ΔmAP 95% CI"].strip("[]").split(","))
+    assert low < 0.05 < high and low > 0
+    single = row("R18", "D")
+    assert single["n"] == 1 and single["beyond seed noise?"] == "n=1, no test" and math.isnan(single["p (Welch)"])
+    assert single["ΔmAP"] == pytest.approx(0.515 - statistics.fmean(base18))
+    assert "seed 1 not run" in single["runs not included"]
+    assert row("R18", "")["beyond seed noise?"] == "baseline"
+    assert row("R18", "P")["n"] == 0 and row("R18", "P")["runs not included"] == "not run"
+    failed = row("R34", "P")
+    assert failed["n"] == 0 and "1 failed" in failed["runs not included"]
+    text = ablation["tables"]["ablation"].text()
+    assert _row(text, "model", "DSET R18 (E)")["mAP@0.5:0.95"] == f"0.5250 ± {statistics.stdev(e18):.4f}"
+
+
+def test_runs_table_lists_failed_and_parent_runs(ablation):
+    df = ablation["tables"]["runs"].df
+    assert len(df) == len(F.ABLATION_RUNS) + 1  # every child and the parent
+    failed = df[df["MLflow status"] == "FAILED"]
+    child = failed[failed["role"] == "child"].iloc[0]
+    assert child["in tables"] == "no" and F.FAILED_ERROR in child["reason / error"]
+    assert child["model"] == "DSET R34 (P)" and child["dset status"] == "failed"
+    assert (df["role"] == "parent").sum() == 1
+    assert (df["in tables"] == "yes").sum() == sum(m is not None for *_, m in F.ABLATION_RUNS)
+    assert F.FAILED_ERROR in (ablation["out_dir"] / "runs.md").read_text()
+
+
+def test_compute_table(ablation):
+    df = ablation["tables"]["compute"].df
+    r = _row(df, "model", "RT-DETR R18")
+    b, enc, dec = F.gflops_of("R18", False, False, False)
+    assert (r["GFLOPs backbone"], r["GFLOPs encoder"], r["GFLOPs decoder"]) == pytest.approx((b, enc, dec))
+    assert r["GFLOPs other"] == 0.0
+    assert r["backbone %"] == pytest.approx(b / (b + enc + dec) * 100)
+    # closed form by hand at 320 px: 100 AIFI tokens, d=256, FFN 1024; 3 decoder layers x 300 queries
+    aifi = 4 * 100 * 256 ** 2 + 2 * 100 ** 2 * 256 + 2 * 100 * 256 * 1024
+    dec_ffn = 3 * 2 * 300 * 256 * 1024
+    assert r["sites dense GFLOPs"] == pytest.approx(2 * (aifi + dec_ffn) / 1e9)
+    assert r["sites as run GFLOPs"] == pytest.approx(2 * (aifi + dec_ffn) / 1e9)
+    assert r["sites share (%)"] == pytest.approx(2 * (aifi + dec_ffn) / 1e9 / 15.0 * 100)
+    # decoder MoE, 6 experts top-3: router + 3 experts per query in each decoder layer
+    d = _row(df, "model", "DSET R18 (D)")
+    dec_moe = 3 * 300 * (256 * 6 + 3 * 2 * 256 * 1024)
+    assert d["sites as run GFLOPs"] == pytest.approx(2 * (aifi + dec_moe) / 1e9)
+    assert d["sites dense GFLOPs"] == pytest.approx(r["sites dense GFLOPs"])
+    assert "Reference figure" in " ".join(ablation["tables"]["compute"].notes)
+
+
+def test_site_formula_reproduces_the_reference_figures():
+    """The closed form gives the parity README's RT-DETR R18 figures at 640 px (0.40 G AIFI, 0.47 G
+    decoder FFNs) and agrees with dset.measure's analytic AIFI formula."""
+    from dset.measure import aifi_layer_macs
+
+    m = stats.sparse_site_macs({}, 640)
+    assert m["tokens"] == 400
+    assert round(m["aifi_dense"] / 1e9, 2) == 0.40 and round(m["dec_ffn_dense"] / 1e9, 2) == 0.47
+    assert m["aifi_dense"] == aifi_layer_macs(400)
+    assert stats.aifi_layer_macs(280, 256, 1024, 6, 3) == aifi_layer_macs(280, num_experts=6, top_k=3)
+    cfg = {"model.token_pruning.enabled": True, "model.token_pruning.keep_ratio": 0.7,
+           "model.token_pruning.min_tokens": 100}
+    assert stats.sparse_site_macs(cfg, 640)["kept_tokens"] == 280
+
+
+def test_reported_versus_measured(ablation):
+    df = ablation["tables"]["reported_vs_measured"].df
+    rep = df[df["source"] == "reported"]
+    assert len(rep) == 4 and set(rep["data"]) == {"DAIR-V2X (seed report)"}
+    r18 = _row(rep, "model", "DSET-R18 (E+P+D)")
+    assert (r18["mAP@0.5:0.95"], r18["mAP@0.5"], r18["mAP@0.75"]) == (0.5780, 0.8054, 0.6554)
+    assert r18["ΔmAP vs RT-DETR (%)"] == pytest.approx((0.5780 - 0.5851) / 0.5851 * 100)
+    assert _row(rep, "model", "RT-DETR-R34")["mAP@0.5:0.95"] == 0.5898
+    ours = df[df["source"] == "measured here"]
+    assert len(ours) == 4 and set(ours["data"]) == {"synthetic, 320 px, 3 epochs"}
+    m34 = _row(ours, "model", "DSET-R34 (E+P+D)")
+    assert m34["mAP@0.5:0.95"] == pytest.approx(0.601) and m34["n"] == 2
+    assert m34["ΔmAP vs RT-DETR (%)"] == pytest.approx((0.601 - 0.551) / 0.551 * 100)
+    md = (ablation["out_dir"] / "reported_vs_measured.md").read_text()
+    assert "| reported |" in md and "| measured here |" in md
+
+
+def test_optuna_pareto_and_importances(optuna_report):
+    t = optuna_report["tables"]
+    assert "ablation" not in t and "every run is an Optuna trial" in optuna_report["skipped"]["ablation"]
+    pareto = t["optuna_pareto"].df
+    assert list(pareto["trial"]) == F.OPTUNA_PARETO  # sorted by GFLOPs, which here is trial order
+    by_trial = {tr: (experts, k, keep, m, g) for tr, experts, k, keep, m, g in F.OPTUNA_TRIALS}
+    for _, r in pareto.iterrows():
+        experts, k, keep, m, g = by_trial[r["trial"]]
+        assert (r["mAP@0.5:0.95"], r["GFLOPs"]) == pytest.approx((m, g))
+        settings = (r["encoder_moe.num_experts"], r["encoder_moe.top_k"], r["token_pruning.keep_ratio"])
+        assert settings == (experts, k, keep)
+    imp = t["optuna_importances"].df
+    assert set(imp["parameter"]) == {"encoder_moe.num_experts", "encoder_moe.top_k", "token_pruning.keep_ratio"}
+    assert imp["importance for mAP"].sum() == pytest.approx(1.0)
+    assert imp["importance for GFLOPs"].sum() == pytest.approx(1.0)
+    runs_df = t["runs"].df
+    assert "ValueError: diverged (fixture)" in runs_df.loc[runs_df["trial"] == 5, "reason / error"].item()
+    # an Optuna-pruned trial is listed (and in the main table) but not a candidate for the front
+    assert runs_df.loc[runs_df["trial"] == 6, "reason / error"].item() == "stopped early (optuna_pruned)"
+    assert 6 not in set(optuna_report["trials"]["trial"])
+    assert {"optuna_pareto", "optuna_importances"} <= set(optuna_report["plots"])
+
+
+def test_pareto_mask_and_welch_edge_cases():
+    mask = stats.pareto_mask([0.30, 0.35, 0.32, 0.40, 0.28, np.nan], [10, 12, 13, 15, 11, 1])
+    assert list(mask) == [True, True, False, True, False, False]
+    assert stats.welch([0.5], [0.4, 0.41]).verdict == "n=1, no test"
+    assert stats.welch([0.5, 0.5], [0.4, 0.4]).verdict == "no seed spread, no test"
+    c = stats.welch([0.60, 0.61, 0.62], [0.50, 0.51, 0.52])
+    assert c.diff == pytest.approx(0.1) and c.verdict == "yes (p<0.05)" and c.ci_low < 0.1 < c.ci_high
+
+
+def test_a_study_with_nothing_finished_lists_its_runs(store, tmp_path):
+    report = make_report.build_report("crashed_study", tmp_path / "crashed", store)
+    runs_df = report["tables"]["runs"].df
+    assert list(runs_df["role"]) == ["parent", "child", "child"]
+    assert list(runs_df["in tables"]) == ["no", "no", "no"]
+    reasons = " | ".join(runs_df["reason / error"].dropna())
+    assert F.CRASH_ERROR in reasons and "running (unfinished or interrupted)" in reasons
+    main = report["tables"]["main"].df
+    assert set(main["model"]) == {"RT-DETR R18", "RT-DETR R34"} and list(main["n"]) == [0, 0]
+    assert report["plots"] == {} and "map_vs_gflops" in report["skipped"] and "compute" in report["skipped"]
+    assert (tmp_path / "crashed" / "index.html").is_file()
+
+
+# -------------------------------------------------------------------------------------------- plots
+def _check_png(path: Path) -> None:
+    from PIL import Image
+
+    data = path.read_bytes()
+    assert data.startswith(PNG_SIGNATURE) and len(data) > 1000, path
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.size[0] > 100 and im.size[1] > 100
+        assert not any(k.lower() in ("software", "creation time") for k in im.info), im.info
+
+
+def test_every_plot_is_a_valid_png(ablation, optuna_report):
+    expected = {"map_vs_gflops", "map_vs_latency", "ablation_bars", "map_keep_ratio_per_epoch", "train_loss",
+                "expert_usage_dset_r18_e", "expert_usage_dset_r18_d", "expert_usage_dset_r18_e_p_d",
+                "expert_usage_dset_r34_e_p_d"}
+    assert set(ablation["plots"]) == expected
+    for report in (ablation, optuna_report):
+        for path in report["plots"].values():
+            _check_png(path)
+
+
+def test_expert_usage_is_the_final_epoch(ablation):
+    study = ablation["study"]
+    vs = ablation["variants"]
+    mats = runs.usage_matrices(study, _row(vs, "label", "DSET R34 (E+P+D)")["group"])
+    assert mats["encoder_moe"].shape == (1, 6) and mats["decoder_moe"].shape == (4, 6)  # R34: 4 decoder layers
+    for layer in range(4):
+        assert mats["decoder_moe"][layer] == pytest.approx(F.usage_shares(layer))
+    assert "decoder_moe" not in runs.usage_matrices(study, _row(vs, "label", "DSET R18 (E)")["group"])
+
+
+# ---------------------------------------------------------------------------------------- index.html
+def test_index_html_embeds_every_plot_and_table(ablation, store):
+    out = ablation["out_dir"]
+    page = (out / "index.html").read_text()
+    text = html.unescape(page)
+    for name, path in ablation["plots"].items():
+        assert f"data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}" in page, name
+        assert f"{name}.png" in page
+    assert 'src="data:image/png' in page and page.count("<img ") == len(ablation["plots"])
+    assert all(src.startswith("data:") for src in page.split('src="')[1:])
+    for name in ablation["tables"]:
+        for ext in ("md", "csv", "tex"):
+            assert (out / f"{name}.{ext}").is_file()
+            assert f'href="{name}.{ext}"' in page
+        assert f'id="table-{name}"' in page
+    # how and when: tracking URI, experiment, run count, the newest run's date (not the report's clock)
+    newest = pd.Timestamp(F.newest_ablation_start_ms(), unit="ms", tz="UTC")
+    assert store in text and "experiment 'ablation_grid'" in text and "13 runs" in text
+    assert f"newest run: {newest:%Y-%m-%d}" in text
+    assert "RuntimeError: CUDA out of memory (fixture)" in text
+
+
+def test_stale_files_of_an_earlier_report_are_removed(optuna_report):
+    out = optuna_report["out_dir"]
+    assert not (out / "ablation.md").exists() and not (out / "ablation_bars.png").exists()
+    assert (out / "my_notes.txt").read_text() == "mine"
+    listed = set((out / make_report.MANIFEST).read_text().split())
+    assert listed == {p.name for p in out.iterdir()} - {"my_notes.txt", make_report.MANIFEST}
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def test_cli_empty_unknown_and_missing(store, tmp_path, capsys, monkeypatch):
+    assert make_report.main(["--experiment", "empty_study", "--tracking-uri", store, "--out", str(tmp_path / "e")]) == 1
+    err = capsys.readouterr().err
+    assert "'empty_study'" in err and "no runs" in err and "Traceback" not in err
+    assert not (tmp_path / "e").exists()
+    assert make_report.main(["--experiment", "nope", "--tracking-uri", store, "--out", str(tmp_path / "u")]) == 2
+    err = capsys.readouterr().err
+    assert "'nope' not found" in err and "ablation_grid" in err and "optuna_search" in err
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert make_report.main([]) == 2  # default sqlite:///mlflow.db, absent here: a message, and no store created
+    assert "no MLflow store at sqlite:///mlflow.db" in capsys.readouterr().err
+    assert not (tmp_path / "mlflow.db").exists()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    assert make_report.main(["--experiment", "empty_study"]) == 1  # the environment variable is honoured
+
+
+@pytest.mark.slow
+def test_script_run_prints_the_main_table_and_gives_identical_files(ablation, store, tmp_path):
+    """``python analysis/make_report.py`` as a script (analysis/ on sys.path, not the repository root), in
+    another process and another folder: it prints where it wrote and the main table, and writes exactly
+    the bytes the in-process report wrote (no clock, no hash-seed or path dependence)."""
+    out = tmp_path / "script_report"
+    proc = subprocess.run([sys.executable, str(REPO / "analysis" / "make_report.py"), "--experiment", "ablation_grid",
+                           "--out", str(out), "--tracking-uri", store], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert f"to {out}/" in proc.stdout and "index.html" in proc.stdout
+    assert "| DSET R34 (E+P+D) | R34 | 2 | 0.6010 ± 0.0014 |" in proc.stdout
+    first = {p.name: p.read_bytes() for p in ablation["out_dir"].iterdir()}
+    second = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(first) == sorted(second)
+    assert [name for name in first if first[name] != second[name]] == []
+
+
+# ----------------------------------------------------------------------------------------- notebook
+@pytest.mark.slow
+def test_notebook_runs_against_the_store(store, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(REPO / "notebooks" / "explore_runs.ipynb", as_version=4)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("DSET_EXPERIMENT", "ablation_grid")
+    client = NotebookClient(nb, timeout=180, kernel_name="python3",
+                            resources={"metadata": {"path": str(REPO / "notebooks")}})
+    client.execute()  # raises CellExecutionError on the first failing cell
+    outputs = []
+    for cell in nb.cells:
+        for o in cell.get("outputs", []):
+            outputs.append(o.get("text", "") + "".join(str(v) for v in o.get("data", {}).values()))
+    text = "\n".join(outputs)
+    assert "ablation_grid: 13 runs" in text
+    assert "Main comparison" in text and "DSET R34 (E+P+D)" in text
+    assert any("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
+    assert "Ablation" in text
