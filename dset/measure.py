@@ -7,7 +7,10 @@ Conventions (every number says how it was made):
   value) and report GFLOPs = 2 x multiply-adds, the RT-DETR paper's convention.
 - The trace records the computation actually done on that input: MoE layers count only the experts
   each token was routed to, token pruning only the kept tokens. DSET FLOPs are therefore averaged
-  over several random inputs.
+  over several random inputs. While counting, MoE layers take their per-expert dispatch path, so the
+  count is the routed work itself; the padded path that is faster on some devices also multiplies
+  up to ``MoEFFN.pad_waste_limit`` x that work in padding rows, an implementation detail that the
+  paper-convention GFLOPs leave out.
 - Latency: eval mode, ``torch.inference_mode``, batch 1 unless stated, warm-up runs then the median of
   timed runs; several models are timed round-robin in one process so that they share conditions.
 """
@@ -24,7 +27,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from .models.moe import MoEFFN
+from .models.moe import MoEFFN, fvcore_op_handles
 
 COMPONENTS = ("backbone", "encoder", "decoder")
 FLOPS_TOOL = "fvcore FlopCountAnalysis + handles for scaled_dot_product_attention and grid_sampler"
@@ -93,6 +96,10 @@ def count_flops(model: nn.Module, size: int | tuple[int, int] = 640, num_inputs:
     generator = torch.Generator().manual_seed(seed)
     totals, parts = [], {c: [] for c in COMPONENTS}
     extra = {}
+    moe_layers = [m for m in model.modules() if isinstance(m, MoEFFN)]
+    saved_limits = [m.pad_waste_limit for m in moe_layers]
+    for m in moe_layers:
+        m.pad_waste_limit = 0.0  # per-expert path: count routed work, not padding
     try:
         for _ in range(num_inputs):
             images = torch.rand(batch_size, 3, h, w, generator=generator).to(device)
@@ -101,6 +108,7 @@ def count_flops(model: nn.Module, size: int | tuple[int, int] = 640, num_inputs:
                 analysis = FlopCountAnalysis(wrapper, images)
                 analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
                 analysis.set_op_handle("aten::grid_sampler", grid_sampler_flop_jit)
+                analysis.set_op_handle(**fvcore_op_handles())  # MoE's batched and grouped matmuls
                 analysis.unsupported_ops_warnings(False)
                 analysis.uncalled_modules_warnings(False)
                 analysis.tracer_warnings("none")
@@ -112,6 +120,8 @@ def count_flops(model: nn.Module, size: int | tuple[int, int] = 640, num_inputs:
                 extra.setdefault(name, []).append(value)
     finally:
         model.train(was_training)
+        for m, limit in zip(moe_layers, saved_limits):
+            m.pad_waste_limit = limit
     gflops = lambda macs: 2 * statistics.fmean(macs) / 1e9  # noqa: E731
     return {
         "gflops": gflops(totals),

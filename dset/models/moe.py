@@ -1,0 +1,470 @@
+"""Token-level mixture-of-experts FFN (router, experts, balance loss, usage statistics).
+
+``MoEFFN`` is a drop-in replacement for the transformer FFN ``linear2(dropout(act(linear1(x))))``
+used by RT-DETR's AIFI encoder layer (GELU) and decoder layers (ReLU).
+
+Routing
+    ``logits = router(x)`` (``nn.Linear(d_model, num_experts)``); in training, optional Gaussian noise
+    of std ``router_noise`` is added to the logits; ``probs = softmax(logits)``; each token picks its
+    ``top_k`` experts and their probabilities are renormalised to sum to 1 over the chosen k.
+
+Sparse dispatch (dropless)
+    The ``T * top_k`` token-slots are sorted by expert (one stable ``sort``); every token-slot is
+    computed (no capacity factor, no token dropping), each only by its own expert. Two CPU/GPU paths,
+    chosen per forward from the group sizes:
+      * padded (default when routing is balanced): the slots are gathered once into an
+        ``[E, max_count, d]`` layout and ALL experts run as one ``baddbmm`` per layer (bias fused).
+        Taken when padding every group to the largest costs at most ``pad_waste_limit`` (1.5) x
+        the routed compute (the padded compute never exceeds run-every-expert's: max_count <= T).
+        Same number of kernels as a dense FFN, which makes it far less sensitive than the loop to
+        other processes competing for the cores: on the 2-core CPU with one core busy elsewhere the
+        loop was about 2-5x slower than the padded path at 400-2000 tokens, while on idle cores the
+        two were within ~15% (``python -m dset.bench moe``);
+      * per-expert loop (imbalanced routing): the slots are gathered once in sorted order and each
+        expert's contiguous group is one ``addmm`` per layer (bias fused). Without autograd the
+        outputs are written into one preallocated tensor (no ``cat``).
+    Host synchronisation: the group sizes are read to the host ONCE per forward
+    (``counts.tolist()``) for the padded size / the split. On CPU this is free; on a GPU it is a
+    single sync. Opt-in third path (env ``DSET_MOE_GROUPED_MM=1``): ``torch._grouped_mm`` on the
+    sorted slots with device-side offsets, no sync at all. It exists on CPU in torch 2.14 and is
+    correct there (tested), but was not faster than per-expert ``addmm`` and its bias adds cost extra
+    passes; on CUDA it is untested here (no GPU), hence off by default.
+    The expert outputs are put back in slot order with one gather and summed per token, weighted
+    by the routing weights, in one ``bmm`` ([T,1,k] x [T,k,d]): deterministic on every device
+    (``index_add`` is not on CUDA) and as fast as ``index_add`` on CPU.
+    Dropout is applied to the hidden activation, as in the dense FFN.
+
+Auxiliary outputs (set on the module after each forward; tensors, never synchronised)
+    ``balance_loss``: Switch-Transformer load-balancing loss ``E * sum_i f_i * P_i`` where ``f_i`` is
+        the fraction of the ``T * top_k`` token-slot assignments that went to expert i (not
+        differentiable) and ``P_i`` the mean router probability of expert i over tokens (taken from
+        the probabilities used for routing, i.e. after noise in training). Equals 1 for perfectly
+        uniform routing and ``E / top_k`` when all tokens go to the same ``top_k`` experts with
+        equal probability mass.
+    ``z_loss``: ST-MoE router z-loss ``mean_t logsumexp(logits_t)^2`` on the noise-free logits.
+    ``usage``: detached ``f`` (fraction of token-slot assignments per expert, shape [E], sums to 1).
+
+Compute accounting: ``MoEFFN.flops_per_token()`` / ``moe_ffn_macs_per_token`` give the nominal
+multiply-adds (MACs) per token: ``d*E`` for the router plus ``top_k * 2 * d * hidden`` for the experts
+(biases, softmax, top-k, padding and the weighted combine ignored). GFLOPs in the paper convention
+are 2 x MACs. For fvcore tracing, pass ``fvcore_op_handles()`` (fvcore does not know
+``aten::baddbmm``, which the padded path uses, and would silently count the experts as zero).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "MoEFFN",
+    "dense_moe_forward",
+    "moe_ffn_macs_per_token",
+    "grouped_mm_flop_jit",
+    "baddbmm_flop_jit",
+    "fvcore_op_handles",
+]
+
+_ACTIVATIONS = ("relu", "gelu")
+
+
+def moe_ffn_macs_per_token(d_model: int, hidden_dim: int, num_experts: int, top_k: int) -> int:
+    """Multiply-adds per token of a top-k MoE FFN: router ``d*E`` + ``top_k * 2 * d * hidden``.
+
+    Biases, the softmax/top-k and the weighted combine are ignored (as fvcore ignores biases)."""
+    return d_model * num_experts + top_k * 2 * d_model * hidden_dim
+
+
+def _activation(h: torch.Tensor, name: str, inplace: bool) -> torch.Tensor:
+    if name == "relu":
+        return torch.relu_(h) if inplace else torch.relu(h)
+    return F.gelu(h)  # exact (erf) GELU, like nn.GELU() in the AIFI layer
+
+
+_gelu_ = getattr(torch._C._nn, "gelu_", None)  # in-place exact GELU, used only without autograd
+
+
+def _grouped_mm_fn():
+    fn = getattr(torch, "_grouped_mm", None)
+    if fn is None:
+        fn = getattr(getattr(torch.nn, "functional", None), "grouped_mm", None)
+    return fn
+
+
+def _grouped_mm_supported(x: torch.Tensor) -> bool:
+    """Whether the grouped-matmul path is used for ``x``.
+
+    Opt-in only: ``DSET_MOE_GROUPED_MM=1`` turns it on where the op exists. It is off by default
+    because on CPU the padded ``baddbmm`` / per-expert ``addmm`` paths were as fast or faster, and on
+    CUDA its kernels have device/dtype/alignment requirements (bf16, recent GPUs) that this project's
+    CPU-only tests cannot check. ``x`` is accepted so that a device/dtype rule can be added here."""
+    if _grouped_mm_fn() is None:
+        return False
+    return os.environ.get("DSET_MOE_GROUPED_MM", "0") == "1"
+
+
+class MoEFFN(nn.Module):
+    """Top-k mixture of two-layer FFN experts with sparse, dropless dispatch.
+
+    Args:
+        d_model: token width.
+        hidden_dim: hidden width of each expert.
+        num_experts: number of experts E (>= 1).
+        top_k: experts per token (1 <= top_k <= num_experts).
+        activation: ``"relu"`` (decoder FFN) or ``"gelu"`` (AIFI FFN, exact GELU).
+        dropout: dropout on the hidden activation, as in the dense FFN.
+        router_noise: std of Gaussian noise added to router logits in training (0 = none).
+
+    Parameters: ``router`` (nn.Linear), ``w1`` [E, hidden, d], ``b1`` [E, hidden], ``w2`` [E, d, hidden],
+    ``b2`` [E, d]; each expert slice is initialised like ``nn.Linear``.
+    Input ``[..., d]`` (e.g. ``[N, d]`` or ``[B, N, d]``), output the same shape.
+
+    ``pad_waste_limit`` (class attribute, overridable per instance): the padded all-experts-at-once
+    path is taken when ``E * max_count <= pad_waste_limit * T * top_k``, i.e. when padding every
+    expert's group to the largest one wastes at most that factor of compute; otherwise the
+    per-expert loop runs. ``0`` forces the loop, ``float("inf")`` the padded path.
+    """
+
+    pad_waste_limit: float = 1.5
+
+    def __init__(
+        self,
+        d_model: int,
+        hidden_dim: int,
+        num_experts: int,
+        top_k: int,
+        activation: str = "relu",
+        dropout: float = 0.0,
+        router_noise: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if int(num_experts) < 1:
+            raise ValueError(f"num_experts must be >= 1, got num_experts={num_experts}")
+        if int(top_k) < 1:
+            raise ValueError(f"top_k must be >= 1, got top_k={top_k}")
+        if int(top_k) > int(num_experts):
+            raise ValueError(
+                f"top_k must be <= num_experts, got top_k={top_k} > num_experts={num_experts}"
+            )
+        if int(d_model) < 1:
+            raise ValueError(f"d_model must be >= 1, got d_model={d_model}")
+        if int(hidden_dim) < 1:
+            raise ValueError(f"hidden_dim must be >= 1, got hidden_dim={hidden_dim}")
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"activation must be one of {_ACTIVATIONS}, got activation={activation!r}")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got dropout={dropout}")
+        if float(router_noise) < 0.0:
+            raise ValueError(f"router_noise must be >= 0, got router_noise={router_noise}")
+
+        self.d_model = int(d_model)
+        self.hidden_dim = int(hidden_dim)
+        self.num_experts = int(num_experts)
+        self.top_k = int(top_k)
+        self.activation = activation
+        self.router_noise = float(router_noise)
+
+        self.router = nn.Linear(self.d_model, self.num_experts)
+        E, H, D = self.num_experts, self.hidden_dim, self.d_model
+        self.w1 = nn.Parameter(torch.empty(E, H, D))
+        self.b1 = nn.Parameter(torch.empty(E, H))
+        self.w2 = nn.Parameter(torch.empty(E, D, H))
+        self.b2 = nn.Parameter(torch.empty(E, D))
+        self.dropout = nn.Dropout(dropout)
+        self.reset_parameters()
+
+        # Per-forward statistics (tensors; never synchronised by the module).
+        self.balance_loss: Optional[torch.Tensor] = None
+        self.z_loss: Optional[torch.Tensor] = None
+        self.usage: Optional[torch.Tensor] = None
+        self.last_dispatch: str = ""  # "padded" | "loop" | "grouped_mm": the path of the last forward
+
+    # ------------------------------------------------------------------ init / upcycling
+    def reset_parameters(self) -> None:
+        """Initialise every expert slice exactly like ``nn.Linear`` does (Kaiming-uniform a=sqrt(5))."""
+        for e in range(self.num_experts):
+            for w, b in ((self.w1, self.b1), (self.w2, self.b2)):
+                nn.init.kaiming_uniform_(w.data[e], a=math.sqrt(5))
+                fan_in = w.shape[-1]
+                bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+                nn.init.uniform_(b.data[e], -bound, bound)
+        self.router.reset_parameters()
+
+    @torch.no_grad()
+    def upcycle_from_dense(
+        self,
+        linear1: nn.Module,
+        linear2: nn.Module,
+        noise_std: float = 0.0,
+        router_init_std: float = 0.01,
+        generator: Optional[torch.Generator] = None,
+    ) -> "MoEFFN":
+        """Sparse upcycling: make every expert a copy of the dense FFN ``linear2(act(linear1(x)))``.
+
+        ``linear1``/``linear2`` are ``nn.Linear`` (or anything with ``.weight``/``.bias`` of shapes
+        [hidden, d]/[hidden] and [d, hidden]/[d]). ``noise_std`` adds Gaussian noise of RELATIVE std:
+        each copied tensor gets ``noise_std * tensor.std()`` noise, drawn independently per expert.
+        The router gets weights ~ N(0, router_init_std) (0 = all zeros) and zero bias: small, so the
+        first steps route almost uniformly while ties are broken. With ``noise_std == 0`` the layer
+        computes exactly the dense FFN whatever the routing (the renormalised top-k weights sum to 1).
+        Returns ``self``."""
+        if noise_std < 0:
+            raise ValueError(f"noise_std must be >= 0, got noise_std={noise_std}")
+        if router_init_std < 0:
+            raise ValueError(f"router_init_std must be >= 0, got router_init_std={router_init_std}")
+        w1, b1 = linear1.weight, linear1.bias
+        w2, b2 = linear2.weight, linear2.bias
+        H, D = self.hidden_dim, self.d_model
+        if tuple(w1.shape) != (H, D) or tuple(w2.shape) != (D, H):
+            raise ValueError(
+                f"dense FFN shapes linear1.weight={tuple(w1.shape)}, linear2.weight={tuple(w2.shape)} "
+                f"do not match MoEFFN(d_model={D}, hidden_dim={H})"
+            )
+        if b1 is None:
+            b1 = torch.zeros(H, dtype=w1.dtype, device=w1.device)
+        if b2 is None:
+            b2 = torch.zeros(D, dtype=w2.dtype, device=w2.device)
+        for dst, src in ((self.w1, w1), (self.b1, b1), (self.w2, w2), (self.b2, b2)):
+            src = src.detach().to(dst.device, dst.dtype)
+            dst.copy_(src.unsqueeze(0).expand_as(dst))
+            if noise_std > 0:
+                scale = float(src.float().std()) * noise_std if src.numel() > 1 else noise_std
+                noise = torch.randn(dst.shape, generator=generator, dtype=torch.float32)
+                dst.add_(noise.to(dst.device, dst.dtype) * scale)
+        if router_init_std > 0:
+            rw = torch.randn(self.router.weight.shape, generator=generator, dtype=torch.float32)
+            self.router.weight.copy_(rw.to(self.router.weight) * router_init_std)
+        else:
+            self.router.weight.zero_()
+        self.router.bias.zero_()
+        return self
+
+    @classmethod
+    def from_dense(
+        cls,
+        linear1: nn.Module,
+        linear2: nn.Module,
+        num_experts: int,
+        top_k: int,
+        activation: str = "relu",
+        noise_std: float = 0.0,
+        dropout: float = 0.0,
+        router_noise: float = 0.0,
+        router_init_std: float = 0.01,
+        generator: Optional[torch.Generator] = None,
+    ) -> "MoEFFN":
+        """Build an upcycled ``MoEFFN`` from a dense FFN's two linears (see ``upcycle_from_dense``)."""
+        d_model, hidden = linear1.in_features, linear1.out_features
+        m = cls(d_model, hidden, num_experts, top_k, activation, dropout, router_noise)
+        m = m.to(device=linear1.weight.device, dtype=linear1.weight.dtype)
+        return m.upcycle_from_dense(linear1, linear2, noise_std, router_init_std, generator)
+
+    # ------------------------------------------------------------------ accounting
+    def flops_per_token(self) -> int:
+        """Multiply-adds actually done per token: ``d*E + top_k * 2 * d * hidden`` (biases ignored)."""
+        return moe_ffn_macs_per_token(self.d_model, self.hidden_dim, self.num_experts, self.top_k)
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, hidden_dim={self.hidden_dim}, num_experts={self.num_experts}, "
+            f"top_k={self.top_k}, activation={self.activation}, router_noise={self.router_noise}"
+        )
+
+    # ------------------------------------------------------------------ routing
+    def route(self, x2d: torch.Tensor):
+        """Router on ``[T, d]``. Returns ``(top_w [T,k] renormalised, top_i [T,k], probs [T,E],
+        lse [T])`` where ``probs`` are the (noisy, in training) routing probabilities and ``lse`` the
+        logsumexp of the noise-free logits (for the z-loss)."""
+        logits = self.router(x2d).float()
+        noisy = self.training and self.router_noise > 0
+        if noisy:
+            log_probs = (logits + torch.randn_like(logits) * self.router_noise).log_softmax(dim=-1)
+        else:
+            log_probs = logits.log_softmax(dim=-1)
+        probs = log_probs.exp()
+        if self.top_k == self.num_experts:
+            # every expert is chosen: natural order, weights = probs (they already sum to 1)
+            top_w = probs
+            top_i = torch.arange(self.num_experts, device=x2d.device).expand(probs.shape[0], -1)
+        else:
+            top_w, top_i = probs.topk(self.top_k, dim=-1)
+            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        if noisy or self.top_k == self.num_experts:
+            lse = torch.logsumexp(logits, dim=-1)
+        else:
+            # logit_i - log_softmax_i = logsumexp for every i; the top-1 column is the exact one
+            top1 = top_i[:, :1]
+            lse = (logits.gather(1, top1) - log_probs.gather(1, top1)).squeeze(1)
+        return top_w, top_i, probs, lse
+
+    def _set_stats(self, probs: torch.Tensor, lse: torch.Tensor, counts: torch.Tensor) -> None:
+        if probs.shape[0] == 0:  # no tokens: zero losses, zero usage (shapes only, no sync)
+            self.balance_loss = probs.sum() * 0.0
+            self.z_loss = lse.sum() * 0.0
+            self.usage = counts.to(probs.dtype).detach()
+            return
+        total = probs.shape[0] * self.top_k
+        f = counts.to(probs.dtype) / total
+        P = probs.mean(dim=0)
+        self.balance_loss = self.num_experts * (f * P).sum()
+        self.z_loss = lse.pow(2).mean()
+        self.usage = f.detach()
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        if shape[-1] != self.d_model:
+            raise ValueError(f"expected last dim d_model={self.d_model}, got input shape {tuple(shape)}")
+        x2d = x.reshape(-1, self.d_model)
+        T, E, k = x2d.shape[0], self.num_experts, self.top_k
+
+        top_w, top_i, probs, lse = self.route(x2d)
+        flat_e = top_i.reshape(-1)  # [T*k] expert of each token-slot (slot s = token s // k)
+        counts = torch.bincount(flat_e, minlength=E)
+        self._set_stats(probs, lse, counts)
+        if T == 0:
+            return x.new_zeros(shape)
+
+        # Group the token-slots by expert (stable: tokens stay in order inside a group).
+        sorted_e, order = torch.sort(flat_e, stable=True)  # order: sorted position -> slot
+        token_sorted = order // k
+        slot_ids = torch.arange(T * k, device=x.device)
+
+        if _grouped_mm_supported(x2d):
+            ys = self._experts_grouped(x2d.index_select(0, token_sorted), counts)
+            row_of_sorted = slot_ids
+            self.last_dispatch = "grouped_mm"
+        else:
+            counts_host = counts.tolist()  # the single host sync (free on CPU)
+            cap = max(counts_host)
+            if E * cap <= self.pad_waste_limit * T * k:
+                # Padded layout [E, cap]: row e*cap + j holds the j-th token-slot of expert e.
+                starts = torch.cumsum(counts, 0) - counts
+                row_of_sorted = sorted_e * cap + (slot_ids - starts[sorted_e])
+                token_of_row = torch.zeros(E * cap, dtype=torch.long, device=x.device)
+                token_of_row.scatter_(0, row_of_sorted, token_sorted)  # padding rows read token 0
+                ys = self._experts_padded(x2d.index_select(0, token_of_row).view(E, cap, self.d_model))
+                self.last_dispatch = "padded"
+            else:
+                ys = self._experts_loop(x2d.index_select(0, token_sorted), counts_host)
+                row_of_sorted = slot_ids
+                self.last_dispatch = "loop"
+
+        # Back to slot order ([T, k, d]) and weighted sum over the k slots in one bmm.
+        # (Deterministic, unlike index_add, whose CUDA kernel uses atomics.)
+        row_of_slot = torch.empty_like(order).scatter_(0, order, row_of_sorted)
+        y_slots = ys.index_select(0, row_of_slot).view(T, k, self.d_model)
+        out = torch.bmm(top_w.to(ys.dtype).unsqueeze(1), y_slots)  # [T, 1, d]
+        return out.reshape(shape)
+
+    def _act_(self, h: torch.Tensor, need_grad: bool) -> torch.Tensor:
+        if self.activation == "relu":
+            return torch.relu_(h)  # the matmul's backward needs only its inputs; relu's its output
+        if need_grad or _gelu_ is None:
+            return F.gelu(h)
+        return _gelu_(h)
+
+    def _experts_padded(self, xpad: torch.Tensor) -> torch.Tensor:
+        """All experts at once on the padded ``[E, cap, d]`` layout: two ``baddbmm`` (bias fused).
+        Returns ``[E*cap, d]``; the padding rows hold garbage that is never read."""
+        need_grad = torch.is_grad_enabled() and (xpad.requires_grad or self.w1.requires_grad)
+        h = torch.baddbmm(self.b1.unsqueeze(1), xpad, self.w1.transpose(1, 2))  # [E, cap, hidden]
+        h = self.dropout(self._act_(h, need_grad))
+        y = torch.baddbmm(self.b2.unsqueeze(1), h, self.w2.transpose(1, 2))  # [E, cap, d]
+        return y.view(-1, self.d_model)
+
+    def _experts_loop(self, xs: torch.Tensor, counts: list) -> torch.Tensor:
+        """One ``addmm`` (bias fused) per layer per non-empty expert on its contiguous group.
+
+        Without autograd the second layer writes straight into one preallocated output (no ``cat``)."""
+        need_grad = torch.is_grad_enabled() and (xs.requires_grad or self.w1.requires_grad)
+        # out= variants are not autocast-eligible (dtype mismatch), so autocast takes the cat route
+        use_out = not need_grad and not torch.is_autocast_enabled(xs.device.type)
+        ys = xs.new_empty(xs.shape[0], self.d_model) if use_out else None
+        outs = []
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            xe = xs[start:start + n]
+            h = torch.addmm(self.b1[e], xe, self.w1[e].t())
+            h = self.dropout(self._act_(h, need_grad))
+            if use_out:
+                torch.addmm(self.b2[e], h, self.w2[e].t(), out=ys[start:start + n])
+            else:
+                outs.append(torch.addmm(self.b2[e], h, self.w2[e].t()))
+            start += n
+        if use_out:
+            return ys
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+    def _experts_grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Sync-free path with ``torch._grouped_mm`` (group offsets stay on the device)."""
+        gmm = _grouped_mm_fn()
+        offs = torch.cumsum(counts, dim=0).to(torch.int32)
+        expert_of_slot = torch.repeat_interleave(
+            torch.arange(self.num_experts, device=xs.device), counts, output_size=xs.shape[0]
+        )
+        h = gmm(xs, self.w1.transpose(1, 2), offs=offs)
+        h = h + self.b1.index_select(0, expert_of_slot)
+        h = self.dropout(_activation(h, self.activation, False))
+        y = gmm(h, self.w2.transpose(1, 2), offs=offs)
+        return y + self.b2.index_select(0, expert_of_slot)
+
+
+def dense_moe_forward(moe: MoEFFN, x: torch.Tensor) -> torch.Tensor:
+    """Reference "run every expert and mask" MoE: all E experts on all tokens, combined with the
+    top-k routing weights (zero for unchosen experts). Same router as ``moe`` (noise included in
+    training, so compare in eval mode). Used as a correctness oracle and as a benchmark baseline.
+
+    Written as efficiently as a dense MoE can be: the E experts' first layers are one
+    ``[T, d] x [d, E*hidden]`` matmul and their second layers, with the gates folded into the hidden
+    activations, one ``[T, E*hidden] x [E*hidden, d]`` matmul. Does not set ``moe``'s statistics."""
+    shape = x.shape
+    x2d = x.reshape(-1, moe.d_model)
+    T, E, H, D = x2d.shape[0], moe.num_experts, moe.hidden_dim, moe.d_model
+    top_w, top_i, _, _ = moe.route(x2d)
+    gates = x2d.new_zeros(T, E).scatter(1, top_i, top_w.to(x2d.dtype))  # [T, E]
+    h = torch.addmm(moe.b1.reshape(E * H), x2d, moe.w1.reshape(E * H, D).t())  # [T, E*H]
+    h = moe.dropout(_activation(h, moe.activation, False))
+    h = (h.view(T, E, H) * gates.unsqueeze(-1)).view(T, E * H)
+    w2cat = moe.w2.permute(0, 2, 1).reshape(E * H, D)  # rows (e, j) -> W2_e[:, j]
+    out = torch.addmm(gates @ moe.b2, h, w2cat)
+    return out.reshape(shape)
+
+
+def grouped_mm_flop_jit(inputs, outputs):
+    """fvcore op handle for ``aten::_grouped_mm``: multiply-adds = rows(A) * K * N."""
+    from fvcore.nn.jit_handles import get_shape
+
+    a, b = get_shape(inputs[0]), get_shape(inputs[1])
+    if a is None or b is None:
+        return 0
+    return int(a[0]) * int(a[-1]) * int(b[-1])
+
+
+def baddbmm_flop_jit(inputs, outputs):
+    """fvcore op handle for ``aten::baddbmm(bias, A [n,c,t], B [n,t,d])``: multiply-adds = n*c*t*d
+    (the bias add is ignored, as fvcore's ``addmm`` handle ignores it)."""
+    from fvcore.nn.jit_handles import get_shape
+
+    a, b = get_shape(inputs[1]), get_shape(inputs[2])
+    if a is None or b is None:
+        return 0
+    n, c, t = (int(v) for v in a)
+    return n * c * t * int(b[-1])
+
+
+def fvcore_op_handles() -> dict:
+    """Op handles to pass to ``fvcore.nn.FlopCountAnalysis(...).set_op_handle(**handles)`` so that
+    every MoE dispatch path is counted (fvcore has no default handle for ``aten::baddbmm``, used by
+    the padded path, nor for ``aten::_grouped_mm``). With them fvcore counts what was executed: the
+    router, the expert matmuls INCLUDING the padding rows of the padded path (at most
+    ``pad_waste_limit`` x the routed work), and the ``[T,1,k] x [T,k,d]`` combine ``bmm``.
+    ``MoEFFN.flops_per_token()`` is the padding-free nominal count."""
+    return {"aten::baddbmm": baddbmm_flop_jit, "aten::_grouped_mm": grouped_mm_flop_jit}
