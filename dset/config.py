@@ -126,6 +126,8 @@ class SyntheticConfig:
     num_val: int = 64
     image_size: int = 320
     seed: int = 0
+    num_classes: int = 4                      # shape classes (1..6)
+    root: Optional[str] = None                # cache folder; None: $DSET_CACHE_DIR/synthetic or ~/.cache/dset/synthetic
 
 
 @dataclass
@@ -139,6 +141,7 @@ class DataConfig:
     num_workers: int = 0
     max_train_images: Optional[int] = None    # use only the first N training images (budgets)
     max_val_images: Optional[int] = None
+    augment: str = "rtdetr"                   # training augmentation: "rtdetr" (full recipe), "flip", "none"
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -157,6 +160,8 @@ class TrainConfig:
     amp: bool = True                          # only on CUDA
     early_stop_patience: Optional[int] = None # epochs without mAP improvement; None: never stop early
     eval_every: int = 1
+    profile: bool = True                      # measure params/GFLOPs/latency of the final model (summary.json)
+    checkpoint_every: int = 1                 # epochs between writes of checkpoints/last.pt (and always the last)
 
 
 @dataclass
@@ -165,6 +170,7 @@ class RunConfig:
     device: str = "auto"                      # "auto", "cpu", "cuda", "cuda:1", ...
     out_dir: Optional[str] = None
     deterministic: bool = False
+    progress: bool = True                     # tqdm bar within each epoch
 
 
 @dataclass
@@ -393,6 +399,15 @@ def validate(cfg: Config) -> Config:
          f"must be a positive multiple of 32, got {d.image_size}")
     need(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
     need(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    need(d.augment in ("rtdetr", "flip", "none"), "data.augment",
+         f"must be 'rtdetr', 'flip' or 'none', got {d.augment!r}")
+    for key, value in (("data.max_train_images", d.max_train_images), ("data.max_val_images", d.max_val_images)):
+        need(value is None or value >= 1, key, f"must be >= 1 (or null for all images), got {value}")
+    sy = d.synthetic
+    need(sy.num_train >= 1, "data.synthetic.num_train", f"must be >= 1, got {sy.num_train}")
+    need(sy.num_val >= 1, "data.synthetic.num_val", f"must be >= 1, got {sy.num_val}")
+    need(sy.image_size >= 32, "data.synthetic.image_size", f"must be >= 32, got {sy.image_size}")
+    need(1 <= sy.num_classes <= 6, "data.synthetic.num_classes", f"must be between 1 and 6, got {sy.num_classes}")
     if d.name == "coco":
         for split in ("train", "val"):
             s: SplitConfig = getattr(d, split)
@@ -411,6 +426,10 @@ def validate(cfg: Config) -> Config:
     need(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
     need(0 <= t.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
     need(t.early_stop_patience is None or t.early_stop_patience >= 1, "train.early_stop_patience", "must be >= 1")
+    need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
+    need(t.ema_warmup_steps >= 0, "train.ema_warmup_steps", "must be >= 0")
+    need(t.eval_every >= 1, "train.eval_every", f"must be >= 1, got {t.eval_every}")
+    need(t.checkpoint_every >= 1, "train.checkpoint_every", f"must be >= 1, got {t.checkpoint_every}")
     return cfg
 
 

@@ -1,0 +1,170 @@
+"""Data sets, samplers and data loaders for a :class:`dset.config.Config`.
+
+- ``data.name: synthetic`` generates (or reuses from its cache) the built-in synthetic data set with the
+  ``data.synthetic.*`` settings; ``data.name: coco`` reads ``data.{train,val}.{images,annotations}``.
+- Training images go through ``data.augment``: ``rtdetr`` (RT-DETR's recipe, :func:`train_transforms`),
+  ``flip`` (horizontal flip + resize) or ``none`` (resize only); validation images are only resized.
+  Both to ``data.image_size`` square.
+- ``data.max_train_images`` / ``data.max_val_images`` keep the first N images of a split (budgets); the
+  evaluation is then restricted to those image ids.
+- Shuffling is seeded per epoch: the training order of epoch ``e`` is a permutation drawn from a generator
+  seeded with ``run.seed + e`` (``DistributedSampler``'s rule, with one replica when not distributed), and
+  the data-loader workers' seeds come from a generator seeded the same way. Call :func:`set_loader_epoch`
+  at the start of every epoch; a resumed run then sees exactly the batches the uninterrupted run saw.
+- Under DDP each rank reads its share: training through ``DistributedSampler`` (padded to equal length),
+  validation through :class:`ShardSampler` (``rank::world_size``, no padding, so no image is counted twice).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+
+from ..config import Config
+from .coco import CocoDetection, DatasetError, collate_fn
+
+__all__ = ["DataBundle", "data_paths", "build_datasets", "build_eval_data", "build_train_loader", "build_val_loader",
+           "set_loader_epoch", "ShardSampler", "train_transform_for"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataBundle:
+    """The two splits and what training and evaluation need to know about them."""
+
+    train: Dataset | None                     # CocoDetection (or a Subset of it); None when not built
+    val: Dataset                              # CocoDetection (or a Subset of it)
+    val_dataset: CocoDetection                # the underlying validation data set (``coco`` for COCOeval)
+    val_image_ids: list[int]                  # the image ids that are evaluated
+    num_classes: int
+    category_names: list[str]
+    label_to_category_id: dict[int, int]
+    paths: dict[str, str] = field(default_factory=dict)
+
+
+def data_paths(cfg: Config) -> dict[str, str]:
+    """``{train_images, train_annotations, val_images, val_annotations}`` of the configured data set;
+    for ``synthetic`` the data set is generated into its cache first (seconds, once)."""
+    d = cfg.data
+    if d.name == "synthetic":
+        from .synthetic import make_synthetic_coco
+
+        s = d.synthetic
+        try:
+            paths = make_synthetic_coco(root=s.root, num_train=s.num_train, num_val=s.num_val,
+                                        image_size=s.image_size, seed=s.seed, num_classes=s.num_classes)
+        except ValueError as exc:  # invalid combination of synthetic parameters
+            raise DatasetError(f"data.synthetic: {exc}") from None
+        return {k: str(v) for k, v in paths.items()}
+    return {"train_images": str(d.train.images), "train_annotations": str(d.train.annotations),
+            "val_images": str(d.val.images), "val_annotations": str(d.val.annotations)}
+
+
+def train_transform_for(cfg: Config):
+    """The training pipeline ``data.augment`` names."""
+    from torchvision.transforms import v2
+
+    from .transforms import NormalizeBoxes, eval_transforms, train_transforms
+
+    size = cfg.data.image_size
+    if cfg.data.augment == "rtdetr":
+        return train_transforms(size)
+    if cfg.data.augment == "flip":
+        from torchvision import tv_tensors
+
+        return v2.Compose([v2.RandomHorizontalFlip(), v2.Resize((size, size)), v2.ToImage(),
+                           v2.ToDtype(torch.float32, scale=True),
+                           v2.ConvertBoundingBoxFormat(tv_tensors.BoundingBoxFormat.CXCYWH), NormalizeBoxes()])
+    return eval_transforms(size)
+
+
+def _first(ds: CocoDetection, n: int | None) -> Dataset:
+    return ds if n is None or n >= len(ds) else Subset(ds, range(n))
+
+
+def build_datasets(cfg: Config, train: bool = True) -> DataBundle:
+    """Both splits of the configured data set (only validation with ``train=False``).
+
+    Raises :class:`DatasetError` naming the file when a split is missing or malformed, or when the two
+    splits disagree on their categories."""
+    from .transforms import eval_transforms
+
+    paths = data_paths(cfg)
+    val_full = CocoDetection(paths["val_images"], paths["val_annotations"], eval_transforms(cfg.data.image_size))
+    train_ds = None
+    if train:
+        train_full = CocoDetection(paths["train_images"], paths["train_annotations"], train_transform_for(cfg))
+        if train_full.category_ids != val_full.category_ids:
+            raise DatasetError(
+                f"the training and validation sets have different categories: {paths['train_annotations']} has "
+                f"ids {train_full.category_ids}, {paths['val_annotations']} has ids {val_full.category_ids}")
+        train_ds = _first(train_full, cfg.data.max_train_images)
+    val_ds = _first(val_full, cfg.data.max_val_images)
+    val_ids = val_full.image_ids[: len(val_ds)]
+    return DataBundle(train=train_ds, val=val_ds, val_dataset=val_full, val_image_ids=val_ids,
+                      num_classes=val_full.num_classes, category_names=list(val_full.category_names),
+                      label_to_category_id=dict(val_full.label_to_category_id), paths=paths)
+
+
+def build_eval_data(cfg: Config, images: str | None = None, annotations: str | None = None) -> DataBundle:
+    """Only a validation split: the configured one, or the given images folder and COCO JSON (resized to
+    ``data.image_size``; ``data.max_val_images`` applies)."""
+    from .transforms import eval_transforms
+
+    if images is None and annotations is None:
+        return build_datasets(cfg, train=False)
+    if images is None or annotations is None:
+        raise DatasetError("evaluation data needs both an images folder and an annotations file")
+    full = CocoDetection(images, annotations, eval_transforms(cfg.data.image_size))
+    ds = _first(full, cfg.data.max_val_images)
+    return DataBundle(train=None, val=ds, val_dataset=full, val_image_ids=full.image_ids[: len(ds)],
+                      num_classes=full.num_classes, category_names=list(full.category_names),
+                      label_to_category_id=dict(full.label_to_category_id),
+                      paths={"val_images": str(images), "val_annotations": str(annotations)})
+
+
+class ShardSampler(Sampler[int]):
+    """Indices ``rank, rank + world_size, ...`` in order: every item exactly once over all ranks."""
+
+    def __init__(self, length: int, rank: int = 0, world_size: int = 1) -> None:
+        self.length, self.rank, self.world_size = length, rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.length, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.length, self.world_size))
+
+
+def build_train_loader(dataset: Dataset, cfg: Config, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """Shuffled training loader (seeded per epoch; see :func:`set_loader_epoch`). ``data.batch_size`` is
+    per process; the last, smaller batch is kept."""
+    if len(dataset) < world_size:
+        raise DatasetError(f"the training set has {len(dataset)} images, fewer than the {world_size} processes")
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.run.seed,
+                                 drop_last=False)
+    generator = torch.Generator()
+    generator.manual_seed(cfg.run.seed)
+    return DataLoader(dataset, batch_size=cfg.data.batch_size, sampler=sampler, collate_fn=collate_fn,
+                      num_workers=cfg.data.num_workers, generator=generator, drop_last=False,
+                      persistent_workers=False, pin_memory=False)
+
+
+def build_val_loader(dataset: Dataset, cfg: Config, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """Validation loader in data-set order; each rank reads ``rank::world_size``."""
+    return DataLoader(dataset, batch_size=cfg.data.batch_size, sampler=ShardSampler(len(dataset), rank, world_size),
+                      collate_fn=collate_fn, num_workers=cfg.data.num_workers, drop_last=False)
+
+
+def set_loader_epoch(loader: DataLoader, epoch: int, seed: int, rank: int = 0) -> None:
+    """Seed the epoch's shuffling (``seed + epoch``, the same on every rank: ranks take disjoint slices of
+    one permutation) and its workers' random augmentations (``seed + epoch``, offset per rank)."""
+    if hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+    if loader.generator is not None:
+        loader.generator.manual_seed(seed + epoch + 1_000_003 * rank)

@@ -1,0 +1,128 @@
+"""Evaluate a saved run: ``python -m dset.evaluate CHECKPOINT [--data IMAGES ANNOTATIONS] [key=value ...]``.
+
+CHECKPOINT is ``checkpoints/best.pt`` or ``checkpoints/last.pt`` of a training run, or the run folder itself
+(then ``checkpoints/best.pt``). The configuration is read from the checkpoint; ``key=value`` overrides
+change evaluation settings (``data.batch_size``, ``data.max_val_images``, ``data.num_workers``,
+``run.device``). Without ``--data`` the run's own validation split is evaluated (the synthetic one is
+regenerated from its parameters if its cache is gone). The EMA weights are evaluated unless
+``--weights model``. Prints the COCO metrics (AP in [0, 1], pycocotools, original image sizes) and
+writes them as JSON with ``--json FILE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, config_from_dict, load_config
+
+__all__ = ["evaluate_checkpoint", "main"]
+
+log = logging.getLogger(__name__)
+
+
+def _checkpoint_path(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        for name in ("checkpoints/best.pt", "checkpoints/last.pt", "best.pt", "last.pt"):
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"no checkpoint in {path} (looked for checkpoints/best.pt and checkpoints/last.pt)")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return path
+
+
+def evaluate_checkpoint(checkpoint: str | Path, images: str | None = None, annotations: str | None = None,
+                        overrides: list[str] | None = None, weights: str = "ema") -> dict:
+    """COCO metrics of a saved run's model on its validation split or on ``images`` + ``annotations``.
+
+    Returns the :func:`dset.engine.evaluate.coco_metrics` dict plus ``val_images``, ``epoch`` (of the
+    checkpoint), ``weights`` and ``checkpoint``."""
+    from .data.coco import DatasetError
+    from .data.loaders import build_eval_data, build_val_loader
+    from .engine.train import _resolve_device, _Dist, evaluate_detections
+    from .models.detector import build_model
+
+    path = _checkpoint_path(checkpoint)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling problem is reported with the file name
+        raise ValueError(f"{path}: not a readable checkpoint ({exc})") from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"{path}: not a dset training checkpoint (no 'config'/'model' entries)")
+    cfg = config_from_dict(ckpt["config"])
+    if overrides:
+        cfg = load_config(cfg, overrides)
+    if weights not in ("ema", "model"):
+        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+    state = ckpt["ema"]["module"] if weights == "ema" else ckpt["model"]
+
+    data = build_eval_data(cfg, images, annotations)
+    if data.num_classes != cfg.model.num_classes:
+        raise DatasetError(f"the checkpoint's model predicts {cfg.model.num_classes} classes but "
+                           f"{data.paths.get('val_annotations')} has {data.num_classes} categories")
+    saved_names = ckpt.get("category_names")
+    if saved_names and list(saved_names) != list(data.category_names):
+        log.warning("category names differ from the training data's (%s vs %s): labels are matched by order",
+                    saved_names, data.category_names)
+    device = _resolve_device(cfg.run.device, _Dist())
+    model = build_model(cfg, load_weights=False)
+    model.load_state_dict(state)
+    model.to(device).eval()
+    loader = build_val_loader(data.val, cfg)
+    metrics = evaluate_detections(model, loader, data, device)
+    metrics.update({"epoch": ckpt.get("epoch"), "weights": weights, "checkpoint": str(path)})
+    return metrics
+
+
+def _format(metrics: dict) -> str:
+    keys = ("mAP", "mAP50", "mAP75", "mAP_small", "mAP_medium", "mAP_large", "AR100")
+    lines = [f"{k:>11s}  {metrics[k]:.4f}" for k in keys if k in metrics]
+    for name, ap in (metrics.get("per_class_AP") or {}).items():
+        lines.append(f"{'AP ' + name:>11s}  {ap:.4f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dset.evaluate", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("checkpoint", help="checkpoints/best.pt or last.pt of a run, or the run folder")
+    ap.add_argument("overrides", nargs="*", metavar="key=value", help="evaluation settings (data.batch_size=8, ...)")
+    ap.add_argument("--data", nargs=2, metavar=("IMAGES", "ANNOTATIONS"),
+                    help="evaluate on this images folder + COCO instances JSON instead of the run's validation split")
+    ap.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA weights (default) or the raw model")
+    ap.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
+    ns = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    bad = [o for o in ns.overrides if "=" not in o]
+    if bad:
+        ap.error(f"overrides must be key=value, got {bad}")
+
+    from .data.coco import DatasetError
+
+    images, annotations = ns.data if ns.data else (None, None)
+    try:
+        metrics = evaluate_checkpoint(ns.checkpoint, images, annotations, ns.overrides, ns.weights)
+    except (ConfigError, DatasetError, FileNotFoundError, ValueError) as exc:
+        from .engine.train import error_message
+
+        print(f"error: {error_message(exc)}", file=sys.stderr)
+        return 2
+    print(f"{metrics['checkpoint']} (epoch {metrics['epoch']}, {metrics['weights']} weights, "
+          f"{metrics['val_images']} images; COCO AP in [0, 1], pycocotools)")
+    print(_format(metrics))
+    if ns.json:
+        from .engine.train import _json_safe
+
+        Path(ns.json).write_text(json.dumps(_json_safe(metrics), indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,183 @@
+"""Train one run: ``python -m dset.train PRESET_OR_YAML [key=value ...] --out DIR [--resume] [--budget B]``.
+
+Examples::
+
+    python -m dset.train rtdetr_r18 --out runs/r18              # synthetic data, the CPU budget (minutes)
+    python -m dset.train dset_r18 train.epochs=20 --out runs/d18   # the CPU budget, longer
+    python -m dset.train rtdetr_r18 data.name=coco data.train.images=... data.train.annotations=... \\
+        data.val.images=... data.val.annotations=... --out runs/coco
+    torchrun --nproc_per_node 2 -m dset.train rtdetr_r18 --out runs/ddp   # DDP (gloo on CPU, NCCL on CUDA)
+    python -m dset.train --resume --out runs/r18                 # continue a killed run (config from DIR)
+
+The budget (``--budget``, default ``auto``) is a YAML file of ``data.*``/``train.*``/``model.*`` settings
+applied on top of the preset and below the ``key=value`` overrides (which always win). ``auto`` applies
+``budget_cpu`` (dset/configs/budget_cpu.yaml) when the run uses the built-in synthetic data (no
+``data.name=coco``) and the preset/YAML file itself sets no ``data.*`` or ``train.*`` key: so
+``python -m dset.train rtdetr_r18 --out DIR`` is a run of a few minutes on a CPU, ``... train.epochs=20`` is the
+same budget for longer, and a COCO run or a study YAML with its own schedule is left alone.
+``--budget none`` never applies one (the preset's full schedule: 640 px, 72 epochs); ``--budget NAME``
+(``budget_NAME.yaml`` in dset/configs) or ``--budget FILE.yaml`` always does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .config import PRESET_DIR, ConfigError, _merge, _read_yaml_chain, apply_overrides, config_from_dict, load_config
+
+DEFAULT_BUDGET = "cpu"
+
+
+def _budget_path(name: str) -> Path:
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"--budget: file not found: {path}")
+        return path
+    candidate = PRESET_DIR / f"budget_{name}.yaml"
+    if not candidate.is_file():
+        known = sorted(p.stem[len("budget_"):] for p in PRESET_DIR.glob("budget_*.yaml"))
+        raise ConfigError(f"--budget: unknown budget {name!r}; known: {', '.join(known + ['none', 'auto'])} "
+                          "or a YAML file")
+    return candidate
+
+
+def _flat_keys(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(_flat_keys(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def resolve_config(config: str, overrides: list[str], budget: str = "auto"):
+    """The Config a command line describes, and the budget applied (a path or None)."""
+    data = _read_yaml_chain(config)
+    applied = None
+    if budget == "auto":
+        file_sets_schedule = any(k.split(".")[0] in ("data", "train") for k in _flat_keys(data))
+        data_name = config_from_dict(apply_overrides(data, overrides)).data.name
+        if not file_sets_schedule and data_name == "synthetic":
+            applied = _budget_path(DEFAULT_BUDGET)
+    elif budget != "none":
+        applied = _budget_path(budget)
+    if applied is not None:
+        data = _merge(data, _read_yaml_chain(applied))
+    return config_from_dict(apply_overrides(data, overrides)), applied
+
+
+def _budget_help() -> str:
+    try:
+        path = _budget_path(DEFAULT_BUDGET)
+        import yaml
+
+        flat = _flat_keys(yaml.safe_load(path.read_text()) or {})
+        lines = [f"  {k} = {v}" for k, v in flat.items() if k != "base"]
+        budget = (f"default budget ({path.name}), applied by --budget auto on the synthetic data set when the\n"
+                  "preset/YAML sets no data.*/train.* key; key=value overrides go on top of it:\n" + "\n".join(lines))
+    except (ConfigError, OSError) as exc:
+        budget = f"(budget file unavailable: {exc})"
+    return budget + """
+
+other keys worth knowing (any key of dset/config.py can be overridden):
+  data.name=synthetic|coco   data.{train,val}.{images,annotations}   data.image_size   data.batch_size
+  data.num_workers   data.max_train_images   data.max_val_images   data.augment=rtdetr|flip|none
+  train.epochs   train.lr   train.lr_pretrained   train.warmup_steps   train.ema_decay   train.grad_clip
+  train.early_stop_patience   train.eval_every   train.checkpoint_every   train.profile   run.seed
+  run.device   model.backbone.pretrained=FILE   model.checkpoint=FILE   model.decoder.num_queries
+
+examples:
+  python -m dset.train rtdetr_r18 --out runs/r18                 # synthetic data, the CPU budget
+  python -m dset.train dset_r18 train.epochs=20 --out runs/d18   # the budget, but longer
+  python -m dset.train dset_r18 --budget none --out runs/full    # the preset's schedule (640 px, 72 epochs)
+  torchrun --nproc_per_node 2 -m dset.train rtdetr_r18 --out runs/ddp
+  python -m dset.train --resume --out runs/r18
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m dset.train", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train and evaluate one RT-DETR / DSET run (see dset/engine/train.py).",
+        epilog=_budget_help())
+    ap.add_argument("args", nargs="*", metavar="PRESET_OR_YAML [key=value ...]",
+                    help="a preset (rtdetr_r18, rtdetr_r34, dset_r18, dset_r34) or a YAML file, then dotted overrides")
+    ap.add_argument("--out", help="output folder (config.yaml, metrics.jsonl, summary.json, checkpoints/); "
+                    "default: run.out_dir of the configuration")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt "
+                    "(without PRESET_OR_YAML the configuration is read from OUT/config.yaml)")
+    ap.add_argument("--budget", default="auto", help="auto (default), none, a budget name (cpu) or a YAML file")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings only")
+    ns = ap.parse_args(argv)
+
+    logging.basicConfig(level=logging.WARNING if ns.quiet else logging.INFO, format="%(message)s")
+    log = logging.getLogger("dset.train")
+    config = next((a for a in ns.args if "=" not in a), None)
+    overrides = [a for a in ns.args if "=" in a]
+    if config is not None and ns.args.index(config) != 0:
+        ap.error(f"the preset or YAML file must come first, got {config!r} after overrides")
+    try:
+        if config is None:
+            if not ns.resume:
+                ap.error("PRESET_OR_YAML is required (e.g. rtdetr_r18)")
+            if ns.out is None:
+                ap.error("--resume without PRESET_OR_YAML needs --out DIR")
+            saved = Path(ns.out) / "config.yaml"
+            if not saved.is_file():
+                raise ConfigError(f"--resume without PRESET_OR_YAML needs {saved}")
+            cfg = load_config(saved, overrides)
+            budget = None
+        else:
+            cfg, budget = resolve_config(config, overrides, ns.budget)
+        if ns.quiet:
+            cfg = load_config(cfg, ["run.progress=false"])
+        if ns.out is None and cfg.run.out_dir is None:
+            raise ConfigError("no output folder: give --out DIR (or run.out_dir=DIR)")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(ns.out if ns.out is not None else cfg.run.out_dir)
+    if budget is not None:
+        log.info("budget: %s (%s; --budget none to train with the preset's own schedule)", budget.stem, budget)
+
+    from .data.coco import DatasetError
+    from .engine.train import NonFiniteLossError, error_message, fit
+
+    try:
+        summary = fit(cfg, out, resume=ns.resume)
+    except (ConfigError, DatasetError, FileNotFoundError) as exc:
+        print(f"error: {error_message(exc)}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as exc:
+        print(f"error: training failed: {exc} (see {out / 'summary.json'})", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"interrupted; continue with: python -m dset.train --resume --out {out}", file=sys.stderr)
+        return 130
+    except RuntimeError as exc:
+        if "DatasetError" in str(exc):  # a data error raised inside a loader worker
+            print(f"error: {error_message(exc)}", file=sys.stderr)
+            return 2
+        raise
+    best = summary.get("best_metrics") or {}
+    if int(os.environ.get("RANK", "0")) == 0:
+        parts = [f"{summary['status']}: {summary['epochs_completed']}/{summary['epochs']} epochs"]
+        if summary.get("best_epoch") is not None:
+            parts.append(f"best epoch {summary['best_epoch'] + 1}: mAP {best.get('mAP', float('nan')):.4f}, "
+                         f"mAP50 {best.get('mAP50', float('nan')):.4f}")
+        if summary.get("stop_reason"):
+            parts.append(summary["stop_reason"])
+        parts.append(f"{summary['train_time_s'] / 60:.1f} min")
+        log.info("%s -> %s", "; ".join(parts), out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,144 @@
+"""Parameter groups and the learning rate every parameter actually gets across warm-up and cosine."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import dset
+from dset.engine.schedule import WarmupCosine, build_scheduler
+from dset.engine.train import build_optimizer, build_training_model
+from dset.models.detector import build_model
+
+SMALL = ["model.num_classes=3", "model.decoder.num_queries=10", "model.decoder.num_denoising=0"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a small shared machine, OpenMP threads that wait for a busy core make these
+    tiny steps 10x slower; with one thread the module takes seconds whatever else runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_warmup_cosine_factor_values():
+    f = WarmupCosine(warmup_steps=4, total_steps=12)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == 1.0                                     # cosine starts at its peak
+    assert f(8) == pytest.approx(0.5)                      # half-way through the 8 cosine steps
+    assert f(10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 6 / 8)))
+    assert f(12) == pytest.approx(0.0)
+    g = WarmupCosine(warmup_steps=0, total_steps=10, min_ratio=0.1)
+    assert g(0) == 1.0 and g(10) == pytest.approx(0.1) and g(5) == pytest.approx(0.55)
+
+
+@pytest.fixture(scope="module")
+def backbone_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "presnet18.pth"
+    model = build_model(dset.load_config("rtdetr_r18", SMALL), load_weights=False)
+    torch.save(model.backbone.state_dict(), path)
+    return path
+
+
+def _groups_by_param(optimizer):
+    return {name: g for g in optimizer.param_groups for name in g["param_names"]}
+
+
+def test_param_groups_pretrained_backbone_and_no_decay(backbone_file):
+    cfg = dset.load_config("rtdetr_r18", SMALL + [f"model.backbone.pretrained={backbone_file}", "train.lr=1e-4",
+                                                  "train.lr_pretrained=1e-5", "train.weight_decay=0.05"])
+    model, pretrained, _ = build_training_model(cfg)
+    opt = build_optimizer(model, cfg, pretrained)
+    groups = _groups_by_param(opt)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert sorted(groups) == sorted(names)                    # every trainable parameter exactly once
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(names)
+    assert {g["name"] for g in opt.param_groups} == {"pretrained", "pretrained_no_decay", "new", "new_no_decay"}
+    for name in names:
+        g = groups[name]
+        assert g["lr"] == (1e-5 if name.startswith("backbone.") else 1e-4), name
+    # weight decay: none on norms and biases, 0.05 on conv / linear weights and embeddings
+    assert groups["backbone.conv1.conv1_1.conv.weight"]["weight_decay"] == 0.05
+    assert groups["backbone.conv1.conv1_1.norm.weight"]["weight_decay"] == 0.0
+    assert groups["backbone.conv1.conv1_1.norm.bias"]["weight_decay"] == 0.0
+    assert groups["decoder.dec_score_head.0.weight"]["weight_decay"] == 0.05
+    assert groups["decoder.dec_score_head.0.bias"]["weight_decay"] == 0.0
+    assert groups["decoder.enc_output.1.weight"]["weight_decay"] == 0.0      # a LayerNorm
+    assert groups["encoder.input_proj.0.1.weight"]["weight_decay"] == 0.0    # a BatchNorm
+    assert groups["decoder.query_pos_head.layers.0.weight"]["weight_decay"] == 0.05
+    assert groups["encoder.encoder.0.layers.0.self_attn.in_proj_weight"]["weight_decay"] == 0.05
+    assert groups["encoder.encoder.0.layers.0.self_attn.in_proj_bias"]["weight_decay"] == 0.0
+
+
+def test_from_scratch_everything_at_lr():
+    cfg = dset.load_config("rtdetr_r18", SMALL + ["train.lr=3e-4", "train.lr_pretrained=1e-5"])
+    model, pretrained, _ = build_training_model(cfg)
+    opt = build_optimizer(model, cfg, pretrained)
+    assert pretrained == set()
+    assert {g["name"] for g in opt.param_groups} == {"new", "new_no_decay"}
+    assert all(g["lr"] == 3e-4 for g in opt.param_groups)
+
+
+def test_rtdetr_checkpoint_into_dset_new_components_at_lr(tmp_path):
+    """Loading an RT-DETR checkpoint into DSET: every loaded tensor is pretrained; MoE experts (upcycled)
+    and routers and the importance predictor are new."""
+    dense = build_model(dset.load_config("rtdetr_r18", SMALL), load_weights=False)
+    path = tmp_path / "rtdetr.pth"
+    torch.save({"model": dense.state_dict()}, path)
+    cfg = dset.load_config("dset_r18", SMALL + [f"model.checkpoint={path}", "model.encoder_moe.expert_hidden_dim=1024",
+                                                "model.decoder_moe.expert_hidden_dim=1024"])
+    model, pretrained, reports = build_training_model(cfg)
+    assert reports and reports[0].upcycled                 # experts were copied from the dense FFNs
+    opt = build_optimizer(model, cfg, pretrained)
+    groups = _groups_by_param(opt)
+    new = {n for n, g in groups.items() if g["name"].startswith("new")}
+    assert new and all(".moe." in n or "token_pruner" in n for n in new)
+    assert any(".moe.router" in n for n in new) and any("token_pruner" in n for n in new)
+    assert any(n.endswith(".moe.w1") for n in new)
+    # the MoE experts' stacked biases get no weight decay
+    assert all(groups[n]["weight_decay"] == 0.0 for n in new if n.endswith((".moe.b1", ".moe.b2")))
+    assert all(groups[n]["weight_decay"] > 0 for n in new if n.endswith((".moe.w1", ".moe.w2")))
+    dense_names = {n for n in groups if ".moe." not in n and "token_pruner" not in n}
+    assert dense_names and all(groups[n]["name"].startswith("pretrained") for n in dense_names)
+
+
+def test_lr_each_parameter_actually_gets(backbone_file):
+    """Drive AdamW with a constant gradient of 1: then Adam's normalised step is exactly 1, so a parameter
+    without weight decay moves by exactly its learning rate at every step, and one with weight decay by
+    lr * (1 + wd * p). Checks warm-up and cosine for a pretrained and a new parameter of each kind: a
+    schedule that wrote one absolute rate into every group (the original bug) moves the pretrained
+    parameters 10x too far."""
+    lr, lr_pre, wd, warmup, total = 1e-4, 1e-5, 0.05, 3, 9
+    cfg = dset.load_config("rtdetr_r18", SMALL + [f"model.backbone.pretrained={backbone_file}", f"train.lr={lr}",
+                                                  f"train.lr_pretrained={lr_pre}", f"train.weight_decay={wd}"])
+    model, pretrained, _ = build_training_model(cfg)
+    model.double()  # float64, so that the float32 rounding of p - lr does not blur lr (~1e-6)
+    opt = build_optimizer(model, cfg, pretrained)
+    sched = build_scheduler(opt, warmup_steps=warmup, total_steps=total)
+    params = dict(model.named_parameters())
+    watched = {  # name -> (base lr, weight decay)
+        "backbone.conv1.conv1_1.norm.bias": (lr_pre, 0.0),
+        "backbone.res_layers.0.blocks.0.branch2a.conv.weight": (lr_pre, wd),
+        "decoder.dec_score_head.0.bias": (lr, 0.0),
+        "encoder.encoder.0.layers.0.linear1.weight": (lr, wd),
+    }
+    factor = WarmupCosine(warmup, total)
+    for step in range(total):
+        for p in model.parameters():
+            p.grad = None
+        before = {}
+        for name in watched:
+            params[name].grad = torch.ones_like(params[name])
+            before[name] = params[name].detach().clone()
+        opt.step()
+        sched.step()
+        for name, (base, decay) in watched.items():
+            expected_lr = base * factor(step)
+            moved = before[name] - params[name].detach()
+            expected = expected_lr * (1 + decay * before[name])
+            torch.testing.assert_close(moved, expected, rtol=1e-6, atol=1e-13,
+                                       msg=lambda m, n=name, s=step: f"{n} at step {s}: {m}")

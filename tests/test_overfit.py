@@ -1,0 +1,73 @@
+"""Learning is real: a handful of synthetic images, used as both training and validation set, are learnt
+to AP50 >= 0.8 on a CPU in a few minutes, by RT-DETR R18 and by DSET R18 (MoE on in encoder and decoder,
+token pruning switched on part-way through).
+
+Settings that make a from-scratch run this short work (found on a 2-core CPU): 128 px images, 4 images in
+one batch (one optimizer step per epoch), 30 queries, 20 denoising queries, no augmentation, lr 1e-3
+(10x the preset's 1e-4, which needs several times more steps from scratch) with a 10-step warm-up and
+cosine decay over 100 steps, the EMA warm-up shortened to 20 updates. Measured (one thread, shared 2-core
+CPU): both models reach AP50 1.0 by step 75; after 100 steps mAP 0.87 (RT-DETR) and 0.94 (DSET), in 75-95 s
+each. ``pytest -s`` prints the evaluated epochs.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import dset
+from dset.data.synthetic import make_synthetic_coco
+from dset.engine.train import fit
+
+STEPS = 100
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a small shared machine, OpenMP threads that wait for a busy core make these
+    tiny steps 10x slower; with one thread the module takes seconds whatever else runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _overrides(paths):
+    return [
+        "data.name=coco", f"data.train.images={paths['train_images']}",
+        f"data.train.annotations={paths['train_annotations']}", f"data.val.images={paths['train_images']}",
+        f"data.val.annotations={paths['train_annotations']}", "data.image_size=128", "data.batch_size=4",
+        "data.augment=none", "model.eval_spatial_size=[128,128]", "model.decoder.num_queries=30",
+        "model.decoder.num_denoising=20", f"train.epochs={STEPS}", "train.eval_every=25",
+        f"train.checkpoint_every={STEPS}", "train.lr=1e-3", "train.warmup_steps=10", "train.ema_warmup_steps=20",
+        "train.profile=false", "run.progress=false",
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["rtdetr_r18", "dset_r18"])
+def test_overfit_a_handful_of_images(tmp_path, preset):
+    paths = make_synthetic_coco(root=tmp_path / "synthetic", num_train=4, num_val=1, image_size=128, seed=3)
+    objects = len(json.loads(open(paths["train_annotations"]).read())["annotations"])
+    assert objects >= 8  # several objects per image: not a trivial single-box problem
+    extra = []
+    if preset == "dset_r18":
+        # 4x4 = 16 encoder tokens at 128 px: prune from epoch 30, down to 0.7 (12 tokens) by epoch 59
+        extra = ["model.token_pruning.min_tokens=4", "model.token_pruning.warmup_epochs=30",
+                 "model.token_pruning.ramp_epochs=30"]
+    cfg = dset.load_config(preset, _overrides(paths) + extra)
+    summary = fit(cfg, tmp_path / "run")
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [m for m in lines if m.get("mAP50") is not None]
+    assert [m["epoch"] for m in evaluated] == [24, 49, 74, 99]
+    final = evaluated[-1]
+    print(preset, [(m["epoch"], round(m["mAP"], 3), round(m["mAP50"], 3)) for m in evaluated])
+    assert final["mAP50"] >= 0.8, [(m["epoch"], m["mAP50"]) for m in evaluated]
+    assert final["mAP"] > evaluated[0]["mAP"]
+    assert lines[-1]["loss"] < 0.5 * lines[0]["loss"]
+    assert summary["status"] == "completed"
+    if preset == "dset_r18":
+        assert lines[0]["keep_ratio"] == 1.0 and lines[-1]["keep_ratio"] == pytest.approx(0.75)   # 12 of 16 tokens
+        assert "encoder_moe_usage/layer0/expert0" in final and "decoder_moe_usage/layer2/expert5" in final

@@ -1,0 +1,345 @@
+"""The training loop end to end on tiny synthetic data: files, metrics, callbacks, early stopping, NaN,
+checkpoints, the evaluation of a saved run and the two command lines."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import dset
+from dset.config import ConfigError
+from dset.engine import train as train_mod
+from dset.engine.ema import ModelEMA, ema_decay
+from dset.engine.schedule import WarmupCosine
+from dset.engine.train import Callback, EarlyStopping, NonFiniteLossError, fit
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a small shared machine, OpenMP threads that wait for a busy core make these
+    tiny steps 10x slower; with one thread the module takes seconds whatever else runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# a narrower encoder/decoder (the backbone is still PResNet-18): same code paths, a third fewer weights to
+# train, average and checkpoint
+SMALL_HEADS = ["model.encoder.hidden_dim=128", "model.encoder.dim_feedforward=256", "model.decoder.dim_feedforward=256"]
+
+
+def tiny(root, *extra):
+    """8 train / 4 val synthetic images of 64 px, batch 4 (2 steps per epoch), 20 queries."""
+    return ["data.synthetic.num_train=8", "data.synthetic.num_val=4", "data.synthetic.image_size=64",
+            f"data.synthetic.root={root}", "data.image_size=64", "data.batch_size=4", "data.augment=flip",
+            "model.eval_spatial_size=[64,64]", "model.decoder.num_queries=20", "model.decoder.num_denoising=8",
+            *SMALL_HEADS,
+            "train.epochs=2", "train.warmup_steps=3", "train.ema_warmup_steps=10", "train.profile=false",
+            "run.progress=false", *extra]
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("synthetic")
+
+
+class Recorder(Callback):
+    def __init__(self, stop_at=None):
+        self.calls, self.stop_at = [], stop_at
+
+    def on_train_start(self, info):
+        self.calls.append(("start", info))
+
+    def on_epoch_end(self, epoch, metrics):
+        self.calls.append(("epoch", epoch, metrics))
+        return self.stop_at is not None and epoch >= self.stop_at
+
+    def on_train_end(self, summary):
+        self.calls.append(("end", summary))
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _same(a, b):
+    return (a is None and (b is None or (isinstance(b, float) and math.isnan(b)))) or a == b
+
+
+# ------------------------------------------------------------------------------------------ units
+def test_ema_decay_warmup_and_update():
+    assert ema_decay(1, 0.9999, 2000) == pytest.approx(0.9999 * (1 - math.exp(-1 / 2000)))
+    assert ema_decay(10**6, 0.9999, 2000) == pytest.approx(0.9999)
+    assert ema_decay(5, 0.9, 0) == 0.9
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ema = ModelEMA(model, decay=0.5, warmup_steps=0)
+    start = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    with torch.no_grad():
+        model[0].weight.add_(2.0)
+        model[1].num_batches_tracked.fill_(7)
+    assert ema.update(model) == 0.5
+    torch.testing.assert_close(ema.module[0].weight, start["0.weight"] + 1.0)    # half-way towards the model
+    assert int(ema.module[1].num_batches_tracked) == 7                           # integer buffers are copied
+    assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_early_stopping_counts_epochs_since_best():
+    es = EarlyStopping(patience=2)
+    assert es.update(0, 0.10) and not es.should_stop(0)
+    assert not es.update(1, 0.05) and not es.should_stop(1)
+    assert es.update(2, 0.20) and es.best_epoch == 2
+    assert not es.update(3, float("nan")) and not es.should_stop(3)
+    assert not es.update(4, 0.20) and es.should_stop(4)          # equal is no improvement
+    assert not EarlyStopping(None).should_stop(100)
+    restored = EarlyStopping(2)
+    restored.load_state_dict(es.state_dict())
+    assert (restored.best, restored.best_epoch) == (0.20, 2)
+
+
+# ---------------------------------------------------------------------------------------- fit runs
+def test_fit_writes_config_metrics_checkpoints_and_summary(tmp_path, synth_root):
+    cfg = dset.load_config("rtdetr_r18", tiny(synth_root, "train.lr=2e-4"))
+    rec = Recorder()
+    summary = fit(cfg, tmp_path, callbacks=rec)
+
+    assert summary["status"] == "completed" and summary["epochs_completed"] == 2
+    assert summary["num_classes"] == 4 and summary["num_train_images"] == 8 and summary["num_val_images"] == 4
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "completed"
+    # the resolved configuration, num_classes taken from the data set (the preset says 80)
+    saved = dset.load_config(tmp_path / "config.yaml")
+    assert saved.model.num_classes == 4 and saved.to_dict() == dset.load_config(cfg, ["model.num_classes=4"]).to_dict()
+
+    lines = _lines(tmp_path / "metrics.jsonl")
+    assert [m["epoch"] for m in lines] == [0, 1] and [m["step"] for m in lines] == [2, 4]
+    for m in lines:
+        for key in ("loss", "loss_vfl", "loss_bbox", "loss_giou", "loss_vfl_aux_0", "loss_bbox_dn_0", "mAP", "mAP50",
+                    "mAP75", "AR100", "AP/circle", "AP/cross", "epoch_time_s", "lr/new", "lr/new_no_decay"):
+            assert key in m, key
+        terms = sum(v for k, v in m.items() if k.startswith("loss_"))
+        assert m["loss"] == pytest.approx(terms, rel=1e-5)      # the total is the sum of the named terms
+        assert m["train_images"] == 8 and m["train_steps"] == 2 and m["val_images"] == 4
+        assert 0.0 <= m["mAP"] <= m["mAP50"] <= 1.0
+    # lr at each epoch's first step: warm-up of 3 steps, 2 steps per epoch -> factors f(0), f(2)
+    f = WarmupCosine(3, 4)
+    assert lines[0]["lr/new"] == pytest.approx(2e-4 * f(0)) and lines[1]["lr/new"] == pytest.approx(2e-4 * f(2))
+
+    # callbacks: start, one call per epoch with the file's record, end with the summary
+    kinds = [c[0] for c in rec.calls]
+    assert kinds == ["start", "epoch", "epoch", "end"]
+    info = rec.calls[0][1]
+    assert info["num_classes"] == 4 and info["start_epoch"] == 0
+    assert set(info["param_groups"]) == {"new", "new_no_decay"}
+    for (_, epoch, metrics), line in zip(rec.calls[1:3], lines):
+        assert epoch == line["epoch"] and set(metrics) == set(line)
+        assert all(_same(line[k], metrics[k]) for k in line)
+    assert rec.calls[3][1]["status"] == "completed"
+
+    # checkpoints: full state in last.pt, weights of the best epoch in best.pt
+    last = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert last["epoch"] == 1 and last["global_step"] == 4 and last["data_epoch"] == 2
+    assert {"model", "ema", "optimizer", "scheduler", "scaler", "rng", "early_stopping"} <= set(last)
+    assert last["ema"]["updates"] == 4 and last["scheduler"]["last_epoch"] == 4
+    best = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)
+    assert best["epoch"] == summary["best_epoch"]
+    assert best["metrics"]["mAP"] == pytest.approx(summary["best_metrics"]["mAP"])
+    assert "optimizer" not in best
+    # the EMA differs from the raw weights but stays close to them
+    w, e = last["model"]["decoder.dec_score_head.2.weight"], last["ema"]["module"]["decoder.dec_score_head.2.weight"]
+    assert not torch.equal(w, e) and (w - e).abs().max() < 0.05
+
+    # evaluating the saved run reproduces the metrics of its best epoch
+    from dset.evaluate import evaluate_checkpoint
+
+    ev = evaluate_checkpoint(tmp_path)
+    assert ev["epoch"] == summary["best_epoch"] and ev["val_images"] == 4
+    for k in ("mAP", "mAP50", "AR100"):
+        assert ev[k] == pytest.approx(summary["best_metrics"][k], abs=1e-9)
+
+
+def test_fit_dset_reports_pruning_and_expert_usage(tmp_path, synth_root):
+    cfg = dset.load_config("dset_r18", tiny(synth_root, "model.token_pruning.warmup_epochs=1",
+                                            "model.token_pruning.ramp_epochs=1", "model.token_pruning.min_tokens=1",
+                                            "model.token_pruning.keep_ratio=0.5"))
+    summary = fit(cfg, tmp_path)
+    first, second = _lines(tmp_path / "metrics.jsonl")
+    assert first["scheduled_keep_ratio"] == 1.0 and first["keep_ratio"] == 1.0      # warm-up: no pruning
+    assert second["scheduled_keep_ratio"] == 0.5 and second["keep_ratio"] == 0.5    # 2x2 tokens at stride 32 -> 2
+    for key in ("loss_enc_moe_balance", "loss_dec_moe_balance", "loss_pruning"):
+        assert key in first and first[key] > 0
+    for kind, layers in (("encoder_moe", 1), ("decoder_moe", 3)):
+        for layer in range(layers):
+            usage = [first[f"{kind}_usage/layer{layer}/expert{e}"] for e in range(6)]
+            assert sum(usage) == pytest.approx(1.0, abs=1e-5) and all(u >= 0 for u in usage)
+        assert f"{kind}_usage/layer{layers}/expert0" not in first
+    # the EMA model in best.pt prunes at the epoch it was saved at
+    best = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)
+    assert int(best["ema"]["module"]["encoder.token_pruner.epoch"]) == best["epoch"]
+    assert summary["status"] == "completed"
+
+
+def test_callback_can_stop_the_run(tmp_path, synth_root):
+    cfg = dset.load_config("rtdetr_r18", tiny(synth_root, "train.epochs=3"))
+    rec = Recorder(stop_at=0)
+    summary = fit(cfg, tmp_path, callbacks=[rec])
+    assert summary["status"] == "stopped" and summary["stop_reason"] == "callback"
+    assert summary["epochs_completed"] == 1 and len(_lines(tmp_path / "metrics.jsonl")) == 1
+    assert [c[0] for c in rec.calls] == ["start", "epoch", "end"]
+
+
+def test_early_stopping_keeps_best_checkpoint(tmp_path, synth_root, monkeypatch):
+    maps = iter([0.5, 0.4, 0.3, 0.9])
+    real = train_mod.evaluate_detections
+
+    def fake_eval(*args, **kwargs):
+        metrics = real(*args, **kwargs)
+        metrics["mAP"] = next(maps)
+        return metrics
+
+    monkeypatch.setattr(train_mod, "evaluate_detections", fake_eval)
+    cfg = dset.load_config("rtdetr_r18", tiny(synth_root, "train.epochs=4", "train.early_stop_patience=2"))
+    summary = fit(cfg, tmp_path)
+    assert summary["status"] == "stopped" and summary["stop_reason"].startswith("early_stopping")
+    assert summary["epochs_completed"] == 3 and summary["best_epoch"] == 0 and summary["best_mAP"] == 0.5
+    assert torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)["epoch"] == 0
+    assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 2
+
+
+def test_nan_loss_fails_with_step_and_name(tmp_path, synth_root, monkeypatch):
+    real_build = train_mod.build_criterion
+
+    def poisoned(cfg):
+        criterion = real_build(cfg)
+        forward = criterion.forward
+        calls = {"n": 0}
+
+        def bad_forward(outputs, targets):
+            losses = forward(outputs, targets)
+            calls["n"] += 1
+            if calls["n"] == 2:  # the second step of the first epoch
+                losses["loss_giou_aux_1"] = losses["loss_giou_aux_1"] * float("nan")
+            return losses
+
+        criterion.forward = bad_forward
+        return criterion
+
+    monkeypatch.setattr(train_mod, "build_criterion", poisoned)
+    rec = Recorder()
+    with pytest.raises(NonFiniteLossError, match=r"epoch 0, step 1 .*loss_giou_aux_1=nan"):
+        fit(dset.load_config("rtdetr_r18", tiny(synth_root)), tmp_path, callbacks=rec)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed" and "loss_giou_aux_1=nan" in summary["error"]
+    assert rec.calls[-1][0] == "end" and rec.calls[-1][1]["status"] == "failed"
+    assert not (tmp_path / "checkpoints" / "last.pt").exists()
+
+
+# -------------------------------------------------------------------------------------- command lines
+def test_cli_budget_resolution(tmp_path):
+    from dset.train import resolve_config
+
+    cfg, budget = resolve_config("rtdetr_r18", [])
+    assert budget is not None and budget.name == "budget_cpu.yaml"
+    assert cfg.data.name == "synthetic" and cfg.train.epochs < 72 and cfg.data.image_size <= 256
+    # overrides go on top of the budget
+    cfg2, budget2 = resolve_config("dset_r18", ["model.decoder_moe.top_k=2", "train.epochs=3"])
+    assert budget2 is not None and cfg2.model.decoder_moe.top_k == 2 and cfg2.train.epochs == 3
+    assert cfg2.data.image_size == cfg.data.image_size and cfg2.train.lr == cfg.train.lr
+    # COCO data: no budget
+    images, ann = tmp_path / "images", tmp_path / "a.json"
+    images.mkdir()
+    ann.write_text("{}")
+    coco = ["data.name=coco", f"data.train.images={images}", f"data.train.annotations={ann}",
+            f"data.val.images={images}", f"data.val.annotations={ann}"]
+    cfg3, budget3 = resolve_config("rtdetr_r18", coco)
+    assert budget3 is None and cfg3.data.image_size == 640 and cfg3.train.epochs == 72
+    # a YAML file with its own schedule: no budget; --budget none: the preset's schedule
+    study = tmp_path / "study.yaml"
+    study.write_text("base: rtdetr_r18\ntrain: {epochs: 5}\n")
+    cfg4, budget4 = resolve_config(str(study), [])
+    assert budget4 is None and cfg4.train.epochs == 5 and cfg4.data.image_size == 640
+    cfg5, budget5 = resolve_config("rtdetr_r18", [], budget="none")
+    assert budget5 is None and cfg5.train.epochs == 72
+    cfg6, budget6 = resolve_config(str(study), [], budget="cpu")
+    assert budget6 is not None and cfg6.train.epochs == cfg.train.epochs
+    with pytest.raises(ConfigError, match="unknown budget"):
+        resolve_config("rtdetr_r18", [], budget="nope")
+
+
+def test_cli_help_lists_budget_keys(capsys):
+    from dset.train import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for key in ("train.epochs", "data.image_size", "data.synthetic.num_train", "budget_cpu.yaml", "--resume"):
+        assert key in out
+
+
+def test_cli_reports_bad_data_without_traceback(tmp_path, capsys):
+    from dset.train import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    args = ["rtdetr_r18", "data.name=coco", f"data.train.images={images}", f"data.train.annotations={bad}",
+            f"data.val.images={images}", f"data.val.annotations={bad}", "--out", str(tmp_path / "run")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "bad.json" in err and "malformed JSON" in err and "Traceback" not in err
+    assert main(["rtdetr_r18", "train.epochz=3", "--out", str(tmp_path / "run")]) == 2
+    assert "train.epochz" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_cli_reports_unreadable_image_during_training(tmp_path, synth_root, capsys, workers):
+    """An image that only fails when decoded (in the main process or in a loader worker) ends the run with
+    one readable line naming the file, and summary.json records the failure."""
+    import shutil
+
+    from dset.data.synthetic import make_synthetic_coco
+    from dset.train import main
+
+    paths = make_synthetic_coco(root=synth_root, num_train=8, num_val=4, image_size=64, seed=0)
+    images = tmp_path / "images"
+    shutil.copytree(paths["train_images"], images)
+    broken = sorted(images.iterdir())[3]
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    out = tmp_path / "run"
+    args = ["rtdetr_r18", "data.name=coco", f"data.train.images={images}",
+            f"data.train.annotations={paths['train_annotations']}", f"data.val.images={paths['val_images']}",
+            f"data.val.annotations={paths['val_annotations']}", f"data.num_workers={workers}",
+            *[o for o in tiny(synth_root) if not o.startswith("data.synthetic")], "--out", str(out), "-q"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot read image") and broken.name in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed" and broken.name in summary["error"] and "Traceback" not in summary["error"]
+
+
+def test_cli_train_then_evaluate(tmp_path, synth_root, capsys):
+    from dset.evaluate import main as eval_main
+    from dset.train import main
+
+    out = tmp_path / "run"
+    assert main(["rtdetr_r18", *tiny(synth_root, "train.epochs=1"), "--out", str(out), "-q"]) == 0
+    assert json.loads((out / "summary.json").read_text())["status"] == "completed"
+    capsys.readouterr()
+    # the run's own validation split, then another data set given on the command line
+    assert eval_main([str(out / "checkpoints" / "best.pt"), "--json", str(tmp_path / "m.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "mAP50" in printed and "AP circle" in printed
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["val_images"] == 4
+    from dset.data.synthetic import make_synthetic_coco
+
+    other = make_synthetic_coco(root=synth_root, num_train=1, num_val=3, image_size=64, seed=5)
+    assert eval_main([str(out), "--data", other["val_images"], other["val_annotations"]]) == 0
+    assert "3 images" in capsys.readouterr().out
+    assert eval_main([str(tmp_path / "missing.pt")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
