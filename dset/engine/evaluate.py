@@ -208,39 +208,34 @@ def detections_from_predictions(
 
 
 @torch.no_grad()
-def evaluate_model(
+def predict_detections(
     model: torch.nn.Module,
-    postprocessor: torch.nn.Module,
     loader: Iterable,
-    dataset: Any,
+    label_to_category_id: Mapping[int, int],
     device: torch.device | str = "cpu",
-    image_ids: Sequence[int] | None = None,
-) -> dict:
-    """Run ``model`` over ``loader`` in eval mode and score it with :func:`coco_metrics`.
+    num_top_queries: int = 300,
+) -> tuple[list[dict], int]:
+    """Run ``model`` in eval mode over ``loader`` and return its COCO detections and the image count.
 
-    ``dataset`` is the :class:`~dset.data.coco.CocoDetection` behind the loader (its ``coco`` ground
-    truth and ``label_to_category_id``). Boxes are scaled to each image's original size
-    (``target['orig_size']``, (w, h)), so the metrics are on the original images. ``image_ids``
-    restricts the evaluation to those images; default: the images the loader yielded (so a loader
-    over a subset is scored on that subset, not penalised for images it never showed).
-    Returns the metric dict plus ``detections`` (the COCO detection list, for gathering across processes).
+    Boxes are post-processed (top-k over queries x classes) and scaled to each image's original size
+    (``target['orig_size']``, (w, h)), so :func:`coco_metrics` scores them on the original images.
     """
+    from ..models.postprocess import PostProcessor
+
     device = torch.device(device)
     was_training = model.training
     model.eval()
     detections: list[dict] = []
-    seen: list[int] = []
+    n_images = 0
     try:
         for images, targets in loader:
-            outputs = model(images.to(device))
+            outputs = model(images.to(device, non_blocking=True))
+            post = PostProcessor(outputs["pred_logits"].shape[-1], num_top_queries)
             sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
-            results = postprocessor(outputs, sizes)
-            ids = [int(t["image_id"]) for t in targets]
-            seen.extend(ids)
-            detections.extend(detections_from_predictions(results, ids, dataset.label_to_category_id))
+            results = post({"pred_logits": outputs["pred_logits"].float(), "pred_boxes": outputs["pred_boxes"].float()},
+                           sizes)
+            detections += detections_from_predictions(results, [t["image_id"] for t in targets], label_to_category_id)
+            n_images += len(targets)
     finally:
         model.train(was_training)
-    metrics = coco_metrics(dataset.coco, detections, dataset.category_names,
-                           image_ids=list(image_ids) if image_ids is not None else sorted(set(seen)))
-    metrics["detections"] = detections
-    return metrics
+    return detections, n_images

@@ -64,9 +64,8 @@ from ..config import Config, ConfigError, load_config
 from ..data.loaders import DataBundle, build_datasets, build_train_loader, build_val_loader, set_loader_epoch
 from ..models.criterion import build_criterion, total_loss
 from ..models.detector import Detector, build_model, load_backbone_weights, load_checkpoint
-from ..models.postprocess import PostProcessor
 from .ema import ModelEMA
-from .evaluate import coco_metrics, detections_from_predictions
+from .evaluate import coco_metrics, predict_detections
 from .schedule import build_scheduler
 
 __all__ = ["fit", "Callback", "NonFiniteLossError", "build_training_model", "param_groups", "build_optimizer",
@@ -446,22 +445,7 @@ def evaluate_detections(model: nn.Module, loader, bundle: DataBundle, device: to
     """COCO metrics of ``model`` (eval mode) on ``loader`` (the validation split of ``bundle``); under DDP
     each rank predicts its shard, detections are gathered to rank 0 and the metrics broadcast back."""
     dinfo = dinfo or _Dist()
-    was_training = model.training
-    model.eval()
-    post = PostProcessor(bundle.num_classes, num_top_queries)
-    detections: list[dict] = []
-    n_images = 0
-    try:
-        for images, targets in loader:
-            outputs = model(images.to(device, non_blocking=True))
-            sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
-            results = post({"pred_logits": outputs["pred_logits"].float(), "pred_boxes": outputs["pred_boxes"].float()},
-                           sizes)
-            detections += detections_from_predictions(results, [t["image_id"] for t in targets],
-                                                      bundle.label_to_category_id)
-            n_images += len(targets)
-    finally:
-        model.train(was_training)
+    detections, n_images = predict_detections(model, loader, bundle.label_to_category_id, device, num_top_queries)
     parts = _all_gather_object((detections, n_images), dinfo)
     metrics = None
     if dinfo.is_main:
