@@ -30,6 +30,13 @@ TAG_TRIAL = "dset.trial"               # Optuna trial number (Optuna studies)
 TAG_ERROR = "dset.error"               # error message of a failed run
 TAG_STATUS = "dset.status"             # "completed", "failed", "stopped" (early stop or pruned)
 TAG_CHECKPOINT_DIR = "dset.checkpoint_dir"
+# added by studies/ (the report does not need them):
+TAG_STOP_REASON = "dset.stop_reason"   # why a run stopped early: "early_stopping: ...", "callback", "optuna_pruned"
+TAG_OPTUNA_STUDY = "dset.optuna_study" # Optuna study name (parent and trial runs of Optuna studies)
+TAG_FLOPS_TOOL = "dset.flops_tool"     # what counted the GFLOPs (dset.measure's FLOPS_TOOL)
+TAG_PROFILE_ERROR = "dset.profile_error"  # why params/GFLOPs/latency are missing from a finished run
+TAG_HOST = "dset.host"                 # host and process id of the invocation running the run: a RUNNING run
+TAG_PID = "dset.pid"                   # whose process is gone is resumed by the next invocation
 
 SWITCH_TAGS = (TAG_ENCODER_MOE, TAG_TOKEN_PRUNING, TAG_DECODER_MOE)
 
@@ -37,8 +44,12 @@ SWITCH_TAGS = (TAG_ENCODER_MOE, TAG_TOKEN_PRUNING, TAG_DECODER_MOE)
 TRAIN_LOSS_PREFIX = "train/"           # train/loss (total), train/loss_vfl, train/loss_bbox, ... (epoch means)
 LR_PREFIX = "lr/"                      # lr/<param group name>
 VAL_PREFIX = "val/"                    # val/mAP, val/mAP50, val/mAP75, val/mAP_small, val/mAP_medium, val/mAP_large, val/AR100
-KEEP_RATIO = "sparse/keep_ratio"       # token keep ratio in force that epoch
+KEEP_RATIO = "sparse/keep_ratio"       # token keep ratio in force that epoch (measured: mean kept / tokens)
+SCHEDULED_KEEP_RATIO = "sparse/scheduled_keep_ratio"  # the schedule's target keep ratio that epoch
+VAL_AP_PREFIX = "val/AP/"              # val/AP/<class name>: per-class AP@[.5:.95] (characters MLflow rejects -> _)
+EPOCH_TIME = "time/epoch_s"            # wall time of the epoch (training + evaluation), seconds
 # expert usage share: sparse/<encoder_moe|decoder_moe>/layer<i>/expert<j>; entropy: .../layer<i>/entropy
+# (entropy of the layer's usage shares in nats, natural log: ln(num_experts) when perfectly balanced)
 USAGE_PREFIX = "sparse/"
 
 # ---------------------------------------------------------------------------------------- final metrics

@@ -1,0 +1,673 @@
+"""Run a study end to end: ``python -m studies.run STUDY [key=value ...] [--workers N] [--dry-run] [--storage URL]``.
+
+Examples::
+
+    python -m studies.run --list
+    python -m studies.run ablation_grid --dry-run                 # the 16 cells and the budget
+    python -m studies.run ablation_grid                           # CPU budget, about 15 minutes on 2 cores
+    python -m studies.run ablation_grid seeds=[0,1,2] --workers 2
+    python -m studies.run ablation_grid budget=paper run.device=cuda
+    python -m studies.run optuna_search n_trials=20 --workers 2
+    python -m studies.run optuna_search --storage postgresql://user:pw@host/optuna   # on several machines
+    python -m studies.run baselines model.decoder.num_queries=50
+
+``key=value`` overrides are study settings (``seeds``, ``budget``, ``data``, ``n_trials``, ``out_dir``,
+``presets``, ``name``, ``search.*``) or run-configuration keys (``model.*``, ``data.*``, ``train.*``,
+``run.*``), applied to every run.
+
+MLflow: the store is ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db`` in the working directory (what
+``mlflow ui`` opens there). One experiment per study, one parent run per invocation, one nested child
+run per cell or trial (names in ``studies/mlflow_schema.py``). Run outputs (checkpoints, metrics.jsonl)
+stay in ``<out_dir>/<study>/<cell>-<fingerprint>/``.
+
+Re-running a study skips finished runs (same fingerprint: resolved configuration + seed), continues
+interrupted ones from their last checkpoint in the same MLflow run, and retries failed ones. Exit code:
+0 when every run finished, 1 when some failed (listed at the end), 2 for a usage or configuration
+error (before any work), 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from dset.config import ConfigError
+
+from . import mlflow_schema as S
+from .spec import Cell, Study, StudyError, describe_budget, grid_cells, load_study, make_cell, study_names
+
+log = logging.getLogger("studies")
+
+
+# --------------------------------------------------------------------------------------------- output
+def _say(text: str = "") -> None:
+    """A line above any progress bar."""
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(text, file=sys.stdout)
+    except ImportError:  # pragma: no cover
+        print(text, flush=True)
+    sys.stdout.flush()
+
+
+def _fmt_time(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(str(x).ljust(w) for x, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------- listing
+def list_studies() -> int:
+    rows = []
+    for name in study_names():
+        try:
+            st = load_study(name)
+            size = (f"{len(grid_cells(st))} runs" if st.kind == "grid" else f"{st.search.n_trials} trials")
+            rows.append([name, st.kind, size, st.budget or "none", st.description])
+        except (StudyError, ConfigError) as exc:
+            rows.append([name, "?", "?", "?", f"(invalid: {exc})"])
+    print(_table(rows, ["study", "kind", "size", "budget", "description"]))
+    from dset.config import PRESET_DIR
+
+    budgets = sorted(p.stem[len("budget_"):] for p in PRESET_DIR.glob("budget_*.yaml"))
+    print(f"\nbudgets (budget=NAME, dset/configs/budget_NAME.yaml): {', '.join(budgets)}")
+    print("run one: python -m studies.run STUDY [key=value ...] [--workers N] [--dry-run] [--storage URL]")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- dry run
+def _existing_runs_readonly(uri: str, experiment: str) -> dict | None:
+    """Child runs by fingerprint when a local store exists (a dry run never creates one)."""
+    from . import tracking as T
+
+    path = T.sqlite_path(uri)
+    if path is None or not path.exists():
+        return None
+    try:
+        c = T.client(uri)
+        exp = c.get_experiment_by_name(experiment)
+        return {} if exp is None else T.find_child_runs(c, exp.experiment_id)
+    except Exception:  # noqa: BLE001 - a dry run only informs
+        return None
+
+
+def _state(cell: Cell, existing: dict | None) -> str:
+    if not cell.ok:
+        return "INVALID: " + (cell.error or "")
+    if existing is None:
+        return "new"
+    run = existing.get(cell.fingerprint)
+    if run is None:
+        return "new"
+    st = run.info.status
+    if st == "FINISHED":
+        return "finished (skipped)"
+    return f"{st.lower()} -> resume"
+
+
+def dry_run(study: Study, cells: list[Cell] | None, uri: str, storage: str | None, workers: int) -> int:
+    from .tracking import sqlite_path
+
+    print(f"study {study.name} ({study.kind}) from {study.path}")
+    if study.description:
+        print(f"  {study.description}")
+    if study.kind == "grid":
+        n_base = len(cells) // len(study.seeds)
+        print(f"  {n_base} cells x {len(study.seeds)} seed(s) {study.seeds} = {len(cells)} runs; "
+              f"{workers} worker(s) at a time")
+    sample_cfg = next((c.config for c in cells or [] if c.ok), None)
+    if study.kind == "optuna":
+        sample_cfg = make_cell(study, "base", {}, study.seeds[0]).config
+    for line in describe_budget(study, sample_cfg):
+        print(line)
+    if study.config_overrides:
+        print(f"overrides for every run: {' '.join(study.config_overrides)}")
+    store = uri if sqlite_path(uri) is None or sqlite_path(uri).exists() else f"{uri} (created by the first run)"
+    print(f"MLflow: {store}, experiment '{study.name}'; outputs in {study.study_dir}/")
+    if study.kind == "grid":
+        existing = _existing_runs_readonly(uri, study.name)
+        rows, errors = [], []
+        for i, c in enumerate(cells, 1):
+            lab = c.labels()
+            if c.ok:
+                state = _state(c, existing)
+            else:
+                if c.error not in errors:
+                    errors.append(c.error)
+                state = f"INVALID [{errors.index(c.error) + 1}]"
+            rows.append([str(i), c.id, lab["variant"], str(c.seed), "-" if not c.ok else c.fingerprint[:8], state])
+        print(_table(rows, ["#", "cell", "variant", "seed", "fp", "state"]))
+        for i, e in enumerate(errors, 1):
+            print(f"[{i}] {e}")
+        if errors and all(not c.ok for c in cells):
+            print("\nerror: every cell is invalid: nothing would run", file=sys.stderr)
+            return 2
+        return 0
+    from .search import describe_pruning, describe_storage, optuna_study_name, storage_descriptor
+
+    s = study.search
+    print(f"Optuna: {s.n_trials} trials, study '{optuna_study_name(study)}' in "
+          f"{describe_storage(storage_descriptor(study, storage))}; seed {study.seeds[0]}; "
+          f"{workers} worker(s) at a time")
+    print("objectives: " + ", ".join(f"{o.direction} {o.metric}" for o in s.objectives))
+    name = s.sampler.get("name", "auto")
+    if name == "auto":
+        name = "nsga2" if len(s.objectives) > 1 else "tpe"
+    print(f"sampler: {name} (seed {s.sampler.get('seed')})")
+    print(describe_pruning(s))
+    print("search space:")
+    print(_table([[p.key, p.describe()] for p in s.space], ["parameter", "range"]))
+    if sample_cfg is None:
+        err = make_cell(study, "base", {}, study.seeds[0]).error
+        print(f"\nerror: the base configuration is invalid: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ running
+@dataclass
+class Row:
+    cell: str
+    status: str
+    metrics: dict = field(default_factory=dict)
+    error: str | None = None
+    run_id: str | None = None
+    trial: int | None = None
+
+
+class InlineExecutor:
+    """One job at a time in this process (``--workers 1``): the per-epoch progress bar stays visible."""
+
+    size = 1
+
+    def __init__(self) -> None:
+        self.job = None
+
+    @property
+    def free(self) -> int:
+        return 0 if self.job else 1
+
+    @property
+    def running(self) -> dict:
+        return {"job": self.job} if self.job else {}
+
+    def start(self, job) -> None:
+        self.job = job
+
+    def wait_any(self) -> list[dict]:
+        from .workers import execute
+
+        job, self.job = self.job, None
+        return [execute(job)]
+
+    def terminate(self) -> None:
+        self.job = None
+
+
+class Runner:
+    def __init__(self, study: Study, uri: str, workers: int, storage: str | None) -> None:
+        from . import tracking as T
+
+        self.T = T
+        self.study = study
+        self.uri = uri
+        self.workers = workers
+        self.storage = storage
+        self.host = T.host()
+        self.pid = os.getpid()
+        self.commit = T.git_commit()
+        self.rows: list[Row] = []
+        self.t0 = time.time()
+        self.executed = 0
+        self.durations: list[float] = []
+        self.done = 0
+        self.total = 0
+        self.threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
+        self.latency_note = f"; {workers} workers training concurrently" if workers > 1 else ""
+
+    # ----- MLflow set-up
+    def open(self) -> None:
+        T = self.T
+        T.prepare_store(self.uri)
+        self.c = T.client(self.uri)
+        self.exp_id = T.get_experiment(self.c, self.study.name, self.uri)
+        self.existing = T.find_child_runs(self.c, self.exp_id)
+        self._mark_stale_parents()
+        tags = {S.TAG_ROLE: "parent", S.TAG_STUDY: self.study.name, S.TAG_GIT_COMMIT: self.commit,
+                S.TAG_HOST: self.host, S.TAG_PID: str(self.pid), "mlflow.runName": f"{self.study.name} "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S')}",
+                "dset.command": T.redact(" ".join(["python -m studies.run", *sys.argv[1:]]))}
+        run = T.retry(self.c.create_run, self.exp_id, tags={k: str(v) for k, v in tags.items() if v is not None})
+        self.parent_id = run.info.run_id
+        st = self.study
+        params = {"study.kind": st.kind, "study.budget": st.budget, "study.data": st.data, "study.seeds": st.seeds,
+                  "study.presets": st.presets, "study.workers": self.workers, "study.file": str(st.path),
+                  "study.overrides": " ".join(st.study_overrides + st.config_overrides) or "-"}
+        if st.search:
+            params["study.n_trials"] = st.search.n_trials
+        T.log_params(self.c, self.parent_id, params)
+        try:
+            T.retry(self.c.log_artifact, self.parent_id, str(st.path))
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not log the study file: %s", exc)
+
+    def _mark_stale_parents(self) -> None:
+        T = self.T
+        runs = T.retry(self.c.search_runs, [self.exp_id], filter_string=f"tags.`{S.TAG_ROLE}` = 'parent' and "
+                       "attributes.status = 'RUNNING'", max_results=1000)
+        for r in runs:
+            if T.is_stale(r.data.tags, self.host):
+                T.retry(self.c.set_terminated, r.info.run_id, status="KILLED")
+
+    def close(self, status: str) -> None:
+        T = self.T
+        n_failed = sum(r.status == "failed" for r in self.rows)
+        T.log_metrics(self.c, self.parent_id, {"runs_total": self.total, "runs_failed": n_failed,
+                                               "runs_executed": self.executed,
+                                               "wall_minutes": (time.time() - self.t0) / 60}, 0)
+        T.retry(self.c.set_terminated, self.parent_id, status=status)
+
+    # ----- runs
+    def child_tags(self, cell: Cell) -> dict:
+        lab = cell.labels()
+        tags = {S.TAG_ROLE: "child", S.TAG_STUDY: self.study.name, S.TAG_CELL: cell.id, S.TAG_VARIANT: lab["variant"],
+                S.TAG_BACKBONE: lab["backbone"], S.TAG_ENCODER_MOE: str(lab["encoder_moe"]).lower(),
+                S.TAG_TOKEN_PRUNING: str(lab["token_pruning"]).lower(),
+                S.TAG_DECODER_MOE: str(lab["decoder_moe"]).lower(), S.TAG_SEED: str(cell.seed),
+                S.TAG_GIT_COMMIT: self.commit, S.TAG_FINGERPRINT: cell.fingerprint, S.TAG_HOST: self.host,
+                S.TAG_PID: str(self.pid), "mlflow.runName": cell.id}
+        if cell.out_dir is not None:
+            tags[S.TAG_CHECKPOINT_DIR] = str((cell.out_dir / "checkpoints").resolve())
+        if cell.trial is not None:
+            tags[S.TAG_TRIAL] = str(cell.trial)
+            tags[S.TAG_OPTUNA_STUDY] = getattr(self, "optuna_name", None)
+        return tags
+
+    def classify(self, cell: Cell) -> tuple[str, Any]:
+        """'finished' (run), 'elsewhere' (run), 'resume' (run), 'new' (None)."""
+        run = self.existing.get(cell.fingerprint)
+        if run is None:
+            return "new", None
+        if run.info.status == "FINISHED":
+            return "finished", run
+        if run.info.status == "RUNNING" and not self.T.is_stale(run.data.tags, self.host):
+            return "elsewhere", run
+        return "resume", run
+
+    def open_child(self, cell: Cell, run) -> str:
+        """The MLflow run of ``cell``: ``run`` (resumed: same run id) or a new nested run."""
+        T = self.T
+        tags = self.child_tags(cell)
+        if run is not None:
+            rid = run.info.run_id
+            T.delete_tag(self.c, rid, S.TAG_ERROR)
+            T.delete_tag(self.c, rid, S.TAG_STATUS)
+            tags.pop("mlflow.runName", None)
+            T.set_tags(self.c, rid, tags)
+            T.retry(self.c.update_run, rid, status="RUNNING")
+            return rid
+        tags["mlflow.parentRunId"] = self.parent_id
+        new = T.retry(self.c.create_run, self.exp_id, tags={k: str(v) for k, v in tags.items() if v is not None},
+                      run_name=cell.id)
+        self.existing[cell.fingerprint] = T.retry(self.c.get_run, new.info.run_id)
+        return new.info.run_id
+
+    def record_invalid(self, cell: Cell) -> Row:
+        T = self.T
+        kind, run = self.classify(cell)
+        rid = self.open_child(cell, run if kind != "elsewhere" else None)
+        T.set_tags(self.c, rid, {S.TAG_STATUS: "failed", S.TAG_ERROR: cell.error})
+        T.retry(self.c.set_terminated, rid, status="FAILED")
+        return Row(cell.id, "failed", error=cell.error, run_id=rid, trial=cell.trial)
+
+    def make_job(self, cell: Cell, run_id: str, optuna: dict | None = None):
+        from .workers import Job
+
+        lab = cell.labels()
+        resume = (cell.out_dir / "checkpoints" / "last.pt").is_file()
+        return Job(cell_id=cell.id, config=cell.config.to_dict(), out_dir=str(cell.out_dir), run_id=run_id,
+                   tracking_uri=self.uri, resume=resume, title=f"{self.study.name} / {cell.id}: {lab['variant']}",
+                   threads=self.threads, progress=self.workers == 1 and sys.stderr.isatty(),
+                   latency_note=self.latency_note, optuna=optuna, parent_pid=self.pid,
+                   meta={"trial": cell.trial, "resume": resume})
+
+    def prepare_data(self, cells: list[Cell]) -> None:
+        """Generate each synthetic data set the runs use once, here, before workers start (they would
+        otherwise all build the same one at the same time)."""
+        from dset.data.loaders import data_paths
+
+        seen = set()
+        for cell in cells:
+            if not cell.ok or cell.config.data.name != "synthetic":
+                continue
+            key = repr(cell.config.data.synthetic)
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                data_paths(cell.config)
+            except Exception as exc:  # noqa: BLE001 - the runs report it themselves
+                log.warning("synthetic data for %s: %s", cell.id, exc)
+
+    def started(self, cell: Cell, job) -> None:
+        job.meta["t0"] = time.time()
+        trial = f" (trial {cell.trial})" if cell.trial is not None and cell.id != f"trial-{cell.trial}" else ""
+        if job.resume:
+            _say(f"-> {cell.id}{trial}: resuming from {cell.out_dir / 'checkpoints' / 'last.pt'}")
+        elif sys.stdout.isatty() or self.workers > 1:
+            _say(f"-> {cell.id}{trial}: {cell.labels()['variant']}, started")
+
+    def executor(self):
+        if self.workers == 1:
+            return InlineExecutor()
+        from .workers import WorkerPool
+
+        return WorkerPool(self.workers)
+
+    def progress(self, row: Row, resumed: bool = False, seconds: float | None = None) -> None:
+        self.done += 1
+        if seconds:
+            self.durations.append(seconds)
+        elapsed = time.time() - self.t0
+        remaining = self.total - self.done
+        # runs left x mean run time, shared by the workers
+        eta = (sum(self.durations) / len(self.durations) * remaining / max(1, min(self.workers, remaining))
+               if self.durations else None)
+        m = row.metrics
+        bits = [f"[{self.done}/{self.total}]", row.cell, row.status + (" (resumed)" if resumed else "")]
+        if m.get(S.BEST_MAP) is not None:
+            bits.append(f"mAP {m[S.BEST_MAP]:.4f}")
+        if m.get(S.GFLOPS) is not None:
+            bits.append(f"{m[S.GFLOPS]:.2f} GFLOPs")
+        if row.error:
+            bits.append(f"error: {row.error[:160]}")
+        _say("  ".join(bits) + f"  | elapsed {_fmt_time(elapsed)}, ETA {_fmt_time(eta) if remaining else '0s'}")
+
+    # ----- grid
+    def run_grid(self, cells: list[Cell]) -> None:
+        self.total = len(cells)
+        todo = []
+        for cell in cells:
+            if not cell.ok:
+                todo.append(("invalid", cell, None))
+                continue
+            kind, run = self.classify(cell)
+            if kind == "finished":
+                row = Row(cell.id, "done earlier", metrics=dict(run.data.metrics), run_id=run.info.run_id)
+                self.rows.append(row)
+                self.done += 1
+            elif kind == "elsewhere":
+                self.rows.append(Row(cell.id, "running elsewhere", run_id=run.info.run_id))
+                self.done += 1
+            else:
+                todo.append((kind, cell, run))
+        if self.done:
+            _say(f"{self.done} of {self.total} runs already finished (or running in another process): skipped")
+        self.prepare_data([cell for kind, cell, run in todo])
+        ex = self.executor()
+        self._ex = ex
+        queue = list(todo)
+        while queue or ex.running:
+            while queue and ex.free > 0:
+                kind, cell, run = queue.pop(0)
+                if kind == "invalid":
+                    row = self.record_invalid(cell)
+                    self.rows.append(row)
+                    self.progress(row)
+                    continue
+                rid = self.open_child(cell, run)
+                job = self.make_job(cell, rid)
+                self.started(cell, job)
+                ex.start(job)
+            if not ex.running:
+                continue
+            for res in ex.wait_any():
+                self.executed += 1
+                row = Row(res["cell"], res["status"], metrics=res.get("metrics") or {}, error=res.get("error"),
+                          run_id=res["run_id"])
+                if res.get("worker_died"):
+                    self._fail_run(res["run_id"], res["error"])
+                self.rows.append(row)
+                self.progress(row, resumed=res["meta"].get("resume", False),
+                              seconds=time.time() - res["meta"]["t0"])
+
+    def _fail_run(self, run_id: str, error: str) -> None:
+        T = self.T
+        T.set_tags(self.c, run_id, {S.TAG_STATUS: "failed", S.TAG_ERROR: error})
+        T.retry(self.c.set_terminated, run_id, status="FAILED")
+
+    # ----- optuna
+    def run_optuna(self) -> None:
+        from optuna.trial import TrialState
+
+        from . import search as O
+
+        st = self.study
+        desc = O.storage_descriptor(st, self.storage)
+        self.optuna_name = O.optuna_study_name(st)
+        self.T.set_tags(self.c, self.parent_id, {S.TAG_OPTUNA_STUDY: self.optuna_name,
+                                                 "dset.optuna_storage": O.describe_storage(desc)})
+        ostudy = O.create_study(st, desc, worker_key=f"{self.host}:{self.pid}")
+        self.ostudy = ostudy
+        requeued = O.requeue_stale(ostudy, self.host)
+        if requeued:
+            _say(f"interrupted trials {requeued} enqueued again (they continue from their checkpoints)")
+        counted, _ = O.trial_counts(ostudy)
+        self.total = st.search.n_trials
+        self.done = max(0, counted - len([t for t in ostudy.get_trials(deepcopy=False)
+                                           if t.state in (TrialState.WAITING, TrialState.RUNNING)]))
+        if self.done:
+            _say(f"{self.done} of {self.total} trials already done in Optuna study '{self.optuna_name}'")
+        prune = st.search.prunable
+        self.prepare_data([make_cell(st, "base", {}, st.seeds[0])])
+        ex = self.executor()
+        self._ex = ex
+        trials: dict[int, Any] = {}
+        while True:
+            while ex.free > 0:
+                counted, _ = O.trial_counts(ostudy)
+                waiting = ostudy.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+                if counted >= st.search.n_trials and not waiting:
+                    break
+                trial = ostudy.ask()
+                root = trial.user_attrs.get(O.ATTR_RETRY_OF, trial.number)
+                trial.set_user_attr(O.ATTR_HOST, self.host)
+                trial.set_user_attr(O.ATTR_PID, self.pid)
+                params = O.sample(trial, st.search.space)
+                cell = make_cell(st, f"trial-{root}", params, st.seeds[0], extra={"trial": root})
+                cell.trial, cell.trial_root = trial.number, root
+                trial.set_user_attr(O.ATTR_CELL, cell.id)
+                trials[trial.number] = trial
+                if not cell.ok:
+                    row = self.record_invalid(cell)
+                    ostudy.tell(trial, state=TrialState.FAIL)
+                    self.rows.append(row)
+                    self.progress(row)
+                    continue
+                kind, run = self.classify(cell)
+                if kind == "elsewhere":  # a live process (this host) runs the same trial: leave it to it
+                    log.warning("trial %d: %s is running in process %s; told as FAIL here", trial.number, cell.id,
+                                run.data.tags.get(S.TAG_PID))
+                    ostudy.tell(trial, state=TrialState.FAIL)
+                    continue
+                if kind == "finished":  # the same trial finished in MLflow before its result reached Optuna
+                    metrics = dict(run.data.metrics)
+                    self._tell(ostudy, trial, "completed", metrics)
+                    row = Row(cell.id, "done earlier", metrics=metrics, run_id=run.info.run_id, trial=trial.number)
+                    self.rows.append(row)
+                    self.progress(row)
+                    continue
+                rid = self.open_child(cell, run)
+                trial.set_user_attr(O.ATTR_RUN_ID, rid)
+                job = self.make_job(cell, rid, optuna={"storage": desc, "study_name": self.optuna_name,
+                                                       "trial_id": trial._trial_id, "prune": prune,
+                                                       "pruner": st.search.pruner})
+                self.started(cell, job)
+                ex.start(job)
+            if not ex.running:
+                break
+            for res in ex.wait_any():
+                self.executed += 1
+                number = res["meta"]["trial"]
+                if res.get("worker_died"):
+                    self._fail_run(res["run_id"], res["error"])
+                self._tell(ostudy, trials[number], res["status"], res.get("metrics") or {})
+                row = Row(res["cell"], res["status"], metrics=res.get("metrics") or {}, error=res.get("error"),
+                          run_id=res["run_id"], trial=number)
+                self.rows.append(row)
+                self.progress(row, resumed=res["meta"].get("resume", False),
+                              seconds=time.time() - res["meta"]["t0"])
+
+    def _tell(self, ostudy, trial, status: str, metrics: dict) -> None:
+        from optuna.trial import TrialState
+
+        from .search import objective_values
+
+        if status == "pruned":
+            ostudy.tell(trial, state=TrialState.PRUNED)
+            return
+        if status in ("completed", "stopped"):
+            values = objective_values(self.study.search, metrics)
+            if values is not None:
+                ostudy.tell(trial, values)
+                return
+            missing = [o.metric for o in self.study.search.objectives if metrics.get(o.metric) is None]
+            log.warning("trial %d: objective metric(s) %s missing (train.profile off, or no evaluation?): "
+                        "told as FAIL", trial.number, missing)
+        ostudy.tell(trial, state=TrialState.FAIL)
+
+    # ----- summary
+    def summary(self) -> int:
+        rows = []
+        for r in self.rows:
+            m = r.metrics
+            label = r.cell if r.trial is None or r.cell == f"trial-{r.trial}" else f"{r.cell} (trial {r.trial})"
+            rows.append([label, r.status,
+                         _fmt(m.get(S.BEST_MAP), ".4f"), _fmt(m.get(S.BEST_MAP50), ".4f"), _fmt(m.get(S.GFLOPS), ".2f"),
+                         _fmt(m.get(S.LATENCY_MS), ".1f"), _fmt(m.get(S.TRAIN_MINUTES), ".1f")])
+        print()
+        print(_table(rows, ["cell", "status", "mAP", "mAP50", "GFLOPs", "latency ms", "train min"]))
+        if getattr(self, "ostudy", None) is not None:
+            try:
+                best = self.ostudy.best_trials
+                names = ", ".join(o.metric for o in self.study.search.objectives)
+                print(f"\nOptuna '{self.optuna_name}': best trials ({names}): "
+                      + "; ".join(f"#{t.number} {[round(v, 4) for v in t.values]}" for t in best))
+            except Exception:  # noqa: BLE001 - no completed trial yet
+                pass
+        failed = [r for r in self.rows if r.status == "failed"]
+        print(f"\n{len(self.rows)} runs, {self.executed} executed in {_fmt_time(time.time() - self.t0)}; "
+              f"MLflow experiment '{self.study.name}' at {self.uri} (mlflow ui)")
+        if failed:
+            print(f"\n{len(failed)} run(s) FAILED:", file=sys.stderr)
+            for r in failed:
+                print(f"  {r.cell}: {r.error}", file=sys.stderr)
+            return 1
+        return 0
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m studies.run", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("args", nargs="*", metavar="STUDY [key=value ...]",
+                    help=f"a study ({', '.join(study_names())}) or a study YAML file, then overrides")
+    ap.add_argument("--list", action="store_true", help="list the shipped studies and budgets")
+    ap.add_argument("--workers", type=int, default=1, help="runs at once, each in its own process (default 1)")
+    ap.add_argument("--dry-run", action="store_true", help="print the cells or the search space and the budget")
+    ap.add_argument("--storage", default=None, help="Optuna storage URL (default: a journal file in the study's "
+                    "output folder); e.g. postgresql://user:pw@host/db to share a search between machines")
+    ap.add_argument("-v", "--verbose", action="store_true", help="per-epoch log lines of every run")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    ns = ap.parse_intermixed_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("dset").setLevel(logging.INFO if ns.verbose else logging.WARNING)
+    from .tracking import quiet_mlflow, tracking_uri
+
+    quiet_mlflow()
+    if ns.list:
+        return list_studies()
+    if not ns.args:
+        ap.error("STUDY is required (python -m studies.run --list shows them)")
+    if ns.workers < 1:
+        ap.error("--workers must be >= 1")
+    name, overrides = ns.args[0], ns.args[1:]
+    if "=" in name:
+        ap.error(f"the study must come first, got {name!r}")
+    try:
+        study = load_study(name, overrides)
+        cells = grid_cells(study) if study.kind == "grid" else None
+    except (StudyError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    uri = tracking_uri()
+    if ns.storage and study.kind == "grid":
+        log.warning("--storage is the Optuna storage; a grid study does not use it")
+    if ns.dry_run:
+        return dry_run(study, cells, uri, ns.storage, ns.workers)
+    if cells is not None and cells and all(not c.ok for c in cells):
+        print(f"error: every cell of {study.name} is invalid (nothing was run): {cells[0].error}", file=sys.stderr)
+        return 2
+    if study.kind == "optuna":
+        base = make_cell(study, "base", {}, study.seeds[0])
+        if not base.ok:
+            print(f"error: the base configuration of {study.name} is invalid (nothing was run): {base.error}",
+                  file=sys.stderr)
+            return 2
+
+    def _terminate(signum, frame):  # a scheduler's SIGTERM ends the study like Ctrl-C: runs marked KILLED
+        raise KeyboardInterrupt
+
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
+    runner = Runner(study, uri, ns.workers, ns.storage)
+    n = len(cells) if cells is not None else study.search.n_trials
+    _say(f"study {study.name}: {n} {'runs' if cells is not None else 'trials'}, {ns.workers} worker(s), "
+         f"budget {study.budget}; MLflow {uri}; outputs {study.study_dir}/")
+    runner.open()
+    try:
+        if study.kind == "grid":
+            runner.run_grid(cells)
+        else:
+            runner.run_optuna()
+    except KeyboardInterrupt:
+        ex = getattr(runner, "_ex", None)
+        if ex is not None:
+            ex.terminate()
+        runner.close("KILLED")
+        print(f"\ninterrupted; run the same command again to resume ({runner.done}/{runner.total} done)",
+              file=sys.stderr)
+        return 130
+    code = runner.summary()
+    runner.close("FINISHED" if code == 0 else "FAILED")
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

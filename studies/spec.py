@@ -1,0 +1,534 @@
+"""Study files: what a study is, and the resolved configuration of each of its runs.
+
+A study is a YAML file in ``studies/`` (or any path). Keys:
+
+``description``  one line for ``--list``.
+``kind``         ``grid`` or ``optuna``.
+``presets``      model preset(s) of ``dset/configs`` merged in order (a grid axis value may replace them).
+``budget``       ``dset/configs/budget_<name>.yaml`` (or a YAML path, or ``none``): data size, image size,
+                 epochs, queries ... applied on top of the presets.
+``data``         optional ``dset/configs/data_<name>.yaml`` (or a YAML path) applied after the budget;
+                 null: the budget's data set.
+``seeds``        list of ``run.seed`` values; every cell runs once per seed (Optuna: the first seed).
+``set``          run-configuration settings for every run, dotted keys (``train.eval_every: 1``).
+``out_dir``      root of the runs' output folders (default ``runs``): ``<out_dir>/<study>/<cell>-<fp>/``.
+``grid``         (kind grid) axes in order: ``axis: {value_id: {dotted.key: value, ..., preset: NAME}}``.
+                 A cell takes one value of every axis. Its id joins the value ids with ``-``, leaving
+                 out the ids named ``off``; a cell whose axes after the first are all ``off`` is
+                 ``<first>-base``; then ``-s<seed>``. Example: ``r18-enc_moe-prune-s0``, ``r34-base-s0``.
+``search``       (kind optuna) ``n_trials``, ``objectives`` (list of ``{metric, direction}``, metrics named
+                 as in ``studies/mlflow_schema.py``: ``best/mAP``, ``gflops``, ``latency_ms`` ...),
+                 ``sampler`` (``{name: auto|tpe|nsga2|random, seed}``), ``pruner`` (``{name:
+                 median|none, n_startup_trials, n_warmup_steps}``; used only with ONE objective: Optuna
+                 cannot prune multi-objective studies) and ``space``: ``dotted.key: {type: int|float|
+                 categorical, low, high, step, log, choices, at_most: other.dotted.key}``.
+
+Configuration of a run, in order: presets -> budget -> data -> ``set`` -> grid values / sampled
+parameters -> command-line ``model.*``/``data.*``/``train.*``/``run.*`` overrides -> ``run.seed``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dset.config import (PRESET_DIR, Config, ConfigError, _merge, _read_yaml_chain, apply_overrides,
+                         config_from_dict, parse_override)
+
+STUDY_DIR = Path(__file__).resolve().parent
+DEFAULT_BUDGET = "study_cpu"
+CONFIG_SECTIONS = ("model", "data", "train", "run")
+# settings that may change between a run and its resumption (as dset.engine.train.RESUME_MUTABLE_KEYS):
+# they are left out of the fingerprint
+FINGERPRINT_IGNORED = ("run.device", "run.progress", "run.out_dir", "data.num_workers")
+STUDY_KEYS = ("name", "description", "kind", "presets", "budget", "data", "seeds", "set", "out_dir", "grid", "search")
+OVERRIDABLE = ("name", "presets", "budget", "data", "seeds", "out_dir", "n_trials", "search")
+SEARCH_KEYS = ("n_trials", "objectives", "sampler", "pruner", "space")
+SPACE_TYPES = ("int", "float", "categorical")
+DIRECTIONS = ("maximize", "minimize")
+
+
+class StudyError(ValueError):
+    """A problem with a study file or a study-level override; the message names the key."""
+
+
+# ------------------------------------------------------------------------------------------ dataclasses
+@dataclass
+class AxisValue:
+    id: str
+    settings: dict[str, Any]          # flat dotted keys
+    preset: list[str] | None = None
+
+
+@dataclass
+class Axis:
+    name: str
+    values: list[AxisValue]
+
+
+@dataclass
+class Param:
+    key: str                          # dotted configuration key
+    type: str
+    low: Any = None
+    high: Any = None
+    step: Any = None
+    log: bool = False
+    choices: list | None = None
+    at_most: str | None = None        # upper bound is this other (earlier) parameter's value
+
+    def describe(self) -> str:
+        if self.type == "categorical":
+            return f"one of {self.choices}"
+        text = f"{self.type} {self.low}..{self.high}"
+        if self.step is not None:
+            text += f" step {self.step}"
+        if self.log:
+            text += " (log)"
+        if self.at_most:
+            text += f", <= {self.at_most}"
+        return text
+
+
+@dataclass
+class Objective:
+    metric: str
+    direction: str
+
+
+@dataclass
+class Search:
+    n_trials: int
+    objectives: list[Objective]
+    space: list[Param]
+    sampler: dict = field(default_factory=lambda: {"name": "auto", "seed": 0})
+    pruner: dict = field(default_factory=lambda: {"name": "median"})
+
+    @property
+    def prunable(self) -> bool:
+        """Per-epoch pruning is possible: one objective, and a pruner configured."""
+        return len(self.objectives) == 1 and self.pruner.get("name", "none") != "none"
+
+
+@dataclass
+class Study:
+    name: str
+    path: Path
+    kind: str
+    description: str
+    presets: list[str]
+    budget: str | None
+    data: str | None
+    seeds: list[int]
+    settings: dict[str, Any]          # ``set``: flat dotted keys
+    out_dir: Path
+    axes: list[Axis]
+    search: Search | None
+    config_overrides: list[str]       # command line model.*/data.*/train.*/run.* overrides
+    study_overrides: list[str]        # command line study-level overrides (as given)
+
+    @property
+    def study_dir(self) -> Path:
+        return self.out_dir / self.name
+
+    def budget_path(self) -> Path | None:
+        return _named_yaml("budget", self.budget)
+
+    def data_path(self) -> Path | None:
+        return _named_yaml("data", self.data)
+
+
+@dataclass
+class Cell:
+    """One run of a study: a grid cell x seed, or an Optuna trial."""
+
+    id: str
+    seed: int
+    overrides: dict[str, Any]          # the cell's own settings (grid values / trial parameters), flat
+    presets: list[str]
+    config: Config | None = None
+    error: str | None = None
+    fingerprint: str = ""
+    out_dir: Path | None = None
+    trial: int | None = None           # Optuna trial number
+    trial_root: int | None = None      # the first trial of a re-run chain (an interrupted trial re-enqueued)
+
+    @property
+    def ok(self) -> bool:
+        return self.config is not None
+
+    def labels(self) -> dict[str, Any]:
+        """Backbone, switches and the variant label, from the configuration (or the settings)."""
+        if self.config is not None:
+            m = self.config.model
+            depth, e, p, d = m.backbone.depth, m.encoder_moe.enabled, m.token_pruning.enabled, m.decoder_moe.enabled
+        else:
+            o = self.overrides
+            depth = o.get("model.backbone.depth") or (34 if any("34" in p for p in self.presets) else 18)
+            e = bool(o.get("model.encoder_moe.enabled", any(p.startswith("dset") for p in self.presets)))
+            p = bool(o.get("model.token_pruning.enabled", any(p.startswith("dset") for p in self.presets)))
+            d = bool(o.get("model.decoder_moe.enabled", any(p.startswith("dset") for p in self.presets)))
+        code = "+".join(c for c, on in zip("EPD", (e, p, d)) if on)
+        backbone = f"R{depth}"
+        return {"backbone": backbone, "encoder_moe": bool(e), "token_pruning": bool(p), "decoder_moe": bool(d),
+                "variant": f"RT-DETR {backbone}" if not code else f"DSET {backbone} ({code})"}
+
+
+# ------------------------------------------------------------------------------------------ files
+def _named_yaml(kind: str, name: str | None) -> Path | None:
+    if name is None or str(name).lower() in ("none", "null", ""):
+        return None
+    path = Path(str(name))
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise StudyError(f"{kind}: file not found: {path}")
+        return path
+    candidate = PRESET_DIR / f"{kind}_{name}.yaml"
+    if not candidate.is_file():
+        known = sorted(p.stem[len(kind) + 1:] for p in PRESET_DIR.glob(f"{kind}_*.yaml"))
+        raise StudyError(f"{kind}: unknown {kind} {name!r}; known: {', '.join(known + ['none'])} (or a YAML file)")
+    return candidate
+
+
+def study_names() -> list[str]:
+    return sorted(p.stem for p in STUDY_DIR.glob("*.yaml"))
+
+
+def study_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise StudyError(f"study file not found: {path}")
+        return path
+    candidate = STUDY_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        raise StudyError(f"unknown study {name_or_path!r}; shipped studies: {', '.join(study_names())} "
+                         "(or a path to a study YAML file)")
+    return candidate
+
+
+def split_overrides(args: list[str]) -> tuple[list[str], list[str]]:
+    """``key=value`` arguments -> (study-level, run-configuration) overrides."""
+    study, config = [], []
+    for text in args:
+        if "=" not in text:
+            raise StudyError(f"argument {text!r} is not of the form key=value")
+        key = text.split("=", 1)[0].strip()
+        first = key.split(".")[0]
+        if first in CONFIG_SECTIONS and "." in key:
+            config.append(text)
+        elif first in OVERRIDABLE:
+            study.append(text)
+        else:
+            raise StudyError(f"unknown override key {key!r}: use a study setting ({', '.join(OVERRIDABLE)}) "
+                             f"or a configuration key (model.*, data.*, train.*, run.*)")
+    return study, config
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out = {}
+    for k, v in node.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) and k != "preset":
+            out.update(_flat(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def _nest(flat: dict[str, Any]) -> dict:
+    out: dict = {}
+    for key, value in flat.items():
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = copy.deepcopy(value)
+    return out
+
+
+def _check_config_keys(settings: dict[str, Any], where: str) -> None:
+    for key in settings:
+        if key.split(".")[0] not in CONFIG_SECTIONS or "." not in key:
+            raise StudyError(f"{where}: {key!r} is not a configuration key (model.*, data.*, train.*, run.*)")
+
+
+def load_study(name_or_path: str, overrides: list[str] | None = None) -> Study:
+    """Read a study file and apply study-level and run-configuration ``key=value`` overrides."""
+    path = study_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise StudyError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise StudyError(f"{path}: expected a mapping at the top level")
+    unknown = sorted(set(raw) - set(STUDY_KEYS))
+    if unknown:
+        raise StudyError(f"{path}: unknown study keys {unknown}; valid: {', '.join(STUDY_KEYS)}")
+    study_ov, config_ov = split_overrides(list(overrides or []))
+    for text in config_ov:
+        if text.split("=", 1)[0].strip() == "run.seed":
+            raise StudyError("run.seed: set the seeds of a study with seeds=[...] (e.g. seeds=[0,1,2])")
+    rewritten = []
+    for text in study_ov:
+        key, value = text.split("=", 1)
+        if key.strip() == "n_trials":
+            key = "search.n_trials"
+        rewritten.append(f"{key.strip()}={value}")
+    try:
+        data = apply_overrides(raw, rewritten)
+    except ConfigError as exc:
+        raise StudyError(str(exc)) from None
+
+    name = str(data.get("name") or path.stem)
+    kind = data.get("kind", "grid")
+    if kind not in ("grid", "optuna"):
+        raise StudyError(f"{path}: kind must be 'grid' or 'optuna', got {kind!r}")
+    presets = data.get("presets") or []
+    presets = [presets] if isinstance(presets, str) else list(presets)
+    seeds = data.get("seeds", [0])
+    seeds = [seeds] if isinstance(seeds, int) else seeds
+    if not (isinstance(seeds, list) and seeds
+            and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        raise StudyError(f"seeds: expected a non-empty list of integers, e.g. seeds=[0,1,2], got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise StudyError(f"seeds: repeated seeds in {seeds}")
+    settings = _flat(data.get("set") or {})
+    _check_config_keys(settings, f"{path.name}: set")
+    budget = data.get("budget", DEFAULT_BUDGET)
+    budget = None if budget is None else str(budget)
+    dataset = data.get("data")
+    dataset = None if dataset is None else str(dataset)
+    _named_yaml("budget", budget)
+    _named_yaml("data", dataset)
+
+    axes: list[Axis] = []
+    search = None
+    if kind == "grid":
+        grid = data.get("grid")
+        if not isinstance(grid, dict) or not grid:
+            raise StudyError(f"{path}: a grid study needs 'grid' axes: {{axis: {{value_id: {{key: value}}}}}}")
+        for axis_name, values in grid.items():
+            if not isinstance(values, dict) or not values:
+                raise StudyError(f"grid.{axis_name}: expected a mapping of value ids to settings")
+            axis_values = []
+            for vid, settings_v in values.items():
+                if isinstance(vid, bool):  # YAML 1.1 reads an unquoted off/on/no/yes as a boolean
+                    vid = "off" if vid is False else "on"
+                settings_v = dict(settings_v or {})
+                preset = settings_v.pop("preset", None)
+                preset = [preset] if isinstance(preset, str) else (list(preset) if preset else None)
+                flat = _flat(settings_v)
+                _check_config_keys(flat, f"grid.{axis_name}.{vid}")
+                axis_values.append(AxisValue(str(vid), flat, preset))
+            axes.append(Axis(str(axis_name), axis_values))
+        if not presets and not any(v.preset for a in axes for v in a.values):
+            raise StudyError(f"{path}: no model preset: set 'presets' or a 'preset' in a grid axis")
+    else:
+        if not presets:
+            raise StudyError(f"{path}: an optuna study needs 'presets'")
+        search = _parse_search(data.get("search"), path)
+
+    out_dir = Path(str(data.get("out_dir") or "runs"))
+    return Study(name=name, path=path, kind=kind, description=str(data.get("description") or ""), presets=presets,
+                 budget=budget, data=dataset, seeds=list(seeds), settings=settings, out_dir=out_dir, axes=axes,
+                 search=search, config_overrides=config_ov, study_overrides=study_ov)
+
+
+def _parse_search(raw: Any, path: Path) -> Search:
+    if not isinstance(raw, dict):
+        raise StudyError(f"{path}: an optuna study needs a 'search' mapping ({', '.join(SEARCH_KEYS)})")
+    unknown = sorted(set(raw) - set(SEARCH_KEYS))
+    if unknown:
+        raise StudyError(f"search: unknown keys {unknown}; valid: {', '.join(SEARCH_KEYS)}")
+    n_trials = raw.get("n_trials", 10)
+    if not isinstance(n_trials, int) or n_trials < 1:
+        raise StudyError(f"search.n_trials: expected an integer >= 1, got {n_trials!r}")
+    objectives = []
+    for i, o in enumerate(raw.get("objectives") or []):
+        if not isinstance(o, dict) or "metric" not in o:
+            raise StudyError(f"search.objectives[{i}]: expected {{metric: NAME, direction: maximize|minimize}}")
+        direction = str(o.get("direction", "maximize"))
+        if direction not in DIRECTIONS:
+            raise StudyError(f"search.objectives[{i}].direction: must be maximize or minimize, got {direction!r}")
+        objectives.append(Objective(str(o["metric"]), direction))
+    if not objectives:
+        raise StudyError("search.objectives: at least one objective is needed")
+    space = []
+    for key, spec in (raw.get("space") or {}).items():
+        if key.split(".")[0] not in CONFIG_SECTIONS:
+            raise StudyError(f"search.space: {key!r} is not a configuration key")
+        if not isinstance(spec, dict):
+            raise StudyError(f"search.space.{key}: expected {{type: int|float|categorical, ...}}")
+        extra = sorted(set(spec) - {"type", "low", "high", "step", "log", "choices", "at_most"})
+        if extra:
+            raise StudyError(f"search.space.{key}: unknown settings {extra}")
+        tp = spec.get("type")
+        if tp not in SPACE_TYPES:
+            raise StudyError(f"search.space.{key}.type: must be one of {SPACE_TYPES}, got {tp!r}")
+        p = Param(key=key, type=tp, low=spec.get("low"), high=spec.get("high"), step=spec.get("step"),
+                  log=bool(spec.get("log", False)), choices=spec.get("choices"), at_most=spec.get("at_most"))
+        if tp == "categorical":
+            if not isinstance(p.choices, list) or not p.choices:
+                raise StudyError(f"search.space.{key}.choices: a non-empty list is needed")
+        else:
+            if p.low is None or p.high is None or not p.low <= p.high:
+                raise StudyError(f"search.space.{key}: low <= high are needed, got {p.low}..{p.high}")
+        if p.at_most is not None and p.at_most not in [q.key for q in space]:
+            raise StudyError(f"search.space.{key}.at_most: {p.at_most!r} must be a parameter listed before it")
+        space.append(p)
+    if not space:
+        raise StudyError("search.space: at least one parameter is needed")
+    sampler = {"name": "auto", "seed": 0, **(raw.get("sampler") or {})}
+    if sampler["name"] not in ("auto", "tpe", "nsga2", "random"):
+        raise StudyError(f"search.sampler.name: auto, tpe, nsga2 or random, got {sampler['name']!r}")
+    pruner = {"name": "median", **(raw.get("pruner") or {})}
+    if pruner["name"] not in ("median", "none"):
+        raise StudyError(f"search.pruner.name: median or none, got {pruner['name']!r}")
+    return Search(n_trials=n_trials, objectives=objectives, space=space, sampler=sampler, pruner=pruner)
+
+
+# ------------------------------------------------------------------------------------- configuration
+def resolve_config(study: Study, overrides: dict[str, Any], seed: int, presets: list[str] | None = None) -> Config:
+    """The validated configuration of one run (see the module docstring for the order)."""
+    presets = presets or study.presets
+    data: dict = {}
+    for p in presets:
+        data = _merge(data, _read_yaml_chain(p))
+    for extra in (study.budget_path(), study.data_path()):
+        if extra is not None:
+            data = _merge(data, _read_yaml_chain(extra))
+    data = _merge(data, _nest(study.settings))
+    data = _merge(data, _nest(overrides))
+    data = apply_overrides(data, study.config_overrides)
+    data = _merge(data, {"run": {"seed": seed}})
+    try:
+        return config_from_dict(data)
+    except ConfigError as exc:
+        msg = str(exc)
+        if study.budget == "paper" or study.data == "dair_v2x":
+            if "not found" in msg and msg.startswith("data."):
+                msg += (" -- budget=paper trains on DAIR-V2X converted to COCO: "
+                        "python -m dset.data.dair_v2x SRC data/dair_v2x_coco (or set data.train.*/data.val.*)")
+        raise ConfigError(msg) from None
+
+
+def fingerprint(cfg: Config, extra: dict | None = None) -> str:
+    """Hash of the resolved configuration (seed included, resume-mutable keys left out) and ``extra``."""
+    flat = {k: v for k, v in cfg.flat().items() if k not in FINGERPRINT_IGNORED}
+    payload = json.dumps({"config": flat, "extra": extra or {}}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _error_fingerprint(study: Study, cell_id: str, overrides: dict, seed: int, extra: dict | None) -> str:
+    payload = json.dumps({"study": study.name, "cell": cell_id, "overrides": overrides, "seed": seed,
+                          "cli": study.config_overrides, "budget": study.budget, "data": study.data,
+                          "extra": extra or {}}, sort_keys=True, default=str)
+    return "invalid-" + hashlib.sha256(payload.encode()).hexdigest()[:8]
+
+
+def make_cell(study: Study, cell_id: str, overrides: dict[str, Any], seed: int, presets: list[str] | None = None,
+              extra: dict | None = None) -> Cell:
+    """Resolve a cell; a configuration error is kept in ``cell.error`` (the run is then recorded as failed)."""
+    presets = presets or study.presets
+    cell = Cell(id=cell_id, seed=seed, overrides=dict(overrides), presets=list(presets))
+    try:
+        cell.config = resolve_config(study, overrides, seed, presets)
+    except (ConfigError, StudyError) as exc:
+        cell.error = f"ConfigError: {exc}"
+        cell.fingerprint = _error_fingerprint(study, cell_id, overrides, seed, extra)
+        return cell
+    cell.fingerprint = fingerprint(cell.config, extra)
+    cell.out_dir = study.study_dir / f"{cell_id}-{cell.fingerprint[:8]}"
+    return cell
+
+
+def grid_cells(study: Study) -> list[Cell]:
+    """Every grid cell x seed: seed by seed; within a seed by the first axis, then the cells with the
+    fewest non-"off" values first (for the ablation: baseline, E, P, D, E+P, E+D, P+D, E+P+D)."""
+    cells = []
+    combos = list(itertools.product(*[a.values for a in study.axes]))
+    # reading order: by the first axis, then the fewest non-"off" values first (baseline, single switches, ...)
+    combos.sort(key=lambda combo: (study.axes[0].values.index(combo[0]), sum(v.id != "off" for v in combo[1:]),
+                                   tuple(-a.values.index(v) for a, v in zip(study.axes[1:], combo[1:]))))
+    for seed, combo in itertools.product(study.seeds, combos):  # every cell once per seed, seed by seed
+        ids = [v.id for v in combo if v.id != "off"]
+        if len(combo) > 1 and all(v.id == "off" for v in combo[1:]):
+            ids.append("base")
+        base_id = "-".join(ids) or "base"
+        overrides: dict[str, Any] = {}
+        presets = None
+        for v in combo:
+            overrides.update(v.settings)
+            if v.preset:
+                presets = v.preset
+        cells.append(make_cell(study, f"{base_id}-s{seed}", overrides, seed, presets))
+    ids = [c.id for c in cells]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise StudyError(f"grid: several cells get the id(s) {dup}; give the axis values distinct ids")
+    return cells
+
+
+def describe_budget(study: Study, cfg: Config | None) -> list[str]:
+    """Human-readable lines: what the budget file is and what the runs train on."""
+    path = study.budget_path()
+    lines = [f"budget: {study.budget or 'none'}" + (f" ({_rel(path)})" if path else "")]
+    if study.data:
+        lines.append(f"data preset: {study.data} ({_rel(study.data_path())})")
+    if cfg is None:  # the runs' configuration is invalid: show what the budget file sets
+        if path is not None:
+            flat = _flat(_read_yaml_chain(path))
+            lines += [f"  {k} = {v}" for k, v in flat.items()]
+        return lines
+    d, t, m = cfg.data, cfg.train, cfg.model
+    if d.name == "synthetic":
+        n_train = min(d.synthetic.num_train, d.max_train_images or d.synthetic.num_train)
+        n_val = min(d.synthetic.num_val, d.max_val_images or d.synthetic.num_val)
+        source = f"synthetic shapes ({d.synthetic.num_classes} classes, drawn at {d.synthetic.image_size} px)"
+    else:
+        n_train = d.max_train_images or "all"
+        n_val = d.max_val_images or "all"
+        source = f"COCO-format {d.train.annotations} / {d.val.annotations}"
+    lines.append(f"  data: {source}; {n_train} train / {n_val} val images at {d.image_size} px, batch {d.batch_size}, "
+                 f"augment {d.augment}")
+    lines.append(f"  train: {t.epochs} epochs, lr {t.lr:g} (pretrained {t.lr_pretrained:g}), warm-up {t.warmup_steps} "
+                 f"steps, eval every {t.eval_every}, early stop "
+                 f"{'patience ' + str(t.early_stop_patience) if t.early_stop_patience else 'off'}, "
+                 f"profile {'on' if t.profile else 'off'}, device {cfg.run.device}")
+    lines.append(f"  model: {m.decoder.num_queries} queries, {m.decoder.num_denoising} denoising, "
+                 f"token pruning warm-up {m.token_pruning.warmup_epochs} + ramp {m.token_pruning.ramp_epochs} epochs, "
+                 f"min tokens {m.token_pruning.min_tokens}")
+    return lines
+
+
+def _rel(path: Path | None) -> str:
+    if path is None:
+        return "-"
+    try:
+        return str(path.resolve().relative_to(STUDY_DIR.parent))
+    except ValueError:
+        return str(path)
+
+
+def search_fingerprint(study: Study) -> str:
+    """Identity of an Optuna search: everything but n_trials (more trials continue the same search)."""
+    s = study.search
+    payload = json.dumps({"presets": study.presets, "budget": study.budget, "data": study.data,
+                          "seeds": study.seeds[:1], "set": study.settings, "cli": sorted(study.config_overrides),
+                          "objectives": [o.__dict__ for o in s.objectives], "space": [p.__dict__ for p in s.space]},
+                         sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:8]
+
+
+def parse_value(text: str) -> Any:
+    return parse_override(f"x={text}")[1]

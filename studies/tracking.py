@@ -1,0 +1,483 @@
+"""MLflow for studies: the store, parent and child runs, and the training callback that logs a run.
+
+Every name logged comes from :mod:`studies.mlflow_schema`. All MLflow calls go through :func:`retry`, so
+several worker processes can share one SQLite store: a ``database is locked`` error is retried with
+back-off (MLflow already sets a 20 s busy timeout; the store is also switched to WAL journaling).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import random
+import re
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from dset.engine.train import Callback
+
+from . import mlflow_schema as S
+
+log = logging.getLogger("studies")
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+MAX_PARAM_VALUE = 6000       # MLflow's limit on a parameter value
+MAX_KEY = 250                # ... on a parameter / metric / tag key
+MAX_TAG_VALUE = 8000
+REPO = Path(__file__).resolve().parents[1]
+VAL_KEYS = ("mAP", "mAP50", "mAP75", "mAP_small", "mAP_medium", "mAP_large", "AR100")
+_USAGE_RE = re.compile(r"^(encoder_moe|decoder_moe)_usage/layer(\d+)/expert(\d+)$")
+_METRIC_NAME_BAD = re.compile(r"[^A-Za-z0-9_\-. /]")
+
+
+# -------------------------------------------------------------------------------------------- store
+def tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def sqlite_path(uri: str) -> Path | None:
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):].split("?", 1)[0]
+        return None if path in ("", ":memory:") else Path(path)
+    return None
+
+
+def redact(text: str) -> str:
+    """Hide passwords in URLs (``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``)."""
+    return re.sub(r"(\w[\w+.-]*://[^:/@\s]+):[^@\s]+@", r"\1:***@", text)
+
+
+def quiet_mlflow() -> None:
+    for name in ("mlflow", "alembic", "alembic.runtime.migration", "mlflow.store.db.utils"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def retry(fn: Callable, *args, attempts: int = 40, **kwargs):
+    """Call ``fn``; retry while SQLite reports the database locked/busy (back-off up to ~2 s a try)."""
+    delay = 0.05
+    for i in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - MLflow wraps SQLAlchemy errors in MlflowException
+            text = str(exc).lower()
+            if i == attempts - 1 or not ("database is locked" in text or "database is busy" in text
+                                         or "sqlite_busy" in text):
+                raise
+            time.sleep(delay * (1 + random.random()))
+            delay = min(2.0, delay * 2)
+    return None  # pragma: no cover
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    quiet_mlflow()
+    return MlflowClient(tracking_uri=uri)
+
+
+def prepare_store(uri: str) -> None:
+    """Create the SQLite store's tables once (before workers start) and switch it to WAL journaling."""
+    path = sqlite_path(uri)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    c = client(uri)
+    retry(c.search_experiments, max_results=1)
+    if path is not None and path.exists():
+        import sqlite3
+
+        try:
+            con = sqlite3.connect(str(path), timeout=30)
+            con.execute("PRAGMA journal_mode=WAL")
+            con.close()
+        except sqlite3.Error as exc:  # a read-only or network file system: keep the default journal
+            log.debug("WAL not enabled on %s: %s", path, exc)
+
+
+def get_experiment(c, name: str, uri: str) -> str:
+    """The experiment's id (created when absent; for a SQLite store its artifacts go to ``mlruns/`` beside
+    the database file, MLflow's default place for ``sqlite:///mlflow.db``)."""
+    exp = retry(c.get_experiment_by_name, name)
+    if exp is not None:
+        if exp.lifecycle_stage != "active":
+            retry(c.restore_experiment, exp.experiment_id)
+        return exp.experiment_id
+    path = sqlite_path(uri)
+    location = None
+    if path is not None:
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+        location = (path.resolve().parent / "mlruns" / safe).as_uri()
+    try:
+        return retry(c.create_experiment, name, artifact_location=location)
+    except Exception:  # noqa: BLE001 - created meanwhile by another process
+        exp = retry(c.get_experiment_by_name, name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def git_commit() -> str | None:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        if not sha:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def host() -> str:
+    return socket.gethostname()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def is_stale(tags: dict, my_host: str) -> bool:
+    """A RUNNING run is stale when the process that ran it (same host) is gone; runs of other hosts are
+    never taken for stale."""
+    if tags.get(S.TAG_HOST) != my_host:
+        return tags.get(S.TAG_HOST) is None
+    try:
+        return not pid_alive(int(tags.get(S.TAG_PID, "0")))
+    except ValueError:
+        return True
+
+
+# -------------------------------------------------------------------------------------------- runs
+def find_child_runs(c, exp_id: str) -> dict[str, Any]:
+    """Child runs of the experiment by fingerprint (the newest when, by accident, there are several)."""
+    from mlflow.entities import ViewType
+
+    runs, token = [], None
+    while True:
+        page = retry(c.search_runs, [exp_id], filter_string=f"tags.`{S.TAG_ROLE}` = 'child'",
+                     run_view_type=ViewType.ACTIVE_ONLY, max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            break
+    out: dict[str, Any] = {}
+    for r in sorted(runs, key=lambda r: r.info.start_time or 0):
+        fp = r.data.tags.get(S.TAG_FINGERPRINT)
+        if fp:
+            out[fp] = r
+    return out
+
+
+def log_params(c, run_id: str, params: dict[str, Any], existing: dict[str, str] | None = None) -> list[str]:
+    """Log params not yet on the run (params are immutable: a differing value is not re-logged, but
+    returned so the caller can warn)."""
+    from mlflow.entities import Param
+
+    existing = existing or {}
+    items, differing = [], []
+    for k, v in params.items():
+        key, value = str(k)[:MAX_KEY], str(v)[:MAX_PARAM_VALUE]
+        if key in existing:
+            if existing[key] != value:
+                differing.append(key)
+            continue
+        items.append(Param(key, value))
+    for i in range(0, len(items), 100):
+        retry(c.log_batch, run_id, params=items[i:i + 100])
+    return differing
+
+
+def set_tags(c, run_id: str, tags: dict[str, Any]) -> None:
+    from mlflow.entities import RunTag
+
+    items = [RunTag(str(k)[:MAX_KEY], str(v)[:MAX_TAG_VALUE]) for k, v in tags.items() if v is not None]
+    for i in range(0, len(items), 100):
+        retry(c.log_batch, run_id, tags=items[i:i + 100])
+
+
+def log_metrics(c, run_id: str, metrics: dict[str, float], step: int) -> None:
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    items = [Metric(k[:MAX_KEY], float(v), ts, int(step)) for k, v in metrics.items()
+             if v is not None and isinstance(v, (int, float)) and math.isfinite(float(v))]
+    for i in range(0, len(items), 1000):
+        retry(c.log_batch, run_id, metrics=items[i:i + 1000])
+
+
+def delete_tag(c, run_id: str, key: str) -> None:
+    try:
+        retry(c.delete_tag, run_id, key)
+    except Exception:  # noqa: BLE001 - the tag was not there
+        pass
+
+
+# ----------------------------------------------------------------------------------- metric names
+def _metric_name(name: str) -> str:
+    return _METRIC_NAME_BAD.sub("_", name)[:MAX_KEY]
+
+
+def entropy(shares: list[float]) -> float:
+    """Entropy (natural log, nats) of the usage shares; ln(num_experts) when perfectly balanced."""
+    total = sum(shares)
+    if total <= 0:
+        return float("nan")
+    return -sum((s / total) * math.log(s / total) for s in shares if s > 0)
+
+
+def epoch_metrics(record: dict) -> dict[str, float]:
+    """One ``metrics.jsonl`` record (the ``on_epoch_end`` dict) -> MLflow metric names and values."""
+    out: dict[str, float] = {}
+    usage: dict[tuple[str, int], dict[int, float]] = {}
+    for key, value in record.items():
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if key == "loss" or key.startswith("loss_"):
+            out[S.TRAIN_LOSS_PREFIX + key] = value
+        elif key.startswith("lr/"):
+            out[S.LR_PREFIX + key[3:]] = value
+        elif key in VAL_KEYS:
+            out[S.VAL_PREFIX + key] = value
+        elif key.startswith("AP/"):
+            out[_metric_name(S.VAL_AP_PREFIX + key[3:])] = value
+        elif key == "keep_ratio":
+            out[S.KEEP_RATIO] = value
+        elif key == "scheduled_keep_ratio":
+            out[S.SCHEDULED_KEEP_RATIO] = value
+        elif key == "epoch_time_s":
+            out[S.EPOCH_TIME] = value
+        else:
+            m = _USAGE_RE.match(key)
+            if m:
+                where, layer, expert = m.group(1), int(m.group(2)), int(m.group(3))
+                out[S.usage_metric(where, layer, expert)] = value
+                usage.setdefault((where, layer), {})[expert] = float(value)
+    for (where, layer), shares in usage.items():
+        out[S.entropy_metric(where, layer)] = entropy([shares[e] for e in sorted(shares)])
+    return {k: v for k, v in out.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
+
+
+def final_metrics(summary: dict, records: list[dict]) -> dict[str, float]:
+    """The summary (and the epochs' records) -> the schema's final metrics."""
+    out: dict[str, float] = {}
+    best = summary.get("best_metrics") or {}
+    if summary.get("best_mAP") is not None:
+        out[S.BEST_MAP] = summary["best_mAP"]
+    for name, key in ((S.BEST_MAP50, "mAP50"), (S.BEST_MAP75, "mAP75")):
+        if best.get(key) is not None:
+            out[name] = best[key]
+    if summary.get("best_epoch") is not None:
+        out[S.BEST_EPOCH] = summary["best_epoch"]
+    for name, key in ((S.PARAMS, "params"), (S.ACTIVE_PARAMS, "active_params"), (S.GFLOPS, "gflops"),
+                      (S.LATENCY_MS, "latency_ms"), (S.FPS, "fps")):
+        if summary.get(key) is not None:
+            out[name] = summary[key]
+    profile = summary.get("profile") or {}
+    for comp, value in (profile.get("gflops_by_component") or {}).items():
+        if value is not None:
+            out[S.GFLOPS_COMPONENT_PREFIX + comp] = value
+    if records and records[-1].get("keep_ratio") is not None:
+        out[S.FINAL_KEEP_RATIO] = records[-1]["keep_ratio"]
+    if summary.get("epochs_completed") is not None:
+        out[S.EPOCHS_RUN] = summary["epochs_completed"]
+    times = [r.get("epoch_time_s") for r in records if r.get("epoch_time_s") is not None]
+    if times:  # all epochs, also those of an earlier (interrupted) process
+        out[S.TRAIN_MINUTES] = sum(times) / 60.0
+    elif summary.get("train_time_s") is not None:
+        out[S.TRAIN_MINUTES] = summary["train_time_s"] / 60.0
+    return {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
+
+
+def read_records(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return out
+
+
+# -------------------------------------------------------------------------------------- artifacts
+def write_per_class_ap(summary: dict, records: list[dict], path: Path) -> bool:
+    best = summary.get("best_metrics") or {}
+    last = records[-1] if records else {}
+    names = [k[3:] for k in best if k.startswith("AP/")] or [k[3:] for k in last if k.startswith("AP/")]
+    if not names:
+        return False
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["class", "AP_best_epoch", "AP_last_epoch", "best_epoch", "last_epoch"])
+        for n in names:
+            b, lv = best.get(f"AP/{n}"), last.get(f"AP/{n}")
+            w.writerow([n, "" if b is None else f"{b:.6f}", "" if lv is None else f"{lv:.6f}",
+                        summary.get("best_epoch", ""), last.get("epoch", "")])
+    return True
+
+
+def plot_expert_usage(records: list[dict], path: Path, title: str) -> bool:
+    """Final-epoch usage share per layer and expert (heatmap per MoE site) and each layer's routing
+    entropy over the epochs. False when the run has no MoE."""
+    sites: dict[str, dict[int, dict[int, float]]] = {}
+    for key, value in (records[-1] if records else {}).items():
+        m = _USAGE_RE.match(key)
+        if m and value is not None:
+            sites.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[int(m.group(3))] = float(value)
+    if not sites:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    import numpy as np
+
+    names = [s for s in ("encoder_moe", "decoder_moe") if s in sites]
+    fig, axes = plt.subplots(1, len(names) + 1, figsize=(4.2 * (len(names) + 1), 3.4), squeeze=False)
+    for ax, site in zip(axes[0], names):
+        layers = sites[site]
+        n_layers, n_exp = max(layers) + 1, max(max(v) for v in layers.values()) + 1
+        mat = np.full((n_layers, n_exp), np.nan)
+        for layer, shares in layers.items():
+            for e, s in shares.items():
+                mat[layer, e] = s
+        im = ax.imshow(mat, vmin=0, vmax=max(1e-9, float(np.nanmax(mat))), cmap="viridis", aspect="auto")
+        for (i, j), v in np.ndenumerate(mat):
+            if not np.isnan(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if v < 0.6 * np.nanmax(mat) else "black")
+        ax.set_xticks(range(n_exp))
+        ax.set_yticks(range(n_layers))
+        ax.set_xlabel("expert")
+        ax.set_ylabel("layer")
+        ax.set_title(f"{site}: usage share (epoch {records[-1].get('epoch', '?')})", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    ax = axes[0][-1]
+    for site in names:
+        for layer in sorted(sites[site]):
+            xs, ys = [], []
+            for r in records:
+                shares = [r.get(f"{site}_usage/layer{layer}/expert{e}") for e in range(max(sites[site][layer]) + 1)]
+                if all(s is not None for s in shares):
+                    xs.append(r["epoch"])
+                    ys.append(entropy(shares))
+            ax.plot(xs, ys, marker="o", label=f"{site.split('_')[0]} L{layer}")
+        n_exp = max(sites[site][min(sites[site])]) + 1
+        ax.axhline(math.log(n_exp), color="grey", ls="--", lw=0.8)
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_ylabel("routing entropy (nats)")
+    ax.set_title("entropy (dashed: uniform)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def log_artifacts(c, run_id: str, out_dir: Path, summary: dict, title: str) -> list[str]:
+    """config.yaml, metrics.jsonl, summary.json (from the run folder), per_class_ap.csv and
+    expert_usage.png (written here). Returns the names logged."""
+    logged = []
+    for name in ("config.yaml", "metrics.jsonl", "summary.json"):
+        path = out_dir / name
+        if path.is_file():
+            retry(c.log_artifact, run_id, str(path))
+            logged.append(name)
+    records = read_records(out_dir / "metrics.jsonl")
+    with tempfile.TemporaryDirectory() as tmp:
+        csv_path = Path(tmp) / "per_class_ap.csv"
+        if write_per_class_ap(summary, records, csv_path):
+            retry(c.log_artifact, run_id, str(csv_path))
+            logged.append(csv_path.name)
+        png = Path(tmp) / "expert_usage.png"
+        try:
+            if plot_expert_usage(records, png, title):
+                retry(c.log_artifact, run_id, str(png))
+                logged.append(png.name)
+        except Exception as exc:  # noqa: BLE001 - a plotting problem must not fail a finished run
+            log.warning("expert usage plot failed: %s", exc)
+    return logged
+
+
+# --------------------------------------------------------------------------------------- callback
+class MlflowCallback(Callback):
+    """Logs one training run into an existing MLflow child run (``run_id``).
+
+    ``on_train_start``: params (the resolved configuration as fit uses it, flat dotted keys; only the keys
+    not yet logged), the training device tag, and on a resumed run the epochs that an earlier process
+    finished but did not log. ``on_epoch_end``: per-epoch metrics at ``step=epoch``. ``on_train_end``:
+    final metrics, status tags and artifacts."""
+
+    def __init__(self, c, run_id: str, out_dir: Path, title: str, latency_note: str = "") -> None:
+        self.c = c
+        self.run_id = run_id
+        self.out_dir = Path(out_dir)
+        self.title = title
+        self.latency_note = latency_note
+        self.summary: dict | None = None
+
+    def on_train_start(self, info: dict) -> None:
+        cfg = info["config"]
+        run = retry(self.c.get_run, self.run_id)
+        differing = log_params(self.c, self.run_id, cfg.flat(), run.data.params)
+        if differing:
+            log.warning("run %s: params %s differ from those logged before (MLflow params are immutable; "
+                        "kept the first values)", self.run_id, ", ".join(differing[:5]))
+        device = str(info.get("device", ""))
+        if device.startswith("cuda"):
+            import torch
+
+            device = torch.cuda.get_device_name(torch.device(device))
+        set_tags(self.c, self.run_id, {S.TAG_DEVICE: device, S.TAG_CHECKPOINT_DIR: str(self.out_dir / "checkpoints")})
+        start = int(info.get("start_epoch", 0))
+        if start > 0:  # back-fill epochs finished by an earlier process but not logged (killed in between)
+            logged = {m.step for m in retry(self.c.get_metric_history, self.run_id, S.TRAIN_LOSS_PREFIX + "loss")}
+            for record in read_records(self.out_dir / "metrics.jsonl"):
+                ep = int(record.get("epoch", -1))
+                if 0 <= ep < start and ep not in logged:
+                    log_metrics(self.c, self.run_id, epoch_metrics(record), ep)
+
+    def on_epoch_end(self, epoch: int, metrics: dict) -> bool | None:
+        log_metrics(self.c, self.run_id, epoch_metrics(metrics), epoch)
+        return None
+
+    def on_train_end(self, summary: dict) -> None:
+        self.summary = summary
+        records = read_records(self.out_dir / "metrics.jsonl")
+        log_metrics(self.c, self.run_id, final_metrics(summary, records), 0)
+        profile = summary.get("profile") or {}
+        tags = {S.TAG_STATUS: summary.get("status")}
+        if summary.get("stop_reason"):
+            tags[S.TAG_STOP_REASON] = summary["stop_reason"]
+        latency_device = summary.get("latency_device") or profile.get("device")
+        if latency_device:
+            batch = summary.get("latency_batch_size") or profile.get("batch_size", 1)
+            tags[S.TAG_LATENCY_DEVICE] = f"{latency_device}, batch {batch}" + self.latency_note
+        if profile.get("flops_tool"):
+            tags[S.TAG_FLOPS_TOOL] = profile["flops_tool"]
+        if summary.get("profile_error"):
+            tags[S.TAG_PROFILE_ERROR] = summary["profile_error"]
+        set_tags(self.c, self.run_id, tags)
+        try:
+            log_artifacts(self.c, self.run_id, self.out_dir, summary, self.title)
+        except Exception as exc:  # noqa: BLE001 - keep the run's status honest even if an upload fails
+            log.warning("run %s: logging artifacts failed: %s", self.run_id, exc)

@@ -1,0 +1,440 @@
+"""Studies end to end on the smoke budget (64 px synthetic images, 2 steps per epoch), each into its own
+temporary MLflow store: dry runs of every shipped study, a grid read back from MLflow (params, tags,
+metrics, artifacts), a failing cell, resume after a kill, 2 workers, and an Optuna search.
+
+The in-process runs use one torch thread (see ``_one_torch_thread``): the whole file takes about a minute
+on a busy 2-core CPU."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dset.config import load_config
+from studies import mlflow_schema as S
+from studies import spec
+from studies.run import main
+from studies.tracking import entropy, epoch_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """One intra-op thread for the in-process runs: on a busy 2-core machine two OpenMP threads spend most
+    of their time waiting for each other (several times slower than one)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("synthetic")
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """A fresh SQLite MLflow store under tmp_path; the working directory is tmp_path."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    return uri
+
+
+def write_study(path: Path, grid: dict, budget: str = "smoke", **extra) -> Path:
+    path.write_text(yaml.safe_dump({"kind": "grid", "budget": budget, "seeds": [0], "grid": grid, **extra}))
+    return path
+
+
+BASE = {"model.encoder_moe.enabled": False, "model.token_pruning.enabled": False, "model.decoder_moe.enabled": False}
+DSET = {"model.encoder_moe.enabled": True, "model.token_pruning.enabled": True, "model.decoder_moe.enabled": True}
+
+
+def common(tmp_path, synth_root, *extra):
+    return [f"out_dir={tmp_path / 'runs'}", f"data.synthetic.root={synth_root}", *extra]
+
+
+def search(uri: str, experiment: str):
+    """``mlflow.search_runs`` on ``uri`` (set_tracking_uri also sets $MLFLOW_TRACKING_URI: put it back)."""
+    import mlflow
+
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        return mlflow.search_runs(experiment_names=[experiment], output_format="pandas")
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def client(uri):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def out_dir_of(row) -> Path:
+    return Path(row["tags.dset.checkpoint_dir"]).parent
+
+
+# ------------------------------------------------------------------------------------- study files
+@pytest.mark.parametrize("name", spec.study_names())
+def test_dry_run_of_every_shipped_study(name, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert main([name, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    st = spec.load_study(name)
+    assert f"budget: {st.budget}" in out and "train:" in out and "epochs" in out
+    if st.kind == "grid":
+        for cell in spec.grid_cells(st):
+            assert cell.ok and cell.id in out
+    else:
+        for p in st.search.space:
+            assert p.key in out
+        assert "objectives: " + ", ".join(f"{o.direction} {o.metric}" for o in st.search.objectives) in out
+        if len(st.search.objectives) > 1:
+            assert "pruning: off -- Optuna does not support pruning for multi-objective studies" in out
+        else:
+            assert "pruning: per epoch on val/mAP" in out
+    assert not (tmp_path / "mlflow.db").exists()      # a dry run creates nothing
+
+
+def test_ablation_grid_cells_configs_and_overrides(capsys):
+    st = spec.load_study("ablation_grid")
+    cells = spec.grid_cells(st)
+    assert len(cells) == 16 and len({c.fingerprint for c in cells}) == 16
+    assert [c.id for c in cells[:8]] == ["r18-base-s0", "r18-enc_moe-s0", "r18-prune-s0", "r18-dec_moe-s0",
+                                         "r18-enc_moe-prune-s0", "r18-enc_moe-dec_moe-s0", "r18-prune-dec_moe-s0",
+                                         "r18-enc_moe-prune-dec_moe-s0"]
+    by_id = {c.id: c for c in cells}
+    for bb, depth, layers in (("r18", 18, 3), ("r34", 34, 4)):
+        base = by_id[f"{bb}-base-s0"].config          # the all-off cells are RT-DETR
+        ref = load_config(f"rtdetr_{bb}")
+        assert base.model.name == f"rtdetr_{bb}" and base.model.backbone.depth == depth
+        assert base.model.decoder.num_layers == layers
+        m = base.model
+        assert not (m.encoder_moe.enabled or m.token_pruning.enabled or m.decoder_moe.enabled)
+        assert base.model.encoder == ref.model.encoder and base.model.decoder.num_layers == ref.model.decoder.num_layers
+        full = by_id[f"{bb}-enc_moe-prune-dec_moe-s0"].config    # switched-on settings = the DSET preset's
+        dset = load_config(f"dset_{bb}")
+        assert full.model.encoder_moe == dset.model.encoder_moe and full.model.decoder_moe == dset.model.decoder_moe
+        assert full.model.token_pruning.keep_ratio == dset.model.token_pruning.keep_ratio
+        assert by_id[f"{bb}-prune-s0"].labels()["variant"] == f"DSET R{depth} (P)"
+    cfg = cells[0].config                              # the default budget
+    assert cfg.data.name == "synthetic" and cfg.data.image_size == 128 and cfg.train.profile
+    # study-level and configuration overrides
+    st3 = spec.load_study("ablation_grid", ["seeds=[0,1,2]", "model.decoder.num_queries=30"])
+    cells3 = spec.grid_cells(st3)
+    assert len(cells3) == 48 and [c.seed for c in cells3[:17]] == [0] * 16 + [1]
+    assert all(c.config.model.decoder.num_queries == 30 and c.config.run.seed == c.seed for c in cells3)
+    assert spec.load_study("optuna_search", ["n_trials=3"]).search.n_trials == 3
+    with pytest.raises(spec.StudyError, match="unknown override key 'epochs'"):
+        spec.load_study("ablation_grid", ["epochs=3"])
+    with pytest.raises(spec.StudyError, match="seeds=\\[0,1,2\\]"):
+        spec.load_study("ablation_grid", ["run.seed=3"])
+    with pytest.raises(spec.StudyError, match="unknown budget 'nope'"):
+        spec.load_study("ablation_grid", ["budget=nope"])
+    # budget=paper: DAIR-V2X at 640 px, 72 epochs, patience 35; a clear error when the data is absent
+    paper = spec.grid_cells(spec.load_study("ablation_grid", ["budget=paper"]))
+    assert not paper[0].ok and "data.train.images" in paper[0].error and "dset.data.dair_v2x" in paper[0].error
+    raw = spec._flat(spec._read_yaml_chain(spec.load_study("ablation_grid", ["budget=paper"]).budget_path()))
+    assert raw["data.image_size"] == 640 and raw["train.epochs"] == 72 and raw["train.early_stop_patience"] == 35
+    assert raw["data.train.annotations"] == "data/dair_v2x_coco/train.json"
+    # an invalid override for every run: an error before any work
+    assert main(["smoke", "model.decoder_moe.top_k=9"]) == 2
+    assert "top_k" in capsys.readouterr().err
+
+
+def test_list(capsys):
+    assert main(["--list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("ablation_grid", "optuna_search", "baselines", "smoke"):
+        assert name in out
+    assert "study_cpu" in out and "paper" in out
+
+
+def test_epoch_metric_names():
+    rec = {"epoch": 3, "step": 8, "loss": 2.0, "loss_vfl": 0.5, "lr/new": 1e-4, "mAP": 0.25, "mAP50": 0.5,
+           "AP/circle": 0.1, "keep_ratio": 0.7, "scheduled_keep_ratio": 0.7, "mAP_large": float("nan"),
+           "encoder_moe_usage/layer0/expert0": 0.25, "encoder_moe_usage/layer0/expert1": 0.75, "train_images": 8}
+    m = epoch_metrics(rec)
+    assert m["train/loss"] == 2.0 and m["train/loss_vfl"] == 0.5 and m["lr/new"] == 1e-4
+    assert m["val/mAP"] == 0.25 and m["val/mAP50"] == 0.5 and m["val/AP/circle"] == 0.1
+    assert m[S.KEEP_RATIO] == 0.7 and "val/mAP_large" not in m and "train_images" not in m
+    assert m[S.usage_metric("encoder_moe", 0, 1)] == 0.75
+    assert m[S.entropy_metric("encoder_moe", 0)] == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))
+    assert entropy([0.25] * 4) == pytest.approx(math.log(4))
+
+
+# --------------------------------------------------------------------------------------- end to end
+def test_grid_end_to_end_into_mlflow_with_a_failing_cell(tmp_path, store, synth_root, capsys):
+    study_file = write_study(tmp_path / "tiny.yaml", {
+        "backbone": {"r18": {"preset": "rtdetr_r18"}},
+        "variant": {"off": BASE, "dset": DSET, "bad": {**BASE, "model.decoder_moe.top_k": 9}}})
+    code = main([str(study_file), *common(tmp_path, synth_root)])
+    out, err = capsys.readouterr()
+    assert code == 1                                           # a run failed: non-zero at the end
+    assert "r18-bad-s0" in err and "top_k" in err and "1 run(s) FAILED" in err
+    assert "[3/3]" in out and "ETA" in out and "latency ms" in out   # progress lines, summary table
+
+    df = search(store, "tiny")
+    parents = df[df["tags.dset.role"] == "parent"]
+    children = df[df["tags.dset.role"] == "child"].set_index("tags.dset.cell")
+    assert len(parents) == 1 and sorted(children.index) == ["r18-bad-s0", "r18-base-s0", "r18-dset-s0"]
+    assert parents.iloc[0]["status"] == "FAILED"
+    assert (children["tags.mlflow.parentRunId"] == parents.iloc[0]["run_id"]).all()
+
+    bad = children.loc["r18-bad-s0"]
+    assert bad["status"] == "FAILED" and "model.decoder_moe.top_k" in bad["tags.dset.error"]
+    assert bad["tags.dset.status"] == "failed"
+
+    cells = {c.id: c for c in spec.grid_cells(spec.load_study(str(study_file), common(tmp_path, synth_root)))}
+    c = client(store)
+    for cell_id, on in (("r18-base-s0", False), ("r18-dset-s0", True)):
+        row = children.loc[cell_id]
+        assert row["status"] == "FINISHED"
+        # tags
+        expect = {S.TAG_STUDY: "tiny", S.TAG_BACKBONE: "R18", S.TAG_SEED: "0", S.TAG_STATUS: "completed",
+                  S.TAG_VARIANT: "DSET R18 (E+P+D)" if on else "RT-DETR R18", S.TAG_DEVICE: "cpu",
+                  S.TAG_FINGERPRINT: cells[cell_id].fingerprint}
+        for tag in S.SWITCH_TAGS:
+            expect[tag] = str(on).lower()
+        for k, v in expect.items():
+            assert row[f"tags.{k}"] == v, k
+        latency_device = row[f"tags.{S.TAG_LATENCY_DEVICE}"]
+        assert latency_device.startswith("cpu (") and "batch 1" in latency_device
+        run_dir = out_dir_of(row)
+        assert (run_dir / "checkpoints" / "last.pt").is_file()
+        assert (REPO / ".git").exists() and row[f"tags.{S.TAG_GIT_COMMIT}"]
+        # params: the resolved configuration, as fit saved it (num_classes from the data set)
+        saved = load_config(run_dir / "config.yaml")
+        assert saved.model.num_classes == 4
+        for k, v in saved.flat().items():
+            assert row[f"params.{k}"] == str(v), k
+        # per-epoch metrics equal metrics.jsonl, one value per epoch
+        lines = records(run_dir / "metrics.jsonl")
+        assert [r["epoch"] for r in lines] == [0, 1]
+        run_id = row["run_id"]
+        for name, key in (("train/loss", "loss"), ("train/loss_vfl", "loss_vfl"), ("val/mAP", "mAP"),
+                          ("val/mAP50", "mAP50"), ("lr/new", "lr/new"), ("train/loss_bbox_dn_0", "loss_bbox_dn_0")):
+            hist = sorted((m.step, m.value) for m in c.get_metric_history(run_id, name))
+            assert hist == [(r["epoch"], pytest.approx(r[key])) for r in lines], name
+        # final metrics equal summary.json
+        summary = json.loads((run_dir / "summary.json").read_text())
+        prof = summary["profile"]
+        assert row[f"metrics.{S.BEST_MAP}"] == pytest.approx(summary["best_mAP"])
+        assert row[f"metrics.{S.BEST_EPOCH}"] == summary["best_epoch"]
+        assert row[f"metrics.{S.PARAMS}"] == summary["params"]
+        assert row[f"metrics.{S.ACTIVE_PARAMS}"] == summary["active_params"]
+        assert row[f"metrics.{S.GFLOPS}"] == pytest.approx(summary["gflops"])
+        parts = [row[f"metrics.{S.GFLOPS_COMPONENT_PREFIX}{p}"] for p in ("backbone", "encoder", "decoder")]
+        assert parts == [pytest.approx(prof["gflops_by_component"][p]) for p in ("backbone", "encoder", "decoder")]
+        assert sum(parts) == pytest.approx(summary["gflops"], rel=1e-3)
+        assert row[f"metrics.{S.LATENCY_MS}"] == pytest.approx(summary["latency_ms"])
+        assert row[f"metrics.{S.FPS}"] == pytest.approx(1000.0 / summary["latency_ms"])
+        assert row[f"metrics.{S.EPOCHS_RUN}"] == 2
+        assert row[f"metrics.{S.TRAIN_MINUTES}"] == pytest.approx(sum(r["epoch_time_s"] for r in lines) / 60)
+        # artifacts
+        names = {a.path for a in c.list_artifacts(run_id)}
+        expected = {"config.yaml", "metrics.jsonl", "summary.json", "per_class_ap.csv"}
+        expected |= {"expert_usage.png"} if on else set()
+        assert names == expected
+        local = Path(c.download_artifacts(run_id, "per_class_ap.csv", str(tmp_path / f"dl-{cell_id}")))
+        table = {r["class"]: r for r in csv.DictReader(local.open())}
+        assert set(table) == {"circle", "square", "triangle", "cross"}
+        for name, r in table.items():
+            assert float(r["AP_best_epoch"]) == pytest.approx(summary["best_metrics"][f"AP/{name}"], abs=1e-6)
+        if on:
+            png = Path(c.download_artifacts(run_id, "expert_usage.png", str(tmp_path / "dl-png")))
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            # sparse metrics: keep ratio, usage shares (sum 1 per layer) and their entropy
+            last = lines[-1]
+            assert row[f"metrics.{S.KEEP_RATIO}"] == pytest.approx(last["keep_ratio"]) and last["keep_ratio"] < 1
+            assert row[f"metrics.{S.FINAL_KEEP_RATIO}"] == pytest.approx(last["keep_ratio"])
+            for where, layers in (("encoder_moe", 1), ("decoder_moe", 3)):
+                for layer in range(layers):
+                    shares = [row[f"metrics.{S.usage_metric(where, layer, e)}"] for e in range(6)]
+                    assert sum(shares) == pytest.approx(1.0, abs=1e-5)
+                    assert row[f"metrics.{S.entropy_metric(where, layer)}"] == pytest.approx(entropy(shares), abs=1e-6)
+        else:
+            assert f"metrics.{S.KEEP_RATIO}" not in row or math.isnan(row[f"metrics.{S.KEEP_RATIO}"])
+
+    # the report layer reads this store
+    from analysis.runs import load_study
+
+    study = load_study("tiny", store)
+    assert sorted(study.included["cell"]) == ["r18-base-s0", "r18-dset-s0"]
+
+    # running again: the finished cells are skipped, the failed one is retried in the SAME run
+    code = main([str(study_file), *common(tmp_path, synth_root)])
+    out = capsys.readouterr().out
+    assert code == 1 and "2 of 3 runs already finished" in out
+    df2 = search(store, "tiny")
+    kids2 = df2[df2["tags.dset.role"] == "child"]
+    assert len(kids2) == 3 and set(kids2["run_id"]) == set(children["run_id"])
+    assert (df2["tags.dset.role"] == "parent").sum() == 2
+
+
+KILLER = """
+import os, signal, sys
+from studies import tracking
+
+original = tracking.MlflowCallback.on_epoch_end
+
+
+def on_epoch_end(self, epoch, metrics):
+    if epoch == 1:   # epoch 1 is checkpointed but not yet in MLflow: kill -9, no clean-up at all
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(self, epoch, metrics)
+
+
+tracking.MlflowCallback.on_epoch_end = on_epoch_end
+from studies.run import main
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_resume_after_kill_continues_the_same_run(tmp_path, store, synth_root):
+    study_file = write_study(tmp_path / "resume.yaml", {"backbone": {"r18": {"preset": "rtdetr_r18"}},
+                                                        "variant": {"off": BASE}})
+    args = [str(study_file), *common(tmp_path, synth_root, "train.epochs=3", "train.profile=false")]
+    (tmp_path / "killer.py").write_text(KILLER)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(tmp_path / "killer.py"), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    ckpt = next((tmp_path / "runs").glob("resume/*/checkpoints/last.pt"))
+    run_dir = ckpt.parents[1]
+    import torch
+
+    assert torch.load(ckpt, weights_only=False)["epoch"] == 1             # killed after epoch 1's checkpoint
+    df = search(store, "resume")
+    child = df[df["tags.dset.role"] == "child"]
+    assert len(child) == 1 and child.iloc[0]["status"] == "RUNNING"
+    run_id = child.iloc[0]["run_id"]
+    assert [m.step for m in client(store).get_metric_history(run_id, "train/loss")] == [0]
+
+    assert main(args) == 0
+    df = search(store, "resume")
+    child = df[df["tags.dset.role"] == "child"]
+    assert len(child) == 1 and child.iloc[0]["run_id"] == run_id          # same run, no duplicate
+    assert child.iloc[0]["status"] == "FINISHED"
+    lines = records(run_dir / "metrics.jsonl")
+    assert [r["epoch"] for r in lines] == [0, 1, 2]                         # epochs 0 and 1 were not redone
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["epochs_completed"] == 3
+    hist = sorted((m.step, m.value) for m in client(store).get_metric_history(run_id, "train/loss"))
+    assert hist == [(r["epoch"], pytest.approx(r["loss"])) for r in lines]  # epoch 1 back-filled, each once
+    stale = df[(df["tags.dset.role"] == "parent") & (df["status"] != "FINISHED")]
+    assert list(stale["status"]) == ["KILLED"]                             # the killed invocation's parent
+
+
+def test_two_workers_share_the_store(tmp_path, store, synth_root, capfd):
+    code = main(["smoke", "--workers", "2", *common(tmp_path, synth_root, "train.epochs=1", "train.profile=false")])
+    out, err = capfd.readouterr()                              # the worker processes' output too
+    assert code == 0, err
+    assert "locked" not in out + err and "Traceback" not in out + err
+    df = search(store, "smoke")
+    kids = df[df["tags.dset.role"] == "child"]
+    assert sorted(kids["tags.dset.cell"]) == ["r18-base-s0", "r18-dset-s0"]
+    assert (kids["status"] == "FINISHED").all() and (df["tags.dset.role"] == "parent").sum() == 1
+    assert kids["metrics.train/loss"].notna().all() and kids[f"metrics.{S.BEST_MAP}"].notna().all()
+    assert len(set(kids["tags.dset.pid"])) == 1                          # the invocation's pid, set per run
+    assert kids["start_time"].max() < kids["end_time"].min()              # the two ran at the same time
+
+
+def test_optuna_search_two_trials(tmp_path, store, synth_root, capsys):
+    import optuna
+
+    args = ["optuna_search", "budget=smoke", "n_trials=2", *common(tmp_path, synth_root, "train.epochs=1")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "best trials" in out
+    df = search(store, "optuna_search")
+    parent = df[df["tags.dset.role"] == "parent"].iloc[0]
+    kids = df[df["tags.dset.role"] == "child"].sort_values("tags.dset.trial")
+    assert list(kids["tags.dset.trial"]) == ["0", "1"] and list(kids["tags.dset.cell"]) == ["trial-0", "trial-1"]
+    assert (kids["status"] == "FINISHED").all()
+    name = parent[f"tags.{S.TAG_OPTUNA_STUDY}"]
+    assert (kids[f"tags.{S.TAG_OPTUNA_STUDY}"] == name).all()
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
+        str(tmp_path / "runs" / "optuna_search" / "optuna_journal.log")))
+    ostudy = optuna.load_study(study_name=name, storage=storage)
+    trials = ostudy.get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    for t, (_, row) in zip(trials, kids.iterrows()):
+        for key, value in t.params.items():                  # the sampled values are the run's configuration
+            assert row[f"params.{key}"] == str(value)
+        assert t.params["model.encoder_moe.top_k"] <= t.params["model.encoder_moe.num_experts"]
+        assert t.values == [pytest.approx(row[f"metrics.{S.BEST_MAP}"]), pytest.approx(row[f"metrics.{S.GFLOPS}"])]
+    # more trials continue the same search
+    assert spec.search_fingerprint(spec.load_study("optuna_search", ["budget=smoke", "n_trials=5"])) == \
+        spec.search_fingerprint(spec.load_study("optuna_search", ["budget=smoke", "n_trials=2"]))
+
+
+def test_pruning_callback_reports_and_prunes(tmp_path):
+    import optuna
+
+    from studies.search import PruningCallback, open_storage
+
+    desc = {"journal": str(tmp_path / "journal.log")}
+    ostudy = optuna.create_study(study_name="p", storage=open_storage(desc), direction="maximize",
+                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0))
+    first = ostudy.ask()
+    for epoch, value in enumerate([0.5, 0.6]):
+        first.report(value, epoch)
+    ostudy.tell(first, 0.6)
+    median = {"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0}
+    good = PruningCallback(desc, "p", ostudy.ask()._trial_id, median)    # as a worker process does
+    assert good.on_epoch_end(0, {"mAP": 0.7}) is None and not good.pruned   # above the median: goes on
+    assert good.on_epoch_end(1, {"mAP": float("nan")}) is None             # nothing to report
+    bad = PruningCallback(desc, "p", ostudy.ask()._trial_id, median)
+    assert bad.on_epoch_end(0, {"mAP": 0.1}) is True and bad.pruned       # below: stop the run
+    assert [t.intermediate_values for t in ostudy.get_trials()] == [{0: 0.5, 1: 0.6}, {0: 0.7}, {0: 0.1}]
+
+
+def test_interrupted_trial_is_enqueued_again_with_its_parameters(tmp_path):
+    import optuna
+
+    from studies import search as O
+    from studies.tracking import host
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()                                                 # a pid that no longer runs
+    desc = {"journal": str(tmp_path / "journal.log")}
+    ostudy = optuna.create_study(study_name="s", storage=O.open_storage(desc), direction="maximize")
+    done = ostudy.ask({"x": optuna.distributions.IntDistribution(1, 9)})
+    ostudy.tell(done, 0.5)
+    killed = ostudy.ask({"x": optuna.distributions.IntDistribution(1, 9)})
+    killed.set_user_attr(O.ATTR_HOST, host())
+    killed.set_user_attr(O.ATTR_PID, dead.pid)
+    alive = ostudy.ask({"x": optuna.distributions.IntDistribution(1, 9)})    # this process: still running
+    alive.set_user_attr(O.ATTR_HOST, host())
+    alive.set_user_attr(O.ATTR_PID, os.getpid())
+    assert O.trial_counts(ostudy)[0] == 3
+
+    assert O.requeue_stale(ostudy, host()) == [killed.number]
+    states = [t.state.name for t in ostudy.get_trials()]
+    assert states == ["COMPLETE", "FAIL", "RUNNING", "WAITING"]
+    assert O.trial_counts(ostudy)[0] == 3                       # the interrupted trial is replaced, not counted
+    retry = ostudy.ask()                                        # the next trial asked is the re-run
+    assert retry.user_attrs[O.ATTR_RETRY_OF] == killed.number
+    assert retry.suggest_int("x", 1, 9) == killed.params["x"]
