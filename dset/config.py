@@ -264,15 +264,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def _build(cls: type, data: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    defaults = cls()
     kwargs = {}
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in names:
             raise ConfigError(f"unknown configuration key '{key}'; valid keys here: {', '.join(sorted(names))}")
+        default = getattr(defaults, k)
+        if dataclasses.is_dataclass(default) and isinstance(v, dict):
+            # a partly given group starts from the parent's default for it, not the group class's
+            # (e.g. decoder_moe's balance weight 0.05 differs from MoEConfig's 0.03)
+            v = _merge(dataclasses.asdict(default), v)
         kwargs[k] = _coerce(v, hints[k], key)
-    obj = cls(**kwargs)
-    # nested dataclasses not mentioned keep their defaults (already built by default_factory)
-    return obj
+    return cls(**kwargs)
 
 
 def _merge(base: dict, update: dict) -> dict:

@@ -87,3 +87,10 @@ def test_build_model_accepts_names_configs_and_overrides():
     cfg = load_config("rtdetr_r18", ["model.num_classes=3"])
     assert isinstance(cfg, Config)
     assert dset.build_model(cfg).decoder.dec_score_head[0].out_features == 3
+
+
+def test_partly_given_groups_keep_their_parent_defaults():
+    """Mentioning one decoder_moe key must not reset its other defaults to MoEConfig's (0.03 vs 0.05)."""
+    cfg = load_config("rtdetr_r18", ["model.decoder_moe.enabled=true"])
+    assert cfg.model.decoder_moe.balance_loss_weight == 0.05
+    assert cfg.model.encoder_moe.balance_loss_weight == 0.03

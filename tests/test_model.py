@@ -93,3 +93,9 @@ def test_postprocessor_topk_over_queries_and_classes():
     assert torch.allclose(res["scores"], torch.sigmoid(torch.tensor([2.0, 1.0, 0.0])))
     assert torch.allclose(res["boxes"][0], torch.tensor([0.0, 0.0, 100.0, 100.0]))
     assert torch.allclose(res["boxes"][2], torch.tensor([80.0, 20.0, 120.0, 30.0]))
+
+
+def test_more_queries_than_encoder_tokens_is_a_clear_error():
+    model = dset.build_model("rtdetr_r18").eval()  # 300 queries
+    with pytest.raises(ValueError, match="num_queries \\(300\\) exceeds the 84 encoder tokens"):
+        model(torch.rand(1, 3, 64, 64))  # 8x8 + 4x4 + 2x2 = 84 tokens

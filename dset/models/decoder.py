@@ -335,6 +335,10 @@ class RTDETRDecoder(nn.Module):
         output_memory = self.enc_output(memory)
         enc_class = self.enc_score_head(output_memory)
         enc_coord_unact = self.enc_bbox_head(output_memory) + anchors
+        if memory.shape[1] < self.num_queries:
+            raise ValueError(f"model.decoder.num_queries ({self.num_queries}) exceeds the {memory.shape[1]} encoder "
+                             f"tokens of a {spatial_shapes[0][0] * self.feat_strides[0]}-pixel-high input; "
+                             "use fewer queries or larger images")
         _, topk_ind = torch.topk(enc_class.max(-1).values, self.num_queries, dim=1)
         ref_unact = enc_coord_unact.gather(1, topk_ind.unsqueeze(-1).expand(-1, -1, 4))
         enc_topk_bboxes = torch.sigmoid(ref_unact)
