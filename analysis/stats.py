@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dset.analytic import aifi_layer_macs, ffn_macs, keep_count  # torch-free formulas shared with dset.measure
+
 ALPHA = 0.05
 
 
@@ -149,35 +151,6 @@ def param_importances(settings: list[dict], values: list[tuple[float, ...]], obj
 
 
 # ------------------------------------------------------------------- compute of the sparse sites
-def aifi_layer_macs(tokens: int, d_model: int, ffn_hidden: int, num_experts: int | None = None,
-                    top_k: int | None = None) -> int:
-    """Multiply-adds of one AIFI (post-norm transformer) layer on ``tokens`` tokens: Q/K/V and output
-    projections 4 N d^2, attention products 2 N^2 d, FFN 2 N d h (dense) or N (d E + k 2 d h) with a
-    top-k MoE (router + active experts). Norms, softmax and biases ignored. The same formula as
-    ``dset.measure.aifi_layer_macs`` (kept here so that the report does not import torch)."""
-    n, d = tokens, d_model
-    macs = 4 * n * d * d + 2 * n * n * d
-    if num_experts is None:
-        macs += 2 * n * d * ffn_hidden
-    else:
-        macs += n * (d * num_experts + top_k * 2 * d * ffn_hidden)
-    return macs
-
-
-def ffn_macs(tokens: int, d_model: int, ffn_hidden: int, num_experts: int | None = None,
-             top_k: int | None = None) -> int:
-    """Multiply-adds of one FFN over ``tokens`` tokens (dense, or a top-k MoE with its router)."""
-    if num_experts is None:
-        return 2 * tokens * d_model * ffn_hidden
-    return tokens * (d_model * num_experts + top_k * 2 * d_model * ffn_hidden)
-
-
-def keep_count(num_tokens: int, ratio: float, min_tokens: int) -> int:
-    """Tokens the pruner keeps: ``min(N, max(min_tokens, ceil(ratio * N)))`` (as ``dset.models.pruning``)."""
-    k = math.ceil(ratio * num_tokens - 1e-9)
-    return int(min(num_tokens, max(min_tokens, k)))
-
-
 def sparse_site_macs(cfg: dict, image_size: int, keep_ratio: float | None = None) -> dict[str, float]:
     """Closed-form multiply-adds of the parts the three switches act on, from a run's flat config
     (``cfg``: dotted key -> parsed value): the AIFI layer(s) on the stride-32 map (token pruning,

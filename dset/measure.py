@@ -22,11 +22,11 @@ import platform
 import statistics
 import time
 import warnings
-from typing import Iterable
 
 import torch
 import torch.nn as nn
 
+from .analytic import aifi_layer_macs  # noqa: F401  (re-exported: the formula the counts are checked against)
 from .models.moe import MoEFFN, fvcore_op_handles
 
 COMPONENTS = ("backbone", "encoder", "decoder")
@@ -130,20 +130,6 @@ def count_flops(model: nn.Module, size: int | tuple[int, int] = 640, num_inputs:
         "flops_inputs": num_inputs,
         "flops_tool": FLOPS_TOOL,
     }
-
-
-def aifi_layer_macs(tokens: int, d_model: int = 256, ffn_hidden: int = 1024, num_experts: int | None = None,
-                    top_k: int | None = None) -> int:
-    """Analytic multiply-adds of one AIFI (post-norm transformer) layer on ``tokens`` tokens:
-    Q/K/V and output projections 4 N d^2, attention products 2 N^2 d, FFN 2 N d h (dense) or
-    N (d E + k 2 d h) with a top-k MoE (router + active experts). Norms, softmax and biases ignored."""
-    n, d = tokens, d_model
-    macs = 4 * n * d * d + 2 * n * n * d
-    if num_experts is None:
-        macs += 2 * n * d * ffn_hidden
-    else:
-        macs += n * (d * num_experts + top_k * 2 * d * ffn_hidden)
-    return macs
 
 
 # ------------------------------------------------------------------------------------------ latency

@@ -318,7 +318,6 @@ class RTDETRDecoder(nn.Module):
 
     def forward(self, feats: list[torch.Tensor], targets: list[dict] | None = None) -> dict:
         memory, spatial_shapes = self._flatten_levels(feats)
-        bs = memory.shape[0]
 
         if self.training and self.num_denoising > 0:
             if targets is None:

@@ -9,7 +9,6 @@ for the whole batch at once (``[B*Q, total targets]``), moved to the CPU once, a
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 

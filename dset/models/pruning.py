@@ -51,12 +51,13 @@ Gradient to the predictor. Top-k selection is not differentiable, so two paths t
 
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..analytic import keep_count
 
 __all__ = ["TokenPruner", "keep_count", "scheduled_keep_ratio", "importance_target_map", "set_epoch_all"]
 
@@ -71,13 +72,6 @@ def scheduled_keep_ratio(epoch: int, keep_ratio: float, warmup_epochs: int, ramp
         return float(keep_ratio)
     progress = min(1.0, (epoch - warmup_epochs + 1) / ramp_epochs)
     return 1.0 - (1.0 - float(keep_ratio)) * progress
-
-
-def keep_count(num_tokens: int, ratio: float, min_tokens: int) -> int:
-    """``K = min(N, max(min_tokens, ceil(ratio * N)))``; the ceil forgives float rounding
-    (``ceil(0.7 * 10)`` is 7, not 8)."""
-    k = math.ceil(ratio * num_tokens - 1e-9)
-    return int(min(num_tokens, max(min_tokens, k)))
 
 
 def importance_target_map(
