@@ -40,3 +40,18 @@ def random_targets(batch: int, num_classes: int, counts: list[int], generator: t
         cxy = wh / 2 + torch.rand(n, 2, generator=g) * (1 - wh)
         targets.append({"boxes": torch.cat([cxy, wh], 1), "labels": torch.randint(0, num_classes, (n,), generator=g)})
     return targets
+
+
+# a narrower encoder/decoder for training tests (the backbone is still PResNet-18): same code paths, a
+# third fewer weights to train, average and checkpoint
+SMALL_HEADS = ["model.encoder.hidden_dim=128", "model.encoder.dim_feedforward=256", "model.decoder.dim_feedforward=256"]
+
+
+def one_thread_for_module():
+    """One intra-op thread for a test module (use as ``pytest.fixture(autouse=True, scope="module")``): on a
+    small shared machine, OpenMP threads that wait for a busy core make tiny training steps 10x slower; with
+    one thread a module takes seconds whatever else runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

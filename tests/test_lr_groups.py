@@ -12,17 +12,12 @@ from dset.engine.schedule import WarmupCosine, build_scheduler
 from dset.engine.train import build_optimizer, build_training_model
 from dset.models.detector import build_model
 
+from conftest import one_thread_for_module
+
 SMALL = ["model.num_classes=3", "model.decoder.num_queries=10", "model.decoder.num_denoising=0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a small shared machine, OpenMP threads that wait for a busy core make these
-    tiny steps 10x slower; with one thread the module takes seconds whatever else runs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = pytest.fixture(autouse=True, scope="module")(one_thread_for_module)
 
 
 def test_warmup_cosine_factor_values():

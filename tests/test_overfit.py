@@ -15,23 +15,17 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 import dset
 from dset.data.synthetic import make_synthetic_coco
 from dset.engine.train import fit
 
+from conftest import one_thread_for_module
+
 STEPS = 100
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a small shared machine, OpenMP threads that wait for a busy core make these
-    tiny steps 10x slower; with one thread the module takes seconds whatever else runs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = pytest.fixture(autouse=True, scope="module")(one_thread_for_module)
 
 
 def _overrides(paths):

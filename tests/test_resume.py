@@ -11,20 +11,12 @@ import dset
 from dset.config import ConfigError
 from dset.engine.train import Callback, fit
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a small shared machine, OpenMP threads that wait for a busy core make these
-    tiny steps 10x slower; with one thread the module takes seconds whatever else runs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from conftest import one_thread_for_module, SMALL_HEADS
 
 
-# a narrower encoder/decoder (the backbone is still PResNet-18): same code paths, a third fewer weights to
-# train, average and checkpoint
-SMALL_HEADS = ["model.encoder.hidden_dim=128", "model.encoder.dim_feedforward=256", "model.decoder.dim_feedforward=256"]
+one_thread = pytest.fixture(autouse=True, scope="module")(one_thread_for_module)
+
+
 
 
 def tiny(root, *extra):
