@@ -162,6 +162,8 @@ class TrainConfig:
     eval_every: int = 1
     profile: bool = True                      # measure params/GFLOPs/latency of the final model (summary.json)
     checkpoint_every: int = 1                 # epochs between writes of checkpoints/last.pt (and always the last)
+    keep_last_checkpoint: bool = True         # false: delete last.pt (the resume state) once the run has ended
+                                              # without error; best.pt (weights) stays. Studies set false.
 
 
 @dataclass

@@ -23,7 +23,7 @@ A study is a YAML file in ``studies/`` (or any path). Keys:
                  cannot prune multi-objective studies) and ``space``: ``dotted.key: {type: int|float|
                  categorical, low, high, step, log, choices, at_most: other.dotted.key}``.
 
-Configuration of a run, in order: presets -> budget -> data -> ``set`` -> grid values / sampled
+Configuration of a run, in order: presets -> ``STUDY_RUN_DEFAULTS`` -> budget -> data -> ``set`` -> grid values / sampled
 parameters -> command-line ``model.*``/``data.*``/``train.*``/``run.*`` overrides -> ``run.seed``.
 """
 
@@ -47,7 +47,10 @@ DEFAULT_BUDGET = "study_cpu"
 CONFIG_SECTIONS = ("model", "data", "train", "run")
 # settings that may change between a run and its resumption (as dset.engine.train.RESUME_MUTABLE_KEYS):
 # they are left out of the fingerprint
-FINGERPRINT_IGNORED = ("run.device", "run.progress", "run.out_dir", "data.num_workers")
+FINGERPRINT_IGNORED = ("run.device", "run.progress", "run.out_dir", "data.num_workers", "train.keep_last_checkpoint")
+# Study runs differ from a lone ``dset.train`` run here (a study's ``set`` or the command line can change it):
+# a finished cell is never resumed, so its checkpoints/last.pt (resume state, 2-3x the weights) is deleted.
+STUDY_RUN_DEFAULTS = {"train": {"keep_last_checkpoint": False}}
 STUDY_KEYS = ("name", "description", "kind", "presets", "budget", "data", "seeds", "set", "out_dir", "grid", "search")
 OVERRIDABLE = ("name", "presets", "budget", "data", "seeds", "out_dir", "n_trials", "search")
 SEARCH_KEYS = ("n_trials", "objectives", "sampler", "pruner", "space")
@@ -404,6 +407,7 @@ def resolve_config(study: Study, overrides: dict[str, Any], seed: int, presets: 
     data: dict = {}
     for p in presets:
         data = _merge(data, _read_yaml_chain(p))
+    data = _merge(data, STUDY_RUN_DEFAULTS)
     for extra in (study.budget_path(), study.data_path()):
         if extra is not None:
             data = _merge(data, _read_yaml_chain(extra))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,22 @@ def shared_path(name: str) -> Path:
             pytest.fail(reason + " (CI=true: its absence is a failure)")
         pytest.skip(reason)
     return path
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory):
+    """``module_tmp("name")`` makes a fresh folder that lives until the module's last test, then is deleted.
+    Module fixtures train real runs whose checkpoints weigh hundreds of MB; pytest would keep them to the
+    end of the session (function-scoped ``tmp_path`` folders go as each test passes: see pyproject.toml)."""
+    made: list[Path] = []
+
+    def make(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield make
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -32,8 +32,8 @@ def test_warmup_cosine_factor_values():
 
 
 @pytest.fixture(scope="module")
-def backbone_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("weights") / "presnet18.pth"
+def backbone_file(module_tmp):
+    path = module_tmp("weights") / "presnet18.pth"
     model = build_model(dset.load_config("rtdetr_r18", SMALL), load_weights=False)
     torch.save(model.backbone.state_dict(), path)
     return path

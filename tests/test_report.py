@@ -29,24 +29,24 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # ------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("mlflow_store")
+def store(module_tmp) -> str:
+    root = module_tmp("mlflow_store")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     F.make_store(uri)
     return uri
 
 
 @pytest.fixture(scope="module")
-def ablation(store, tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("report") / "ablation"
+def ablation(store, module_tmp) -> dict:
+    out = module_tmp("report") / "ablation"
     return make_report.build_report("ablation_grid", out, store)
 
 
 @pytest.fixture(scope="module")
-def optuna_report(store, ablation, tmp_path_factory) -> dict:
+def optuna_report(store, ablation, module_tmp) -> dict:
     """The Optuna report, written into a copy of the ablation report's folder plus a file of the user's:
     the ablation's files must go, the user's must stay."""
-    out = tmp_path_factory.mktemp("report") / "optuna"
+    out = module_tmp("report") / "optuna"
     shutil.copytree(ablation["out_dir"], out)
     (out / "my_notes.txt").write_text("mine")
     return make_report.build_report("optuna_search", out, store)

@@ -45,9 +45,9 @@ def _lines(path):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    straight, resumed = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("resumed")
+def runs(module_tmp):
+    root = module_tmp("synthetic")
+    straight, resumed = module_tmp("straight"), module_tmp("resumed")
     cfg = dset.load_config("rtdetr_r18", tiny(root))
     fit(cfg, straight)
     with pytest.raises(KeyboardInterrupt):

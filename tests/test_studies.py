@@ -41,8 +41,8 @@ def _one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def synth_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("synthetic")
+def synth_root(module_tmp):
+    return module_tmp("synthetic")
 
 
 @pytest.fixture
@@ -220,7 +220,10 @@ def test_grid_end_to_end_into_mlflow_with_a_failing_cell(tmp_path, store, synth_
         latency_device = row[f"tags.{S.TAG_LATENCY_DEVICE}"]
         assert latency_device.startswith("cpu (") and "batch 1" in latency_device
         run_dir = out_dir_of(row)
-        assert (run_dir / "checkpoints" / "last.pt").is_file()
+        # a finished study run keeps its weights, not its resume state (train.keep_last_checkpoint=false)
+        assert (run_dir / "checkpoints" / "best.pt").is_file()
+        assert not (run_dir / "checkpoints" / "last.pt").exists()
+        assert row["params.train.keep_last_checkpoint"] == "False"
         assert (REPO / ".git").exists() and row[f"tags.{S.TAG_GIT_COMMIT}"]
         # params: the resolved configuration, as fit saved it (num_classes from the data set)
         saved = load_config(run_dir / "config.yaml")
@@ -341,6 +344,7 @@ def test_resume_after_kill_continues_the_same_run(tmp_path, store, synth_root):
     assert [r["epoch"] for r in lines] == [0, 1, 2]                         # epochs 0 and 1 were not redone
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["epochs_completed"] == 3
+    assert not ckpt.exists() and (run_dir / "checkpoints" / "best.pt").is_file()
     hist = sorted((m.step, m.value) for m in client(store).get_metric_history(run_id, "train/loss"))
     assert hist == [(r["epoch"], pytest.approx(r["loss"])) for r in lines]  # epoch 1 back-filled, each once
     stale = df[(df["tags.dset.role"] == "parent") & (df["status"] != "FINISHED")]

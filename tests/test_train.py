@@ -35,8 +35,8 @@ def tiny(root, *extra):
 
 
 @pytest.fixture(scope="module")
-def synth_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("synthetic")
+def synth_root(module_tmp):
+    return module_tmp("synthetic")
 
 
 class Recorder(Callback):
@@ -174,12 +174,15 @@ def test_fit_dset_reports_pruning_and_expert_usage(tmp_path, synth_root):
 
 
 def test_callback_can_stop_the_run(tmp_path, synth_root):
-    cfg = dset.load_config("rtdetr_r18", tiny(synth_root, "train.epochs=3"))
+    cfg = dset.load_config("rtdetr_r18", tiny(synth_root, "train.epochs=3", "train.keep_last_checkpoint=false"))
     rec = Recorder(stop_at=0)
     summary = fit(cfg, tmp_path, callbacks=[rec])
     assert summary["status"] == "stopped" and summary["stop_reason"] == "callback"
     assert summary["epochs_completed"] == 1 and len(_lines(tmp_path / "metrics.jsonl")) == 1
     assert [c[0] for c in rec.calls] == ["start", "epoch", "end"]
+    # the resume state went once the run had ended; the weights stay
+    assert not (tmp_path / "checkpoints" / "last.pt").exists()
+    assert torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)["epoch"] == 0
 
 
 def test_early_stopping_keeps_best_checkpoint(tmp_path, synth_root, monkeypatch):

@@ -75,7 +75,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
 # configuration keys that may differ between a run and its resumption
-RESUME_MUTABLE_KEYS = ("run.device", "run.progress", "run.out_dir", "data.num_workers")
+RESUME_MUTABLE_KEYS = ("run.device", "run.progress", "run.out_dir", "data.num_workers", "train.keep_last_checkpoint")
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 
 
@@ -862,6 +862,13 @@ def fit(cfg: Config | str, out_dir: str | os.PathLike, callbacks: Callback | Seq
             _atomic_write_text(out / "summary.json", json.dumps(_json_safe(summary), indent=2) + "\n")
             for cb in run.callbacks:
                 cb.on_train_end(dict(summary))
+            if not run.cfg.train.keep_last_checkpoint:
+                # the resume state (optimizer moments, EMA, RNG: 2-3x the weights) is dead weight once a run
+                # has ended; a grid of 16 runs would otherwise keep gigabytes of it
+                last = run.ckpt_dir / "last.pt"
+                if last.is_file():
+                    last.unlink()
+                    log.info("removed %s (train.keep_last_checkpoint=false); best.pt keeps the weights", last)
         return summary
     finally:
         if run.dinfo.created_group and dist.is_initialized():
