@@ -295,28 +295,43 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def _resolve_preset(name_or_path: str | Path) -> Path:
+def find_yaml(name_or_path: str | Path, folder: Path, *, what: str, prefix: str = "", extra_names: tuple = (),
+              error: type[Exception] = ConfigError, context: str = "") -> Path:
+    """A YAML file given by path (it must exist) or by name: ``folder/<prefix><name>.yaml``. The error names
+    what was asked for and lists the known names (``extra_names``: special values the caller accepts)."""
+    lead = f"{context}: " if context else ""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
-            raise ConfigError(f"configuration file not found: {path}")
+            raise error(f"{lead}{what} file not found: {path}")
         return path
-    candidate = PRESET_DIR / f"{name_or_path}.yaml"
+    candidate = folder / f"{prefix}{name_or_path}.yaml"
     if not candidate.is_file():
-        raise ConfigError(f"unknown preset '{name_or_path}'; known presets: {', '.join(preset_names())}")
+        known = sorted(p.stem[len(prefix):] for p in folder.glob(f"{prefix}*.yaml")) + list(extra_names)
+        raise error(f"{lead}unknown {what} {str(name_or_path)!r}; known: {', '.join(known)} (or a path to a YAML file)")
     return candidate
+
+
+def read_yaml_mapping(path: Path, error: type[Exception] = ConfigError) -> dict:
+    """The top-level mapping of a YAML file (empty file: {}); errors name the file."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def _resolve_preset(name_or_path: str | Path) -> Path:
+    return find_yaml(name_or_path, PRESET_DIR, what="preset")
 
 
 def _read_yaml_chain(name_or_path: str | Path, seen: tuple = ()) -> dict:
     path = _resolve_preset(name_or_path)
     if path in seen:
         raise ConfigError(f"{path}: 'base' presets form a cycle: {' -> '.join(map(str, seen + (path,)))}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+    data = read_yaml_mapping(path)
     base = data.pop("base", None)
     if base is not None:
         bases = base if isinstance(base, list) else [base]

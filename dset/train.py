@@ -27,23 +27,15 @@ import os
 import sys
 from pathlib import Path
 
-from .config import PRESET_DIR, ConfigError, _merge, _read_yaml_chain, apply_overrides, config_from_dict, load_config
+from .config import (PRESET_DIR, ConfigError, _merge, _read_yaml_chain, apply_overrides, config_from_dict, find_yaml,
+                     load_config)
 
 DEFAULT_BUDGET = "cpu"
 
 
 def _budget_path(name: str) -> Path:
-    path = Path(name)
-    if path.suffix in (".yaml", ".yml"):
-        if not path.is_file():
-            raise ConfigError(f"--budget: file not found: {path}")
-        return path
-    candidate = PRESET_DIR / f"budget_{name}.yaml"
-    if not candidate.is_file():
-        known = sorted(p.stem[len("budget_"):] for p in PRESET_DIR.glob("budget_*.yaml"))
-        raise ConfigError(f"--budget: unknown budget {name!r}; known: {', '.join(known + ['none', 'auto'])} "
-                          "or a YAML file")
-    return candidate
+    return find_yaml(name, PRESET_DIR, what="budget", prefix="budget_", extra_names=("none", "auto"),
+                     context="--budget")
 
 
 def _flat_keys(data: dict, prefix: str = "") -> dict:

@@ -37,10 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from dset.config import (PRESET_DIR, Config, ConfigError, _merge, _read_yaml_chain, apply_overrides,
-                         config_from_dict, parse_override)
+                         config_from_dict, find_yaml, parse_override, read_yaml_mapping)
 
 STUDY_DIR = Path(__file__).resolve().parent
 DEFAULT_BUDGET = "study_cpu"
@@ -188,16 +186,8 @@ class Cell:
 def _named_yaml(kind: str, name: str | None) -> Path | None:
     if name is None or str(name).lower() in ("none", "null", ""):
         return None
-    path = Path(str(name))
-    if path.suffix in (".yaml", ".yml"):
-        if not path.is_file():
-            raise StudyError(f"{kind}: file not found: {path}")
-        return path
-    candidate = PRESET_DIR / f"{kind}_{name}.yaml"
-    if not candidate.is_file():
-        known = sorted(p.stem[len(kind) + 1:] for p in PRESET_DIR.glob(f"{kind}_*.yaml"))
-        raise StudyError(f"{kind}: unknown {kind} {name!r}; known: {', '.join(known + ['none'])} (or a YAML file)")
-    return candidate
+    return find_yaml(name, PRESET_DIR, what=kind, prefix=f"{kind}_", extra_names=("none",), error=StudyError,
+                     context=kind)
 
 
 def study_names() -> list[str]:
@@ -205,16 +195,7 @@ def study_names() -> list[str]:
 
 
 def study_path(name_or_path: str) -> Path:
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml"):
-        if not path.is_file():
-            raise StudyError(f"study file not found: {path}")
-        return path
-    candidate = STUDY_DIR / f"{name_or_path}.yaml"
-    if not candidate.is_file():
-        raise StudyError(f"unknown study {name_or_path!r}; shipped studies: {', '.join(study_names())} "
-                         "(or a path to a study YAML file)")
-    return candidate
+    return find_yaml(name_or_path, STUDY_DIR, what="study", error=StudyError)
 
 
 def split_overrides(args: list[str]) -> tuple[list[str], list[str]]:
@@ -268,12 +249,7 @@ def _check_config_keys(settings: dict[str, Any], where: str) -> None:
 def load_study(name_or_path: str, overrides: list[str] | None = None) -> Study:
     """Read a study file and apply study-level and run-configuration ``key=value`` overrides."""
     path = study_path(name_or_path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise StudyError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise StudyError(f"{path}: expected a mapping at the top level")
+    raw = read_yaml_mapping(path, StudyError)
     unknown = sorted(set(raw) - set(STUDY_KEYS))
     if unknown:
         raise StudyError(f"{path}: unknown study keys {unknown}; valid: {', '.join(STUDY_KEYS)}")

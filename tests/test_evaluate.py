@@ -158,7 +158,6 @@ def test_round_trip_from_predictions_is_perfect():
 def test_predict_detections_scores_a_model_that_predicts_the_ground_truth(tmp_path):
     """The model loop: post-processed boxes are scaled to the original sizes and scored per image seen."""
     import torch
-    from torch.utils.data import DataLoader
 
     from dset.data.coco import CocoDetection, collate_fn
     from dset.data.transforms import eval_transforms

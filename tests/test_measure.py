@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 import dset
 from dset.measure import aifi_layer_macs, count_active_params, count_flops, count_params, measure_latency
