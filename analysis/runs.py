@@ -12,7 +12,8 @@ column ``search_runs`` returned (``metrics.*``, ``params.*``, ``tags.*``) and ad
 failed run), ``note`` (an early stop, a failed profile), ``group`` and ``label`` (the variant the run belongs to).
 
 A *variant* is a set of runs that differ only in their seed: the same logged configuration once the
-``run.*`` parameters (seed, device, output folder) are set aside, and the same Optuna trial when
+``run.*`` parameters (seed, device, output folder) and the other result-neutral keys
+(``studies.mlflow_schema.RESULT_NEUTRAL_KEYS``) are set aside, and the same Optuna trial when
 there is one. ``variants(study)`` summarises each variant over its included runs (mean, sample std, n).
 """
 
@@ -301,11 +302,13 @@ def _role_rank(role: str) -> int:
 
 
 def _group_key(row: pd.Series) -> str:
-    """Variant identity: the logged configuration without ``run.*`` (seed, device, out dir), plus the trial."""
+    """Variant identity: the logged configuration without ``run.*`` (seed, device, out dir) and the other
+    result-neutral keys (``S.RESULT_NEUTRAL_KEYS``), plus the trial."""
     if row["role"] == "parent":
         return "parent:" + row["run_id"]
     params = {k[len("params."):]: v for k, v in row.items()
-              if k.startswith("params.") and not k.startswith("params.run.") and isinstance(v, str)}
+              if k.startswith("params.") and not k.startswith("params.run.") and isinstance(v, str)
+              and k[len("params."):] not in S.RESULT_NEUTRAL_KEYS}
     ident = {"params": params, "trial": None if pd.isna(row["trial"]) else int(row["trial"])}
     if not params:  # nothing logged (e.g. a run that failed at once): fall back on the tags
         ident.update(backbone=row["backbone"], switches=[row[s] for s in SWITCHES], variant=row["variant_tag"],

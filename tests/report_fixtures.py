@@ -155,7 +155,9 @@ def log_ablation(client, name: str = "ablation_grid") -> str:
     for i, (bb, e, p, d, seed, best) in enumerate(ABLATION_RUNS):
         start = T0_MS + 3_600_000 * (i + 1)
         cell = f"{bb.lower()}-{combo_code(e, p, d) or 'base'}-s{seed}"
-        params = _config_params(bb, e, p, d, seed)
+        # seeds of a variant may differ in result-neutral keys (a re-run with more loader workers): still one variant
+        params = _config_params(bb, e, p, d, seed, [f"data.num_workers={seed % 3}",
+                                                    f"train.keep_last_checkpoint={str(seed % 2 == 0).lower()}"])
         n_dec = int(params["model.decoder.num_layers"])
         if best is None:
             _log_run(client, exp_id, parent.info.run_id, start_ms=start, params=params, status="FAILED",
