@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="evaluate on this images folder + COCO instances JSON instead of the run's validation split")
     ap.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA weights (default) or the raw model")
     ap.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
-    ns = ap.parse_args(argv)
+    ns = ap.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     bad = [o for o in ns.overrides if "=" not in o]
     if bad:

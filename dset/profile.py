@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="configuration override applied to every model (repeatable)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per model")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
 
     from .models.detector import build_model
 

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                     "(without PRESET_OR_YAML the configuration is read from OUT/config.yaml)")
     ap.add_argument("--budget", default="auto", help="auto (default), none, a budget name (cpu) or a YAML file")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings only")
-    ns = ap.parse_args(argv)
+    ns = ap.parse_intermixed_args(argv)
 
     logging.basicConfig(level=logging.WARNING if ns.quiet else logging.INFO, format="%(message)s")
     log = logging.getLogger("dset.train")

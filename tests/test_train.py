@@ -281,8 +281,9 @@ def test_cli_reports_bad_data_without_traceback(tmp_path, capsys):
     images.mkdir()
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    args = ["rtdetr_r18", "data.name=coco", f"data.train.images={images}", f"data.train.annotations={bad}",
-            f"data.val.images={images}", f"data.val.annotations={bad}", "--out", str(tmp_path / "run")]
+    # options may stand between the preset and its overrides (argparse's intermixed parsing)
+    args = ["rtdetr_r18", "--out", str(tmp_path / "run"), "data.name=coco", f"data.train.images={images}",
+            f"data.train.annotations={bad}", f"data.val.images={images}", f"data.val.annotations={bad}"]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "bad.json" in err and "malformed JSON" in err and "Traceback" not in err
