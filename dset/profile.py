@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="configuration override applied to every model (repeatable)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per model")
     args = parser.parse_intermixed_args(argv)
+    if args.size <= 0 or args.size % 32:
+        parser.error(f"--size must be a positive multiple of 32 (the backbone's stride), got {args.size}")
 
     from .models.detector import build_model
 
@@ -49,8 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     torch.manual_seed(0)
-    results = profile_models(models, args.size, args.device, args.flops_inputs, args.warmup, args.repeats,
-                             args.batch_size)
+    try:
+        results = profile_models(models, args.size, args.device, args.flops_inputs, args.warmup, args.repeats,
+                                 args.batch_size)
+    except ValueError as exc:  # e.g. more decoder queries than encoder tokens at a small --size
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     for name, r in results.items():
         if args.json:
             print(json.dumps(r))

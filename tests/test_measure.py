@@ -71,3 +71,15 @@ def test_profile_cli_prints_one_json_object_per_model(capsys):
         assert {"params", "active_params", "gflops", "gflops_by_component", "latency_ms", "fps", "device"} <= set(r)
     assert lines[1]["active_params"] < lines[1]["params"]
     assert lines[1]["sparse"]["token_pruning"]["keep_ratio_in_force"] == pytest.approx(0.7)
+
+
+def test_profile_cli_bad_sizes_are_one_line_errors(capsys):
+    from dset.profile import main
+
+    # 300 queries cannot be selected from the 84 encoder tokens of a 64 px input
+    assert main(["rtdetr_r18", "--size", "64", "--warmup", "0", "--repeats", "1", "--flops-inputs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "num_queries (300)" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as exc:
+        main(["rtdetr_r18", "--size", "100"])
+    assert exc.value.code == 2 and "multiple of 32" in capsys.readouterr().err
