@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("budget: %s (%s; --budget none to train with the preset's own schedule)", budget.stem, budget)
 
     from .data.coco import DatasetError
-    from .engine.train import NonFiniteLossError, error_message, fit
+    from .engine.train import CheckpointWriteError, NonFiniteLossError, error_message, fit
 
     try:
         summary = fit(cfg, out, resume=ns.resume)
@@ -149,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except NonFiniteLossError as exc:
         print(f"error: training failed: {exc} (see {out / 'summary.json'})", file=sys.stderr)
+        return 1
+    except CheckpointWriteError as exc:
+        print(f"error: {exc}; free some space, then: python -m dset.train --resume --out {out}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"interrupted; continue with: python -m dset.train --resume --out {out}", file=sys.stderr)

@@ -231,6 +231,36 @@ def test_nan_loss_fails_with_step_and_name(tmp_path, synth_root, monkeypatch):
     assert not (tmp_path / "checkpoints" / "last.pt").exists()
 
 
+def test_full_disk_at_a_checkpoint_is_a_clear_error_and_loses_no_work(tmp_path, synth_root, monkeypatch):
+    """torch reports a full disk as 'PytorchStreamWriter failed writing file ...' from deep inside; the run
+    says which checkpoint and how much room is left, keeps the previous checkpoint, and resumes later."""
+    real_save = torch.save
+    saves = []
+
+    def full_disk_on_epoch_1_last(obj, f, *args, **kwargs):
+        saves.append(str(f))
+        if ".last.pt.tmp" in str(f) and obj["epoch"] == 1:
+            with open(f, "wb") as partial:  # what a full disk leaves: a truncated file
+                partial.write(b"PK\x03\x04 truncated")
+            raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing "
+                               "file data/12: file write failed\nmore torch detail")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod.torch, "save", full_disk_on_epoch_1_last)
+    cfg = dset.load_config("rtdetr_r18", tiny(synth_root))
+    with pytest.raises(train_mod.CheckpointWriteError, match=r"last\.pt \(\d+ MB free.*file write failed$"):
+        fit(cfg, tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed" and "CheckpointWriteError" in summary["error"]
+    ckpt_files = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert ckpt_files == ["best.pt", "last.pt"]                      # no temporary file left behind
+    assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 0   # intact
+
+    monkeypatch.setattr(train_mod.torch, "save", real_save)         # room again: resume, nothing redone
+    summary = fit(cfg, tmp_path, resume=True)
+    assert summary["status"] == "completed" and [r["epoch"] for r in _lines(tmp_path / "metrics.jsonl")] == [0, 1]
+
+
 # -------------------------------------------------------------------------------------- command lines
 def test_cli_budget_resolution(tmp_path):
     from dset.train import resolve_config

@@ -50,6 +50,7 @@ import math
 import os
 import random
 import re
+import shutil
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -104,6 +105,11 @@ class Callback:
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the message names the epoch, step and the loss terms concerned."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, most often); the message names the file and the free
+    space. The previous checkpoint of that name is left intact, so the run can resume once there is room."""
 
 
 class EarlyStopping:
@@ -281,10 +287,17 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
+    """Write to a temporary file, then rename: a crash or a full disk never leaves a truncated checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except (RuntimeError, OSError) as exc:  # torch reports a full disk as "PytorchStreamWriter failed ..."
+            free_mb = shutil.disk_usage(path.parent).free / 2**20
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointWriteError(f"could not write the checkpoint {path} ({free_mb:.0f} MB free on its disk; "
+                                       f"the previous one, if any, is intact): {first_line}") from exc
         os.replace(tmp, path)
     finally:
         if tmp.exists():
