@@ -13,7 +13,7 @@ failed run), ``note`` (an early stop, a failed profile), ``group`` and ``label``
 
 A *variant* is a set of runs that differ only in their seed: the same logged configuration once the
 ``run.*`` parameters (seed, device, output folder) and the other result-neutral keys
-(``studies.mlflow_schema.RESULT_NEUTRAL_KEYS``) are set aside, and the same Optuna trial when
+(``dset.config.RESULT_NEUTRAL_KEYS``) are set aside, and the same Optuna trial when
 there is one. ``variants(study)`` summarises each variant over its included runs (mean, sample std, n).
 """
 
@@ -33,6 +33,7 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 import pandas as pd
 
+from dset.config import RESULT_NEUTRAL_KEYS
 from studies import mlflow_schema as S
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -303,12 +304,12 @@ def _role_rank(role: str) -> int:
 
 def _group_key(row: pd.Series) -> str:
     """Variant identity: the logged configuration without ``run.*`` (seed, device, out dir) and the other
-    result-neutral keys (``S.RESULT_NEUTRAL_KEYS``), plus the trial."""
+    result-neutral keys (``RESULT_NEUTRAL_KEYS``), plus the trial."""
     if row["role"] == "parent":
         return "parent:" + row["run_id"]
     params = {k[len("params."):]: v for k, v in row.items()
               if k.startswith("params.") and not k.startswith("params.run.") and isinstance(v, str)
-              and k[len("params."):] not in S.RESULT_NEUTRAL_KEYS}
+              and k[len("params."):] not in RESULT_NEUTRAL_KEYS}
     ident = {"params": params, "trial": None if pd.isna(row["trial"]) else int(row["trial"])}
     if not params:  # nothing logged (e.g. a run that failed at once): fall back on the tags
         ident.update(backbone=row["backbone"], switches=[row[s] for s in SWITCHES], variant=row["variant_tag"],

@@ -166,6 +166,12 @@ class TrainConfig:
                                               # without error; best.pt (weights) stays. Studies set false.
 
 
+# Configuration keys that change neither what a run computes nor its result (where it runs, how it logs,
+# what it keeps on disk). They may change when a run is resumed, they are left out of a study run's
+# fingerprint, and runs that differ only in these (and in run.seed) are seeds of one variant in the report.
+RESULT_NEUTRAL_KEYS = ("run.device", "run.progress", "run.out_dir", "data.num_workers", "train.keep_last_checkpoint")
+
+
 @dataclass
 class RunConfig:
     seed: int = 0

@@ -12,12 +12,6 @@ Child runs carry:
 A failed child run has MLflow status FAILED and the tag ``dset.error`` with the error message.
 """
 
-# Configuration keys that change neither what a run computes nor its result (where it ran, how it logs,
-# what it keeps on disk): left out of a run's fingerprint (studies resume a cell whatever they are) and of
-# a variant's identity in the report (runs that differ only in these, and in ``run.seed``, are seeds of
-# one variant).
-RESULT_NEUTRAL_KEYS = ("run.device", "run.progress", "run.out_dir", "data.num_workers", "train.keep_last_checkpoint")
-
 # ----------------------------------------------------------------------------------------------- tags
 TAG_ROLE = "dset.role"                 # "parent" or "child"
 TAG_STUDY = "dset.study"               # study name, e.g. "ablation_grid"

@@ -37,17 +37,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dset.config import (PRESET_DIR, Config, ConfigError, _merge, _read_yaml_chain, apply_overrides,
-                         config_from_dict, find_yaml, parse_override, read_yaml_mapping)
-
-from . import mlflow_schema as S
+from dset.config import (PRESET_DIR, RESULT_NEUTRAL_KEYS, Config, ConfigError, _merge, _read_yaml_chain,
+                         apply_overrides, config_from_dict, find_yaml, parse_override, read_yaml_mapping)
 
 STUDY_DIR = Path(__file__).resolve().parent
 DEFAULT_BUDGET = "study_cpu"
 CONFIG_SECTIONS = ("model", "data", "train", "run")
-# settings that may change between a run and its resumption (as dset.engine.train.RESUME_MUTABLE_KEYS):
-# they are left out of the fingerprint
-FINGERPRINT_IGNORED = S.RESULT_NEUTRAL_KEYS
+# settings that may change between a run and its resumption: left out of the fingerprint
+FINGERPRINT_IGNORED = RESULT_NEUTRAL_KEYS
 # Study runs differ from a lone ``dset.train`` run here (a study's ``set`` or the command line can change it):
 # a finished cell is never resumed, so its checkpoints/last.pt (resume state, 2-3x the weights) is deleted.
 STUDY_RUN_DEFAULTS = {"train": {"keep_last_checkpoint": False}}

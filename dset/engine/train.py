@@ -61,7 +61,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import Config, ConfigError, load_config
+from ..config import RESULT_NEUTRAL_KEYS, Config, ConfigError, load_config
 from ..data.loaders import DataBundle, build_datasets, build_train_loader, build_val_loader, set_loader_epoch
 from ..models.criterion import build_criterion, total_loss
 from ..models.detector import Detector, build_model, load_backbone_weights, load_checkpoint
@@ -76,7 +76,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
 # configuration keys that may differ between a run and its resumption
-RESUME_MUTABLE_KEYS = ("run.device", "run.progress", "run.out_dir", "data.num_workers", "train.keep_last_checkpoint")
+RESUME_MUTABLE_KEYS = RESULT_NEUTRAL_KEYS
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 
 
