@@ -23,8 +23,8 @@ A study is a YAML file in ``studies/`` (or any path). Keys:
                  cannot prune multi-objective studies) and ``space``: ``dotted.key: {type: int|float|
                  categorical, low, high, step, log, choices, at_most: other.dotted.key}``.
 
-Configuration of a run, in order: presets -> ``STUDY_RUN_DEFAULTS`` -> budget -> data -> ``set`` -> grid values / sampled
-parameters -> command-line ``model.*``/``data.*``/``train.*``/``run.*`` overrides -> ``run.seed``.
+Configuration of a run, in order: presets -> ``STUDY_RUN_DEFAULTS`` -> budget -> data -> ``set`` -> grid
+values / sampled parameters -> command-line ``model.*``/``data.*``/``train.*``/``run.*`` overrides -> ``run.seed``.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ CONFIG_SECTIONS = ("model", "data", "train", "run")
 # settings that may change between a run and its resumption: left out of the fingerprint
 FINGERPRINT_IGNORED = RESULT_NEUTRAL_KEYS
 # Study runs differ from a lone ``dset.train`` run here (a study's ``set`` or the command line can change it):
-# a finished cell is never resumed, so its checkpoints/last.pt (resume state, 2-3x the weights) is deleted.
+# a finished cell is never resumed, so its checkpoints/last.pt (the resume state, twice best.pt) is deleted.
 STUDY_RUN_DEFAULTS = {"train": {"keep_last_checkpoint": False}}
 STUDY_KEYS = ("name", "description", "kind", "presets", "budget", "data", "seeds", "set", "out_dir", "grid", "search")
 OVERRIDABLE = ("name", "presets", "budget", "data", "seeds", "out_dir", "n_trials", "search")

@@ -876,8 +876,8 @@ def fit(cfg: Config | str, out_dir: str | os.PathLike, callbacks: Callback | Seq
             for cb in run.callbacks:
                 cb.on_train_end(dict(summary))
             if not run.cfg.train.keep_last_checkpoint:
-                # the resume state (optimizer moments, EMA, RNG: 2-3x the weights) is dead weight once a run
-                # has ended; a grid of 16 runs would otherwise keep gigabytes of it
+                # the resume state (weights, EMA and the optimizer's two moments: twice best.pt) is dead weight
+                # once a run has ended; a grid of 16 runs would otherwise keep gigabytes of it
                 last = run.ckpt_dir / "last.pt"
                 if last.is_file():
                     last.unlink()
