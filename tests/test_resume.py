@@ -17,8 +17,6 @@ from conftest import one_thread_for_module, SMALL_HEADS
 one_thread = pytest.fixture(autouse=True, scope="module")(one_thread_for_module)
 
 
-
-
 def tiny(root, *extra):
     # rtdetr augmentation on purpose: resume must also restore the random state the augmentations draw from
     return ["data.synthetic.num_train=6", "data.synthetic.num_val=3", "data.synthetic.image_size=64",

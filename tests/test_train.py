@@ -22,8 +22,6 @@ from conftest import one_thread_for_module, SMALL_HEADS
 one_thread = pytest.fixture(autouse=True, scope="module")(one_thread_for_module)
 
 
-
-
 def tiny(root, *extra):
     """8 train / 4 val synthetic images of 64 px, batch 4 (2 steps per epoch), 20 queries."""
     return ["data.synthetic.num_train=8", "data.synthetic.num_val=4", "data.synthetic.image_size=64",
