@@ -99,3 +99,27 @@ def test_more_queries_than_encoder_tokens_is_a_clear_error():
     model = dset.build_model("rtdetr_r18").eval()  # 300 queries
     with pytest.raises(ValueError, match="num_queries \\(300\\) exceeds the 84 encoder tokens"):
         model(torch.rand(1, 3, 64, 64))  # 8x8 + 4x4 + 2x2 = 84 tokens
+
+
+def test_decoder_layer_clamps_to_float16_range_before_its_last_norm():
+    """The reference clamps the FFN's residual sum to [-65504, 65504] before norm3 (so that float16 cannot
+    overflow it). A value far outside that range then gives the norm of the clamped sum, not NaN."""
+    model = dset.build_model("rtdetr_r18", ["model.num_classes=3", "model.decoder.num_queries=10"]).eval()
+    layer = model.decoder.decoder.layers[0]
+    tgt = torch.randn(1, 10, 256)
+    with torch.no_grad():
+        layer.linear2.bias.fill_(1e20)          # the residual sum is ~1e20: its variance overflows float32
+        ffn_sum = tgt + layer.ffn(tgt)
+        assert not torch.isfinite(layer.norm3(ffn_sum)).all()   # what an unclamped norm would give
+        expected = layer.norm3(ffn_sum.clamp(-65504, 65504))
+        # the layer's own forward ends the same way: check through a forward with identity attention paths
+        layer.self_attn.out_proj.weight.zero_()
+        layer.self_attn.out_proj.bias.zero_()
+        layer.cross_attn.output_proj.weight.zero_()
+        layer.cross_attn.output_proj.bias.zero_()
+        layer.norm1 = torch.nn.Identity()
+        layer.norm2 = torch.nn.Identity()
+        memory = torch.randn(1, 21, 256)
+        out = layer(tgt, torch.rand(1, 10, 1, 4), memory, [(4, 4), (2, 2), (1, 1)])
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected)

@@ -115,7 +115,9 @@ class TransformerDecoderLayer(nn.Module):
         tgt = self.norm1(tgt + self.dropout1(attn))
         cross = self.cross_attn(tgt if query_pos is None else tgt + query_pos, reference_points, memory, spatial_shapes)
         tgt = self.norm2(tgt + self.dropout2(cross))
-        return self.norm3(tgt + self.dropout4(self.ffn(tgt)))
+        tgt = tgt + self.dropout4(self.ffn(tgt))
+        # the reference clamps to float16's range before the last norm, so that AMP training cannot overflow it
+        return self.norm3(tgt.clamp(min=-65504, max=65504))
 
 
 class TransformerDecoder(nn.Module):
