@@ -6,6 +6,7 @@ With the three DSET switches off, ``build_model`` gives the reference RT-DETR: s
 
 from __future__ import annotations
 
+import re
 import types
 import warnings
 from dataclasses import dataclass, field
@@ -164,6 +165,33 @@ class LoadReport:
         return "; ".join(parts)
 
 
+# RT-DETRv2 (rtdetrv2_pytorch) names two modules differently and adds buffers with no parameters; with the
+# default num_points, cross_attn_method and query_select_method its inference is v1's (../shared/parity)
+_V2_RENAMES = ((re.compile(r"^decoder\.enc_output\.proj\."), "decoder.enc_output.0."),
+               (re.compile(r"^decoder\.enc_output\.norm\."), "decoder.enc_output.1."),
+               (re.compile(r"^(encoder\.input_proj\.\d+)\.conv\."), r"\1.0."),
+               (re.compile(r"^(encoder\.input_proj\.\d+)\.norm\."), r"\1.1."))
+_V2_BUFFERS = re.compile(r"^decoder\.anchors$|^decoder\.valid_mask$|\.cross_attn\.num_points_scale$")
+
+
+def is_rtdetrv2_layout(state: dict[str, torch.Tensor]) -> bool:
+    return any(_V2_BUFFERS.search(k) or any(rx.search(k) for rx, _ in _V2_RENAMES) for k in state)
+
+
+def from_rtdetrv2_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An RT-DETRv2 state_dict in RT-DETR (v1) names: renamed keys, v2's three kinds of buffers dropped (anchors
+    and valid_mask are recomputed for each input size here; num_points_scale is 1/num_points, a constant).
+    A v1 state_dict comes back unchanged."""
+    out = {}
+    for key, value in state.items():
+        if _V2_BUFFERS.search(key):
+            continue
+        for rx, repl in _V2_RENAMES:
+            key = rx.sub(repl, key)
+        out[key] = value
+    return out
+
+
 def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
@@ -181,7 +209,7 @@ def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path}: no state_dict found (expected 'ema.module', 'model' or a plain state_dict)")
-    return obj
+    return from_rtdetrv2_layout(obj)
 
 
 def load_state_dict_into(model: Detector, state: dict[str, torch.Tensor], source: str = "state_dict",
@@ -247,7 +275,8 @@ def load_state_dict_into(model: Detector, state: dict[str, torch.Tensor], source
 
 
 def load_checkpoint(model: Detector, path: str | Path, upcycle_noise: tuple[float, float] = (0.0, 0.0)) -> LoadReport:
-    """Load a published RT-DETR checkpoint (``ema.module`` or ``model`` entry) or one of ours."""
+    """Load a published RT-DETR checkpoint (``ema.module`` or ``model`` entry; RT-DETR v1 or RT-DETRv2 layout)
+    or one of ours."""
     return load_state_dict_into(model, _read_state_dict(path), str(path), upcycle_noise)
 
 
@@ -266,4 +295,5 @@ def load_backbone_weights(model: Detector, path: str | Path) -> LoadReport:
 
 
 __all__ = ["Detector", "build_model", "load_checkpoint", "load_backbone_weights", "load_state_dict_into",
+           "from_rtdetrv2_layout", "is_rtdetrv2_layout",
            "LoadReport", "ConfigError"]
