@@ -142,6 +142,11 @@ class DataConfig:
     max_train_images: Optional[int] = None    # use only the first N training images (budgets)
     max_val_images: Optional[int] = None
     augment: str = "rtdetr"                   # training augmentation: "rtdetr" (full recipe), "flip", "none"
+    multi_scale: bool = True                  # RT-DETR's per-batch multi-scale training: each training batch is
+                                              # resized to a size drawn from MULTI_SCALE_SIZES_640 scaled by
+                                              # image_size / 640 (rounded to multiples of 32)
+    stop_epoch: Optional[int] = None          # RT-DETRv2's policy: from this epoch on, no multi-scale and no strong
+                                              # augmentation (photometric distort, zoom-out, IoU crop); None: never
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -169,7 +174,18 @@ class TrainConfig:
 # Configuration keys that change neither what a run computes nor its result (where it runs, how it logs,
 # what it keeps on disk). They may change when a run is resumed, they are left out of a study run's
 # fingerprint, and runs that differ only in these (and in run.seed) are seeds of one variant in the report.
-RESULT_NEUTRAL_KEYS = ("run.device", "run.progress", "run.out_dir", "data.num_workers", "train.keep_last_checkpoint")
+# RT-DETR's training sizes at 640 px (v1 rtdetr_pytorch `multi_scale`, v2 include/dataloader.yml)
+MULTI_SCALE_SIZES_640 = (480, 512, 544, 576, 608, 640, 640, 640, 672, 704, 736, 768, 800)
+
+
+def multi_scale_sizes(image_size: int) -> list[int]:
+    """The reference's multi-scale sizes for ``image_size``: the 640 px list scaled by image_size / 640 and
+    rounded to the nearest multiple of 32 (at least 32). At 640 px it is the reference's list itself."""
+    return [max(32, int(round(s * image_size / 640 / 32)) * 32) for s in MULTI_SCALE_SIZES_640]
+
+
+RESULT_NEUTRAL_KEYS = ("run.device", "run.progress", "run.out_dir", "data.num_workers", "train.keep_last_checkpoint",
+                       "run.budget")
 
 
 @dataclass
@@ -179,6 +195,8 @@ class RunConfig:
     out_dir: Optional[str] = None
     deterministic: bool = False
     progress: bool = True                     # tqdm bar within each epoch
+    budget: Optional[str] = None              # the budget file applied under the overrides ("none": none); a
+                                              # record of where the schedule came from, set by resolve_config
 
 
 @dataclass
@@ -193,20 +211,22 @@ class Config:
 
     def flat(self) -> dict[str, Any]:
         """Flat ``{dotted.key: value}`` view (what studies log as parameters)."""
-        out: dict[str, Any] = {}
-
-        def walk(prefix: str, node: Any) -> None:
-            if isinstance(node, dict):
-                for k, v in node.items():
-                    walk(f"{prefix}.{k}" if prefix else k, v)
-            else:
-                out[prefix] = node
-
-        walk("", self.to_dict())
-        return out
+        return flatten(self.to_dict())
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings -> ``{dotted.key: value}``."""
+    out: dict[str, Any] = {}
+    for k, v in mapping.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
 
 
 # ------------------------------------------------------------------------------------ construction
@@ -417,6 +437,11 @@ def validate(cfg: Config) -> Config:
     need(p.ramp_epochs >= 0, "model.token_pruning.ramp_epochs", f"must be >= 0, got {p.ramp_epochs}")
     need(p.fill in ("identity", "zero"), "model.token_pruning.fill", f"must be 'identity' or 'zero', got {p.fill!r}")
     need(p.loss_weight >= 0, "model.token_pruning.loss_weight", "must be >= 0")
+    if p.enabled:  # the reported checkpoint is chosen among the epochs at the target ratio: there must be one
+        target_epoch = p.warmup_epochs + max(p.ramp_epochs, 1) - 1
+        need(target_epoch < cfg.train.epochs, "model.token_pruning.warmup_epochs",
+             f"warm-up {p.warmup_epochs} + ramp {p.ramp_epochs} epochs reach the target keep ratio at epoch "
+             f"{target_epoch + 1}, after the run's {cfg.train.epochs} epochs (train.epochs); shorten them")
     for path_key, value in (("model.checkpoint", m.checkpoint), ("model.backbone.pretrained", m.backbone.pretrained)):
         need(value is None or Path(value).is_file(), path_key, f"file not found: {value}")
 
@@ -435,6 +460,15 @@ def validate(cfg: Config) -> Config:
     need(sy.num_val >= 1, "data.synthetic.num_val", f"must be >= 1, got {sy.num_val}")
     need(sy.image_size >= 32, "data.synthetic.image_size", f"must be >= 32, got {sy.image_size}")
     need(1 <= sy.num_classes <= 6, "data.synthetic.num_classes", f"must be between 1 and 6, got {sy.num_classes}")
+    need(d.stop_epoch is None or d.stop_epoch >= 0, "data.stop_epoch", f"must be >= 0 (or null), got {d.stop_epoch}")
+    if d.name == "synthetic":  # paths the user named must never be silently ignored
+        for split in ("train", "val"):
+            s_cfg: SplitConfig = getattr(d, split)
+            for part in ("images", "annotations"):
+                value = getattr(s_cfg, part)
+                need(value is None, f"data.{split}.{part}",
+                     f"is set ({value}) but data.name is 'synthetic', the built-in data set, which would ignore it; "
+                     "add data.name=coco to train on your data")
     if d.name == "coco":
         for split in ("train", "val"):
             s: SplitConfig = getattr(d, split)
@@ -471,3 +505,80 @@ def load_config(name_or_path: str | Path | Config = "rtdetr_r18", overrides: lis
     else:
         data = _read_yaml_chain(name_or_path)
     return config_from_dict(apply_overrides(data, overrides))
+
+
+# ------------------------------------------------------------------------------------------- budgets
+# A budget is a YAML file of data.*/train.*/model.* settings that sizes a run (image size, data, epochs):
+# dset/configs/budget_<name>.yaml. It may also hold a ``pretrain`` section, stage 1 of a study at that
+# scale (see studies/pretrain.py); single runs ignore it.
+BUDGET_AUTO = "auto"
+DEFAULT_BUDGET = "cpu"   # what "auto" applies: a few minutes on a CPU, on the built-in synthetic data
+
+
+def budget_path(name: str | Path | None) -> Path | None:
+    """The budget file a name or path denotes; None for none/null."""
+    if name is None or str(name).lower() in ("none", "null", ""):
+        return None
+    return find_yaml(name, PRESET_DIR, what="budget", prefix="budget_", extra_names=("none", BUDGET_AUTO),
+                     context="budget")
+
+
+def read_budget(name: str | Path | None) -> tuple[dict, Any]:
+    """A budget's configuration layer and its ``pretrain`` section (None when it has none)."""
+    path = budget_path(name)
+    if path is None:
+        return {}, None
+    data = _read_yaml_chain(path)
+    return data, data.pop("pretrain", None)
+
+
+def _nest(flat: dict[str, Any]) -> dict:
+    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}`` (nested values are merged as they are)."""
+    out: dict = {}
+    for key, value in flat.items():
+        node = out
+        parts = str(key).split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def resolve_config(presets: str | Path | list, *, budget: str | Path | None = BUDGET_AUTO, data: str | Path | None = None,
+                   layers: tuple | list = (), overrides: list[str] | None = None, seed: int | None = None) -> Config:
+    """The one way a run's configuration is put together, for ``dset.train`` and for studies alike.
+
+    Layers, each on top of the one before: the preset(s) (a name in dset/configs or a YAML path, merged in
+    order) -> the budget -> ``data`` (``dset/configs/data_<name>.yaml`` or a path) -> ``layers`` (mappings,
+    dotted or nested keys: a study's ``set``, a grid cell's values) -> ``overrides`` (``key=value`` strings of
+    the command line) -> ``run.seed``. ``run.budget`` records the budget applied.
+
+    ``budget="auto"`` applies ``budget_cpu`` when the run uses the built-in synthetic data and the preset
+    files set no ``data.*``/``train.*`` key of their own (a YAML file with its own schedule is left alone);
+    ``None``/``"none"`` applies none (the preset's full schedule)."""
+    presets = [presets] if isinstance(presets, (str, Path)) else list(presets)
+    stack: dict = {}
+    for p in presets:
+        stack = _merge(stack, _read_yaml_chain(p))
+    on_top: list[dict] = []
+    if data is not None and str(data).lower() not in ("none", "null", ""):
+        on_top.append(_read_yaml_chain(find_yaml(data, PRESET_DIR, what="data preset", prefix="data_",
+                                                 context="data")))
+    on_top += [_nest(layer) for layer in layers]
+    if budget is not None and str(budget) == BUDGET_AUTO:
+        sets_schedule = any(section in stack for section in ("data", "train"))
+        probe = stack
+        for layer in on_top:
+            probe = _merge(probe, layer)
+        probe = apply_overrides(probe, overrides)
+        synthetic = (probe.get("data") or {}).get("name", DataConfig.name) == "synthetic"
+        budget = DEFAULT_BUDGET if synthetic and not sets_schedule else None
+    budget_layer, _ = read_budget(budget)
+    stack = _merge(stack, budget_layer)
+    for layer in on_top:
+        stack = _merge(stack, layer)
+    stack = apply_overrides(stack, overrides)
+    run = {"budget": "none" if budget_path(budget) is None else str(budget)}
+    if seed is not None:
+        run["seed"] = seed
+    return config_from_dict(_merge(stack, {"run": run}))

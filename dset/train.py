@@ -16,7 +16,10 @@ applied on top of the preset and below the ``key=value`` overrides (which always
 ``python -m dset.train rtdetr_r18 --out DIR`` is a run of a few minutes on a CPU, ``... train.epochs=20`` is the
 same budget for longer, and a COCO run or a study YAML with its own schedule is left alone.
 ``--budget none`` never applies one (the preset's full schedule: 640 px, 72 epochs); ``--budget NAME``
-(``budget_NAME.yaml`` in dset/configs) or ``--budget FILE.yaml`` always does.
+(``budget_NAME.yaml`` in dset/configs) or ``--budget FILE.yaml`` always does. The layers are stacked by
+:func:`dset.config.resolve_config`, the same function studies use; the budget applied is logged and kept in
+``config.yaml`` as ``run.budget``. Data paths (``data.train.images=...``) without ``data.name=coco`` are an
+error naming the key, never silently replaced by the synthetic set.
 """
 
 from __future__ import annotations
@@ -27,50 +30,13 @@ import os
 import sys
 from pathlib import Path
 
-from .config import (PRESET_DIR, ConfigError, _merge, _read_yaml_chain, apply_overrides, config_from_dict, find_yaml,
-                     load_config)
-
-DEFAULT_BUDGET = "cpu"
-
-
-def _budget_path(name: str) -> Path:
-    return find_yaml(name, PRESET_DIR, what="budget", prefix="budget_", extra_names=("none", "auto"),
-                     context="--budget")
-
-
-def _flat_keys(data: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in data.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, dict):
-            out.update(_flat_keys(v, key))
-        else:
-            out[key] = v
-    return out
-
-
-def resolve_config(config: str, overrides: list[str], budget: str = "auto"):
-    """The Config a command line describes, and the budget applied (a path or None)."""
-    data = _read_yaml_chain(config)
-    applied = None
-    if budget == "auto":
-        file_sets_schedule = any(k.split(".")[0] in ("data", "train") for k in _flat_keys(data))
-        data_name = config_from_dict(apply_overrides(data, overrides)).data.name
-        if not file_sets_schedule and data_name == "synthetic":
-            applied = _budget_path(DEFAULT_BUDGET)
-    elif budget != "none":
-        applied = _budget_path(budget)
-    if applied is not None:
-        data = _merge(data, _read_yaml_chain(applied))
-    return config_from_dict(apply_overrides(data, overrides)), applied
+from .config import DEFAULT_BUDGET, ConfigError, budget_path, flatten, load_config, read_budget, resolve_config
 
 
 def _budget_help() -> str:
     try:
-        path = _budget_path(DEFAULT_BUDGET)
-        import yaml
-
-        flat = _flat_keys(yaml.safe_load(path.read_text()) or {})
+        path = budget_path(DEFAULT_BUDGET)
+        flat = flatten(read_budget(DEFAULT_BUDGET)[0])
         lines = [f"  {k} = {v}" for k, v in flat.items() if k != "base"]
         budget = (f"default budget ({path.name}), applied by --budget auto on the synthetic data set when the\n"
                   "preset/YAML sets no data.*/train.* key; key=value overrides go on top of it:\n" + "\n".join(lines))
@@ -81,6 +47,7 @@ def _budget_help() -> str:
 other keys worth knowing (any key of dset/config.py can be overridden):
   data.name=synthetic|coco   data.{train,val}.{images,annotations}   data.image_size   data.batch_size
   data.num_workers   data.max_train_images   data.max_val_images   data.augment=rtdetr|flip|none
+  data.multi_scale=true|false   data.stop_epoch=N
   train.epochs   train.lr   train.lr_pretrained   train.warmup_steps   train.ema_decay   train.grad_clip
   train.early_stop_patience   train.eval_every   train.checkpoint_every   train.profile   run.seed
   run.device   model.backbone.pretrained=FILE   model.checkpoint=FILE   model.decoder.num_queries
@@ -125,9 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             if not saved.is_file():
                 raise ConfigError(f"--resume without PRESET_OR_YAML needs {saved}")
             cfg = load_config(saved, overrides)
-            budget = None
         else:
-            cfg, budget = resolve_config(config, overrides, ns.budget)
+            cfg = resolve_config(config, budget=ns.budget, overrides=overrides)
         if ns.quiet:
             cfg = load_config(cfg, ["run.progress=false"])
         if ns.out is None and cfg.run.out_dir is None:
@@ -136,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = Path(ns.out if ns.out is not None else cfg.run.out_dir)
-    if budget is not None:
-        log.info("budget: %s (%s; --budget none to train with the preset's own schedule)", budget.stem, budget)
+    log.info("budget: %s%s", cfg.run.budget, " (--budget none to train with the preset's own schedule)"
+             if cfg.run.budget != "none" else "")
 
     from .data.coco import DatasetError
     from .engine.train import CheckpointWriteError, NonFiniteLossError, error_message, fit

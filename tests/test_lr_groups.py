@@ -79,8 +79,9 @@ def test_from_scratch_everything_at_lr():
 
 
 def test_rtdetr_checkpoint_into_dset_new_components_at_lr(tmp_path):
-    """Loading an RT-DETR checkpoint into DSET: every loaded tensor is pretrained; MoE experts (upcycled)
-    and routers and the importance predictor are new."""
+    """Loading an RT-DETR checkpoint into DSET: every loaded tensor is pretrained, and so are the MoE experts
+    upcycled from the pretrained FFNs (with the FFN's weight decay: none on the stacked biases); routers and
+    the importance predictor are new."""
     dense = build_model(dset.load_config("rtdetr_r18", SMALL), load_weights=False)
     path = tmp_path / "rtdetr.pth"
     torch.save({"model": dense.state_dict()}, path)
@@ -91,14 +92,62 @@ def test_rtdetr_checkpoint_into_dset_new_components_at_lr(tmp_path):
     opt = build_optimizer(model, cfg, pretrained)
     groups = _groups_by_param(opt)
     new = {n for n, g in groups.items() if g["name"].startswith("new")}
-    assert new and all(".moe." in n or "token_pruner" in n for n in new)
+    assert new and all(".moe.router." in n or "token_pruner" in n for n in new)
     assert any(".moe.router" in n for n in new) and any("token_pruner" in n for n in new)
-    assert any(n.endswith(".moe.w1") for n in new)
-    # the MoE experts' stacked biases get no weight decay
-    assert all(groups[n]["weight_decay"] == 0.0 for n in new if n.endswith((".moe.b1", ".moe.b2")))
-    assert all(groups[n]["weight_decay"] > 0 for n in new if n.endswith((".moe.w1", ".moe.w2")))
+    experts = {n for n in groups if n.endswith((".moe.w1", ".moe.b1", ".moe.w2", ".moe.b2"))}
+    assert experts and all(groups[n]["name"].startswith("pretrained") for n in experts)
+    # the MoE experts' stacked biases get no weight decay, their weights do
+    assert all(groups[n]["weight_decay"] == 0.0 for n in experts if n.endswith((".moe.b1", ".moe.b2")))
+    assert all(groups[n]["weight_decay"] > 0 for n in experts if n.endswith((".moe.w1", ".moe.w2")))
     dense_names = {n for n in groups if ".moe." not in n and "token_pruner" not in n}
     assert dense_names and all(groups[n]["name"].startswith("pretrained") for n in dense_names)
+
+
+# an upcycled expert tensor and the dense FFN tensor it was copied from
+_EXPERT_SOURCE = {"w1": "linear1.weight", "b1": "linear1.bias", "w2": "linear2.weight", "b2": "linear2.bias"}
+
+
+def _dense_name(name: str) -> str:
+    """The all-off model's name of a cell's parameter (an upcycled expert -> the FFN tensor it came from)."""
+    head, _, last = name.rpartition(".moe.")
+    return f"{head}.{_EXPERT_SOURCE[last]}" if head and last in _EXPERT_SOURCE else name
+
+
+@pytest.mark.parametrize("switches", [(e, p, d) for e in (False, True) for p in (False, True) for d in (False, True)
+                                      if (e, p, d) != (False, False, False)])
+def test_every_switch_keeps_the_optimizer_groups_of_the_all_off_cell(tmp_path, switches):
+    """DSET's protocol: every cell fine-tunes from the same RT-DETR checkpoint, and turning a switch on changes
+    nothing else. Parameter by parameter, each cell's rate and weight decay equal the all-off cell's (an
+    upcycled expert: those of the FFN it was copied from); the only other parameters are new ones (routers,
+    the importance predictor) at train.lr."""
+    dense = build_model(dset.load_config("rtdetr_r18", SMALL), load_weights=False)
+    path = tmp_path / "rtdetr.pth"
+    torch.save({"model": dense.state_dict()}, path)
+    common = SMALL + [f"model.checkpoint={path}", "train.lr=1e-4", "train.lr_pretrained=1e-5",
+                      "train.weight_decay=0.05", "model.encoder_moe.expert_hidden_dim=1024",
+                      "model.decoder_moe.expert_hidden_dim=1024"]
+
+    def groups_of(e, p, d):
+        cfg = dset.load_config("dset_r18", common + [f"model.encoder_moe.enabled={e}",
+                                                     f"model.token_pruning.enabled={p}",
+                                                     f"model.decoder_moe.enabled={d}"])
+        model, pretrained, _ = build_training_model(cfg)
+        return {n: (g["lr"], g["weight_decay"]) for n, g in _groups_by_param(build_optimizer(model, cfg,
+                                                                                            pretrained)).items()}
+
+    base = groups_of(False, False, False)
+    cell = groups_of(*switches)
+    mapped = {}
+    for name, setting in cell.items():
+        source = _dense_name(name)
+        if source in base:
+            mapped[source] = setting
+            assert setting == base[source], f"{name} (from {source}): {setting} != all-off {base[source]}"
+        else:
+            assert ".moe.router." in name or ".token_pruner." in name, f"unexpected new parameter {name}"
+            assert setting[0] == 1e-4, name
+    # every all-off parameter is still there (as itself or as the experts copied from it)
+    assert set(mapped) == set(base)
 
 
 def test_lr_each_parameter_actually_gets(backbone_file):

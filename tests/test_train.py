@@ -261,14 +261,15 @@ def test_full_disk_at_a_checkpoint_is_a_clear_error_and_loses_no_work(tmp_path, 
 
 # -------------------------------------------------------------------------------------- command lines
 def test_cli_budget_resolution(tmp_path):
-    from dset.train import resolve_config
+    """One resolver (dset.config.resolve_config) for dset.train and studies; run.budget records the budget."""
+    from dset.config import resolve_config
 
-    cfg, budget = resolve_config("rtdetr_r18", [])
-    assert budget is not None and budget.name == "budget_cpu.yaml"
+    cfg = resolve_config("rtdetr_r18", overrides=[])
+    assert cfg.run.budget == "cpu"
     assert cfg.data.name == "synthetic" and cfg.train.epochs < 72 and cfg.data.image_size <= 256
     # overrides go on top of the budget
-    cfg2, budget2 = resolve_config("dset_r18", ["model.decoder_moe.top_k=2", "train.epochs=3"])
-    assert budget2 is not None and cfg2.model.decoder_moe.top_k == 2 and cfg2.train.epochs == 3
+    cfg2 = resolve_config("dset_r18", overrides=["model.decoder_moe.top_k=2", "train.epochs=6"])
+    assert cfg2.run.budget == "cpu" and cfg2.model.decoder_moe.top_k == 2 and cfg2.train.epochs == 6
     assert cfg2.data.image_size == cfg.data.image_size and cfg2.train.lr == cfg.train.lr
     # COCO data: no budget
     images, ann = tmp_path / "images", tmp_path / "a.json"
@@ -276,19 +277,36 @@ def test_cli_budget_resolution(tmp_path):
     ann.write_text("{}")
     coco = ["data.name=coco", f"data.train.images={images}", f"data.train.annotations={ann}",
             f"data.val.images={images}", f"data.val.annotations={ann}"]
-    cfg3, budget3 = resolve_config("rtdetr_r18", coco)
-    assert budget3 is None and cfg3.data.image_size == 640 and cfg3.train.epochs == 72
+    cfg3 = resolve_config("rtdetr_r18", overrides=coco)
+    assert cfg3.run.budget == "none" and cfg3.data.image_size == 640 and cfg3.train.epochs == 72
+    # data paths without data.name=coco: an error naming the key, never the synthetic set instead
+    with pytest.raises(ConfigError, match=r"data\.train\.images: .*data\.name=coco"):
+        resolve_config("rtdetr_r18", overrides=coco[1:])
     # a YAML file with its own schedule: no budget; --budget none: the preset's schedule
     study = tmp_path / "study.yaml"
     study.write_text("base: rtdetr_r18\ntrain: {epochs: 5}\n")
-    cfg4, budget4 = resolve_config(str(study), [])
-    assert budget4 is None and cfg4.train.epochs == 5 and cfg4.data.image_size == 640
-    cfg5, budget5 = resolve_config("rtdetr_r18", [], budget="none")
-    assert budget5 is None and cfg5.train.epochs == 72
-    cfg6, budget6 = resolve_config(str(study), [], budget="cpu")
-    assert budget6 is not None and cfg6.train.epochs == cfg.train.epochs
+    cfg4 = resolve_config(str(study), overrides=[])
+    assert cfg4.run.budget == "none" and cfg4.train.epochs == 5 and cfg4.data.image_size == 640
+    cfg5 = resolve_config("rtdetr_r18", budget="none", overrides=[])
+    assert cfg5.run.budget == "none" and cfg5.train.epochs == 72
+    cfg6 = resolve_config(str(study), budget="cpu", overrides=[])
+    assert cfg6.run.budget == "cpu" and cfg6.train.epochs == cfg.train.epochs
     with pytest.raises(ConfigError, match="unknown budget"):
-        resolve_config("rtdetr_r18", [], budget="nope")
+        resolve_config("rtdetr_r18", budget="nope", overrides=[])
+
+
+def test_cli_data_paths_without_coco_are_refused(tmp_path, capsys):
+    """``dset.train PRESET data.train.images=DIR ...`` without data.name=coco used to train on the synthetic
+    set silently; now it stops before any work with the key named."""
+    from dset.train import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    code = main(["rtdetr_r18", f"data.train.images={images}", "--out", str(tmp_path / "run")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "data.train.images" in err and "data.name=coco" in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_help_lists_budget_keys(capsys):
@@ -367,3 +385,88 @@ def test_cli_train_then_evaluate(tmp_path, synth_root, capsys):
     assert "3 images" in capsys.readouterr().out
     assert eval_main([str(tmp_path / "missing.pt")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ measured as it runs
+def test_a_flat_map_pruning_run_is_reported_at_its_target_keep_ratio(tmp_path, synth_root, monkeypatch):
+    """mAP that never improves would make epoch 0 (unpruned, in the warm-up) the best: the reported checkpoint,
+    its detections and its GFLOPs would be those of a dense model. The best epoch is chosen among those at the
+    target ratio, so the run is profiled pruned."""
+    real = train_mod.evaluate_detections
+
+    def flat(*args, **kwargs):
+        metrics = real(*args, **kwargs)
+        metrics["mAP"] = 0.25
+        return metrics
+
+    monkeypatch.setattr(train_mod, "evaluate_detections", flat)
+    # 64 px: a 2x2 stride-32 map, 4 tokens; keep 1.0 (epoch 0), 0.75 (epoch 1), 0.5 from epoch 2 on
+    cfg = dset.load_config("dset_r18", tiny(synth_root, "train.epochs=4", "train.profile=true",
+                                            "model.token_pruning.keep_ratio=0.5", "model.token_pruning.min_tokens=1",
+                                            "model.token_pruning.warmup_epochs=1", "model.token_pruning.ramp_epochs=2"))
+    summary = fit(cfg, tmp_path)
+    assert summary["best_epoch"] == 2                        # the first epoch at the target ratio
+    assert summary["profile_tokens"] == 4 and summary["profile_kept_tokens"] == 2
+    assert summary["profile_keep_ratio"] == 0.5
+    best = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)
+    assert best["epoch"] == 2 and int(best["ema"]["module"]["encoder.token_pruner.epoch"]) == 2
+    detections = json.loads((tmp_path / "eval" / "detections.json").read_text())
+    assert detections["epoch"] == 2 and detections["image_ids"] == [9, 10, 11, 12]
+    truth = json.loads((tmp_path / "eval" / "ground_truth.json").read_text())
+    assert [im["id"] for im in truth["images"]] == [9, 10, 11, 12] and truth["categories"]
+
+
+def test_a_pruning_schedule_that_never_reaches_its_target_is_refused(synth_root):
+    with pytest.raises(ConfigError, match="model.token_pruning.warmup_epochs: .* reach the target keep ratio at "
+                                          "epoch 5, after the run's 4 epochs"):
+        dset.load_config("dset_r18", tiny(synth_root, "train.epochs=4", "model.token_pruning.warmup_epochs=2",
+                                          "model.token_pruning.ramp_epochs=3"))
+
+
+# ---------------------------------------------------------------------------------------- the recipe
+def test_multi_scale_sizes_are_the_references_scaled_to_the_image_size():
+    from dset.config import MULTI_SCALE_SIZES_640, multi_scale_sizes
+
+    assert multi_scale_sizes(640) == list(MULTI_SCALE_SIZES_640)
+    assert multi_scale_sizes(128) == [96] * 3 + [128] * 7 + [160] * 3
+    assert set(multi_scale_sizes(320)) == {256, 288, 320, 352, 384}
+    assert all(s % 32 == 0 for s in multi_scale_sizes(416))
+
+
+def test_multi_scale_and_strong_augmentation_stop_at_the_stop_epoch(tmp_path, synth_root, monkeypatch):
+    """Per training batch, one size drawn from the scaled reference list (v1 and v2); from data.stop_epoch on
+    (v2's policy), neither multi-scale nor the strong augmentations."""
+    from dset.data.transforms import StopEpochPolicy
+    from dset.models.detector import Detector
+
+    epoch = {"now": -1}
+    sizes, pipelines = [], []
+    real_forward, real_set_epoch, real_call = Detector.forward, Detector.set_epoch, StopEpochPolicy.__call__
+
+    def set_epoch(self, e):
+        epoch["now"] = e
+        return real_set_epoch(self, e)
+
+    def forward(self, images, targets=None):
+        if self.training:
+            sizes.append((epoch["now"], tuple(images.shape[-2:])))
+        return real_forward(self, images, targets)
+
+    def call(self, *inputs):
+        pipelines.append((self.epoch, "strong" if self.active is self.strong else "plain"))
+        return real_call(self, *inputs)
+
+    monkeypatch.setattr(Detector, "set_epoch", set_epoch)
+    monkeypatch.setattr(Detector, "forward", forward)
+    monkeypatch.setattr(StopEpochPolicy, "__call__", call)
+    cfg = dset.load_config("rtdetr_r18", tiny(synth_root, "data.image_size=128", "model.eval_spatial_size=[128,128]",
+                                              "data.batch_size=1", "data.augment=rtdetr", "data.multi_scale=true",
+                                              "data.stop_epoch=2", "train.epochs=3"))
+    fit(cfg, tmp_path)
+    before = [s for e, s in sizes if e < 2]
+    after = [s for e, s in sizes if e == 2]
+    assert len(before) == 16 and len(after) == 8
+    assert {s for s in before} <= {(96, 96), (128, 128), (160, 160)} and len(set(before)) > 1
+    assert set(after) == {(128, 128)}
+    assert {p for e, p in pipelines if e < 2} == {"strong"} and {p for e, p in pipelines if e == 2} == {"plain"}
+    assert len(pipelines) == 24

@@ -66,20 +66,17 @@ def data_paths(cfg: Config) -> dict[str, str]:
 
 
 def train_transform_for(cfg: Config):
-    """The training pipeline ``data.augment`` names."""
-    from torchvision.transforms import v2
-
-    from .transforms import NormalizeBoxes, eval_transforms, train_transforms
+    """The training pipeline ``data.augment`` names; with ``data.stop_epoch`` the RT-DETR recipe gives way to
+    the flip pipeline at that epoch (RT-DETRv2's policy)."""
+    from .transforms import StopEpochPolicy, eval_transforms, flip_transforms, train_transforms
 
     size = cfg.data.image_size
     if cfg.data.augment == "rtdetr":
+        if cfg.data.stop_epoch is not None:
+            return StopEpochPolicy(train_transforms(size), flip_transforms(size), cfg.data.stop_epoch)
         return train_transforms(size)
     if cfg.data.augment == "flip":
-        from torchvision import tv_tensors
-
-        return v2.Compose([v2.RandomHorizontalFlip(), v2.Resize((size, size)), v2.ToImage(),
-                           v2.ToDtype(torch.float32, scale=True),
-                           v2.ConvertBoundingBoxFormat(tv_tensors.BoundingBoxFormat.CXCYWH), NormalizeBoxes()])
+        return flip_transforms(size)
     return eval_transforms(size)
 
 
@@ -163,8 +160,14 @@ def build_val_loader(dataset: Dataset, cfg: Config, rank: int = 0, world_size: i
 
 def set_loader_epoch(loader: DataLoader, epoch: int, seed: int, rank: int = 0) -> None:
     """Seed the epoch's shuffling (``seed + epoch``, the same on every rank: ranks take disjoint slices of
-    one permutation) and its workers' random augmentations (``seed + epoch``, offset per rank)."""
+    one permutation) and its workers' random augmentations (``seed + epoch``, offset per rank), and tell an
+    epoch-dependent training pipeline (``data.stop_epoch``) the epoch."""
     if hasattr(loader.sampler, "set_epoch"):
         loader.sampler.set_epoch(epoch)
+    dataset = loader.dataset
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    if hasattr(getattr(dataset, "transforms", None), "set_epoch"):  # StopEpochPolicy
+        dataset.transforms.set_epoch(epoch)
     if loader.generator is not None:
         loader.generator.manual_seed(seed + epoch + 1_000_003 * rank)

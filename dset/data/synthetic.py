@@ -51,6 +51,7 @@ __all__ = [
     "CLASS_NAMES",
     "SyntheticObject",
     "make_synthetic_coco",
+    "dataset_key",
     "render_scene",
     "default_cache_root",
 ]
@@ -365,6 +366,15 @@ def _is_complete(folder: Path, key: str, p: dict) -> bool:
         return False
 
 
+def dataset_key(num_train: int = 256, num_val: int = 64, image_size: int = 320, seed: int = 0, num_classes: int = 4,
+                min_objects: int = 1, max_objects: int = 8, min_object_size: int = 8,
+                max_object_frac: float = 0.6) -> str:
+    """The data set's identity: a hash of all its parameters and GENERATOR_VERSION (its cache folder's key)."""
+    p = _params(num_train, num_val, image_size, seed, num_classes, min_objects, max_objects, min_object_size,
+                max_object_frac)
+    return hashlib.sha256(json.dumps(p, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def make_synthetic_coco(
     root: str | os.PathLike | None = None,
     num_train: int = 256,
@@ -391,7 +401,8 @@ def make_synthetic_coco(
     p = _params(num_train, num_val, image_size, seed, num_classes, min_objects, max_objects, min_object_size,
                 max_object_frac)
     _validate(p)
-    key = hashlib.sha256(json.dumps(p, sort_keys=True).encode()).hexdigest()[:16]
+    key = dataset_key(num_train, num_val, image_size, seed, num_classes, min_objects, max_objects, min_object_size,
+                      max_object_frac)
     cache_root = Path(root).expanduser() if root is not None else default_cache_root()
     name = f"shapes{p['num_classes']}_{p['num_train']}-{p['num_val']}_{p['image_size']}px_seed{p['seed']}_{key}"
     folder = cache_root / name

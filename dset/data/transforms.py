@@ -13,6 +13,9 @@ SanitizeBoundingBoxes(min_size=1) -> RandomHorizontalFlip -> Resize((size, size)
 SanitizeBoundingBoxes -> ToImage/ToDtype(float32, scale) -> ConvertBoundingBoxFormat(CXCYWH) ->
 NormalizeBoxes.
 
+With ``data.stop_epoch`` (RT-DETRv2's policy) the strong steps (photometric distort, zoom-out, IoU crop) stop at
+that epoch and the flip pipeline (flip -> resize) trains the remaining epochs (:class:`StopEpochPolicy`).
+
 Eval pipeline: Resize((size, size)) -> ToImage/ToDtype -> CXCYWH -> NormalizeBoxes.
 """
 
@@ -30,6 +33,8 @@ __all__ = [
     "RandomIoUCropP",
     "train_transforms",
     "eval_transforms",
+    "flip_transforms",
+    "StopEpochPolicy",
     "basic_transforms",
 ]
 
@@ -114,6 +119,34 @@ def train_transforms(size: int = 640) -> v2.Compose:
             *_to_model_input(),
         ]
     )
+
+
+def flip_transforms(size: int = 640) -> v2.Compose:
+    """Horizontal flip and resize only: the light training pipeline (``data.augment: flip``), and what
+    RT-DETRv2 keeps of its recipe once the strong augmentations stop (``data.stop_epoch``)."""
+    size = _check_size(size)
+    return v2.Compose([v2.RandomHorizontalFlip(), v2.Resize((size, size)),
+                       v2.SanitizeBoundingBoxes(min_size=1, labels_getter=_get_labels), *_to_model_input()])
+
+
+class StopEpochPolicy:
+    """RT-DETRv2's ``stop_epoch`` policy: the ``strong`` pipeline before ``stop_epoch``, the ``plain`` one from
+    it on. ``set_epoch`` is called at the start of every epoch (:func:`dset.data.loaders.set_loader_epoch`);
+    data-loader workers are started per epoch, so they receive the epoch's pipeline."""
+
+    def __init__(self, strong: v2.Compose, plain: v2.Compose, stop_epoch: int) -> None:
+        self.strong, self.plain, self.stop_epoch = strong, plain, int(stop_epoch)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    @property
+    def active(self) -> v2.Compose:
+        return self.strong if self.epoch < self.stop_epoch else self.plain
+
+    def __call__(self, *inputs: Any) -> Any:
+        return self.active(*inputs)
 
 
 def eval_transforms(size: int = 640) -> v2.Compose:

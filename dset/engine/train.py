@@ -8,13 +8,16 @@ What a run does, in order:
    value used.
 2. Model (:func:`build_training_model`): ``build_model`` plus the local initial weights
    (``model.backbone.pretrained``, ``model.checkpoint``; MoE experts upcycled from dense FFNs). The names
-   those files set are "pretrained".
+   those files set are "pretrained", and so are the experts upcycled from a pretrained FFN.
 3. AdamW with up to four parameter groups (:func:`param_groups`): ``pretrained`` / ``new`` x with / without
-   weight decay. Pretrained parameters train at ``train.lr_pretrained``, everything else (MoE experts and
-   routers, the importance predictor, everything when training from scratch) at ``train.lr``. Norm
+   weight decay. Pretrained parameters (upcycled experts included) train at ``train.lr_pretrained``, everything
+   else (MoE routers, the importance predictor, experts not upcycled, everything when training from scratch)
+   at ``train.lr``. Norm
    parameters (BatchNorm, LayerNorm, GroupNorm) and biases get no weight decay. Frozen parameters
    (``model.backbone.freeze_at``) are not optimised.
-4. Per step: linear warm-up then cosine (:mod:`dset.engine.schedule`) as a factor on each group's own rate;
+4. Per step: RT-DETR's multi-scale training (``data.multi_scale``: the batch resized to a size drawn from
+   the reference's list scaled to ``data.image_size``; off from ``data.stop_epoch``, RT-DETRv2's policy, which
+   also ends the strong augmentations); linear warm-up then cosine (:mod:`dset.engine.schedule`) as a factor on each group's own rate;
    AMP (float16 + GradScaler) only on CUDA with ``train.amp``; gradient clipping at ``train.grad_clip``
    (0: off); EMA update (:mod:`dset.engine.ema`). A NaN/inf loss stops the run with
    :class:`NonFiniteLossError` naming the epoch, step and loss terms.
@@ -61,10 +64,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import RESULT_NEUTRAL_KEYS, Config, ConfigError, load_config
+from ..config import RESULT_NEUTRAL_KEYS, Config, ConfigError, load_config, multi_scale_sizes
 from ..data.loaders import DataBundle, build_datasets, build_train_loader, build_val_loader, set_loader_epoch
 from ..models.criterion import build_criterion, total_loss
 from ..models.detector import Detector, build_model, load_backbone_weights, load_checkpoint
+from ..models.moe import UPCYCLED_EXPERT_PARAMS
 from .ema import ModelEMA
 from .evaluate import coco_metrics, predict_detections
 from .schedule import build_scheduler
@@ -75,6 +79,10 @@ __all__ = ["fit", "Callback", "NonFiniteLossError", "build_training_model", "par
 log = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
+# the reported (best) checkpoint's detections on the validation images, and their ground truth: what a report
+# needs to bootstrap intervals over images (written beside metrics.jsonl)
+DETECTIONS_FILE = "eval/detections.json"
+GROUND_TRUTH_FILE = "eval/ground_truth.json"
 # configuration keys that may differ between a run and its resumption
 RESUME_MUTABLE_KEYS = RESULT_NEUTRAL_KEYS
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
@@ -160,7 +168,12 @@ def build_training_model(cfg: Config) -> tuple[Detector, set[str], list]:
                                        upcycle_noise=(m.encoder_moe.upcycle_noise, m.decoder_moe.upcycle_noise)))
     for r in reports:
         log.info("initial weights: %s", r.summary())
-    pretrained = set().union(*(set(r.loaded) for r in reports)) if reports else set()
+    pretrained: set[str] = set()
+    for r in reports:
+        pretrained |= set(r.loaded)
+        # upcycled experts are the pretrained FFN they were copied from: they keep its rate and weight decay, so
+        # that switching MoE on changes nothing else (its router is new)
+        pretrained |= {f"{moe}.{p}" for moe in r.upcycled for p in UPCYCLED_EXPERT_PARAMS}
     return model, pretrained, reports
 
 
@@ -365,6 +378,25 @@ def _broadcast_object(obj: Any, dinfo: _Dist) -> Any:
     return box[0]
 
 
+def _top_per_image_and_class(detections: list[dict], limit: int) -> list[dict]:
+    """The ``limit`` best-scored detections of each (image, category): all that COCOeval's maxDets=100 reads."""
+    groups: dict[tuple, list[dict]] = {}
+    for d in detections:
+        groups.setdefault((d["image_id"], d["category_id"]), []).append(d)
+    out = []
+    for key in sorted(groups):
+        out += sorted(groups[key], key=lambda d: -d["score"])[:limit]
+    return out
+
+
+def _ground_truth(coco, image_ids: list[int]) -> dict:
+    """The COCO ground truth of ``image_ids`` (images, their annotations, every category)."""
+    ids = set(image_ids)
+    return {"images": [coco.imgs[i] for i in image_ids],
+            "annotations": [a for a in coco.dataset.get("annotations", []) if a["image_id"] in ids],
+            "categories": list(coco.dataset.get("categories", []))}
+
+
 def _to_device(targets: list[dict], device: torch.device) -> list[dict]:
     return [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
 
@@ -454,15 +486,19 @@ def _loss_sort_key(name: str) -> tuple:
 
 @torch.no_grad()
 def evaluate_detections(model: nn.Module, loader, bundle: DataBundle, device: torch.device,
-                        dinfo: _Dist | None = None, num_top_queries: int = 300) -> dict:
+                        dinfo: _Dist | None = None, num_top_queries: int = 300,
+                        detections_out: list | None = None) -> dict:
     """COCO metrics of ``model`` (eval mode) on ``loader`` (the validation split of ``bundle``); under DDP
-    each rank predicts its shard, detections are gathered to rank 0 and the metrics broadcast back."""
+    each rank predicts its shard, detections are gathered to rank 0 and the metrics broadcast back.
+    ``detections_out`` (rank 0) receives the detections that were scored."""
     dinfo = dinfo or _Dist()
     detections, n_images = predict_detections(model, loader, bundle.label_to_category_id, device, num_top_queries)
     parts = _all_gather_object((detections, n_images), dinfo)
     metrics = None
     if dinfo.is_main:
         all_dets = [d for p in parts for d in p[0]]
+        if detections_out is not None:
+            detections_out.extend(all_dets)
         metrics = coco_metrics(bundle.val_dataset.coco, all_dets, bundle.category_names,
                                image_ids=bundle.val_image_ids)
         metrics["val_images"] = sum(p[1] for p in parts)
@@ -562,6 +598,10 @@ class _Run:
                         if line.strip() and json.loads(line).get("epoch", -1) < self.start_epoch:
                             keep.append(line)
                 self.metrics_path.write_text("".join(line + "\n" for line in keep))
+        if dinfo.is_main:
+            (self.out / DETECTIONS_FILE).parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write_text(self.out / GROUND_TRUTH_FILE,
+                               json.dumps(_ground_truth(self.data.val_dataset.coco, self.data.val_image_ids)) + "\n")
         self.summary.update({
             "config_name": cfg.model.name,
             "world_size": dinfo.world_size,
@@ -571,6 +611,18 @@ class _Run:
             "num_val_images": len(self.data.val),
             "params": sum(p.numel() for p in self.model_core.parameters()),
         })
+
+    def _multi_scale_sizes(self, epoch: int) -> list[int] | None:
+        """The sizes multi-scale training draws from in ``epoch`` (None: off, or past ``data.stop_epoch``)."""
+        d = self.cfg.data
+        if not d.multi_scale or (d.stop_epoch is not None and epoch >= d.stop_epoch):
+            return None
+        return multi_scale_sizes(d.image_size)
+
+    def _at_target_sparsity(self, epoch: int) -> bool:
+        """Token pruning runs at its target keep ratio in ``epoch`` (always true without pruning)."""
+        pruner = self.model_core.token_pruner
+        return pruner is None or epoch >= pruner.target_epoch
 
     def _group_info(self) -> dict:
         return {g["name"]: {"lr": g["initial_lr"], "weight_decay": g["weight_decay"],
@@ -618,8 +670,15 @@ class _Run:
         amp_ctx = torch.autocast("cuda", dtype=torch.float16, enabled=self.use_amp) if self.device.type == "cuda" \
             else torch.autocast("cpu", enabled=False)
         try:
+            sizes = self._multi_scale_sizes(epoch)
             for step, (images, targets) in enumerate(loader):
                 images = images.to(self.device, non_blocking=True)
+                if sizes:
+                    # RT-DETR's multi-scale training: the whole batch at one size drawn per step (nearest
+                    # resize, as the reference); boxes are normalised, so targets are unchanged
+                    size = random.choice(sizes)
+                    if tuple(images.shape[-2:]) != (size, size):
+                        images = torch.nn.functional.interpolate(images, size=(size, size))
                 targets = _to_device(targets, self.device)
                 with amp_ctx:
                     outputs = model(images, targets)
@@ -704,9 +763,9 @@ class _Run:
                     "num_val_images": len(self.data.val), "num_classes": self.data.num_classes,
                     "params": self.summary["params"], "param_groups": self._group_info(),
                     "start_epoch": self.start_epoch, "steps_per_epoch": self.steps_per_epoch}
-            log.info("training %s: %d train / %d val images, %d classes, %d epochs x %d steps, device %s%s",
-                     cfg.model.name, len(self.data.train), len(self.data.val), self.data.num_classes,
-                     cfg.train.epochs, self.steps_per_epoch, self.device,
+            log.info("training %s (budget %s): %d train / %d val images, %d classes, %d epochs x %d steps, "
+                     "device %s%s", cfg.model.name, cfg.run.budget or "none", len(self.data.train),
+                     len(self.data.val), self.data.num_classes, cfg.train.epochs, self.steps_per_epoch, self.device,
                      f", {dinfo.world_size} processes" if dinfo.world_size > 1 else "")
             for cb in self.callbacks:
                 cb.on_train_start(info)
@@ -723,11 +782,17 @@ class _Run:
             metrics: dict[str, Any] = {"epoch": epoch, "step": self.global_step, **train_metrics, **lrs}
             is_last = epoch == cfg.train.epochs - 1
             improved = evaluated = False
+            at_target = self._at_target_sparsity(epoch)
+            detections: list = []
             if (epoch + 1) % cfg.train.eval_every == 0 or is_last:
                 evaluated = True
-                ev = evaluate_detections(self.ema.module, self.val_loader, self.data, self.device, dinfo)
+                ev = evaluate_detections(self.ema.module, self.val_loader, self.data, self.device, dinfo,
+                                         detections_out=detections)
                 metrics.update(_flatten_eval(ev))
-                improved = self.early.update(epoch, ev["mAP"])
+                # the reported checkpoint runs as deployed: epochs still in token pruning's warm-up or ramp
+                # (fewer tokens pruned than the target) cannot be the best, so that its GFLOPs, latency and
+                # keep ratio are those of the target sparsity
+                improved = at_target and self.early.update(epoch, ev["mAP"])
                 if improved:
                     self.best_metrics = _json_safe({k: v for k, v in metrics.items()})
             metrics["epoch_time_s"] = time.time() - t_epoch
@@ -744,12 +809,15 @@ class _Run:
                     _atomic_save(full, self.ckpt_dir / "last.pt")
                 if improved:
                     _atomic_save(self._weights_checkpoint(full), self.ckpt_dir / "best.pt")
+                    _atomic_write_text(self.out / DETECTIONS_FILE, json.dumps(
+                        {"epoch": epoch, "image_ids": list(self.data.val_image_ids),
+                         "detections": _top_per_image_and_class(detections, 100)}) + "\n")
                 log.info(_epoch_line(epoch, cfg.train.epochs, metrics))
                 for cb in self.callbacks:
                     if cb.on_epoch_end(epoch, dict(metrics)):
                         stop = True
                         stop_reason = "callback"
-                if not stop and evaluated and self.early.should_stop(epoch) and not is_last:
+                if not stop and evaluated and at_target and self.early.should_stop(epoch) and not is_last:
                     stop, stop_reason = True, (f"early_stopping: no mAP improvement for "
                                                f"{cfg.train.early_stop_patience} epochs")
                 if stop and not saved_last:
@@ -787,7 +855,9 @@ class _Run:
         return all(v == values[0] for v in values)
 
     def _profile(self) -> dict:
-        """Params / active params / GFLOPs / latency of the best (else final) EMA model via dset.measure."""
+        """Params / active params / GFLOPs / latency of the reported checkpoint (best.pt's EMA weights; the final
+        EMA model when no epoch was best), as it runs: its token pruner at the ratio of its epoch, which is the
+        target ratio (best epochs are chosen among those), via dset.measure."""
         try:
             from .. import measure
         except ImportError:  # pragma: no cover - dset.measure is part of the package
@@ -807,6 +877,11 @@ class _Run:
         keys = {"active_params": "active_params", "gflops": "gflops", "latency_ms": "latency_ms", "fps": "fps",
                 "batch_size": "latency_batch_size", "device": "latency_device", "size": "profile_image_size"}
         out = {new: prof[old] for old, new in keys.items() if old in prof}
+        # what the AIFI layer saw while it was measured: the tokens of the stride-32 map and how many it kept
+        tokens = (size // 32) ** 2
+        pruner = model.token_pruner
+        kept = pruner.num_kept(tokens) if pruner is not None else tokens
+        out.update({"profile_tokens": tokens, "profile_kept_tokens": kept, "profile_keep_ratio": kept / tokens})
         out["profile"] = _json_safe({k: v for k, v in prof.items() if not isinstance(v, torch.Tensor)})
         return out
 

@@ -108,6 +108,9 @@ def _grouped_mm_supported(x: torch.Tensor) -> bool:
     return os.environ.get("DSET_MOE_GROUPED_MM", "0") == "1"
 
 
+# the expert tensors upcycle_from_dense fills from a dense FFN (linear1.weight/bias, linear2.weight/bias)
+UPCYCLED_EXPERT_PARAMS = ("w1", "b1", "w2", "b2")
+
 class MoEFFN(nn.Module):
     """Top-k mixture of two-layer FFN experts with sparse, dropless dispatch.
 

@@ -196,6 +196,11 @@ class TokenPruner(nn.Module):
         self._epoch = epoch
         self.epoch.fill_(epoch)
 
+    @property
+    def target_epoch(self) -> int:
+        """The first epoch that runs at the target keep ratio."""
+        return self.warmup_epochs + max(self.ramp_epochs, 1) - 1
+
     def current_keep_ratio(self) -> float:
         return scheduled_keep_ratio(self._epoch, self.keep_ratio, self.warmup_epochs, self.ramp_epochs)
 
