@@ -127,6 +127,8 @@ class SyntheticConfig:
     image_size: int = 320
     seed: int = 0
     num_classes: int = 4                      # shape classes (1..6)
+    max_objects: int = 8                      # objects per image: 1..max_objects
+    min_object_size: int = 8                  # smallest object side in pixels (sizes are log-uniform up to 0.6 x image)
     root: Optional[str] = None                # cache folder; None: $DSET_CACHE_DIR/synthetic or ~/.cache/dset/synthetic
 
 
@@ -460,6 +462,9 @@ def validate(cfg: Config) -> Config:
     need(sy.num_val >= 1, "data.synthetic.num_val", f"must be >= 1, got {sy.num_val}")
     need(sy.image_size >= 32, "data.synthetic.image_size", f"must be >= 32, got {sy.image_size}")
     need(1 <= sy.num_classes <= 6, "data.synthetic.num_classes", f"must be between 1 and 6, got {sy.num_classes}")
+    need(sy.max_objects >= 1, "data.synthetic.max_objects", f"must be >= 1, got {sy.max_objects}")
+    need(4 <= sy.min_object_size <= 0.6 * sy.image_size, "data.synthetic.min_object_size",
+         f"must be between 4 and 0.6 x data.synthetic.image_size ({0.6 * sy.image_size:g}), got {sy.min_object_size}")
     need(d.stop_epoch is None or d.stop_epoch >= 0, "data.stop_epoch", f"must be >= 0 (or null), got {d.stop_epoch}")
     if d.name == "synthetic":  # paths the user named must never be silently ignored
         for split in ("train", "val"):

@@ -58,7 +58,8 @@ def data_digest(cfg) -> str:
 
         s = d.synthetic
         parts = {"synthetic": dataset_key(num_train=s.num_train, num_val=s.num_val, image_size=s.image_size,
-                                          seed=s.seed, num_classes=s.num_classes)}
+                                          seed=s.seed, num_classes=s.num_classes, max_objects=s.max_objects,
+                                          min_object_size=s.min_object_size)}
     else:
         parts = {split: file_digest(getattr(d, split).annotations) for split in ("train", "val")}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]

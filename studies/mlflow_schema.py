@@ -8,12 +8,14 @@ Child runs carry:
 - tags (below), all strings; switches are "true"/"false";
 - per-epoch metrics at ``step=epoch`` (prefixes below);
 - final metrics (names below);
-- artifacts: config.yaml, metrics.jsonl, summary.json, per_class_ap.csv, expert_usage.png (DSET only).
+- artifacts: config.yaml, metrics.jsonl, summary.json, per_class_ap.csv, expert_usage.png (DSET only), and the
+  reported checkpoint's detections on the validation images with their ground truth (``ARTIFACT_DETECTIONS``,
+  ``ARTIFACT_GROUND_TRUTH``), from which the report bootstraps intervals over images.
 A failed child run has MLflow status FAILED and the tag ``dset.error`` with the error message.
 """
 
 # ----------------------------------------------------------------------------------------------- tags
-TAG_ROLE = "dset.role"                 # "parent" or "child"
+TAG_ROLE = "dset.role"                 # "parent", "child" (a cell or trial) or "pretrain" (a stage-1 run)
 TAG_STUDY = "dset.study"               # study name, e.g. "ablation_grid"
 TAG_CELL = "dset.cell"                 # cell id, e.g. "r18-enc_moe-prune-dec_moe-s0" or "trial-12"
 TAG_VARIANT = "dset.variant"           # human label, e.g. "RT-DETR R18" or "DSET R18 (E+P+D)"
@@ -25,11 +27,20 @@ TAG_SEED = "dset.seed"
 TAG_DEVICE = "dset.device"             # device the run trained on, e.g. "cpu" or "NVIDIA H100"
 TAG_LATENCY_DEVICE = "dset.latency_device"  # device and threads of the latency measurement
 TAG_GIT_COMMIT = "dset.git_commit"
-TAG_FINGERPRINT = "dset.fingerprint"   # hash of the resolved config + seed (resume / dedup)
+TAG_FINGERPRINT = "dset.fingerprint"   # hash of the resolved config + seed + stage 1 + code version + data digest
+                                       # (resume / dedup: a finished run with it is the cell, done)
 TAG_TRIAL = "dset.trial"               # Optuna trial number (Optuna studies)
 TAG_ERROR = "dset.error"               # error message of a failed run
 TAG_STATUS = "dset.status"             # "completed", "failed", "stopped" (early stop or pruned)
 TAG_CHECKPOINT_DIR = "dset.checkpoint_dir"
+TAG_INIT_CHECKPOINT = "dset.init_checkpoint"  # the weights a run started from (stage 1's best.pt, a published file)
+TAG_INIT_SOURCE = "dset.init_source"   # what those weights are, e.g. "stage 1 (cached, key 1a2b...)" or "published"
+TAG_CELL_KEY = "dset.cell_key"         # hash of config + seed + stage 1 without code and data: the same cell
+                                       # made by other code or data has the same key and another fingerprint
+TAG_SUPERSEDED_BY = "dset.superseded_by"  # on a stale run: the run id that redid its cell (the report skips it)
+TAG_STAGE1_KEY = "dset.stage1_key"     # a stage-1 run's cache key (role "pretrain")
+TAG_CODE_VERSION = "dset.code_version" # hash of the dset/ package sources that trained the run
+TAG_DATA_DIGEST = "dset.data_digest"   # hash of the annotation files it trained and was evaluated on
 # added by studies/ (the report does not need them):
 TAG_STOP_REASON = "dset.stop_reason"   # why a run stopped early: "early_stopping: ...", "callback", "optuna_pruned"
 TAG_OPTUNA_STUDY = "dset.optuna_study" # Optuna study name (parent and trial runs of Optuna studies)
@@ -64,10 +75,20 @@ GFLOPS_COMPONENT_PREFIX = "gflops/"    # gflops/backbone, gflops/encoder, gflops
 LATENCY_MS = "latency_ms"              # batch 1, median, on TAG_LATENCY_DEVICE
 FPS = "fps"
 FINAL_KEEP_RATIO = "final/keep_ratio"
+# what the reported checkpoint's GFLOPs and latency were measured at: AIFI tokens in, tokens kept, their ratio
+PROFILE_TOKENS = "profile/tokens"
+PROFILE_KEPT_TOKENS = "profile/kept_tokens"
+PROFILE_KEEP_RATIO = "profile/keep_ratio"
 EPOCHS_RUN = "epochs_run"
 TRAIN_MINUTES = "train_minutes"
 
-ARTIFACTS = ("config.yaml", "metrics.jsonl", "summary.json", "per_class_ap.csv", "expert_usage.png")
+# COCO detections of the reported checkpoint on the validation images:
+# {"image_ids": [int, ...], "detections": [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}, ...]}
+ARTIFACT_DETECTIONS = "eval/detections.json"
+# the COCO ground truth of those images: {"images": [...], "annotations": [...], "categories": [...]}
+ARTIFACT_GROUND_TRUTH = "eval/ground_truth.json"
+ARTIFACTS = ("config.yaml", "metrics.jsonl", "summary.json", "per_class_ap.csv", "expert_usage.png",
+             ARTIFACT_DETECTIONS, ARTIFACT_GROUND_TRUTH)
 
 
 def usage_metric(where: str, layer: int, expert: int) -> str:

@@ -20,8 +20,13 @@ MLflow: the store is ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db`` in the 
 run per cell or trial (names in ``studies/mlflow_schema.py``). Run outputs (checkpoints, metrics.jsonl)
 stay in ``<out_dir>/<study>/<cell>-<fingerprint>/``.
 
-Re-running a study skips finished runs (same fingerprint: resolved configuration + seed), continues
-interrupted ones from their last checkpoint in the same MLflow run, and retries failed ones. Exit code:
+Stage 1 (studies/pretrain.py): every cell fine-tunes from its backbone's RT-DETR checkpoint, trained here
+first and cached ($DSET_CACHE_DIR/pretrained) or published (budget=paper); ``--dry-run`` shows which.
+
+Re-running a study skips finished runs (same fingerprint: resolved configuration, seed, stage 1, code version
+and data digest), continues interrupted ones from their last checkpoint in the same MLflow run, and retries
+failed ones. A cell finished by other code or on other data is stale: ``--dry-run`` marks it, a run redoes it
+(``--keep-stale`` keeps it instead). Exit code:
 0 when every run finished, 1 when some failed (listed at the end), 2 for a usage or configuration
 error (before any work), 130 when interrupted.
 """
@@ -36,9 +41,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from dset.config import ConfigError
+from dset.config import ConfigError, load_config
+from dset.provenance import code_version, data_digest
 
 from . import mlflow_schema as S
+from .pretrain import PretrainError
 from .spec import Cell, Study, StudyError, describe_budget, grid_cells, load_study, make_cell, study_names
 
 log = logging.getLogger("studies")
@@ -97,8 +104,9 @@ def list_studies() -> int:
 
 
 # ----------------------------------------------------------------------------------------- dry run
-def _existing_runs_readonly(uri: str, experiment: str) -> dict | None:
-    """Child runs by fingerprint when a local store exists (a dry run never creates one)."""
+def _existing_runs_readonly(uri: str, experiment: str) -> tuple[dict, dict] | None:
+    """Child runs by fingerprint and stale candidates by cell key when a local store exists (a dry run never
+    creates one)."""
     from . import tracking as T
 
     path = T.sqlite_path(uri)
@@ -107,26 +115,72 @@ def _existing_runs_readonly(uri: str, experiment: str) -> dict | None:
     try:
         c = T.client(uri)
         exp = c.get_experiment_by_name(experiment)
-        return {} if exp is None else T.find_child_runs(c, exp.experiment_id)
+        if exp is None:
+            return {}, {}
+        return T.find_child_runs(c, exp.experiment_id), T.find_stale_candidates(c, exp.experiment_id)
     except Exception:  # noqa: BLE001 - a dry run only informs
         return None
 
 
-def _state(cell: Cell, existing: dict | None) -> str:
+def stale_reason(cell: Cell, run) -> str:
+    """What differs between ``cell`` and an earlier run of the same cell (code version, data digest)."""
+    tags = run.data.tags
+    changed = [what for what, tag, key in (("code", S.TAG_CODE_VERSION, "code"), ("data", S.TAG_DATA_DIGEST, "data"))
+               if tags.get(tag) != cell.provenance.get(key)]
+    return " and ".join(changed) + " changed" if changed else "made differently"
+
+
+def classify_cell(cell: Cell, by_fingerprint: dict, stale_candidates: dict, keep_stale: bool,
+                  alive: Any = None) -> tuple[str, Any]:
+    """What a study does with a valid cell: ("finished", run) skip it; ("elsewhere", run) a live process runs it;
+    ("resume", run) continue its run; ("stale", old run) redo it, since other code or data made the finished
+    run (with ``keep_stale``: "finished", the old run kept); ("new", None) run it. ``alive(run)``: the run's
+    process still runs (None: never)."""
+    run = by_fingerprint.get(cell.fingerprint)
+    if run is not None:
+        if run.info.status == "FINISHED":
+            return "finished", run
+        if run.info.status == "RUNNING" and alive is not None and alive(run):
+            return "elsewhere", run
+        return "resume", run
+    old = stale_candidates.get(cell.cell_key)
+    if old is not None:
+        return ("finished", old) if keep_stale else ("stale", old)
+    return "new", None
+
+
+def _state(cell: Cell, existing: tuple[dict, dict] | None, keep_stale: bool) -> str:
     if not cell.ok:
         return "INVALID: " + (cell.error or "")
     if existing is None:
         return "new"
-    run = existing.get(cell.fingerprint)
-    if run is None:
+    kind, run = classify_cell(cell, *existing, keep_stale)
+    if kind == "new":
         return "new"
-    st = run.info.status
-    if st == "FINISHED":
+    if kind == "stale":
+        return f"STALE ({stale_reason(cell, run)}) -> rerun"
+    if kind == "finished":
+        if run.data.tags.get(S.TAG_FINGERPRINT) != cell.fingerprint:
+            return f"stale ({stale_reason(cell, run)}), kept (--keep-stale)"
         return "finished (skipped)"
-    return f"{st.lower()} -> resume"
+    return f"{run.info.status.lower()} -> resume"
 
 
-def dry_run(study: Study, cells: list[Cell] | None, uri: str, storage: str | None, workers: int) -> int:
+def describe_stage1(cells: list[Cell]) -> list[str]:
+    """Lines on stage 1 for the cells: per backbone, where its checkpoint comes from and whether it is cached."""
+    from .pretrain import cache_root
+
+    stages = {id(c.stage1): c.stage1 for c in cells if c.ok and c.stage1 is not None}
+    lines = ["stage 1 (the RT-DETR checkpoint every cell fine-tunes from):"]
+    lines += [f"  {st.describe()}" for st in sorted(stages.values(), key=lambda st: st.depth)]
+    if any(st.kind == "train" for st in stages.values()):
+        lines.append(f"  cache: {cache_root()} ($DSET_CACHE_DIR/pretrained moves it)")
+    lines.append("stage 2: the cells below, each fine-tuned from its backbone's stage-1 checkpoint")
+    return lines
+
+
+def dry_run(study: Study, cells: list[Cell] | None, uri: str, storage: str | None, workers: int,
+            keep_stale: bool = False) -> int:
     from .tracking import sqlite_path
 
     print(f"study {study.name} ({study.kind}) from {study.path}")
@@ -145,13 +199,16 @@ def dry_run(study: Study, cells: list[Cell] | None, uri: str, storage: str | Non
         print(f"overrides for every run: {' '.join(study.config_overrides)}")
     store = uri if sqlite_path(uri) is None or sqlite_path(uri).exists() else f"{uri} (created by the first run)"
     print(f"MLflow: {store}, experiment '{study.name}'; outputs in {study.study_dir}/")
+    base_cell = cells if study.kind == "grid" else [make_cell(study, "base", {}, study.seeds[0])]
+    for line in describe_stage1(base_cell):
+        print(line)
     if study.kind == "grid":
         existing = _existing_runs_readonly(uri, study.name)
         rows, errors = [], []
         for i, c in enumerate(cells, 1):
             lab = c.labels()
             if c.ok:
-                state = _state(c, existing)
+                state = _state(c, existing, keep_stale)
             else:
                 if c.error not in errors:
                     errors.append(c.error)
@@ -226,7 +283,7 @@ class InlineExecutor:
 
 
 class Runner:
-    def __init__(self, study: Study, uri: str, workers: int, storage: str | None) -> None:
+    def __init__(self, study: Study, uri: str, workers: int, storage: str | None, keep_stale: bool = False) -> None:
         from . import tracking as T
 
         self.T = T
@@ -234,6 +291,7 @@ class Runner:
         self.uri = uri
         self.workers = workers
         self.storage = storage
+        self.keep_stale = keep_stale
         self.host = T.host()
         self.pid = os.getpid()
         self.commit = T.git_commit()
@@ -253,6 +311,7 @@ class Runner:
         self.c = T.client(self.uri)
         self.exp_id = T.get_experiment(self.c, self.study.name, self.uri)
         self.existing = T.find_child_runs(self.c, self.exp_id)
+        self.stale_candidates = T.find_stale_candidates(self.c, self.exp_id)
         self._mark_stale_parents()
         tags = {S.TAG_ROLE: "parent", S.TAG_STUDY: self.study.name, S.TAG_GIT_COMMIT: self.commit,
                 S.TAG_HOST: self.host, S.TAG_PID: str(self.pid), "mlflow.runName": f"{self.study.name} "
@@ -295,8 +354,13 @@ class Runner:
                 S.TAG_BACKBONE: lab["backbone"], S.TAG_ENCODER_MOE: str(lab["encoder_moe"]).lower(),
                 S.TAG_TOKEN_PRUNING: str(lab["token_pruning"]).lower(),
                 S.TAG_DECODER_MOE: str(lab["decoder_moe"]).lower(), S.TAG_SEED: str(cell.seed),
-                S.TAG_GIT_COMMIT: self.commit, S.TAG_FINGERPRINT: cell.fingerprint, S.TAG_HOST: self.host,
-                S.TAG_PID: str(self.pid), "mlflow.runName": cell.id}
+                S.TAG_GIT_COMMIT: self.commit, S.TAG_FINGERPRINT: cell.fingerprint, S.TAG_CELL_KEY: cell.cell_key,
+                S.TAG_CODE_VERSION: cell.provenance.get("code"), S.TAG_DATA_DIGEST: cell.provenance.get("data"),
+                S.TAG_HOST: self.host, S.TAG_PID: str(self.pid), "mlflow.runName": cell.id}
+        if cell.stage1 is not None:
+            tags[S.TAG_INIT_SOURCE] = cell.stage1.init_source()
+            if cell.stage1.checkpoint is not None:
+                tags[S.TAG_INIT_CHECKPOINT] = str(cell.stage1.checkpoint.resolve())
         if cell.out_dir is not None:
             tags[S.TAG_CHECKPOINT_DIR] = str((cell.out_dir / "checkpoints").resolve())
         if cell.trial is not None:
@@ -305,15 +369,20 @@ class Runner:
         return tags
 
     def classify(self, cell: Cell) -> tuple[str, Any]:
-        """'finished' (run), 'elsewhere' (run), 'resume' (run), 'new' (None)."""
-        run = self.existing.get(cell.fingerprint)
-        if run is None:
-            return "new", None
-        if run.info.status == "FINISHED":
-            return "finished", run
-        if run.info.status == "RUNNING" and not self.T.is_stale(run.data.tags, self.host):
-            return "elsewhere", run
-        return "resume", run
+        """See :func:`classify_cell`: finished, elsewhere, resume, stale (the old run) or new."""
+        return classify_cell(cell, self.existing, self.stale_candidates, self.keep_stale,
+                             alive=lambda run: not self.T.is_stale(run.data.tags, self.host))
+
+    def open_cell_run(self, cell: Cell, kind: str, run) -> str:
+        """The MLflow run a cell trains into: ``run`` resumed, or a new one; a stale run it redoes is tagged
+        as superseded by the new one (the report then skips it)."""
+        if kind != "stale":
+            return self.open_child(cell, run)
+        rid = self.open_child(cell, None)
+        self.T.set_tags(self.c, run.info.run_id, {S.TAG_SUPERSEDED_BY: rid})
+        self.stale_candidates.pop(cell.cell_key, None)
+        _say(f"-> {cell.id}: earlier run {run.info.run_id[:8]} is stale ({stale_reason(cell, run)}): redone")
+        return rid
 
     def open_child(self, cell: Cell, run) -> str:
         """The MLflow run of ``cell``: ``run`` (resumed: same run id) or a new nested run."""
@@ -333,20 +402,91 @@ class Runner:
         self.existing[cell.fingerprint] = T.retry(self.c.get_run, new.info.run_id)
         return new.info.run_id
 
-    def record_invalid(self, cell: Cell) -> Row:
+    def record_failure(self, cell: Cell, error: str) -> Row:
+        """A cell that cannot run (invalid configuration, failed stage 1): a FAILED run with the error."""
         T = self.T
         kind, run = self.classify(cell)
-        rid = self.open_child(cell, run if kind != "elsewhere" else None)
-        T.set_tags(self.c, rid, {S.TAG_STATUS: "failed", S.TAG_ERROR: cell.error})
+        rid = self.open_cell_run(cell, kind, run) if kind != "elsewhere" else self.open_child(cell, None)
+        T.set_tags(self.c, rid, {S.TAG_STATUS: "failed", S.TAG_ERROR: error})
         T.retry(self.c.set_terminated, rid, status="FAILED")
-        return Row(cell.id, "failed", error=cell.error, run_id=rid, trial=cell.trial)
+        return Row(cell.id, "failed", error=error, run_id=rid, trial=cell.trial)
+
+    # ----- stage 1
+    def run_stage1(self, cells: list[Cell]) -> dict[str, str]:
+        """Train the stage-1 checkpoints the cells need and the cache lacks (each an MLflow run with role
+        "pretrain", through the same executor as the cells) and publish them into the cache. Returns the
+        errors of those that failed, by cache key: their cells are recorded as failed."""
+        from .pretrain import publish
+        from .workers import Job
+
+        stages = {c.stage1.key: c.stage1 for c in cells if c.ok and c.stage1 is not None
+                  and c.stage1.kind == "train" and not c.stage1.cached}
+        if not stages:
+            return {}
+        _say(f"stage 1: training RT-DETR {', '.join(f'R{st.depth}' for st in stages.values())} first (cached "
+             f"for later studies: {', '.join(str(st.folder) for st in stages.values())})")
+        existing = self.T.find_child_runs(self.c, self.exp_id, role="pretrain")
+        errors: dict[str, str] = {}
+        ex = self.executor()
+        self._ex = ex
+        pending = list(stages.values())
+        while pending or ex.running:
+            while pending and ex.free > 0:
+                st = pending.pop(0)
+                rid = self._open_stage1_run(st, existing.get(st.key))
+                resume = (st.partial_folder / "checkpoints" / "last.pt").is_file()
+                job = Job(cell_id=st.cell_id, config=st.config.to_dict(), out_dir=str(st.partial_folder), run_id=rid,
+                          tracking_uri=self.uri, resume=resume,
+                          title=f"{self.study.name} / stage 1: RT-DETR R{st.depth}", threads=self.threads,
+                          progress=self.workers == 1 and sys.stderr.isatty(), latency_note=self.latency_note,
+                          parent_pid=self.pid, meta={"stage1": st.key, "resume": resume, "t0": time.time()})
+                _say(f"-> {st.cell_id}: RT-DETR R{st.depth}, budget {st.budget}" + (", resuming" if resume else ""))
+                ex.start(job)
+            for res in ex.wait_any():
+                st = stages[res["meta"]["stage1"]]
+                minutes = (time.time() - res["meta"]["t0"]) / 60
+                if res.get("worker_died"):
+                    self._fail_run(res["run_id"], res["error"])
+                if res["status"] == "completed":
+                    publish(st)
+                    self.T.set_tags(self.c, res["run_id"], {S.TAG_CHECKPOINT_DIR: str(st.folder / "checkpoints")})
+                if st.cached:
+                    best = res.get("metrics", {}).get(S.BEST_MAP50)
+                    _say(f"   {st.cell_id} done in {minutes:.1f} min" + (f", mAP50 {best:.3f}" if best is not None
+                                                                        else "") + f": {st.checkpoint}")
+                else:
+                    errors[st.key] = (f"stage 1 ({st.cell_id}) failed: "
+                                      f"{res.get('error') or res['status'] + ', no best checkpoint'}")
+                    _say(f"   {errors[st.key]}")
+        return errors
+
+    def _open_stage1_run(self, st, run) -> str:
+        """The MLflow run of a stage-1 training: an unfinished one of the same key resumed, or a new one."""
+        T = self.T
+        tags = {S.TAG_ROLE: "pretrain", S.TAG_STUDY: self.study.name, S.TAG_CELL: st.cell_id,
+                S.TAG_BACKBONE: f"R{st.depth}", S.TAG_VARIANT: f"RT-DETR R{st.depth} (stage 1)",
+                S.TAG_FINGERPRINT: st.key, S.TAG_STAGE1_KEY: st.key, S.TAG_SEED: str(st.config.run.seed),
+                S.TAG_GIT_COMMIT: self.commit, S.TAG_CODE_VERSION: code_version(),
+                S.TAG_DATA_DIGEST: data_digest(st.config), S.TAG_HOST: self.host, S.TAG_PID: str(self.pid),
+                S.TAG_CHECKPOINT_DIR: str(st.partial_folder / "checkpoints")}
+        if run is not None and run.info.status != "FINISHED":
+            T.set_tags(self.c, run.info.run_id, tags)
+            T.retry(self.c.update_run, run.info.run_id, status="RUNNING")
+            return run.info.run_id
+        tags["mlflow.parentRunId"] = self.parent_id
+        new = T.retry(self.c.create_run, self.exp_id, tags={k: str(v) for k, v in tags.items() if v is not None},
+                      run_name=st.cell_id)
+        return new.info.run_id
 
     def make_job(self, cell: Cell, run_id: str, optuna: dict | None = None):
         from .workers import Job
 
         lab = cell.labels()
         resume = (cell.out_dir / "checkpoints" / "last.pt").is_file()
-        return Job(cell_id=cell.id, config=cell.config.to_dict(), out_dir=str(cell.out_dir), run_id=run_id,
+        cfg = cell.config
+        if cell.stage1 is not None and cell.stage1.checkpoint is not None:  # stage 2: fine-tune from stage 1
+            cfg = load_config(cfg, [f"model.checkpoint={cell.stage1.checkpoint.resolve()}"])
+        return Job(cell_id=cell.id, config=cfg.to_dict(), out_dir=str(cell.out_dir), run_id=run_id,
                    tracking_uri=self.uri, resume=resume, title=f"{self.study.name} / {cell.id}: {lab['variant']}",
                    threads=self.threads, progress=self.workers == 1 and sys.stderr.isatty(),
                    latency_note=self.latency_note, optuna=optuna, parent_pid=self.pid,
@@ -425,18 +565,20 @@ class Runner:
         if self.done:
             _say(f"{self.done} of {self.total} runs already finished (or running in another process): skipped")
         self.prepare_data([cell for kind, cell, run in todo])
+        stage1_errors = self.run_stage1([cell for kind, cell, run in todo if kind != "invalid"])
         ex = self.executor()
         self._ex = ex
         queue = list(todo)
         while queue or ex.running:
             while queue and ex.free > 0:
                 kind, cell, run = queue.pop(0)
-                if kind == "invalid":
-                    row = self.record_invalid(cell)
+                error = cell.error if kind == "invalid" else stage1_errors.get(cell.stage1.key)
+                if error:
+                    row = self.record_failure(cell, error)
                     self.rows.append(row)
                     self.progress(row)
                     continue
-                rid = self.open_child(cell, run)
+                rid = self.open_cell_run(cell, kind, run)
                 job = self.make_job(cell, rid)
                 self.started(cell, job)
                 ex.start(job)
@@ -480,7 +622,12 @@ class Runner:
         if self.done:
             _say(f"{self.done} of {self.total} trials already done in Optuna study '{self.optuna_name}'")
         prune = st.search.prunable
-        self.prepare_data([make_cell(st, "base", {}, st.seeds[0])])
+        base = make_cell(st, "base", {}, st.seeds[0])
+        self.prepare_data([base])
+        stage1_errors = self.run_stage1([base])
+        if stage1_errors:  # no trial can start: recorded as one failed row, the study ends
+            self.rows.append(Row(base.stage1.cell_id, "failed", error="; ".join(stage1_errors.values())))
+            return
         ex = self.executor()
         self._ex = ex
         trials: dict[int, Any] = {}
@@ -500,7 +647,7 @@ class Runner:
                 trial.set_user_attr(O.ATTR_CELL, cell.id)
                 trials[trial.number] = trial
                 if not cell.ok:
-                    row = self.record_invalid(cell)
+                    row = self.record_failure(cell, cell.error)
                     ostudy.tell(trial, state=TrialState.FAIL)
                     self.rows.append(row)
                     self.progress(row)
@@ -518,7 +665,7 @@ class Runner:
                     self.rows.append(row)
                     self.progress(row)
                     continue
-                rid = self.open_child(cell, run)
+                rid = self.open_cell_run(cell, kind, run)
                 trial.set_user_attr(O.ATTR_RUN_ID, rid)
                 job = self.make_job(cell, rid, optuna={"storage": desc, "study_name": self.optuna_name,
                                                        "trial_id": trial._trial_id, "prune": prune,
@@ -598,6 +745,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dry-run", action="store_true", help="print the cells or the search space and the budget")
     ap.add_argument("--storage", default=None, help="Optuna storage URL (default: a journal file in the study's "
                     "output folder); e.g. postgresql://user:pw@host/db to share a search between machines")
+    ap.add_argument("--keep-stale", action="store_true", help="count a finished cell as done even when other code "
+                    "or data made it (by default such a stale cell is run again; --dry-run marks it)")
     ap.add_argument("-v", "--verbose", action="store_true", help="per-epoch log lines of every run")
     return ap
 
@@ -622,14 +771,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         study = load_study(name, overrides)
         cells = grid_cells(study) if study.kind == "grid" else None
-    except (StudyError, ConfigError) as exc:
+        if study.kind == "optuna":
+            make_cell(study, "base", {}, study.seeds[0])   # stage 1 must be available before anything runs
+    except (StudyError, ConfigError, PretrainError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     uri = tracking_uri()
     if ns.storage and study.kind == "grid":
         log.warning("--storage is the Optuna storage; a grid study does not use it")
     if ns.dry_run:
-        return dry_run(study, cells, uri, ns.storage, ns.workers)
+        return dry_run(study, cells, uri, ns.storage, ns.workers, ns.keep_stale)
     if cells is not None and cells and all(not c.ok for c in cells):
         print(f"error: every cell of {study.name} is invalid (nothing was run): {cells[0].error}", file=sys.stderr)
         return 2
@@ -646,7 +797,7 @@ def main(argv: list[str] | None = None) -> int:
     import signal
 
     signal.signal(signal.SIGTERM, _terminate)
-    runner = Runner(study, uri, ns.workers, ns.storage)
+    runner = Runner(study, uri, ns.workers, ns.storage, ns.keep_stale)
     n = len(cells) if cells is not None else study.search.n_trials
     _say(f"study {study.name}: {n} {'runs' if cells is not None else 'trials'}, {ns.workers} worker(s), "
          f"budget {study.budget}; MLflow {uri}; outputs {study.study_dir}/")

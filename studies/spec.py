@@ -9,6 +9,9 @@ A study is a YAML file in ``studies/`` (or any path). Keys:
                  epochs, queries ... applied on top of the presets.
 ``data``         optional ``dset/configs/data_<name>.yaml`` (or a YAML path) applied after the budget;
                  null: the budget's data set.
+``pretrain``     stage 1, the RT-DETR checkpoint every cell fine-tunes from (studies/pretrain.py): ``auto``
+                 (default: the budget's ``pretrain`` section), ``none`` (every cell from its own initial
+                 weights, an explicit choice), ``{budget: NAME}`` or ``{checkpoints: {18: PATH, 34: PATH}}``.
 ``seeds``        list of ``run.seed`` values; every cell runs once per seed (Optuna: the first seed).
 ``set``          run-configuration settings for every run, dotted keys (``train.eval_every: 1``).
 ``out_dir``      root of the runs' output folders (default ``runs``): ``<out_dir>/<study>/<cell>-<fp>/``.
@@ -23,13 +26,14 @@ A study is a YAML file in ``studies/`` (or any path). Keys:
                  cannot prune multi-objective studies) and ``space``: ``dotted.key: {type: int|float|
                  categorical, low, high, step, log, choices, at_most: other.dotted.key}``.
 
-Configuration of a run, in order: presets -> ``STUDY_RUN_DEFAULTS`` -> budget -> data -> ``set`` -> grid
-values / sampled parameters -> command-line ``model.*``/``data.*``/``train.*``/``run.*`` overrides -> ``run.seed``.
+Configuration of a run, in order (:func:`dset.config.resolve_config`, the one resolver ``dset.train`` uses too):
+presets -> budget -> data -> ``STUDY_RUN_DEFAULTS`` -> ``set`` -> grid values / sampled parameters ->
+command-line ``model.*``/``data.*``/``train.*``/``run.*`` overrides -> ``run.seed``. A study without ``budget``
+gets ``auto``, as ``dset.train`` does.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import itertools
 import json
@@ -37,19 +41,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dset.config import (PRESET_DIR, RESULT_NEUTRAL_KEYS, Config, ConfigError, _merge, _read_yaml_chain,
-                         apply_overrides, config_from_dict, find_yaml, parse_override, read_yaml_mapping)
+from dset.config import (BUDGET_AUTO, PRESET_DIR, RESULT_NEUTRAL_KEYS, Config, ConfigError,
+                         apply_overrides, budget_path, find_yaml, flatten, parse_override, read_budget,
+                         read_yaml_mapping)
+from dset.config import resolve_config as resolve_run_config
+from dset.provenance import code_version, data_digest
+
+from .pretrain import Stage1, plan_stage1, pretrain_spec
 
 STUDY_DIR = Path(__file__).resolve().parent
-DEFAULT_BUDGET = "study_cpu"
 CONFIG_SECTIONS = ("model", "data", "train", "run")
 # settings that may change between a run and its resumption: left out of the fingerprint
 FINGERPRINT_IGNORED = RESULT_NEUTRAL_KEYS
 # Study runs differ from a lone ``dset.train`` run here (a study's ``set`` or the command line can change it):
 # a finished cell is never resumed, so its checkpoints/last.pt (the resume state, twice best.pt) is deleted.
 STUDY_RUN_DEFAULTS = {"train": {"keep_last_checkpoint": False}}
-STUDY_KEYS = ("name", "description", "kind", "presets", "budget", "data", "seeds", "set", "out_dir", "grid", "search")
-OVERRIDABLE = ("name", "presets", "budget", "data", "seeds", "out_dir", "n_trials", "search")
+STUDY_KEYS = ("name", "description", "kind", "presets", "budget", "data", "pretrain", "seeds", "set", "out_dir", "grid",
+              "search")
+OVERRIDABLE = ("name", "presets", "budget", "data", "pretrain", "seeds", "out_dir", "n_trials", "search")
 SEARCH_KEYS = ("n_trials", "objectives", "sampler", "pruner", "space")
 SPACE_TYPES = ("int", "float", "categorical")
 DIRECTIONS = ("maximize", "minimize")
@@ -133,6 +142,17 @@ class Study:
     search: Search | None
     config_overrides: list[str]       # command line model.*/data.*/train.*/run.* overrides
     study_overrides: list[str]        # command line study-level overrides (as given)
+    pretrain: Any = "auto"            # stage 1 (studies/pretrain.py): "auto" (the budget's section), none, a mapping
+    _stage1: dict = field(default_factory=dict, repr=False)   # planned stage 1 by (budget, depth)
+
+    def stage1(self, budget: str | None, depth: int) -> Stage1:
+        """Stage 1 of the cells of backbone ``depth`` whose configuration applied ``budget`` (planned once)."""
+        key = (budget, depth)
+        if key not in self._stage1:
+            spec = pretrain_spec(budget, self.pretrain)
+            run_overrides = [o for o in self.config_overrides if o.split("=", 1)[0].strip().startswith("run.")]
+            self._stage1[key] = plan_stage1(spec, depth, run_overrides)
+        return self._stage1[key]
 
     @property
     def study_dir(self) -> Path:
@@ -155,7 +175,12 @@ class Cell:
     presets: list[str]
     config: Config | None = None
     error: str | None = None
-    fingerprint: str = ""
+    fingerprint: str = ""              # configuration + seed + stage 1 + code version + data digest: a finished run
+                                       # with this fingerprint is this cell, done
+    cell_key: str = ""                 # the same without code and data: a finished run with this key but another
+                                       # fingerprint is this cell made by other code or data (stale)
+    provenance: dict = field(default_factory=dict)   # {"code": version, "data": digest}
+    stage1: Stage1 | None = None
     out_dir: Path | None = None
     trial: int | None = None           # Optuna trial number
     trial_root: int | None = None      # the first trial of a re-run chain (an interrupted trial re-enqueued)
@@ -184,6 +209,8 @@ class Cell:
 # ------------------------------------------------------------------------------------------ files
 def _named_yaml(kind: str, name: str | None) -> Path | None:
     if name is None or str(name).lower() in ("none", "null", ""):
+        return None
+    if kind == "budget" and str(name) == BUDGET_AUTO:  # decided per run by dset.config.resolve_config
         return None
     return find_yaml(name, PRESET_DIR, what=kind, prefix=f"{kind}_", extra_names=("none",), error=StudyError,
                      context=kind)
@@ -225,17 +252,6 @@ def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
             out.update(_flat(v, key))
         else:
             out[key] = v
-    return out
-
-
-def _nest(flat: dict[str, Any]) -> dict:
-    out: dict = {}
-    for key, value in flat.items():
-        node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = copy.deepcopy(value)
     return out
 
 
@@ -282,7 +298,7 @@ def load_study(name_or_path: str, overrides: list[str] | None = None) -> Study:
         raise StudyError(f"seeds: repeated seeds in {seeds}")
     settings = _flat(data.get("set") or {})
     _check_config_keys(settings, f"{path.name}: set")
-    budget = data.get("budget", DEFAULT_BUDGET)
+    budget = data.get("budget", BUDGET_AUTO)
     budget = None if budget is None else str(budget)
     dataset = data.get("data")
     dataset = None if dataset is None else str(dataset)
@@ -319,7 +335,8 @@ def load_study(name_or_path: str, overrides: list[str] | None = None) -> Study:
     out_dir = Path(str(data.get("out_dir") or "runs"))
     return Study(name=name, path=path, kind=kind, description=str(data.get("description") or ""), presets=presets,
                  budget=budget, data=dataset, seeds=list(seeds), settings=settings, out_dir=out_dir, axes=axes,
-                 search=search, config_overrides=config_ov, study_overrides=study_ov)
+                 search=search, config_overrides=config_ov, study_overrides=study_ov,
+                 pretrain=data.get("pretrain", "auto"))
 
 
 def _parse_search(raw: Any, path: Path) -> Search:
@@ -377,21 +394,13 @@ def _parse_search(raw: Any, path: Path) -> Search:
 
 # ------------------------------------------------------------------------------------- configuration
 def resolve_config(study: Study, overrides: dict[str, Any], seed: int, presets: list[str] | None = None) -> Config:
-    """The validated configuration of one run (see the module docstring for the order)."""
-    presets = presets or study.presets
-    data: dict = {}
-    for p in presets:
-        data = _merge(data, _read_yaml_chain(p))
-    data = _merge(data, STUDY_RUN_DEFAULTS)
-    for extra in (study.budget_path(), study.data_path()):
-        if extra is not None:
-            data = _merge(data, _read_yaml_chain(extra))
-    data = _merge(data, _nest(study.settings))
-    data = _merge(data, _nest(overrides))
-    data = apply_overrides(data, study.config_overrides)
-    data = _merge(data, {"run": {"seed": seed}})
+    """The validated configuration of one run: :func:`dset.config.resolve_config` with the study's presets,
+    budget and data, then ``STUDY_RUN_DEFAULTS``, the study's ``set``, the cell's values, the command line's
+    ``key=value`` overrides and the seed (see the module docstring)."""
     try:
-        return config_from_dict(data)
+        return resolve_run_config(presets or study.presets, budget=study.budget, data=study.data,
+                                  layers=[STUDY_RUN_DEFAULTS, study.settings, overrides],
+                                  overrides=study.config_overrides, seed=seed)
     except ConfigError as exc:
         msg = str(exc)
         if study.budget == "paper" or study.data == "dair_v2x":
@@ -417,7 +426,8 @@ def _error_fingerprint(study: Study, cell_id: str, overrides: dict, seed: int, e
 
 def make_cell(study: Study, cell_id: str, overrides: dict[str, Any], seed: int, presets: list[str] | None = None,
               extra: dict | None = None) -> Cell:
-    """Resolve a cell; a configuration error is kept in ``cell.error`` (the run is then recorded as failed)."""
+    """Resolve a cell; a configuration error is kept in ``cell.error`` (the run is then recorded as failed).
+    A stage 1 that cannot be had (a missing published checkpoint) raises :class:`PretrainError`: nothing runs."""
     presets = presets or study.presets
     cell = Cell(id=cell_id, seed=seed, overrides=dict(overrides), presets=list(presets))
     try:
@@ -426,7 +436,12 @@ def make_cell(study: Study, cell_id: str, overrides: dict[str, Any], seed: int, 
         cell.error = f"ConfigError: {exc}"
         cell.fingerprint = _error_fingerprint(study, cell_id, overrides, seed, extra)
         return cell
-    cell.fingerprint = fingerprint(cell.config, extra)
+    cfg = cell.config
+    cell.stage1 = study.stage1(cfg.run.budget, cfg.model.backbone.depth)
+    identity = {**(extra or {}), "stage1": cell.stage1.identity}
+    cell.provenance = {"code": code_version(), "data": data_digest(cfg)}
+    cell.cell_key = fingerprint(cfg, identity)
+    cell.fingerprint = fingerprint(cfg, {**identity, "stage1_key": cell.stage1.key, **cell.provenance})
     cell.out_dir = study.study_dir / f"{cell_id}-{cell.fingerprint[:8]}"
     return cell
 
@@ -460,13 +475,15 @@ def grid_cells(study: Study) -> list[Cell]:
 
 def describe_budget(study: Study, cfg: Config | None) -> list[str]:
     """Human-readable lines: what the budget file is and what the runs train on."""
-    path = study.budget_path()
-    lines = [f"budget: {study.budget or 'none'}" + (f" ({_rel(path)})" if path else "")]
+    applied = cfg.run.budget if cfg is not None else study.budget
+    path = budget_path(applied) if applied not in (None, BUDGET_AUTO) else None
+    lines = [f"budget: {applied or 'none'}" + (f" ({_rel(path)})" if path else "")
+             + (" (auto)" if study.budget == BUDGET_AUTO else "")]
     if study.data:
         lines.append(f"data preset: {study.data} ({_rel(study.data_path())})")
     if cfg is None:  # the runs' configuration is invalid: show what the budget file sets
         if path is not None:
-            flat = _flat(_read_yaml_chain(path))
+            flat = flatten(read_budget(path)[0])
             lines += [f"  {k} = {v}" for k, v in flat.items()]
         return lines
     d, t, m = cfg.data, cfg.train, cfg.model

@@ -162,24 +162,42 @@ def is_stale(tags: dict, my_host: str) -> bool:
 
 
 # -------------------------------------------------------------------------------------------- runs
-def find_child_runs(c, exp_id: str) -> dict[str, Any]:
-    """Child runs of the experiment by fingerprint (the newest when, by accident, there are several)."""
+def find_child_runs(c, exp_id: str, role: str = "child") -> dict[str, Any]:
+    """Runs of the experiment with ``role`` (cells and trials: "child"; stage 1: "pretrain") by fingerprint (the
+    newest when, by accident, there are several)."""
+    out: dict[str, Any] = {}
+    for r in _runs_with_role(c, exp_id, role):
+        fp = r.data.tags.get(S.TAG_FINGERPRINT)
+        if fp:
+            out[fp] = r
+    return out
+
+
+def find_stale_candidates(c, exp_id: str) -> dict[str, Any]:
+    """Finished child runs by cell key (config + seed + stage 1, without code and data), the newest of each,
+    leaving out those already redone (``TAG_SUPERSEDED_BY``): where a cell's fingerprint finds nothing, a run
+    here is the same cell made by other code or data."""
+    out: dict[str, Any] = {}
+    for r in _runs_with_role(c, exp_id, "child"):
+        key = r.data.tags.get(S.TAG_CELL_KEY)
+        if key and r.info.status == "FINISHED" and S.TAG_SUPERSEDED_BY not in r.data.tags:
+            out[key] = r
+    return out
+
+
+def _runs_with_role(c, exp_id: str, role: str) -> list:
+    """Active runs with ``dset.role == role``, oldest first."""
     from mlflow.entities import ViewType
 
     runs, token = [], None
     while True:
-        page = retry(c.search_runs, [exp_id], filter_string=f"tags.`{S.TAG_ROLE}` = 'child'",
+        page = retry(c.search_runs, [exp_id], filter_string=f"tags.`{S.TAG_ROLE}` = '{role}'",
                      run_view_type=ViewType.ACTIVE_ONLY, max_results=1000, page_token=token)
         runs += list(page)
         token = page.token
         if not token:
             break
-    out: dict[str, Any] = {}
-    for r in sorted(runs, key=lambda r: r.info.start_time or 0):
-        fp = r.data.tags.get(S.TAG_FINGERPRINT)
-        if fp:
-            out[fp] = r
-    return out
+    return sorted(runs, key=lambda r: r.info.start_time or 0)
 
 
 def log_params(c, run_id: str, params: dict[str, Any], existing: dict[str, str] | None = None) -> list[str]:
@@ -292,6 +310,11 @@ def final_metrics(summary: dict, records: list[dict]) -> dict[str, float]:
             out[S.GFLOPS_COMPONENT_PREFIX + comp] = value
     if records and records[-1].get("keep_ratio") is not None:
         out[S.FINAL_KEEP_RATIO] = records[-1]["keep_ratio"]
+    # the tokens the reported checkpoint's GFLOPs and latency were measured at
+    for name, key in ((S.PROFILE_TOKENS, "profile_tokens"), (S.PROFILE_KEPT_TOKENS, "profile_kept_tokens"),
+                      (S.PROFILE_KEEP_RATIO, "profile_keep_ratio")):
+        if summary.get(key) is not None:
+            out[name] = summary[key]
     if summary.get("epochs_completed") is not None:
         out[S.EPOCHS_RUN] = summary["epochs_completed"]
     times = [r.get("epoch_time_s") for r in records if r.get("epoch_time_s") is not None]
@@ -394,13 +417,15 @@ def plot_expert_usage(records: list[dict], path: Path, title: str) -> bool:
 
 
 def log_artifacts(c, run_id: str, out_dir: Path, summary: dict, title: str) -> list[str]:
-    """config.yaml, metrics.jsonl, summary.json (from the run folder), per_class_ap.csv and
-    expert_usage.png (written here). Returns the names logged."""
+    """config.yaml, metrics.jsonl, summary.json and eval/ (the reported checkpoint's detections and their
+    ground truth) from the run folder, per_class_ap.csv and expert_usage.png (written here). Returns the names
+    logged."""
     logged = []
-    for name in ("config.yaml", "metrics.jsonl", "summary.json"):
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", S.ARTIFACT_DETECTIONS, S.ARTIFACT_GROUND_TRUTH):
         path = out_dir / name
         if path.is_file():
-            retry(c.log_artifact, run_id, str(path))
+            folder = str(Path(name).parent)
+            retry(c.log_artifact, run_id, str(path), None if folder == "." else folder)
             logged.append(name)
     records = read_records(out_dir / "metrics.jsonl")
     with tempfile.TemporaryDirectory() as tmp:

@@ -41,6 +41,21 @@ def module_tmp(tmp_path_factory):
         shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_dset_cache(tmp_path_factory):
+    """The tests' own DSET_CACHE_DIR (synthetic data sets, stage-1 checkpoints of studies): never the user's
+    ~/.cache/dset, shared by the whole session (a stage 1 is trained once), deleted at its end."""
+    root = tmp_path_factory.mktemp("dset_cache")
+    before = os.environ.get("DSET_CACHE_DIR")
+    os.environ["DSET_CACHE_DIR"] = str(root)
+    yield root
+    if before is None:
+        os.environ.pop("DSET_CACHE_DIR", None)
+    else:
+        os.environ["DSET_CACHE_DIR"] = before
+    shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)

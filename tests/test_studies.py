@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dset.config import load_config
+from dset.config import flatten, load_config, read_budget
 from studies import mlflow_schema as S
 from studies import spec
 from studies.run import main
@@ -153,7 +153,7 @@ def test_ablation_grid_cells_configs_and_overrides(capsys):
     # budget=paper: DAIR-V2X at 640 px, 72 epochs, patience 35; a clear error when the data is absent
     paper = spec.grid_cells(spec.load_study("ablation_grid", ["budget=paper"]))
     assert not paper[0].ok and "data.train.images" in paper[0].error and "dset.data.dair_v2x" in paper[0].error
-    raw = spec._flat(spec._read_yaml_chain(spec.load_study("ablation_grid", ["budget=paper"]).budget_path()))
+    raw = flatten(read_budget(spec.load_study("ablation_grid", ["budget=paper"]).budget_path())[0])
     assert raw["data.image_size"] == 640 and raw["train.epochs"] == 72 and raw["train.early_stop_patience"] == 35
     assert raw["data.train.annotations"] == "data/dair_v2x_coco/train.json"
     # an invalid override for every run: an error before any work
@@ -233,9 +233,12 @@ def test_grid_end_to_end_into_mlflow_with_a_failing_cell(tmp_path, store, synth_
         # per-epoch metrics equal metrics.jsonl, one value per epoch
         lines = records(run_dir / "metrics.jsonl")
         assert [r["epoch"] for r in lines] == [0, 1]
+        # fine-tuned from stage 1: RT-DETR has only pretrained parameters; DSET adds new ones (routers, predictor)
+        assert ("lr/new" in lines[0]) == on and "lr/pretrained" in lines[0]
         run_id = row["run_id"]
         for name, key in (("train/loss", "loss"), ("train/loss_vfl", "loss_vfl"), ("val/mAP", "mAP"),
-                          ("val/mAP50", "mAP50"), ("lr/new", "lr/new"), ("train/loss_bbox_dn_0", "loss_bbox_dn_0")):
+                          ("val/mAP50", "mAP50"), ("lr/pretrained", "lr/pretrained"),
+                          ("train/loss_bbox_dn_0", "loss_bbox_dn_0")):
             hist = sorted((m.step, m.value) for m in c.get_metric_history(run_id, name))
             assert hist == [(r["epoch"], pytest.approx(r[key])) for r in lines], name
         # final metrics equal summary.json
@@ -255,9 +258,10 @@ def test_grid_end_to_end_into_mlflow_with_a_failing_cell(tmp_path, store, synth_
         assert row[f"metrics.{S.TRAIN_MINUTES}"] == pytest.approx(sum(r["epoch_time_s"] for r in lines) / 60)
         # artifacts
         names = {a.path for a in c.list_artifacts(run_id)}
-        expected = {"config.yaml", "metrics.jsonl", "summary.json", "per_class_ap.csv"}
+        expected = {"config.yaml", "metrics.jsonl", "summary.json", "per_class_ap.csv", "eval"}
         expected |= {"expert_usage.png"} if on else set()
         assert names == expected
+        assert {a.path for a in c.list_artifacts(run_id, "eval")} == {S.ARTIFACT_DETECTIONS, S.ARTIFACT_GROUND_TRUTH}
         local = Path(c.download_artifacts(run_id, "per_class_ap.csv", str(tmp_path / f"dl-{cell_id}")))
         table = {r["class"]: r for r in csv.DictReader(local.open())}
         assert set(table) == {"circle", "square", "triangle", "cross"}
@@ -352,7 +356,9 @@ def test_resume_after_kill_continues_the_same_run(tmp_path, store, synth_root):
 
 
 def test_two_workers_share_the_store(tmp_path, store, synth_root, capfd):
-    code = main(["smoke", "--workers", "2", *common(tmp_path, synth_root, "train.epochs=1", "train.profile=false")])
+    # one epoch: token pruning at its target from epoch 0 (no warm-up), as a reported checkpoint must be
+    code = main(["smoke", "--workers", "2", *common(tmp_path, synth_root, "train.epochs=1", "train.profile=false",
+                                                    "model.token_pruning.warmup_epochs=0")])
     out, err = capfd.readouterr()                              # the worker processes' output too
     assert code == 0, err
     assert "locked" not in out + err and "Traceback" not in out + err
@@ -368,7 +374,8 @@ def test_two_workers_share_the_store(tmp_path, store, synth_root, capfd):
 def test_optuna_search_two_trials(tmp_path, store, synth_root, capsys):
     import optuna
 
-    args = ["optuna_search", "budget=smoke", "n_trials=2", *common(tmp_path, synth_root, "train.epochs=1")]
+    args = ["optuna_search", "budget=smoke", "n_trials=2", *common(tmp_path, synth_root, "train.epochs=1",
+                                                                   "model.token_pruning.warmup_epochs=0")]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "best trials" in out
@@ -386,6 +393,9 @@ def test_optuna_search_two_trials(tmp_path, store, synth_root, capsys):
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
     for t, (_, row) in zip(trials, kids.iterrows()):
         for key, value in t.params.items():                  # the sampled values are the run's configuration
+            if key == "model.token_pruning.warmup_epochs":   # except where the command line overrides them
+                assert row[f"params.{key}"] == "0"
+                continue
             assert row[f"params.{key}"] == str(value)
         assert t.params["model.encoder_moe.top_k"] <= t.params["model.encoder_moe.num_experts"]
         assert t.values == [pytest.approx(row[f"metrics.{S.BEST_MAP}"]), pytest.approx(row[f"metrics.{S.GFLOPS}"])]

@@ -57,7 +57,8 @@ def data_paths(cfg: Config) -> dict[str, str]:
         s = d.synthetic
         try:
             paths = make_synthetic_coco(root=s.root, num_train=s.num_train, num_val=s.num_val,
-                                        image_size=s.image_size, seed=s.seed, num_classes=s.num_classes)
+                                        image_size=s.image_size, seed=s.seed, num_classes=s.num_classes,
+                                        max_objects=s.max_objects, min_object_size=s.min_object_size)
         except ValueError as exc:  # invalid combination of synthetic parameters
             raise DatasetError(f"data.synthetic: {exc}") from None
         return {k: str(v) for k, v in paths.items()}

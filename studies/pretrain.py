@@ -1,0 +1,188 @@
+"""Stage 1 of a study (DSET's protocol): the RT-DETR checkpoint that every cell of a backbone fine-tunes from.
+
+DSET fine-tunes from a pretrained RT-DETR, so every cell of a study, the all-off RT-DETR cell included, starts
+from the same checkpoint of its backbone and trains for the same steps (stage 2). Where stage 1 comes from is
+the ``pretrain`` section of the study's budget (``dset/configs/budget_<name>.yaml``), or the study's own
+``pretrain`` setting, which replaces it:
+
+``pretrain: {budget: NAME}``
+    RT-DETR R18/R34 (presets ``rtdetr_r18``/``rtdetr_r34``) trained here with that budget (for the CPU
+    studies: a synthetic source set; no published weights can be had offline). Each checkpoint is trained
+    once and cached in ``$DSET_CACHE_DIR/pretrained`` (default ``~/.cache/dset/pretrained``), in a folder
+    keyed by what produced it: the resolved configuration, the data digest and the code version
+    (:mod:`dset.provenance`). Every later study on the machine reuses it; other code or data train anew.
+``pretrain: {checkpoints: {18: PATH, 34: PATH}, source: TEXT}``
+    Published RT-DETR COCO checkpoints (v1 or v2 layout, :func:`dset.models.detector.load_checkpoint`). A
+    missing file is an error before any work starts, naming the file and, from ``source``, where to get it.
+``pretrain: none``
+    No stage 1: every cell trains from its configuration's own initial weights (from scratch, or the ImageNet
+    PResNet weights that ``model.backbone.pretrained=FILE`` names). An explicit choice, never a fallback.
+
+A study without ``pretrain`` uses its budget's section; a budget without one is an error that says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dset.config import RESULT_NEUTRAL_KEYS, Config, ConfigError, _merge, budget_path, read_budget
+from dset.config import resolve_config as resolve_run_config
+from dset.provenance import code_version, data_digest
+
+# stage-1 runs keep no resume state once finished and need no profile (cells are profiled)
+STAGE1_SETTINGS = {"train.keep_last_checkpoint": False, "train.profile": False}
+SPEC_KEYS = ("budget", "checkpoints", "source", "seed")
+
+
+class PretrainError(ValueError):
+    """Stage 1 cannot be had as configured; the message names the file or key and what to do."""
+
+
+def cache_root() -> Path:
+    """Where trained stage-1 checkpoints are cached: ``$DSET_CACHE_DIR/pretrained`` (default
+    ``~/.cache/dset/pretrained``), the same variable that moves the synthetic data cache."""
+    base = os.environ.get("DSET_CACHE_DIR")
+    return (Path(base).expanduser() if base else Path.home() / ".cache" / "dset") / "pretrained"
+
+
+@dataclass
+class Stage1:
+    """The start of every cell of one backbone."""
+
+    depth: int
+    kind: str                          # "train" (here, cached), "file" (published) or "none"
+    checkpoint: Path | None = None     # what the cells load
+    key: str | None = None             # train: the cache key (configuration, data, code)
+    config: Config | None = None       # train: the stage-1 run's configuration
+    folder: Path | None = None         # train: the cache folder (the stage-1 run's output folder)
+    budget: str | None = None          # train: the stage-1 budget
+    source: str | None = None          # file: where a user gets it
+
+    @property
+    def cell_id(self) -> str:
+        return f"stage1-r{self.depth}"
+
+    @property
+    def partial_folder(self) -> Path:
+        """Where stage 1 trains before it is renamed into the cache (an interrupted run resumes here)."""
+        return self.folder.with_name(self.folder.name + ".partial")
+
+    @property
+    def cached(self) -> bool:
+        if self.kind != "train":
+            return self.kind == "file"
+        summary = self.folder / "summary.json"
+        if not (summary.is_file() and self.checkpoint.is_file()):
+            return False
+        return json.loads(summary.read_text()).get("status") == "completed"
+
+    @property
+    def identity(self) -> dict:
+        """What a cell's key records of its start, independent of the code version (``key`` carries that)."""
+        if self.kind == "train":
+            return {"stage1": "train", "budget": self.budget}
+        if self.kind == "file":
+            return {"stage1": "file", "path": str(self.checkpoint)}
+        return {"stage1": "none"}
+
+    def describe(self) -> str:
+        if self.kind == "train":
+            state = "cached" if self.cached else "to train first"
+            return (f"R{self.depth}: RT-DETR trained here with budget {self.budget}, {state}: "
+                    f"{self.folder} (key {self.key})")
+        if self.kind == "file":
+            return f"R{self.depth}: published checkpoint {self.checkpoint}"
+        return f"R{self.depth}: none (every cell from its own initial weights)"
+
+    def init_source(self) -> str:
+        """The TAG_INIT_SOURCE text of a cell."""
+        if self.kind == "train":
+            return f"stage 1: RT-DETR R{self.depth} trained here (budget {self.budget}, cache key {self.key})"
+        if self.kind == "file":
+            return f"stage 1: published checkpoint {self.checkpoint.name}"
+        return "none: from the configuration's initial weights"
+
+
+def _normalised(spec: Any) -> Any:
+    """Checkpoint keys as ints (YAML gives 18, a command-line ``pretrain.checkpoints.18=...`` gives "18")."""
+    if isinstance(spec, dict) and isinstance(spec.get("checkpoints"), dict):
+        spec = {**spec, "checkpoints": {int(str(k).lower().lstrip("r")): v for k, v in spec["checkpoints"].items()}}
+    return spec
+
+
+def pretrain_spec(budget: str | None, override: Any) -> Any:
+    """The study's ``pretrain`` setting if given, else its budget's ``pretrain`` section. A partial mapping is
+    merged over the budget's section (``pretrain.checkpoints.18=PATH`` keeps the R34 file and the source)."""
+    _, section = read_budget(budget) if budget_path(budget) is not None else ({}, None)
+    if isinstance(override, dict) and isinstance(section, dict):
+        base = _normalised(section)
+        if "budget" in override:
+            base.pop("checkpoints", None)
+        if "checkpoints" in override:
+            base.pop("budget", None)
+        override = _merge(base, _normalised(override))
+    if override is not None and str(override) != "auto":
+        return _normalised(override)
+    if section is None:
+        raise PretrainError(f"budget {budget or 'none'} has no 'pretrain' section, so stage 1 is undefined: set "
+                            "pretrain=none to train every cell from its own initial weights, or "
+                            "pretrain.budget=NAME to train RT-DETR first")
+    return section
+
+
+def plan_stage1(spec: Any, depth: int, run_overrides: list[str] = ()) -> Stage1:
+    """Stage 1 for backbone ``depth`` under ``spec`` (see the module docstring). ``run_overrides``: the
+    command line's ``run.*`` overrides (device ...), which stage 1 shares with the cells."""
+    if spec is None or str(spec).lower() in ("none", "null"):
+        return Stage1(depth, "none")
+    if not isinstance(spec, dict):
+        raise PretrainError(f"pretrain: expected none or a mapping ({', '.join(SPEC_KEYS)}), got {spec!r}")
+    unknown = sorted(set(spec) - set(SPEC_KEYS))
+    if unknown:
+        raise PretrainError(f"pretrain: unknown keys {unknown}; valid: {', '.join(SPEC_KEYS)}")
+    if spec.get("checkpoints") is not None:
+        files = _normalised(spec)["checkpoints"]
+        if depth not in files:
+            raise PretrainError(f"pretrain.checkpoints: no checkpoint for R{depth} (give pretrain.checkpoints.{depth}=PATH)")
+        path = Path(str(files[depth])).expanduser()
+        if not path.is_file():
+            where = spec.get("source") or "the RT-DETR repository's releases"
+            raise PretrainError(
+                f"pretrain.checkpoints.{depth}: the RT-DETR R{depth} checkpoint that stage 1 starts from is not at "
+                f"{path} (resolved: {path.resolve()}). Downloads are not possible here: get {path.name} from "
+                f"{where}, place it there, or point pretrain.checkpoints.{depth}=PATH at your copy")
+        return Stage1(depth, "file", checkpoint=path, source=spec.get("source"))
+    if spec.get("budget") is None:
+        raise PretrainError("pretrain: give 'budget' (train RT-DETR here) or 'checkpoints' (published files)")
+    try:
+        cfg = resolve_run_config(f"rtdetr_r{depth}", budget=spec["budget"], layers=[STAGE1_SETTINGS],
+                                 overrides=list(run_overrides), seed=int(spec.get("seed", 0)))
+    except ConfigError as exc:
+        raise PretrainError(f"pretrain.budget {spec['budget']}: {exc}") from None
+    flat = {k: v for k, v in cfg.flat().items() if k not in RESULT_NEUTRAL_KEYS}
+    payload = json.dumps({"config": flat, "data": data_digest(cfg), "code": code_version()}, sort_keys=True,
+                         default=str)
+    key = hashlib.sha256(payload.encode()).hexdigest()[:16]
+    folder = cache_root() / f"rtdetr_r{depth}-{key}"
+    return Stage1(depth, "train", checkpoint=folder / "checkpoints" / "best.pt", key=key, config=cfg,
+                  folder=folder, budget=str(spec["budget"]))
+
+
+def publish(stage: Stage1) -> None:
+    """Move a finished stage-1 run from its partial folder into the cache (one rename: a reader never sees a
+    half-written folder). If another process published the same key meanwhile, its copy is kept."""
+    partial = stage.partial_folder
+    if not stage.folder.exists():
+        try:
+            partial.rename(stage.folder)
+            return
+        except OSError:  # published by another process between the check and the rename
+            if not stage.folder.exists():
+                raise
+    shutil.rmtree(partial, ignore_errors=True)
