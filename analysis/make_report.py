@@ -3,22 +3,30 @@
     python analysis/make_report.py [--experiment ablation_grid] [--out report/] [--tracking-uri URI]
 
 Reads one MLflow experiment (one study) and writes into ``--out``: each table as Markdown, CSV and
-LaTeX (``<table>.md/.csv/.tex``), each plot as PNG, ``index.html`` (one self-contained page: every
-table, every plot embedded as a data URI, and a line saying how and when the numbers were produced)
-and ``report_files.txt`` (what this report wrote; files a previous report wrote there and this one
-does not are removed, nothing else is touched). It prints where it wrote them and the main table.
+LaTeX (``<table>.md/.csv/.tex``), each plot as PNG, ``index.html`` (one self-contained page that opens
+with the answer table: every table, every plot embedded as a data URI, and a line saying how and when the
+numbers were produced), ``report.md`` (every table in one file, the answer first) and
+``report_files.txt`` (what this report wrote; files a previous report wrote there and this one does not
+are removed, nothing else is touched). It prints where it wrote them, the answer and the main table.
 
 Where the numbers come from: MLflow only. Runs, params, tags and final metrics are read with
 ``mlflow.search_runs`` (pandas); the per-epoch curves (mAP, keep ratio, training loss) with
-``MlflowClient.get_metric_history``, which is the same store's record of the same metrics. No run
-artifact is downloaded and no file a run wrote (checkpoints, metrics.jsonl) is read. The names are
-those of ``studies/mlflow_schema.py``. The compute table's "sites" column is the one number this
-report computes itself (closed-form multiply-adds from each run's logged configuration), and says so.
+``MlflowClient.get_metric_history``, which is the same store's record of the same metrics; each run's
+detections on the validation images and their ground truth from its two evaluation artifacts
+(``eval/detections.json``, ``eval/ground_truth.json``, downloaded through the MLflow client), from which
+the intervals are bootstrapped (``analysis/bootstrap.py``). No other file a run wrote (checkpoints,
+metrics.jsonl) is read. The names are those of ``studies/mlflow_schema.py``. Besides the intervals, the
+compute table's "sites" column is the one number this report computes itself (closed-form multiply-adds
+from each run's logged configuration), and says so.
 
-Tables: main (every variant vs RT-DETR of the same backbone), ablation (8 switch combinations per
-backbone, mean ± std over seeds, Welch test against seed noise), compute (GFLOPs by component and the
+Tables: answer (first: DSET and each switch alone against RT-DETR of the same backbone, ΔmAP and ΔmAP50
+with 95% intervals, ΔGFLOPs, Δlatency, a verdict from the interval), main (every variant vs RT-DETR of the
+same backbone), ablation (8 switch combinations per backbone, mean ± std over seeds, deltas with 95%
+intervals: paired bootstrap over validation images, or Welch over seeds for runs that logged no detections),
+compute (GFLOPs by component and the
 share the sparse mechanisms act on), reported_vs_measured (the seed report's DAIR-V2X numbers next to
-ours), optuna_pareto and optuna_importances (Optuna studies), runs (every run, with status and error).
+ours), stage1 (the stage-1 pretraining runs the cells fine-tune from), optuna_pareto and
+optuna_importances (Optuna studies), runs (every run, with status, error and init checkpoint).
 Plots: map_vs_gflops, map_vs_latency, ablation_bars, expert_usage_<variant>, map_keep_ratio_per_epoch,
 train_loss, optuna_pareto, optuna_importances.
 
@@ -78,9 +86,13 @@ def provenance(study: R.Study) -> str:
         f"(newest run: {starts.max():%Y-%m-%d})")
     return (f"Produced by analysis/make_report.py from MLflow (tracking URI {R.redact_uri(study.tracking_uri)}, "
             f"experiment '{study.experiment}', id {study.experiment_id}): {len(runs)} runs "
-            f"({int((runs['role'] == 'parent').sum())} parent, {len(children)} child: {statuses or 'none'}); {when}. "
+            f"({int((runs['role'] == 'parent').sum())} parent, "
+            + (f"{len(study.pretrain)} stage-1 pretraining, " if len(study.pretrain) else "")
+            + f"{len(children)} child: {statuses or 'none'}); {when}. "
             "Every number is one the runs logged (mlflow.search_runs; per-epoch curves via get_metric_history) or "
-            "a mean, difference or test of them; the compute table's sites are closed-form and labelled so.")
+            "a mean, difference or test of them; the intervals are bootstrapped from the detections the runs logged "
+            "(or Welch's over seeds where they logged none, as the tables say); the compute table's sites are "
+            "closed-form and labelled so.")
 
 
 def build_tables(study: R.Study, vs: pd.DataFrame) -> tuple[dict, dict, dict]:
@@ -88,9 +100,14 @@ def build_tables(study: R.Study, vs: pd.DataFrame) -> tuple[dict, dict, dict]:
     skipped: dict[str, str] = {}
     extra: dict = {}
     if vs.empty:
-        for name in ("main", "ablation", "compute", "reported_vs_measured"):
+        for name in ("answer", "main", "ablation", "compute", "reported_vs_measured"):
             skipped[name] = "no child runs (only study invocations) in this experiment"
     else:
+        table, why = T.answer_table(study, vs)
+        if table is None:
+            skipped["answer"] = why
+        else:
+            tables["answer"] = table
         tables["main"] = T.main_table(study, vs)
         for name, (table, why) in (("ablation", T.ablation_table(study, vs)), ("compute", T.compute_table(study, vs))):
             if table is None:
@@ -98,6 +115,11 @@ def build_tables(study: R.Study, vs: pd.DataFrame) -> tuple[dict, dict, dict]:
             else:
                 tables[name] = table
         tables["reported_vs_measured"] = T.reported_table(study, vs)
+    table, why = T.stage1_table(study)
+    if table is None:
+        skipped["stage1"] = why
+    else:
+        tables["stage1"] = table
     trials = T.optuna_trials(study)
     extra["trials"] = trials
     table, why = T.optuna_pareto_table(study, trials)
@@ -187,17 +209,23 @@ def render_html(study: R.Study, tables: dict, pngs: dict, captions: dict, skippe
     def e(text: str) -> str:
         return html.escape(str(text), quote=False)
 
+    def section(name: str, t: T.Table, level: str) -> list[str]:
+        links = " · ".join(f'<a href="{e(name)}.{ext}">{e(name)}.{ext}</a>' for ext in ("md", "csv", "tex"))
+        return [f'<section id="{e(name)}">', f"<{level}>{e(t.title)}</{level}>",
+                f'<p class="files">files: {links}</p>', T.to_html(t), "</section>"]
+
     out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
            f"<title>DSET report: {e(study.experiment)}</title>", f"<style>{HTML_STYLE}</style>", "</head>", "<body>",
-           f"<h1>DSET report: experiment {e(study.experiment)}</h1>",
-           f'<p class="provenance">{e(provenance(study))}</p>', "<h2>Contents</h2>", "<ul>"]
+           f"<h1>DSET report: experiment {e(study.experiment)}</h1>"]
+    if "answer" in tables:  # the report opens with the answer
+        out += section("answer", tables["answer"], "h2")
+    out += [f'<p class="provenance">{e(provenance(study))}</p>', "<h2>Contents</h2>", "<ul>"]
     out += [f'<li><a href="#{e(n)}">{e(t.title)}</a></li>' for n, t in tables.items()]
     out += [f'<li><a href="#plot-{e(n)}">{e(n)}.png</a></li>' for n in pngs]
     out += ["</ul>", "<h2>Tables</h2>"]
     for name, t in tables.items():
-        links = " · ".join(f'<a href="{e(name)}.{ext}">{e(name)}.{ext}</a>' for ext in ("md", "csv", "tex"))
-        out += [f'<section id="{e(name)}">', f"<h3>{e(t.title)}</h3>", f'<p class="files">files: {links}</p>',
-                T.to_html(t), "</section>"]
+        if name != "answer":
+            out += section(name, t, "h3")
     out += ["<h2>Plots</h2>"]
     for name, data in pngs.items():
         b64 = base64.b64encode(data).decode("ascii")
@@ -209,6 +237,20 @@ def render_html(study: R.Study, tables: dict, pngs: dict, captions: dict, skippe
         out += ["</ul>"]
     out += ["</body>", "</html>"]
     return "\n".join(out) + "\n"
+
+
+def render_markdown(study: R.Study, tables: dict, skipped: dict) -> str:
+    """Every table in one Markdown file, in the report's order (the answer first), with where they came from."""
+    parts = [f"# DSET report: experiment {study.experiment}", ""]
+    for t in tables.values():
+        parts += [T.to_markdown(t)]
+        if t.name == "answer":
+            parts += [provenance(study), ""]
+    if "answer" not in tables:
+        parts.insert(2, provenance(study) + "\n")
+    if skipped:
+        parts += ["## Not produced", ""] + [f"- {n}: {why}" for n, why in skipped.items()]
+    return "\n".join(parts) + "\n"
 
 
 def _write(out: Path, files: dict[str, bytes]) -> None:
@@ -245,6 +287,7 @@ def build_report(experiment: str = "ablation_grid", out_dir: str | Path = "repor
     for name, data in pngs.items():
         files[f"{name}.png"] = data
     files["index.html"] = render_html(study, tables, pngs, captions, skipped).encode()
+    files["report.md"] = render_markdown(study, tables, skipped).encode()
     out = Path(out_dir)
     _write(out, files)
     return {"out_dir": out, "tables": tables, "plots": {n: out / f"{n}.png" for n in pngs},
@@ -281,9 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  plots (.png): {', '.join(plots) or 'none'}")
     for name, why in result["skipped"].items():
         print(f"  not produced: {name}: {why}")
-    if "main" in tables:
-        print(f"\n{tables['main'].title}\n")
-        print(T.markdown_grid(tables["main"].text()))
+    for name in ("answer", "main"):
+        if name in tables:
+            print(f"\n{tables[name].title}\n")
+            print(T.markdown_grid(tables[name].text()))
     return 0
 
 

@@ -2,14 +2,19 @@
 
 MLflow is the only source. Runs, their params, tags and final metrics come from ``mlflow.search_runs``
 (pandas); per-epoch curves come from ``MlflowClient.get_metric_history`` (the same store, the
-metric's full history instead of its last value). No artifact is downloaded and no file written by
-a run is read. The names are those of ``studies/mlflow_schema.py``.
+metric's full history instead of its last value); each run's detections on the validation images and
+their ground truth come from the run's two evaluation artifacts (``ARTIFACT_DETECTIONS``,
+``ARTIFACT_GROUND_TRUTH``), downloaded once per report through the MLflow client (:func:`evaluations`),
+for the bootstrap intervals. No other file written by a run is read. The names are those of
+``studies/mlflow_schema.py``.
 
 ``load_study(experiment, tracking_uri)`` returns a :class:`Study` whose ``runs`` frame keeps every
 column ``search_runs`` returned (``metrics.*``, ``params.*``, ``tags.*``) and adds normalised ones:
-``role``, ``backbone``, the three switches as booleans, ``combo`` ("", "E", "E+P", ...), ``seed``,
-``trial``, ``included`` (the run's numbers enter the tables) and ``reason`` (why not, e.g. the error of a
-failed run), ``note`` (an early stop, a failed profile), ``group`` and ``label`` (the variant the run belongs to).
+``role`` ("parent"; "pretrain": a stage-1 pretraining run, never a variant; or "child"), ``backbone``,
+the three switches as booleans, ``combo`` ("", "E", "E+P", ...), ``seed``, ``trial``, ``init_checkpoint``
+and ``init_source`` (the weights a run started from), ``checkpoint_dir``, ``included`` (the run's numbers
+enter the tables) and ``reason`` (why not, e.g. the error of a failed run), ``note`` (an early stop, a
+failed profile), ``group`` and ``label`` (the variant the run belongs to).
 
 A *variant* is a set of runs that differ only in their seed: the same logged configuration once the
 ``run.*`` parameters (seed, device, output folder) and the other result-neutral keys
@@ -26,6 +31,7 @@ import logging
 import math
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -35,6 +41,8 @@ import pandas as pd
 
 from dset.config import RESULT_NEUTRAL_KEYS
 from studies import mlflow_schema as S
+
+from . import bootstrap as B
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 SWITCHES = ("encoder_moe", "token_pruning", "decoder_moe")
@@ -53,6 +61,8 @@ FINAL_METRICS = {
     "gflops_backbone": S.GFLOPS_COMPONENT_PREFIX + "backbone", "gflops_encoder": S.GFLOPS_COMPONENT_PREFIX + "encoder",
     "gflops_decoder": S.GFLOPS_COMPONENT_PREFIX + "decoder", "latency_ms": S.LATENCY_MS, "fps": S.FPS,
     "final_keep_ratio": S.FINAL_KEEP_RATIO, "epochs_run": S.EPOCHS_RUN, "train_minutes": S.TRAIN_MINUTES,
+    "profile_tokens": S.PROFILE_TOKENS, "profile_kept_tokens": S.PROFILE_KEPT_TOKENS,
+    "profile_keep_ratio": S.PROFILE_KEEP_RATIO,
 }
 USAGE_RE = re.compile(r"^metrics\." + re.escape(S.USAGE_PREFIX) + r"(encoder_moe|decoder_moe)/layer(\d+)/expert(\d+)$")
 
@@ -126,10 +136,15 @@ class Study:
     tracking_uri: str
     runs: pd.DataFrame                         # every run (parents too), normalised, in a stable order
     _histories: dict = field(default_factory=dict, repr=False)
+    _evaluations: dict = field(default_factory=dict, repr=False)
 
     @property
     def children(self) -> pd.DataFrame:
         return self.runs[self.runs["role"] == "child"]
+
+    @property
+    def pretrain(self) -> pd.DataFrame:
+        return self.runs[self.runs["role"] == "pretrain"]
 
     @property
     def included(self) -> pd.DataFrame:
@@ -229,7 +244,7 @@ def combo_label(backbone: str, e: bool, p: bool, d: bool) -> str:
 def normalise(raw: pd.DataFrame) -> pd.DataFrame:
     """Add the normalised columns to what ``search_runs`` returned and sort the rows stably."""
     df = raw.copy()
-    df["role"] = ["parent" if r == "parent" else "child" for r in _tag(df, S.TAG_ROLE)]
+    df["role"] = [r if r in ("parent", "pretrain") else "child" for r in _tag(df, S.TAG_ROLE)]
     # a run without a dset.role tag but with nested children is a parent too
     parents = set(_tag(df, "mlflow.parentRunId").dropna())
     df.loc[df["run_id"].isin(parents) & _tag(df, S.TAG_ROLE).isna(), "role"] = "parent"
@@ -257,17 +272,27 @@ def normalise(raw: pd.DataFrame) -> pd.DataFrame:
     df["latency_device"] = _tag(df, S.TAG_LATENCY_DEVICE)
     df["device"] = _tag(df, S.TAG_DEVICE)
     df["stop_reason"] = _tag(df, TAG_STOP_REASON)
+    df["init_checkpoint"] = _tag(df, S.TAG_INIT_CHECKPOINT)
+    df["init_source"] = _tag(df, S.TAG_INIT_SOURCE)
+    df["checkpoint_dir"] = _tag(df, S.TAG_CHECKPOINT_DIR)
     df["note"] = _objects(df, ["; ".join(x for x in (f"stopped early ({s})" if s else "",
                                                      f"not profiled: {p}" if p else "") if x) or None
                                for s, p in zip(df["stop_reason"], _tag(df, TAG_PROFILE_ERROR))])
 
     map_col = f"metrics.{S.BEST_MAP}"
     has_map = df[map_col].notna() if map_col in df else pd.Series(False, index=df.index)
+    superseded = _tag(df, S.TAG_SUPERSEDED_BY)
     included, reason = [], []
     for i, row in df.iterrows():
         if row["role"] == "parent":
             included.append(False)
             reason.append("parent run (the study invocation)")
+        elif row["role"] == "pretrain":
+            included.append(False)
+            reason.append("stage-1 pretraining run, not a variant (see the Stage 1 table)")
+        elif isinstance(superseded[i], str) and superseded[i]:
+            included.append(False)
+            reason.append(f"stale (made by other code or data), redone by run {superseded[i][:8]}")
         elif row["status"] == "FINISHED" and has_map[i]:
             included.append(True)
             reason.append("")
@@ -299,14 +324,14 @@ def normalise(raw: pd.DataFrame) -> pd.DataFrame:
 
 
 def _role_rank(role: str) -> int:
-    return 0 if role == "parent" else 1
+    return {"parent": 0, "pretrain": 1}.get(role, 2)
 
 
 def _group_key(row: pd.Series) -> str:
     """Variant identity: the logged configuration without ``run.*`` (seed, device, out dir) and the other
     result-neutral keys (``RESULT_NEUTRAL_KEYS``), plus the trial."""
-    if row["role"] == "parent":
-        return "parent:" + row["run_id"]
+    if row["role"] != "child":
+        return f"{row['role']}:" + row["run_id"]
     params = {k[len("params."):]: v for k, v in row.items()
               if k.startswith("params.") and not k.startswith("params.run.") and isinstance(v, str)
               and k[len("params."):] not in RESULT_NEUTRAL_KEYS}
@@ -348,7 +373,8 @@ def _label_groups(df: pd.DataFrame) -> None:
                 labels[gid] = f"{label} [{cells[0] if cells else gid}]"
                 keys[gid] = keys[gid][:4] + (labels[gid], gid)
     order = {gid: i for i, gid in enumerate(sorted(keys, key=lambda g: keys[g]))}
-    df["label"] = [labels.get(g, "(parent)") for g in df["group"]]
+    df["label"] = [labels.get(g) or ((t or "(stage 1)") if g.startswith("pretrain:") else "(parent)")
+                   for g, t in zip(df["group"], df["variant_tag"])]
     df["sort_key"] = [order.get(g, -1) for g in df["group"]]
 
 
@@ -373,7 +399,8 @@ def variants(study: Study) -> pd.DataFrame:
     Columns: group, label, backbone, encoder_moe, token_pruning, decoder_moe, combo, trial, n (included
     runs), n_runs (all runs), seeds (included), failed (count), data, latency_device, and for each final
     metric stem in ``FINAL_METRICS``: ``<stem>_mean``, ``<stem>_std`` (sample std, NaN for n < 2) and
-    ``<stem>_values`` (a tuple in seed order); ``first_run`` (a run id) to read settings from."""
+    ``<stem>_values`` (a tuple in seed order); ``first_run`` (a run id) to read settings from; ``run_ids``
+    (the included runs, seed order); ``init_checkpoint`` (the weights its runs started from, "; "-joined)."""
     children = study.children
     rows = []
     for gid, g in children.groupby("group", sort=False):
@@ -390,6 +417,8 @@ def variants(study: Study) -> pd.DataFrame:
             "data": _describe_data((inc if len(inc) else g).iloc[0]),
             "latency_device": "; ".join(sorted({d for d in inc["latency_device"] if d})) or None,
             "first_run": (inc if len(inc) else g).iloc[0]["run_id"],
+            "run_ids": tuple(inc["run_id"]),
+            "init_checkpoint": "; ".join(sorted({c for c in inc["init_checkpoint"] if c})) or None,
             "not_included": tuple(g.loc[~g["included"], "reason"]),
         }
         for stem, metric in FINAL_METRICS.items():
@@ -410,6 +439,50 @@ def baseline_of(vs: pd.DataFrame, backbone: str) -> pd.Series | None:
     base = vs[(vs["backbone"] == backbone) & (vs["encoder_moe"] == False) & (vs["token_pruning"] == False)  # noqa: E712
               & (vs["decoder_moe"] == False) & (vs["n"] > 0) & vs["trial"].isna()]  # noqa: E712
     return base.iloc[0] if len(base) == 1 else None
+
+
+def evaluations(study: Study, run_ids) -> dict[str, B.Evaluated | str]:
+    """Each run's detections matched against its ground truth (:func:`analysis.bootstrap.evaluate_run`), from
+    its ``ARTIFACT_DETECTIONS`` and ``ARTIFACT_GROUND_TRUTH``, or, as a string, why there is none: a run from
+    before these artifacts existed, or an unreadable one (the report then falls back on seeds alone and says
+    why). Downloaded and evaluated once per run and report (cached on ``study``)."""
+    todo = [r for r in run_ids if r not in study._evaluations]
+    if todo:
+        previous = os.environ.get(_PROGRESS_BAR)
+        os.environ[_PROGRESS_BAR] = "false"  # MLflow draws a progress bar per download on stderr
+        try:
+            with _quiet_mlflow(), tempfile.TemporaryDirectory(prefix="dset_report_") as tmp:
+                client = client_for(study.tracking_uri)
+                for run_id in todo:
+                    study._evaluations[run_id] = _evaluation(client, run_id, Path(tmp) / run_id)
+        finally:
+            if previous is None:
+                os.environ.pop(_PROGRESS_BAR, None)
+            else:
+                os.environ[_PROGRESS_BAR] = previous
+    return {r: study._evaluations[r] for r in run_ids}
+
+
+_PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+
+
+def _evaluation(client, run_id: str, folder: Path) -> B.Evaluated | str:
+    folder_name = S.ARTIFACT_DETECTIONS.rsplit("/", 1)[0]
+    try:
+        logged = {f.path for f in client.list_artifacts(run_id, folder_name)}
+    except Exception as exc:  # an artifact store that cannot be listed: the run is reported without them
+        return f"artifacts not readable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    absent = [a for a in (S.ARTIFACT_DETECTIONS, S.ARTIFACT_GROUND_TRUTH) if a not in logged]
+    if absent:
+        return f"no {' or '.join(absent)} logged"
+    try:
+        dets = json.loads(Path(client.download_artifacts(run_id, S.ARTIFACT_DETECTIONS, str(folder))).read_text())
+        gt = json.loads(Path(client.download_artifacts(run_id, S.ARTIFACT_GROUND_TRUTH, str(folder))).read_text())
+        if not isinstance(dets, dict) or "detections" not in dets or "image_ids" not in dets:
+            raise ValueError(f"{S.ARTIFACT_DETECTIONS} needs 'image_ids' and 'detections'")
+        return B.evaluate_run(gt, dets["detections"], dets["image_ids"], name=f"run {run_id}")
+    except Exception as exc:  # a malformed file: say which run and why, and report the run without it
+        return f"{S.ARTIFACT_DETECTIONS} / {S.ARTIFACT_GROUND_TRUTH} unusable: {type(exc).__name__}: {exc}"
 
 
 def usage_matrices(study: Study, group: str) -> dict[str, np.ndarray]:

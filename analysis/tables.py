@@ -20,6 +20,8 @@ import pandas as pd
 
 from studies import mlflow_schema as S
 
+from . import bootstrap as B
+from . import deltas as D
 from . import runs as R
 from . import stats
 
@@ -64,6 +66,32 @@ def pvalue(v) -> str:
 
 def integer(v) -> str:
     return MISSING if missing(v) else str(int(v))
+
+
+def interval(low: float, high: float) -> str | None:
+    return None if missing(low) or missing(high) else f"[{low:+.4f}, {high:+.4f}]"
+
+
+def _profile_text(tokens, kept, ratio) -> str | None:
+    if missing(tokens) or missing(kept):
+        return None
+    return f"{int(kept)}/{int(tokens)} tokens" + ("" if missing(ratio) else f" (keep ratio {ratio:.2f})")
+
+
+def profiled_at(v: pd.Series) -> str | None:
+    """What a variant's GFLOPs and latency were measured at (profile/kept_tokens, profile/tokens,
+    profile/keep_ratio), e.g. "70/100 tokens (keep ratio 0.70)"; per seed, "; "-joined, where seeds differ."""
+    texts = [_profile_text(t, k, r) for t, k, r in zip(v["profile_tokens_values"], v["profile_kept_tokens_values"],
+                                                       v["profile_keep_ratio_values"])]
+    return "; ".join(dict.fromkeys(t for t in texts if t)) or None
+
+
+PROFILE_NOTE = ("GFLOPs/latency at: the AIFI encoder tokens kept of the tokens in and their ratio when the GFLOPs "
+                "and latency were measured (profile/kept_tokens, profile/tokens, profile/keep_ratio, on the reported "
+                "checkpoint at its schedule); – where the run did not log them.")
+NOISE_NOTE = (f"ΔmAP (%) is not shown (–) where both mAPs are below the noise floor of {B.NOISE_FLOOR_MAP:g} "
+              "(analysis.bootstrap.NOISE_FLOOR_MAP): a ratio of two near-zero mAPs (0.0032 against 0.0010 would read "
+              "+220%) measures noise, not the model.")
 
 
 def mean_pm(mean: float, std: float, spec: str = ".4f") -> str:
@@ -205,11 +233,13 @@ def data_note(vs: pd.DataFrame) -> str:
 def main_table(study: R.Study, vs: pd.DataFrame) -> Table:
     """Every variant: accuracy, change against RT-DETR of the same backbone, size, compute, speed."""
     rows = []
+    floored = False
     for _, v in vs.iterrows():
         base = R.baseline_of(vs, v["backbone"])
         rel = math.nan
-        if base is not None and base["group"] != v["group"] and not missing(v["map_mean"]) and base["map_mean"]:
-            rel = (v["map_mean"] - base["map_mean"]) / base["map_mean"] * 100
+        if base is not None and base["group"] != v["group"] and not missing(v["map_mean"]):
+            rel = B.relative_percent(v["map_mean"], base["map_mean"])
+            floored |= missing(rel) and bool(base["map_mean"])
         rows.append({
             "model": v["label"], "backbone": v["backbone"], "n": v["n"],
             "mAP@0.5:0.95": mean_pm(v["map_mean"], v["map_std"]),
@@ -218,6 +248,7 @@ def main_table(study: R.Study, vs: pd.DataFrame) -> Table:
             "ΔmAP vs RT-DETR same backbone (%)": rel,
             "params": v["params_mean"], "active params": v["active_params_mean"], "GFLOPs": v["gflops_mean"],
             "latency (ms)": v["latency_ms_mean"], "FPS": v["fps_mean"], "latency device": v["latency_device"],
+            "GFLOPs/latency at": profiled_at(v),
             "best epoch": ", ".join(str(int(e)) for e in v["best_epoch_values"]) or None,
             "data": v["data"], "runs not included": _excluded_note(v["not_included"]) or None,
         })
@@ -234,16 +265,61 @@ def main_table(study: R.Study, vs: pd.DataFrame) -> Table:
         "GFLOPs = 2 × multiply-adds (RT-DETR paper convention), counted by the runs with fvcore plus handles for "
         "attention products and grid sampling; params: total; active params: those one token uses (top-k experts).",
         "Latency: batch 1, eval mode, median of timed runs on the latency device shown; FPS = 1000 / latency.",
+        PROFILE_NOTE,
         data_note(vs),
-    ]
+    ] + ([NOISE_NOTE] if floored else [])
     return Table("main", "Main comparison: every variant against RT-DETR with the same backbone", df, text, csv_cols,
                  {"n": integer, "mAP@0.5": F4, "mAP@0.75": F4, "mAP@0.5:0.95 mean": F4, "mAP@0.5:0.95 std": F4,
                   "ΔmAP vs RT-DETR same backbone (%)": SIGNED2, "params": millions, "active params": millions,
                   "GFLOPs": F2, "latency (ms)": F2, "FPS": F1}, notes)
 
 
+def _delta_columns(d: D.Delta | None) -> dict:
+    """The columns every comparison with RT-DETR shows, from one :class:`analysis.deltas.Delta`."""
+    if d is None:
+        return {"ΔmAP": math.nan, "ΔmAP (%)": math.nan, "ΔmAP 95% CI": None, "ΔmAP50": math.nan,
+                "ΔmAP50 95% CI": None, "interval": None, "p (Welch)": math.nan,
+                "ΔmAP CI low": math.nan, "ΔmAP CI high": math.nan, "ΔmAP50 CI low": math.nan,
+                "ΔmAP50 CI high": math.nan}
+    return {"ΔmAP": d.map, "ΔmAP (%)": d.relative, "ΔmAP 95% CI": interval(d.map_low, d.map_high),
+            "ΔmAP50": d.map50, "ΔmAP50 95% CI": interval(d.map50_low, d.map50_high), "interval": d.method_text,
+            "p (Welch)": d.p_welch, "ΔmAP CI low": d.map_low, "ΔmAP CI high": d.map_high,
+            "ΔmAP50 CI low": d.map50_low, "ΔmAP50 CI high": d.map50_high}
+
+
+CI_COLUMNS = ["ΔmAP CI low", "ΔmAP CI high", "ΔmAP50 CI low", "ΔmAP50 CI high"]  # CSV only (text: the CI strings)
+
+
+def _interval_notes(found: list[D.Delta]) -> list[str]:
+    """How the intervals of ``found`` were computed, the verdict rule, and why some fell back on Welch."""
+    notes = []
+    boot = [d for d in found if d.method == D.BOOTSTRAP]
+    if boot:
+        notes.append(
+            f"95% CI (bootstrap): paired bootstrap over the validation images, {boot[0].n_resamples} resamples: each "
+            "resample draws the images with replacement and scores the variant and RT-DETR on the same draw "
+            "(COCO mAP from each run's logged detections, eval/detections.json, against eval/ground_truth.json); "
+            "with several seeds on a side each resample also draws that side's seeds with replacement "
+            "(hierarchical: image sampling plus seed spread). Percentile interval; ΔmAP = difference of the seed "
+            "means of the mAP on every image.")
+    welch = [d for d in found if d.method == D.WELCH]
+    if welch:
+        reasons = "; ".join(dict.fromkeys(d.fallback for d in welch if d.fallback))
+        notes.append(
+            "Welch over seeds (fallback): these runs did not log usable detections and ground truth (runs from before "
+            "eval/detections.json existed): the interval is Welch's unequal-variance interval over the per-seed "
+            "best/mAP, and with n=1 on either side there is none (\"n=1, no test\")" + (f". Why: {reasons}." if reasons
+                                                                                      else "."))
+    notes.append("Verdict, from the ΔmAP interval only: lower bound > 0: better; upper bound < 0: worse; "
+                 "otherwise no difference detected (the interval includes 0). p (Welch): over seeds, only where "
+                 "both sides have n > 1.")
+    if any(missing(d.relative) and d.baseline_map for d in found):
+        notes.append(NOISE_NOTE)
+    return notes
+
+
 def ablation_table(study: R.Study, vs: pd.DataFrame) -> tuple[Table | None, str]:
-    """The 8 switch combinations per backbone, deltas against the baseline and a seed-noise test."""
+    """The 8 switch combinations per backbone, deltas against the baseline with their interval and verdict."""
     grid = vs[vs["trial"].isna() & vs["combo"].notna()]
     combos = {(r.encoder_moe, r.token_pruning, r.decoder_moe) for r in grid.itertuples()}
     if len(combos) < 2:
@@ -253,7 +329,7 @@ def ablation_table(study: R.Study, vs: pd.DataFrame) -> tuple[Table | None, str]
                       if combos else "no runs with switch tags")
     children = study.children
     all_seeds = sorted({int(s) for s in children.loc[children["trial"].isna(), "seed"] if not pd.isna(s)})
-    rows = []
+    rows, found = [], []
     for bb in sorted(set(grid["backbone"].dropna()), key=lambda b: (R.BACKBONE_ORDER.get(b, 9), b)):
         base = R.baseline_of(vs, bb)
         for e, p, d in R.COMBOS:
@@ -263,10 +339,8 @@ def ablation_table(study: R.Study, vs: pd.DataFrame) -> tuple[Table | None, str]
                       "dec MoE": "on" if d else "off"}
             if groups.empty:
                 rows.append({**common, "model": R.combo_label(bb, e, p, d), "n": 0, "seeds": None,
-                             "mAP@0.5:0.95": None, "mean": math.nan, "std": math.nan, "ΔmAP": math.nan,
-                             "ΔmAP (%)": math.nan,
-                             "ΔmAP 95% CI": None, "p (Welch)": math.nan, "beyond seed noise?": MISSING,
-                             "runs not included": "not run"})
+                             "mAP@0.5:0.95": None, "mean": math.nan, "std": math.nan, **_delta_columns(None),
+                             "verdict": MISSING, "init checkpoint": None, "runs not included": "not run"})
                 continue
             for _, g in groups.iterrows():
                 notes = [_excluded_note(g["not_included"])] if g["not_included"] else []
@@ -275,35 +349,123 @@ def ablation_table(study: R.Study, vs: pd.DataFrame) -> tuple[Table | None, str]
                     notes.append("seed " + ", ".join(map(str, never)) + " not run")
                 row = {**common, "model": g["label"], "n": g["n"], "seeds": g["seeds"] or None,
                        "mAP@0.5:0.95": mean_pm(g["map_mean"], g["map_std"]), "mean": g["map_mean"], "std": g["map_std"],
+                       "init checkpoint": g["init_checkpoint"],
                        "runs not included": "; ".join(n for n in notes if n) or None}
                 if base is None or base["group"] == g["group"] or g["n"] == 0:
                     verdict = "baseline" if base is not None and base["group"] == g["group"] else (
                         "no baseline" if base is None else "no runs")
-                    row.update({"ΔmAP": math.nan, "ΔmAP (%)": math.nan, "ΔmAP 95% CI": None, "p (Welch)": math.nan,
-                                "beyond seed noise?": verdict})
+                    row.update({**_delta_columns(None), "verdict": verdict})
                 else:
-                    c = stats.welch(g["map_values"], base["map_values"])
-                    row.update({"ΔmAP": c.diff, "ΔmAP (%)": c.diff / base["map_mean"] * 100,
-                                "ΔmAP 95% CI": None if missing(c.ci_low) else f"[{c.ci_low:+.4f}, {c.ci_high:+.4f}]",
-                                "p (Welch)": c.p, "beyond seed noise?": c.verdict})
+                    c = D.against_baseline(study, g, base)
+                    found.append(c)
+                    row.update({**_delta_columns(c), "verdict": c.verdict})
                 rows.append(row)
     order = ["backbone", "enc MoE", "pruning", "dec MoE", "model", "n", "seeds", "mAP@0.5:0.95", "mean", "std", "ΔmAP",
-             "ΔmAP (%)", "ΔmAP 95% CI", "p (Welch)", "beyond seed noise?", "runs not included"]
+             "ΔmAP (%)", "ΔmAP 95% CI", "ΔmAP50", "ΔmAP50 95% CI", "interval", "p (Welch)", "verdict",
+             "init checkpoint", "runs not included"] + CI_COLUMNS
     df = pd.DataFrame(rows)[order]
-    text = [c for c in df.columns if c not in ("mean", "std")]
+    text = [c for c in df.columns if c not in ["mean", "std"] + CI_COLUMNS]
     csv_cols = [c for c in df.columns if c != "mAP@0.5:0.95"]
     notes = [
         "Switches: enc MoE = encoder token-level MoE FFN, pruning = encoder token pruning, dec MoE = decoder "
         "query-level MoE FFN; all off = RT-DETR.",
-        "mAP@0.5:0.95 of the best epoch: mean ± sample std over the n seeds listed. ΔmAP = variant mean − "
-        "baseline mean (absolute; % of the baseline mean).",
-        "Beyond seed noise: Welch's unequal-variance t-test on the per-seed values, two-sided, p < 0.05; the 95% "
-        "CI is Welch's interval of the difference. With n=1 on either side there is no estimate of seed noise "
-        "(\"n=1, no test\"): a difference then says nothing about noise.",
+        "mAP@0.5:0.95 of the best epoch: mean ± sample std over the n seeds listed (as logged, best/mAP). ΔmAP, "
+        "ΔmAP50 = variant − RT-DETR of the same backbone (absolute; ΔmAP also in % of RT-DETR's mAP).",
+        *_interval_notes(found),
+        "init checkpoint: the weights the variant's runs started from (tag dset.init_checkpoint).",
         "Combinations with no finished run are listed (\"not run\", or the runs' failures); see the runs table.",
     ]
     return Table("ablation", "Ablation: the switch combinations per backbone against RT-DETR", df, text, csv_cols,
-                 {"n": integer, "mean": F4, "std": F4, "ΔmAP": SIGNED4, "ΔmAP (%)": SIGNED2, "p (Welch)": pvalue},
+                 {"n": integer, "mean": F4, "std": F4, "ΔmAP": SIGNED4, "ΔmAP (%)": SIGNED2, "ΔmAP50": SIGNED4,
+                  "p (Welch)": pvalue}, notes), ""
+
+
+ANSWER_COMBOS = [(True, True, True), (True, False, False), (False, True, False), (False, False, True)]
+
+
+def answer_table(study: R.Study, vs: pd.DataFrame) -> tuple[Table | None, str]:
+    """The answer first: per backbone, DSET (all three switches) and each switch alone against RT-DETR of the
+    same backbone: ΔmAP and ΔmAP50 with their 95% intervals, ΔGFLOPs, Δlatency, and the verdict."""
+    grid = vs[vs["trial"].isna() & vs["combo"].notna()]
+    if grid.empty:
+        return None, ("not an ablation: every run is an Optuna trial (see the optuna tables)" if study.is_optuna
+                      else "no runs with switch tags")
+    rows, found = [], []
+    for bb in sorted(set(grid["backbone"].dropna()), key=lambda b: (R.BACKBONE_ORDER.get(b, 9), b)):
+        base = R.baseline_of(vs, bb)
+        for e, p, d in ANSWER_COMBOS:
+            groups = grid[(grid["backbone"] == bb) & (grid["encoder_moe"] == e) & (grid["token_pruning"] == p)
+                          & (grid["decoder_moe"] == d)]
+            empty = {"backbone": bb, "n (variant / RT-DETR)": None, "mAP": math.nan, "mAP RT-DETR": math.nan,
+                     **_delta_columns(None), "ΔGFLOPs": math.nan, "Δlatency (ms)": math.nan,
+                     "latency measured on": None, "GFLOPs/latency at": None}
+            if groups.empty:
+                rows.append({**empty, "model": R.combo_label(bb, e, p, d), "verdict": "not run"})
+                continue
+            for _, g in groups.iterrows():
+                if base is None or g["n"] == 0:
+                    rows.append({**empty, "model": g["label"],
+                                 "verdict": "no RT-DETR baseline" if base is None else "no finished run"})
+                    continue
+                c = D.against_baseline(study, g, base)
+                found.append(c)
+                devices = list(dict.fromkeys(x for x in (g["latency_device"], base["latency_device"]) if x))
+                rows.append({
+                    "backbone": bb, "model": g["label"], "n (variant / RT-DETR)": f"{g['n']} / {base['n']}",
+                    "mAP": c.variant_map, "mAP RT-DETR": c.baseline_map, **_delta_columns(c),
+                    "ΔGFLOPs": g["gflops_mean"] - base["gflops_mean"],
+                    "Δlatency (ms)": g["latency_ms_mean"] - base["latency_ms_mean"],
+                    "latency measured on": (" vs ".join(devices) + ", batch 1") if devices else None,
+                    "GFLOPs/latency at": f"{profiled_at(g) or MISSING} vs RT-DETR {profiled_at(base) or MISSING}",
+                    "verdict": c.verdict})
+    order = ["backbone", "model", "n (variant / RT-DETR)", "mAP", "mAP RT-DETR", "ΔmAP", "ΔmAP 95% CI", "ΔmAP (%)",
+             "ΔmAP50", "ΔmAP50 95% CI", "ΔGFLOPs", "Δlatency (ms)", "latency measured on", "GFLOPs/latency at",
+             "interval", "verdict", "p (Welch)"] + CI_COLUMNS
+    df = pd.DataFrame(rows)[order]
+    text = [c for c in df.columns if c not in ["p (Welch)"] + CI_COLUMNS]
+    notes = [
+        "Does DSET beat RT-DETR? Each row: DSET with all three switches (E+P+D) or one switch alone (E = encoder "
+        "MoE, P = token pruning, D = decoder MoE) minus RT-DETR with the same backbone, same study settings.",
+        "mAP, mAP RT-DETR: the two mAP@0.5:0.95 (seed means) whose difference is ΔmAP: bootstrap rows compute them "
+        "here from the logged detections on every validation image, Welch rows use the logged best/mAP.",
+        *_interval_notes(found),
+        "ΔGFLOPs, Δlatency: variant − RT-DETR of the seed means as logged (GFLOPs = 2 × multiply-adds; latency: "
+        "batch 1, eval mode, median, on the device shown); no interval: they are measured, not sampled.",
+        PROFILE_NOTE,
+        data_note(vs),
+    ]
+    return Table("answer", "Answer: DSET and each sparse mechanism against RT-DETR of the same backbone", df, text,
+                 None, {"mAP": F4, "mAP RT-DETR": F4, "ΔmAP": SIGNED4, "ΔmAP (%)": SIGNED2, "ΔmAP50": SIGNED4,
+                        "ΔGFLOPs": SIGNED2, "Δlatency (ms)": SIGNED2, "p (Welch)": pvalue}, notes), ""
+
+
+def stage1_table(study: R.Study) -> tuple[Table | None, str]:
+    """Stage-1 pretraining runs (tag dset.role = pretrain): the RT-DETR checkpoints the cells fine-tune from.
+    Not variants: listed here only, with the cells that started from each."""
+    pre = study.pretrain
+    if pre.empty:
+        return None, "no stage-1 pretraining runs (tag dset.role = pretrain) in this experiment"
+    children = study.children
+    rows = []
+    for _, r in pre.iterrows():
+        ckpt, key = r["checkpoint_dir"], r.get(f"tags.{S.TAG_STAGE1_KEY}")
+        key = key if isinstance(key, str) and key else None
+        users = children[[bool(ckpt and c and c.startswith(ckpt)) or bool(key and src and key in src)
+                          for c, src in zip(children["init_checkpoint"], children["init_source"])]]
+        rows.append({"run": r["cell"] or r["run_id"], "backbone": r["backbone"], "MLflow status": r["status"],
+                     "mAP@0.5:0.95": r.get(f"metrics.{S.BEST_MAP}", math.nan),
+                     "mAP@0.5": r.get(f"metrics.{S.BEST_MAP50}", math.nan),
+                     "epochs": r.get(f"metrics.{S.EPOCHS_RUN}", math.nan), "checkpoint dir": ckpt,
+                     "started from": r["init_checkpoint"], "cells fine-tuned from it": len(users),
+                     "run id": r["run_id"]})
+    notes = ["Stage 1: RT-DETR pretrained on the study's data; the cells fine-tune from its checkpoint (their "
+             "dset.init_checkpoint, shown in the runs and ablation tables). These runs are not variants and enter "
+             "no other table.",
+             "checkpoint dir: tag dset.checkpoint_dir; started from: tag dset.init_checkpoint of the stage-1 run; "
+             "cells fine-tuned from it: child runs whose dset.init_checkpoint lies in that folder or whose "
+             "dset.init_source names the stage-1 run's cache key (dset.stage1_key)."]
+    return Table("stage1", "Stage 1 (pretrained RT-DETR)", pd.DataFrame(rows), None, None,
+                 {"mAP@0.5:0.95": F4, "mAP@0.5": F4, "epochs": integer, "cells fine-tuned from it": integer},
                  notes), ""
 
 
@@ -339,12 +501,12 @@ def compute_table(study: R.Study, vs: pd.DataFrame) -> tuple[Table | None, str]:
         size = _image_size(cfg)
         row = {"model": v["label"], "backbone": v["backbone"], "GFLOPs": v["gflops_mean"],
                "GFLOPs backbone": parts[0], "GFLOPs encoder": parts[1], "GFLOPs decoder": parts[2],
-               "GFLOPs other": other}
+               "GFLOPs other": other, "GFLOPs/latency at": profiled_at(v)}
         for name, x in zip(("backbone", "encoder", "decoder"), parts):
             row[f"{name} %"] = x / v["gflops_mean"] * 100 if v["gflops_mean"] else math.nan
         if size:
             sizes.add(size)
-            keep = None if missing(v["final_keep_ratio_mean"]) else v["final_keep_ratio_mean"]
+            keep = next((k for k in (v["profile_keep_ratio_mean"], v["final_keep_ratio_mean"]) if not missing(k)), None)
             m = stats.sparse_site_macs(cfg, size, keep)
             dense = 2 * (m["aifi_dense"] + m["dec_ffn_dense"]) / 1e9
             as_run = 2 * (m["aifi"] + m["dec_ffn"]) / 1e9
@@ -368,7 +530,9 @@ def compute_table(study: R.Study, vs: pd.DataFrame) -> tuple[Table | None, str]:
         + " (the resolution dset profiles at), eval mode (no denoising queries): projections, attention "
         "products and FFN/expert matmuls, ×2; norms, softmax, biases and the pruning predictor not counted.",
         "sites dense = the same configuration with every switch off; sites as run = top-k experts (+ router) and "
-        "the final keep ratio (final/keep_ratio, else the configured target); share = sites as run / measured total.",
+        "the keep ratio the GFLOPs were measured at (profile/keep_ratio, else final/keep_ratio, else the configured "
+        "target); share = sites as run / measured total.",
+        PROFILE_NOTE,
         "Reference figure (../shared/parity/README.md, reference RT-DETR R18 at 640 px): AIFI layer "
         f"{ref_aifi:.2f} G and the three decoder FFNs {ref_dec:.2f} G multiply-adds of {ref_total:.2f} G, about "
         f"{(ref_aifi + ref_dec) / ref_total * 100:.1f}% of the model; "
@@ -415,8 +579,8 @@ def reported_table(study: R.Study, vs: pd.DataFrame) -> Table:
                                  "ΔmAP vs RT-DETR (%)": math.nan, "note": why})
                     continue
                 b = measured["RT-DETR"]
-                rel = ((m["map_mean"] - b["map_mean"]) / b["map_mean"] * 100
-                       if model == "DSET" and isinstance(b, pd.Series) and b["map_mean"] else math.nan)
+                rel = (B.relative_percent(m["map_mean"], b["map_mean"])
+                       if model == "DSET" and isinstance(b, pd.Series) else math.nan)
                 rows.append({"model": name, "source": "measured here", "data": m["data"], "n": m["n"],
                              "mAP@0.5:0.95": m["map_mean"], "mAP@0.5": m["map50_mean"], "mAP@0.75": m["map75_mean"],
                              "ΔmAP vs RT-DETR (%)": rel, "note": None if m["n"] < 2 else "mean over seeds"})
@@ -426,6 +590,7 @@ def reported_table(study: R.Study, vs: pd.DataFrame) -> Table:
         "data column (params data.name, data.image_size, train.epochs).",
         "Numbers from different data sets, resolutions or budgets are not comparable with each other; only the "
         "ΔmAP within one source compares DSET with RT-DETR.",
+        NOISE_NOTE,
     ]
     return Table("reported_vs_measured", "Seed report (reported) versus this experiment (measured here)",
                  pd.DataFrame(rows), None, None,
@@ -472,14 +637,18 @@ def optuna_pareto_table(study: R.Study, trials: pd.DataFrame) -> tuple[Table | N
     keys = sorted({k for s in trials["settings"] for k in s})
     rows = []
     for _, t in front.iterrows():
-        row = {"trial": t["trial"], "mAP@0.5:0.95": t["map"], "GFLOPs": t["gflops"], "latency (ms)": t["latency_ms"]}
+        run = study.runs[study.runs["run_id"] == t["run_id"]].iloc[0]
+        row = {"trial": t["trial"], "mAP@0.5:0.95": t["map"], "GFLOPs": t["gflops"], "latency (ms)": t["latency_ms"],
+               "GFLOPs/latency at": _profile_text(*(run.get(f"metrics.{m}", math.nan) for m in
+                                                    (S.PROFILE_TOKENS, S.PROFILE_KEPT_TOKENS, S.PROFILE_KEEP_RATIO)))}
         row.update({_short(k): t["settings"].get(k) for k in keys})
         rows.append(row)
     n_trials = int(study.children["trial"].notna().sum())
     notes = [f"Pareto-optimal trials (maximise best/mAP, minimise gflops) among {len(trials)} finished trials "
              f"with both metrics ({n_trials} trials logged; the others, failed, unfinished or pruned by Optuna, "
              "are listed in the runs table).",
-             "Settings: the parameters that vary across the finished trials (MLflow params, model. prefix dropped)."]
+             "Settings: the parameters that vary across the finished trials (MLflow params, model. prefix dropped).",
+             PROFILE_NOTE]
     df = pd.DataFrame(rows)
     return Table("optuna_pareto", "Optuna: Pareto-optimal trials and their settings", df, None, None,
                  {"trial": integer, "mAP@0.5:0.95": F4, "GFLOPs": F2, "latency (ms)": F2}, notes), ""
@@ -513,15 +682,24 @@ def runs_table(study: R.Study) -> Table:
             "dset status": r["dset_status"], "in tables": "yes" if r["included"] else "no",
             "reason / error": "; ".join(x for x in (r["reason"], r["note"]) if x) or None,
             "mAP@0.5:0.95": r.get(f"metrics.{S.BEST_MAP}", math.nan), "GFLOPs": r.get(f"metrics.{S.GFLOPS}", math.nan),
+            "GFLOPs at": _profile_text(*(r.get(f"metrics.{m}", math.nan) for m in
+                                         (S.PROFILE_TOKENS, S.PROFILE_KEPT_TOKENS, S.PROFILE_KEEP_RATIO))),
+            "init checkpoint": r["init_checkpoint"], "init source": r["init_source"],
             "started (UTC)": None if pd.isna(r["start_time"]) else r["start_time"].strftime("%Y-%m-%d %H:%M:%S"),
             "run id": r["run_id"],
         })
     df = pd.DataFrame(rows)
     counts = Counter(study.children["status"])
+    n_pre = len(study.pretrain)
+    statuses = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     notes = [f"{len(study.runs)} runs: {int((study.runs['role'] == 'parent').sum())} parent (study invocations), "
-             f"{len(study.children)} child ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}); "
-             f"{int(study.runs['included'].sum())} enter the other tables.",
+             + (f"{n_pre} stage-1 pretraining, " if n_pre else "")
+             + f"{len(study.children)} child ({statuses}); {int(study.runs['included'].sum())} enter the other tables.",
              "A run enters the tables when MLflow marks it FINISHED and it logged best/mAP; the others are listed "
-             "here with their status and error (tag dset.error)."]
+             "here with their status and error (tag dset.error). Stage-1 pretraining runs (role pretrain) enter "
+             "only the Stage 1 table.",
+             "init checkpoint, init source: the weights the run started from and what they are (tags "
+             "dset.init_checkpoint, dset.init_source).",
+             PROFILE_NOTE.replace("GFLOPs/latency at", "GFLOPs at")]
     return Table("runs", "Runs: every run of the experiment and its status", df, None, None,
                  {"seed": integer, "trial": integer, "mAP@0.5:0.95": F4, "GFLOPs": F2}, notes)

@@ -12,12 +12,23 @@ Experiments:
   failed trial 5 and a trial 6 that Optuna pruned (finished, with numbers that would dominate the front).
 - ``crashed_study``: a FAILED parent, a child that failed before logging any param, and a child still
   RUNNING (interrupted) with one epoch of metrics and no final ones: nothing finished.
+- ``two_stage``: runs that log their detections and ground truth (``ARTIFACT_DETECTIONS``,
+  ``ARTIFACT_GROUND_TRUTH``) on one synthetic validation set, with one seed unless said (``TWO_STAGE_RUNS``):
+  a stage-1 pretraining run (``dset.role`` = pretrain) the R18 cells start from, RT-DETR R18, DSET R18
+  (E+P+D) clearly better, (E) with two seeds of RT-DETR's quality (indistinguishable), (P) worse, (D) a run
+  without the artifacts (an old run: the report falls back on Welch), and R34 cells whose mAPs are both
+  below the noise floor. Their best/mAP and best/mAP50 are pycocotools' numbers on those detections, and
+  they log profile/tokens, profile/kept_tokens and profile/keep_ratio.
 - ``empty_study``: no runs.
 """
 
 from __future__ import annotations
 
 import time
+
+import numpy as np
+
+from pathlib import Path
 
 from dset.config import load_config
 from studies import mlflow_schema as S
@@ -58,6 +69,69 @@ OPTUNA_TRIALS = [
 OPTUNA_PARETO = [0, 1, 3]
 
 
+# ------------------------------------------------------------------------- detections and ground truth
+def synthetic_ground_truth(n_images: int = 40, n_classes: int = 4, seed: int = 0, size: int = 128,
+                           extra_category: bool = False) -> dict:
+    """A COCO ground truth of ``n_images`` images (ids from 1001) with 0-4 boxes each (some images have none),
+    classes 1..n_classes; ``extra_category`` lists a class n_classes + 1 that has no box."""
+    rng = np.random.default_rng(seed)
+    images, anns = [], []
+    for i in range(n_images):
+        iid = 1001 + i
+        images.append({"id": iid, "file_name": f"{iid}.png", "width": size, "height": size})
+        for _ in range(int(rng.integers(0, 5))):
+            w, h = rng.uniform(12, 48, size=2)
+            x, y = rng.uniform(0, size - w), rng.uniform(0, size - h)
+            anns.append({"id": len(anns) + 1, "image_id": iid, "category_id": int(rng.integers(1, n_classes + 1)),
+                         "bbox": [float(x), float(y), float(w), float(h)], "area": float(w * h), "iscrowd": 0})
+    cats = [{"id": c, "name": f"class{c}"} for c in range(1, n_classes + 1 + extra_category)]
+    return {"images": images, "annotations": anns, "categories": cats}
+
+
+def synthetic_detections(gt: dict, recall: float, jitter: float, false_per_image: float, seed: int) -> list[dict]:
+    """Detections of a model of a given quality: each box found with probability ``recall``, its corners moved
+    by ``jitter`` x its size (normal), score higher for closer boxes; plus Poisson(``false_per_image``) false
+    positives per image of any category, lower scores. Continuous scores: no ties."""
+    rng = np.random.default_rng(seed)
+    cats = [c["id"] for c in gt["categories"]]
+    out = []
+    for a in gt["annotations"]:
+        if rng.random() >= recall:
+            continue
+        x, y, w, h = a["bbox"]
+        dx, dy, dw, dh = rng.normal(0, jitter, size=4)
+        box = [x + dx * w, y + dy * h, max(1.0, w * (1 + dw)), max(1.0, h * (1 + dh))]
+        score = float(np.clip(0.95 - 2 * abs(dx * dy + dw * dh) - 0.3 * rng.random(), 0.05, 0.99))
+        out.append({"image_id": a["image_id"], "category_id": a["category_id"], "bbox": box, "score": score})
+    for im in gt["images"]:
+        for _ in range(int(rng.poisson(false_per_image))):
+            w, h = rng.uniform(8, 60, size=2)
+            x, y = rng.uniform(0, im["width"] - w), rng.uniform(0, im["height"] - h)
+            out.append({"image_id": im["id"], "category_id": int(rng.choice(cats)),
+                        "bbox": [float(x), float(y), float(w), float(h)], "score": float(rng.uniform(0.01, 0.7))})
+    return out
+
+
+def coco_stats(gt: dict, detections: list[dict]) -> tuple[float, float]:
+    """pycocotools' own mAP@[.5:.95] and mAP@0.5 (``stats[0]``, ``stats[1]``): the reference numbers."""
+    import contextlib
+    import copy
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = copy.deepcopy(gt)
+        coco.createIndex()
+        ev = COCOeval(coco, coco.loadRes(copy.deepcopy(detections)), iouType="bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return float(ev.stats[0]), float(ev.stats[1])
+
+
 def combo_code(e: bool, p: bool, d: bool) -> str:
     return "+".join(c for c, on in zip("EPD", (e, p, d)) if on)
 
@@ -81,7 +155,8 @@ def _config_params(backbone: str, e: bool, p: bool, d: bool, seed: int, extra: l
     preset = f"rtdetr_{backbone.lower()}"
     overrides = [f"model.encoder_moe.enabled={str(e).lower()}", f"model.token_pruning.enabled={str(p).lower()}",
                  f"model.decoder_moe.enabled={str(d).lower()}", f"run.seed={seed}", "data.image_size=320",
-                 f"train.epochs={EPOCHS}", "model.num_classes=4", *extra]
+                 f"train.epochs={EPOCHS}", "model.num_classes=4", "model.token_pruning.warmup_epochs=1",
+                 "model.token_pruning.ramp_epochs=2", *extra]  # the keep ratio logged per epoch: 1.0, 0.85, 0.7
     return {k: str(v) for k, v in load_config(preset, overrides).flat().items()}
 
 
@@ -223,8 +298,74 @@ def log_crashed(client, name: str = "crashed_study") -> str:
     return exp_id
 
 
+# two_stage: (backbone, e, p, d, seed, detections quality (recall, jitter, false positives per image) or None
+# for RT-DETR's quality, detections logged as artifacts)
+QUALITY = {"rtdetr": (0.7, 0.1, 3.0), "good": (0.9, 0.05, 1.0), "poor": (0.35, 0.25, 5.0), "noise": (0.3, 0.35, 12.0)}
+TWO_STAGE_RUNS = [
+    ("R18", False, False, False, 0, "rtdetr", True),
+    ("R18", True, True, True, 0, "good", True),          # clearly better with one seed: interval above 0
+    ("R18", True, False, False, 0, "rtdetr", True),      # RT-DETR's quality, other draws: no difference detected
+    ("R18", True, False, False, 1, "rtdetr", True),
+    ("R18", False, True, False, 0, "poor", True),        # worse: interval below 0
+    ("R18", False, False, True, 0, "good", False),       # no artifacts (an old run): Welch, "n=1, no test"
+    ("R34", False, False, False, 0, "noise", True),      # both mAPs below the noise floor: no relative %
+    ("R34", True, True, True, 0, "noise", True),
+]
+TWO_STAGE_IMAGES = 48
+STAGE1_DIR = "runs/two_stage/stage1-r18/checkpoints"
+STAGE1_INIT = "weights/presnet18vd_imagenet.pth"
+R34_INIT = "weights/rtdetr_r34vd_published.pth"
+
+
+def two_stage_ground_truth() -> dict:
+    return synthetic_ground_truth(TWO_STAGE_IMAGES, 4, seed=10)
+
+
+def two_stage_detections(i: int) -> list[dict]:
+    """The detections of ``TWO_STAGE_RUNS[i]`` (deterministic)."""
+    bb, e, p, d, seed, quality, _ = TWO_STAGE_RUNS[i]
+    return synthetic_detections(two_stage_ground_truth(), *QUALITY[quality], seed=100 + i)
+
+
+def log_two_stage(client, artifact_root: Path, name: str = "two_stage") -> str:
+    from mlflow.entities import RunTag
+
+    exp_id = client.create_experiment(name, artifact_location=(artifact_root / name).as_uri())
+    parent = client.create_run(exp_id, start_time=T0_MS, tags={S.TAG_ROLE: "parent", S.TAG_STUDY: name})
+    gt = two_stage_ground_truth()
+    image_ids = sorted(im["id"] for im in gt["images"])
+    stage1 = {S.TAG_ROLE: "pretrain", S.TAG_STUDY: name, S.TAG_CELL: "r18-stage1", S.TAG_BACKBONE: "R18",
+              S.TAG_STATUS: "completed", S.TAG_CHECKPOINT_DIR: STAGE1_DIR, S.TAG_INIT_CHECKPOINT: STAGE1_INIT,
+              S.TAG_INIT_SOURCE: "published"}
+    _log_run(client, exp_id, parent.info.run_id, start_ms=T0_MS + 1000, tags=stage1, status="FINISHED",
+             params=_config_params("R18", False, False, False, 0),
+             metrics=_final_metrics("R18", False, False, False, 0.2, BASE_LATENCY["R18"]))
+    for i, (bb, e, p, d, seed, quality, artifacts) in enumerate(TWO_STAGE_RUNS):
+        dets = two_stage_detections(i)
+        best, best50 = coco_stats(gt, dets)
+        latency = BASE_LATENCY[bb] + 1.0 * e + 0.5 * d - 2.0 * p
+        metrics = [m for m in _final_metrics(bb, e, p, d, best, latency) if m[0] != S.BEST_MAP50]
+        kept = 70 if p else 100
+        metrics += [(S.BEST_MAP50, best50, 0), (S.PROFILE_TOKENS, 100, 0), (S.PROFILE_KEPT_TOKENS, kept, 0),
+                    (S.PROFILE_KEEP_RATIO, kept / 100, 0)]
+        init = {S.TAG_INIT_CHECKPOINT: f"{STAGE1_DIR}/best.pt", S.TAG_INIT_SOURCE: "stage 1 (cached, key 1a2b3c)"}
+        if bb == "R34":
+            init = {S.TAG_INIT_CHECKPOINT: R34_INIT, S.TAG_INIT_SOURCE: "published"}
+        cell = f"{bb.lower()}-{combo_code(e, p, d) or 'base'}-s{seed}"
+        rid = _log_run(client, exp_id, parent.info.run_id, start_ms=T0_MS + 3_600_000 * (i + 1),
+                       params=_config_params(bb, e, p, d, seed), status="FINISHED", metrics=metrics,
+                       tags={**_child_tags(name, cell, bb, e, p, d, seed, "completed"), **init})
+        if artifacts:
+            client.log_dict(rid, {"image_ids": image_ids, "detections": dets}, S.ARTIFACT_DETECTIONS)
+            client.log_dict(rid, gt, S.ARTIFACT_GROUND_TRUTH)
+    client.log_batch(parent.info.run_id, tags=[RunTag("dset.fixture", "1")])
+    client.set_terminated(parent.info.run_id, status="FINISHED", end_time=T0_MS + 3_600_000 * 10)
+    return exp_id
+
+
 def make_store(uri: str) -> float:
-    """Create the three experiments in the (empty) tracking store at ``uri``; returns the seconds it took."""
+    """Create the experiments in the (empty) tracking store at ``uri`` (a ``sqlite:///`` file; run artifacts go
+    into ``artifacts/`` beside it); returns the seconds it took."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
@@ -232,5 +373,6 @@ def make_store(uri: str) -> float:
     log_ablation(client)
     log_optuna(client)
     log_crashed(client)
+    log_two_stage(client, Path(uri[len("sqlite:///"):]).resolve().parent / "artifacts")
     client.create_experiment("empty_study")
     return time.perf_counter() - t

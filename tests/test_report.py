@@ -1,8 +1,10 @@
 """The report (analysis/make_report.py) against a tiny MLflow store logged the way studies/ logs.
 
 The store (tests/report_fixtures.py) holds an ablation grid with known numbers, a failed run, per-epoch
-metrics and expert usage, an Optuna-like study and an empty experiment. Every table value checked here
-is recomputed by hand from what the fixture logged.
+metrics and expert usage (runs without detections: the report falls back on Welch), an Optuna-like study,
+a two-stage study whose runs log their detections (bootstrap intervals, a stage-1 run, init checkpoints,
+mAPs below the noise floor) and an empty experiment. Every table value checked here is recomputed by hand
+(or with pycocotools) from what the fixture logged.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import pandas as pd
 import pytest
 
 import report_fixtures as F
-from analysis import make_report, runs, stats
+from analysis import bootstrap, make_report, runs, stats
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -50,6 +52,11 @@ def optuna_report(store, ablation, module_tmp) -> dict:
     shutil.copytree(ablation["out_dir"], out)
     (out / "my_notes.txt").write_text("mine")
     return make_report.build_report("optuna_search", out, store)
+
+
+@pytest.fixture(scope="module")
+def two_stage(store, module_tmp) -> dict:
+    return make_report.build_report("two_stage", module_tmp("report") / "two_stage", store)
 
 
 def _means(backbone, e, p, d) -> list[float]:
@@ -125,22 +132,155 @@ def test_ablation_table_deltas_and_seed_noise(ablation):
     rel = (statistics.fmean(e18) - statistics.fmean(base18)) / statistics.fmean(base18) * 100
     assert r["ΔmAP (%)"] == pytest.approx(rel)
     assert r["p (Welch)"] == pytest.approx(sst.ttest_ind(e18, base18, equal_var=False).pvalue)
-    assert r["beyond seed noise?"] == "no: within seed noise"
-    assert row("R18", "E+P+D")["beyond seed noise?"] == "no: within seed noise"  # +0.035 with a 0.085 seed std
+    # no detections logged by these runs: the interval is Welch's over seeds, and the verdict follows from it
+    assert r["verdict"] == "no difference detected (95% CI includes 0)" and r["interval"] == "Welch over seeds"
+    assert row("R18", "E+P+D")["verdict"] == "no difference detected (95% CI includes 0)"  # +0.035, 0.085 seed std
     tight = row("R34", "E+P+D")
-    assert tight["beyond seed noise?"] == "yes (p<0.05)" and tight["p (Welch)"] < 0.05
+    assert tight["verdict"] == "better (95% CI above 0)" and tight["p (Welch)"] < 0.05
     low, high = (float(x) for x in tight["ΔmAP 95% CI"].strip("[]").split(","))
     assert low < 0.05 < high and low > 0
     single = row("R18", "D")
-    assert single["n"] == 1 and single["beyond seed noise?"] == "n=1, no test" and math.isnan(single["p (Welch)"])
+    assert single["n"] == 1 and single["verdict"] == "n=1, no test" and math.isnan(single["p (Welch)"])
     assert single["ΔmAP"] == pytest.approx(0.515 - statistics.fmean(base18))
     assert "seed 1 not run" in single["runs not included"]
-    assert row("R18", "")["beyond seed noise?"] == "baseline"
+    assert row("R18", "")["verdict"] == "baseline"
     assert row("R18", "P")["n"] == 0 and row("R18", "P")["runs not included"] == "not run"
     failed = row("R34", "P")
     assert failed["n"] == 0 and "1 failed" in failed["runs not included"]
     text = ablation["tables"]["ablation"].text()
     assert _row(text, "model", "DSET R18 (E)")["mAP@0.5:0.95"] == f"0.5250 ± {statistics.stdev(e18):.4f}"
+
+
+# ----------------------------------------------------------------- answer, bootstrap, stage 1, noise floor
+def _two_stage_evals(*indices) -> list:
+    gt = F.two_stage_ground_truth()
+    return [bootstrap.evaluate_run(gt, F.two_stage_detections(i), name=str(i)) for i in indices]
+
+
+def test_answer_table_verdicts_follow_the_bootstrap_intervals(two_stage):
+    df = two_stage["tables"]["answer"].df
+    assert list(df["model"]) == ["DSET R18 (E+P+D)", "DSET R18 (E)", "DSET R18 (P)", "DSET R18 (D)",
+                                 "DSET R34 (E+P+D)", "DSET R34 (E)", "DSET R34 (P)", "DSET R34 (D)"]
+    better = _row(df, "model", "DSET R18 (E+P+D)")
+    # one seed a side, the paired image bootstrap: the same numbers as analysis.bootstrap on the logged detections
+    base, dset = _two_stage_evals(0, 1)
+    expected = bootstrap.paired_delta([dset], [base])
+    assert better["ΔmAP"] == pytest.approx(expected.map.delta)
+    assert better["ΔmAP"] == pytest.approx(F.coco_stats(F.two_stage_ground_truth(), F.two_stage_detections(1))[0]
+                                           - F.coco_stats(F.two_stage_ground_truth(), F.two_stage_detections(0))[0])
+    assert (better["ΔmAP CI low"], better["ΔmAP CI high"]) == pytest.approx((expected.map.low, expected.map.high))
+    assert (better["ΔmAP50 CI low"], better["ΔmAP50 CI high"]) == pytest.approx((expected.map50.low,
+                                                                                 expected.map50.high))
+    assert better["ΔmAP CI low"] > 0 and better["verdict"] == "better (95% CI above 0)"
+    assert better["n (variant / RT-DETR)"] == "1 / 1"
+    assert better["interval"] == f"bootstrap: {F.TWO_STAGE_IMAGES} images × 1000 resamples"
+    assert better["ΔmAP 95% CI"] == f"[{expected.map.low:+.4f}, {expected.map.high:+.4f}]"
+    same = _row(df, "model", "DSET R18 (E)")  # two seeds of RT-DETR's quality
+    assert same["n (variant / RT-DETR)"] == "2 / 1"
+    assert same["ΔmAP CI low"] < 0 < same["ΔmAP CI high"]
+    assert same["verdict"] == "no difference detected (95% CI includes 0)"
+    assert _row(df, "model", "DSET R18 (P)")["verdict"] == "worse (95% CI below 0)"
+    old = _row(df, "model", "DSET R18 (D)")  # no detections logged: Welch over seeds, nothing with one seed
+    assert old["interval"] == "Welch over seeds" and old["verdict"] == "n=1, no test" and pd.isna(old["ΔmAP 95% CI"])
+    assert _row(df, "model", "DSET R34 (E)")["verdict"] == "not run"
+    # compute and speed deltas, where they were measured and at which keep ratio
+    assert better["ΔGFLOPs"] == pytest.approx(sum(F.gflops_of("R18", True, True, True))
+                                              - sum(F.gflops_of("R18", False, False, False)))
+    assert better["Δlatency (ms)"] == pytest.approx(1.0 + 0.5 - 2.0)
+    assert better["latency measured on"] == "cpu (2 threads), batch 1"
+    assert better["GFLOPs/latency at"] == ("70/100 tokens (keep ratio 0.70) vs RT-DETR 100/100 tokens "
+                                           "(keep ratio 1.00)")
+    notes = " ".join(two_stage["tables"]["answer"].notes)
+    assert "paired bootstrap over the validation images" in notes and "Welch over seeds (fallback)" in notes
+    assert "no eval/detections.json or eval/ground_truth.json logged" in notes
+
+
+def test_the_report_opens_with_the_answer(two_stage):
+    out = two_stage["out_dir"]
+    assert list(two_stage["tables"])[0] == "answer"
+    page = (out / "index.html").read_text()
+    first = page.index('id="table-answer"')
+    assert first < page.index('class="provenance"') and first < page.index('id="table-main"')
+    md = (out / "report.md").read_text()
+    assert md.index("## Answer: DSET and each sparse mechanism") < md.index("## Main comparison")
+    assert "better (95% CI above 0)" in md and "worse (95% CI below 0)" in md
+
+
+def test_no_relative_change_below_the_noise_floor(two_stage):
+    gt = F.two_stage_ground_truth()
+    base, dset = (F.coco_stats(gt, F.two_stage_detections(i))[0] for i in (6, 7))
+    assert base < bootstrap.NOISE_FLOOR_MAP and dset < bootstrap.NOISE_FLOOR_MAP and dset > 2 * base
+    t = two_stage["tables"]
+    assert math.isnan(_row(t["answer"].df, "model", "DSET R34 (E+P+D)")["ΔmAP (%)"])
+    assert _row(t["answer"].text(), "model", "DSET R34 (E+P+D)")["ΔmAP (%)"] == "–"
+    assert math.isnan(_row(t["ablation"].df, "model", "DSET R34 (E+P+D)")["ΔmAP (%)"])
+    assert math.isnan(_row(t["main"].df, "model", "DSET R34 (E+P+D)")["ΔmAP vs RT-DETR same backbone (%)"])
+    measured = t["reported_vs_measured"].df
+    measured = measured[measured["source"] == "measured here"]
+    assert math.isnan(_row(measured, "model", "DSET-R34 (E+P+D)")["ΔmAP vs RT-DETR (%)"])
+    for name in ("answer", "ablation", "main"):
+        assert any("noise floor" in n for n in t[name].notes), name
+    # above the floor the % is shown
+    assert _row(t["answer"].df, "model", "DSET R18 (E+P+D)")["ΔmAP (%)"] > 100
+    rel = f"{(dset - base) / base * 100:+.2f}"
+    for path in two_stage["out_dir"].glob("*.md"):
+        assert rel not in path.read_text(), path.name
+
+
+def test_pretrain_runs_are_not_variants(two_stage):
+    t = two_stage["tables"]
+    # the stage-1 run has RT-DETR R18's configuration: as a variant it would be a second RT-DETR R18 seed
+    assert _row(t["main"].df, "model", "RT-DETR R18")["n"] == 1
+    assert "(stage 1)" not in set(t["main"].df["model"])
+    assert all(m != "(stage 1)" for name in ("answer", "ablation", "compute") for m in t[name].df["model"])
+    stage1 = t["stage1"].df
+    assert len(stage1) == 1
+    r = stage1.iloc[0]
+    assert (r["run"], r["checkpoint dir"], r["started from"]) == ("r18-stage1", F.STAGE1_DIR, F.STAGE1_INIT)
+    assert r["cells fine-tuned from it"] == sum(bb == "R18" for bb, *_ in F.TWO_STAGE_RUNS)
+    runs_df = t["runs"].df
+    pre = _row(runs_df, "role", "pretrain")
+    assert pre["in tables"] == "no" and "stage-1 pretraining run" in pre["reason / error"]
+    assert "1 stage-1 pretraining" in two_stage["provenance"]
+    assert "stage1" not in two_stage["skipped"] and "stage1" in make_report.build_tables(
+        two_stage["study"], two_stage["variants"])[0]
+
+
+def test_the_init_checkpoint_of_each_cell_is_shown(two_stage, ablation):
+    runs_df = two_stage["tables"]["runs"].df
+    children = runs_df[runs_df["role"] == "child"]
+    assert len(children) == len(F.TWO_STAGE_RUNS)
+    r18 = children[children["model"].str.contains("R18")]
+    assert set(r18["init checkpoint"]) == {f"{F.STAGE1_DIR}/best.pt"}
+    assert set(r18["init source"]) == {"stage 1 (cached, key 1a2b3c)"}
+    assert set(children.loc[children["model"].str.contains("R34"), "init checkpoint"]) == {F.R34_INIT}
+    assert f"{F.STAGE1_DIR}/best.pt" in (two_stage["out_dir"] / "runs.md").read_text()
+    abl = two_stage["tables"]["ablation"].df
+    assert _row(abl, "model", "DSET R18 (E+P+D)")["init checkpoint"] == f"{F.STAGE1_DIR}/best.pt"
+    assert "stage1" in ablation["skipped"]  # no stage-1 run in the ablation grid: said, not an empty table
+
+
+def test_every_table_with_gflops_or_latency_says_what_it_was_measured_at(two_stage):
+    t = two_stage["tables"]
+    assert _row(t["main"].df, "model", "DSET R18 (P)")["GFLOPs/latency at"] == "70/100 tokens (keep ratio 0.70)"
+    assert _row(t["compute"].df, "model", "RT-DETR R18")["GFLOPs/latency at"] == "100/100 tokens (keep ratio 1.00)"
+    runs_df = t["runs"].df
+    assert set(runs_df.loc[runs_df["model"] == "DSET R18 (P)", "GFLOPs at"]) == {"70/100 tokens (keep ratio 0.70)"}
+    for name in ("answer", "main", "compute", "runs"):
+        assert any("profile/keep_ratio" in n for n in t[name].notes), name
+
+
+def test_runs_without_detections_fall_back_on_welch(ablation):
+    study = ablation["study"]
+    first = study.children["run_id"].iloc[0]
+    assert runs.evaluations(study, [first])[first] == "no eval/detections.json or eval/ground_truth.json logged"
+    answer = ablation["tables"]["answer"]
+    assert set(answer.df["interval"].dropna()) == {"Welch over seeds"}
+    tight = _row(answer.df, "model", "DSET R34 (E+P+D)")
+    assert tight["verdict"] == "better (95% CI above 0)" and tight["ΔmAP CI low"] > 0
+    assert _row(answer.df, "model", "DSET R18 (D)")["verdict"] == "n=1, no test"
+    assert any("Welch over seeds (fallback)" in n for n in answer.notes)
+    assert not any("paired bootstrap" in n for n in answer.notes)
 
 
 def test_runs_table_lists_failed_and_parent_runs(ablation):

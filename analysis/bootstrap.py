@@ -1,0 +1,302 @@
+"""Paired bootstrap of COCO mAP over validation images: an interval on every delta against RT-DETR.
+
+Why: with one seed per cell, a test over seeds has nothing to say ("n=1, no test"), yet the validation
+set is itself a sample; resampling its images says how much a difference could be an accident of which
+images were drawn. Both models are scored on the same resampled images in every replicate (paired), which
+removes the image-difficulty noise they share. With several seeds on a side, each replicate also resamples
+that side's seeds (a hierarchical bootstrap), so the interval combines image sampling with seed spread.
+
+How: pycocotools' ``COCOeval.evaluate()`` runs once per run (:func:`evaluate_run`) and gives, for every
+image and category, which detections matched a ground-truth box at each IoU threshold (``evalImgs``, area
+range 'all', 100 detections). The mAP of any multiset of images is then accumulated here exactly as
+``COCOeval.accumulate()``/``summarize()`` do (101-point interpolated precision, IoU 0.50:0.05:0.95,
+categories without ground truth skipped), with each image's weight the number of times it was drawn, for
+all resamples at once (:func:`map_replicates`): one matrix product per category and IoU threshold instead
+of one pycocotools call per resample.
+
+Why the weighted form is exact: precision is only read at the first point reaching a recall threshold and
+as a maximum over what follows; the interpolated precision of the copies of a true positive is that of its
+last copy, and false positives never raise it. So the curve can be kept at the true positives alone (the
+false positives drawn before each one counted, weighted), and an image drawn twice gives what pycocotools
+gives on a ground truth where that image is physically duplicated (tests/test_bootstrap.py checks both).
+Detections of equal score are ordered by image, then by rank within the image, as pycocotools does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+LEVEL = 0.95
+N_RESAMPLES = 1000
+# mAP below which a relative change (%) is noise on noise: where both sides are below it, no % is shown
+NOISE_FLOOR_MAP = 0.01
+_EPS = np.spacing(1)  # what COCOeval.accumulate adds to tp + fp
+
+
+@dataclass
+class Evaluated:
+    """One run's detections matched against its ground truth, ready to be scored on any image resample.
+
+    ``image_ids`` (sorted) are the evaluated images; ``npig[i, k]`` the non-ignored ground-truth boxes of
+    image ``i`` and category ``k``; ``curves[k][t]`` is ``(tp, fp_before)`` for category ``k`` at IoU
+    threshold ``t``: two (images x true positives) count matrices, in score order, where column ``p`` holds,
+    per image, the true positives up to and including the ``p``-th and the false positives before it."""
+
+    name: str
+    image_ids: np.ndarray
+    npig: np.ndarray
+    curves: list[list[tuple[np.ndarray, np.ndarray]]]
+    rec_thrs: np.ndarray
+    _replicates: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def n_images(self) -> int:
+        return len(self.image_ids)
+
+    def observed(self) -> tuple[float, float]:
+        """mAP@[.5:.95] and mAP@0.5 on every evaluated image once: pycocotools' ``stats[0]`` and ``stats[1]``."""
+        if "observed" not in self._replicates:
+            m, m50 = map_replicates(self, np.ones((1, self.n_images)))
+            self._replicates["observed"] = (float(m[0]), float(m50[0]))
+        return self._replicates["observed"]
+
+
+def evaluate_run(ground_truth: dict, detections: list[dict], image_ids=None, name: str = "run") -> Evaluated:
+    """Run ``COCOeval.evaluate()`` (bbox) once on ``detections`` against ``ground_truth`` (a COCO dict with
+    images, annotations and categories) over ``image_ids`` (default: every ground-truth image) and keep what
+    resampling needs. Errors name ``name`` (the run) and say what is wrong."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(ground_truth.get(key), list):
+            raise ValueError(f"{name}: the ground truth has no '{key}' list")
+    gt_images = {int(im["id"]) for im in ground_truth["images"]}
+    ids = sorted(gt_images if image_ids is None else {int(i) for i in image_ids})
+    if not ids:
+        raise ValueError(f"{name}: no evaluated images")
+    absent = sorted(set(ids) - gt_images)
+    if absent:
+        raise ValueError(f"{name}: image ids {absent[:10]} are not in the ground truth")
+    cat_ids = {int(c["id"]) for c in ground_truth["categories"]}
+    if not cat_ids:
+        raise ValueError(f"{name}: the ground truth has no categories")
+    dets = []
+    for j, d in enumerate(detections):
+        try:
+            det = {"image_id": int(d["image_id"]), "category_id": int(d["category_id"]),
+                   "bbox": [float(v) for v in d["bbox"]], "score": float(d["score"])}
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{name}: detection {j} needs image_id, category_id, bbox [x, y, w, h] and score: {d!r}")
+        if det["image_id"] not in ids:
+            raise ValueError(f"{name}: detection {j} is on image {det['image_id']}, not an evaluated image")
+        if det["category_id"] not in cat_ids:
+            raise ValueError(f"{name}: detection {j} has category {det['category_id']}, not in the ground truth")
+        dets.append(det)
+
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        gt = COCO()  # pycocotools marks the annotations it evaluates: give it copies, not the caller's dicts
+        gt.dataset = {**ground_truth, "annotations": [dict(a) for a in ground_truth["annotations"]]}
+        gt.createIndex()
+        dt = COCO()
+        dt.dataset = {"images": ground_truth["images"], "categories": ground_truth["categories"], "annotations": []}
+        if dets:
+            dt = gt.loadRes(dets)
+        else:
+            dt.createIndex()
+        ev = COCOeval(gt, dt, iouType="bbox")
+        ev.params.imgIds = ids
+        ev.params.areaRng, ev.params.areaRngLbl = ev.params.areaRng[:1], ev.params.areaRngLbl[:1]  # 'all' only
+        ev.evaluate()
+    p = ev.params
+    n_img, n_thr = len(p.imgIds), len(p.iouThrs)
+    if not np.isclose(p.iouThrs[0], 0.5):
+        raise ValueError(f"{name}: expected the first IoU threshold to be 0.5, got {p.iouThrs[0]}")
+    npig = np.zeros((n_img, len(p.catIds)))
+    curves = []
+    for k in range(len(p.catIds)):
+        entries = [(i, e) for i, e in enumerate(ev.evalImgs[k * n_img:(k + 1) * n_img]) if e is not None]
+        for i, e in entries:
+            npig[i, k] = np.count_nonzero(np.asarray(e["gtIgnore"]) == 0)
+        max_det = p.maxDets[-1]
+        if entries:
+            scores = np.concatenate([e["dtScores"][:max_det] for _, e in entries])
+            image = np.concatenate([np.full(len(e["dtScores"][:max_det]), i) for i, e in entries]).astype(int)
+            matched = np.concatenate([e["dtMatches"][:, :max_det] for _, e in entries], axis=1)
+            ignored = np.concatenate([e["dtIgnore"][:, :max_det] for _, e in entries], axis=1)
+        else:
+            scores, image = np.zeros(0), np.zeros(0, dtype=int)
+            matched = ignored = np.zeros((n_thr, 0))
+        order = np.argsort(-scores, kind="mergesort")  # COCOeval's order: score, then image, then rank
+        image, matched, ignored = image[order], matched[:, order], ignored[:, order]
+        tps = np.logical_and(matched, np.logical_not(ignored))
+        fps = np.logical_and(np.logical_not(matched), np.logical_not(ignored))
+        curves.append([_curve(image, tps[t], fps[t], n_img) for t in range(n_thr)])
+    return Evaluated(name, np.asarray(p.imgIds, dtype=np.int64), npig, curves, np.asarray(p.recThrs, dtype=float))
+
+
+def _curve(image: np.ndarray, tp: np.ndarray, fp: np.ndarray, n_img: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image counts at each true positive (score order): true positives so far, false positives before."""
+    pos = np.flatnonzero(tp)
+    onehot_tp = np.zeros((n_img, len(pos)))
+    onehot_tp[image[pos], np.arange(len(pos))] = 1.0
+    onehot_fp = np.zeros((n_img, len(tp)))
+    fp_idx = np.flatnonzero(fp)
+    onehot_fp[image[fp_idx], fp_idx] = 1.0
+    return np.cumsum(onehot_tp, axis=1), np.cumsum(onehot_fp, axis=1)[:, pos]
+
+
+def _min_true_positives(npig: np.ndarray, rec_thrs: np.ndarray) -> np.ndarray:
+    """For each resample (rows) and recall threshold: the fewest true positives ``c`` with ``c / npig >= thr``
+    in floating point, so that "first point with tp >= c" is COCOeval's ``searchsorted(rc, thr, 'left')``."""
+    n = np.maximum(npig, 1.0)[:, None]
+    c = np.ceil(rec_thrs[None, :] * n)
+    c = np.where((c > 0) & ((c - 1) / n >= rec_thrs), c - 1, c)  # ceil of a rounded product: off by one at most
+    c = np.where(c / n < rec_thrs, c + 1, c)
+    return c.astype(np.int64)
+
+
+def map_replicates(ev: Evaluated, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """mAP@[.5:.95] and mAP@0.5 of run ``ev`` for each row of ``weights`` (resamples x images: how many
+    times each image of ``ev.image_ids`` is drawn). NaN where a resample has no ground truth at all."""
+    w = np.asarray(weights, dtype=float)
+    n_rep = w.shape[0]
+    npig = w @ ev.npig                                   # (resamples, categories)
+    ap = np.zeros((n_rep, len(ev.curves), len(ev.curves[0])))
+    rows = np.arange(n_rep)[:, None]
+    for k, per_thr in enumerate(ev.curves):
+        need = _min_true_positives(npig[:, k], ev.rec_thrs)   # (resamples, recall thresholds)
+        for t, (tp_counts, fp_counts) in enumerate(per_thr):
+            n_pts = tp_counts.shape[1]
+            if n_pts == 0:
+                continue  # no true positive: precision 0 at every recall threshold
+            tp = w @ tp_counts
+            fp = w @ fp_counts
+            precision = tp / (tp + fp + _EPS)
+            envelope = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]
+            # first point with tp >= need, every row at once: rows shifted apart so one sorted array serves all
+            stride = int(max(tp[:, -1].max(), need.max())) + 2
+            flat = (np.rint(tp).astype(np.int64) + rows * stride).ravel()
+            first = np.searchsorted(flat, (need + rows * stride).ravel(), side="left").reshape(need.shape)
+            first -= rows * n_pts
+            q = np.where(first < n_pts, envelope[rows, np.minimum(first, n_pts - 1)], 0.0)
+            ap[:, k, t] = q.mean(axis=1)
+    valid = npig > 0
+    count = valid.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        m = np.where(count > 0, (ap.mean(axis=2) * valid).sum(axis=1) / count, math.nan)
+        m50 = np.where(count > 0, (ap[:, :, 0] * valid).sum(axis=1) / count, math.nan)
+    return m, m50
+
+
+def image_weights(n_images: int, n_resamples: int, seed: int) -> np.ndarray:
+    """``n_resamples`` bootstrap draws of ``n_images`` images with replacement, as counts per image."""
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n_images, size=(n_resamples, n_images))
+    flat = (draws + np.arange(n_resamples)[:, None] * n_images).ravel()
+    return np.bincount(flat, minlength=n_resamples * n_images).reshape(n_resamples, n_images).astype(float)
+
+
+def _replicates(ev: Evaluated, n_resamples: int, seed: int) -> np.ndarray:
+    """(2, resamples) mAP and mAP50 of ``ev`` on the image resamples of ``seed``; cached on the run, since
+    the same run (a baseline) enters several comparisons and every comparison draws the same resamples."""
+    key = (n_resamples, seed)
+    if key not in ev._replicates:
+        ev._replicates[key] = np.stack(map_replicates(ev, image_weights(ev.n_images, n_resamples, seed)))
+    return ev._replicates[key]
+
+
+@dataclass(frozen=True)
+class Interval:
+    """An observed delta, its percentile bootstrap interval and the verdict that follows from the interval."""
+
+    delta: float
+    low: float
+    high: float
+    verdict: str
+
+
+@dataclass(frozen=True)
+class PairedDelta:
+    """Variant minus baseline, mAP@[.5:.95] and mAP@0.5, with what the intervals were computed from."""
+
+    map: Interval
+    map50: Interval
+    variant_map: float        # observed: mean over seeds, every evaluated image once
+    baseline_map: float
+    variant_map50: float
+    baseline_map50: float
+    n_variant: int            # seeds (runs) per side
+    n_baseline: int
+    n_images: int
+    n_resamples: int
+    level: float
+
+
+def verdict(low: float, high: float, level: float = LEVEL) -> str:
+    """What an interval on "variant minus baseline" says, and only that."""
+    pct = f"{level * 100:g}%"
+    if math.isnan(low) or math.isnan(high):
+        return "no interval"
+    if low > 0:
+        return f"better ({pct} CI above 0)"
+    if high < 0:
+        return f"worse ({pct} CI below 0)"
+    return f"no difference detected ({pct} CI includes 0)"
+
+
+def relative_percent(variant_map: float, baseline_map: float) -> float:
+    """(variant − baseline) / baseline × 100, or NaN where it would be noise: both mAPs below
+    ``NOISE_FLOOR_MAP`` (0.001 vs 0.003 is "+200%"), or no baseline mAP."""
+    if any(isinstance(x, float) and math.isnan(x) for x in (variant_map, baseline_map)) or not baseline_map:
+        return math.nan
+    if variant_map < NOISE_FLOOR_MAP and baseline_map < NOISE_FLOOR_MAP:
+        return math.nan
+    return (variant_map - baseline_map) / baseline_map * 100
+
+
+def paired_delta(variant_runs, baseline_runs, n_resamples: int = N_RESAMPLES, seed: int = 0,
+                 level: float = LEVEL) -> PairedDelta:
+    """Variant minus baseline (:class:`Evaluated` runs, one per seed) with percentile intervals at ``level``.
+
+    Every replicate draws one image resample for both sides (paired); a side with several runs also draws
+    its runs with replacement and averages their mAP on those images (hierarchical: image sampling plus seed
+    spread; with one run per side this is the image bootstrap alone). The observed delta is the difference
+    of the seed means on every image. Every run must have been evaluated on the same images."""
+    variant_runs, baseline_runs = list(variant_runs), list(baseline_runs)
+    if not variant_runs or not baseline_runs:
+        raise ValueError("paired_delta needs at least one run on each side")
+    ref = baseline_runs[0]
+    for ev in variant_runs + baseline_runs:
+        if not np.array_equal(ev.image_ids, ref.image_ids):
+            only_ev = sorted(set(ev.image_ids.tolist()) - set(ref.image_ids.tolist()))
+            only_ref = sorted(set(ref.image_ids.tolist()) - set(ev.image_ids.tolist()))
+            raise ValueError(
+                f"runs evaluated on different images: {ev.name} ({ev.n_images} images) and {ref.name} "
+                f"({ref.n_images} images); only in {ev.name}: {only_ev[:5]}, only in {ref.name}: {only_ref[:5]}")
+    rng = np.random.default_rng([seed, 1])  # seed draws: apart from the image draws, shared by every comparison
+
+    def side(runs):
+        reps = np.stack([_replicates(ev, n_resamples, seed) for ev in runs])      # (runs, 2, resamples)
+        pick = rng.integers(0, len(runs), size=(n_resamples, len(runs)))          # seeds drawn per replicate
+        drawn = reps[pick, :, np.arange(n_resamples)[:, None]]                   # (resamples, runs, 2)
+        observed = np.mean([ev.observed() for ev in runs], axis=0)
+        return drawn.mean(axis=1), observed
+
+    var_reps, var_obs = side(variant_runs)
+    base_reps, base_obs = side(baseline_runs)
+    deltas = var_reps - base_reps                                                 # (resamples, 2)
+    tail = (1 - level) / 2
+    intervals = []
+    for j in range(2):
+        d = deltas[:, j][~np.isnan(deltas[:, j])]
+        low, high = (np.quantile(d, [tail, 1 - tail]) if len(d) else (math.nan, math.nan))
+        intervals.append(Interval(float(var_obs[j] - base_obs[j]), float(low), float(high),
+                                  verdict(float(low), float(high), level)))
+    return PairedDelta(intervals[0], intervals[1], float(var_obs[0]), float(base_obs[0]), float(var_obs[1]),
+                       float(base_obs[1]), len(variant_runs), len(baseline_runs), ref.n_images, n_resamples, level)

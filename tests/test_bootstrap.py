@@ -1,0 +1,149 @@
+"""The paired image bootstrap (analysis/bootstrap.py): its mAP is pycocotools' mAP, on the evaluated images
+and on any multiset of them, and its intervals and verdicts say what they should.
+
+The synthetic case (tests/report_fixtures.py): 4 classes plus one listed class with no box, images without
+ground truth, misses, loose boxes and false positives, continuous scores.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+
+import report_fixtures as F
+from analysis import bootstrap as B
+
+
+@pytest.fixture(scope="module")
+def case():
+    gt = F.synthetic_ground_truth(40, 4, seed=0, extra_category=True)
+    assert any(not [a for a in gt["annotations"] if a["image_id"] == im["id"]] for im in gt["images"])
+    good = F.synthetic_detections(gt, recall=0.9, jitter=0.05, false_per_image=1.0, seed=1)
+    poor = F.synthetic_detections(gt, recall=0.6, jitter=0.15, false_per_image=3.0, seed=2)
+    assert any(d["category_id"] == 5 for d in poor)  # false positives of the class without ground truth
+    return gt, good, poor
+
+
+def _duplicated(gt: dict, dets: list[dict], counts: np.ndarray) -> tuple[dict, list[dict]]:
+    """The ground truth and detections with image ``i`` present ``counts[i]`` times, each copy a new image id."""
+    ids = sorted(im["id"] for im in gt["images"])
+    out_gt = {"images": [], "annotations": [], "categories": copy.deepcopy(gt["categories"])}
+    out_dets = []
+    for iid, n in zip(ids, counts):
+        for c in range(int(n)):
+            new = iid + 100_000 * (c + 1)
+            im = next(im for im in gt["images"] if im["id"] == iid)
+            out_gt["images"].append({**im, "id": new})
+            for a in gt["annotations"]:
+                if a["image_id"] == iid:
+                    out_gt["annotations"].append({**copy.deepcopy(a), "image_id": new,
+                                                  "id": len(out_gt["annotations"]) + 1})
+            out_dets += [{**copy.deepcopy(d), "image_id": new} for d in dets if d["image_id"] == iid]
+    return out_gt, out_dets
+
+
+def test_identity_sample_is_pycocotools(case):
+    gt, good, poor = case
+    for dets in (good, poor, []):
+        ev = B.evaluate_run(gt, dets, name="run")
+        m, m50 = ev.observed()
+        if dets:
+            ref = F.coco_stats(gt, dets)
+            assert 0.05 < ref[0] < ref[1] < 1
+            assert (m, m50) == pytest.approx(ref, abs=1e-9)
+        else:
+            assert (m, m50) == (0.0, 0.0)
+
+
+def test_a_resample_is_pycocotools_on_physically_duplicated_images(case):
+    gt, good, poor = case
+    n = len(gt["images"])
+    rng = np.random.default_rng(5)
+    counts = [rng.multinomial(n, np.ones(n) / n) for _ in range(3)]
+    # and a resample without any image of class 4: that class is skipped, as pycocotools skips it (-1)
+    with_4 = {a["image_id"] for a in gt["annotations"] if a["category_id"] == 4}
+    ids = sorted(im["id"] for im in gt["images"])
+    no_4 = np.array([0 if iid in with_4 else 2 for iid in ids])
+    no_4[0] += 1
+    counts.append(no_4)
+    assert max(c.max() for c in counts) >= 3
+    for dets in (good, poor):
+        ev = B.evaluate_run(gt, dets, name="run")
+        m, m50 = B.map_replicates(ev, np.stack(counts))
+        for j, c in enumerate(counts):
+            ref = F.coco_stats(*_duplicated(gt, dets, c))
+            assert (m[j], m50[j]) == pytest.approx(ref, abs=1e-9), j
+
+
+def test_image_weights_are_draws_with_replacement():
+    w = B.image_weights(32, 500, seed=3)
+    assert w.shape == (500, 32) and (w.sum(axis=1) == 32).all()
+    assert (w == 0).any() and (w >= 2).any()
+    assert np.array_equal(w, B.image_weights(32, 500, seed=3))
+    assert w.mean() == pytest.approx(1.0)
+
+
+def test_paired_delta_one_seed_is_the_paired_image_bootstrap(case):
+    gt, good, poor = case
+    v, b = B.evaluate_run(gt, good, name="good"), B.evaluate_run(gt, poor, name="poor")
+    r = B.paired_delta([v], [b], n_resamples=400, seed=7)
+    assert r.map.delta == pytest.approx(F.coco_stats(gt, good)[0] - F.coco_stats(gt, poor)[0], abs=1e-9)
+    assert r.map50.delta == pytest.approx(F.coco_stats(gt, good)[1] - F.coco_stats(gt, poor)[1], abs=1e-9)
+    # both sides on the same resamples: the deltas are the differences of the per-resample mAPs
+    w = B.image_weights(len(gt["images"]), 400, seed=7)
+    d = B.map_replicates(v, w)[0] - B.map_replicates(b, w)[0]
+    assert (r.map.low, r.map.high) == pytest.approx(tuple(np.quantile(d, [0.025, 0.975])))
+    assert 0 < r.map.low < r.map.delta < r.map.high
+    assert r.map.verdict == "better (95% CI above 0)" and r.map50.verdict == "better (95% CI above 0)"
+    assert (r.n_variant, r.n_baseline, r.n_images, r.n_resamples) == (1, 1, 40, 400)
+    worse = B.paired_delta([b], [v], n_resamples=400, seed=7)
+    assert worse.map.verdict == "worse (95% CI below 0)"
+    assert (worse.map.low, worse.map.high) == pytest.approx((-r.map.high, -r.map.low))
+    same = B.paired_delta([v], [v], n_resamples=200)
+    assert (same.map.delta, same.map.low, same.map.high) == (0.0, 0.0, 0.0)
+    assert same.map.verdict == "no difference detected (95% CI includes 0)"
+
+
+def test_paired_delta_resamples_seeds_too(case):
+    """Two seeds on a side: each replicate draws the seeds with replacement, so a seed spread widens the
+    interval beyond the image bootstrap of either seed."""
+    gt, good, poor = case
+    mid = F.synthetic_detections(gt, recall=0.75, jitter=0.1, false_per_image=2.0, seed=4)
+    b = B.evaluate_run(gt, poor, name="base")
+    s0, s1 = B.evaluate_run(gt, good, name="s0"), B.evaluate_run(gt, mid, name="s1")
+    both = B.paired_delta([s0, s1], [b], n_resamples=400, seed=1)
+    assert both.n_variant == 2
+    assert both.map.delta == pytest.approx((s0.observed()[0] + s1.observed()[0]) / 2 - b.observed()[0])
+    width = both.map.high - both.map.low
+    for one in (s0, s1):
+        r = B.paired_delta([one], [b], n_resamples=400, seed=1)
+        assert width > r.map.high - r.map.low
+    assert both.map.low < min(s.observed()[0] for s in (s0, s1)) - b.observed()[0]
+
+
+def test_runs_on_different_images_are_an_error(case):
+    gt, good, poor = case
+    sub = copy.deepcopy(gt)
+    sub["images"] = sub["images"][:30]
+    keep = {im["id"] for im in sub["images"]}
+    sub["annotations"] = [a for a in sub["annotations"] if a["image_id"] in keep]
+    a = B.evaluate_run(gt, good, name="run-a")
+    b = B.evaluate_run(sub, [d for d in poor if d["image_id"] in keep], name="run-b")
+    with pytest.raises(ValueError, match=r"different images: run-a \(40 images\) and run-b \(30 images\)"):
+        B.paired_delta([a], [b])
+    with pytest.raises(ValueError, match="run-x: detection 0 is on image 1040"):
+        B.evaluate_run(sub, [d for d in good if d["image_id"] == 1040], name="run-x")
+
+
+def test_verdict_and_noise_floor():
+    assert B.verdict(0.001, 0.02) == "better (95% CI above 0)"
+    assert B.verdict(-0.02, -0.001) == "worse (95% CI below 0)"
+    assert B.verdict(-0.01, 0.02) == "no difference detected (95% CI includes 0)"
+    assert B.verdict(0.0, 0.02) == "no difference detected (95% CI includes 0)"
+    assert B.relative_percent(0.6, 0.5) == pytest.approx(20.0)
+    assert math.isnan(B.relative_percent(0.0032, 0.001))  # "+220%" of two near-zero mAPs: not shown
+    assert B.relative_percent(0.012, 0.001) == pytest.approx(1100.0)  # one side above the floor: shown
+    assert math.isnan(B.relative_percent(0.5, 0.0))
