@@ -11,9 +11,10 @@ from dset.models.postprocess import PostProcessor
 from conftest import shared_path
 
 
-def read_key_file(depth: int) -> list[tuple[str, tuple[int, ...]]]:
+def read_key_file(depth: int, version: str = "") -> list[tuple[str, tuple[int, ...]]]:
+    """The reference's state_dict layout: (key, shape) rows of rtdetr{version}_r{depth}vd_state_dict_keys.txt."""
     rows = []
-    for line in shared_path(f"rtdetr_r{depth}vd_state_dict_keys.txt").read_text().splitlines():
+    for line in shared_path(f"rtdetr{version}_r{depth}vd_state_dict_keys.txt").read_text().splitlines():
         if not line.strip() or line.startswith("#"):
             continue
         key, shape, _dtype = line.split("\t")
@@ -116,16 +117,6 @@ def test_parity_is_sensitive_to_a_wrong_weight(parity):
 
 
 # ------------------------------------------------------------------------------------------- RT-DETRv2
-def read_v2_key_file(depth: int) -> list[tuple[str, tuple[int, ...]]]:
-    rows = []
-    for line in shared_path(f"rtdetrv2_r{depth}vd_state_dict_keys.txt").read_text().splitlines():
-        if not line.strip() or line.startswith("#"):
-            continue
-        key, shape, _dtype = line.split("\t")
-        rows.append((key, tuple(int(s) for s in shape.strip("()").split(",") if s.strip())))
-    return rows
-
-
 @pytest.mark.parametrize("depth", [18, 34])
 def test_rtdetrv2_checkpoint_layout_loads_into_rtdetr(tmp_path, depth):
     """A file in the published RT-DETRv2 layout (its key list, num_classes 80) loads strictly: every model
@@ -133,7 +124,7 @@ def test_rtdetrv2_checkpoint_layout_loads_into_rtdetr(tmp_path, depth):
     three dropped v2 buffers are checked too)."""
     from dset.models.detector import is_rtdetrv2_layout, load_checkpoint
 
-    state = {k: torch.full(shape, 0.5) for k, shape in read_v2_key_file(depth)}
+    state = {k: torch.full(shape, 0.5) for k, shape in read_key_file(depth, "v2")}
     assert is_rtdetrv2_layout(state)
     path = tmp_path / f"rtdetrv2_r{depth}vd_120e_coco.pth"
     torch.save({"ema": {"module": state}}, path)

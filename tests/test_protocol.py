@@ -35,13 +35,6 @@ def write_study(path: Path, budget: str = "smoke", variants: tuple = ("off", "ds
     return path
 
 
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(tmp_path)
-    return uri
-
 
 def runs_of(uri: str, experiment: str) -> list:
     from mlflow.tracking import MlflowClient

@@ -45,14 +45,6 @@ def synth_root(module_tmp):
     return module_tmp("synthetic")
 
 
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    """A fresh SQLite MLflow store under tmp_path; the working directory is tmp_path."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(tmp_path)
-    return uri
-
 
 def write_study(path: Path, grid: dict, budget: str = "smoke", **extra) -> Path:
     path.write_text(yaml.safe_dump({"kind": "grid", "budget": budget, "seeds": [0], "grid": grid, **extra}))
