@@ -5,7 +5,7 @@ from the same checkpoint of its backbone and trains for the same steps (stage 2)
 the ``pretrain`` section of the study's budget (``dset/configs/budget_<name>.yaml``), or the study's own
 ``pretrain`` setting, which replaces it:
 
-``pretrain: {budget: NAME}``
+``pretrain: {budget: NAME}`` (or ``{budget: {18: NAME, 34: NAME}}``, a budget per backbone)
     RT-DETR R18/R34 (presets ``rtdetr_r18``/``rtdetr_r34``) trained here with that budget (for the CPU
     studies: a synthetic source set; no published weights can be had offline). Each checkpoint is trained
     once and cached in ``$DSET_CACHE_DIR/pretrained`` (default ``~/.cache/dset/pretrained``), in a folder
@@ -110,9 +110,11 @@ class Stage1:
 
 
 def _normalised(spec: Any) -> Any:
-    """Checkpoint keys as ints (YAML gives 18, a command-line ``pretrain.checkpoints.18=...`` gives "18")."""
-    if isinstance(spec, dict) and isinstance(spec.get("checkpoints"), dict):
-        spec = {**spec, "checkpoints": {int(str(k).lower().lstrip("r")): v for k, v in spec["checkpoints"].items()}}
+    """Per-backbone keys as ints (YAML gives 18, a command-line ``pretrain.checkpoints.18=...`` gives "18")."""
+    if isinstance(spec, dict):
+        for key in ("checkpoints", "budget"):
+            if isinstance(spec.get(key), dict):
+                spec = {**spec, key: {int(str(k).lower().lstrip("r")): v for k, v in spec[key].items()}}
     return spec
 
 
@@ -158,20 +160,25 @@ def plan_stage1(spec: Any, depth: int, run_overrides: list[str] = ()) -> Stage1:
                 f"{path} (resolved: {path.resolve()}). Downloads are not possible here: get {path.name} from "
                 f"{where}, place it there, or point pretrain.checkpoints.{depth}=PATH at your copy")
         return Stage1(depth, "file", checkpoint=path, source=spec.get("source"))
-    if spec.get("budget") is None:
+    budget = _normalised(spec).get("budget")
+    if isinstance(budget, dict):  # one budget per backbone (R34 converges more slowly from scratch)
+        if depth not in budget:
+            raise PretrainError(f"pretrain.budget: no budget for R{depth} (give pretrain.budget.{depth}=NAME)")
+        budget = budget[depth]
+    if budget is None:
         raise PretrainError("pretrain: give 'budget' (train RT-DETR here) or 'checkpoints' (published files)")
     try:
-        cfg = resolve_run_config(f"rtdetr_r{depth}", budget=spec["budget"], layers=[STAGE1_SETTINGS],
+        cfg = resolve_run_config(f"rtdetr_r{depth}", budget=budget, layers=[STAGE1_SETTINGS],
                                  overrides=list(run_overrides), seed=int(spec.get("seed", 0)))
     except ConfigError as exc:
-        raise PretrainError(f"pretrain.budget {spec['budget']}: {exc}") from None
+        raise PretrainError(f"pretrain.budget {budget}: {exc}") from None
     flat = {k: v for k, v in cfg.flat().items() if k not in RESULT_NEUTRAL_KEYS}
     payload = json.dumps({"config": flat, "data": data_digest(cfg), "code": code_version()}, sort_keys=True,
                          default=str)
     key = hashlib.sha256(payload.encode()).hexdigest()[:16]
     folder = cache_root() / f"rtdetr_r{depth}-{key}"
     return Stage1(depth, "train", checkpoint=folder / "checkpoints" / "best.pt", key=key, config=cfg,
-                  folder=folder, budget=str(spec["budget"]))
+                  folder=folder, budget=str(budget))
 
 
 def publish(stage: Stage1) -> None:
