@@ -415,7 +415,8 @@ def answer_table(study: R.Study, vs: pd.DataFrame) -> tuple[Table | None, str]:
                     "mAP": c.variant_map, "mAP RT-DETR": c.baseline_map, **_delta_columns(c),
                     "ΔGFLOPs": g["gflops_mean"] - base["gflops_mean"],
                     "Δlatency (ms)": g["latency_ms_mean"] - base["latency_ms_mean"],
-                    "latency measured on": (" vs ".join(devices) + ", batch 1") if devices else None,
+                    # the tag already names the batch ("cpu (...), batch 1"), as studies/tracking.py writes it
+                    "latency measured on": " vs ".join(devices) if devices else None,
                     "GFLOPs/latency at": f"{profiled_at(g) or MISSING} vs RT-DETR {profiled_at(base) or MISSING}",
                     "verdict": c.verdict})
     order = ["backbone", "model", "n (variant / RT-DETR)", "mAP", "mAP RT-DETR", "ΔmAP", "ΔmAP 95% CI", "ΔmAP (%)",

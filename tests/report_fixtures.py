@@ -182,7 +182,7 @@ def _child_tags(study: str, cell: str, backbone: str, e: bool, p: bool, d: bool,
     return {S.TAG_ROLE: "child", S.TAG_STUDY: study, S.TAG_CELL: cell, S.TAG_VARIANT: variant_label(backbone, e, p, d),
             S.TAG_BACKBONE: backbone, S.TAG_ENCODER_MOE: str(e).lower(), S.TAG_TOKEN_PRUNING: str(p).lower(),
             S.TAG_DECODER_MOE: str(d).lower(), S.TAG_SEED: str(seed), S.TAG_DEVICE: "cpu",
-            S.TAG_LATENCY_DEVICE: "cpu (2 threads)", S.TAG_GIT_COMMIT: "abc1234", S.TAG_STATUS: status}
+            S.TAG_LATENCY_DEVICE: "cpu (2 threads), batch 1", S.TAG_GIT_COMMIT: "abc1234", S.TAG_STATUS: status}
 
 
 def _final_metrics(backbone: str, e: bool, p: bool, d: bool, best_map: float, latency: float, gflops=None) -> list:

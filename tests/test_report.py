@@ -96,7 +96,7 @@ def test_main_table_values(ablation):
             latency = F.BASE_LATENCY[bb] + 1.0 * e + 0.5 * d - 2.0 * p
             assert row["latency (ms)"] == pytest.approx(latency)
             assert row["FPS"] == pytest.approx(1000 / latency)
-            assert row["latency device"] == "cpu (2 threads)"
+            assert row["latency device"] == "cpu (2 threads), batch 1"
             assert row["best epoch"] == ", ".join([str(F.EPOCHS - 1)] * len(vals))
             assert row["data"] == "synthetic, 320 px, 3 epochs"
     assert _row(main, "model", "RT-DETR R18")["params"] == F.BASE_PARAMS["R18"]
