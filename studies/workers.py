@@ -20,6 +20,8 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
+from dset.config import flatten
+
 from . import mlflow_schema as S
 
 log = logging.getLogger("studies")
@@ -90,7 +92,7 @@ def execute(job: Job) -> dict[str, Any]:
         log.debug("run %s failed:\n%s", job.cell_id, traceback.format_exc())
         try:
             if cb.summary is None:  # failed before on_train_start: log the params we have
-                T.log_params(c, job.run_id, _flat(job.config), T.retry(c.get_run, job.run_id).data.params)
+                T.log_params(c, job.run_id, flatten(job.config), T.retry(c.get_run, job.run_id).data.params)
             T.set_tags(c, job.run_id, {S.TAG_STATUS: "failed", S.TAG_ERROR: msg})
             T.retry(c.set_terminated, job.run_id, status="FAILED")
         except Exception as exc2:  # noqa: BLE001
@@ -105,17 +107,6 @@ def execute(job: Job) -> dict[str, Any]:
     result.update(status=status, error=None, metrics=metrics, seconds=time.time() - t0,
                   stop_reason=summary.get("stop_reason"))
     return result
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else k
-        if isinstance(v, dict):
-            out.update(_flat(v, key))
-        else:
-            out[key] = v
-    return out
 
 
 # ------------------------------------------------------------------------------------------ processes

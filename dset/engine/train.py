@@ -64,7 +64,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import RESULT_NEUTRAL_KEYS, Config, ConfigError, load_config, multi_scale_sizes
+from ..config import RESULT_NEUTRAL_KEYS, Config, ConfigError, flatten, load_config, multi_scale_sizes
 from ..data.loaders import DataBundle, build_datasets, build_train_loader, build_val_loader, set_loader_epoch
 from ..models.criterion import build_criterion, total_loss
 from ..models.detector import Detector, build_model, load_backbone_weights, load_checkpoint
@@ -350,15 +350,7 @@ def _json_safe(value: Any) -> Any:
 
 
 def _flat_config_diff(a: dict, b: dict, ignore: Sequence[str]) -> list[str]:
-    def flat(prefix, node, out):
-        if isinstance(node, dict):
-            for k, v in node.items():
-                flat(f"{prefix}.{k}" if prefix else k, v, out)
-        else:
-            out[prefix] = node
-        return out
-
-    fa, fb = flat("", a, {}), flat("", b, {})
+    fa, fb = flatten(a), flatten(b)
     return sorted(k for k in set(fa) | set(fb) if k not in ignore and fa.get(k) != fb.get(k))
 
 
