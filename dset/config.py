@@ -168,7 +168,8 @@ class TrainConfig:
     early_stop_patience: Optional[int] = None # epochs without mAP improvement; None: never stop early
     eval_every: int = 1
     profile: bool = True                      # measure params/GFLOPs/latency of the final model (summary.json)
-    checkpoint_every: int = 1                 # epochs between writes of checkpoints/last.pt (and always the last)
+    checkpoint_every_minutes: float = 10.0    # at most one write of checkpoints/last.pt (the resume state) per this
+                                              # many minutes; also written at the end and when the run is interrupted
     keep_last_checkpoint: bool = True         # false: delete last.pt (the resume state) once the run has ended
                                               # without error; best.pt (weights) stays. Studies set false.
 
@@ -187,7 +188,7 @@ def multi_scale_sizes(image_size: int) -> list[int]:
 
 
 RESULT_NEUTRAL_KEYS = ("run.device", "run.progress", "run.out_dir", "data.num_workers", "train.keep_last_checkpoint",
-                       "run.budget")
+                       "train.checkpoint_every_minutes", "run.budget")
 
 
 @dataclass
@@ -495,7 +496,8 @@ def validate(cfg: Config) -> Config:
     need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
     need(t.ema_warmup_steps >= 0, "train.ema_warmup_steps", "must be >= 0")
     need(t.eval_every >= 1, "train.eval_every", f"must be >= 1, got {t.eval_every}")
-    need(t.checkpoint_every >= 1, "train.checkpoint_every", f"must be >= 1, got {t.checkpoint_every}")
+    need(t.checkpoint_every_minutes > 0, "train.checkpoint_every_minutes",
+         f"must be > 0, got {t.checkpoint_every_minutes}")
     return cfg
 
 

@@ -5,8 +5,9 @@ CHECKPOINT is ``checkpoints/best.pt`` or ``checkpoints/last.pt`` of a training r
 change evaluation settings (``data.batch_size``, ``data.max_val_images``, ``data.num_workers``,
 ``run.device``). Without ``--data`` the run's own validation split is evaluated (the synthetic one is
 regenerated from its parameters if its cache is gone). The EMA weights are evaluated unless
-``--weights model``. Prints the COCO metrics (AP in [0, 1], pycocotools, original image sizes) and
-writes them as JSON with ``--json FILE``.
+``--weights model`` (the raw training weights, only in ``last.pt``: ``best.pt`` keeps the EMA weights only).
+Prints the COCO metrics (AP in [0, 1], pycocotools, original image sizes) and writes them as JSON with
+``--json FILE``.
 """
 
 from __future__ import annotations
@@ -54,13 +55,16 @@ def evaluate_checkpoint(checkpoint: str | Path, images: str | None = None, annot
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling problem is reported with the file name
         raise ValueError(f"{path}: not a readable checkpoint ({exc})") from None
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"{path}: not a dset training checkpoint (no 'config'/'model' entries)")
+    if not isinstance(ckpt, dict) or "config" not in ckpt or not ("ema" in ckpt or "model" in ckpt):
+        raise ValueError(f"{path}: not a dset training checkpoint (no 'config' and 'ema'/'model' entries)")
     cfg = config_from_dict(ckpt["config"])
     if overrides:
         cfg = load_config(cfg, overrides)
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+    if weights not in ckpt:   # best.pt keeps the EMA weights only; last.pt has both
+        raise ValueError(f"{path} has no {weights!r} weights (best.pt keeps the EMA weights only; "
+                         "the raw ones are in checkpoints/last.pt)")
     state = ckpt["ema"]["module"] if weights == "ema" else ckpt["model"]
 
     data = build_eval_data(cfg, images, annotations)
@@ -96,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="evaluation settings (data.batch_size=8, ...)")
     ap.add_argument("--data", nargs=2, metavar=("IMAGES", "ANNOTATIONS"),
                     help="evaluate on this images folder + COCO instances JSON instead of the run's validation split")
-    ap.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA weights (default) or the raw model")
+    ap.add_argument("--weights", choices=("ema", "model"), default="ema",
+                    help="EMA weights (default) or the raw model (last.pt only)")
     ap.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
     ns = ap.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

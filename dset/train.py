@@ -9,6 +9,9 @@ Examples::
     torchrun --nproc_per_node 2 -m dset.train rtdetr_r18 --out runs/ddp   # DDP (gloo on CPU, NCCL on CUDA)
     python -m dset.train --resume --out runs/r18                 # continue a killed run (config from DIR)
 
+Ctrl-C and SIGTERM (a scheduler stopping the job) end training the same way: the newest epoch's resume state is
+written to ``checkpoints/last.pt`` first, and ``--resume`` continues from it (exit status 130).
+
 The budget (``--budget``, default ``auto``) is a YAML file of ``data.*``/``train.*``/``model.*`` settings
 applied on top of the preset and below the ``key=value`` overrides (which always win). ``auto`` applies
 ``budget_cpu`` (dset/configs/budget_cpu.yaml) when the run uses the built-in synthetic data (no
@@ -27,7 +30,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .config import DEFAULT_BUDGET, ConfigError, budget_path, flatten, load_config, read_budget, resolve_config
@@ -49,7 +54,8 @@ other keys worth knowing (any key of dset/config.py can be overridden):
   data.num_workers   data.max_train_images   data.max_val_images   data.augment=rtdetr|flip|none
   data.multi_scale=true|false   data.stop_epoch=N
   train.epochs   train.lr   train.lr_pretrained   train.warmup_steps   train.ema_decay   train.grad_clip
-  train.early_stop_patience   train.eval_every   train.checkpoint_every   train.profile   run.seed
+  train.early_stop_patience   train.eval_every   train.profile   run.seed
+  train.checkpoint_every_minutes   train.keep_last_checkpoint
   run.device   model.backbone.pretrained=FILE   model.checkpoint=FILE   model.decoder.num_queries
 
 examples:
@@ -59,6 +65,12 @@ examples:
   torchrun --nproc_per_node 2 -m dset.train rtdetr_r18 --out runs/ddp
   python -m dset.train --resume --out runs/r18
 """
+
+
+def _sigterm_to_interrupt(signum, frame):
+    # a scheduler (SLURM, Kubernetes, torchrun tearing down its workers) stops a job with SIGTERM: handled as
+    # Ctrl-C, so that training writes its newest resume state before the process ends
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     from .data.coco import DatasetError
     from .engine.train import CheckpointWriteError, NonFiniteLossError, error_message, fit
 
+    # only the main thread may set signal handlers (main() could be called from another one)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_sigterm = signal.signal(signal.SIGTERM, _sigterm_to_interrupt) if in_main_thread else None
     try:
         summary = fit(cfg, out, resume=ns.resume)
     except (ConfigError, DatasetError, FileNotFoundError) as exc:
@@ -127,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {error_message(exc)}", file=sys.stderr)
             return 2
         raise
+    finally:
+        if in_main_thread:   # main() may be called in a longer-lived process (tests, notebooks)
+            signal.signal(signal.SIGTERM, previous_sigterm if previous_sigterm is not None else signal.SIG_DFL)
     best = summary.get("best_metrics") or {}
     if int(os.environ.get("RANK", "0")) == 0:
         parts = [f"{summary['status']}: {summary['epochs_completed']}/{summary['epochs']} epochs"]

@@ -35,7 +35,7 @@ def _overrides(paths):
         f"data.val.annotations={paths['train_annotations']}", "data.image_size=128", "data.batch_size=4",
         "data.augment=none", "model.eval_spatial_size=[128,128]", "model.decoder.num_queries=30",
         "model.decoder.num_denoising=20", f"train.epochs={STEPS}", "train.eval_every=25",
-        f"train.checkpoint_every={STEPS}", "train.lr=1e-3", "train.warmup_steps=10", "train.ema_warmup_steps=20",
+        "train.checkpoint_every_minutes=60", "train.lr=1e-3", "train.warmup_steps=10", "train.ema_warmup_steps=20",
         "train.profile=false", "run.progress=false",
     ]
 

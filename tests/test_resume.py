@@ -1,4 +1,5 @@
-"""--resume: a run killed after epoch 1 and resumed ends exactly where the uninterrupted run ends."""
+"""--resume: a run interrupted after epoch 1 (before its minutes to the next resume-state write had passed)
+saves that epoch on the way out, and resumed ends exactly where the uninterrupted run ends."""
 
 from __future__ import annotations
 
@@ -23,17 +24,20 @@ def tiny(root, *extra):
             f"data.synthetic.root={root}", "data.image_size=64", "data.batch_size=4", "data.augment=rtdetr",
             "model.eval_spatial_size=[64,64]", "model.decoder.num_queries=20", "model.decoder.num_denoising=8",
             *SMALL_HEADS,
-            "model.decoder.dropout=0.1", "train.epochs=2", "train.warmup_steps=3", "train.ema_warmup_steps=10",
-            "train.lr=3e-4", "train.profile=false", "run.progress=false", "run.seed=7", *extra]
+            "model.decoder.dropout=0.1", "train.epochs=3", "train.warmup_steps=3", "train.ema_warmup_steps=10",
+            "train.lr=3e-4", "train.profile=false", "run.progress=false", "run.seed=7",
+            "train.checkpoint_every_minutes=60", *extra]   # no periodic write: only the interruption's
 
 
 class Kill(Callback):
-    """Simulates the process dying right after epoch ``at`` was checkpointed."""
+    """Ctrl-C (or SIGTERM under dset.train) at the end of epoch ``at``, after that epoch's resume state was
+    copied but long before it was due to be written. Records whether last.pt existed at each epoch end."""
 
-    def __init__(self, at):
-        self.at = at
+    def __init__(self, at, out):
+        self.at, self.last, self.existed = at, out / "checkpoints" / "last.pt", []
 
     def on_epoch_end(self, epoch, metrics):
+        self.existed.append(self.last.exists())
         if epoch == self.at:
             raise KeyboardInterrupt("killed")
 
@@ -48,26 +52,34 @@ def runs(module_tmp):
     straight, resumed = module_tmp("straight"), module_tmp("resumed")
     cfg = dset.load_config("rtdetr_r18", tiny(root))
     fit(cfg, straight)
+    kill = Kill(1, resumed)
     with pytest.raises(KeyboardInterrupt):
-        fit(cfg, resumed, callbacks=Kill(0))
+        fit(cfg, resumed, callbacks=kill)
     killed_summary = json.loads((resumed / "summary.json").read_text())
+    killed_last = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)
     # a run killed between its metrics line and its checkpoint leaves an extra line: resume drops it
     with open(resumed / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"epoch": 1, "loss": 123.0}) + "\n")
+        f.write(json.dumps({"epoch": 2, "loss": 123.0}) + "\n")
     torch.manual_seed(12345)  # the resumed run must not depend on the state of this process
     summary = fit(cfg, resumed, resume=True)
     return {"cfg": cfg, "root": root, "straight": straight, "resumed": resumed, "summary": summary,
-            "killed_summary": killed_summary}
+            "killed_summary": killed_summary, "kill": kill, "killed_last": killed_last}
 
 
 def test_killed_run_is_recorded_as_failed(runs):
     assert runs["killed_summary"]["status"] == "failed" and "killed" in runs["killed_summary"]["error"]
-    assert runs["summary"]["status"] == "completed" and runs["summary"]["epochs_completed"] == 2
+    assert runs["summary"]["status"] == "completed" and runs["summary"]["epochs_completed"] == 3
+
+
+def test_an_interruption_writes_the_newest_epoch_before_it_was_due(runs):
+    assert runs["kill"].existed == [False, False]        # 60 minutes had not passed: nothing written yet
+    assert runs["killed_last"]["epoch"] == 1 and runs["killed_last"]["global_step"] == 4
+    assert {"model", "ema", "optimizer", "scheduler", "rng"} <= set(runs["killed_last"])
 
 
 def test_resumed_metrics_equal_uninterrupted(runs):
     a, b = _lines(runs["straight"] / "metrics.jsonl"), _lines(runs["resumed"] / "metrics.jsonl")
-    assert [m["epoch"] for m in a] == [m["epoch"] for m in b] == [0, 1]
+    assert [m["epoch"] for m in a] == [m["epoch"] for m in b] == [0, 1, 2]
     for ma, mb in zip(a, b):
         assert set(ma) == set(mb)
         for key in ma:
@@ -77,19 +89,19 @@ def test_resumed_metrics_equal_uninterrupted(runs):
                 assert mb[key] == pytest.approx(ma[key], rel=1e-6, abs=1e-9), key
             else:
                 assert mb[key] == ma[key], key
-    assert a[1]["loss"] != a[0]["loss"]  # the comparison is not trivially between constants
+    assert a[2]["loss"] != a[1]["loss"]  # the comparison is not trivially between constants
 
 
 def test_resumed_weights_equal_uninterrupted(runs):
     a = torch.load(runs["straight"] / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(runs["resumed"] / "checkpoints" / "last.pt", weights_only=True)
-    assert a["epoch"] == b["epoch"] == 1 and a["global_step"] == b["global_step"] == 4
+    assert a["epoch"] == b["epoch"] == 2 and a["global_step"] == b["global_step"] == 6
     for part in ("model",):
         for k, v in a[part].items():
             torch.testing.assert_close(b[part][k], v, rtol=1e-6, atol=1e-7, msg=f"{part} {k}")
     for k, v in a["ema"]["module"].items():
         torch.testing.assert_close(b["ema"]["module"][k], v, rtol=1e-6, atol=1e-7, msg=f"ema {k}")
-    assert a["ema"]["updates"] == b["ema"]["updates"] == 4
+    assert a["ema"]["updates"] == b["ema"]["updates"] == 6
     assert a["early_stopping"] == b["early_stopping"]
     # the optimizer moments too
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
@@ -112,6 +124,6 @@ def test_cli_resume_of_a_finished_run_reads_its_config(runs, capsys):
     best = json.loads((out / "summary.json").read_text())["best_mAP"]
     assert main(["--resume", "--out", str(out), "-q"]) == 0      # no preset: OUT/config.yaml
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["epochs_completed"] == 2 and summary["best_mAP"] == best
-    assert summary["final_metrics"]["epoch"] == 1
+    assert summary["status"] == "completed" and summary["epochs_completed"] == 3 and summary["best_mAP"] == best
+    assert summary["final_metrics"]["epoch"] == 2
     assert (out / "metrics.jsonl").read_text() == before

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import time
 
 import pytest
 import torch
@@ -128,7 +130,7 @@ def test_fit_writes_config_metrics_checkpoints_and_summary(tmp_path, synth_root)
         assert all(_same(line[k], metrics[k]) for k in line)
     assert rec.calls[3][1]["status"] == "completed"
 
-    # checkpoints: full state in last.pt, weights of the best epoch in best.pt
+    # checkpoints: full state in last.pt, the EMA weights of the best epoch in best.pt
     last = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert last["epoch"] == 1 and last["global_step"] == 4 and last["data_epoch"] == 2
     assert {"model", "ema", "optimizer", "scheduler", "scaler", "rng", "early_stopping"} <= set(last)
@@ -136,7 +138,16 @@ def test_fit_writes_config_metrics_checkpoints_and_summary(tmp_path, synth_root)
     best = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)
     assert best["epoch"] == summary["best_epoch"]
     assert best["metrics"]["mAP"] == pytest.approx(summary["best_metrics"]["mAP"])
-    assert "optimizer" not in best
+    assert {"config", "epoch", "metrics", "ema", "label_to_category_id", "category_names"} <= set(best)
+    assert "optimizer" not in best and "model" not in best   # nothing reads the raw weights from best.pt
+    # stage 2 starts from best.pt (model.checkpoint): its EMA weights
+    from dset.models.detector import load_checkpoint
+
+    stage2 = dset.build_model(saved, load_weights=False)
+    report = load_checkpoint(stage2, tmp_path / "checkpoints" / "best.pt")
+    assert len(report.loaded) == len(best["ema"]["module"])
+    torch.testing.assert_close(stage2.state_dict()["decoder.dec_score_head.2.weight"],
+                               best["ema"]["module"]["decoder.dec_score_head.2.weight"])
     # the EMA differs from the raw weights but stays close to them
     w, e = last["model"]["decoder.dec_score_head.2.weight"], last["ema"]["module"]["decoder.dec_score_head.2.weight"]
     assert not torch.equal(w, e) and (w - e).abs().max() < 0.05
@@ -148,6 +159,37 @@ def test_fit_writes_config_metrics_checkpoints_and_summary(tmp_path, synth_root)
     assert ev["epoch"] == summary["best_epoch"] and ev["val_images"] == 4
     for k in ("mAP", "mAP50", "AR100"):
         assert ev[k] == pytest.approx(summary["best_metrics"][k], abs=1e-9)
+
+
+def test_summary_reports_throughput_and_peak_memory(tmp_path, synth_root):
+    import numpy as np
+
+    # a peak of an earlier run in this process (here a 2 GiB array, touched, then freed) is not this run's
+    rss_before = _rss_mb()
+    ballast = np.ones(2**28)
+    del ballast
+    summary = fit(dset.load_config("rtdetr_r18", tiny(synth_root, "train.epochs=2", "train.eval_every=2")), tmp_path)
+    assert json.loads((tmp_path / "summary.json").read_text())["train_images_per_s"] == summary["train_images_per_s"]
+    assert summary["train_images_processed"] == 16 and summary["eval_images_processed"] == 4   # one evaluation
+    assert 0 < summary["train_seconds"] and 0 < summary["eval_seconds"]
+    assert summary["train_seconds"] + summary["eval_seconds"] <= summary["train_time_s"]
+    assert summary["train_images_per_s"] == pytest.approx(16 / summary["train_seconds"])
+    assert summary["eval_images_per_s"] == pytest.approx(4 / summary["eval_seconds"])
+    assert summary["device"] == "cpu" and summary["peak_gpu_memory_mb"] is None
+    assert 50 < summary["peak_host_memory_mb"] < 64 * 1024      # torch alone is more than 50 MiB resident
+    if rss_before is not None:   # Linux: the peak restarts with the run (else ru_maxrss: since the process started)
+        assert summary["peak_host_memory_mb"] < rss_before + 1536
+
+
+def _rss_mb():
+    """This process's resident memory (MiB) where its peak can be reset (Linux), else None."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+    except OSError:
+        return None
 
 
 def test_fit_dset_reports_pruning_and_expert_usage(tmp_path, synth_root):
@@ -201,6 +243,53 @@ def test_early_stopping_keeps_best_checkpoint(tmp_path, synth_root, monkeypatch)
     assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 2
 
 
+class LastPtWatcher(Callback):
+    """Records, at each epoch end, whether checkpoints/last.pt exists and which epoch it holds."""
+
+    def __init__(self, out):
+        self.last, self.seen = out / "checkpoints" / "last.pt", []
+
+    def on_epoch_end(self, epoch, metrics):
+        held = torch.load(self.last, weights_only=True)["epoch"] if self.last.exists() else None
+        self.seen.append((epoch, held, time.time()))
+
+
+@pytest.mark.parametrize("minutes, keep_last, written", [
+    (60, "true", [2]),              # minutes never pass: at the end only
+    (1e-6, "true", [0, 1, 2]),      # they always pass: every epoch (the last one at the end of the run)
+    (60, "false", []),              # the end's state would be deleted: never written
+])
+def test_resume_state_is_written_when_minutes_have_passed_and_at_the_end(tmp_path, synth_root, monkeypatch,
+                                                                         minutes, keep_last, written):
+    saves = []
+    real_save = train_mod._atomic_save
+
+    def recording_save(obj, path):
+        saves.append((path.name, obj["epoch"]))
+        return real_save(obj, path)
+
+    monkeypatch.setattr(train_mod, "_atomic_save", recording_save)
+    if keep_last == "false":
+        # a resume state left by an earlier, interrupted attempt: the completed run leaves none
+        (tmp_path / "checkpoints").mkdir(parents=True)
+        (tmp_path / "checkpoints" / "last.pt").write_bytes(b"stale")
+    watcher = LastPtWatcher(tmp_path)
+    cfg = dset.load_config("rtdetr_r18", tiny(synth_root, "train.epochs=3", f"train.checkpoint_every_minutes={minutes}",
+                                              f"train.keep_last_checkpoint={keep_last}"))
+    summary = fit(cfg, tmp_path, callbacks=None if keep_last == "false" else watcher)
+    assert summary["status"] == "completed"
+    assert [e for name, e in saves if name == "last.pt"] == written
+    last = tmp_path / "checkpoints" / "last.pt"
+    if keep_last == "false":
+        assert not last.exists()
+        return
+    # what the callbacks saw: nothing before the first write, the newest epoch written by then after it
+    held = [h for _, h, _ in watcher.seen]
+    assert held == ([None, None, None] if minutes == 60 else [0, 1, 1])
+    assert torch.load(last, weights_only=True)["epoch"] == 2
+    assert last.stat().st_mtime >= watcher.seen[-1][2] - 1   # written after the last epoch's callbacks
+
+
 def test_nan_loss_fails_with_step_and_name(tmp_path, synth_root, monkeypatch):
     real_build = train_mod.build_criterion
 
@@ -245,7 +334,7 @@ def test_full_disk_at_a_checkpoint_is_a_clear_error_and_loses_no_work(tmp_path, 
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(train_mod.torch, "save", full_disk_on_epoch_1_last)
-    cfg = dset.load_config("rtdetr_r18", tiny(synth_root))
+    cfg = dset.load_config("rtdetr_r18", tiny(synth_root, "train.checkpoint_every_minutes=1e-6"))  # every epoch
     with pytest.raises(train_mod.CheckpointWriteError, match=r"last\.pt \(\d+ MB free.*file write failed$"):
         fit(cfg, tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -253,6 +342,7 @@ def test_full_disk_at_a_checkpoint_is_a_clear_error_and_loses_no_work(tmp_path, 
     ckpt_files = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert ckpt_files == ["best.pt", "last.pt"]                      # no temporary file left behind
     assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 0   # intact
+    assert sum(".last.pt.tmp" in f for f in saves) == 2   # epochs 0 and 1: no second try on a full disk
 
     monkeypatch.setattr(train_mod.torch, "save", real_save)         # room again: resume, nothing redone
     summary = fit(cfg, tmp_path, resume=True)
@@ -385,6 +475,28 @@ def test_cli_train_then_evaluate(tmp_path, synth_root, capsys):
     assert "3 images" in capsys.readouterr().out
     assert eval_main([str(tmp_path / "missing.pt")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+    # best.pt keeps the EMA weights only; the raw ones are in last.pt
+    assert eval_main([str(out / "checkpoints" / "best.pt"), "--weights", "model"]) == 2
+    assert "no 'model' weights" in capsys.readouterr().err
+    assert eval_main([str(out / "checkpoints" / "last.pt"), "--weights", "model"]) == 0
+    assert "model weights" in capsys.readouterr().out
+
+
+def test_cli_sigterm_interrupts_training_like_ctrl_c(tmp_path, monkeypatch, capsys):
+    """A scheduler's SIGTERM reaches fit() as KeyboardInterrupt (which writes the resume state, see
+    test_resume.py); the CLI says how to resume and puts the previous handler back."""
+    from dset.train import main
+
+    def fit_until_sigterm(cfg, out, resume=False):
+        signal.raise_signal(signal.SIGTERM)
+        time.sleep(30)   # not reached: the handler raises
+        raise AssertionError("SIGTERM did not interrupt")
+
+    monkeypatch.setattr(train_mod, "fit", fit_until_sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["rtdetr_r18", "--out", str(tmp_path / "run"), "-q"]) == 130
+    assert "python -m dset.train --resume --out" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 # ------------------------------------------------------------------------------ measured as it runs

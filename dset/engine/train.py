@@ -23,16 +23,23 @@ What a run does, in order:
    :class:`NonFiniteLossError` naming the epoch, step and loss terms.
 5. Per epoch: ``model.set_epoch(epoch)`` (token-pruning schedule; the EMA model too), evaluation of the EMA
    model every ``train.eval_every`` epochs and at the last epoch (COCO metrics on the validation split),
-   a line in ``metrics.jsonl``, ``checkpoints/last.pt`` (full training state; every
-   ``train.checkpoint_every`` epochs, default 1, and always at the last epoch) and ``checkpoints/best.pt``
-   (weights, when mAP@[.5:.95] improved), the callbacks' ``on_epoch_end``, early stopping after
-   ``train.early_stop_patience`` epochs without an mAP improvement.
+   a line in ``metrics.jsonl``, ``checkpoints/best.pt`` (when mAP@[.5:.95] improved), the callbacks'
+   ``on_epoch_end``, early stopping after ``train.early_stop_patience`` epochs without an mAP improvement.
+   The resume state (``checkpoints/last.pt``: weights, EMA, optimizer, ...) is copied to the CPU at every
+   epoch end but written at most every ``train.checkpoint_every_minutes`` (default 10; since the last write or
+   the start of training), at the end of the run (completed or stopped) when ``train.keep_last_checkpoint``,
+   and when an exception leaves the epoch loop (Ctrl-C, SIGTERM under ``python -m dset.train``, a crash):
+   then the newest epoch's copy is written before the exception goes on. A ``kill -9`` loses at most one
+   epoch or ``checkpoint_every_minutes``, whichever is longer (writing the state every epoch costs seconds of
+   I/O per epoch: on short epochs, a large part of the work it protects).
 6. ``summary.json``: status ``completed`` / ``stopped`` (early stopping or a callback) / ``failed`` (with the
    error), best epoch and metrics, parameter counts, GFLOPs and latency from :mod:`dset.measure`.
 
 Files in ``out_dir``: ``config.yaml`` (resolved configuration), ``metrics.jsonl`` (one JSON object per epoch,
 keys listed in :func:`fit`), ``summary.json``, ``checkpoints/last.pt``, ``checkpoints/best.pt``. Checkpoints
 are written to a temporary file and renamed (``os.replace``), so a killed run never leaves a torn file.
+``best.pt`` holds what evaluation and fine-tuning read: the EMA weights (``ema``; the raw training weights are
+not kept), ``config``, ``epoch``, ``metrics`` and the label maps.
 
 Resume (``resume=True``): continues from ``checkpoints/last.pt`` (model, EMA, optimizer, scheduler, scaler,
 RNG states of every rank, early-stopping state, epoch). With a fixed seed on CPU the resumed run reproduces
@@ -46,6 +53,7 @@ to rank 0 for COCO evaluation; only rank 0 writes files and calls the callbacks.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -54,7 +62,9 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -323,6 +333,54 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _cpu_copy(value: Any) -> Any:
+    """``value`` (a checkpoint dict) with every tensor copied to the CPU and every container rebuilt: the
+    resume state of one epoch, which later training steps (updating parameters, optimizer moments and EMA
+    buffers in place) cannot change. State dicts keep their class and ``_metadata`` (module versions)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        out = {k: _cpu_copy(v) for k, v in value.items()}
+        if isinstance(value, OrderedDict):
+            out = OrderedDict(out)
+            if hasattr(value, "_metadata"):
+                out._metadata = copy.deepcopy(value._metadata)
+        return out
+    if isinstance(value, list):
+        return [_cpu_copy(v) for v in value]
+    if type(value) is tuple:
+        return tuple(_cpu_copy(v) for v in value)
+    return copy.deepcopy(value)
+
+
+def _reset_peak_host_memory() -> None:
+    """Linux: restart the peak resident set size (VmHWM) from the current one, so that a run's peak is its own
+    and not that of an earlier run in the same process (a study trains many). Elsewhere: nothing to do."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak_host_memory_mb() -> float | None:
+    """Peak resident memory of this process in MiB: VmHWM on Linux (since :func:`_reset_peak_host_memory`),
+    else ``ru_maxrss`` (since the process started)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024   # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024   # bytes on macOS, kB on Linux
+
+
 def error_message(exc: BaseException) -> str:
     """One readable line for an exception: errors raised in a data-loader worker arrive with the worker's
     traceback in their message; keep its last line, without the exception's class path."""
@@ -519,6 +577,10 @@ class _Run:
     def setup(self) -> None:
         cfg, dinfo = self.cfg, self.dinfo
         self.device = _resolve_device(cfg.run.device, dinfo)
+        _reset_peak_host_memory()
+        if self.device.type == "cuda":
+            torch.cuda.init()   # resetting the peak of a device CUDA has not initialised yet is an error
+            torch.cuda.reset_peak_memory_stats(self.device)
         if cfg.run.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
@@ -741,9 +803,19 @@ class _Run:
 
     @staticmethod
     def _weights_checkpoint(full: dict) -> dict:
-        keep = ("version", "config", "epoch", "global_step", "model", "ema", "metrics", "label_to_category_id",
+        """best.pt: what evaluation, profiling and fine-tuning read (the EMA weights), half the size it would
+        be with the raw training weights too, which nothing reads from it."""
+        keep = ("version", "config", "epoch", "global_step", "ema", "metrics", "label_to_category_id",
                 "category_names")
         return {k: full[k] for k in keep}
+
+    def _write_last(self) -> None:
+        """Write the newest epoch's resume state to checkpoints/last.pt, unless last.pt holds it already."""
+        if self._snapshot is None or self._snapshot["epoch"] <= self._written_epoch:
+            return
+        _atomic_save(self._snapshot, self.ckpt_dir / "last.pt")
+        self._written_epoch = self._snapshot["epoch"]
+        self._last_write = time.monotonic()
 
     # ----- the loop
     def run(self) -> dict:
@@ -764,62 +836,91 @@ class _Run:
         status, stop_reason = "completed", None
         last_metrics: dict = self.last_metrics
         epochs_done = self.start_epoch
-        for epoch in range(self.start_epoch, cfg.train.epochs):
-            t_epoch = time.time()
-            self.model_core.set_epoch(epoch)
-            self.ema.module.set_epoch(epoch)
-            set_loader_epoch(self.train_loader, epoch, cfg.run.seed, dinfo.rank)
-            lrs = {f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups}  # at the epoch's first step
-            train_metrics = self.train_one_epoch(epoch)
-            metrics: dict[str, Any] = {"epoch": epoch, "step": self.global_step, **train_metrics, **lrs}
-            is_last = epoch == cfg.train.epochs - 1
-            improved = evaluated = False
-            at_target = self._at_target_sparsity(epoch)
-            detections: list = []
-            if (epoch + 1) % cfg.train.eval_every == 0 or is_last:
-                evaluated = True
-                ev = evaluate_detections(self.ema.module, self.val_loader, self.data, self.device, dinfo,
-                                         detections_out=detections)
-                metrics.update(_flatten_eval(ev))
-                # the reported checkpoint runs as deployed: epochs still in token pruning's warm-up or ramp
-                # (fewer tokens pruned than the target) cannot be the best, so that its GFLOPs, latency and
-                # keep ratio are those of the target sparsity
-                improved = at_target and self.early.update(epoch, ev["mAP"])
-                if improved:
-                    self.best_metrics = _json_safe({k: v for k, v in metrics.items()})
-            metrics["epoch_time_s"] = time.time() - t_epoch
-            epochs_done = epoch + 1
-            last_metrics = metrics
-            rng_states = _all_gather_object(_rng_state(), dinfo)
-            stop = False
-            if dinfo.is_main:
-                with open(self.metrics_path, "a") as f:
-                    f.write(json.dumps(_json_safe(metrics)) + "\n")
-                full = self._checkpoint(epoch, metrics, rng_states)
-                saved_last = (epoch + 1) % cfg.train.checkpoint_every == 0 or is_last
-                if saved_last:
-                    _atomic_save(full, self.ckpt_dir / "last.pt")
-                if improved:
-                    _atomic_save(self._weights_checkpoint(full), self.ckpt_dir / "best.pt")
-                    _atomic_write_text(self.out / DETECTIONS_FILE, json.dumps(
-                        {"epoch": epoch, "image_ids": list(self.data.val_image_ids),
-                         "detections": _top_per_image_and_class(detections, 100)}) + "\n")
-                log.info(_epoch_line(epoch, cfg.train.epochs, metrics))
-                for cb in self.callbacks:
-                    if cb.on_epoch_end(epoch, dict(metrics)):
-                        stop = True
-                        stop_reason = "callback"
-                if not stop and evaluated and at_target and self.early.should_stop(epoch) and not is_last:
-                    stop, stop_reason = True, (f"early_stopping: no mAP improvement for "
-                                               f"{cfg.train.early_stop_patience} epochs")
-                if stop and not saved_last:
-                    _atomic_save(full, self.ckpt_dir / "last.pt")
-            stop, stop_reason = _broadcast_object((stop, stop_reason), dinfo)
-            if stop:
-                status = "stopped"
+        # the resume state of the newest epoch (a CPU copy, rank 0) and what last.pt holds: writing it costs
+        # seconds on a large model, so it is written every checkpoint_every_minutes, at the end of the run and
+        # when an exception leaves the loop (see _write_last)
+        self._snapshot: dict | None = None
+        self._written_epoch = self.start_epoch - 1   # resumed: last.pt holds the epoch before start_epoch
+        self._last_write = time.monotonic()
+        every_s = cfg.train.checkpoint_every_minutes * 60
+        # throughput of this attempt: images over the seconds spent in training steps / in evaluation
+        train_images = val_images = 0
+        train_s = eval_s = 0.0
+        try:
+            for epoch in range(self.start_epoch, cfg.train.epochs):
+                t_epoch = time.time()
+                self.model_core.set_epoch(epoch)
+                self.ema.module.set_epoch(epoch)
+                set_loader_epoch(self.train_loader, epoch, cfg.run.seed, dinfo.rank)
+                lrs = {f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups}  # at the epoch's first step
+                t_train = time.perf_counter()
+                train_metrics = self.train_one_epoch(epoch)
+                train_s += time.perf_counter() - t_train
+                train_images += train_metrics["train_images"]
+                metrics: dict[str, Any] = {"epoch": epoch, "step": self.global_step, **train_metrics, **lrs}
+                is_last = epoch == cfg.train.epochs - 1
+                improved = evaluated = False
+                at_target = self._at_target_sparsity(epoch)
+                detections: list = []
+                if (epoch + 1) % cfg.train.eval_every == 0 or is_last:
+                    evaluated = True
+                    t_eval = time.perf_counter()
+                    ev = evaluate_detections(self.ema.module, self.val_loader, self.data, self.device, dinfo,
+                                             detections_out=detections)
+                    eval_s += time.perf_counter() - t_eval
+                    val_images += ev["val_images"]
+                    metrics.update(_flatten_eval(ev))
+                    # the reported checkpoint runs as deployed: epochs still in token pruning's warm-up or ramp
+                    # (fewer tokens pruned than the target) cannot be the best, so that its GFLOPs, latency and
+                    # keep ratio are those of the target sparsity
+                    improved = at_target and self.early.update(epoch, ev["mAP"])
+                    if improved:
+                        self.best_metrics = _json_safe({k: v for k, v in metrics.items()})
+                metrics["epoch_time_s"] = time.time() - t_epoch
+                epochs_done = epoch + 1
+                last_metrics = metrics
+                rng_states = _all_gather_object(_rng_state(), dinfo)
+                stop = False
                 if dinfo.is_main:
-                    log.info("stopping after epoch %d: %s", epoch + 1, stop_reason)
-                break
+                    with open(self.metrics_path, "a") as f:
+                        f.write(json.dumps(_json_safe(metrics)) + "\n")
+                    # before anything that can raise (callbacks included): an interruption saves this epoch
+                    self._snapshot = _cpu_copy(self._checkpoint(epoch, metrics, rng_states))
+                    if improved:
+                        _atomic_save(self._weights_checkpoint(self._snapshot), self.ckpt_dir / "best.pt")
+                        _atomic_write_text(self.out / DETECTIONS_FILE, json.dumps(
+                            {"epoch": epoch, "image_ids": list(self.data.val_image_ids),
+                             "detections": _top_per_image_and_class(detections, 100)}) + "\n")
+                    # the last epoch's state is left to the end of the run, where keep_last_checkpoint decides
+                    if not is_last and time.monotonic() - self._last_write >= every_s:
+                        self._write_last()
+                    log.info(_epoch_line(epoch, cfg.train.epochs, metrics))
+                    for cb in self.callbacks:
+                        if cb.on_epoch_end(epoch, dict(metrics)):
+                            stop = True
+                            stop_reason = "callback"
+                    if not stop and evaluated and at_target and self.early.should_stop(epoch) and not is_last:
+                        stop, stop_reason = True, (f"early_stopping: no mAP improvement for "
+                                                   f"{cfg.train.early_stop_patience} epochs")
+                stop, stop_reason = _broadcast_object((stop, stop_reason), dinfo)
+                if stop:
+                    status = "stopped"
+                    if dinfo.is_main:
+                        log.info("stopping after epoch %d: %s", epoch + 1, stop_reason)
+                    break
+        except BaseException as exc:
+            # interrupted (SIGINT, SIGTERM under dset.train) or crashed: keep the newest epoch for --resume. Not
+            # after a failed checkpoint write: the disk is full, a second try would fail the same way.
+            if dinfo.is_main and not isinstance(exc, CheckpointWriteError):
+                try:
+                    self._write_last()
+                except Exception as write_exc:  # noqa: BLE001 - the original exception is the one to report
+                    log.error("could not save the resume state after %s: %s", type(exc).__name__, write_exc)
+            raise
+        # completed or stopped. Without keep_last_checkpoint, fit() deletes last.pt (possibly left by an earlier
+        # interrupted attempt): writing it now would be wasted time
+        if dinfo.is_main and cfg.train.keep_last_checkpoint:
+            self._write_last()
 
         self.summary.update({
             "status": status,
@@ -832,11 +933,20 @@ class _Run:
             "best_metrics": self.best_metrics,
             "final_metrics": _json_safe(last_metrics),
             "train_time_s": time.time() - t0,
+            "train_images_processed": train_images,
+            "train_seconds": train_s,
+            "train_images_per_s": train_images / train_s if train_s > 0 else None,
+            "eval_images_processed": val_images,
+            "eval_seconds": eval_s,
+            "eval_images_per_s": val_images / eval_s if eval_s > 0 else None,
         })
         if self.dinfo.world_size > 1:
             self.summary["ddp_params_in_sync"] = self._params_in_sync()
         if dinfo.is_main and cfg.train.profile:
             self.summary.update(self._profile())
+        self.summary["peak_host_memory_mb"] = _peak_host_memory_mb()
+        self.summary["peak_gpu_memory_mb"] = (torch.cuda.max_memory_allocated(self.device) / 2**20
+                                              if self.device.type == "cuda" else None)
         return self.summary
 
     def _params_in_sync(self) -> bool:
@@ -910,13 +1020,21 @@ def fit(cfg: Config | str, out_dir: str | os.PathLike, callbacks: Callback | Seq
     ``summary.json`` (also returned): ``status`` (completed / stopped / failed), ``stop_reason``, ``error``
     (failed runs), ``epochs_completed``, ``epochs``, ``global_step``, ``best_epoch`` (0-based), ``best_mAP``,
     ``best_metrics`` (the metrics record of the best epoch), ``final_metrics``, ``num_classes``,
-    ``num_train_images``, ``num_val_images``, ``world_size``, ``device``, ``train_time_s``, ``params``, and with
-    ``train.profile`` from :func:`dset.measure.profile_model` on the best EMA weights at ``data.image_size``:
-    ``active_params``, ``gflops`` (2 x multiply-adds, fvcore), ``latency_ms``/``fps`` (eval forward, batch
-    ``latency_batch_size`` on ``latency_device``), ``profile`` (everything it measured).
+    ``num_train_images``, ``num_val_images``, ``world_size``, ``device``, ``train_time_s``, ``params``;
+    throughput and memory of this attempt (a resumed run counts its own epochs only): ``train_images_per_s``
+    (``train_images_processed`` over ``train_seconds``, the seconds spent in the epochs' training steps, data
+    loading included, all ranks' images), ``eval_images_per_s`` (``eval_images_processed`` over
+    ``eval_seconds``, the validation passes with COCO scoring; None when nothing was timed),
+    ``peak_host_memory_mb`` (peak resident memory of this process, rank 0 under DDP, MiB: Linux VmHWM from the
+    run's start, else ``ru_maxrss``), ``peak_gpu_memory_mb`` (``torch.cuda.max_memory_allocated`` from the run's
+    start, MiB; None off CUDA); and with ``train.profile`` from :func:`dset.measure.profile_model` on the best
+    EMA weights at ``data.image_size``: ``active_params``, ``gflops`` (2 x multiply-adds, fvcore),
+    ``latency_ms``/``fps`` (eval forward, batch ``latency_batch_size`` on ``latency_device``), ``profile``
+    (everything it measured).
 
-    A failure (bad data, NaN loss, ...) writes ``summary.json`` with status ``failed`` and ``error``, calls
-    ``on_train_end`` and re-raises.
+    A failure (bad data, NaN loss, an interruption, ...) writes the newest epoch's resume state to
+    ``checkpoints/last.pt`` (unless it failed writing a checkpoint), writes ``summary.json`` with status
+    ``failed`` and ``error``, calls ``on_train_end`` and re-raises.
     """
     if not isinstance(cfg, Config):
         cfg = load_config(cfg)
@@ -943,7 +1061,7 @@ def fit(cfg: Config | str, out_dir: str | os.PathLike, callbacks: Callback | Seq
             for cb in run.callbacks:
                 cb.on_train_end(dict(summary))
             if not run.cfg.train.keep_last_checkpoint:
-                # the resume state (weights, EMA and the optimizer's two moments: twice best.pt) is dead weight
+                # the resume state (weights, EMA and the optimizer's two moments: four times best.pt) is dead weight
                 # once a run has ended; a grid of 16 runs would otherwise keep gigabytes of it
                 last = run.ckpt_dir / "last.pt"
                 if last.is_file():
