@@ -96,3 +96,83 @@ def one_thread_for_module():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------ real services (tests/services.py)
+# .ci/run starts PostgreSQL and an mlflow server once and exports DSET_TEST_POSTGRES_URL and
+# DSET_TEST_MLFLOW_URI; without them the fixtures below start private ones for the session. When neither
+# works they skip, or fail under CI=true (as shared_path does): CI must not pass by skipping them.
+
+
+def _service_unavailable(reason: str):
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(reason + " (CI=true: an unavailable service is a failure)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server (tests/services.py's ``Postgres``): ``postgres.create_database("name")`` makes a
+    fresh empty database (dropped first if it exists) and returns its SQLAlchemy URL
+    (postgresql://postgres@127.0.0.1:PORT/name), usable by Optuna's RDBStorage and MLflow."""
+    import tempfile
+
+    from services import Postgres, ServiceError, start_postgres
+
+    url = os.environ.get("DSET_TEST_POSTGRES_URL")
+    if url:
+        pg = Postgres.from_url(url)
+        try:
+            pg.wait_ready(timeout=10)
+            error = None
+        except ServiceError as e:
+            error = e
+        if error is not None:  # the variable was set on purpose: a dead server is an error, not a skip
+            pytest.fail(f"DSET_TEST_POSTGRES_URL={url}: {error}", pytrace=False)
+        yield pg
+        return
+    # not pytest's tmp_path: its folders are 0700 and, when we are root, the server runs as the postgres
+    # OS user, which must reach the data folder
+    root = Path(tempfile.mkdtemp(prefix="dset-test-pg-"))
+    os.chmod(root, 0o755)
+    try:
+        pg, error = start_postgres(root), None
+    except (ServiceError, OSError) as e:
+        error = e
+    if error is not None:  # skip/fail outside the except block: no "during handling..." traceback
+        shutil.rmtree(root, ignore_errors=True)
+        _service_unavailable(f"cannot start PostgreSQL: {error}")
+    yield pg
+    pg.stop_quietly()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(request, tmp_path_factory):
+    """Tracking URI (str, http://127.0.0.1:PORT) of an ``mlflow server`` whose backend store is a database on
+    the ``postgres`` fixture's server and whose artifacts it serves from a tmp folder (mlflow-artifacts:/)."""
+    import urllib.request
+
+    from services import ServiceError, start_mlflow_server
+
+    uri = os.environ.get("DSET_TEST_MLFLOW_URI")
+    if uri:
+        try:
+            urllib.request.urlopen(uri + "/health", timeout=10).close()
+            error = None
+        except Exception as e:
+            error = e
+        if error is not None:  # set on purpose: a dead server is an error, not a skip
+            pytest.fail(f"DSET_TEST_MLFLOW_URI={uri}: GET /health failed: {error}", pytrace=False)
+        yield uri
+        return
+    pg = request.getfixturevalue("postgres")  # only needed when we start the server ourselves
+    root = tmp_path_factory.mktemp("mlflow_server")
+    try:
+        server, error = start_mlflow_server(pg.create_mlflow_database(), root / "artifacts"), None
+    except (ServiceError, OSError) as e:
+        error = e
+    if error is not None:
+        _service_unavailable(f"cannot start the mlflow server: {error}")
+    yield server.uri
+    server.stop()
