@@ -48,6 +48,8 @@ TAG_FLOPS_TOOL = "dset.flops_tool"     # what counted the GFLOPs (dset.measure's
 TAG_PROFILE_ERROR = "dset.profile_error"  # why params/GFLOPs/latency are missing from a finished run
 TAG_HOST = "dset.host"                 # host and process id of the invocation running the run: a RUNNING run
 TAG_PID = "dset.pid"                   # whose process is gone is resumed by the next invocation
+TAG_DEVICE_SHARED = "dset.device_shared"  # "true" when other workers of the invocation used the run's device
+                                       # (a GPU shared round-robin, or the CPU with --workers > 1)
 
 SWITCH_TAGS = (TAG_ENCODER_MOE, TAG_TOKEN_PRUNING, TAG_DECODER_MOE)
 
@@ -81,6 +83,14 @@ PROFILE_KEPT_TOKENS = "profile/kept_tokens"
 PROFILE_KEEP_RATIO = "profile/keep_ratio"
 EPOCHS_RUN = "epochs_run"
 TRAIN_MINUTES = "train_minutes"
+# throughput and memory of the run's last attempt (a resumed run: the process that finished it)
+TRAIN_IMAGES_PER_S = "perf/train_images_per_s"   # training images / seconds in training steps
+EVAL_IMAGES_PER_S = "perf/eval_images_per_s"     # validation images / seconds in evaluation
+PEAK_HOST_MEMORY_MB = "perf/peak_host_memory_mb"  # peak resident memory of the training process
+PEAK_GPU_MEMORY_MB = "perf/peak_gpu_memory_mb"    # peak CUDA memory allocated by torch (GPU runs only)
+# MLflow's own system metrics, sampled while a run trains (time series): system/cpu_utilization_percentage,
+# system/system_memory_usage_megabytes, system/gpu_0_utilization_percentage, system/gpu_0_memory_usage_megabytes, ...
+SYSTEM_PREFIX = "system/"
 
 # COCO detections of the reported checkpoint on the validation images:
 # {"image_ids": [int, ...], "detections": [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}, ...]}

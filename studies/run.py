@@ -1,4 +1,5 @@
-"""Run a study end to end: ``python -m studies.run STUDY [key=value ...] [--workers N] [--dry-run] [--storage URL]``.
+"""Run a study end to end: ``python -m studies.run STUDY [key=value ...] [--workers N] [--devices 0,1] [--dry-run]
+[--storage URL]``.
 
 Examples::
 
@@ -22,6 +23,14 @@ stay in ``<out_dir>/<study>/<cell>-<fingerprint>/``.
 
 Stage 1 (studies/pretrain.py): every cell fine-tunes from its backbone's RT-DETR checkpoint, trained here
 first and cached ($DSET_CACHE_DIR/pretrained) or published (budget=paper); ``--dry-run`` shows which.
+
+Any number of invocations of one study share its work through a queue in Optuna's storage
+(``studies/queue.py``): the study's journal file on one machine, ``--storage postgresql://...`` across
+machines that also share the MLflow store (``MLFLOW_TRACKING_URI=http://...`` of an ``mlflow server``), the
+output folder and ``$DSET_CACHE_DIR``. Each cell, and each stage-1 training, runs exactly once; an invocation
+ends when no cell is waiting or running anywhere, and takes over the cells of invocations that die (process
+gone on this host, or no heartbeat for 4 x $DSET_QUEUE_HEARTBEAT_S seconds on any host). ``--workers N`` gives
+each worker a GPU of its own (``--devices 0,2`` chooses them; ``studies/devices.py``).
 
 Re-running a study skips finished runs (same fingerprint: resolved configuration, seed, stage 1, code version
 and data digest), continues interrupted ones from their last checkpoint in the same MLflow run, and retries
@@ -254,12 +263,14 @@ class Row:
 
 
 class InlineExecutor:
-    """One job at a time in this process (``--workers 1``): the per-epoch progress bar stays visible."""
+    """One job at a time in this process (``--workers 1``): the per-epoch progress bar stays visible. Its
+    device was chosen before anything started CUDA (``main`` sets CUDA_VISIBLE_DEVICES)."""
 
     size = 1
 
-    def __init__(self) -> None:
+    def __init__(self, slot) -> None:
         self.job = None
+        self.slot = slot
 
     @property
     def free(self) -> int:
@@ -270,9 +281,11 @@ class InlineExecutor:
         return {"job": self.job} if self.job else {}
 
     def start(self, job) -> None:
+        job.device_shared = self.slot.shared
+        job.latency_note = self.slot.note()
         self.job = job
 
-    def wait_any(self) -> list[dict]:
+    def wait_any(self, timeout: float | None = None) -> list[dict]:
         from .workers import execute
 
         job, self.job = self.job, None
@@ -283,8 +296,13 @@ class InlineExecutor:
 
 
 class Runner:
-    def __init__(self, study: Study, uri: str, workers: int, storage: str | None, keep_stale: bool = False) -> None:
+    POLL_S = 2.0   # how often an idle invocation looks at the queue for work, or for claims of dead workers
+
+    def __init__(self, study: Study, uri: str, workers: int, storage: str | None, keep_stale: bool = False,
+                 slots: list | None = None) -> None:
         from . import tracking as T
+        from .devices import Slot
+        from .search import storage_descriptor
 
         self.T = T
         self.study = study
@@ -302,7 +320,10 @@ class Runner:
         self.done = 0
         self.total = 0
         self.threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
-        self.latency_note = f"; {workers} workers training concurrently" if workers > 1 else ""
+        self.slots = slots or [Slot(None, "CPU", workers)] * workers
+        self.queue_desc = storage_descriptor(study, storage)   # the queues of grid cells and stage 1 live here
+        self.claims: dict = {}                                 # queue trials this invocation holds, by number
+        self.queue = None
 
     # ----- MLflow set-up
     def open(self) -> None:
@@ -322,7 +343,8 @@ class Runner:
         st = self.study
         params = {"study.kind": st.kind, "study.budget": st.budget, "study.data": st.data, "study.seeds": st.seeds,
                   "study.presets": st.presets, "study.workers": self.workers, "study.file": str(st.path),
-                  "study.overrides": " ".join(st.study_overrides + st.config_overrides) or "-"}
+                  "study.overrides": " ".join(st.study_overrides + st.config_overrides) or "-",
+                  "study.devices": ",".join(sl.label for sl in self.slots)}
         if st.search:
             params["study.n_trials"] = st.search.n_trials
         T.log_params(self.c, self.parent_id, params)
@@ -402,63 +424,152 @@ class Runner:
         self.existing[cell.fingerprint] = T.retry(self.c.get_run, new.info.run_id)
         return new.info.run_id
 
+    def lookup(self, cell: Cell) -> tuple[str, Any]:
+        """What a claimed cell needs, read from MLflow now (another invocation may have finished it since this one
+        started): ("finished", run), ("resume", run) (a run of its fingerprint that did not finish: this
+        invocation holds the cell's claim, so nobody else runs it), ("stale", old run) or ("new", None)."""
+        run = self.T.find_run(self.c, self.exp_id, cell.fingerprint) if cell.fingerprint else None
+        if run is not None:
+            return ("finished" if run.info.status == "FINISHED" else "resume"), run
+        old = self.stale_candidates.get(cell.cell_key)
+        if old is not None:
+            return ("finished", old) if self.keep_stale else ("stale", old)
+        return "new", None
+
     def record_failure(self, cell: Cell, error: str) -> Row:
         """A cell that cannot run (invalid configuration, failed stage 1): a FAILED run with the error."""
         T = self.T
-        kind, run = self.classify(cell)
-        rid = self.open_cell_run(cell, kind, run) if kind != "elsewhere" else self.open_child(cell, None)
+        kind, run = self.lookup(cell)
+        rid = self.open_cell_run(cell, kind, run) if kind != "finished" else self.open_child(cell, None)
         T.set_tags(self.c, rid, {S.TAG_STATUS: "failed", S.TAG_ERROR: error})
         T.retry(self.c.set_terminated, rid, status="FAILED")
         return Row(cell.id, "failed", error=error, run_id=rid, trial=cell.trial)
 
+    # ----- the queue
+    def drain(self, queue, items: dict, start, finish, what: str) -> None:
+        """Claim and run ``queue``'s items (key -> object) until none is waiting or running anywhere.
+        ``start(trial, item)`` returns the Job to run, or None when it settled the claim itself;
+        ``finish(trial, result)`` records a job's result. While other invocations still run items, this one
+        waits and takes over those whose worker died (``WorkQueue.reap``)."""
+        from .queue import ATTR_KEY
+
+        ex = self.executor()
+        self._ex, self.queue, self.claims = ex, queue, {}
+        keys = set(items)
+        said_waiting = False
+        while True:
+            while ex.free > 0:
+                trial = queue.claim(keys)
+                if trial is None:
+                    break
+                job = start(trial, items[trial.user_attrs[ATTR_KEY]])
+                if job is None:
+                    continue
+                job.meta["queue_trial"] = trial.number
+                self.claims[trial.number] = trial
+                ex.start(job)
+            if ex.running:
+                results = ex.wait_any(timeout=self.POLL_S if ex.free > 0 else None)
+                for res in results:
+                    finish(self.claims.pop(res["meta"]["queue_trial"]), res)
+                if results or ex.free == 0:
+                    continue
+            waiting, running = queue.outstanding(keys)
+            elsewhere = running - len(self.claims)
+            if waiting:
+                continue
+            if elsewhere <= 0 and not ex.running:
+                break
+            if elsewhere > 0 and queue.reap():
+                continue
+            if elsewhere > 0 and not said_waiting:
+                _say(f"waiting for {elsewhere} {what} that other invocations run (taken over if they die)")
+                said_waiting = True
+            if not ex.running:
+                time.sleep(self.POLL_S)
+
+    def release_claims(self) -> None:
+        """Stopping: give this invocation's claims back to the queue, for others (or the next run) to resume."""
+        if self.queue is None:
+            return
+        for trial in list(self.claims.values()):
+            try:
+                self.queue.release(trial)
+            except Exception as exc:  # noqa: BLE001 - the next invocation reaps them by process id anyway
+                log.warning("could not give back queue trial %d: %s", trial.number, exc)
+        self.claims.clear()
+
     # ----- stage 1
     def run_stage1(self, cells: list[Cell]) -> dict[str, str]:
         """Train the stage-1 checkpoints the cells need and the cache lacks (each an MLflow run with role
-        "pretrain", through the same executor as the cells) and publish them into the cache. Returns the
-        errors of those that failed, by cache key: their cells are recorded as failed."""
-        from .pretrain import publish
-        from .workers import Job
+        "pretrain") through a queue of their own, so that concurrent invocations train each once, and publish
+        them into the cache. Returns the errors of those that are not available, by cache key: their cells are
+        recorded as failed."""
+        from .queue import ATTR_HOST, WorkQueue, queue_name
 
         stages = {c.stage1.key: c.stage1 for c in cells if c.ok and c.stage1 is not None
-                  and c.stage1.kind == "train" and not c.stage1.cached}
+                  and c.stage1.kind == "train"}
         if not stages:
             return {}
-        _say(f"stage 1: training RT-DETR {', '.join(f'R{st.depth}' for st in stages.values())} first (cached "
-             f"for later studies: {', '.join(str(st.folder) for st in stages.values())})")
-        existing = self.T.find_child_runs(self.c, self.exp_id, role="pretrain")
+        queue = WorkQueue(self.queue_desc, queue_name(self.study.name, "stage1", list(stages)), self.host, self.pid,
+                          complete_means_done=False)
         errors: dict[str, str] = {}
-        ex = self.executor()
-        self._ex = ex
-        pending = list(stages.values())
-        while pending or ex.running:
-            while pending and ex.free > 0:
-                st = pending.pop(0)
-                rid = self._open_stage1_run(st, existing.get(st.key))
-                resume = (st.partial_folder / "checkpoints" / "last.pt").is_file()
-                job = Job(cell_id=st.cell_id, config=st.config.to_dict(), out_dir=str(st.partial_folder), run_id=rid,
-                          tracking_uri=self.uri, resume=resume,
-                          title=f"{self.study.name} / stage 1: RT-DETR R{st.depth}", threads=self.threads,
-                          progress=self.workers == 1 and sys.stderr.isatty(), latency_note=self.latency_note,
-                          parent_pid=self.pid, meta={"stage1": st.key, "resume": resume, "t0": time.time()})
-                _say(f"-> {st.cell_id}: RT-DETR R{st.depth}, budget {st.budget}" + (", resuming" if resume else ""))
-                ex.start(job)
-            for res in ex.wait_any():
-                st = stages[res["meta"]["stage1"]]
-                minutes = (time.time() - res["meta"]["t0"]) / 60
-                if res.get("worker_died"):
-                    self._fail_run(res["run_id"], res["error"])
-                if res["status"] == "completed":
-                    publish(st)
-                    self.T.set_tags(self.c, res["run_id"], {S.TAG_CHECKPOINT_DIR: str(st.folder / "checkpoints")})
-                if st.cached:
-                    best = res.get("metrics", {}).get(S.BEST_MAP50)
-                    _say(f"   {st.cell_id} done in {minutes:.1f} min" + (f", mAP50 {best:.3f}" if best is not None
-                                                                        else "") + f": {st.checkpoint}")
-                else:
-                    errors[st.key] = (f"stage 1 ({st.cell_id}) failed: "
-                                      f"{res.get('error') or res['status'] + ', no best checkpoint'}")
-                    _say(f"   {errors[st.key]}")
+        todo = {}
+        for key, st in stages.items():
+            if st.cached:
+                continue
+            done_elsewhere = [t.user_attrs.get(ATTR_HOST) for t in queue.by_key().get(key, [])
+                              if t.state.name == "COMPLETE" and t.user_attrs.get(ATTR_HOST) != self.host]
+            if done_elsewhere:  # the checkpoint is on another machine: cells here cannot start from it
+                errors[key] = (f"stage 1 ({st.cell_id}) was trained on {done_elsewhere[-1]}, but {st.checkpoint} is "
+                               f"not on this machine: give every machine the same $DSET_CACHE_DIR (a shared folder)")
+                continue
+            todo[key] = st
+        if todo:
+            _say(f"stage 1: training RT-DETR {', '.join(f'R{st.depth}' for st in todo.values())} first (cached "
+                 f"for later studies: {', '.join(str(st.folder) for st in todo.values())})")
+            queue.fill({key: st.cell_id for key, st in todo.items()})
+            self._stage1_runs = self.T.find_child_runs(self.c, self.exp_id, role="pretrain")
+            self._stage1_todo = todo
+            self.drain(queue, todo, self._start_stage1, self._finish_stage1, "stage-1 trainings")
+        for key, st in todo.items():
+            if not st.cached:
+                errors[key] = queue.error_of(key) or f"stage 1 ({st.cell_id}) failed: no checkpoint at {st.checkpoint}"
         return errors
+
+    def _start_stage1(self, trial, st):
+        from .workers import Job
+
+        if st.cached:  # published by another invocation meanwhile
+            self.queue.complete(trial, 0.0)
+            return None
+        rid = self._open_stage1_run(st, self._stage1_runs.get(st.key))
+        resume = (st.partial_folder / "checkpoints" / "last.pt").is_file()
+        _say(f"-> {st.cell_id}: RT-DETR R{st.depth}, budget {st.budget}" + (", resuming" if resume else ""))
+        return Job(cell_id=st.cell_id, config=st.config.to_dict(), out_dir=str(st.partial_folder), run_id=rid,
+                   tracking_uri=self.uri, resume=resume, title=f"{self.study.name} / stage 1: RT-DETR R{st.depth}",
+                   threads=self.threads, progress=self.workers == 1 and sys.stderr.isatty(), parent_pid=self.pid,
+                   meta={"stage1": st.key, "resume": resume, "t0": time.time()})
+
+    def _finish_stage1(self, trial, res) -> None:
+        from .pretrain import publish
+
+        st = self._stage1_todo[res["meta"]["stage1"]]
+        minutes = (time.time() - res["meta"]["t0"]) / 60
+        if res.get("worker_died"):
+            self._fail_run(res["run_id"], res["error"])
+        if res["status"] == "completed":
+            publish(st)
+            self.T.set_tags(self.c, res["run_id"], {S.TAG_CHECKPOINT_DIR: str(st.folder / "checkpoints")})
+        if st.cached:
+            self.queue.complete(trial, minutes * 60)
+            best = res.get("metrics", {}).get(S.BEST_MAP50)
+            _say(f"   {st.cell_id} done in {minutes:.1f} min" + (f", mAP50 {best:.3f}" if best is not None
+                                                                else "") + f": {st.checkpoint}")
+        else:
+            error = f"stage 1 ({st.cell_id}) failed: {res.get('error') or res['status'] + ', no best checkpoint'}"
+            self.queue.fail(trial, error)
+            _say(f"   {error}")
 
     def _open_stage1_run(self, st, run) -> str:
         """The MLflow run of a stage-1 training: an unfinished one of the same key resumed, or a new one."""
@@ -488,8 +599,8 @@ class Runner:
             cfg = load_config(cfg, [f"model.checkpoint={cell.stage1.checkpoint.resolve()}"])
         return Job(cell_id=cell.id, config=cfg.to_dict(), out_dir=str(cell.out_dir), run_id=run_id,
                    tracking_uri=self.uri, resume=resume, title=f"{self.study.name} / {cell.id}: {lab['variant']}",
-                   threads=self.threads, progress=self.workers == 1 and sys.stderr.isatty(),
-                   latency_note=self.latency_note, optuna=optuna, parent_pid=self.pid,
+                   threads=self.threads, progress=self.workers == 1 and sys.stderr.isatty(), optuna=optuna,
+                   parent_pid=self.pid,
                    meta={"trial": cell.trial, "resume": resume})
 
     def prepare_data(self, cells: list[Cell]) -> None:
@@ -520,10 +631,10 @@ class Runner:
 
     def executor(self):
         if self.workers == 1:
-            return InlineExecutor()
+            return InlineExecutor(self.slots[0])
         from .workers import WorkerPool
 
-        return WorkerPool(self.workers)
+        return WorkerPool(self.slots)
 
     def progress(self, row: Row, resumed: bool = False, seconds: float | None = None) -> None:
         self.done += 1
@@ -546,53 +657,96 @@ class Runner:
 
     # ----- grid
     def run_grid(self, cells: list[Cell]) -> None:
+        """Every cell through the study's queue (``studies.queue``): cells finished in MLflow are skipped, the
+        others enqueued (unless another invocation did), then claimed one at a time by whichever invocation
+        is free. Ends when no cell is waiting or running anywhere."""
+        from .queue import WorkQueue, queue_name
+
         self.total = len(cells)
-        todo = []
+        items: dict[str, Cell] = {}
+        todo: dict[str, str] = {}
         for cell in cells:
-            if not cell.ok:
-                todo.append(("invalid", cell, None))
-                continue
-            kind, run = self.classify(cell)
-            if kind == "finished":
-                row = Row(cell.id, "done earlier", metrics=dict(run.data.metrics), run_id=run.info.run_id)
-                self.rows.append(row)
-                self.done += 1
-            elif kind == "elsewhere":
-                self.rows.append(Row(cell.id, "running elsewhere", run_id=run.info.run_id))
-                self.done += 1
-            else:
-                todo.append((kind, cell, run))
-        if self.done:
-            _say(f"{self.done} of {self.total} runs already finished (or running in another process): skipped")
-        self.prepare_data([cell for kind, cell, run in todo])
-        stage1_errors = self.run_stage1([cell for kind, cell, run in todo if kind != "invalid"])
-        ex = self.executor()
-        self._ex = ex
-        queue = list(todo)
-        while queue or ex.running:
-            while queue and ex.free > 0:
-                kind, cell, run = queue.pop(0)
-                error = cell.error if kind == "invalid" else stage1_errors.get(cell.stage1.key)
-                if error:
-                    row = self.record_failure(cell, error)
-                    self.rows.append(row)
-                    self.progress(row)
+            key = cell.fingerprint if cell.ok else f"invalid:{cell.id}"
+            items[key] = cell
+            if cell.ok:
+                kind, run = classify_cell(cell, self.existing, self.stale_candidates, self.keep_stale)
+                if kind == "finished":
+                    self.rows.append(Row(cell.id, "done earlier", metrics=dict(run.data.metrics),
+                                         run_id=run.info.run_id))
+                    self.done += 1
                     continue
-                rid = self.open_cell_run(cell, kind, run)
-                job = self.make_job(cell, rid)
-                self.started(cell, job)
-                ex.start(job)
-            if not ex.running:
+            todo[key] = cell.id
+        if self.done:
+            _say(f"{self.done} of {self.total} runs already finished: skipped")
+        if todo:
+            runnable = [items[k] for k in todo if items[k].ok]
+            self.prepare_data(runnable)
+            self.stage1_errors = self.run_stage1(runnable)
+            queue = WorkQueue(self.queue_desc, queue_name(self.study.name, "cells", list(items)), self.host, self.pid)
+            self.T.set_tags(self.c, self.parent_id, {"dset.queue": f"{queue.name} in "
+                                                     f"{self._describe_queue_storage()}"})
+            queue.fill(todo)
+            self.drain(queue, {k: items[k] for k in todo}, self._start_cell, self._finish_cell, "cells")
+        self._rows_of_others([items[k] for k in todo])
+
+    def _describe_queue_storage(self) -> str:
+        from .search import describe_storage
+
+        return describe_storage(self.queue_desc)
+
+    def _start_cell(self, trial, cell: Cell):
+        error = cell.error if not cell.ok else (self.stage1_errors.get(cell.stage1.key) if cell.stage1 else None)
+        if error:
+            row = self.record_failure(cell, error)
+            self.queue.fail(trial, error)
+            self.rows.append(row)
+            self.progress(row)
+            return None
+        kind, run = self.lookup(cell)
+        if kind == "finished":  # finished by another invocation since this one read MLflow
+            self.queue.complete(trial, 0.0)
+            row = Row(cell.id, "done elsewhere", metrics=dict(run.data.metrics), run_id=run.info.run_id)
+            self.rows.append(row)
+            self.progress(row)
+            return None
+        rid = self.open_cell_run(cell, kind, run)
+        job = self.make_job(cell, rid)
+        self.started(cell, job)
+        return job
+
+    def _finish_cell(self, trial, res) -> None:
+        self.executed += 1
+        seconds = time.time() - res["meta"]["t0"]
+        if res.get("worker_died"):
+            self._fail_run(res["run_id"], res["error"])
+        if res["status"] in ("completed", "stopped"):
+            self.queue.complete(trial, seconds)
+        elif res["status"] == "interrupted":
+            self.queue.release(trial)
+        else:
+            self.queue.fail(trial, res.get("error") or res["status"])
+        row = Row(res["cell"], res["status"], metrics=res.get("metrics") or {}, error=res.get("error"),
+                  run_id=res["run_id"])
+        self.rows.append(row)
+        self.progress(row, resumed=res["meta"].get("resume", False), seconds=seconds)
+
+    def _rows_of_others(self, cells: list[Cell]) -> None:
+        """Rows for the cells that other invocations ran meanwhile (their MLflow runs, read now), so that the
+        summary and the exit code cover the whole study."""
+        mine = {r.cell for r in self.rows}
+        for cell in cells:
+            if cell.id in mine:
                 continue
-            for res in ex.wait_any():
-                self.executed += 1
-                row = Row(res["cell"], res["status"], metrics=res.get("metrics") or {}, error=res.get("error"),
-                          run_id=res["run_id"])
-                if res.get("worker_died"):
-                    self._fail_run(res["run_id"], res["error"])
-                self.rows.append(row)
-                self.progress(row, resumed=res["meta"].get("resume", False),
-                              seconds=time.time() - res["meta"]["t0"])
+            if not cell.ok:
+                self.rows.append(Row(cell.id, "failed", error=cell.error))
+                continue
+            run = self.T.find_run(self.c, self.exp_id, cell.fingerprint)
+            if run is None:
+                self.rows.append(Row(cell.id, "failed", error="no MLflow run: the queue ended without it"))
+                continue
+            status = {"FINISHED": "done elsewhere", "FAILED": "failed"}.get(run.info.status, run.info.status.lower())
+            self.rows.append(Row(cell.id, status, metrics=dict(run.data.metrics), run_id=run.info.run_id,
+                                 error=run.data.tags.get(S.TAG_ERROR)))
 
     def _fail_run(self, run_id: str, error: str) -> None:
         T = self.T
@@ -611,6 +765,9 @@ class Runner:
         self.T.set_tags(self.c, self.parent_id, {S.TAG_OPTUNA_STUDY: self.optuna_name,
                                                  "dset.optuna_storage": O.describe_storage(desc)})
         ostudy = O.create_study(st, desc, worker_key=f"{self.host}:{self.pid}")
+        from .queue import Heartbeat
+
+        self.heartbeat = Heartbeat(ostudy._storage)  # RDB storages: a dead worker's trial is re-enqueued
         self.ostudy = ostudy
         requeued = O.requeue_stale(ostudy, self.host)
         if requeued:
@@ -638,6 +795,7 @@ class Runner:
                 if counted >= st.search.n_trials and not waiting:
                     break
                 trial = ostudy.ask()
+                self.heartbeat.add(trial._trial_id)
                 root = trial.user_attrs.get(O.ATTR_RETRY_OF, trial.number)
                 trial.set_user_attr(O.ATTR_HOST, self.host)
                 trial.set_user_attr(O.ATTR_PID, self.pid)
@@ -691,6 +849,7 @@ class Runner:
 
         from .search import objective_values
 
+        self.heartbeat.remove(trial._trial_id)
         if status == "pruned":
             ostudy.tell(trial, state=TrialState.PRUNED)
             return
@@ -741,10 +900,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("args", nargs="*", metavar="STUDY [key=value ...]",
                     help=f"a study ({', '.join(study_names())}) or a study YAML file, then overrides")
     ap.add_argument("--list", action="store_true", help="list the shipped studies and budgets")
-    ap.add_argument("--workers", type=int, default=1, help="runs at once, each in its own process (default 1)")
+    ap.add_argument("--workers", type=int, default=1, help="runs at once, each in its own process (default 1); with "
+                    "GPUs each worker gets one of its own (round-robin, with a warning, when there are fewer GPUs)")
+    ap.add_argument("--devices", default=None, metavar="0,2,...", help="the GPUs the workers use (indices among "
+                    "the visible ones; default: all)")
     ap.add_argument("--dry-run", action="store_true", help="print the cells or the search space and the budget")
-    ap.add_argument("--storage", default=None, help="Optuna storage URL (default: a journal file in the study's "
-                    "output folder); e.g. postgresql://user:pw@host/db to share a search between machines")
+    ap.add_argument("--storage", default=None, help="Optuna storage URL holding the study's queue of cells and trials "
+                    "(default: a journal file in the study's output folder, for one machine); "
+                    "postgresql://user:pw@host/db shares a study between machines")
     ap.add_argument("--keep-stale", action="store_true", help="count a finished cell as done even when other code "
                     "or data made it (by default such a stale cell is run again; --dry-run marks it)")
     ap.add_argument("-v", "--verbose", action="store_true", help="per-epoch log lines of every run")
@@ -777,10 +940,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     uri = tracking_uri()
-    if ns.storage and study.kind == "grid":
-        log.warning("--storage is the Optuna storage; a grid study does not use it")
+    from .devices import DeviceError, plan_for_invocation
+
+    try:
+        slots, device_warning = plan_for_invocation(ns.workers, ns.devices)
+    except DeviceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if device_warning:
+        log.warning("warning: %s", device_warning)
     if ns.dry_run:
-        return dry_run(study, cells, uri, ns.storage, ns.workers, ns.keep_stale)
+        code = dry_run(study, cells, uri, ns.storage, ns.workers, ns.keep_stale)
+        print("devices: " + ", ".join(f"worker {i + 1}: {sl.label}" for i, sl in enumerate(slots)))
+        return code
     if cells is not None and cells and all(not c.ok for c in cells):
         print(f"error: every cell of {study.name} is invalid (nothing was run): {cells[0].error}", file=sys.stderr)
         return 2
@@ -797,7 +969,9 @@ def main(argv: list[str] | None = None) -> int:
     import signal
 
     signal.signal(signal.SIGTERM, _terminate)
-    runner = Runner(study, uri, ns.workers, ns.storage, ns.keep_stale)
+    if ns.workers == 1:  # this process trains: its GPU is chosen before anything starts CUDA
+        os.environ.update(slots[0].env)
+    runner = Runner(study, uri, ns.workers, ns.storage, ns.keep_stale, slots)
     n = len(cells) if cells is not None else study.search.n_trials
     _say(f"study {study.name}: {n} {'runs' if cells is not None else 'trials'}, {ns.workers} worker(s), "
          f"budget {study.budget}; MLflow {uri}; outputs {study.study_dir}/")
@@ -811,6 +985,7 @@ def main(argv: list[str] | None = None) -> int:
         ex = getattr(runner, "_ex", None)
         if ex is not None:
             ex.terminate()
+        runner.release_claims()
         runner.close("KILLED")
         print(f"\ninterrupted; run the same command again to resume ({runner.done}/{runner.total} done)",
               file=sys.stderr)

@@ -12,30 +12,30 @@ The invoking process asks for trials and tells their results; a worker process o
 values (and asks ``should_prune``) through the same storage. Pruning is used only when the study has ONE
 objective: Optuna does not support pruning in multi-objective studies (``Trial.report`` raises there).
 
-Interrupted trials: a trial left RUNNING by a process of this host that no longer exists is marked FAIL
-(listed in the study's user attribute ``dset.interrupted``; such trials do not count toward ``n_trials``)
-and its parameters are enqueued again with the trial user attribute ``dset.retry_of``; the
-re-run finds the same MLflow run and checkpoint (same fingerprint) and continues from the last epoch.
+Interrupted trials: a trial left RUNNING by a dead worker (a process of this host that no longer exists, or,
+with an RDB storage, a trial without a heartbeat for the grace period on any host; ``studies.queue``) is
+marked FAIL (it does not count toward ``n_trials``) and its parameters are enqueued again with the trial
+user attributes ``dset.retry_of`` and ``dset.requeued_from``; the re-run finds the same MLflow run and
+checkpoint (same fingerprint) and continues from the last epoch.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
 from dset.engine.train import Callback
 
+from .queue import ATTR_HOST, ATTR_PID, ATTR_RETRY_OF  # noqa: F401 - the queue's names, used by run.py too
+from .queue import ATTR_LABEL as ATTR_CELL
 from .spec import Param, Search, Study, search_fingerprint
 
 log = logging.getLogger("studies")
 
-ATTR_HOST = "dset.host"
-ATTR_PID = "dset.pid"
-ATTR_RETRY_OF = "dset.retry_of"
 ATTR_INTERRUPTED = "dset.interrupted"
-ATTR_CELL = "dset.cell"
 ATTR_RUN_ID = "dset.mlflow_run_id"
 
 
@@ -60,7 +60,11 @@ def describe_storage(desc: dict) -> str:
     return redact(desc["url"])
 
 
-def open_storage(desc: dict):
+def open_storage(desc: dict, heartbeat: bool = True):
+    """The storage a descriptor names. RDB storages (PostgreSQL, ...) get Optuna's heartbeat, so that a trial
+    whose worker died on any machine is found (``studies.queue.reap_dead``); a journal file (one machine) is
+    checked by process id instead. Creating an RDB storage's tables is retried: several invocations started
+    at once on a fresh database race to create them."""
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
@@ -70,10 +74,24 @@ def open_storage(desc: dict):
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
     url = desc["url"]
-    if url.startswith(("sqlite:", "postgresql", "mysql", "oracle", "mssql")):
-        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite")
-                                          else {"connect_args": {"timeout": 60}})
-    return url  # anything else Optuna understands (e.g. a redis journal URL is not accepted: raise there)
+    if not url.startswith(("sqlite:", "postgresql", "mysql", "oracle", "mssql")):
+        return url  # anything else Optuna understands
+    from .queue import heartbeat_seconds, requeue
+
+    kwargs: dict[str, Any] = {"engine_kwargs": {"pool_pre_ping": True} if not url.startswith("sqlite")
+                              else {"connect_args": {"timeout": 60}}}
+    if heartbeat:
+        kwargs.update(heartbeat_interval=heartbeat_seconds(), grace_period=4 * heartbeat_seconds(),
+                      heartbeat_stale_trial_callback=requeue)
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - e.g. a UniqueViolation on pg_type while tables are made
+            if attempt == 4 or "already exists" not in str(exc) and "duplicate key" not in str(exc):
+                raise
+            log.info("Optuna storage: tables being created by another process (%s); retrying", type(exc).__name__)
+            time.sleep(1.0 + attempt)
+    raise AssertionError("unreachable")
 
 
 def optuna_study_name(study: Study) -> str:
@@ -170,12 +188,18 @@ def sample(trial, space: list[Param]) -> dict[str, Any]:
 
 def trial_counts(ostudy) -> tuple[int, list]:
     """(trials that count toward n_trials, RUNNING trials). Interrupted trials do not count: they are
-    re-enqueued."""
+    re-enqueued (``studies.queue.requeue``)."""
     from optuna.trial import TrialState
 
+    from .queue import requeued_numbers
+
     counted, running = 0, []
-    interrupted = set(ostudy.user_attrs.get(ATTR_INTERRUPTED, []))
-    for t in ostudy.get_trials(deepcopy=False):
+    trials = ostudy.get_trials(deepcopy=False)
+    # ATTR_INTERRUPTED: how journals written before studies.queue marked interrupted trials
+    interrupted = set(ostudy.user_attrs.get(ATTR_INTERRUPTED, [])) | requeued_numbers(trials)
+    for t in trials:
+        if t.user_attrs.get("dset.empty_claim"):
+            continue
         if t.state == TrialState.RUNNING:
             running.append(t)
             counted += 1
@@ -189,27 +213,11 @@ def trial_counts(ostudy) -> tuple[int, list]:
 
 
 def requeue_stale(ostudy, my_host: str) -> list[int]:
-    """Mark RUNNING trials of dead processes of this host as interrupted (FAIL) and enqueue their
-    parameters again. Returns the trial numbers re-enqueued."""
-    from optuna.trial import TrialState
+    """Fail the RUNNING trials of dead workers (a gone process of this host; with an RDB storage also a
+    missing heartbeat, any host) and enqueue their parameters again. Returns the trial numbers re-enqueued."""
+    from .queue import reap_dead
 
-    from .tracking import pid_alive
-
-    requeued = []
-    for t in ostudy.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        attrs = t.user_attrs
-        if attrs.get(ATTR_HOST) not in (None, my_host):
-            continue  # another machine's trial
-        pid = attrs.get(ATTR_PID)
-        if pid is not None and pid_alive(int(pid)):
-            continue
-        root = attrs.get(ATTR_RETRY_OF, t.number)
-        interrupted = list(ostudy.user_attrs.get(ATTR_INTERRUPTED, []))
-        ostudy.set_user_attr(ATTR_INTERRUPTED, interrupted + [t.number])
-        ostudy.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-        ostudy.enqueue_trial(dict(t.params), user_attrs={ATTR_RETRY_OF: root}, skip_if_exists=False)
-        requeued.append(t.number)
-    return requeued
+    return reap_dead(ostudy, my_host)
 
 
 def objective_values(search: Search, metrics: dict[str, float]) -> list[float] | None:

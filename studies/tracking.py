@@ -84,21 +84,30 @@ def client(uri: str):
 
 
 def prepare_store(uri: str) -> None:
-    """Create the SQLite store's tables once (before workers start) and switch it to WAL journaling."""
+    """Create the store's tables once, before workers start. A SQLite store is switched to WAL journaling, and
+    its creation is serialised with an exclusive ``flock`` on the database file itself (SQLite's own locks are
+    POSIX record locks, independent of it): several invocations started at once on a fresh folder would
+    otherwise all run MLflow's schema migrations and all but one fail ("duplicate column name")."""
     path = sqlite_path(uri)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    c = client(uri)
-    retry(c.search_experiments, max_results=1)
-    if path is not None and path.exists():
-        import sqlite3
+    if path is None:
+        retry(client(uri).search_experiments, max_results=1)
+        return
+    import fcntl
+    import sqlite3
 
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:  # an empty file is an empty SQLite database
+        fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            con = sqlite3.connect(str(path), timeout=30)
-            con.execute("PRAGMA journal_mode=WAL")
-            con.close()
-        except sqlite3.Error as exc:  # a read-only or network file system: keep the default journal
-            log.debug("WAL not enabled on %s: %s", path, exc)
+            retry(client(uri).search_experiments, max_results=1)
+            try:
+                con = sqlite3.connect(str(path), timeout=30)
+                con.execute("PRAGMA journal_mode=WAL")
+                con.close()
+            except sqlite3.Error as exc:  # a read-only or network file system: keep the default journal
+                log.debug("WAL not enabled on %s: %s", path, exc)
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def get_experiment(c, name: str, uri: str) -> str:
@@ -123,6 +132,21 @@ def get_experiment(c, name: str, uri: str) -> str:
         return exp.experiment_id
 
 
+def system_metrics_monitor(run_id: str, uri: str, resume: bool = False):
+    """MLflow's system metrics monitor for a run, started (CPU, memory, disk, network; GPU utilisation and
+    memory where NVML sees a GPU), sampling every $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (default 5
+    here); None when it cannot start (psutil missing). Call ``finish()`` on it when the run ends."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=5, resume_logging=resume, tracking_uri=uri)
+        monitor.start()
+        return monitor
+    except Exception as exc:  # noqa: BLE001 - monitoring must never fail a run
+        log.warning("system metrics are not logged for run %s: %s", run_id, exc)
+        return None
+
+
 def git_commit() -> str | None:
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True,
@@ -137,7 +161,9 @@ def git_commit() -> str | None:
 
 
 def host() -> str:
-    return socket.gethostname()
+    """The name an invocation records as its host ($DSET_HOSTNAME, else the machine's): process ids are
+    checked only for claims of this host; other hosts' claims die by their heartbeat."""
+    return os.environ.get("DSET_HOSTNAME") or socket.gethostname()
 
 
 def pid_alive(pid: int) -> bool:
@@ -171,6 +197,17 @@ def find_child_runs(c, exp_id: str, role: str = "child") -> dict[str, Any]:
         if fp:
             out[fp] = r
     return out
+
+
+def find_run(c, exp_id: str, fingerprint: str, role: str = "child"):
+    """The newest active run with ``role`` and this fingerprint, read now (another invocation may have made or
+    finished it since this one started), or None."""
+    from mlflow.entities import ViewType
+
+    runs = retry(c.search_runs, [exp_id], filter_string=f"tags.`{S.TAG_ROLE}` = '{role}' and "
+                 f"tags.`{S.TAG_FINGERPRINT}` = '{fingerprint}'", run_view_type=ViewType.ACTIVE_ONLY,
+                 max_results=100)
+    return max(runs, key=lambda r: r.info.start_time or 0) if runs else None
 
 
 def find_stale_candidates(c, exp_id: str) -> dict[str, Any]:
@@ -317,6 +354,10 @@ def final_metrics(summary: dict, records: list[dict]) -> dict[str, float]:
             out[name] = summary[key]
     if summary.get("epochs_completed") is not None:
         out[S.EPOCHS_RUN] = summary["epochs_completed"]
+    for name, key in ((S.TRAIN_IMAGES_PER_S, "train_images_per_s"), (S.EVAL_IMAGES_PER_S, "eval_images_per_s"),
+                      (S.PEAK_HOST_MEMORY_MB, "peak_host_memory_mb"), (S.PEAK_GPU_MEMORY_MB, "peak_gpu_memory_mb")):
+        if summary.get(key) is not None:
+            out[name] = summary[key]
     times = [r.get("epoch_time_s") for r in records if r.get("epoch_time_s") is not None]
     if times:  # all epochs, also those of an earlier (interrupted) process
         out[S.TRAIN_MINUTES] = sum(times) / 60.0

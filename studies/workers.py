@@ -3,7 +3,9 @@
 :func:`execute` trains with :func:`dset.engine.train.fit` into an MLflow child run created beforehand by
 the invoking process (so two workers can never create the same run), and returns a small result dict.
 :class:`WorkerPool` runs up to N jobs at once in ``spawn`` processes; each limits torch to
-``max(1, cores // N)`` threads and exits when the invoking process disappears.
+``max(1, cores // N)`` threads, runs on its slot's device (``studies.devices``: a GPU of its own through
+CUDA_VISIBLE_DEVICES) and exits when the invoking process disappears. MLflow's system metrics (CPU, memory,
+and GPU utilisation and memory where there is one) are logged to the run while it trains.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ class Job:
     latency_note: str = ""
     optuna: dict | None = None       # {"storage": desc, "study_name", "trial_id", "prune": bool, "pruner": {...}}
     parent_pid: int | None = None
+    env: dict = field(default_factory=dict)    # environment of the worker process (CUDA_VISIBLE_DEVICES)
+    device_shared: bool | None = None          # the run's device is shared with other workers of this invocation
     meta: dict = field(default_factory=dict)   # whatever the scheduler wants back with the result
 
 
@@ -64,6 +68,9 @@ def execute(job: Job) -> dict[str, Any]:
     c = T.client(job.tracking_uri)
     T.retry(c.update_run, job.run_id, status="RUNNING")
     T.delete_tag(c, job.run_id, S.TAG_ERROR)
+    if job.device_shared is not None:
+        T.set_tags(c, job.run_id, {S.TAG_DEVICE_SHARED: str(job.device_shared).lower()})
+    monitor = T.system_metrics_monitor(job.run_id, job.tracking_uri, resume=job.resume)
     out = Path(job.out_dir)
     cb = T.MlflowCallback(c, job.run_id, out, job.title, job.latency_note)
     callbacks = [cb]
@@ -82,7 +89,11 @@ def execute(job: Job) -> dict[str, Any]:
             pruning = PruningCallback(job.optuna["storage"], job.optuna["study_name"], job.optuna["trial_id"],
                                       job.optuna["pruner"])
             callbacks.append(pruning)
-        summary = fit(cfg, out, callbacks=callbacks, resume=job.resume)
+        try:
+            summary = fit(cfg, out, callbacks=callbacks, resume=job.resume)
+        finally:
+            if monitor is not None:
+                monitor.finish()
     except KeyboardInterrupt:
         T.set_tags(c, job.run_id, {S.TAG_STATUS: "interrupted"})
         T.retry(c.set_terminated, job.run_id, status="KILLED")
@@ -128,6 +139,7 @@ def _interrupt_once(signum, frame) -> None:
 
 def worker_main(job: Job, conn) -> None:
     """Entry point of a spawned worker process: run the job, send the result back."""
+    os.environ.update(job.env)  # before anything starts CUDA: the worker's GPU
     signal.signal(signal.SIGTERM, _interrupt_once)
     signal.signal(signal.SIGINT, _interrupt_once)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -151,32 +163,41 @@ def worker_main(job: Job, conn) -> None:
 
 
 class WorkerPool:
-    """Up to ``size`` jobs at once, each in its own ``spawn`` process."""
+    """Up to ``len(slots)`` jobs at once, each in its own ``spawn`` process on its slot's device."""
 
-    def __init__(self, size: int) -> None:
-        self.size = size
+    def __init__(self, slots: list) -> None:
+        self.slots = list(slots)
+        self.size = len(slots)
+        self.free_slots = list(range(self.size))
         self.ctx = mp.get_context("spawn")
-        self.running: dict[Any, tuple[Job, Any, Any]] = {}   # sentinel -> (job, process, connection)
+        self.running: dict[Any, tuple[Job, Any, Any, int]] = {}   # sentinel -> (job, process, connection, slot)
 
     @property
     def free(self) -> int:
-        return self.size - len(self.running)
+        return len(self.free_slots)
 
     def start(self, job: Job) -> None:
+        slot = self.free_slots.pop(0)
+        device = self.slots[slot]
+        job.env = {**job.env, **device.env}
+        job.device_shared = device.shared
+        job.latency_note = device.note()
         recv, send = self.ctx.Pipe(duplex=False)
         # not a daemon: a worker may start data-loader processes (data.num_workers > 0); it exits by itself
         # when this process disappears (_watch_parent), and terminate() ends it on Ctrl-C
         proc = self.ctx.Process(target=worker_main, args=(job, send), name=f"study-worker-{job.cell_id}", daemon=False)
         proc.start()
         send.close()
-        self.running[proc.sentinel] = (job, proc, recv)
+        self.running[proc.sentinel] = (job, proc, recv, slot)
 
-    def wait_any(self) -> list[dict]:
-        """Block until at least one job ends; its result (a worker that died without one: failed)."""
-        ready = wait(list(self.running))
+    def wait_any(self, timeout: float | None = None) -> list[dict]:
+        """Block until at least one job ends (or ``timeout`` seconds pass: then []); the results (a worker
+        that died without one: failed)."""
+        ready = wait(list(self.running), timeout=timeout)
         results = []
         for sentinel in ready:
-            job, proc, recv = self.running.pop(sentinel)
+            job, proc, recv, slot = self.running.pop(sentinel)
+            self.free_slots.append(slot)
             result = None
             try:
                 if recv.poll():
@@ -193,15 +214,16 @@ class WorkerPool:
         return results
 
     def terminate(self, grace_s: float = 30.0) -> None:
-        """Stop the running jobs: SIGTERM (a worker marks its run KILLED and exits), SIGKILL after
-        ``grace_s``. A run left RUNNING is resumed by the next invocation all the same."""
-        for job, proc, recv in self.running.values():
+        """Stop the running jobs: SIGTERM (a worker saves its resume state, marks its run KILLED and exits),
+        SIGKILL after ``grace_s``. A run left RUNNING is resumed by the next invocation all the same."""
+        for job, proc, recv, slot in self.running.values():
             if proc.is_alive():
                 proc.terminate()
         deadline = time.time() + grace_s
-        for job, proc, recv in self.running.values():
+        for job, proc, recv, slot in self.running.values():
             proc.join(timeout=max(0.1, deadline - time.time()))
             if proc.is_alive():
                 proc.kill()
                 proc.join(timeout=5)
         self.running.clear()
+        self.free_slots = list(range(self.size))

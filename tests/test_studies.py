@@ -314,7 +314,9 @@ if __name__ == "__main__":
 def test_resume_after_kill_continues_the_same_run(tmp_path, store, synth_root):
     study_file = write_study(tmp_path / "resume.yaml", {"backbone": {"r18": {"preset": "rtdetr_r18"}},
                                                         "variant": {"off": BASE}})
-    args = [str(study_file), *common(tmp_path, synth_root, "train.epochs=3", "train.profile=false")]
+    # the resume state written at every epoch (by default at most every 10 minutes)
+    args = [str(study_file), *common(tmp_path, synth_root, "train.epochs=3", "train.profile=false",
+                                     "train.checkpoint_every_minutes=1e-6")]
     (tmp_path / "killer.py").write_text(KILLER)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(tmp_path / "killer.py"), *args], cwd=tmp_path, env=env,
