@@ -209,8 +209,10 @@ def profile_models(models: dict[str, nn.Module], size: int = 640, device: str = 
         model.eval()
         sparse = sparse_summary(model)
         n_inputs = flops_inputs if sparse else 1  # a dense model's FLOPs do not depend on the input
+        # traced where the weights are (a model fit() trained on a GPU is there): the count does not depend on it
+        where = next(model.parameters()).device
         results[name] = {"model": name, "params": count_params(model), "active_params": count_active_params(model),
-                         "size": size, **count_flops(model, size, num_inputs=n_inputs, device="cpu"),
+                         "size": size, **count_flops(model, size, num_inputs=n_inputs, device=where),
                          "sparse": sparse}
         results[name].pop("gflops_by_module")
     timing = measure_latency(models, size, device, batch_size, warmup, repeats)

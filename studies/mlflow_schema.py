@@ -44,6 +44,7 @@ TAG_DATA_DIGEST = "dset.data_digest"   # hash of the annotation files it trained
 # added by studies/ (the report does not need them):
 TAG_STOP_REASON = "dset.stop_reason"   # why a run stopped early: "early_stopping: ...", "callback", "optuna_pruned"
 TAG_OPTUNA_STUDY = "dset.optuna_study" # Optuna study name (parent and trial runs of Optuna studies)
+TAG_QUEUE = "dset.queue"               # on a grid's parent run: the Optuna study holding its queue of cells, and where
 TAG_FLOPS_TOOL = "dset.flops_tool"     # what counted the GFLOPs (dset.measure's FLOPS_TOOL)
 TAG_PROFILE_ERROR = "dset.profile_error"  # why params/GFLOPs/latency are missing from a finished run
 TAG_HOST = "dset.host"                 # host and process id of the invocation running the run: a RUNNING run

@@ -215,7 +215,9 @@ class WorkQueue:
         from optuna.trial import TrialState
 
         have = self.by_key()
-        settled = {TrialState.WAITING, TrialState.RUNNING} | ({TrialState.COMPLETE} if self.complete_means_done else set())
+        settled = {TrialState.WAITING, TrialState.RUNNING}
+        if self.complete_means_done:
+            settled.add(TrialState.COMPLETE)
         added = []
         for key, label in items.items():
             if {t.state for t in have.get(key, [])} & settled:

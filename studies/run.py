@@ -212,6 +212,10 @@ def dry_run(study: Study, cells: list[Cell] | None, uri: str, storage: str | Non
     for line in describe_stage1(base_cell):
         print(line)
     if study.kind == "grid":
+        from .search import describe_storage, storage_descriptor
+
+        print(f"queue of cells: {describe_storage(storage_descriptor(study, storage))} (every invocation of this "
+              "study shares it; --storage postgresql://... for several machines)")
         existing = _existing_runs_readonly(uri, study.name)
         rows, errors = [], []
         for i, c in enumerate(cells, 1):
@@ -661,6 +665,7 @@ class Runner:
         others enqueued (unless another invocation did), then claimed one at a time by whichever invocation
         is free. Ends when no cell is waiting or running anywhere."""
         from .queue import WorkQueue, queue_name
+        from .search import describe_storage
 
         self.total = len(cells)
         items: dict[str, Cell] = {}
@@ -683,16 +688,11 @@ class Runner:
             self.prepare_data(runnable)
             self.stage1_errors = self.run_stage1(runnable)
             queue = WorkQueue(self.queue_desc, queue_name(self.study.name, "cells", list(items)), self.host, self.pid)
-            self.T.set_tags(self.c, self.parent_id, {"dset.queue": f"{queue.name} in "
-                                                     f"{self._describe_queue_storage()}"})
+            where = f"{queue.name} in {describe_storage(self.queue_desc)}"
+            self.T.set_tags(self.c, self.parent_id, {S.TAG_QUEUE: where})
             queue.fill(todo)
             self.drain(queue, {k: items[k] for k in todo}, self._start_cell, self._finish_cell, "cells")
         self._rows_of_others([items[k] for k in todo])
-
-    def _describe_queue_storage(self) -> str:
-        from .search import describe_storage
-
-        return describe_storage(self.queue_desc)
 
     def _start_cell(self, trial, cell: Cell):
         error = cell.error if not cell.ok else (self.stage1_errors.get(cell.stage1.key) if cell.stage1 else None)

@@ -54,8 +54,8 @@ CONFIG_SECTIONS = ("model", "data", "train", "run")
 # settings that may change between a run and its resumption: left out of the fingerprint
 FINGERPRINT_IGNORED = RESULT_NEUTRAL_KEYS
 # Study runs differ from a lone ``dset.train`` run here (a study's ``set`` or the command line can change it):
-# a finished cell is never resumed, so its checkpoints/last.pt (the resume state: model, EMA and the optimizer's two moments, about four
-# times best.pt's EMA weights) is deleted.
+# a finished cell is never resumed, so its checkpoints/last.pt (the resume state: model, EMA and the optimizer's
+# two moments, about four times best.pt's EMA weights) is deleted.
 STUDY_RUN_DEFAULTS = {"train": {"keep_last_checkpoint": False}}
 STUDY_KEYS = ("name", "description", "kind", "presets", "budget", "data", "pretrain", "seeds", "set", "out_dir", "grid",
               "search")
