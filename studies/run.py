@@ -790,6 +790,7 @@ class Runner:
         trials: dict[int, Any] = {}
         while True:
             while ex.free > 0:
+                O.requeue_stale(ostudy, self.host)   # trials of workers that died meanwhile, on any machine
                 counted, _ = O.trial_counts(ostudy)
                 waiting = ostudy.get_trials(deepcopy=False, states=(TrialState.WAITING,))
                 if counted >= st.search.n_trials and not waiting:
