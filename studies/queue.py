@@ -65,14 +65,14 @@ def queue_name(study_name: str, part: str, keys: list[str]) -> str:
     return f"{study_name}-{part}-{digest}"
 
 
-def requeue(study, trial) -> None:
-    """Enqueue a dead worker's trial again: the same parameters and work key (Optuna's
+def requeue(study, trial, why: str = "its worker died") -> None:
+    """Enqueue a trial again whose worker died or stopped: the same parameters and work key (Optuna's
     ``heartbeat_stale_trial_callback`` signature)."""
     attrs = {k: trial.user_attrs[k] for k in CARRIED if k in trial.user_attrs}
     attrs.setdefault(ATTR_RETRY_OF, trial.number)
     attrs[ATTR_REQUEUED_FROM] = trial.number
     study.enqueue_trial(dict(trial.params), user_attrs=attrs, skip_if_exists=False)
-    log.info("trial %d (%s) of a dead worker enqueued again", trial.number, attrs.get(ATTR_LABEL, dict(trial.params)))
+    log.info("trial %d (%s) enqueued again: %s", trial.number, attrs.get(ATTR_LABEL, dict(trial.params)), why)
 
 
 def requeued_numbers(trials) -> set[int]:
@@ -295,7 +295,7 @@ class WorkQueue:
         self.heartbeat.remove(trial._trial_id)
         try:
             if self.study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
-                requeue(self.study, self.study._storage.get_trial(trial._trial_id))
+                requeue(self.study, self.study._storage.get_trial(trial._trial_id), why="this invocation stopped")
         except UpdateFinishedTrialError:
             pass
 
