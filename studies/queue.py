@@ -186,17 +186,6 @@ class WorkQueue:
                 out.setdefault(key, []).append(t)
         return out
 
-    def state_of(self, key: str) -> str:
-        """"complete", "live" (WAITING or RUNNING somewhere), "failed" or "absent"."""
-        from optuna.trial import TrialState
-
-        states = {t.state for t in self.by_key().get(key, [])}
-        if TrialState.COMPLETE in states:
-            return "complete"
-        if states & {TrialState.WAITING, TrialState.RUNNING}:
-            return "live"
-        return "failed" if states else "absent"
-
     def outstanding(self, keys) -> tuple[int, int]:
         """(WAITING, RUNNING) trials among ``keys``' that are not yet complete."""
         from optuna.trial import TrialState
