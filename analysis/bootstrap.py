@@ -12,7 +12,10 @@ range 'all', 100 detections). The mAP of any multiset of images is then accumula
 ``COCOeval.accumulate()``/``summarize()`` do (101-point interpolated precision, IoU 0.50:0.05:0.95,
 categories without ground truth skipped), with each image's weight the number of times it was drawn, for
 all resamples at once (:func:`map_replicates`): one matrix product per category and IoU threshold instead
-of one pycocotools call per resample.
+of one pycocotools call per resample. The per-category APs of those resamples (:func:`class_ap_replicates`,
+which :func:`map_replicates` averages) give each category's delta the same paired interval
+(:func:`paired_class_delta`). The same pycocotools evaluation (COCO's four area ranges, ``accumulate()``)
+also gives the run's error analysis beyond mAP (:mod:`analysis.errors`), kept on the run.
 
 Why the weighted form is exact: precision is only read at the first point reaching a recall threshold and
 as a maximum over what follows; the interpolated precision of the copies of a true positive is that of its
@@ -24,12 +27,12 @@ Detections of equal score are ordered by image, then by rank within the image, a
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from . import errors as E
 
 LEVEL = 0.95
 N_RESAMPLES = 1000
@@ -45,13 +48,17 @@ class Evaluated:
     ``image_ids`` (sorted) are the evaluated images; ``npig[i, k]`` the non-ignored ground-truth boxes of
     image ``i`` and category ``k``; ``curves[k][t]`` is ``(tp, fp_before)`` for category ``k`` at IoU
     threshold ``t``: two (images x true positives) count matrices, in score order, where column ``p`` holds,
-    per image, the true positives up to and including the ``p``-th and the false positives before it."""
+    per image, the true positives up to and including the ``p``-th and the false positives before it.
+    ``category_ids`` (sorted) name the categories ``k``; ``errors`` is the run's error analysis beyond mAP
+    (:mod:`analysis.errors`), from the same pycocotools evaluation."""
 
     name: str
     image_ids: np.ndarray
     npig: np.ndarray
     curves: list[list[tuple[np.ndarray, np.ndarray]]]
     rec_thrs: np.ndarray
+    category_ids: np.ndarray
+    errors: E.ErrorAnalysis
     _replicates: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -61,66 +68,35 @@ class Evaluated:
     def observed(self) -> tuple[float, float]:
         """mAP@[.5:.95] and mAP@0.5 on every evaluated image once: pycocotools' ``stats[0]`` and ``stats[1]``."""
         if "observed" not in self._replicates:
-            m, m50 = map_replicates(self, np.ones((1, self.n_images)))
+            m, m50 = _map_of(self.observed_class_ap()[None])
             self._replicates["observed"] = (float(m[0]), float(m50[0]))
         return self._replicates["observed"]
+
+    def observed_class_ap(self) -> np.ndarray:
+        """AP of each category at each IoU threshold (categories x thresholds) on every evaluated image once:
+        pycocotools' ``eval['precision']`` averaged over recall thresholds; NaN for a category without
+        ground truth (pycocotools' -1)."""
+        if "observed_class_ap" not in self._replicates:
+            self._replicates["observed_class_ap"] = class_ap_replicates(self, np.ones((1, self.n_images)))[0]
+        return self._replicates["observed_class_ap"]
 
 
 def evaluate_run(ground_truth: dict, detections: list[dict], image_ids=None, name: str = "run") -> Evaluated:
     """Run ``COCOeval.evaluate()`` (bbox) once on ``detections`` against ``ground_truth`` (a COCO dict with
     images, annotations and categories) over ``image_ids`` (default: every ground-truth image) and keep what
-    resampling needs. Errors name ``name`` (the run) and say what is wrong."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(ground_truth.get(key), list):
-            raise ValueError(f"{name}: the ground truth has no '{key}' list")
-    gt_images = {int(im["id"]) for im in ground_truth["images"]}
-    ids = sorted(gt_images if image_ids is None else {int(i) for i in image_ids})
-    if not ids:
-        raise ValueError(f"{name}: no evaluated images")
-    absent = sorted(set(ids) - gt_images)
-    if absent:
-        raise ValueError(f"{name}: image ids {absent[:10]} are not in the ground truth")
-    cat_ids = {int(c["id"]) for c in ground_truth["categories"]}
-    if not cat_ids:
-        raise ValueError(f"{name}: the ground truth has no categories")
-    dets = []
-    for j, d in enumerate(detections):
-        try:
-            det = {"image_id": int(d["image_id"]), "category_id": int(d["category_id"]),
-                   "bbox": [float(v) for v in d["bbox"]], "score": float(d["score"])}
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{name}: detection {j} needs image_id, category_id, bbox [x, y, w, h] and score: {d!r}")
-        if det["image_id"] not in ids:
-            raise ValueError(f"{name}: detection {j} is on image {det['image_id']}, not an evaluated image")
-        if det["category_id"] not in cat_ids:
-            raise ValueError(f"{name}: detection {j} has category {det['category_id']}, not in the ground truth")
-        dets.append(det)
-
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
-        gt = COCO()  # pycocotools marks the annotations it evaluates: give it copies, not the caller's dicts
-        gt.dataset = {**ground_truth, "annotations": [dict(a) for a in ground_truth["annotations"]]}
-        gt.createIndex()
-        dt = COCO()
-        dt.dataset = {"images": ground_truth["images"], "categories": ground_truth["categories"], "annotations": []}
-        if dets:
-            dt = gt.loadRes(dets)
-        else:
-            dt.createIndex()
-        ev = COCOeval(gt, dt, iouType="bbox")
-        ev.params.imgIds = ids
-        ev.params.areaRng, ev.params.areaRngLbl = ev.params.areaRng[:1], ev.params.areaRngLbl[:1]  # 'all' only
-        ev.evaluate()
+    resampling needs, and the run's error analysis (:mod:`analysis.errors`, from the same evaluation).
+    Errors name ``name`` (the run) and say what is wrong."""
+    ev = E.coco_evaluation(ground_truth, detections, image_ids, name)
     p = ev.params
-    n_img, n_thr = len(p.imgIds), len(p.iouThrs)
+    n_img, n_thr, n_area = len(p.imgIds), len(p.iouThrs), len(p.areaRng)
+    area_all = list(p.areaRngLbl).index("all")
     if not np.isclose(p.iouThrs[0], 0.5):
         raise ValueError(f"{name}: expected the first IoU threshold to be 0.5, got {p.iouThrs[0]}")
     npig = np.zeros((n_img, len(p.catIds)))
     curves = []
     for k in range(len(p.catIds)):
-        entries = [(i, e) for i, e in enumerate(ev.evalImgs[k * n_img:(k + 1) * n_img]) if e is not None]
+        start = (k * n_area + area_all) * n_img  # evalImgs: category, then area range, then image
+        entries = [(i, e) for i, e in enumerate(ev.evalImgs[start:start + n_img]) if e is not None]
         for i, e in entries:
             npig[i, k] = np.count_nonzero(np.asarray(e["gtIgnore"]) == 0)
         max_det = p.maxDets[-1]
@@ -137,7 +113,8 @@ def evaluate_run(ground_truth: dict, detections: list[dict], image_ids=None, nam
         tps = np.logical_and(matched, np.logical_not(ignored))
         fps = np.logical_and(np.logical_not(matched), np.logical_not(ignored))
         curves.append([_curve(image, tps[t], fps[t], n_img) for t in range(n_thr)])
-    return Evaluated(name, np.asarray(p.imgIds, dtype=np.int64), npig, curves, np.asarray(p.recThrs, dtype=float))
+    return Evaluated(name, np.asarray(p.imgIds, dtype=np.int64), npig, curves, np.asarray(p.recThrs, dtype=float),
+                     np.asarray(p.catIds, dtype=np.int64), E.analysis_of(ev, name))
 
 
 def _curve(image: np.ndarray, tp: np.ndarray, fp: np.ndarray, n_img: int) -> tuple[np.ndarray, np.ndarray]:
@@ -161,9 +138,10 @@ def _min_true_positives(npig: np.ndarray, rec_thrs: np.ndarray) -> np.ndarray:
     return c.astype(np.int64)
 
 
-def map_replicates(ev: Evaluated, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """mAP@[.5:.95] and mAP@0.5 of run ``ev`` for each row of ``weights`` (resamples x images: how many
-    times each image of ``ev.image_ids`` is drawn). NaN where a resample has no ground truth at all."""
+def class_ap_replicates(ev: Evaluated, weights: np.ndarray) -> np.ndarray:
+    """AP of each category of run ``ev`` at each IoU threshold, for each row of ``weights`` (resamples x
+    images: how many times each image of ``ev.image_ids`` is drawn): (resamples, categories, IoU thresholds),
+    NaN where a resample has no ground-truth box of the category (pycocotools' -1: left out of the mean)."""
     w = np.asarray(weights, dtype=float)
     n_rep = w.shape[0]
     npig = w @ ev.npig                                   # (resamples, categories)
@@ -186,7 +164,21 @@ def map_replicates(ev: Evaluated, weights: np.ndarray) -> tuple[np.ndarray, np.n
             first -= rows * n_pts
             q = np.where(first < n_pts, envelope[rows, np.minimum(first, n_pts - 1)], 0.0)
             ap[:, k, t] = q.mean(axis=1)
-    valid = npig > 0
+    ap[npig <= 0] = math.nan
+    return ap
+
+
+def map_replicates(ev: Evaluated, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """mAP@[.5:.95] and mAP@0.5 of run ``ev`` for each row of ``weights`` (resamples x images: how many
+    times each image of ``ev.image_ids`` is drawn). NaN where a resample has no ground truth at all."""
+    return _map_of(class_ap_replicates(ev, weights))
+
+
+def _map_of(class_ap: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """mAP@[.5:.95] and mAP@0.5 per resample from :func:`class_ap_replicates`: the mean over the categories
+    with ground truth in that resample, as COCOeval.summarize() skips the others."""
+    valid = ~np.isnan(class_ap[:, :, 0])
+    ap = np.where(valid[:, :, None], class_ap, 0.0)
     count = valid.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         m = np.where(count > 0, (ap.mean(axis=2) * valid).sum(axis=1) / count, math.nan)
@@ -202,12 +194,20 @@ def image_weights(n_images: int, n_resamples: int, seed: int) -> np.ndarray:
     return np.bincount(flat, minlength=n_resamples * n_images).reshape(n_resamples, n_images).astype(float)
 
 
+def _class_replicates(ev: Evaluated, n_resamples: int, seed: int) -> np.ndarray:
+    """:func:`class_ap_replicates` of ``ev`` on the image resamples of ``seed``; cached on the run, since the
+    same run (a baseline) enters several comparisons (mAP and per class) and every one draws the same resamples."""
+    key = ("class", n_resamples, seed)
+    if key not in ev._replicates:
+        ev._replicates[key] = class_ap_replicates(ev, image_weights(ev.n_images, n_resamples, seed))
+    return ev._replicates[key]
+
+
 def _replicates(ev: Evaluated, n_resamples: int, seed: int) -> np.ndarray:
-    """(2, resamples) mAP and mAP50 of ``ev`` on the image resamples of ``seed``; cached on the run, since
-    the same run (a baseline) enters several comparisons and every comparison draws the same resamples."""
+    """(2, resamples) mAP and mAP50 of ``ev`` on the image resamples of ``seed`` (cached on the run)."""
     key = (n_resamples, seed)
     if key not in ev._replicates:
-        ev._replicates[key] = np.stack(map_replicates(ev, image_weights(ev.n_images, n_resamples, seed)))
+        ev._replicates[key] = np.stack(_map_of(_class_replicates(ev, n_resamples, seed)))
     return ev._replicates[key]
 
 
@@ -269,8 +269,64 @@ def paired_delta(variant_runs, baseline_runs, n_resamples: int = N_RESAMPLES, se
     spread; with one run per side this is the image bootstrap alone). The observed delta is the difference
     of the seed means on every image. Every run must have been evaluated on the same images."""
     variant_runs, baseline_runs = list(variant_runs), list(baseline_runs)
+    (var_reps, var_obs), (base_reps, base_obs), n_images = _paired_sides(
+        variant_runs, baseline_runs, n_resamples, seed, lambda ev: _replicates(ev, n_resamples, seed).T,
+        lambda ev: ev.observed())
+    deltas = var_reps - base_reps                                                 # (resamples, 2)
+    intervals = [_interval(deltas[:, j], float(var_obs[j] - base_obs[j]), level) for j in range(2)]
+    return PairedDelta(intervals[0], intervals[1], float(var_obs[0]), float(base_obs[0]), float(var_obs[1]),
+                       float(base_obs[1]), len(variant_runs), len(baseline_runs), n_images, n_resamples, level)
+
+
+@dataclass(frozen=True)
+class ClassDelta:
+    """Variant minus baseline for one category: AP@[.5:.95] of that category, with what the interval was
+    computed from. ``n_gt``: its ground-truth boxes on the evaluated images (non-crowd)."""
+
+    category_id: int
+    ap: Interval
+    variant_ap: float         # observed: mean over seeds, every evaluated image once (NaN: no ground truth)
+    baseline_ap: float
+    n_gt: int
+    n_variant: int
+    n_baseline: int
+    n_images: int
+    n_resamples: int
+    level: float
+
+
+def paired_class_delta(variant_runs, baseline_runs, n_resamples: int = N_RESAMPLES, seed: int = 0,
+                       level: float = LEVEL) -> list[ClassDelta]:
+    """Per category (in category-id order), variant minus baseline AP@[.5:.95], with the bootstrap of
+    :func:`paired_delta`: the same image resamples and the same seed draws (for the same ``seed``), each
+    category's AP on them from :func:`class_ap_replicates`. A category without ground truth in a resample is
+    left out of that category's interval (no interval, NaN, where it has none at all). Every run must have
+    been evaluated on the same images and categories."""
+    variant_runs, baseline_runs = list(variant_runs), list(baseline_runs)
     if not variant_runs or not baseline_runs:
-        raise ValueError("paired_delta needs at least one run on each side")
+        raise ValueError("a paired comparison needs at least one run on each side")
+    for ev in variant_runs + baseline_runs[1:]:
+        if not np.array_equal(ev.category_ids, baseline_runs[0].category_ids):
+            raise ValueError(f"runs with different categories: {ev.name} {ev.category_ids.tolist()} and "
+                             f"{baseline_runs[0].name} {baseline_runs[0].category_ids.tolist()}")
+    (var_reps, var_obs), (base_reps, base_obs), n_images = _paired_sides(
+        variant_runs, baseline_runs, n_resamples, seed,
+        lambda ev: _class_replicates(ev, n_resamples, seed).mean(axis=2),          # AP@[.5:.95] per category
+        lambda ev: ev.observed_class_ap().mean(axis=1))
+    deltas = var_reps - base_reps                                                 # (resamples, categories)
+    n_gt = baseline_runs[0].npig.sum(axis=0)
+    return [ClassDelta(int(c), _interval(deltas[:, k], float(var_obs[k] - base_obs[k]), level), float(var_obs[k]),
+                       float(base_obs[k]), int(n_gt[k]), len(variant_runs), len(baseline_runs), n_images,
+                       n_resamples, level)
+            for k, c in enumerate(baseline_runs[0].category_ids)]
+
+
+def _paired_sides(variant_runs, baseline_runs, n_resamples: int, seed: int, replicates, observed):
+    """The hierarchical paired draws both comparisons share (runs: lists): for each side, ``replicates(ev)`` (resamples, ...)
+    of its runs drawn with replacement per resample and averaged, and the seed mean of ``observed(ev)``;
+    and the number of images. Raises ValueError where the runs were evaluated on different images."""
+    if not variant_runs or not baseline_runs:
+        raise ValueError("a paired comparison needs at least one run on each side")
     ref = baseline_runs[0]
     for ev in variant_runs + baseline_runs:
         if not np.array_equal(ev.image_ids, ref.image_ids):
@@ -282,21 +338,17 @@ def paired_delta(variant_runs, baseline_runs, n_resamples: int = N_RESAMPLES, se
     rng = np.random.default_rng([seed, 1])  # seed draws: apart from the image draws, shared by every comparison
 
     def side(runs):
-        reps = np.stack([_replicates(ev, n_resamples, seed) for ev in runs])      # (runs, 2, resamples)
+        reps = np.stack([replicates(ev) for ev in runs])                          # (runs, resamples, ...)
         pick = rng.integers(0, len(runs), size=(n_resamples, len(runs)))          # seeds drawn per replicate
-        drawn = reps[pick, :, np.arange(n_resamples)[:, None]]                   # (resamples, runs, 2)
-        observed = np.mean([ev.observed() for ev in runs], axis=0)
-        return drawn.mean(axis=1), observed
+        drawn = reps[pick, np.arange(n_resamples)[:, None]]                       # (resamples, runs, ...)
+        return drawn.mean(axis=1), np.mean([observed(ev) for ev in runs], axis=0)
 
-    var_reps, var_obs = side(variant_runs)
-    base_reps, base_obs = side(baseline_runs)
-    deltas = var_reps - base_reps                                                 # (resamples, 2)
+    return side(variant_runs), side(baseline_runs), ref.n_images
+
+
+def _interval(deltas: np.ndarray, observed: float, level: float) -> Interval:
+    """The percentile interval at ``level`` of the replicate ``deltas`` (NaN ones left out), around ``observed``."""
     tail = (1 - level) / 2
-    intervals = []
-    for j in range(2):
-        d = deltas[:, j][~np.isnan(deltas[:, j])]
-        low, high = (np.quantile(d, [tail, 1 - tail]) if len(d) else (math.nan, math.nan))
-        intervals.append(Interval(float(var_obs[j] - base_obs[j]), float(low), float(high),
-                                  verdict(float(low), float(high), level)))
-    return PairedDelta(intervals[0], intervals[1], float(var_obs[0]), float(base_obs[0]), float(var_obs[1]),
-                       float(base_obs[1]), len(variant_runs), len(baseline_runs), ref.n_images, n_resamples, level)
+    d = deltas[~np.isnan(deltas)]
+    low, high = (np.quantile(d, [tail, 1 - tail]) if len(d) else (math.nan, math.nan))
+    return Interval(observed, float(low), float(high), verdict(float(low), float(high), level))

@@ -15,9 +15,10 @@ Where the numbers come from: MLflow only. Runs, params, tags and final metrics a
 detections on the validation images and their ground truth from its two evaluation artifacts
 (``eval/detections.json``, ``eval/ground_truth.json``, downloaded through the MLflow client), from which
 the intervals are bootstrapped (``analysis/bootstrap.py``). No other file a run wrote (checkpoints,
-metrics.jsonl) is read. The names are those of ``studies/mlflow_schema.py``. Besides the intervals, the
-compute table's "sites" column is the one number this report computes itself (closed-form multiply-adds
-from each run's logged configuration), and says so.
+metrics.jsonl) is read. The names are those of ``studies/mlflow_schema.py``. Besides the intervals and the
+error analysis (pycocotools on the same logged detections), the compute table's "sites" column is the one
+number this report computes itself (closed-form multiply-adds from each run's logged configuration), and
+says so.
 
 Tables: answer (first: DSET and each switch alone against RT-DETR of the same backbone, ΔmAP and ΔmAP50
 with 95% intervals, ΔGFLOPs, Δlatency, a verdict from the interval), main (every variant vs RT-DETR of the
@@ -25,10 +26,14 @@ same backbone), ablation (8 switch combinations per backbone, mean ± std over s
 intervals: paired bootstrap over validation images, or Welch over seeds for runs that logged no detections),
 compute (GFLOPs by component and the
 share the sparse mechanisms act on), reported_vs_measured (the seed report's DAIR-V2X numbers next to
-ours), stage1 (the stage-1 pretraining runs the cells fine-tune from), optuna_pareto and
-optuna_importances (Optuna studies), runs (every run, with status, error and init checkpoint).
+ours), ap_by_size (AP for small/medium/large objects per variant, their change against RT-DETR and the
+ground-truth boxes per size), class_ap_deltas (per class, ΔAP against RT-DETR with 95% bootstrap intervals),
+stage1 (the stage-1 pretraining runs the cells fine-tune from), optuna_pareto and optuna_importances (Optuna
+studies), runs (every run, with status, error and init checkpoint). The error analysis beyond mAP (the two
+tables above, pr_curves and confusion) is computed by ``analysis/errors.py`` from the same logged detections.
 Plots: map_vs_gflops, map_vs_latency, ablation_bars, expert_usage_<variant>, map_keep_ratio_per_epoch,
-train_loss, optuna_pareto, optuna_importances.
+train_loss, pr_curves_<backbone> (precision-recall per class at IoU 0.50, one line per variant),
+confusion_<backbone> (a detection confusion matrix per variant), optuna_pareto, optuna_importances.
 
 Behaviour: failed, unfinished and missing runs are listed (runs table; "runs not included" columns;
 "not run" rows in the ablation) rather than dropped; an unknown or empty experiment is a one-line
@@ -52,6 +57,7 @@ import html  # noqa: E402
 
 import pandas as pd  # noqa: E402
 
+from analysis import errors as E  # noqa: E402
 from analysis import plots as P  # noqa: E402
 from analysis import runs as R  # noqa: E402
 from analysis import tables as T  # noqa: E402
@@ -73,6 +79,16 @@ PLOT_CAPTIONS = {
                      "annotated).",
     "optuna_importances": "Optuna parameter importances for each objective, computed by this report from the "
                           "logged trials.",
+    "pr_curves": "Precision against recall at IoU 0.50, one panel per class (its ground-truth boxes in the title), "
+                 "one line per variant, RT-DETR dashed black: pycocotools' interpolated precision at the 101 recall "
+                 "thresholds (area all, 100 detections per image; 0 beyond the highest recall reached), from each "
+                 "run's logged detections on the validation images; a variant with several seeds: the mean curve.",
+    "confusion": "Detection confusion matrix per variant (rows: ground-truth class, columns: predicted class, "
+                 "background last): per image, detections with score ≥ {score:g} in descending score, each matched "
+                 "to the not-yet-matched non-crowd ground-truth box of any class with the highest IoU if that IoU ≥ "
+                 "{iou:g}; unmatched boxes count as background column (missed), unmatched detections as background "
+                 "row (false positive). Colour: share of the row; numbers: counts (per run, the mean over seeds "
+                 "where a variant has several).",
 }
 
 
@@ -91,7 +107,8 @@ def provenance(study: R.Study) -> str:
             + f"{len(children)} child: {statuses or 'none'}); {when}. "
             "Every number is one the runs logged (mlflow.search_runs; per-epoch curves via get_metric_history) or "
             "a mean, difference or test of them; the intervals are bootstrapped from the detections the runs logged "
-            "(or Welch's over seeds where they logged none, as the tables say); the compute table's sites are "
+            "(or Welch's over seeds where they logged none, as the tables say), and the error analysis (AP by size, "
+            "per-class AP, precision-recall, confusion) is computed from those detections; the compute table's sites are "
             "closed-form and labelled so.")
 
 
@@ -100,7 +117,7 @@ def build_tables(study: R.Study, vs: pd.DataFrame) -> tuple[dict, dict, dict]:
     skipped: dict[str, str] = {}
     extra: dict = {}
     if vs.empty:
-        for name in ("answer", "main", "ablation", "compute", "reported_vs_measured"):
+        for name in ("answer", "main", "ablation", "compute", "reported_vs_measured", "ap_by_size", "class_ap_deltas"):
             skipped[name] = "no child runs (only study invocations) in this experiment"
     else:
         table, why = T.answer_table(study, vs)
@@ -115,6 +132,14 @@ def build_tables(study: R.Study, vs: pd.DataFrame) -> tuple[dict, dict, dict]:
             else:
                 tables[name] = table
         tables["reported_vs_measured"] = T.reported_table(study, vs)
+        # errors beyond mAP, from the detections the runs logged (the plots reuse the analyses)
+        extra["errors"] = T.error_analyses(study, vs)
+        for name, (table, why) in (("ap_by_size", T.ap_by_size_table(study, vs, extra["errors"])),
+                                   ("class_ap_deltas", T.class_ap_deltas_table(study, vs))):
+            if table is None:
+                skipped[name] = why
+            else:
+                tables[name] = table
     table, why = T.stage1_table(study)
     if table is None:
         skipped["stage1"] = why
@@ -189,11 +214,37 @@ def build_figures(study: R.Study, vs: pd.DataFrame, tables: dict, extra: dict) -
     add("map_keep_ratio_per_epoch", P.per_epoch(hist), "no per-epoch val/mAP logged",
         PLOT_CAPTIONS["map_keep_ratio_per_epoch"] + note)
     add("train_loss", P.train_loss(hist), "no per-epoch train/loss logged", PLOT_CAPTIONS["train_loss"] + note)
+    _error_figures(vs, focus, extra.get("errors", {}), note, add, skipped)
     if study.is_optuna:
         add("optuna_pareto", P.optuna_pareto(extra["trials"]), "no finished trial with best/mAP and gflops")
         add("optuna_importances", P.optuna_importances(extra.get("importances", {}), extra.get("method", "")),
             "importances not computed (see the tables' notes)")
     return figures, skipped, captions
+
+
+def _error_figures(vs: pd.DataFrame, focus: pd.DataFrame, analyses: dict, note: str, add, skipped: dict) -> None:
+    """Per backbone, the precision-recall curves and confusion matrices of the variants in ``focus`` whose runs
+    logged detections (``analyses``: :func:`analysis.tables.error_analyses`); the others named in the caption."""
+    if focus.empty:
+        skipped["pr_curves_*"] = skipped["confusion_*"] = "no finished run"
+        return
+    for bb in sorted(set(focus["backbone"].dropna()), key=lambda b: (R.BACKBONE_ORDER.get(b, 9), b)):
+        sub = focus[focus["backbone"] == bb]
+        drawn = {v["label"]: analyses[v["group"]] for _, v in sub.iterrows()
+                 if isinstance(analyses.get(v["group"]), E.ErrorAnalysis)}
+        left = [f"{v['label']} ({analyses.get(v['group'], 'no finished run')})" for _, v in sub.iterrows()
+                if v["label"] not in drawn]
+        why = f"no {bb} variant with usable detections: {left[0] if left else ''}" + (
+            f" and {len(left) - 1} more" if len(left) > 1 else "")
+        base = R.baseline_of(vs, bb)
+        runs = "; ".join(f"{label}: {a.n_runs}" for label, a in drawn.items())
+        said = f" Runs per variant: {runs}." + (f" Not drawn: {'; '.join(left)}." if left else "") + note
+        first = next(iter(drawn.values()), None)
+        add(f"pr_curves_{P.slug(bb)}", P.pr_curves(bb, drawn, None if base is None else base["label"]), why,
+            PLOT_CAPTIONS["pr_curves"] + said)
+        thresholds = (first.score_threshold, first.iou_threshold) if first else (E.SCORE_THRESHOLD, E.IOU_THRESHOLD)
+        add(f"confusion_{P.slug(bb)}", P.confusion_matrices(bb, drawn), why,
+            PLOT_CAPTIONS["confusion"].format(score=thresholds[0], iou=thresholds[1]) + said)
 
 
 HTML_STYLE = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;

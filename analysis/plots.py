@@ -16,6 +16,7 @@ from matplotlib.ticker import MaxNLocator
 
 from studies import mlflow_schema as S
 
+from . import errors as E
 from . import runs as R
 from . import stats
 
@@ -293,4 +294,83 @@ def optuna_importances(imp: dict[str, dict[str, float]], method: str) -> Figure 
         ax.set_title(f"for {obj}")
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle("Optuna parameter importances: " + method, fontsize=8)
+    return fig
+
+
+def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:
+    cols = max(1, min(n, max_cols))
+    return math.ceil(n / cols), cols
+
+
+@_styled
+def pr_curves(backbone: str, analyses: dict[str, E.ErrorAnalysis], baseline: str | None = None) -> Figure | None:
+    """Precision against recall at IoU 0.50, one panel per class, one line per variant (``analyses``: label ->
+    its seed-mean :class:`analysis.errors.ErrorAnalysis`, in reading order); ``baseline`` (RT-DETR) dashed black."""
+    import matplotlib
+
+    if not analyses:
+        return None
+    first = next(iter(analyses.values()))
+    n_classes = len(first.category_ids)
+    rows, cols = _grid(n_classes)
+    fig, axes = _new(3.0 * cols + 0.4, 2.7 * rows + 0.5, rows, cols)
+    cmap = matplotlib.colormaps["tab10"]
+    others = [label for label in analyses if label != baseline]
+    for k, ax in enumerate(axes.flat):
+        if k >= n_classes:
+            ax.set_axis_off()
+            continue
+        for label, a in analyses.items():
+            if label == baseline:
+                style = {"color": "black", "linestyle": "--", "linewidth": 1.4, "zorder": 3}
+            else:
+                i = others.index(label)
+                style = {"color": cmap(i % 10), "linestyle": ["-", ":", "-."][(i // 10) % 3], "linewidth": 1.0}
+            ax.plot(a.recall, a.precision50[k], label=label, **style)
+        if np.isnan(first.precision50[k]).all():
+            ax.text(0.5, 0.5, "no ground truth", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(f"{first.category_names[k]} ({int(first.gt_by_class[k])} GT boxes)")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("recall")
+        ax.set_ylabel("precision (IoU 0.50)")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(loc="lower left", fontsize=6)
+    fig.suptitle(f"{backbone}: precision-recall per class at IoU 0.50 (pycocotools, area all, 100 detections)",
+                 fontsize=10)
+    return fig
+
+
+@_styled
+def confusion_matrices(backbone: str, analyses: dict[str, E.ErrorAnalysis]) -> Figure | None:
+    """One detection confusion matrix per variant (``analyses``: label -> its seed-mean
+    :class:`analysis.errors.ErrorAnalysis`): rows ground truth, columns predicted, background last; colour =
+    the share of the row, the count printed (a mean per run where a variant has several seeds)."""
+    if not analyses:
+        return None
+    first = next(iter(analyses.values()))
+    size = len(first.labels)
+    rows, cols = _grid(len(analyses), 3)
+    panel = max(3.2, 0.45 * size + 1.6)
+    fig, axes = _new(panel * cols, panel * rows + 0.5, rows, cols)
+    im = None
+    for ax, (label, a) in zip(axes.flat, analyses.items()):
+        counts = np.asarray(a.confusion, dtype=float)
+        totals = counts.sum(axis=1, keepdims=True)
+        share = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+        im = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+        for (i, j), c in np.ndenumerate(counts):
+            if c:
+                ax.text(j, i, f"{c:.0f}" if float(c).is_integer() else f"{c:.1f}", ha="center", va="center",
+                        fontsize=6, color="white" if share[i, j] > 0.5 else "black")
+        ax.set_xticks(range(size), a.labels, rotation=90, fontsize=7)
+        ax.set_yticks(range(size), a.labels, fontsize=7)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("ground truth")
+        ax.set_title(label + (f" (mean of {a.n_runs} runs)" if a.n_runs > 1 else ""), fontsize=9)
+    for ax in list(axes.flat)[len(analyses):]:
+        ax.set_axis_off()
+    fig.colorbar(im, ax=axes, shrink=0.6, label="share of the ground-truth row")
+    fig.suptitle(f"{backbone}: detection confusion matrix (score ≥ {first.score_threshold:g}, "
+                 f"IoU ≥ {first.iou_threshold:g})", fontsize=10)
     return fig

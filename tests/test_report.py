@@ -195,6 +195,73 @@ def test_answer_table_verdicts_follow_the_bootstrap_intervals(two_stage):
     assert "no eval/detections.json or eval/ground_truth.json logged" in notes
 
 
+def _pycocotools_ap(gt: dict, dets: list[dict], category_id: int | None = None) -> np.ndarray:
+    """pycocotools' own stats (all 12) on ``dets``, over one category when ``category_id`` is given."""
+    import contextlib
+    import copy
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = copy.deepcopy(gt)
+        coco.createIndex()
+        ev = COCOeval(coco, coco.loadRes(copy.deepcopy(dets)), iouType="bbox")
+        if category_id is not None:
+            ev.params.catIds = [category_id]
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return np.where(ev.stats > -1, ev.stats, np.nan)
+
+
+def test_error_analysis_tables_and_plots(two_stage, ablation):
+    from analysis import errors, tables
+
+    gt = F.two_stage_ground_truth()
+    t = two_stage["tables"]
+    # per class: ΔAP = pycocotools' AP of that class, DSET R18 (E+P+D) minus RT-DETR R18, with the bootstrap interval
+    classes = t["class_ap_deltas"].df
+    row = classes[(classes["model"] == "DSET R18 (E+P+D)") & (classes["class"] == "class3")].iloc[0]
+    dset, base = (_pycocotools_ap(gt, F.two_stage_detections(i), 3)[0] for i in (1, 0))
+    assert (row["AP"], row["AP RT-DETR"], row["ΔAP"]) == pytest.approx((dset, base, dset - base), abs=1e-12)
+    assert row["GT boxes"] == sum(a["category_id"] == 3 for a in gt["annotations"])
+    expected = bootstrap.paired_class_delta(*([e] for e in _two_stage_evals(1, 0)))[2]
+    assert (row["ΔAP CI low"], row["ΔAP CI high"]) == pytest.approx((expected.ap.low, expected.ap.high))
+    assert row["ΔAP CI low"] > 0 and row["verdict"] == "better (95% CI above 0)"
+    assert set(classes.loc[classes["model"] == "DSET R18 (P)", "verdict"]) == {"worse (95% CI below 0)"}
+    old = _row(classes, "model", "DSET R18 (D)")  # its run logged no detections: said, not dropped
+    assert old["verdict"].startswith("no detections logged (1 of 2 runs") and pd.isna(old["class"])
+    # by size: pycocotools' AP small/medium (stats[3], [4]), deltas against RT-DETR, boxes per size
+    sizes = t["ap_by_size"].df
+    dset_ap, base_ap = (_pycocotools_ap(gt, F.two_stage_detections(i)) for i in (1, 0))
+    r = _row(sizes, "model", "DSET R18 (E+P+D)")
+    assert (r["AP small"], r["AP medium"]) == pytest.approx((dset_ap[3], dset_ap[4]), abs=1e-12)
+    assert r["ΔAP small"] == pytest.approx(dset_ap[3] - base_ap[3], abs=1e-12)
+    areas = [a["area"] for a in gt["annotations"]]
+    assert (r["GT small"], r["GT medium"], r["GT large"]) == (sum(a <= 32 ** 2 for a in areas),
+                                                             sum(32 ** 2 <= a <= 96 ** 2 for a in areas), 0)
+    assert math.isnan(r["AP large"]) and math.isnan(r["ΔAP large"])  # no large box: no AP, not 0
+    assert _row(sizes, "model", "DSET R18 (D)")["note"].startswith("no detections logged")
+    # the plots' analyses: a variant with two seeds is the mean of its runs' confusion matrices
+    analyses = tables.error_analyses(two_stage["study"], two_stage["variants"])
+    seeds = [i for i, (bb, e, p, d, *_) in enumerate(F.TWO_STAGE_RUNS) if (bb, e, p, d) == ("R18", True, False, False)]
+    two = analyses[_row(two_stage["variants"], "label", "DSET R18 (E)")["group"]]
+    assert two.n_runs == 2
+    np.testing.assert_array_equal(two.confusion, np.mean([errors.analyse(gt, F.two_stage_detections(i)).confusion
+                                                          for i in seeds], axis=0))
+    for name in ("pr_curves_r18", "confusion_r18", "pr_curves_r34", "confusion_r34"):
+        _check_png(two_stage["plots"][name])
+    page = html.unescape((two_stage["out_dir"] / "index.html").read_text())
+    assert 'id="table-class_ap_deltas"' in page and 'id="table-ap_by_size"' in page
+    assert "score ≥ 0.3" in page and "Not drawn: DSET R18 (D) (no detections logged" in page
+    # an experiment whose runs logged no detections: every new table and plot "not produced", with why
+    for name in ("ap_by_size", "class_ap_deltas", "pr_curves_r18", "confusion_r34"):
+        assert "no detections logged" in ablation["skipped"][name], name
+
+
 def test_the_report_opens_with_the_answer(two_stage):
     out = two_stage["out_dir"]
     assert list(two_stage["tables"])[0] == "answer"
