@@ -168,6 +168,8 @@ class TrainConfig:
     early_stop_patience: Optional[int] = None # epochs without mAP improvement; None: never stop early
     eval_every: int = 1
     profile: bool = True                      # measure params/GFLOPs/latency of the final model (summary.json)
+    pictures: int = 4                         # draw the reported model on this many validation images (pictures/,
+                                              # see dset.pictures); 0: none
     checkpoint_every_minutes: float = 10.0    # at most one write of checkpoints/last.pt (the resume state) per this
                                               # many minutes; also written at the end and when the run is interrupted
     keep_last_checkpoint: bool = True         # false: delete last.pt (the resume state) once the run has ended
@@ -188,7 +190,7 @@ def multi_scale_sizes(image_size: int) -> list[int]:
 
 
 RESULT_NEUTRAL_KEYS = ("run.device", "run.progress", "run.out_dir", "data.num_workers", "train.keep_last_checkpoint",
-                       "train.checkpoint_every_minutes", "run.budget")
+                       "train.checkpoint_every_minutes", "run.budget", "train.pictures")
 
 
 @dataclass
@@ -498,6 +500,7 @@ def validate(cfg: Config) -> Config:
     need(t.eval_every >= 1, "train.eval_every", f"must be >= 1, got {t.eval_every}")
     need(t.checkpoint_every_minutes > 0, "train.checkpoint_every_minutes",
          f"must be > 0, got {t.checkpoint_every_minutes}")
+    need(t.pictures >= 0, "train.pictures", f"must be >= 0 (0: no pictures), got {t.pictures}")
     return cfg
 
 

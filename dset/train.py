@@ -54,7 +54,7 @@ other keys worth knowing (any key of dset/config.py can be overridden):
   data.num_workers   data.max_train_images   data.max_val_images   data.augment=rtdetr|flip|none
   data.multi_scale=true|false   data.stop_epoch=N
   train.epochs   train.lr   train.lr_pretrained   train.warmup_steps   train.ema_decay   train.grad_clip
-  train.early_stop_patience   train.eval_every   train.profile   run.seed
+  train.early_stop_patience   train.eval_every   train.profile   train.pictures=N   run.seed
   train.checkpoint_every_minutes   train.keep_last_checkpoint
   run.device   model.backbone.pretrained=FILE   model.checkpoint=FILE   model.decoder.num_queries
 

@@ -10,7 +10,13 @@ Child runs carry:
 - final metrics (names below);
 - artifacts: config.yaml, metrics.jsonl, summary.json, per_class_ap.csv, expert_usage.png (DSET only), and the
   reported checkpoint's detections on the validation images with their ground truth (``ARTIFACT_DETECTIONS``,
-  ``ARTIFACT_GROUND_TRUTH``), from which the report bootstraps intervals over images.
+  ``ARTIFACT_GROUND_TRUTH``), from which the report bootstraps intervals over images;
+- pictures of the reported checkpoint on the first validation images (``ARTIFACT_PICTURES``, see
+  :mod:`dset.pictures`): ``pictures/detections_<image id>.png`` and, with the switches on,
+  ``pictures/kept_tokens_<id>.png``, ``pictures/encoder_experts_<id>.png``, ``pictures/decoder_experts_<id>.png``,
+  captioned by ``ARTIFACT_PICTURES_INDEX``. The same PNGs are also logged with ``MlflowClient.log_image`` (key: the
+  file name without ``.png``, step: the checkpoint's epoch), which MLflow keeps under ``images/`` and shows on
+  the run page.
 A failed child run has MLflow status FAILED and the tag ``dset.error`` with the error message.
 """
 
@@ -47,6 +53,7 @@ TAG_OPTUNA_STUDY = "dset.optuna_study" # Optuna study name (parent and trial run
 TAG_QUEUE = "dset.queue"               # on a grid's parent run: the Optuna study holding its queue of cells, and where
 TAG_FLOPS_TOOL = "dset.flops_tool"     # what counted the GFLOPs (dset.measure's FLOPS_TOOL)
 TAG_PROFILE_ERROR = "dset.profile_error"  # why params/GFLOPs/latency are missing from a finished run
+TAG_PICTURES_ERROR = "dset.pictures_error"  # why the pictures are missing from a finished run
 TAG_HOST = "dset.host"                 # host and process id of the invocation running the run: a RUNNING run
 TAG_PID = "dset.pid"                   # whose process is gone is resumed by the next invocation
 TAG_DEVICE_SHARED = "dset.device_shared"  # "true" when other workers of the invocation used the run's device
@@ -98,8 +105,13 @@ SYSTEM_PREFIX = "system/"
 ARTIFACT_DETECTIONS = "eval/detections.json"
 # the COCO ground truth of those images: {"images": [...], "annotations": [...], "categories": [...]}
 ARTIFACT_GROUND_TRUTH = "eval/ground_truth.json"
+# pictures of the reported checkpoint (dset.pictures): a folder of PNGs and the JSON that describes them
+# (image_id, kind, the variant's switches, score threshold, kept tokens, expert and class colours per picture)
+ARTIFACT_PICTURES = "pictures"
+ARTIFACT_PICTURES_INDEX = "pictures/pictures.json"
+ARTIFACT_IMAGES = "images"   # where MlflowClient.log_image puts the same pictures for the run page
 ARTIFACTS = ("config.yaml", "metrics.jsonl", "summary.json", "per_class_ap.csv", "expert_usage.png",
-             ARTIFACT_DETECTIONS, ARTIFACT_GROUND_TRUTH)
+             ARTIFACT_DETECTIONS, ARTIFACT_GROUND_TRUTH, ARTIFACT_PICTURES)
 
 
 def usage_metric(where: str, layer: int, expert: int) -> str:

@@ -35,8 +35,8 @@ from dset.config import RESULT_NEUTRAL_KEYS, Config, ConfigError, _merge, budget
 from dset.config import resolve_config as resolve_run_config
 from dset.provenance import code_version, data_digest
 
-# stage-1 runs keep no resume state once finished and need no profile (cells are profiled)
-STAGE1_SETTINGS = {"train.keep_last_checkpoint": False, "train.profile": False}
+# stage-1 runs keep no resume state once finished and need no profile or pictures (cells are profiled and drawn)
+STAGE1_SETTINGS = {"train.keep_last_checkpoint": False, "train.profile": False, "train.pictures": 0}
 SPEC_KEYS = ("budget", "checkpoints", "source", "seed")
 
 

@@ -458,9 +458,9 @@ def plot_expert_usage(records: list[dict], path: Path, title: str) -> bool:
 
 
 def log_artifacts(c, run_id: str, out_dir: Path, summary: dict, title: str) -> list[str]:
-    """config.yaml, metrics.jsonl, summary.json and eval/ (the reported checkpoint's detections and their
-    ground truth) from the run folder, per_class_ap.csv and expert_usage.png (written here). Returns the names
-    logged."""
+    """config.yaml, metrics.jsonl, summary.json, eval/ (the reported checkpoint's detections and their
+    ground truth) and pictures/ (:mod:`dset.pictures`; each PNG also through :func:`log_pictures_as_images`)
+    from the run folder, per_class_ap.csv and expert_usage.png (written here). Returns the names logged."""
     logged = []
     for name in ("config.yaml", "metrics.jsonl", "summary.json", S.ARTIFACT_DETECTIONS, S.ARTIFACT_GROUND_TRUTH):
         path = out_dir / name
@@ -468,6 +468,15 @@ def log_artifacts(c, run_id: str, out_dir: Path, summary: dict, title: str) -> l
             folder = str(Path(name).parent)
             retry(c.log_artifact, run_id, str(path), None if folder == "." else folder)
             logged.append(name)
+    pictures = out_dir / S.ARTIFACT_PICTURES
+    if (out_dir / S.ARTIFACT_PICTURES_INDEX).is_file():
+        retry(c.log_artifacts, run_id, str(pictures), S.ARTIFACT_PICTURES)
+        logged.append(S.ARTIFACT_PICTURES)
+        try:
+            if log_pictures_as_images(c, run_id, out_dir):
+                logged.append(S.ARTIFACT_IMAGES)
+        except Exception as exc:  # noqa: BLE001 - the pictures are logged as plain artifacts already
+            log.warning("run %s: logging the pictures as MLflow images failed: %s", run_id, exc)
     records = read_records(out_dir / "metrics.jsonl")
     with tempfile.TemporaryDirectory() as tmp:
         csv_path = Path(tmp) / "per_class_ap.csv"
@@ -482,6 +491,25 @@ def log_artifacts(c, run_id: str, out_dir: Path, summary: dict, title: str) -> l
         except Exception as exc:  # noqa: BLE001 - a plotting problem must not fail a finished run
             log.warning("expert usage plot failed: %s", exc)
     return logged
+
+
+def log_pictures_as_images(c, run_id: str, out_dir: Path) -> list[str]:
+    """Log the run's pictures (those ``pictures.json`` lists) with ``MlflowClient.log_image``, the way the MLflow
+    run page shows images: key = the file name without ``.png``, step = the epoch of the drawn weights. MLflow
+    stores them under ``images/`` (a full-size PNG and a compressed preview each). Returns the keys logged."""
+    from PIL import Image
+
+    index = json.loads((out_dir / S.ARTIFACT_PICTURES_INDEX).read_text())
+    step = index.get("epoch") or 0
+    keys = []
+    for picture in index.get("pictures", []):
+        path = out_dir / S.ARTIFACT_PICTURES / picture["file"]
+        key = Path(picture["file"]).stem
+        with Image.open(path) as image:
+            image.load()
+            retry(c.log_image, run_id, image, key=key, step=step, synchronous=True)
+        keys.append(key)
+    return keys
 
 
 # --------------------------------------------------------------------------------------- callback
@@ -542,6 +570,8 @@ class MlflowCallback(Callback):
             tags[S.TAG_FLOPS_TOOL] = profile["flops_tool"]
         if summary.get("profile_error"):
             tags[S.TAG_PROFILE_ERROR] = summary["profile_error"]
+        if summary.get("pictures_error"):
+            tags[S.TAG_PICTURES_ERROR] = summary["pictures_error"]
         set_tags(self.c, self.run_id, tags)
         try:
             log_artifacts(self.c, self.run_id, self.out_dir, summary, self.title)

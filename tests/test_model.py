@@ -89,7 +89,7 @@ def test_postprocessor_topk_over_queries_and_classes():
     boxes = torch.tensor([[[0.5, 0.5, 1.0, 1.0], [0.25, 0.5, 0.5, 1.0], [0.5, 0.25, 0.2, 0.1]]])
     res = PostProcessor(num_classes=2, num_top_queries=3)({"pred_logits": logits, "pred_boxes": boxes},
                                                           torch.tensor([[200, 100]]))[0]
-    assert res["labels"].tolist() == [0, 1, 1]
+    assert res["labels"].tolist() == [0, 1, 1] and res["queries"].tolist() == [1, 1, 2]
     assert torch.allclose(res["scores"], torch.sigmoid(torch.tensor([2.0, 1.0, 0.0])))
     assert torch.allclose(res["boxes"][0], torch.tensor([0.0, 0.0, 100.0, 100.0]))
     assert torch.allclose(res["boxes"][2], torch.tensor([80.0, 20.0, 120.0, 30.0]))

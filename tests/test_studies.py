@@ -250,9 +250,14 @@ def test_grid_end_to_end_into_mlflow_with_a_failing_cell(tmp_path, store, synth_
         assert row[f"metrics.{S.TRAIN_MINUTES}"] == pytest.approx(sum(r["epoch_time_s"] for r in lines) / 60)
         # artifacts
         names = {a.path for a in c.list_artifacts(run_id)}
-        expected = {"config.yaml", "metrics.jsonl", "summary.json", "per_class_ap.csv", "eval"}
+        expected = {"config.yaml", "metrics.jsonl", "summary.json", "per_class_ap.csv", "eval", S.ARTIFACT_PICTURES,
+                    S.ARTIFACT_IMAGES}
         expected |= {"expert_usage.png"} if on else set()
         assert names == expected
+        kinds = ("detections", "kept_tokens", "encoder_experts", "decoder_experts") if on else ("detections",)
+        pictures = {Path(a.path).name for a in c.list_artifacts(run_id, S.ARTIFACT_PICTURES)}
+        assert pictures == {p.name for p in (run_dir / S.ARTIFACT_PICTURES).iterdir()}
+        assert {n.rsplit("_", 1)[0] for n in pictures if n.endswith(".png")} == set(kinds)
         assert {a.path for a in c.list_artifacts(run_id, "eval")} == {S.ARTIFACT_DETECTIONS, S.ARTIFACT_GROUND_TRUTH}
         local = Path(c.download_artifacts(run_id, "per_class_ap.csv", str(tmp_path / f"dl-{cell_id}")))
         table = {r["class"]: r for r in csv.DictReader(local.open())}

@@ -34,9 +34,12 @@ What a run does, in order:
    I/O per epoch: on short epochs, a large part of the work it protects).
 6. ``summary.json``: status ``completed`` / ``stopped`` (early stopping or a callback) / ``failed`` (with the
    error), best epoch and metrics, parameter counts, GFLOPs and latency from :mod:`dset.measure`.
+7. ``pictures/``: the reported checkpoint drawn on the first ``train.pictures`` validation images
+   (:mod:`dset.pictures`: detections, and with the DSET switches the kept tokens and the experts' routing).
 
 Files in ``out_dir``: ``config.yaml`` (resolved configuration), ``metrics.jsonl`` (one JSON object per epoch,
-keys listed in :func:`fit`), ``summary.json``, ``checkpoints/last.pt``, ``checkpoints/best.pt``. Checkpoints
+keys listed in :func:`fit`), ``summary.json``, ``checkpoints/last.pt``, ``checkpoints/best.pt``,
+``eval/detections.json`` and ``eval/ground_truth.json``, ``pictures/*.png`` and ``pictures/pictures.json``. Checkpoints
 are written to a temporary file and renamed (``os.replace``), so a killed run never leaves a torn file.
 ``best.pt`` holds what evaluation and fine-tuning read: the EMA weights (``ema``; the raw training weights are
 not kept), ``config``, ``epoch``, ``metrics`` and the label maps.
@@ -944,6 +947,8 @@ class _Run:
             self.summary["ddp_params_in_sync"] = self._params_in_sync()
         if dinfo.is_main and cfg.train.profile:
             self.summary.update(self._profile())
+        if dinfo.is_main and cfg.train.pictures:
+            self.summary.update(self._pictures())
         self.summary["peak_host_memory_mb"] = _peak_host_memory_mb()
         self.summary["peak_gpu_memory_mb"] = (torch.cuda.max_memory_allocated(self.device) / 2**20
                                               if self.device.type == "cuda" else None)
@@ -956,21 +961,28 @@ class _Run:
         values = _all_gather_object(float(checksum), self.dinfo)
         return all(v == values[0] for v in values)
 
+    def _reported_model(self) -> tuple[Detector, int | None]:
+        """The reported checkpoint and its epoch: best.pt's EMA weights, or the final EMA model when no epoch was
+        best (its epoch: the last one run). Its token pruner runs at the ratio of its epoch."""
+        best = self.ckpt_dir / "best.pt"
+        if not best.is_file():
+            done = self.summary.get("epochs_completed")
+            return self.ema.module, done - 1 if done else None
+        checkpoint = torch.load(best, map_location="cpu", weights_only=True)
+        model = build_model(self.cfg, load_weights=False)
+        model.load_state_dict(checkpoint["ema"]["module"])
+        return model.to(self.device), checkpoint.get("epoch")
+
     def _profile(self) -> dict:
-        """Params / active params / GFLOPs / latency of the reported checkpoint (best.pt's EMA weights; the final
-        EMA model when no epoch was best), as it runs: its token pruner at the ratio of its epoch, which is the
-        target ratio (best epochs are chosen among those), via dset.measure."""
+        """Params / active params / GFLOPs / latency of the reported checkpoint (:meth:`_reported_model`), as it
+        runs: its token pruner at the ratio of its epoch, which is the target ratio (best epochs are chosen among
+        those), via dset.measure."""
         try:
             from .. import measure
         except ImportError:  # pragma: no cover - dset.measure is part of the package
             return {"profile": None}
-        model = self.ema.module
-        best = self.ckpt_dir / "best.pt"
         try:
-            if best.is_file():
-                model = build_model(self.cfg, load_weights=False)
-                model.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["ema"]["module"])
-                model.to(self.device)
+            model, _ = self._reported_model()
             size = self.cfg.data.image_size
             prof = measure.profile_model(model, size=size, device=str(self.device), warmup=2, repeats=5)
         except Exception as exc:  # noqa: BLE001 - a measurement problem must not fail a finished run
@@ -986,6 +998,19 @@ class _Run:
         out.update({"profile_tokens": tokens, "profile_kept_tokens": kept, "profile_keep_ratio": kept / tokens})
         out["profile"] = _json_safe({k: v for k, v in prof.items() if not isinstance(v, torch.Tensor)})
         return out
+
+    def _pictures(self) -> dict:
+        """Draw the reported checkpoint (:meth:`_reported_model`) on the first ``train.pictures`` validation
+        images into ``pictures/`` (:func:`dset.pictures.draw_pictures`); the files, relative to the run folder."""
+        from ..pictures import draw_pictures
+
+        try:
+            model, epoch = self._reported_model()
+            paths = draw_pictures(model, self.data, self.out, num_images=self.cfg.train.pictures, epoch=epoch)
+        except Exception as exc:  # noqa: BLE001 - a drawing problem must not fail a finished run
+            log.warning("drawing the pictures failed: %s", exc)
+            return {"pictures_error": f"{type(exc).__name__}: {exc}"}
+        return {"pictures": [str(p.relative_to(self.out)) for p in paths]}
 
 
 def _epoch_line(epoch: int, epochs: int, m: dict) -> str:
@@ -1030,7 +1055,15 @@ def fit(cfg: Config | str, out_dir: str | os.PathLike, callbacks: Callback | Seq
     start, MiB; None off CUDA); and with ``train.profile`` from :func:`dset.measure.profile_model` on the best
     EMA weights at ``data.image_size``: ``active_params``, ``gflops`` (2 x multiply-adds, fvcore),
     ``latency_ms``/``fps`` (eval forward, batch ``latency_batch_size`` on ``latency_device``), ``profile``
-    (everything it measured).
+    (everything it measured), or ``profile_error``.
+
+    Pictures (``train.pictures`` > 0, default 4): :func:`dset.pictures.draw_pictures` draws the same reported
+    checkpoint on the first ``train.pictures`` validation images into ``out_dir/pictures/``:
+    ``detections_<image id>.png`` (ground truth beside the predictions), with token pruning
+    ``kept_tokens_<id>.png``, with encoder MoE ``encoder_experts_<id>.png``, with decoder MoE
+    ``decoder_experts_<id>.png``, and ``pictures.json`` describing them. ``summary.json`` lists the files under
+    ``pictures`` (paths relative to ``out_dir``), or says why there are none under ``pictures_error``: a drawing
+    failure does not fail a finished run.
 
     A failure (bad data, NaN loss, an interruption, ...) writes the newest epoch's resume state to
     ``checkpoints/last.pt`` (unless it failed writing a checkpoint), writes ``summary.json`` with status

@@ -85,9 +85,9 @@ class Detector(nn.Module):
         for name, layers in (("encoder_moe", self.encoder_moe_layers()), ("decoder_moe", self.decoder_moe_layers())):
             if layers:
                 stats[name] = [m.usage for m in layers]
-        if self.encoder.last_pruning is not None:
+        if self.encoder.last_pruning is not None:  # the numbers only: no per-token tensors
             stats["token_pruning"] = {k: v for k, v in self.encoder.last_pruning.items()
-                                      if k not in ("scores", "spatial_shape")}
+                                      if k not in ("scores", "spatial_shape", "keep_index")}
         return stats
 
 

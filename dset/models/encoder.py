@@ -145,7 +145,8 @@ class HybridEncoder(nn.Module):
         self.downsample_convs = nn.ModuleList(ConvNormLayer(hidden_dim, hidden_dim, 3, 2, act=act) for _ in range(n - 1))
         self.pan_blocks = nn.ModuleList(
             CSPRepLayer(hidden_dim * 2, hidden_dim, blocks, expansion=expansion, act=act) for _ in range(n - 1))
-        # Filled by every forward: what the pruner saw and did (scores keep their graph for the loss).
+        # Filled by every forward: what the pruner saw and did (scores keep their graph for the loss; keep_index
+        # [B, K], detached, says which tokens of the row-major H*W map were kept, for dset.pictures).
         self.last_pruning: dict | None = None
 
     def aifi(self, proj_feats: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -165,7 +166,8 @@ class HybridEncoder(nn.Module):
             else:
                 kept, kept_pos, keep_index, scores = pruner.select(tokens, pos)
                 memory = pruner.merge(tokens, self.encoder[i](kept, pos_embed=kept_pos), keep_index)
-                self.last_pruning = {"scores": scores, "spatial_shape": (h, w), **pruner.last_stats}
+                self.last_pruning = {"scores": scores, "spatial_shape": (h, w), "keep_index": keep_index.detach(),
+                                     **pruner.last_stats}
             proj_feats[level] = memory.permute(0, 2, 1).reshape(b, c, h, w).contiguous()
         return proj_feats
 

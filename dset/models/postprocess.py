@@ -9,10 +9,11 @@ from .box_ops import box_cxcywh_to_xyxy
 
 
 class PostProcessor(nn.Module):
-    """``forward(outputs, orig_sizes_wh [B, 2])`` -> list of {labels, boxes (xyxy pixels), scores}.
+    """``forward(outputs, orig_sizes_wh [B, 2])`` -> list of {labels, boxes (xyxy pixels), scores, queries}.
 
     As in RT-DETR with focal-style classification: every (query, class) pair is a candidate, and the
     ``num_top_queries`` best by sigmoid score are kept, so one query may yield several classes.
+    ``queries`` is the decoder query each detection came from (what per-query routing is looked up by).
     """
 
     def __init__(self, num_classes: int, num_top_queries: int = 300):
@@ -29,4 +30,5 @@ class PostProcessor(nn.Module):
         labels = index % self.num_classes
         query = index // self.num_classes
         boxes = boxes.gather(1, query.unsqueeze(-1).expand(-1, -1, 4))
-        return [{"labels": l, "boxes": b, "scores": s} for l, b, s in zip(labels, boxes, scores)]
+        return [{"labels": l, "boxes": b, "scores": s, "queries": q}
+                for l, b, s, q in zip(labels, boxes, scores, query)]
