@@ -13,6 +13,9 @@ Conventions (every number says how it was made):
   paper-convention GFLOPs leave out.
 - Latency: eval mode, ``torch.inference_mode``, batch 1 unless stated, warm-up runs then the median of
   timed runs; several models are timed round-robin in one process so that they share conditions.
+- Deployed speed (:func:`deployment_latency`): each model exported to ONNX (:mod:`dset.export`) and run by
+  ONNX Runtime with as many threads as torch uses, timed round-robin with eager PyTorch on the same images,
+  at batch 1 and 8; images/s = batch / median latency.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import platform
 import statistics
 import time
 import warnings
+from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -146,9 +151,34 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def time_round_robin(runners: dict[str, Callable[[], object]], warmup: int, repeats: int,
+                     sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+    """Milliseconds of each call of each runner: ``warmup`` untimed rounds, then ``repeats`` rounds in which every
+    runner is called once in turn, so that all of them share the machine's conditions (load, clocks, caches)."""
+    for _ in range(warmup):
+        for run in runners.values():
+            run()
+    sync()
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            sync()
+            start = time.perf_counter()
+            run()
+            sync()
+            times[name].append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def _timing(ts: list[float], batch_size: int, repeats: int, device: str) -> dict:
+    median = statistics.median(ts)
+    return {"latency_ms": median, "latency_ms_min": min(ts), "latency_ms_max": max(ts),
+            "fps": 1000.0 * batch_size / median, "batch_size": batch_size, "repeats": repeats, "device": device}
+
+
 def measure_latency(models: dict[str, nn.Module], size: int | tuple[int, int] = 640, device: str = "cpu",
                     batch_size: int = 1, warmup: int = 3, repeats: int = 10, seed: int = 0) -> dict[str, dict]:
-    """Median latency (ms) and FPS of each model's eval forward, timed round-robin in one process."""
+    """Median latency (ms) and FPS (images/s) of each model's eval forward, timed round-robin in one process."""
     device = torch.device(device)
     h, w = (size, size) if isinstance(size, int) else size
     images = torch.rand(batch_size, 3, h, w, generator=torch.Generator().manual_seed(seed)).to(device)
@@ -156,29 +186,94 @@ def measure_latency(models: dict[str, nn.Module], size: int | tuple[int, int] = 
     for name, model in models.items():
         states[name] = model.training
         model.eval().to(device)
-    times: dict[str, list[float]] = {name: [] for name in models}
     try:
         with torch.inference_mode():
-            for _ in range(warmup):
-                for model in models.values():
-                    model(images)
-            _sync(device)
-            for _ in range(repeats):
-                for name, model in models.items():
-                    _sync(device)
-                    start = time.perf_counter()
-                    model(images)
-                    _sync(device)
-                    times[name].append((time.perf_counter() - start) * 1000)
+            times = time_round_robin({name: (lambda m=model: m(images)) for name, model in models.items()},
+                                     warmup, repeats, lambda: _sync(device))
     finally:
         for name, model in models.items():
             model.train(states[name])
-    out = {}
-    for name, ts in times.items():
-        median = statistics.median(ts)
-        out[name] = {"latency_ms": median, "latency_ms_min": min(ts), "latency_ms_max": max(ts),
-                     "fps": 1000.0 * batch_size / median, "batch_size": batch_size, "repeats": repeats,
-                     "device": device_name(device)}
+    return {name: _timing(ts, batch_size, repeats, device_name(device)) for name, ts in times.items()}
+
+
+# ------------------------------------------------------------------------------------ deployed speed
+# ONNX Runtime providers timed besides the CPU one when this onnxruntime build has them and a GPU is present
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+PROVIDER_NAMES = {"CPUExecutionProvider": "onnxruntime_cpu", "CUDAExecutionProvider": "onnxruntime_cuda",
+                  "TensorrtExecutionProvider": "onnxruntime_tensorrt"}
+
+
+def deployment_latency(models: dict[str, nn.Module], size: int = 640, device: str = "cpu",
+                       batch_sizes: tuple[int, ...] = (1, 8), warmup: int = 3, repeats: int = 10,
+                       seed: int = 0) -> dict[str, dict]:
+    """Eager PyTorch (on ``device``) next to ONNX Runtime (its CPU provider; TensorRT and CUDA as well where this
+    onnxruntime has them and a GPU is present) at each batch size, every model and runtime timed round-robin in
+    one process on the same random images. Each model is exported with :func:`dset.export.export_onnx` and
+    checked against eager PyTorch first (:func:`dset.export.compare_with_eager`).
+
+    Returns per model ``{"runtimes": {"eager": {batch: timing}, "onnxruntime_cpu": {...}, ...}, "onnx_check":
+    {...}, "onnxruntime": "<version>", "threads": n, "not_timed": {runtime: why}}``; a timing is what
+    :func:`measure_latency` gives (``latency_ms`` per batch, ``fps`` = images/s)."""
+    import copy
+    import tempfile
+
+    import onnxruntime as ort
+
+    from .export import INPUT_NAME, compare_with_eager, export_onnx, onnxruntime_session
+
+    torch_device = torch.device(device)
+    available = ort.get_available_providers()
+    providers = ["CPUExecutionProvider"]
+    not_timed = {}
+    for provider in GPU_PROVIDERS:
+        if provider not in available:
+            not_timed[PROVIDER_NAMES[provider]] = f"this onnxruntime build has no {provider}"
+        elif not torch.cuda.is_available():
+            not_timed[PROVIDER_NAMES[provider]] = "no CUDA GPU"
+        else:
+            providers.append(provider)
+    h, w = (size, size) if isinstance(size, int) else size
+    generator = torch.Generator().manual_seed(seed)
+    images = {b: torch.rand(b, 3, h, w, generator=generator) for b in batch_sizes}
+    out: dict[str, dict] = {}
+    sessions: dict[tuple[str, str], object] = {}
+    runtime_names = {PROVIDER_NAMES[p]: f"onnxruntime {ort.__version__} {p}" for p in providers}
+    runtime_names["onnxruntime_cpu"] += f" ({torch.get_num_threads()} threads)"
+    states = {name: model.training for name, model in models.items()}
+    with tempfile.TemporaryDirectory(prefix="dset_onnx_") as tmp:
+        for name, model in models.items():
+            cpu_copy = copy.deepcopy(model).cpu().eval()
+            path = export_onnx(cpu_copy, Path(tmp) / f"model{len(out)}.onnx", (h, w))
+            cpu_session = onnxruntime_session(path)
+            out[name] = {"onnx_check": compare_with_eager(cpu_copy, cpu_session, (h, w)), "onnxruntime": ort.__version__,
+                         "threads": torch.get_num_threads(), "not_timed": dict(not_timed), "runtimes": {}}
+            del cpu_copy
+            sessions[(name, "CPUExecutionProvider")] = cpu_session
+            for provider in providers[1:]:
+                try:
+                    sessions[(name, provider)] = onnxruntime_session(path, providers=[provider])
+                except Exception as exc:  # noqa: BLE001 - e.g. TensorRT libraries missing: say so, time the rest
+                    out[name]["not_timed"][PROVIDER_NAMES[provider]] = f"{type(exc).__name__}: {exc}"
+        try:
+            with torch.inference_mode():
+                for name, model in models.items():
+                    model.eval().to(torch_device)
+                for b, x in images.items():
+                    runners = {}
+                    on_device, as_numpy = x.to(torch_device), x.numpy()
+                    for name, model in models.items():
+                        runners[(name, "eager")] = lambda m=model, x=on_device: m(x)
+                        for (sname, provider), session in sessions.items():
+                            if sname == name:
+                                runners[(name, PROVIDER_NAMES[provider])] = (
+                                    lambda s=session, x=as_numpy: s.run(None, {INPUT_NAME: x}))
+                    times = time_round_robin(runners, warmup, repeats, lambda: _sync(torch_device))
+                    for (name, runtime), ts in times.items():
+                        where = device_name(torch_device) if runtime == "eager" else runtime_names[runtime]
+                        out[name]["runtimes"].setdefault(runtime, {})[b] = _timing(ts, b, repeats, where)
+        finally:
+            for name, model in models.items():
+                model.train(states[name])
     return out
 
 
@@ -202,8 +297,11 @@ def sparse_summary(model: nn.Module) -> dict:
 
 
 def profile_models(models: dict[str, nn.Module], size: int = 640, device: str = "cpu", flops_inputs: int = 3,
-                   warmup: int = 3, repeats: int = 10, batch_size: int = 1) -> dict[str, dict]:
-    """Everything ``python -m dset.profile`` prints, for several models measured side by side."""
+                   warmup: int = 3, repeats: int = 10, batch_size: int = 1, deployment: bool = False,
+                   deployment_batch_sizes: tuple[int, ...] = (1, 8)) -> dict[str, dict]:
+    """Everything ``python -m dset.profile`` prints, for several models measured side by side. With
+    ``deployment``, also eager PyTorch next to ONNX Runtime at ``deployment_batch_sizes``
+    (:func:`deployment_latency`), under the key ``deployment``."""
     results = {}
     for name, model in models.items():
         model.eval()
@@ -218,6 +316,10 @@ def profile_models(models: dict[str, nn.Module], size: int = 640, device: str = 
     timing = measure_latency(models, size, device, batch_size, warmup, repeats)
     for name in models:
         results[name].update(timing[name])
+    if deployment:
+        deployed = deployment_latency(models, size, device, deployment_batch_sizes, warmup, repeats)
+        for name in models:
+            results[name]["deployment"] = deployed[name]
     return results
 
 

@@ -1,5 +1,7 @@
 """``python -m dset.profile PRESET [PRESET ...] [--size 640] [--json]``: parameters, GFLOPs by
-component, latency and FPS, for several models measured side by side in one process.
+component, latency and FPS, for several models measured side by side in one process; and the deployed
+speed: eager PyTorch next to ONNX Runtime (CPU; TensorRT and CUDA too where onnxruntime has them and a GPU is
+present) at batch 1 and 8, every model and runtime timed round-robin (``--no-onnx`` skips it).
 
 DSET models are measured in their trained state: the token-pruning schedule is set to its end
 (``--epoch`` overrides), so pruning runs at the target keep ratio.
@@ -14,6 +16,7 @@ import sys
 import torch
 
 from .config import ConfigError, load_config
+from .export import ExportError
 from .measure import profile_models
 
 
@@ -31,8 +34,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="epoch for the token-pruning schedule (default: the end of its ramp)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="configuration override applied to every model (repeatable)")
+    parser.add_argument("--no-onnx", action="store_true",
+                        help="skip the deployed speed (ONNX export and ONNX Runtime timing)")
+    parser.add_argument("--deploy-batch-sizes", default="1,8", metavar="B,B",
+                        help="batch sizes of the deployed-speed comparison (default 1,8)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per model")
     args = parser.parse_intermixed_args(argv)
+    try:
+        deploy_batches = tuple(int(b) for b in args.deploy_batch_sizes.split(","))
+        if not deploy_batches or min(deploy_batches) < 1:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--deploy-batch-sizes must be positive integers separated by commas, got {args.deploy_batch_sizes!r}")
     if args.size <= 0 or args.size % 32:
         parser.error(f"--size must be a positive multiple of 32 (the backbone's stride), got {args.size}")
 
@@ -53,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     try:
         results = profile_models(models, args.size, args.device, args.flops_inputs, args.warmup, args.repeats,
-                                 args.batch_size)
-    except ValueError as exc:  # e.g. more decoder queries than encoder tokens at a small --size
+                                 args.batch_size, deployment=not args.no_onnx, deployment_batch_sizes=deploy_batches)
+    except (ValueError, ExportError) as exc:  # e.g. more decoder queries than encoder tokens at a small --size
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for name, r in results.items():
@@ -65,7 +78,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {r['params']:,} params ({r['active_params']:,} active), {r['gflops']:.2f} GFLOPs "
                   f"({comp}), {r['latency_ms']:.1f} ms = {r['fps']:.1f} FPS on {r['device']}, "
                   f"batch {r['batch_size']}, {args.size}x{args.size}")
+            if "deployment" in r:
+                print(deployment_lines(r["deployment"]))
     return 0
+
+
+def deployment_lines(d: dict) -> str:
+    """The deployed-speed block of one model as text: one line per runtime, then the ONNX check."""
+    lines = []
+    for runtime, by_batch in d["runtimes"].items():
+        cells = "; ".join(f"batch {b}: {t['latency_ms']:.1f} ms, {t['fps']:.1f} images/s" for b, t in by_batch.items())
+        lines.append(f"  {runtime} ({next(iter(by_batch.values()))['device']}): {cells}")
+    c = d["onnx_check"]
+    lines.append(f"  ONNX vs PyTorch: max |difference| pred_logits {c['pred_logits']:.1e}, pred_boxes "
+                 f"{c['pred_boxes']:.1e} ({c['images']} images, {c['reordered_queries']} tied queries reordered)")
+    lines += [f"  not timed: {runtime}: {why}" for runtime, why in d["not_timed"].items()]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

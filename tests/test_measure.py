@@ -64,11 +64,16 @@ def test_profile_cli_prints_one_json_object_per_model(capsys):
     from dset.profile import main
 
     assert main(["rtdetr_r18", "dset_r18", "--size", "128", "--json", "--warmup", "0", "--repeats", "1",
-                 "--flops-inputs", "1", "--set", "model.decoder.num_queries=20"]) == 0
+                 "--flops-inputs", "1", "--set", "model.decoder.num_queries=20", "--deploy-batch-sizes", "1,2"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert [r["model"] for r in lines] == ["rtdetr_r18", "dset_r18"]
     for r in lines:
         assert {"params", "active_params", "gflops", "gflops_by_component", "latency_ms", "fps", "device"} <= set(r)
+        # the deployed speed: eager PyTorch next to ONNX Runtime at the two batch sizes asked for
+        runtimes = r["deployment"]["runtimes"]
+        assert set(runtimes) == {"eager", "onnxruntime_cpu"}
+        assert all(sorted(by_batch) == ["1", "2"] for by_batch in runtimes.values())  # JSON keys
+        assert runtimes["onnxruntime_cpu"]["2"]["fps"] == pytest.approx(2000 / runtimes["onnxruntime_cpu"]["2"]["latency_ms"])
     assert lines[1]["active_params"] < lines[1]["params"]
     assert lines[1]["sparse"]["token_pruning"]["keep_ratio_in_force"] == pytest.approx(0.7)
 

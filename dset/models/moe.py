@@ -134,6 +134,8 @@ class MoEFFN(nn.Module):
     """
 
     pad_waste_limit: float = 1.5
+    # set by dset.export while it exports a graph: forward takes _forward_export, which a trace cannot freeze
+    export_dispatch: bool = False
 
     def __init__(
         self,
@@ -323,6 +325,16 @@ class MoEFFN(nn.Module):
         shape = x.shape
         if shape[-1] != self.d_model:
             raise ValueError(f"expected last dim d_model={self.d_model}, got input shape {tuple(shape)}")
+        if self.export_dispatch:
+            return self._forward_export(x)
+        if torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
+            raise RuntimeError(
+                "MoEFFN's sparse dispatch cannot be exported as it is: it reads each expert's group size to the "
+                "host (counts.tolist()) to size its buffers, which an ONNX trace or torch.export would freeze at "
+                "the traced input's routing and so give another model for any other input. Export with "
+                "`python -m dset.export` (dset.export.export_onnx), which switches every MoE layer to its export "
+                "dispatch (per-expert nonzero, gather, matmul, scatter_add: the same routed computation, with "
+                "group sizes decided at run time)")
         x2d = x.reshape(-1, self.d_model)
         T, E, k = x2d.shape[0], self.num_experts, self.top_k
 
@@ -364,6 +376,27 @@ class MoEFFN(nn.Module):
         y_slots = ys.index_select(0, row_of_slot).view(T, k, self.d_model)
         out = torch.bmm(top_w.to(ys.dtype).unsqueeze(1), y_slots)  # [T, 1, d]
         return out.reshape(shape)
+
+    def _forward_export(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference dispatch for graph export (``export_dispatch``): the same routing and the same routed
+        work as :meth:`forward`, written without host reads so that a traced graph stays correct for every
+        input: per expert, ``nonzero`` finds its token-slots (a size decided at run time, ONNX ``NonZero``),
+        their tokens are gathered, run through the expert and added back weighted (``scatter_add``, ONNX
+        ``ScatterElements`` with add). Eval only: no noise, no statistics, no dropout."""
+        if self.training:
+            raise RuntimeError("MoEFFN.export_dispatch is for inference graphs: put the model in eval mode")
+        x2d = x.reshape(-1, self.d_model)
+        top_w, top_i, _, _ = self.route(x2d)
+        flat_w = top_w.reshape(-1)
+        out = torch.zeros_like(x2d)
+        for e in range(self.num_experts):
+            slots = (top_i.reshape(-1) == e).nonzero().squeeze(1)  # token-slots of expert e: token = slot // k
+            token = torch.div(slots, self.top_k, rounding_mode="floor")
+            h = _activation(torch.addmm(self.b1[e], x2d.index_select(0, token), self.w1[e].t()), self.activation, False)
+            y = torch.addmm(self.b2[e], h, self.w2[e].t()) * flat_w.index_select(0, slots).to(x2d.dtype).unsqueeze(-1)
+            # a token picks an expert once, so the indices are distinct; scatter_add (ONNX ScatterElements, add)
+            out = out.scatter_add(0, token.unsqueeze(-1).expand(-1, self.d_model), y)
+        return out.reshape(x.shape)
 
     def _act_(self, h: torch.Tensor, need_grad: bool) -> torch.Tensor:
         if self.activation == "relu":
