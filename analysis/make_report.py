@@ -29,11 +29,15 @@ share the sparse mechanisms act on), reported_vs_measured (the seed report's DAI
 ours), ap_by_size (AP for small/medium/large objects per variant, their change against RT-DETR and the
 ground-truth boxes per size), class_ap_deltas (per class, ΔAP against RT-DETR with 95% bootstrap intervals),
 stage1 (the stage-1 pretraining runs the cells fine-tune from), optuna_pareto and optuna_importances (Optuna
-studies), runs (every run, with status, error and init checkpoint). The error analysis beyond mAP (the two
+studies), deployment (eager PyTorch next to ONNX Runtime at batch 1 and 8, as each run timed them: deploy/
+metrics), runs (every run, with status, error and init checkpoint). The error analysis beyond mAP (the two
 tables above, pr_curves and confusion) is computed by ``analysis/errors.py`` from the same logged detections.
 Plots: map_vs_gflops, map_vs_latency, ablation_bars, expert_usage_<variant>, map_keep_ratio_per_epoch,
 train_loss, pr_curves_<backbone> (precision-recall per class at IoU 0.50, one line per variant),
-confusion_<backbone> (a detection confusion matrix per variant), optuna_pareto, optuna_importances.
+confusion_<backbone> (a detection confusion matrix per variant), deployment (the deployment table as bars),
+pictures_<kind>_<backbone> (the variants side by side on the same validation images: detections, kept tokens,
+encoder experts per token, decoder expert per prediction; drawn by the runs, dset.pictures, and read from their
+pictures/ artifacts), optuna_pareto, optuna_importances.
 
 Behaviour: failed, unfinished and missing runs are listed (runs table; "runs not included" columns;
 "not run" rows in the ablation) rather than dropped; an unknown or empty experiment is a one-line
@@ -66,6 +70,8 @@ from studies import mlflow_schema as S  # noqa: E402
 MANIFEST = "report_files.txt"
 HISTORY_KEYS = (S.VAL_PREFIX + "mAP", S.KEEP_RATIO, S.TRAIN_LOSS_PREFIX + "loss")
 PLOT_CAPTIONS = {
+    "deployment": "Deployed speed per variant: batch-1 latency (left) and batch-8 throughput (right), eager PyTorch "
+                  "next to ONNX Runtime, as each run timed them side by side (the deployment table; its notes say how).",
     "map_vs_gflops": "mAP@0.5:0.95 against measured GFLOPs for every variant (seed mean ± std); RT-DETR baselines "
                      "as stars; dashed: the Pareto front (no other variant has more mAP for fewer GFLOPs).",
     "map_vs_latency": "mAP@0.5:0.95 against latency (batch 1, median, on the latency device) for every variant; "
@@ -161,6 +167,11 @@ def build_tables(study: R.Study, vs: pd.DataFrame) -> tuple[dict, dict, dict]:
             tables["optuna_importances"] = table
     else:
         skipped["optuna_importances"] = "not an Optuna study (no run has a dset.trial tag)"
+    table, why = T.deployment_table(study, vs)
+    if table is None:
+        skipped["deployment"] = why
+    else:
+        tables["deployment"] = table
     tables["runs"] = T.runs_table(study)
     return tables, skipped, extra
 
@@ -215,6 +226,12 @@ def build_figures(study: R.Study, vs: pd.DataFrame, tables: dict, extra: dict) -
         PLOT_CAPTIONS["map_keep_ratio_per_epoch"] + note)
     add("train_loss", P.train_loss(hist), "no per-epoch train/loss logged", PLOT_CAPTIONS["train_loss"] + note)
     _error_figures(vs, focus, extra.get("errors", {}), note, add, skipped)
+    if "deployment" in tables:
+        add("deployment", P.deployment_bars(tables["deployment"].df), "no deploy/ latency logged",
+            PLOT_CAPTIONS["deployment"])
+    else:
+        skipped["deployment (plot)"] = "no deployment table"
+    _picture_figures(study, focus, note, add, skipped)
     if study.is_optuna:
         add("optuna_pareto", P.optuna_pareto(extra["trials"]), "no finished trial with best/mAP and gflops")
         add("optuna_importances", P.optuna_importances(extra.get("importances", {}), extra.get("method", "")),
@@ -245,6 +262,64 @@ def _error_figures(vs: pd.DataFrame, focus: pd.DataFrame, analyses: dict, note: 
         thresholds = (first.score_threshold, first.iou_threshold) if first else (E.SCORE_THRESHOLD, E.IOU_THRESHOLD)
         add(f"confusion_{P.slug(bb)}", P.confusion_matrices(bb, drawn), why,
             PLOT_CAPTIONS["confusion"].format(score=thresholds[0], iou=thresholds[1]) + said)
+
+
+PICTURE_KINDS = {  # kind (dset.pictures) -> what the grid shows
+    "detections": "ground truth (left panel) and the predictions with score >= the run's threshold (right panel)",
+    "kept_tokens": "the stride-32 tokens token pruning kept (clear) and pruned (shaded)",
+    "encoder_experts": "each AIFI token's top-1 expert of the encoder MoE, as a colour (pruned tokens uncoloured)",
+    "decoder_experts": "each final prediction's box, coloured by the expert its query's top-1 routing chose in the "
+                       "decoder layer that makes the prediction",
+}
+PICTURES_PER_VARIANT = 3
+
+
+def _picture_figures(study: R.Study, focus: pd.DataFrame, note: str, add, skipped: dict) -> None:
+    """Per backbone and picture kind, the variants side by side on the same validation images: each variant's
+    first included run (lowest seed), the pictures it logged (:func:`analysis.runs.pictures`)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    if focus.empty:
+        skipped["pictures_*"] = "no finished run"
+        return
+    for bb in sorted(set(focus["backbone"].dropna()), key=lambda b: (R.BACKBONE_ORDER.get(b, 9), b)):
+        sub = focus[focus["backbone"] == bb]
+        logged, missing = {}, []
+        for _, v in sub.iterrows():
+            got = R.pictures(study, v["run_ids"][0]) if v["run_ids"] else "no included run"
+            if isinstance(got, str):
+                missing.append(f"{v['label']} ({got})")
+            else:
+                logged[v["label"]] = (v, got)
+        if not logged:
+            skipped[f"pictures_*_{P.slug(bb)}"] = f"no {bb} run logged pictures: {missing[0]}" + (
+                f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+            continue
+        shared = None  # the images every variant drew, in the order the first drew them
+        for _, (index, _files) in logged.values():
+            ids = list(index["image_ids"])
+            shared = ids if shared is None else [i for i in shared if i in ids]
+        shown = shared[:PICTURES_PER_VARIANT]
+        for kind, what in PICTURE_KINDS.items():
+            rows, runs = [], []
+            for label, (v, (index, files)) in logged.items():
+                by_image = {p["image_id"]: p["file"] for p in index["pictures"] if p["kind"] == kind}
+                if not all(i in by_image for i in shown):
+                    continue
+                images = [np.asarray(Image.open(io.BytesIO(files[by_image[i]])).convert("RGB")) for i in shown]
+                seed = v["seeds"][0] if v["seeds"] else "?"
+                rows.append((label, images))
+                runs.append(f"{label}: seed {seed}, epoch {index.get('epoch')}, threshold {index['score_threshold']:g}")
+            name = f"pictures_{kind}_{P.slug(bb)}"
+            fig = P.picture_grid(f"{bb}: {kind.replace('_', ' ')}", rows, [f"image {i}" for i in shown])
+            caption = (f"{bb}, validation images {', '.join(map(str, shown))}: {what}. One row per variant that has "
+                       f"this picture, drawn by its first run's reported checkpoint (dset.pictures; every run's "
+                       f"full-size pictures are MLflow artifacts under pictures/). Runs: {'; '.join(runs)}."
+                       + (f" No pictures: {'; '.join(missing)}." if missing else "") + note)
+            add(name, fig, f"no {bb} variant has {kind} pictures", caption)
 
 
 HTML_STYLE = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;

@@ -374,3 +374,59 @@ def confusion_matrices(backbone: str, analyses: dict[str, E.ErrorAnalysis]) -> F
     fig.suptitle(f"{backbone}: detection confusion matrix (score ≥ {first.score_threshold:g}, "
                  f"IoU ≥ {first.iou_threshold:g})", fontsize=10)
     return fig
+
+
+@_styled
+def deployment_bars(table_df: pd.DataFrame) -> Figure | None:
+    """Batch-1 latency (left) and batch-8 throughput (right) of every variant, one bar per runtime (the deployment
+    table's columns)."""
+    latency = [c for c in table_df.columns if c.endswith(" b1 (ms)")]
+    throughput = [c for c in table_df.columns if c.endswith(" b8 (images/s)")]
+    if table_df.empty or not latency or table_df[latency].isna().all().all():
+        return None
+    labels = [f"{m}" for m in table_df["model"]]
+    fig, axes = _new(11, 0.9 + 0.32 * len(labels), 1, 2)
+    y = np.arange(len(labels))
+    for ax, cols, xlabel in ((axes[0][0], latency, "latency at batch 1 (ms, median)"),
+                             (axes[0][1], throughput, "throughput at batch 8 (images/s)")):
+        height = 0.8 / max(len(cols), 1)
+        for i, col in enumerate(cols):
+            runtime = col.split(" b")[0]
+            ax.barh(y + (i - (len(cols) - 1) / 2) * height, table_df[col].to_numpy(dtype=float), height=height,
+                    label=runtime, color=["tab:gray", "tab:blue", "tab:green", "tab:red"][i % 4])
+        ax.set_yticks(y, labels)
+        ax.invert_yaxis()
+        ax.set_xlabel(xlabel)
+        ax.grid(axis="x", alpha=0.3)
+        ax.legend(loc="lower right")
+    axes[0][1].set_yticklabels([])
+    return fig
+
+
+@_styled
+def picture_grid(title: str, rows: list[tuple[str, list[np.ndarray]]], column_titles: list[str]) -> Figure | None:
+    """Pictures side by side: one row per variant (its label on the left), one column per validation image, each
+    cell a picture the run drew (:mod:`dset.pictures`), shown at its own aspect ratio."""
+    rows = [(label, images) for label, images in rows if images]
+    if not rows:
+        return None
+    cols = max(len(images) for _, images in rows)
+    h, w = rows[0][1][0].shape[:2]
+    cell_w = 3.6 if w < 1.5 * h else 5.2  # detections pictures hold two panels
+    fig, axes = _new(0.6 + cell_w * cols, 0.4 + cell_w * h / w * len(rows), len(rows), cols)
+    axes = np.atleast_2d(np.asarray(axes, dtype=object).reshape(len(rows), cols))
+    for r, (label, images) in enumerate(rows):
+        for c in range(cols):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if c < len(images):
+                ax.imshow(images[c], interpolation="antialiased")
+            if r == 0 and c < len(column_titles):
+                ax.set_title(column_titles[c])
+            if c == 0:
+                ax.set_ylabel(label, rotation=90, fontsize=9)
+    fig.suptitle(title)
+    return fig

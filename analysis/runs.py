@@ -63,7 +63,15 @@ FINAL_METRICS = {
     "final_keep_ratio": S.FINAL_KEEP_RATIO, "epochs_run": S.EPOCHS_RUN, "train_minutes": S.TRAIN_MINUTES,
     "profile_tokens": S.PROFILE_TOKENS, "profile_kept_tokens": S.PROFILE_KEPT_TOKENS,
     "profile_keep_ratio": S.PROFILE_KEEP_RATIO,
+    # deployed speed (train.profile_deployment): eager PyTorch and ONNX Runtime (CPU) timed side by side in the run
+    "eager_b1_ms": S.deploy_metric(S.EAGER, "latency_ms", 1),
+    "eager_b8_images_per_s": S.deploy_metric(S.EAGER, "images_per_s", 8),
+    "onnxruntime_b1_ms": S.deploy_metric(S.ONNXRUNTIME_CPU, "latency_ms", 1),
+    "onnxruntime_b8_images_per_s": S.deploy_metric(S.ONNXRUNTIME_CPU, "images_per_s", 8),
+    "onnx_max_abs_diff": S.DEPLOY_ONNX_MAX_DIFF,
 }
+# the deploy/ metrics of any runtime: deploy/<runtime>/<latency_ms|images_per_s>_b<batch>
+DEPLOY_RE = re.compile(r"^metrics\." + re.escape(S.DEPLOY_PREFIX) + r"([a-z_]+)/(latency_ms|images_per_s)_b(\d+)$")
 USAGE_RE = re.compile(r"^metrics\." + re.escape(S.USAGE_PREFIX) + r"(encoder_moe|decoder_moe)/layer(\d+)/expert(\d+)$")
 
 
@@ -137,6 +145,7 @@ class Study:
     runs: pd.DataFrame                         # every run (parents too), normalised, in a stable order
     _histories: dict = field(default_factory=dict, repr=False)
     _evaluations: dict = field(default_factory=dict, repr=False)
+    _pictures: dict = field(default_factory=dict, repr=False)
 
     @property
     def children(self) -> pd.DataFrame:
@@ -270,6 +279,7 @@ def normalise(raw: pd.DataFrame) -> pd.DataFrame:
     df["dset_status"] = _tag(df, S.TAG_STATUS)
     df["error"] = _tag(df, S.TAG_ERROR)
     df["latency_device"] = _tag(df, S.TAG_LATENCY_DEVICE)
+    df["deploy_devices"] = _tag(df, S.TAG_DEPLOY_DEVICES)
     df["device"] = _tag(df, S.TAG_DEVICE)
     df["stop_reason"] = _tag(df, TAG_STOP_REASON)
     df["init_checkpoint"] = _tag(df, S.TAG_INIT_CHECKPOINT)
@@ -416,6 +426,7 @@ def variants(study: Study) -> pd.DataFrame:
             "all_seeds": tuple(sorted({int(s) for s in g["seed"] if not pd.isna(s)})),
             "data": _describe_data((inc if len(inc) else g).iloc[0]),
             "latency_device": "; ".join(sorted({d for d in inc["latency_device"] if d})) or None,
+            "deploy_devices": " | ".join(sorted({d for d in inc["deploy_devices"] if d})) or None,
             "first_run": (inc if len(inc) else g).iloc[0]["run_id"],
             "run_ids": tuple(inc["run_id"]),
             "init_checkpoint": "; ".join(sorted({c for c in inc["init_checkpoint"] if c})) or None,
@@ -448,22 +459,28 @@ def evaluations(study: Study, run_ids) -> dict[str, B.Evaluated | str]:
     why). Downloaded and evaluated once per run and report (cached on ``study``)."""
     todo = [r for r in run_ids if r not in study._evaluations]
     if todo:
-        previous = os.environ.get(_PROGRESS_BAR)
-        os.environ[_PROGRESS_BAR] = "false"  # MLflow draws a progress bar per download on stderr
-        try:
-            with _quiet_mlflow(), tempfile.TemporaryDirectory(prefix="dset_report_") as tmp:
-                client = client_for(study.tracking_uri)
-                for run_id in todo:
-                    study._evaluations[run_id] = _evaluation(client, run_id, Path(tmp) / run_id)
-        finally:
-            if previous is None:
-                os.environ.pop(_PROGRESS_BAR, None)
-            else:
-                os.environ[_PROGRESS_BAR] = previous
+        with _quiet_mlflow(), _no_progress_bar(), tempfile.TemporaryDirectory(prefix="dset_report_") as tmp:
+            client = client_for(study.tracking_uri)
+            for run_id in todo:
+                study._evaluations[run_id] = _evaluation(client, run_id, Path(tmp) / run_id)
     return {r: study._evaluations[r] for r in run_ids}
 
 
 _PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+
+
+@contextlib.contextmanager
+def _no_progress_bar():
+    """MLflow draws a progress bar per download on stderr: not in a report's output."""
+    previous = os.environ.get(_PROGRESS_BAR)
+    os.environ[_PROGRESS_BAR] = "false"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(_PROGRESS_BAR, None)
+        else:
+            os.environ[_PROGRESS_BAR] = previous
 
 
 def _evaluation(client, run_id: str, folder: Path) -> B.Evaluated | str:
@@ -483,6 +500,28 @@ def _evaluation(client, run_id: str, folder: Path) -> B.Evaluated | str:
         return B.evaluate_run(gt, dets["detections"], dets["image_ids"], name=f"run {run_id}")
     except Exception as exc:  # a malformed file: say which run and why, and report the run without it
         return f"{S.ARTIFACT_DETECTIONS} / {S.ARTIFACT_GROUND_TRUTH} unusable: {type(exc).__name__}: {exc}"
+
+
+def pictures(study: Study, run_id: str) -> tuple[dict, dict[str, bytes]] | str:
+    """A run's pictures (``ARTIFACT_PICTURES``, :mod:`dset.pictures`): its ``pictures.json`` and every PNG it lists
+    (file name -> bytes), or, as a string, why there are none. Downloaded once per run and report."""
+    if run_id not in study._pictures:
+        with _quiet_mlflow(), _no_progress_bar(), tempfile.TemporaryDirectory(prefix="dset_report_") as tmp:
+            study._pictures[run_id] = _download_pictures(client_for(study.tracking_uri), run_id, Path(tmp))
+    return study._pictures[run_id]
+
+
+def _download_pictures(client, run_id: str, folder: Path) -> tuple[dict, dict[str, bytes]] | str:
+    try:
+        logged = {f.path for f in client.list_artifacts(run_id, S.ARTIFACT_PICTURES)}
+        if S.ARTIFACT_PICTURES_INDEX not in logged:
+            return f"no {S.ARTIFACT_PICTURES_INDEX} logged"
+        local = Path(client.download_artifacts(run_id, S.ARTIFACT_PICTURES, str(folder)))
+        index = json.loads((local / Path(S.ARTIFACT_PICTURES_INDEX).name).read_text())
+        files = {p["file"]: (local / Path(p["file"]).name).read_bytes() for p in index["pictures"]}
+        return index, files
+    except Exception as exc:  # an unreadable store or file: the report says why and goes on
+        return f"pictures unusable: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 def usage_matrices(study: Study, group: str) -> dict[str, np.ndarray]:

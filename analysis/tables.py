@@ -863,3 +863,68 @@ def runs_table(study: R.Study) -> Table:
              PROFILE_NOTE.replace("GFLOPs/latency at", "GFLOPs at")]
     return Table("runs", "Runs: every run of the experiment and its status", df, None, None,
                  {"seed": integer, "trial": integer, "mAP@0.5:0.95": F4, "GFLOPs": F2}, notes)
+
+
+def deployment_runtimes(study: R.Study) -> list[tuple[str, int]]:
+    """The (runtime, batch) pairs that some run logged a deploy/ latency for, eager first, then ONNX Runtime's
+    providers in name order, batches ascending."""
+    found = set()
+    for col in study.runs.columns:
+        m = R.DEPLOY_RE.match(col)
+        if m and m.group(2) == "latency_ms" and study.runs[col].notna().any():
+            found.add((m.group(1), int(m.group(3))))
+    return sorted(found, key=lambda rb: (rb[0] != S.EAGER, rb[0], rb[1]))
+
+
+def deployment_table(study: R.Study, vs: pd.DataFrame) -> tuple[Table | None, str]:
+    """Every variant's deployed speed: eager PyTorch and ONNX Runtime at batch 1 and 8 (seed means of what each run
+    timed side by side in its own process), ONNX Runtime's speed-up over eager, and its latency against RT-DETR of
+    the same backbone."""
+    pairs = deployment_runtimes(study)
+    if vs.empty or not pairs:
+        return None, "no run logged deploy/ metrics (train.profile_deployment off, or runs from before it existed)"
+    inc = study.included
+    rows = []
+    for _, v in vs.iterrows():
+        runs = inc[inc["group"] == v["group"]]
+        row = {"model": v["label"], "backbone": v["backbone"], "n": v["n"]}
+        for runtime, batch in pairs:
+            ms = study.metric(runs, S.deploy_metric(runtime, "latency_ms", batch)).dropna()
+            ips = study.metric(runs, S.deploy_metric(runtime, "images_per_s", batch)).dropna()
+            row[f"{runtime} b{batch} (ms)"] = float(ms.mean()) if len(ms) else math.nan
+            row[f"{runtime} b{batch} (images/s)"] = float(ips.mean()) if len(ips) else math.nan
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    ort_b1, eager_b1 = f"{S.ONNXRUNTIME_CPU} b1 (ms)", f"{S.EAGER} b1 (ms)"
+    if ort_b1 in df and eager_b1 in df:
+        df["ONNX Runtime speed-up b1 (×)"] = df[eager_b1] / df[ort_b1]
+        base_ms = {bb: df.loc[(df["model"] == R.baseline_of(vs, bb)["label"]), ort_b1].iloc[0]
+                   for bb in set(vs["backbone"].dropna()) if R.baseline_of(vs, bb) is not None}
+        df["ONNX Runtime b1 vs RT-DETR same backbone (%)"] = [
+            (ms / base_ms[bb] - 1) * 100 if bb in base_ms and base_ms[bb] > 0 else math.nan
+            for ms, bb in zip(df[ort_b1], df["backbone"])]
+    df["max |ONNX − eager|"] = [float(v["onnx_max_abs_diff_mean"]) if not missing(v["onnx_max_abs_diff_mean"])
+                               else math.nan for _, v in vs.iterrows()]
+    df["measured on"] = list(vs["deploy_devices"])
+    # images/s at batch 1 is 1000 / ms: keep the batch-8 throughput and the batch-1 latency only
+    df = df[[c for c in df.columns if not (c.endswith("(images/s)") and " b1 " in c)
+             and not (c.endswith("(ms)") and " b1 " not in c)]]
+    formats = {c: (F1 if "images/s" in c or c.endswith("(ms)") else F2) for c in df.columns if "(" in c}
+    formats.update({"n": integer, "ONNX Runtime b1 vs RT-DETR same backbone (%)": SIGNED2,
+                    "max |ONNX − eager|": fmt(".1e")})
+    notes = [
+        "Deployed speed of each run's reported checkpoint (train.profile_deployment, dset.measure.deployment_latency): "
+        "the model exported to ONNX (dset.export, every switch included) and run by ONNX Runtime with as many threads "
+        "as PyTorch, timed round-robin with eager PyTorch on the same random images in the run's own process, at the "
+        "run's image size; warm-up 2, median of 5 timed runs per batch size. ms: batch-1 latency; images/s: batch-8 "
+        "throughput = 8000 / batch-8 latency (ms). With n > 1 seeds: mean of the runs' medians.",
+        "No interval: each run is one timing session on the machine the study ran on, so a latency difference here "
+        "is indicative only; python -m dset.profile times variants side by side in one process for a comparison.",
+        "max |ONNX − eager|: largest difference of the outputs (logits, boxes) between ONNX Runtime and eager "
+        "PyTorch on random inputs, queries paired where tied scores reorder them (dset.export.compare_with_eager).",
+        "Runtimes: eager = PyTorch on the run's device; onnxruntime_cpu = ONNX Runtime's CPUExecutionProvider; "
+        "onnxruntime_tensorrt / onnxruntime_cuda appear where the run had a GPU and an onnxruntime build with them.",
+    ]
+    text = [c for c in df.columns]
+    return Table("deployment", "Deployed speed: eager PyTorch and ONNX Runtime, batch 1 and 8", df, text, text,
+                 formats, notes), ""

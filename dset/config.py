@@ -168,6 +168,8 @@ class TrainConfig:
     early_stop_patience: Optional[int] = None # epochs without mAP improvement; None: never stop early
     eval_every: int = 1
     profile: bool = True                      # measure params/GFLOPs/latency of the final model (summary.json)
+    profile_deployment: bool = True           # with profile: also eager PyTorch next to ONNX Runtime at batch 1 and 8
+                                              # (dset.measure.deployment_latency; an ONNX export of the model)
     pictures: int = 4                         # draw the reported model on this many validation images (pictures/,
                                               # see dset.pictures); 0: none
     checkpoint_every_minutes: float = 10.0    # at most one write of checkpoints/last.pt (the resume state) per this
@@ -190,7 +192,8 @@ def multi_scale_sizes(image_size: int) -> list[int]:
 
 
 RESULT_NEUTRAL_KEYS = ("run.device", "run.progress", "run.out_dir", "data.num_workers", "train.keep_last_checkpoint",
-                       "train.checkpoint_every_minutes", "run.budget", "train.pictures")
+                       "train.checkpoint_every_minutes", "run.budget", "train.pictures",
+                       "train.profile_deployment")
 
 
 @dataclass

@@ -20,6 +20,12 @@ Child runs carry:
 A failed child run has MLflow status FAILED and the tag ``dset.error`` with the error message.
 """
 
+# ------------------------------------------------------------------------------------------ experiments
+# MLflow 3's UI opens an experiment on its GenAI overview (traces, sessions, judges) unless this experiment tag
+# says it holds model training; ours do, so it opens on the runs
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
 # ----------------------------------------------------------------------------------------------- tags
 TAG_ROLE = "dset.role"                 # "parent", "child" (a cell or trial) or "pretrain" (a stage-1 run)
 TAG_STUDY = "dset.study"               # study name, e.g. "ablation_grid"
@@ -56,6 +62,9 @@ TAG_PROFILE_ERROR = "dset.profile_error"  # why params/GFLOPs/latency are missin
 TAG_PICTURES_ERROR = "dset.pictures_error"  # why the pictures are missing from a finished run
 TAG_HOST = "dset.host"                 # host and process id of the invocation running the run: a RUNNING run
 TAG_PID = "dset.pid"                   # whose process is gone is resumed by the next invocation
+TAG_DEPLOY_DEVICES = "dset.deploy_devices"  # where each deploy/<runtime> metric ran, e.g. "eager: cpu (x86_64, 2 threads);
+                                       # onnxruntime_cpu: onnxruntime 1.32.0 CPUExecutionProvider (2 threads)"
+TAG_DEPLOY_ERROR = "dset.deploy_error"  # why a finished run has no deploy/ metrics (an ONNX export problem, ...)
 TAG_DEVICE_SHARED = "dset.device_shared"  # "true" when other workers of the invocation used the run's device
                                        # (a GPU shared round-robin, or the CPU with --workers > 1)
 
@@ -99,6 +108,21 @@ PEAK_GPU_MEMORY_MB = "perf/peak_gpu_memory_mb"    # peak CUDA memory allocated b
 # MLflow's own system metrics, sampled while a run trains (time series): system/cpu_utilization_percentage,
 # system/system_memory_usage_megabytes, system/gpu_0_utilization_percentage, system/gpu_0_memory_usage_megabytes, ...
 SYSTEM_PREFIX = "system/"
+
+# deployed speed of the reported checkpoint (train.profile_deployment; dset.measure.deployment_latency): eager
+# PyTorch and each ONNX Runtime provider, timed round-robin in one process at batch 1 and 8:
+# deploy/<runtime>/latency_ms_b<batch> (median) and deploy/<runtime>/images_per_s_b<batch>, runtime "eager",
+# "onnxruntime_cpu", "onnxruntime_tensorrt", "onnxruntime_cuda"; where each ran: TAG_DEPLOY_DEVICES
+DEPLOY_PREFIX = "deploy/"
+DEPLOY_ONNX_MAX_DIFF = "deploy/onnx_max_abs_diff"   # largest |ONNX Runtime - eager| of the outputs (tied queries paired)
+EAGER = "eager"
+ONNXRUNTIME_CPU = "onnxruntime_cpu"
+
+
+def deploy_metric(runtime: str, what: str, batch: int) -> str:
+    """``deploy/<runtime>/<what>_b<batch>``, ``what`` "latency_ms" or "images_per_s"."""
+    return f"{DEPLOY_PREFIX}{runtime}/{what}_b{batch}"
+
 
 # COCO detections of the reported checkpoint on the validation images:
 # {"image_ids": [int, ...], "detections": [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}, ...]}

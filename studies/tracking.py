@@ -112,24 +112,32 @@ def prepare_store(uri: str) -> None:
 
 def get_experiment(c, name: str, uri: str) -> str:
     """The experiment's id (created when absent; for a SQLite store its artifacts go to ``mlruns/`` beside
-    the database file, MLflow's default place for ``sqlite:///mlflow.db``)."""
+    the database file, MLflow's default place for ``sqlite:///mlflow.db``), tagged so that ``mlflow ui`` opens it
+    on its runs (``TAG_EXPERIMENT_KIND``)."""
     exp = retry(c.get_experiment_by_name, name)
     if exp is not None:
         if exp.lifecycle_stage != "active":
             retry(c.restore_experiment, exp.experiment_id)
-        return exp.experiment_id
-    path = sqlite_path(uri)
-    location = None
-    if path is not None:
-        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-        location = (path.resolve().parent / "mlruns" / safe).as_uri()
-    try:
-        return retry(c.create_experiment, name, artifact_location=location)
-    except Exception:  # noqa: BLE001 - created meanwhile by another process
-        exp = retry(c.get_experiment_by_name, name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+        exp_id = exp.experiment_id
+        tags = exp.tags
+    else:
+        path = sqlite_path(uri)
+        location = None
+        if path is not None:
+            safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+            location = (path.resolve().parent / "mlruns" / safe).as_uri()
+        try:
+            exp_id = retry(c.create_experiment, name, artifact_location=location,
+                           tags={S.TAG_EXPERIMENT_KIND: S.EXPERIMENT_KIND})
+            return exp_id
+        except Exception:  # noqa: BLE001 - created meanwhile by another process
+            exp = retry(c.get_experiment_by_name, name)
+            if exp is None:
+                raise
+            exp_id, tags = exp.experiment_id, exp.tags
+    if tags.get(S.TAG_EXPERIMENT_KIND) != S.EXPERIMENT_KIND:  # an experiment from before the tag, or another tool's
+        retry(c.set_experiment_tag, exp_id, S.TAG_EXPERIMENT_KIND, S.EXPERIMENT_KIND)
+    return exp_id
 
 
 def system_metrics_monitor(run_id: str, uri: str, resume: bool = False):
@@ -358,12 +366,37 @@ def final_metrics(summary: dict, records: list[dict]) -> dict[str, float]:
                       (S.PEAK_HOST_MEMORY_MB, "peak_host_memory_mb"), (S.PEAK_GPU_MEMORY_MB, "peak_gpu_memory_mb")):
         if summary.get(key) is not None:
             out[name] = summary[key]
+    out.update(deployment_metrics(summary.get("deployment")))
     times = [r.get("epoch_time_s") for r in records if r.get("epoch_time_s") is not None]
     if times:  # all epochs, also those of an earlier (interrupted) process
         out[S.TRAIN_MINUTES] = sum(times) / 60.0
     elif summary.get("train_time_s") is not None:
         out[S.TRAIN_MINUTES] = summary["train_time_s"] / 60.0
     return {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
+
+
+def deployment_metrics(deployment: dict | None) -> dict[str, float]:
+    """A profile's ``deployment`` block (:func:`dset.measure.deployment_latency`) as the schema's deploy/ metrics.
+    Batch keys may be ints (in memory) or strings (read back from summary.json)."""
+    if not deployment:
+        return {}
+    out = {}
+    for runtime, by_batch in deployment.get("runtimes", {}).items():
+        for batch, timing in by_batch.items():
+            out[S.deploy_metric(runtime, "latency_ms", int(batch))] = timing["latency_ms"]
+            out[S.deploy_metric(runtime, "images_per_s", int(batch))] = timing["fps"]
+    check = deployment.get("onnx_check") or {}
+    if check:
+        out[S.DEPLOY_ONNX_MAX_DIFF] = max(check["pred_logits"], check["pred_boxes"])
+    return out
+
+
+def deployment_devices(deployment: dict | None) -> str:
+    """Where each runtime of a ``deployment`` block ran, for the TAG_DEPLOY_DEVICES tag."""
+    if not deployment:
+        return ""
+    return "; ".join(f"{runtime}: {next(iter(by_batch.values()))['device']}"
+                     for runtime, by_batch in deployment.get("runtimes", {}).items() if by_batch)
 
 
 def read_records(path: Path) -> list[dict]:
@@ -572,6 +605,11 @@ class MlflowCallback(Callback):
             tags[S.TAG_PROFILE_ERROR] = summary["profile_error"]
         if summary.get("pictures_error"):
             tags[S.TAG_PICTURES_ERROR] = summary["pictures_error"]
+        if summary.get("deployment_error"):
+            tags[S.TAG_DEPLOY_ERROR] = summary["deployment_error"]
+        deploy_devices = deployment_devices(summary.get("deployment"))
+        if deploy_devices:
+            tags[S.TAG_DEPLOY_DEVICES] = deploy_devices + self.latency_note
         set_tags(self.c, self.run_id, tags)
         try:
             log_artifacts(self.c, self.run_id, self.out_dir, summary, self.title)

@@ -176,3 +176,21 @@ def mlflow_server(request, tmp_path_factory):
         _service_unavailable(f"cannot start the mlflow server: {error}")
     yield server.uri
     server.stop()
+
+
+@pytest.fixture
+def browser():
+    """A headless Chromium page (tests/browser.py); skips without Chromium, or fails under CI=true (.ci/run
+    installs Debian's chromium)."""
+    from browser import Browser, BrowserError, chromium_path
+
+    if chromium_path() is None:
+        _service_unavailable("no Chromium to render pages (apt-get install chromium, or set $DSET_CHROMIUM)")
+    try:
+        b, error = Browser().__enter__(), None
+    except BrowserError as e:
+        error = e
+    if error is not None:
+        _service_unavailable(f"cannot start Chromium: {error}")
+    yield b
+    b.__exit__(None, None, None)

@@ -580,3 +580,25 @@ def test_notebook_runs_against_the_store(store, monkeypatch):
     assert "Main comparison" in text and "DSET R34 (E+P+D)" in text
     assert any("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
     assert "Ablation" in text
+
+
+@pytest.mark.slow
+def test_the_report_renders_in_a_browser_with_every_image_and_link(ablation, two_stage, browser):
+    """index.html as a person sees it (headless Chromium): every image decodes at its PNG's size, every link
+    (table files, the contents' anchors) leads somewhere."""
+    from PIL import Image
+
+    from browser import PAGE_CHECK_JS, broken_links
+
+    for report in (ablation, two_stage):
+        out = report["out_dir"]
+        browser.open((out / "index.html").resolve().as_uri())
+        page = browser.evaluate(PAGE_CHECK_JS)
+        assert page["title"].startswith("DSET report")
+        assert len(page["images"]) == len(report["plots"]) > 0
+        for image, (name, path) in zip(page["images"], report["plots"].items()):
+            assert image["loaded"], name
+            assert (image["width"], image["height"]) == Image.open(path).size, name
+        links = set(page["links"])
+        assert {f"{name}.csv" for name in report["tables"]} <= links and any(h.startswith("#") for h in links)
+        assert broken_links(page, out) == []

@@ -284,6 +284,26 @@ def test_grid_end_to_end_into_mlflow_with_a_failing_cell(tmp_path, store, synth_
 
     study = load_study("tiny", store)
     assert sorted(study.included["cell"]) == ["r18-base-s0", "r18-dset-s0"]
+    # mlflow ui opens the experiment on its runs, not on MLflow 3's GenAI overview
+    assert c.get_experiment_by_name("tiny").tags[S.TAG_EXPERIMENT_KIND] == "custom_model_development"
+
+    # the report shows each run's deployed speed (eager and ONNX Runtime, as the run timed them) and its pictures
+    from analysis.make_report import build_report
+
+    report = build_report("tiny", tmp_path / "report", store)
+    deploy = report["tables"]["deployment"].df.set_index("model")
+    labels = dict(zip(report["study"].included["cell"], report["study"].included["label"]))
+    for cell_id, label in labels.items():
+        timed = json.loads((out_dir_of(children.loc[cell_id]) / "summary.json").read_text())["deployment"]
+        for runtime, column in (("eager", "eager b1 (ms)"), ("onnxruntime_cpu", "onnxruntime_cpu b1 (ms)")):
+            assert deploy.loc[label, column] == pytest.approx(timed["runtimes"][runtime]["1"]["latency_ms"])
+        assert deploy.loc[label, "onnxruntime_cpu b8 (images/s)"] == pytest.approx(
+            timed["runtimes"]["onnxruntime_cpu"]["8"]["fps"])
+        assert deploy.loc[label, "max |ONNX − eager|"] <= 1e-4
+    assert "deployment" in report["plots"]
+    # every picture kind of the DSET variant; RT-DETR has detections only
+    assert {"pictures_detections_r18", "pictures_kept_tokens_r18", "pictures_encoder_experts_r18",
+            "pictures_decoder_experts_r18"} <= set(report["plots"])
 
     # running again: the finished cells are skipped, the failed one is retried in the SAME run
     code = main([str(study_file), *common(tmp_path, synth_root)])

@@ -98,6 +98,8 @@ DETECTIONS_FILE = "eval/detections.json"
 GROUND_TRUTH_FILE = "eval/ground_truth.json"
 # configuration keys that may differ between a run and its resumption
 RESUME_MUTABLE_KEYS = RESULT_NEUTRAL_KEYS
+# batch sizes at which a run's profile times eager PyTorch next to ONNX Runtime (train.profile_deployment)
+DEPLOYMENT_BATCH_SIZES = (1, 8)
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 
 
@@ -997,6 +999,13 @@ class _Run:
         kept = pruner.num_kept(tokens) if pruner is not None else tokens
         out.update({"profile_tokens": tokens, "profile_kept_tokens": kept, "profile_keep_ratio": kept / tokens})
         out["profile"] = _json_safe({k: v for k, v in prof.items() if not isinstance(v, torch.Tensor)})
+        if self.cfg.train.profile_deployment:
+            try:  # its own failure (an export problem) keeps the rest of the profile
+                out["deployment"] = _json_safe(measure.deployment_latency(
+                    {"model": model}, size, str(self.device), DEPLOYMENT_BATCH_SIZES, warmup=2, repeats=5)["model"])
+            except Exception as exc:  # noqa: BLE001 - a measurement problem must not fail a finished run
+                log.warning("deployment timing (ONNX export, ONNX Runtime) failed: %s", exc)
+                out["deployment_error"] = f"{type(exc).__name__}: {exc}"
         return out
 
     def _pictures(self) -> dict:
@@ -1055,7 +1064,9 @@ def fit(cfg: Config | str, out_dir: str | os.PathLike, callbacks: Callback | Seq
     start, MiB; None off CUDA); and with ``train.profile`` from :func:`dset.measure.profile_model` on the best
     EMA weights at ``data.image_size``: ``active_params``, ``gflops`` (2 x multiply-adds, fvcore),
     ``latency_ms``/``fps`` (eval forward, batch ``latency_batch_size`` on ``latency_device``), ``profile``
-    (everything it measured), or ``profile_error``.
+    (everything it measured), or ``profile_error``; with ``train.profile_deployment`` also ``deployment``
+    (:func:`dset.measure.deployment_latency`: eager PyTorch next to ONNX Runtime at batch 1 and 8, timed
+    round-robin in this process, and the ONNX check against eager) or ``deployment_error``.
 
     Pictures (``train.pictures`` > 0, default 4): :func:`dset.pictures.draw_pictures` draws the same reported
     checkpoint on the first ``train.pictures`` validation images into ``out_dir/pictures/``:
