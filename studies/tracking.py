@@ -140,6 +140,15 @@ def get_experiment(c, name: str, uri: str) -> str:
     return exp_id
 
 
+def ui_link(uri: str, exp_id: str) -> str:
+    """Where to see an experiment's runs in the MLflow UI. MLflow 3.17's UI opens every experiment on its GenAI
+    overview while its sidebar switch is on "GenAI" (the default, kept in the browser); it then ignores
+    ``TAG_EXPERIMENT_KIND``. The ``workflowType=machine_learning`` parameter opens the runs whatever the switch."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    link = f"{base}/#/experiments/{exp_id}?workflowType=machine_learning"
+    return link if base != "http://127.0.0.1:5000" else f"`mlflow ui`, then {link}"
+
+
 def system_metrics_monitor(run_id: str, uri: str, resume: bool = False):
     """MLflow's system metrics monitor for a run, started (CPU, memory, disk, network; GPU utilisation and
     memory where NVML sees a GPU), sampling every $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (default 5

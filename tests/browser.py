@@ -115,7 +115,8 @@ class Browser:
         result = self.send("Page.navigate", url=url)
         if result.get("errorText"):
             raise BrowserError(f"could not open {url}: {result['errorText']}")
-        self._wait_event("Page.loadEventFired")
+        if result.get("loaderId"):  # a new document; a change of the #fragment alone loads nothing
+            self._wait_event("Page.loadEventFired")
         if wait_for is not None:
             deadline = time.monotonic() + self.timeout
             while wait_for not in (self.evaluate("document.body ? document.body.innerText : ''") or ""):
