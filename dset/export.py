@@ -46,6 +46,7 @@ import torch
 import torch.nn as nn
 
 from .config import ConfigError, load_config
+from .models.detector import TensorOutputs
 from .models.moe import MoEFFN
 
 __all__ = ["ExportError", "export_onnx", "compare_with_eager", "onnxruntime_session", "OPSET", "TOLERANCE"]
@@ -58,18 +59,6 @@ OUTPUT_NAMES = ("pred_logits", "pred_boxes")
 
 class ExportError(RuntimeError):
     """The model could not be exported faithfully; the message says which path and why."""
-
-
-class _Outputs(nn.Module):
-    """The detector with tensor outputs (ONNX graphs return tensors, not a dict)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor):
-        out = self.model(images)
-        return out["pred_logits"], out["pred_boxes"]
 
 
 @contextlib.contextmanager
@@ -103,7 +92,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, size: int | tuple[int
             # the tracer warns about every shape it turns into a Python int; the shapes are fixed at export
             warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
             warnings.simplefilter("ignore", category=DeprecationWarning)
-            torch.onnx.export(_Outputs(model).eval(), (example,), str(path), dynamo=False, opset_version=opset,
+            torch.onnx.export(TensorOutputs(model).eval(), (example,), str(path), dynamo=False, opset_version=opset,
                               input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
                               dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAMES[0]: {0: "batch"},
                                             OUTPUT_NAMES[1]: {0: "batch"}})

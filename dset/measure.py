@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from .analytic import aifi_layer_macs  # noqa: F401  (re-exported: the formula the counts are checked against)
+from .models.detector import TensorOutputs
 from .models.moe import MoEFFN, fvcore_op_handles
 
 COMPONENTS = ("backbone", "encoder", "decoder")
@@ -74,18 +75,6 @@ def grid_sampler_flop_jit(inputs, outputs) -> int:
     return 4 * math.prod(out)
 
 
-class _OutputsAsTuple(nn.Module):
-    """fvcore traces with torch.jit, which wants tensors out, not a dict."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor):
-        out = self.model(images)
-        return out["pred_logits"], out["pred_boxes"]
-
-
 def count_flops(model: nn.Module, size: int | tuple[int, int] = 640, num_inputs: int = 1, batch_size: int = 1,
                 device: str | torch.device = "cpu", seed: int = 0) -> dict:
     """GFLOPs (2 x multiply-adds) of one eval forward, total and by component, averaged over
@@ -97,7 +86,7 @@ def count_flops(model: nn.Module, size: int | tuple[int, int] = 640, num_inputs:
     h, w = (size, size) if isinstance(size, int) else size
     was_training = model.training
     model.eval()
-    wrapper = _OutputsAsTuple(model)
+    wrapper = TensorOutputs(model)  # fvcore traces with torch.jit: tensors out
     generator = torch.Generator().manual_seed(seed)
     totals, parts = [], {c: [] for c in COMPONENTS}
     extra = {}

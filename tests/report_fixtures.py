@@ -112,8 +112,8 @@ def synthetic_detections(gt: dict, recall: float, jitter: float, false_per_image
     return out
 
 
-def coco_stats(gt: dict, detections: list[dict]) -> tuple[float, float]:
-    """pycocotools' own mAP@[.5:.95] and mAP@0.5 (``stats[0]``, ``stats[1]``): the reference numbers."""
+def cocoeval(gt: dict, detections: list[dict]):
+    """pycocotools on its own (default parameters, evaluated, accumulated, summarised): the reference numbers."""
     import contextlib
     import copy
     import io
@@ -129,6 +129,12 @@ def coco_stats(gt: dict, detections: list[dict]) -> tuple[float, float]:
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
+    return ev
+
+
+def coco_stats(gt: dict, detections: list[dict]) -> tuple[float, float]:
+    """pycocotools' own mAP@[.5:.95] and mAP@0.5 (``stats[0]``, ``stats[1]``)."""
+    ev = cocoeval(gt, detections)
     return float(ev.stats[0]), float(ev.stats[1])
 
 

@@ -7,9 +7,7 @@ mAP bootstrap it refines (the synthetic case of tests/report_fixtures.py).
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import math
 
 import numpy as np
@@ -67,22 +65,6 @@ def hand():
     return gt, dets
 
 
-def _cocoeval(gt: dict, dets: list[dict]):
-    """pycocotools on its own (default parameters), for the reference numbers."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO()
-        coco.dataset = copy.deepcopy(gt)
-        coco.createIndex()
-        ev = COCOeval(coco, coco.loadRes(copy.deepcopy(dets)), iouType="bbox")
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return ev
-
-
 def test_confusion_matrix_counts(hand):
     gt, dets = hand
     a = E.analyse(gt, dets, name="hand")
@@ -109,7 +91,7 @@ def test_confusion_matrix_counts(hand):
 def test_ap_by_size_is_pycocotools_and_counts_the_boxes(hand):
     gt, dets = hand
     a = E.analyse(gt, dets, name="hand")
-    ref = _cocoeval(gt, dets)
+    ref = F.cocoeval(gt, dets)
     assert [a.ap_by_size[s] for s in E.SIZES] == pytest.approx(list(ref.stats[3:6]), abs=1e-12)
     assert 0 < a.ap_by_size["small"] < 1 and a.ap_by_size["large"] == pytest.approx(1.0)
     assert a.gt_by_size == {"small": 2, "medium": 4, "large": 1}   # the crowd car is not counted
@@ -118,14 +100,14 @@ def test_ap_by_size_is_pycocotools_and_counts_the_boxes(hand):
     no_large = copy.deepcopy(gt)
     no_large["annotations"] = [x for x in no_large["annotations"] if x["area"] <= 96 ** 2]
     b = E.analyse(no_large, dets, name="hand")
-    assert _cocoeval(no_large, dets).stats[5] == -1 and math.isnan(b.ap_by_size["large"])
+    assert F.cocoeval(no_large, dets).stats[5] == -1 and math.isnan(b.ap_by_size["large"])
     assert b.gt_by_size["large"] == 0
 
 
 def test_precision_recall_curves_are_cocoevals_precision(hand):
     gt, dets = hand
     a = E.analyse(gt, dets, name="hand")
-    ref = np.asarray(_cocoeval(gt, dets).eval["precision"])[:, :, :, 0, 2]   # area all, 100 detections
+    ref = np.asarray(F.cocoeval(gt, dets).eval["precision"])[:, :, :, 0, 2]   # area all, 100 detections
     ref = np.where(ref > -1, ref, np.nan)
     assert a.recall.tolist() == pytest.approx(np.linspace(0, 1, 101).tolist())
     np.testing.assert_array_equal(a.precision50, ref[0].T)
@@ -174,7 +156,7 @@ def case():
 
 def _class_ap(gt: dict, dets: list[dict]) -> np.ndarray:
     """pycocotools' per-class AP@[.5:.95] (area all, 100 detections; NaN for a class without ground truth)."""
-    prec = np.asarray(_cocoeval(gt, dets).eval["precision"])[:, :, :, 0, 2]
+    prec = np.asarray(F.cocoeval(gt, dets).eval["precision"])[:, :, :, 0, 2]
     return np.array([prec[:, :, k][prec[:, :, k] > -1].mean() if (prec[:, :, k] > -1).any() else np.nan
                      for k in range(prec.shape[2])])
 

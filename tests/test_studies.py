@@ -179,7 +179,8 @@ def test_grid_end_to_end_into_mlflow_with_a_failing_cell(tmp_path, store, synth_
     study_file = write_study(tmp_path / "tiny.yaml", {
         "backbone": {"r18": {"preset": "rtdetr_r18"}},
         "variant": {"off": BASE, "dset": DSET, "bad": {**BASE, "model.decoder_moe.top_k": 9}}})
-    code = main([str(study_file), *common(tmp_path, synth_root)])
+    # the smoke budget leaves the deployed-speed timing out; this test checks it end to end
+    code = main([str(study_file), *common(tmp_path, synth_root, "train.profile_deployment=true")])
     out, err = capsys.readouterr()
     assert code == 1                                           # a run failed: non-zero at the end
     assert "r18-bad-s0" in err and "top_k" in err and "1 run(s) FAILED" in err

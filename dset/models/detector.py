@@ -91,6 +91,19 @@ class Detector(nn.Module):
         return stats
 
 
+class TensorOutputs(nn.Module):
+    """``Detector`` with tensor outputs ``(pred_logits, pred_boxes)`` instead of a dict: what tracing tools want
+    (fvcore's FLOP count, the ONNX exporter)."""
+
+    def __init__(self, model: Detector):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(images)
+        return out["pred_logits"], out["pred_boxes"]
+
+
 def _moe_factory(moe_cfg, d_model: int, dense_hidden: int, activation: str, dropout: float):
     if not moe_cfg.enabled:
         return None
