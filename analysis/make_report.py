@@ -265,13 +265,22 @@ def _error_figures(vs: pd.DataFrame, focus: pd.DataFrame, analyses: dict, note: 
 
 
 PICTURE_KINDS = {  # kind (dset.pictures) -> what the grid shows
-    "detections": "ground truth (left panel) and the predictions with score >= the run's threshold (right panel)",
+    "detections": "the ground truth (top row) and each variant's predictions with score >= the run's threshold",
     "kept_tokens": "the stride-32 tokens token pruning kept (clear) and pruned (shaded)",
     "encoder_experts": "each AIFI token's top-1 expert of the encoder MoE, as a colour (pruned tokens uncoloured)",
     "decoder_experts": "each final prediction's box, coloured by the expert its query's top-1 routing chose in the "
                        "decoder layer that makes the prediction",
 }
 PICTURES_PER_VARIANT = 3
+
+
+def _panels(picture):
+    """The two panels of a detections picture (ground truth, predictions): equal widths either side of the gap
+    that dset.pictures leaves between them."""
+    from dset.pictures import PANEL_GAP
+
+    width = (picture.shape[1] - PANEL_GAP) // 2
+    return picture[:, :width], picture[:, width + PANEL_GAP:]
 
 
 def _picture_figures(study: R.Study, focus: pd.DataFrame, note: str, add, skipped: dict) -> None:
@@ -311,6 +320,10 @@ def _picture_figures(study: R.Study, focus: pd.DataFrame, note: str, add, skippe
                     continue
                 images = [np.asarray(Image.open(io.BytesIO(files[by_image[i]])).convert("RGB")) for i in shown]
                 seed = v["seeds"][0] if v["seeds"] else "?"
+                if kind == "detections":  # the ground truth once, on top; then each variant's predictions
+                    if not rows:
+                        rows.append(("ground truth", [_panels(im)[0] for im in images]))
+                    images = [_panels(im)[1] for im in images]
                 rows.append((label, images))
                 runs.append(f"{label}: seed {seed}, epoch {index.get('epoch')}, threshold {index['score_threshold']:g}")
             name = f"pictures_{kind}_{P.slug(bb)}"
@@ -331,7 +344,8 @@ figure{margin:1em 0}img{max-width:100%;border:1px solid #eee}figcaption{font-siz
 .files{font-size:12px}.skipped{font-size:13px;color:#666}"""
 
 
-def render_html(study: R.Study, tables: dict, pngs: dict, captions: dict, skipped: dict) -> str:
+def render_html(study: R.Study, tables: dict, images: dict, captions: dict, skipped: dict) -> str:
+    """``images``: plot name -> its file name (``<name>.png`` or ``.jpg``) and bytes."""
     def e(text: str) -> str:
         return html.escape(str(text), quote=False)
 
@@ -347,16 +361,17 @@ def render_html(study: R.Study, tables: dict, pngs: dict, captions: dict, skippe
         out += section("answer", tables["answer"], "h2")
     out += [f'<p class="provenance">{e(provenance(study))}</p>', "<h2>Contents</h2>", "<ul>"]
     out += [f'<li><a href="#{e(n)}">{e(t.title)}</a></li>' for n, t in tables.items()]
-    out += [f'<li><a href="#plot-{e(n)}">{e(n)}.png</a></li>' for n in pngs]
+    out += [f'<li><a href="#plot-{e(n)}">{e(file)}</a></li>' for n, (file, _) in images.items()]
     out += ["</ul>", "<h2>Tables</h2>"]
     for name, t in tables.items():
         if name != "answer":
             out += section(name, t, "h3")
     out += ["<h2>Plots</h2>"]
-    for name, data in pngs.items():
+    for name, (file, data) in images.items():
+        mime = "image/jpeg" if file.endswith(".jpg") else "image/png"
         b64 = base64.b64encode(data).decode("ascii")
-        out += [f'<figure id="plot-{e(name)}">', f'<img alt="{e(name)}.png" src="data:image/png;base64,{b64}">',
-                f"<figcaption><b>{e(name)}.png</b>: {e(captions[name])}</figcaption>", "</figure>"]
+        out += [f'<figure id="plot-{e(name)}">', f'<img alt="{e(file)}" src="data:{mime};base64,{b64}">',
+                f"<figcaption><b>{e(file)}</b>: {e(captions[name])}</figcaption>", "</figure>"]
     if skipped:
         out += ["<h2>Not produced</h2>", '<ul class="skipped">']
         out += [f"<li>{e(n)}: {e(why)}</li>" for n, why in skipped.items()]
@@ -404,19 +419,21 @@ def build_report(experiment: str = "ablation_grid", out_dir: str | Path = "repor
     tables, skipped, extra = build_tables(study, vs)
     figures, skipped_plots, captions = build_figures(study, vs, tables, extra)
     skipped.update(skipped_plots)
-    pngs = {name: P.png_bytes(fig) for name, fig in figures.items()}
+    # pictures of images are JPEG (a tenth of the PNG's bytes for photograph-like content); charts stay PNG
+    images = {name: (f"{name}.jpg", P.jpeg_bytes(fig)) if name.startswith("pictures_") else (f"{name}.png", P.png_bytes(fig))
+              for name, fig in figures.items()}
     files: dict[str, bytes] = {}
     for name, t in tables.items():
         files[f"{name}.md"] = T.to_markdown(t).encode()
         files[f"{name}.csv"] = T.to_csv(t).encode()
         files[f"{name}.tex"] = T.to_latex(t).encode()
-    for name, data in pngs.items():
-        files[f"{name}.png"] = data
-    files["index.html"] = render_html(study, tables, pngs, captions, skipped).encode()
+    for file, data in images.values():
+        files[file] = data
+    files["index.html"] = render_html(study, tables, images, captions, skipped).encode()
     files["report.md"] = render_markdown(study, tables, skipped).encode()
     out = Path(out_dir)
     _write(out, files)
-    return {"out_dir": out, "tables": tables, "plots": {n: out / f"{n}.png" for n in pngs},
+    return {"out_dir": out, "tables": tables, "plots": {n: out / file for n, (file, _) in images.items()},
             "files": [out / n for n in sorted(files)] + [out / MANIFEST], "skipped": skipped,
             "provenance": provenance(study), "study": study, "variants": vs, "trials": extra["trials"]}
 
@@ -447,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     print(result["provenance"])
     print(f"\nWrote {len(result['files'])} files to {out}/: open {out / 'index.html'}")
     print(f"  tables (.md .csv .tex): {', '.join(tables)}")
-    print(f"  plots (.png): {', '.join(plots) or 'none'}")
+    print(f"  plots (.png, pictures .jpg): {', '.join(plots) or 'none'}")
     for name, why in result["skipped"].items():
         print(f"  not produced: {name}: {why}")
     for name in ("answer", "main"):

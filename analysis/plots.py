@@ -40,6 +40,20 @@ def _png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
+def jpeg_bytes(fig: Figure, quality: int = 85) -> bytes:
+    """The figure as a baseline JPEG (no EXIF, no time stamp: the same figure gives the same bytes)."""
+    import matplotlib
+    from PIL import Image
+
+    with matplotlib.rc_context(RC):
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        rgba = np.asarray(canvas.buffer_rgba())
+    buf = io.BytesIO()
+    Image.fromarray(rgba[..., :3]).save(buf, format="JPEG", quality=quality, optimize=True)
+    return buf.getvalue()
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 

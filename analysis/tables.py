@@ -905,7 +905,9 @@ def deployment_table(study: R.Study, vs: pd.DataFrame) -> tuple[Table | None, st
             for ms, bb in zip(df[ort_b1], df["backbone"])]
     df["max |ONNX − eager|"] = [float(v["onnx_max_abs_diff_mean"]) if not missing(v["onnx_max_abs_diff_mean"])
                                else math.nan for _, v in vs.iterrows()]
-    df["measured on"] = list(vs["deploy_devices"])
+    devices = sorted({d for d in vs["deploy_devices"] if d})
+    if len(devices) > 1:  # one machine for all: said once in the notes
+        df["measured on"] = list(vs["deploy_devices"])
     # images/s at batch 1 is 1000 / ms: keep the batch-8 throughput and the batch-1 latency only
     df = df[[c for c in df.columns if not (c.endswith("(images/s)") and " b1 " in c)
              and not (c.endswith("(ms)") and " b1 " not in c)]]
@@ -924,7 +926,7 @@ def deployment_table(study: R.Study, vs: pd.DataFrame) -> tuple[Table | None, st
         "PyTorch on random inputs, queries paired where tied scores reorder them (dset.export.compare_with_eager).",
         "Runtimes: eager = PyTorch on the run's device; onnxruntime_cpu = ONNX Runtime's CPUExecutionProvider; "
         "onnxruntime_tensorrt / onnxruntime_cuda appear where the run had a GPU and an onnxruntime build with them.",
-    ]
+    ] + ([f"Measured on, for every run: {devices[0]}."] if len(devices) == 1 else [])
     text = [c for c in df.columns]
     return Table("deployment", "Deployed speed: eager PyTorch and ONNX Runtime, batch 1 and 8", df, text, text,
                  formats, notes), ""
