@@ -426,7 +426,7 @@ def variants(study: Study) -> pd.DataFrame:
             "all_seeds": tuple(sorted({int(s) for s in g["seed"] if not pd.isna(s)})),
             "data": _describe_data((inc if len(inc) else g).iloc[0]),
             "latency_device": "; ".join(sorted({d for d in inc["latency_device"] if d})) or None,
-            "deploy_devices": " | ".join(sorted({d for d in inc["deploy_devices"] if d})) or None,
+            "deploy_devices": " | ".join(sorted({d for d in inc["deploy_devices"] if isinstance(d, str) and d})) or None,
             "first_run": (inc if len(inc) else g).iloc[0]["run_id"],
             "run_ids": tuple(inc["run_id"]),
             "init_checkpoint": "; ".join(sorted({c for c in inc["init_checkpoint"] if c})) or None,

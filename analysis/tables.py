@@ -905,7 +905,7 @@ def deployment_table(study: R.Study, vs: pd.DataFrame) -> tuple[Table | None, st
             for ms, bb in zip(df[ort_b1], df["backbone"])]
     df["max |ONNX − eager|"] = [float(v["onnx_max_abs_diff_mean"]) if not missing(v["onnx_max_abs_diff_mean"])
                                else math.nan for _, v in vs.iterrows()]
-    devices = sorted({d for d in vs["deploy_devices"] if d})
+    devices = sorted({d for d in vs["deploy_devices"] if isinstance(d, str) and d})  # None/NaN: nothing logged
     if len(devices) > 1:  # one machine for all: said once in the notes
         df["measured on"] = list(vs["deploy_devices"])
     # images/s at batch 1 is 1000 / ms: keep the batch-8 throughput and the batch-1 latency only

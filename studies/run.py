@@ -885,7 +885,7 @@ class Runner:
                 pass
         failed = [r for r in self.rows if r.status == "failed"]
         print(f"\n{len(self.rows)} runs, {self.executed} executed in {_fmt_time(time.time() - self.t0)}; "
-              f"MLflow experiment '{self.study.name}' at {self.uri}; its runs: {T.ui_link(self.uri, self.exp_id)}")
+              f"MLflow experiment '{self.study.name}' at {self.uri}; its runs: {self.T.ui_link(self.uri, self.exp_id)}")
         if failed:
             print(f"\n{len(failed)} run(s) FAILED:", file=sys.stderr)
             for r in failed:

@@ -306,8 +306,8 @@ def test_grid_end_to_end_into_mlflow_with_a_failing_cell(tmp_path, store, synth_
     assert {"pictures_detections_r18", "pictures_kept_tokens_r18", "pictures_encoder_experts_r18",
             "pictures_decoder_experts_r18"} <= set(report["plots"])
 
-    # running again: the finished cells are skipped, the failed one is retried in the SAME run
-    code = main([str(study_file), *common(tmp_path, synth_root)])
+    # running again (the same command): the finished cells are skipped, the failed one is retried in the SAME run
+    code = main([str(study_file), *common(tmp_path, synth_root, "train.profile_deployment=true")])
     out = capsys.readouterr().out
     assert code == 1 and "2 of 3 runs already finished" in out
     df2 = search(store, "tiny")
