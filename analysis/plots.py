@@ -141,8 +141,8 @@ def ablation_bars(table_df: pd.DataFrame) -> Figure | None:
     codes = []
     for e, p, d in R.COMBOS:
         code = R.combo_code(e, p, d) or "RT-DETR"
-        if any(((table_df["enc MoE"] == ("on" if e else "off")) & (table_df["pruning"] == ("on" if p else "off"))
-                & (table_df["dec MoE"] == ("on" if d else "off")) & (table_df["n"] > 0))):
+        if any((table_df["enc MoE"] == ("on" if e else "off")) & (table_df["pruning"] == ("on" if p else "off"))
+                & (table_df["dec MoE"] == ("on" if d else "off")) & (table_df["n"] > 0)):
             codes.append((code, e, p, d))
     fig, axes = _new(7.2, 4.0)
     ax = axes[0, 0]

@@ -23,20 +23,20 @@ import json
 import os
 import statistics
 import time
-from typing import Callable, Dict, List, Tuple
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 
 def _time_interleaved(
-    fns: Dict[str, Callable[[], object]], warmup: int, repeats: int
-) -> Dict[str, Tuple[float, float]]:
+    fns: dict[str, Callable[[], object]], warmup: int, repeats: int
+) -> dict[str, tuple[float, float]]:
     """Warm up, then time one call of each function per round; (median, min) in ms per function."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             t0 = time.perf_counter()
@@ -81,7 +81,7 @@ class _OtherLoad:
 
 
 def bench_moe(
-    tokens: List[int],
+    tokens: list[int],
     repeats: int = 30,
     warmup: int = 5,
     d_model: int = 256,
@@ -91,7 +91,7 @@ def bench_moe(
     activation: str = "relu",
     router_skew: float = 0.0,
     seed: int = 0,
-) -> List[dict]:
+) -> list[dict]:
     """Returns one result dict per token count (see module docstring)."""
     from dset.models.moe import MoEFFN, dense_moe_forward
 

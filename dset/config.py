@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 class BackboneConfig:
     depth: int = 18                      # PResNet-vd depth: 18 or 34
     freeze_at: int = -1                  # freeze the stem and the first N stages (-1: nothing frozen, as RT-DETR)
-    pretrained: Optional[str] = None     # local PResNet-vd ImageNet weights (.pth); no download
+    pretrained: str | None = None     # local PResNet-vd ImageNet weights (.pth); no download
 
 
 @dataclass
@@ -65,7 +65,7 @@ class MoEConfig:
     enabled: bool = False
     num_experts: int = 6
     top_k: int = 3
-    expert_hidden_dim: Optional[int] = None   # None: the dense FFN's width (1024), as the original DSET
+    expert_hidden_dim: int | None = None   # None: the dense FFN's width (1024), as the original DSET
     router_noise: float = 0.0
     balance_loss_weight: float = 0.03
     z_loss_weight: float = 0.0
@@ -103,7 +103,7 @@ class ModelConfig:
     name: str = "rtdetr_r18"
     num_classes: int = 80
     eval_spatial_size: list[int] = field(default_factory=lambda: [640, 640])
-    checkpoint: Optional[str] = None          # local RT-DETR checkpoint to start from (MoE experts upcycled)
+    checkpoint: str | None = None          # local RT-DETR checkpoint to start from (MoE experts upcycled)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
@@ -116,8 +116,8 @@ class ModelConfig:
 # ---------------------------------------------------------------------------------------------- data
 @dataclass
 class SplitConfig:
-    images: Optional[str] = None              # folder of images
-    annotations: Optional[str] = None         # COCO instances JSON
+    images: str | None = None              # folder of images
+    annotations: str | None = None         # COCO instances JSON
 
 
 @dataclass
@@ -129,7 +129,7 @@ class SyntheticConfig:
     num_classes: int = 4                      # shape classes (1..6)
     max_objects: int = 8                      # objects per image: 1..max_objects
     min_object_size: int = 8                  # smallest object side in pixels (sizes are log-uniform up to 0.6 x image)
-    root: Optional[str] = None                # cache folder; None: $DSET_CACHE_DIR/synthetic or ~/.cache/dset/synthetic
+    root: str | None = None                # cache folder; None: $DSET_CACHE_DIR/synthetic or ~/.cache/dset/synthetic
 
 
 @dataclass
@@ -141,13 +141,13 @@ class DataConfig:
     image_size: int = 640                     # training and evaluation resolution (square)
     batch_size: int = 4
     num_workers: int = 0
-    max_train_images: Optional[int] = None    # use only the first N training images (budgets)
-    max_val_images: Optional[int] = None
+    max_train_images: int | None = None    # use only the first N training images (budgets)
+    max_val_images: int | None = None
     augment: str = "rtdetr"                   # training augmentation: "rtdetr" (full recipe), "flip", "none"
     multi_scale: bool = True                  # RT-DETR's per-batch multi-scale training: each training batch is
                                               # resized to a size drawn from MULTI_SCALE_SIZES_640 scaled by
                                               # image_size / 640 (rounded to multiples of 32)
-    stop_epoch: Optional[int] = None          # RT-DETRv2's policy: from this epoch on, no multi-scale and no strong
+    stop_epoch: int | None = None          # RT-DETRv2's policy: from this epoch on, no multi-scale and no strong
                                               # augmentation (photometric distort, zoom-out, IoU crop); None: never
 
 
@@ -165,7 +165,7 @@ class TrainConfig:
     ema_decay: float = 0.9999
     ema_warmup_steps: int = 2000
     amp: bool = True                          # only on CUDA
-    early_stop_patience: Optional[int] = None # epochs without mAP improvement; None: never stop early
+    early_stop_patience: int | None = None # epochs without mAP improvement; None: never stop early
     eval_every: int = 1
     profile: bool = True                      # measure params/GFLOPs/latency of the final model (summary.json)
     profile_deployment: bool = True           # with profile: also eager PyTorch next to ONNX Runtime at batch 1 and 8
@@ -200,10 +200,10 @@ RESULT_NEUTRAL_KEYS = ("run.device", "run.progress", "run.out_dir", "data.num_wo
 class RunConfig:
     seed: int = 0
     device: str = "auto"                      # "auto", "cpu", "cuda", "cuda:1", ...
-    out_dir: Optional[str] = None
+    out_dir: str | None = None
     deterministic: bool = False
     progress: bool = True                     # tqdm bar within each epoch
-    budget: Optional[str] = None              # the budget file applied under the overrides ("none": none); a
+    budget: str | None = None              # the budget file applied under the overrides ("none": none); a
                                               # record of where the schedule came from, set by resolve_config
 
 

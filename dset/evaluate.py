@@ -47,7 +47,7 @@ def evaluate_checkpoint(checkpoint: str | Path, images: str | None = None, annot
     checkpoint), ``weights`` and ``checkpoint``."""
     from .data.coco import DatasetError
     from .data.loaders import build_eval_data, build_val_loader
-    from .engine.train import _resolve_device, _Dist, evaluate_detections
+    from .engine.train import _Dist, _resolve_device, evaluate_detections
     from .models.detector import build_model
 
     path = _checkpoint_path(checkpoint)

@@ -30,7 +30,6 @@ from typing import Any
 from dset.engine.train import Callback
 
 from .queue import ATTR_HOST, ATTR_PID, ATTR_RETRY_OF  # noqa: F401 - the queue's names, used by run.py too
-from .queue import ATTR_LABEL as ATTR_CELL
 from .spec import Param, Search, Study, search_fingerprint
 
 log = logging.getLogger("studies")

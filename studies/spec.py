@@ -41,9 +41,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dset.config import (BUDGET_AUTO, PRESET_DIR, RESULT_NEUTRAL_KEYS, Config, ConfigError,
-                         apply_overrides, budget_path, find_yaml, flatten, parse_override, read_budget,
-                         read_yaml_mapping)
+from dset.config import (
+    BUDGET_AUTO,
+    PRESET_DIR,
+    RESULT_NEUTRAL_KEYS,
+    Config,
+    ConfigError,
+    apply_overrides,
+    budget_path,
+    find_yaml,
+    flatten,
+    parse_override,
+    read_budget,
+    read_yaml_mapping,
+)
 from dset.config import resolve_config as resolve_run_config
 from dset.provenance import code_version, data_digest
 

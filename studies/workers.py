@@ -216,11 +216,11 @@ class WorkerPool:
     def terminate(self, grace_s: float = 30.0) -> None:
         """Stop the running jobs: SIGTERM (a worker saves its resume state, marks its run KILLED and exits),
         SIGKILL after ``grace_s``. A run left RUNNING is resumed by the next invocation all the same."""
-        for job, proc, recv, slot in self.running.values():
+        for _job, proc, _recv, _slot in self.running.values():
             if proc.is_alive():
                 proc.terminate()
         deadline = time.time() + grace_s
-        for job, proc, recv, slot in self.running.values():
+        for _job, proc, _recv, _slot in self.running.values():
             proc.join(timeout=max(0.1, deadline - time.time()))
             if proc.is_alive():
                 proc.kill()

@@ -44,7 +44,7 @@ class Browser:
         self.width, self.height, self.timeout = width, height, timeout
         self._ids = itertools.count(1)
 
-    def __enter__(self) -> "Browser":
+    def __enter__(self) -> Browser:
         import websocket  # websocket-client
 
         binary = chromium_path()

@@ -25,10 +25,9 @@ Experiments:
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
-
-from pathlib import Path
 
 from dset.config import load_config
 from studies import mlflow_schema as S
@@ -346,7 +345,7 @@ def log_two_stage(client, artifact_root: Path, name: str = "two_stage") -> str:
     _log_run(client, exp_id, parent.info.run_id, start_ms=T0_MS + 1000, tags=stage1, status="FINISHED",
              params=_config_params("R18", False, False, False, 0),
              metrics=_final_metrics("R18", False, False, False, 0.2, BASE_LATENCY["R18"]))
-    for i, (bb, e, p, d, seed, quality, artifacts) in enumerate(TWO_STAGE_RUNS):
+    for i, (bb, e, p, d, seed, _quality, artifacts) in enumerate(TWO_STAGE_RUNS):
         dets = two_stage_detections(i)
         best, best50 = coco_stats(gt, dets)
         latency = BASE_LATENCY[bb] + 1.0 * e + 0.5 * d - 2.0 * p

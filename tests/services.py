@@ -122,7 +122,7 @@ class Postgres:
         self.pgdata, self.bindir = pgdata, bindir
 
     @classmethod
-    def from_url(cls, url: str) -> "Postgres":
+    def from_url(cls, url: str) -> Postgres:
         parts = urlsplit(url)
         if parts.scheme.split("+")[0] not in ("postgresql", "postgres") or not parts.hostname:
             raise ServiceError(f"not a postgresql://user@host:port/ URL: {url!r}")

@@ -22,11 +22,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SMALL_HEADS
 
 import dset
 from dset.models.moe import MoEFFN, dense_moe_forward
-
-from conftest import SMALL_HEADS
 
 HAS_CUDA = torch.cuda.is_available()
 pytestmark = [

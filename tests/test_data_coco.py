@@ -7,9 +7,9 @@ import warnings
 
 import pytest
 import torch
+from data_helpers import tiny_coco, write_coco, write_image
 from torchvision import tv_tensors
 
-from data_helpers import tiny_coco, write_coco, write_image
 from dset.data.coco import CocoDetection, DatasetError, collate_fn
 from dset.data.transforms import NormalizeBoxes, eval_transforms, train_transforms
 

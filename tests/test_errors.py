@@ -12,8 +12,8 @@ import math
 
 import numpy as np
 import pytest
-
 import report_fixtures as F
+
 from analysis import bootstrap as B
 from analysis import errors as E
 

@@ -160,9 +160,9 @@ def test_predict_detections_scores_a_model_that_predicts_the_ground_truth(tmp_pa
     import torch
 
     from dset.data.coco import CocoDetection, collate_fn
+    from dset.data.synthetic import make_synthetic_coco
     from dset.data.transforms import eval_transforms
     from dset.engine.evaluate import coco_metrics, predict_detections
-    from dset.data.synthetic import make_synthetic_coco
 
     paths = make_synthetic_coco(root=tmp_path, num_train=2, num_val=3, image_size=96, seed=3)
     ds = CocoDetection(paths["val_images"], paths["val_annotations"], transforms=eval_transforms(64))

@@ -129,9 +129,9 @@ def test_deployment_latency_times_eager_and_onnxruntime_side_by_side():
 
     models = {"rtdetr": small_model(False, False, False), "dset": small_model(True, True, True)}
     result = deployment_latency(models, SIZE, batch_sizes=(1, 2), warmup=0, repeats=2)
-    for name, r in result.items():
+    for _name, r in result.items():
         assert set(r["runtimes"]) == {"eager", "onnxruntime_cpu"}
-        for runtime, by_batch in r["runtimes"].items():
+        for _runtime, by_batch in r["runtimes"].items():
             assert sorted(by_batch) == [1, 2]
             for b, t in by_batch.items():
                 assert t["batch_size"] == b and t["repeats"] == 2

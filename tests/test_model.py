@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_targets
 
 import dset
 from dset.models.criterion import build_criterion, total_loss
 from dset.models.postprocess import PostProcessor
-
-from conftest import random_targets
 
 SMALL = ["model.num_classes=5", "model.decoder.num_queries=40", "model.decoder.num_denoising=20"]
 

@@ -15,12 +15,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import one_thread_for_module
 
 import dset
 from dset.data.synthetic import make_synthetic_coco
 from dset.engine.train import fit
-
-from conftest import one_thread_for_module
 
 STEPS = 100
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import shared_path
 
 import dset
 from dset.models.postprocess import PostProcessor
-
-from conftest import shared_path
 
 
 def read_key_file(depth: int, version: str = "") -> list[tuple[str, tuple[int, ...]]]:

@@ -9,15 +9,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SMALL_HEADS, one_thread_for_module
 from PIL import Image, ImageColor
 
 import dset
 from dset.data.loaders import build_datasets
 from dset.models.encoder import sincos_position_embedding_2d
-from dset.pictures import (EXPERT_ALPHA, LONG_SIDE, PRUNED_SHADE, colour_token_experts, draw_pictures,
-                           palette_colour, shade_pruned_tokens, trace_image)
-
-from conftest import SMALL_HEADS, one_thread_for_module
+from dset.pictures import (
+    EXPERT_ALPHA,
+    LONG_SIDE,
+    PRUNED_SHADE,
+    colour_token_experts,
+    draw_pictures,
+    palette_colour,
+    shade_pruned_tokens,
+    trace_image,
+)
 
 one_thread = pytest.fixture(autouse=True, scope="module")(one_thread_for_module)
 

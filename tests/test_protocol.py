@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import one_thread_for_module
 
 import dset
 from dset import provenance
@@ -19,8 +20,6 @@ from studies import mlflow_schema as S
 from studies import pretrain as P
 from studies import spec
 from studies.run import classify_cell, main
-
-from conftest import one_thread_for_module
 
 one_thread = pytest.fixture(autouse=True, scope="module")(one_thread_for_module)
 

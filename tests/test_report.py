@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 import report_fixtures as F
+
 from analysis import bootstrap, make_report, runs, stats
 
 REPO = Path(__file__).resolve().parents[1]
@@ -586,9 +586,8 @@ def test_notebook_runs_against_the_store(store, monkeypatch):
 def test_the_report_renders_in_a_browser_with_every_image_and_link(ablation, two_stage, browser):
     """index.html as a person sees it (headless Chromium): every image decodes at its PNG's size, every link
     (table files, the contents' anchors) leads somewhere."""
-    from PIL import Image
-
     from browser import PAGE_CHECK_JS, broken_links
+    from PIL import Image
 
     for report in (ablation, two_stage):
         out = report["out_dir"]

@@ -7,13 +7,11 @@ import json
 
 import pytest
 import torch
+from conftest import SMALL_HEADS, one_thread_for_module
 
 import dset
 from dset.config import ConfigError
 from dset.engine.train import Callback, fit
-
-from conftest import one_thread_for_module, SMALL_HEADS
-
 
 one_thread = pytest.fixture(autouse=True, scope="module")(one_thread_for_module)
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import shared_path
 
 import dset
-
-from conftest import shared_path
 
 SMALL = ["model.num_classes=6", "model.decoder.num_queries=30", "model.decoder.num_denoising=0"]
 ALL_OFF = ["model.encoder_moe.enabled=false", "model.token_pruning.enabled=false", "model.decoder_moe.enabled=false"]

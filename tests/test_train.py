@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from conftest import SMALL_HEADS, one_thread_for_module
 
 import dset
 from dset.config import ConfigError
@@ -17,9 +18,6 @@ from dset.engine import train as train_mod
 from dset.engine.ema import ModelEMA, ema_decay
 from dset.engine.schedule import WarmupCosine
 from dset.engine.train import Callback, EarlyStopping, NonFiniteLossError, fit
-
-from conftest import one_thread_for_module, SMALL_HEADS
-
 
 one_thread = pytest.fixture(autouse=True, scope="module")(one_thread_for_module)
 

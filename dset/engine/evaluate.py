@@ -21,9 +21,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-import torch
 
 __all__ = ["METRIC_KEYS", "coco_metrics", "detections_from_predictions"]
 
@@ -203,7 +203,7 @@ def detections_from_predictions(
                 }
             )
     if n_non_finite:
-        warnings.warn(f"detections_from_predictions: skipped {n_non_finite} detection(s) with non-finite box/score")
+        warnings.warn(f"detections_from_predictions: skipped {n_non_finite} detection(s) with non-finite box/score", stacklevel=2)
     return out
 
 

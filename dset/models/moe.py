@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -184,9 +183,9 @@ class MoEFFN(nn.Module):
         self.reset_parameters()
 
         # Per-forward statistics (tensors; never synchronised by the module).
-        self.balance_loss: Optional[torch.Tensor] = None
-        self.z_loss: Optional[torch.Tensor] = None
-        self.usage: Optional[torch.Tensor] = None
+        self.balance_loss: torch.Tensor | None = None
+        self.z_loss: torch.Tensor | None = None
+        self.usage: torch.Tensor | None = None
         self.last_dispatch: str = ""  # "padded" | "loop" | "grouped_mm": the path of the last forward
 
     # ------------------------------------------------------------------ init / upcycling
@@ -207,8 +206,8 @@ class MoEFFN(nn.Module):
         linear2: nn.Module,
         noise_std: float = 0.0,
         router_init_std: float = 0.01,
-        generator: Optional[torch.Generator] = None,
-    ) -> "MoEFFN":
+        generator: torch.Generator | None = None,
+    ) -> MoEFFN:
         """Sparse upcycling: make every expert a copy of the dense FFN ``linear2(act(linear1(x)))``.
 
         ``linear1``/``linear2`` are ``nn.Linear`` (or anything with ``.weight``/``.bias`` of shapes
@@ -261,8 +260,8 @@ class MoEFFN(nn.Module):
         dropout: float = 0.0,
         router_noise: float = 0.0,
         router_init_std: float = 0.01,
-        generator: Optional[torch.Generator] = None,
-    ) -> "MoEFFN":
+        generator: torch.Generator | None = None,
+    ) -> MoEFFN:
         """Build an upcycled ``MoEFFN`` from a dense FFN's two linears (see ``upcycle_from_dense``)."""
         d_model, hidden = linear1.in_features, linear1.out_features
         m = cls(d_model, hidden, num_experts, top_k, activation, dropout, router_noise)

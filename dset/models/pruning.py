@@ -51,7 +51,7 @@ Gradient to the predictor. Top-k selection is not differentiable, so two paths t
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -75,9 +75,9 @@ def scheduled_keep_ratio(epoch: int, keep_ratio: float, warmup_epochs: int, ramp
 
 
 def importance_target_map(
-    spatial_shape: Tuple[int, int],
-    targets: Sequence[Dict[str, torch.Tensor]],
-    device: Optional[torch.device] = None,
+    spatial_shape: tuple[int, int],
+    targets: Sequence[dict[str, torch.Tensor]],
+    device: torch.device | None = None,
     include_centre_cell: bool = True,
 ) -> torch.Tensor:
     """Binary target map ``[B, H*W]`` (row-major, as ``feature.flatten(2)``) for ``importance_loss``.
@@ -186,7 +186,7 @@ class TokenPruner(nn.Module):
         )
         self.register_buffer("epoch", torch.zeros((), dtype=torch.long))
         self._epoch = 0  # python mirror of the buffer: the forward never reads the tensor
-        self.last_stats: Dict[str, float] = {}
+        self.last_stats: dict[str, float] = {}
 
     # ------------------------------------------------------------------ schedule
     def set_epoch(self, epoch: int) -> None:
@@ -225,8 +225,8 @@ class TokenPruner(nn.Module):
         return self.predictor(tokens).squeeze(-1).float()
 
     def select(
-        self, tokens: torch.Tensor, pos: Optional[torch.Tensor] = None
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+        self, tokens: torch.Tensor, pos: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """Keep the K highest-scoring tokens, in spatial (ascending index) order.
 
         Args: ``tokens [B, N, C]``, ``pos [1 or B, N, C]`` or None.
@@ -277,8 +277,8 @@ class TokenPruner(nn.Module):
     def importance_loss(
         self,
         scores: torch.Tensor,
-        spatial_shape: Tuple[int, int],
-        targets: List[Dict[str, torch.Tensor]],
+        spatial_shape: tuple[int, int],
+        targets: list[dict[str, torch.Tensor]],
         include_centre_cell: bool = True,
     ) -> torch.Tensor:
         """Mean BCE-with-logits between ``scores [B, H*W]`` and ``importance_target_map`` (tokens
