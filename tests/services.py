@@ -75,7 +75,8 @@ def pg_bindir() -> Path:
         if out.returncode == 0 and out.stdout.strip():
             candidates.append(out.stdout.strip())
     # Debian installs the server outside PATH: newest major version first
-    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(re.sub(r"\D", "", p) or 0), reverse=True)
+    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(re.sub(r"\D", "", p) or 0),
+                         reverse=True)
     if shutil.which("initdb"):
         candidates.append(str(Path(shutil.which("initdb")).parent))
     for c in candidates:
@@ -107,7 +108,8 @@ def _run(cmd: list[str], what: str, cwd: Path, timeout: float = 120) -> subproce
     except subprocess.TimeoutExpired:
         raise ServiceError(f"{what} did not finish in {timeout:.0f} s: {shlex.join(cmd)}") from None
     if out.returncode != 0:
-        raise ServiceError(f"{what} failed (exit {out.returncode}): {shlex.join(cmd)}\n{out.stdout}{out.stderr}".rstrip())
+        raise ServiceError(
+            f"{what} failed (exit {out.returncode}): {shlex.join(cmd)}\n{out.stdout}{out.stderr}".rstrip())
     return out
 
 
@@ -117,7 +119,8 @@ class Postgres:
     Made by ``start_postgres`` (owns the server: ``stop`` stops it) or ``Postgres.from_url`` (a server
     someone else started: ``stop`` does nothing)."""
 
-    def __init__(self, host: str, port: int, user: str = PG_USER, pgdata: Path | None = None, bindir: Path | None = None):
+    def __init__(self, host: str, port: int, user: str = PG_USER, pgdata: Path | None = None,
+                 bindir: Path | None = None):
         self.host, self.port, self.user = host, port, user
         self.pgdata, self.bindir = pgdata, bindir
 
@@ -145,7 +148,8 @@ class Postgres:
                 return
             except Exception as e:  # psycopg.OperationalError while the server starts
                 if time.monotonic() > deadline:
-                    raise ServiceError(f"PostgreSQL at {self.url()} does not accept connections after {timeout:.0f} s: {e}") from e
+                    raise ServiceError(f"PostgreSQL at {self.url()} does not accept connections after "
+                                       f"{timeout:.0f} s: {e}") from e
                 time.sleep(0.2)
 
     def create_database(self, name: str) -> str:

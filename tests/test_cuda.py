@@ -49,7 +49,8 @@ def _gpu_name() -> str:
 @pytest.fixture
 def exact_fp32():
     """fp32 matmuls and convolutions in full precision (no TF32) for the duration of a test."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.get_float32_matmul_precision())
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
@@ -260,8 +261,9 @@ def test_torchrun_on_cuda(tmp_path):
     (With one process WORLD_SIZE is 1 and fit creates no process group: NCCL is checked by the next test.)"""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-           "-m", "dset.train", "dset_r18", *_tiny_cuda(tmp_path / "synthetic", "train.epochs=1", "model.token_pruning.warmup_epochs=0", "train.amp=true",
-                                                        "train.profile=false"),
+           "-m", "dset.train", "dset_r18",
+           *_tiny_cuda(tmp_path / "synthetic", "train.epochs=1", "model.token_pruning.warmup_epochs=0",
+                       "train.amp=true", "train.profile=false"),
            "--out", str(out), "-q"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=_env(), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
