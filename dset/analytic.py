@@ -10,12 +10,20 @@ from __future__ import annotations
 import math
 
 
+def moe_ffn_macs_per_token(d_model: int, hidden_dim: int, num_experts: int, top_k: int) -> int:
+    """Multiply-adds per token of a top-k MoE FFN: router ``d*E`` + ``top_k * 2 * d * hidden``.
+
+    Biases, the softmax/top-k and the weighted combine are ignored (as fvcore ignores biases)."""
+    return d_model * num_experts + top_k * 2 * d_model * hidden_dim
+
+
 def ffn_macs(tokens: int, d_model: int, ffn_hidden: int, num_experts: int | None = None,
              top_k: int | None = None) -> int:
-    """One FFN over ``tokens`` tokens: 2 N d h (dense) or N (d E + k 2 d h) with a top-k MoE (router + active experts)."""
+    """One FFN over ``tokens`` tokens: 2 N d h (dense) or N (d E + k 2 d h) with a top-k MoE (router + active
+    experts, :func:`moe_ffn_macs_per_token`)."""
     if num_experts is None:
         return 2 * tokens * d_model * ffn_hidden
-    return tokens * (d_model * num_experts + top_k * 2 * d_model * ffn_hidden)
+    return tokens * moe_ffn_macs_per_token(d_model, ffn_hidden, num_experts, top_k)
 
 
 def aifi_layer_macs(tokens: int, d_model: int = 256, ffn_hidden: int = 1024, num_experts: int | None = None,

@@ -118,9 +118,9 @@ def bench_moe(
             load = _OtherLoad().start()
             med = _time_interleaved(
                 {
-                    "sparse": lambda: moe(x),
-                    "dense_all": lambda: dense_moe_forward(moe, x),
-                    "matched_ffn": lambda: matched(x),
+                    "sparse": lambda x=x: moe(x),
+                    "dense_all": lambda x=x: dense_moe_forward(moe, x),
+                    "matched_ffn": lambda x=x: matched(x),
                 },
                 warmup,
                 repeats,

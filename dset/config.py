@@ -36,61 +36,63 @@ class BackboneConfig:
 
 @dataclass
 class EncoderConfig:
-    hidden_dim: int = 256
-    nhead: int = 8
-    dim_feedforward: int = 1024
+    hidden_dim: int = 256                     # channels of every encoder feature map (and of the decoder)
+    nhead: int = 8                            # attention heads of the AIFI layer
+    dim_feedforward: int = 1024               # width of the AIFI layer's FFN
     dropout: float = 0.0
-    num_encoder_layers: int = 1
-    pe_temperature: float = 10000.0
-    expansion: float = 0.5
-    depth_mult: float = 1.0
+    num_encoder_layers: int = 1               # AIFI layers on the stride-32 map
+    pe_temperature: float = 10000.0           # of the 2D sin-cos position embedding
+    expansion: float = 0.5                    # hidden-channel ratio of the CCFF fusion blocks (CSPRepLayer)
+    depth_mult: float = 1.0                   # RepVGG blocks per fusion block: round(3 x depth_mult)
 
 
 @dataclass
 class DecoderConfig:
-    num_queries: int = 300
+    num_queries: int = 300                    # object queries, chosen from the encoder's top-scoring tokens
     num_layers: int = 3
     nhead: int = 8
-    dim_feedforward: int = 1024
+    dim_feedforward: int = 1024               # width of each decoder layer's FFN
     dropout: float = 0.0
-    num_points: int = 4
-    num_denoising: int = 100
-    label_noise_ratio: float = 0.5
-    box_noise_scale: float = 1.0
-    eval_idx: int = -1
+    num_points: int = 4                       # deformable-attention sampling points per head and level
+    num_denoising: int = 100                  # denoising queries in training (0: no denoising groups)
+    label_noise_ratio: float = 0.5            # denoising: share of ground-truth labels flipped (x 0.5)
+    box_noise_scale: float = 1.0              # denoising: box jitter relative to the box's half size
+    eval_idx: int = -1                        # the decoder layer whose output is the prediction in eval
 
 
 @dataclass
 class MoEConfig:
     enabled: bool = False
     num_experts: int = 6
-    top_k: int = 3
+    top_k: int = 3                            # experts each token is routed to
     expert_hidden_dim: int | None = None   # None: the dense FFN's width (1024), as the original DSET
-    router_noise: float = 0.0
-    balance_loss_weight: float = 0.03
-    z_loss_weight: float = 0.0
+    router_noise: float = 0.0                 # std of the noise added to router logits in training
+    balance_loss_weight: float = 0.03         # of the load-balancing loss (decoder default: 0.05)
+    z_loss_weight: float = 0.0                # of the ST-MoE router z-loss
     upcycle_noise: float = 0.0                # relative noise when experts are copied from a dense FFN
 
 
 @dataclass
 class PruningConfig:
     enabled: bool = False
-    keep_ratio: float = 0.7
-    min_tokens: int = 100
-    warmup_epochs: int = 10
-    ramp_epochs: int = 10
+    keep_ratio: float = 0.7                   # share of the AIFI tokens kept once the schedule has ramped up
+    min_tokens: int = 100                     # never keep fewer tokens than this
+    warmup_epochs: int = 10                   # epochs without pruning, then the ratio ramps down
+    ramp_epochs: int = 10                     # over this many epochs (see dset.models.pruning)
     fill: str = "identity"                    # pruned tokens keep their input ("identity") or become 0 ("zero")
-    predictor_hidden_dim: int = 128
-    loss_weight: float = 0.01
+    predictor_hidden_dim: int = 128           # hidden width of the token-importance predictor
+    loss_weight: float = 0.01                 # of the pruning loss
 
 
 @dataclass
 class LossConfig:
+    # loss weights and the varifocal loss's focusing parameters (RT-DETR's)
     vfl_weight: float = 1.0
-    bbox_weight: float = 5.0
+    bbox_weight: float = 5.0                  # L1 on normalised cx, cy, w, h
     giou_weight: float = 2.0
     vfl_alpha: float = 0.75
     vfl_gamma: float = 2.0
+    # the Hungarian matcher's costs (focal-loss class cost with its own alpha and gamma)
     matcher_cost_class: float = 2.0
     matcher_cost_bbox: float = 5.0
     matcher_cost_giou: float = 2.0
@@ -407,103 +409,117 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
     return data
 
 
-def validate(cfg: Config) -> Config:
-    """Checks that the types alone cannot express. Each error names its key."""
-    m = cfg.model
+def _need(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
 
-    def need(cond: bool, key: str, msg: str) -> None:
-        if not cond:
-            raise ConfigError(f"{key}: {msg}")
 
-    need(m.num_classes >= 1, "model.num_classes", f"must be >= 1, got {m.num_classes}")
-    need(m.backbone.depth in (18, 34), "model.backbone.depth", f"must be 18 or 34, got {m.backbone.depth}")
-    need(len(m.eval_spatial_size) == 2 and all(s > 0 and s % 32 == 0 for s in m.eval_spatial_size),
-         "model.eval_spatial_size", f"must be two positive multiples of 32, got {m.eval_spatial_size}")
-    need(m.encoder.hidden_dim % m.encoder.nhead == 0, "model.encoder.nhead",
-         f"hidden_dim {m.encoder.hidden_dim} is not divisible by nhead {m.encoder.nhead}")
-    need(m.encoder.hidden_dim % 4 == 0, "model.encoder.hidden_dim", "must be divisible by 4 (2D sin-cos embedding)")
-    need(m.decoder.num_layers >= 1, "model.decoder.num_layers", f"must be >= 1, got {m.decoder.num_layers}")
-    need(m.decoder.num_queries >= 1, "model.decoder.num_queries", f"must be >= 1, got {m.decoder.num_queries}")
-    need(-m.decoder.num_layers <= m.decoder.eval_idx < m.decoder.num_layers, "model.decoder.eval_idx",
-         f"must index one of the {m.decoder.num_layers} decoder layers, got {m.decoder.eval_idx}")
-    need(m.decoder.num_denoising >= 0, "model.decoder.num_denoising", "must be >= 0")
-    for name in ("encoder_moe", "decoder_moe"):
-        moe: MoEConfig = getattr(m, name)
-        key = f"model.{name}"
-        need(moe.num_experts >= 1, f"{key}.num_experts", f"must be >= 1, got {moe.num_experts}")
-        need(1 <= moe.top_k <= moe.num_experts, f"{key}.top_k",
-             f"must be between 1 and num_experts ({moe.num_experts}), got {moe.top_k}")
-        need(moe.expert_hidden_dim is None or moe.expert_hidden_dim >= 1, f"{key}.expert_hidden_dim",
-             f"must be >= 1, got {moe.expert_hidden_dim}")
-        need(moe.router_noise >= 0, f"{key}.router_noise", f"must be >= 0, got {moe.router_noise}")
-        need(moe.balance_loss_weight >= 0, f"{key}.balance_loss_weight", "must be >= 0")
-        need(moe.z_loss_weight >= 0, f"{key}.z_loss_weight", "must be >= 0")
-    p = m.token_pruning
-    need(0 < p.keep_ratio <= 1, "model.token_pruning.keep_ratio", f"must be in (0, 1], got {p.keep_ratio}")
-    need(p.min_tokens >= 1, "model.token_pruning.min_tokens", f"must be >= 1, got {p.min_tokens}")
-    need(p.warmup_epochs >= 0, "model.token_pruning.warmup_epochs", f"must be >= 0, got {p.warmup_epochs}")
-    need(p.ramp_epochs >= 0, "model.token_pruning.ramp_epochs", f"must be >= 0, got {p.ramp_epochs}")
-    need(p.fill in ("identity", "zero"), "model.token_pruning.fill", f"must be 'identity' or 'zero', got {p.fill!r}")
-    need(p.loss_weight >= 0, "model.token_pruning.loss_weight", "must be >= 0")
+def _validate_moe(moe: MoEConfig, key: str) -> None:
+    _need(moe.num_experts >= 1, f"{key}.num_experts", f"must be >= 1, got {moe.num_experts}")
+    _need(1 <= moe.top_k <= moe.num_experts, f"{key}.top_k",
+          f"must be between 1 and num_experts ({moe.num_experts}), got {moe.top_k}")
+    _need(moe.expert_hidden_dim is None or moe.expert_hidden_dim >= 1, f"{key}.expert_hidden_dim",
+          f"must be >= 1, got {moe.expert_hidden_dim}")
+    _need(moe.router_noise >= 0, f"{key}.router_noise", f"must be >= 0, got {moe.router_noise}")
+    _need(moe.balance_loss_weight >= 0, f"{key}.balance_loss_weight", "must be >= 0")
+    _need(moe.z_loss_weight >= 0, f"{key}.z_loss_weight", "must be >= 0")
+
+
+def _validate_token_pruning(p: PruningConfig, epochs: int) -> None:
+    _need(0 < p.keep_ratio <= 1, "model.token_pruning.keep_ratio", f"must be in (0, 1], got {p.keep_ratio}")
+    _need(p.min_tokens >= 1, "model.token_pruning.min_tokens", f"must be >= 1, got {p.min_tokens}")
+    _need(p.warmup_epochs >= 0, "model.token_pruning.warmup_epochs", f"must be >= 0, got {p.warmup_epochs}")
+    _need(p.ramp_epochs >= 0, "model.token_pruning.ramp_epochs", f"must be >= 0, got {p.ramp_epochs}")
+    _need(p.fill in ("identity", "zero"), "model.token_pruning.fill", f"must be 'identity' or 'zero', got {p.fill!r}")
+    _need(p.loss_weight >= 0, "model.token_pruning.loss_weight", "must be >= 0")
     if p.enabled:  # the reported checkpoint is chosen among the epochs at the target ratio: there must be one
         target_epoch = p.warmup_epochs + max(p.ramp_epochs, 1) - 1
-        need(target_epoch < cfg.train.epochs, "model.token_pruning.warmup_epochs",
-             f"warm-up {p.warmup_epochs} + ramp {p.ramp_epochs} epochs reach the target keep ratio at epoch "
-             f"{target_epoch + 1}, after the run's {cfg.train.epochs} epochs (train.epochs); shorten them")
-    for path_key, value in (("model.checkpoint", m.checkpoint), ("model.backbone.pretrained", m.backbone.pretrained)):
-        need(value is None or Path(value).is_file(), path_key, f"file not found: {value}")
+        _need(target_epoch < epochs, "model.token_pruning.warmup_epochs",
+              f"warm-up {p.warmup_epochs} + ramp {p.ramp_epochs} epochs reach the target keep ratio at epoch "
+              f"{target_epoch + 1}, after the run's {epochs} epochs (train.epochs); shorten them")
 
-    d = cfg.data
-    need(d.name in ("synthetic", "coco"), "data.name", f"must be 'synthetic' or 'coco', got {d.name!r}")
-    need(d.image_size > 0 and d.image_size % 32 == 0, "data.image_size",
-         f"must be a positive multiple of 32, got {d.image_size}")
-    need(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
-    need(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
-    need(d.augment in ("rtdetr", "flip", "none"), "data.augment",
-         f"must be 'rtdetr', 'flip' or 'none', got {d.augment!r}")
+
+def _validate_model(cfg: Config) -> None:
+    m = cfg.model
+    _need(m.num_classes >= 1, "model.num_classes", f"must be >= 1, got {m.num_classes}")
+    _need(m.backbone.depth in (18, 34), "model.backbone.depth", f"must be 18 or 34, got {m.backbone.depth}")
+    _need(len(m.eval_spatial_size) == 2 and all(s > 0 and s % 32 == 0 for s in m.eval_spatial_size),
+          "model.eval_spatial_size", f"must be two positive multiples of 32, got {m.eval_spatial_size}")
+    _need(m.encoder.hidden_dim % m.encoder.nhead == 0, "model.encoder.nhead",
+          f"hidden_dim {m.encoder.hidden_dim} is not divisible by nhead {m.encoder.nhead}")
+    _need(m.encoder.hidden_dim % 4 == 0, "model.encoder.hidden_dim", "must be divisible by 4 (2D sin-cos embedding)")
+    _need(m.decoder.num_layers >= 1, "model.decoder.num_layers", f"must be >= 1, got {m.decoder.num_layers}")
+    _need(m.decoder.num_queries >= 1, "model.decoder.num_queries", f"must be >= 1, got {m.decoder.num_queries}")
+    _need(-m.decoder.num_layers <= m.decoder.eval_idx < m.decoder.num_layers, "model.decoder.eval_idx",
+          f"must index one of the {m.decoder.num_layers} decoder layers, got {m.decoder.eval_idx}")
+    _need(m.decoder.num_denoising >= 0, "model.decoder.num_denoising", "must be >= 0")
+    for name in ("encoder_moe", "decoder_moe"):
+        _validate_moe(getattr(m, name), f"model.{name}")
+    _validate_token_pruning(m.token_pruning, cfg.train.epochs)
+    for path_key, value in (("model.checkpoint", m.checkpoint), ("model.backbone.pretrained", m.backbone.pretrained)):
+        _need(value is None or Path(value).is_file(), path_key, f"file not found: {value}")
+
+
+def _validate_data(d: DataConfig) -> None:
+    _need(d.name in ("synthetic", "coco"), "data.name", f"must be 'synthetic' or 'coco', got {d.name!r}")
+    _need(d.image_size > 0 and d.image_size % 32 == 0, "data.image_size",
+          f"must be a positive multiple of 32, got {d.image_size}")
+    _need(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
+    _need(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    _need(d.augment in ("rtdetr", "flip", "none"), "data.augment",
+          f"must be 'rtdetr', 'flip' or 'none', got {d.augment!r}")
     for key, value in (("data.max_train_images", d.max_train_images), ("data.max_val_images", d.max_val_images)):
-        need(value is None or value >= 1, key, f"must be >= 1 (or null for all images), got {value}")
+        _need(value is None or value >= 1, key, f"must be >= 1 (or null for all images), got {value}")
     sy = d.synthetic
-    need(sy.num_train >= 1, "data.synthetic.num_train", f"must be >= 1, got {sy.num_train}")
-    need(sy.num_val >= 1, "data.synthetic.num_val", f"must be >= 1, got {sy.num_val}")
-    need(sy.image_size >= 32, "data.synthetic.image_size", f"must be >= 32, got {sy.image_size}")
-    need(1 <= sy.num_classes <= 6, "data.synthetic.num_classes", f"must be between 1 and 6, got {sy.num_classes}")
-    need(sy.max_objects >= 1, "data.synthetic.max_objects", f"must be >= 1, got {sy.max_objects}")
-    need(4 <= sy.min_object_size <= 0.6 * sy.image_size, "data.synthetic.min_object_size",
-         f"must be between 4 and 0.6 x data.synthetic.image_size ({0.6 * sy.image_size:g}), got {sy.min_object_size}")
-    need(d.stop_epoch is None or d.stop_epoch >= 0, "data.stop_epoch", f"must be >= 0 (or null), got {d.stop_epoch}")
+    _need(sy.num_train >= 1, "data.synthetic.num_train", f"must be >= 1, got {sy.num_train}")
+    _need(sy.num_val >= 1, "data.synthetic.num_val", f"must be >= 1, got {sy.num_val}")
+    _need(sy.image_size >= 32, "data.synthetic.image_size", f"must be >= 32, got {sy.image_size}")
+    _need(1 <= sy.num_classes <= 6, "data.synthetic.num_classes", f"must be between 1 and 6, got {sy.num_classes}")
+    _need(sy.max_objects >= 1, "data.synthetic.max_objects", f"must be >= 1, got {sy.max_objects}")
+    _need(4 <= sy.min_object_size <= 0.6 * sy.image_size, "data.synthetic.min_object_size",
+          f"must be between 4 and 0.6 x data.synthetic.image_size ({0.6 * sy.image_size:g}), got {sy.min_object_size}")
+    _need(d.stop_epoch is None or d.stop_epoch >= 0, "data.stop_epoch", f"must be >= 0 (or null), got {d.stop_epoch}")
     if d.name == "synthetic":  # paths the user named must never be silently ignored
         for split in ("train", "val"):
             s_cfg: SplitConfig = getattr(d, split)
             for part in ("images", "annotations"):
                 value = getattr(s_cfg, part)
-                need(value is None, f"data.{split}.{part}",
-                     f"is set ({value}) but data.name is 'synthetic', the built-in data set, which would ignore it; "
-                     "add data.name=coco to train on your data")
+                _need(value is None, f"data.{split}.{part}",
+                      f"is set ({value}) but data.name is 'synthetic', the built-in data set, which would ignore it; "
+                      "add data.name=coco to train on your data")
     if d.name == "coco":
         for split in ("train", "val"):
             s: SplitConfig = getattr(d, split)
-            need(s.images is not None, f"data.{split}.images", "is required when data.name is 'coco'")
-            need(s.annotations is not None, f"data.{split}.annotations", "is required when data.name is 'coco'")
-            need(Path(s.images).is_dir(), f"data.{split}.images", f"folder not found: {s.images}")
-            need(Path(s.annotations).is_file(), f"data.{split}.annotations", f"file not found: {s.annotations}")
+            _need(s.images is not None, f"data.{split}.images", "is required when data.name is 'coco'")
+            _need(s.annotations is not None, f"data.{split}.annotations", "is required when data.name is 'coco'")
+            _need(Path(s.images).is_dir(), f"data.{split}.images", f"folder not found: {s.images}")
+            _need(Path(s.annotations).is_file(), f"data.{split}.annotations", f"file not found: {s.annotations}")
 
-    t = cfg.train
-    need(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")
-    need(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
-    need(t.lr_pretrained >= 0, "train.lr_pretrained", f"must be >= 0, got {t.lr_pretrained}")
-    need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-    need(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", f"must be two numbers in [0, 1), got {t.betas}")
-    need(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
-    need(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
-    need(0 <= t.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
-    need(t.early_stop_patience is None or t.early_stop_patience >= 1, "train.early_stop_patience", "must be >= 1")
-    need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
-    need(t.ema_warmup_steps >= 0, "train.ema_warmup_steps", "must be >= 0")
-    need(t.eval_every >= 1, "train.eval_every", f"must be >= 1, got {t.eval_every}")
-    need(t.checkpoint_every_minutes > 0, "train.checkpoint_every_minutes",
-         f"must be > 0, got {t.checkpoint_every_minutes}")
-    need(t.pictures >= 0, "train.pictures", f"must be >= 0 (0: no pictures), got {t.pictures}")
+
+def _validate_train(t: TrainConfig) -> None:
+    _need(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")
+    _need(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    _need(t.lr_pretrained >= 0, "train.lr_pretrained", f"must be >= 0, got {t.lr_pretrained}")
+    _need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    _need(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas",
+          f"must be two numbers in [0, 1), got {t.betas}")
+    _need(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+    _need(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    _need(0 <= t.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
+    _need(t.early_stop_patience is None or t.early_stop_patience >= 1, "train.early_stop_patience", "must be >= 1")
+    _need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
+    _need(t.ema_warmup_steps >= 0, "train.ema_warmup_steps", "must be >= 0")
+    _need(t.eval_every >= 1, "train.eval_every", f"must be >= 1, got {t.eval_every}")
+    _need(t.checkpoint_every_minutes > 0, "train.checkpoint_every_minutes",
+          f"must be > 0, got {t.checkpoint_every_minutes}")
+    _need(t.pictures >= 0, "train.pictures", f"must be >= 0 (0: no pictures), got {t.pictures}")
+
+
+def validate(cfg: Config) -> Config:
+    """Checks that the types alone cannot express. Each error names its key."""
+    _validate_model(cfg)
+    _validate_data(cfg.data)
+    _validate_train(cfg.train)
     return cfg
 
 
@@ -557,8 +573,9 @@ def _nest(flat: dict[str, Any]) -> dict:
     return out
 
 
-def resolve_config(presets: str | Path | list, *, budget: str | Path | None = BUDGET_AUTO, data: str | Path | None = None,
-                   layers: tuple | list = (), overrides: list[str] | None = None, seed: int | None = None) -> Config:
+def resolve_config(presets: str | Path | list, *, budget: str | Path | None = BUDGET_AUTO,
+                   data: str | Path | None = None, layers: tuple | list = (), overrides: list[str] | None = None,
+                   seed: int | None = None) -> Config:
     """The one way a run's configuration is put together, for ``dset.train`` and for studies alike.
 
     Layers, each on top of the one before: the preset(s) (a name in dset/configs or a YAML path, merged in

@@ -157,7 +157,7 @@ def compare_with_eager(model: nn.Module, session, size: int | tuple[int, int], b
     return worst
 
 
-def main(argv: list[str] | None = None) -> int:
+def _argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dset.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("preset", help="preset name or YAML file (e.g. dset_r18)")
@@ -171,7 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tolerance", type=float, default=TOLERANCE,
                         help=f"largest allowed |ONNX Runtime - PyTorch| (default {TOLERANCE:g})")
     parser.add_argument("--no-check", action="store_true", help="keep the file without comparing it to PyTorch")
-    args = parser.parse_intermixed_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _argument_parser().parse_intermixed_args(argv)
 
     from .models.detector import build_model
 
@@ -179,9 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.preset, args.overrides)
         size = args.size or cfg.data.image_size
         model = build_model(cfg).eval()
-        if model.token_pruner is not None:
-            p = cfg.model.token_pruning
-            model.set_epoch(args.epoch if args.epoch is not None else p.warmup_epochs + p.ramp_epochs)
+        model.set_deployed_epoch(args.epoch)
         torch.manual_seed(0)
         path = export_onnx(model, args.onnx, size, args.opset)
     except (ConfigError, FileNotFoundError, ValueError, ExportError) as exc:

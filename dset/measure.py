@@ -20,6 +20,7 @@ Conventions (every number says how it was made):
 
 from __future__ import annotations
 
+import itertools
 import math
 import platform
 import statistics
@@ -31,7 +32,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .analytic import aifi_layer_macs  # noqa: F401  (re-exported: the formula the counts are checked against)
 from .models.detector import TensorOutputs
 from .models.moe import MoEFFN, fvcore_op_handles
 
@@ -192,6 +192,10 @@ PROVIDER_NAMES = {"CPUExecutionProvider": "onnxruntime_cpu", "CUDAExecutionProvi
                   "TensorrtExecutionProvider": "onnxruntime_tensorrt"}
 
 
+def _on_cpu(model: nn.Module) -> bool:
+    return all(t.device.type == "cpu" for t in itertools.chain(model.parameters(), model.buffers()))
+
+
 def deployment_latency(models: dict[str, nn.Module], size: int = 640, device: str = "cpu",
                        batch_sizes: tuple[int, ...] = (1, 8), warmup: int = 3, repeats: int = 10,
                        seed: int = 0) -> dict[str, dict]:
@@ -231,12 +235,15 @@ def deployment_latency(models: dict[str, nn.Module], size: int = 640, device: st
     states = {name: model.training for name, model in models.items()}
     with tempfile.TemporaryDirectory(prefix="dset_onnx_") as tmp:
         for name, model in models.items():
-            cpu_copy = copy.deepcopy(model).cpu().eval()
-            path = export_onnx(cpu_copy, Path(tmp) / f"model{len(out)}.onnx", (h, w))
+            # exported from the CPU; a model elsewhere is copied there, so that the caller's stays where it is
+            # (export_onnx and compare_with_eager leave the model as they found it)
+            cpu_model = model if _on_cpu(model) else copy.deepcopy(model).cpu()
+            path = export_onnx(cpu_model, Path(tmp) / f"model{len(out)}.onnx", (h, w))
             cpu_session = onnxruntime_session(path)
-            out[name] = {"onnx_check": compare_with_eager(cpu_copy, cpu_session, (h, w)), "onnxruntime": ort.__version__,
-                         "threads": torch.get_num_threads(), "not_timed": dict(not_timed), "runtimes": {}}
-            del cpu_copy
+            out[name] = {"onnx_check": compare_with_eager(cpu_model, cpu_session, (h, w)),
+                         "onnxruntime": ort.__version__, "threads": torch.get_num_threads(),
+                         "not_timed": dict(not_timed), "runtimes": {}}
+            del cpu_model
             sessions[(name, "CPUExecutionProvider")] = cpu_session
             for provider in providers[1:]:
                 try:
@@ -245,7 +252,7 @@ def deployment_latency(models: dict[str, nn.Module], size: int = 640, device: st
                     out[name]["not_timed"][PROVIDER_NAMES[provider]] = f"{type(exc).__name__}: {exc}"
         try:
             with torch.inference_mode():
-                for name, model in models.items():
+                for model in models.values():
                     model.eval().to(torch_device)
                 for b, x in images.items():
                     runners = {}
@@ -280,8 +287,9 @@ def sparse_summary(model: nn.Module) -> dict:
                                "expert_hidden_dim": dec[0].hidden_dim}
     pruner = getattr(model, "token_pruner", None)
     if pruner is not None:
-        info["token_pruning"] = {"keep_ratio_in_force": pruner.current_keep_ratio(), "target_keep_ratio": pruner.keep_ratio,
-                                 "min_tokens": pruner.min_tokens, "epoch": pruner._epoch}
+        info["token_pruning"] = {"keep_ratio_in_force": pruner.current_keep_ratio(),
+                                 "target_keep_ratio": pruner.keep_ratio, "min_tokens": pruner.min_tokens,
+                                 "epoch": pruner._epoch}
     return info
 
 

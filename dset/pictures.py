@@ -364,11 +364,8 @@ def _remove_old_pictures(folder: Path) -> None:
     (folder / PICTURES_INDEX).unlink(missing_ok=True)
 
 
-def draw_pictures(model: Detector, data: DataBundle, out_dir: str | Path, num_images: int = 4,
-                  score_threshold: float = SCORE_THRESHOLD, epoch: int | None = None) -> list[Path]:
-    """Draw the pictures of the first ``num_images`` validation images into ``<out_dir>/pictures/`` (see the
-    module docstring) and return the files written, ``pictures.json`` last. ``epoch``: the training epoch of
-    the weights, recorded in ``pictures.json``. Earlier pictures in that folder are removed first."""
+def _check_draw_arguments(model: Detector, data: DataBundle, num_images: int, score_threshold: float) -> list[str]:
+    """The data set's category names, once the arguments of :func:`draw_pictures` are known to fit."""
     if not isinstance(model, Detector):
         raise TypeError(f"draw_pictures needs a dset Detector, got {type(model).__name__}")
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 0:
@@ -379,91 +376,149 @@ def draw_pictures(model: Detector, data: DataBundle, out_dir: str | Path, num_im
     if model.decoder.num_classes != len(names):
         raise ValueError(f"the model predicts {model.decoder.num_classes} classes but the data set has {len(names)} "
                          f"categories ({', '.join(names)}): draw a model trained on this data set")
+    return names
+
+
+class _PictureFolder:
+    """The pictures folder being written: the files so far and their ``pictures.json`` entries."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.written: list[Path] = []
+        self.entries: list[dict] = []
+
+    def save(self, kind: str, image_id: int, picture: torch.Tensor, caption: str, **details) -> None:
+        path = self.folder / f"{kind}_{image_id}.png"
+        _save_png(picture, path)
+        self.written.append(path)
+        self.entries.append({"file": path.name, "kind": kind, "image_id": image_id, "caption": caption, **details})
+
+
+@dataclass
+class _Scene:
+    """One validation image as its pictures show it: boxes are in original pixels, ``shown`` is the image
+    at display size (``scale`` display pixels per original pixel)."""
+
+    image_id: int
+    input_size: list[int]            # [h, w] of the model's input
+    size: list[int]                  # [w, h] of the original image
+    shown: torch.Tensor
+    scale: float
+    trace: ImageTrace
+    gt_boxes: torch.Tensor
+    gt_labels: list[str]
+    gt_colours: list[str]
+    dets: dict[str, torch.Tensor]
+    passed: bool                     # whether any detection reached the score threshold
+    det_text: list[str]
+    detections: list[dict]           # the detections as pictures.json records them
+    pred_caption: str
+
+
+def _scene(model: Detector, data: DataBundle, i: int, names: list[str], score_threshold: float) -> _Scene:
+    """Run the model on validation item ``i`` and gather what its pictures show."""
+    model_input, target = data.val[i]
+    image_id = int(target["image_id"])
+    index = _dataset_index(data.val, i)
+    if data.val_dataset.image_ids[index] != image_id:
+        raise ValueError(f"validation item {i} is image {image_id}, but data.val_dataset[{index}] is image "
+                         f"{data.val_dataset.image_ids[index]}: val must be (a Subset of) val_dataset")
+    original = data.val_dataset.load_image(index)
+    w, h = original.size
+    shown, scale = _shown_image(original)
+    trace = trace_image(model, model_input)
+
+    # ground truth: normalised boxes of the resized image = the same fractions of the original
+    gt_boxes = box_cxcywh_to_xyxy(target["boxes"].float()) * torch.tensor([w, h, w, h], dtype=torch.float32)
+    dets, passed = _select_detections(trace, (w, h), score_threshold)
+    det_labels = [names[int(c)] for c in dets["labels"]]
+    det_text = [f"{n} {float(s):.2f}" for n, s in zip(det_labels, dets["scores"])]
+    detections = [{"label": n, "score": round(float(s), 4), "box": _rounded_box(b), "query": int(q)}
+                  for n, s, b, q in zip(det_labels, dets["scores"], dets["boxes"], dets["queries"])]
+    pred_caption = (f"predictions, score >= {score_threshold:.2f} ({len(det_text)})" if passed else
+                    f"no prediction >= {score_threshold:.2f}: top {len(det_text)} shown")
+    return _Scene(image_id=image_id, input_size=[int(model_input.shape[1]), int(model_input.shape[2])],
+                  size=[w, h], shown=shown, scale=scale, trace=trace, gt_boxes=gt_boxes,
+                  gt_labels=[names[int(c)] for c in target["labels"]],
+                  gt_colours=[palette_colour(int(c)) for c in target["labels"]], dets=dets, passed=passed,
+                  det_text=det_text, detections=detections, pred_caption=pred_caption)
+
+
+def _save_detections(pictures: _PictureFolder, s: _Scene) -> None:
+    det_colours = [palette_colour(int(c)) for c in s.dets["labels"]]
+    ground_truth = [{"label": n, "box": _rounded_box(b)} for n, b in zip(s.gt_labels, s.gt_boxes)]
+    gt_caption = f"image {s.image_id}: ground truth ({len(s.gt_labels)})"
+    gt_panel = _panel(_draw_boxes(s.shown, s.gt_boxes * s.scale, s.gt_labels, s.gt_colours), gt_caption)
+    pred_panel = _panel(_draw_boxes(s.shown, s.dets["boxes"] * s.scale, s.det_text, det_colours), s.pred_caption)
+    pictures.save("detections", s.image_id, _side_by_side([gt_panel, pred_panel]), f"{gt_caption}; {s.pred_caption}",
+                  image_size=s.size, threshold_passed=s.passed, ground_truth=ground_truth, detections=s.detections)
+
+
+def _save_kept_tokens(pictures: _PictureFolder, s: _Scene) -> None:
+    trace = s.trace
+    k, n = int(trace.kept.sum()), trace.kept.numel()
+    caption = (f"image {s.image_id}: token pruning kept {k} of {n} tokens ({100 * k / n:.0f}%)\n"
+               f"{trace.grid[0]}x{trace.grid[1]} stride-32 grid; shaded: pruned")
+    picture = _draw_boxes(shade_pruned_tokens(s.shown, trace.kept), s.gt_boxes * s.scale, None, s.gt_colours)
+    pictures.save("kept_tokens", s.image_id, _panel(picture, caption), caption.replace("\n", "; "),
+                  image_size=s.size, grid=list(trace.grid), tokens=n, kept_tokens=k)
+
+
+def _save_encoder_experts(pictures: _PictureFolder, s: _Scene, num_experts: int) -> None:
+    legend = [(f"E{e}", palette_colour(e)) for e in range(num_experts)]
+    panels, counts = [], []
+    for layer, experts in enumerate(s.trace.encoder_experts):
+        counts.append([int((experts == e).sum()) for e in range(num_experts)])
+        unrouted = int((experts < 0).sum())
+        caption = (f"image {s.image_id}: AIFI layer {layer}, top-1 expert per token"
+                   + (f"\n{unrouted} pruned tokens not routed (uncoloured)" if unrouted else ""))
+        panels.append(_panel(colour_token_experts(s.shown, experts, num_experts), caption, legend))
+    routed = int((s.trace.encoder_experts[0] >= 0).sum())
+    pictures.save("encoder_experts", s.image_id, _side_by_side(panels),
+                  f"image {s.image_id}: top-1 encoder expert of each of the {routed} routed AIFI tokens",
+                  image_size=s.size, num_experts=num_experts, grid=list(s.trace.grid), routed_tokens=routed,
+                  tokens_per_expert=counts)
+
+
+def _save_decoder_experts(pictures: _PictureFolder, s: _Scene, num_experts: int, decoder_layer: int) -> None:
+    experts = [int(s.trace.decoder_experts[int(q)]) for q in s.dets["queries"]]
+    legend = [(f"E{e}", palette_colour(e)) for e in range(num_experts)]
+    text = [f"E{e} {t}" for e, t in zip(experts, s.det_text)]
+    caption = (f"image {s.image_id}: decoder layer {decoder_layer}, top-1 expert of each detection's query"
+               + ("" if s.passed else f"\n{s.pred_caption}"))
+    picture = _draw_boxes(s.shown, s.dets["boxes"] * s.scale, text, [palette_colour(e) for e in experts])
+    pictures.save("decoder_experts", s.image_id, _panel(picture, caption, legend), caption.replace("\n", "; "),
+                  image_size=s.size, num_experts=num_experts, decoder_layer=decoder_layer,
+                  detections=[{**d, "expert": e} for d, e in zip(s.detections, experts)])
+
+
+def draw_pictures(model: Detector, data: DataBundle, out_dir: str | Path, num_images: int = 4,
+                  score_threshold: float = SCORE_THRESHOLD, epoch: int | None = None) -> list[Path]:
+    """Draw the pictures of the first ``num_images`` validation images into ``<out_dir>/pictures/`` (see the
+    module docstring) and return the files written, ``pictures.json`` last. ``epoch``: the training epoch of
+    the weights, recorded in ``pictures.json``. Earlier pictures in that folder are removed first."""
+    names = _check_draw_arguments(model, data, num_images, score_threshold)
     folder = Path(out_dir) / PICTURES_DIR
     folder.mkdir(parents=True, exist_ok=True)
     _remove_old_pictures(folder)
+    pictures = _PictureFolder(folder)
     switches = _switches(model)
     enc_experts = model.encoder_moe_layers()[0].num_experts if switches["encoder_moe"] else None
     dec_experts = model.decoder_moe_layers()[0].num_experts if switches["decoder_moe"] else None
     decoder_layer = _prediction_decoder_layer(model)
-    entries: list[dict] = []
-    written: list[Path] = []
     image_ids: list[int] = []
     input_size = None
-
-    def save(kind: str, image_id: int, picture: torch.Tensor, caption: str, **details) -> None:
-        path = folder / f"{kind}_{image_id}.png"
-        _save_png(picture, path)
-        written.append(path)
-        entries.append({"file": path.name, "kind": kind, "image_id": image_id, "caption": caption, **details})
-
     for i in range(min(num_images, len(data.val))):
-        model_input, target = data.val[i]
-        input_size = [int(model_input.shape[1]), int(model_input.shape[2])]
-        image_id = int(target["image_id"])
-        index = _dataset_index(data.val, i)
-        if data.val_dataset.image_ids[index] != image_id:
-            raise ValueError(f"validation item {i} is image {image_id}, but data.val_dataset[{index}] is image "
-                             f"{data.val_dataset.image_ids[index]}: val must be (a Subset of) val_dataset")
-        image_ids.append(image_id)
-        original = data.val_dataset.load_image(index)
-        w, h = original.size
-        shown, scale = _shown_image(original)
-        trace = trace_image(model, model_input)
-
-        # ground truth: normalised boxes of the resized image = the same fractions of the original
-        gt_boxes = box_cxcywh_to_xyxy(target["boxes"].float()) * torch.tensor([w, h, w, h], dtype=torch.float32)
-        gt_labels = [names[int(c)] for c in target["labels"]]
-        gt_colours = [palette_colour(int(c)) for c in target["labels"]]
-        dets, passed = _select_detections(trace, (w, h), score_threshold)
-        det_labels = [names[int(c)] for c in dets["labels"]]
-        det_colours = [palette_colour(int(c)) for c in dets["labels"]]
-        det_text = [f"{n} {float(s):.2f}" for n, s in zip(det_labels, dets["scores"])]
-        ground_truth = [{"label": n, "box": _rounded_box(b)} for n, b in zip(gt_labels, gt_boxes)]
-        detections = [{"label": n, "score": round(float(s), 4), "box": _rounded_box(b), "query": int(q)}
-                      for n, s, b, q in zip(det_labels, dets["scores"], dets["boxes"], dets["queries"])]
-
-        gt_caption = f"image {image_id}: ground truth ({len(gt_labels)})"
-        pred_caption = (f"predictions, score >= {score_threshold:.2f} ({len(det_text)})" if passed else
-                        f"no prediction >= {score_threshold:.2f}: top {len(det_text)} shown")
-        gt_panel = _panel(_draw_boxes(shown, gt_boxes * scale, gt_labels, gt_colours), gt_caption)
-        pred_panel = _panel(_draw_boxes(shown, dets["boxes"] * scale, det_text, det_colours), pred_caption)
-        save("detections", image_id, _side_by_side([gt_panel, pred_panel]), f"{gt_caption}; {pred_caption}",
-             image_size=[w, h], threshold_passed=passed, ground_truth=ground_truth, detections=detections)
-
-        if trace.kept is not None:
-            k, n = int(trace.kept.sum()), trace.kept.numel()
-            caption = (f"image {image_id}: token pruning kept {k} of {n} tokens ({100 * k / n:.0f}%)\n"
-                       f"{trace.grid[0]}x{trace.grid[1]} stride-32 grid; shaded: pruned")
-            picture = _draw_boxes(shade_pruned_tokens(shown, trace.kept), gt_boxes * scale, None, gt_colours)
-            save("kept_tokens", image_id, _panel(picture, caption), caption.replace("\n", "; "),
-                 image_size=[w, h], grid=list(trace.grid), tokens=n, kept_tokens=k)
-
-        if trace.encoder_experts:
-            legend = [(f"E{e}", palette_colour(e)) for e in range(enc_experts)]
-            panels, counts = [], []
-            for layer, experts in enumerate(trace.encoder_experts):
-                counts.append([int((experts == e).sum()) for e in range(enc_experts)])
-                unrouted = int((experts < 0).sum())
-                caption = (f"image {image_id}: AIFI layer {layer}, top-1 expert per token"
-                           + (f"\n{unrouted} pruned tokens not routed (uncoloured)" if unrouted else ""))
-                panels.append(_panel(colour_token_experts(shown, experts, enc_experts), caption, legend))
-            routed = int((trace.encoder_experts[0] >= 0).sum())
-            save("encoder_experts", image_id, _side_by_side(panels),
-                 f"image {image_id}: top-1 encoder expert of each of the {routed} routed AIFI tokens",
-                 image_size=[w, h], num_experts=enc_experts, grid=list(trace.grid), routed_tokens=routed,
-                 tokens_per_expert=counts)
-
-        if trace.decoder_experts is not None:
-            experts = [int(trace.decoder_experts[int(q)]) for q in dets["queries"]]
-            legend = [(f"E{e}", palette_colour(e)) for e in range(dec_experts)]
-            text = [f"E{e} {t}" for e, t in zip(experts, det_text)]
-            caption = (f"image {image_id}: decoder layer {decoder_layer}, top-1 expert of each detection's query"
-                       + ("" if passed else f"\n{pred_caption}"))
-            picture = _draw_boxes(shown, dets["boxes"] * scale, text, [palette_colour(e) for e in experts])
-            save("decoder_experts", image_id, _panel(picture, caption, legend), caption.replace("\n", "; "),
-                 image_size=[w, h], num_experts=dec_experts, decoder_layer=decoder_layer,
-                 detections=[{**d, "expert": e} for d, e in zip(detections, experts)])
+        scene = _scene(model, data, i, names, score_threshold)
+        input_size = scene.input_size
+        image_ids.append(scene.image_id)
+        _save_detections(pictures, scene)
+        if scene.trace.kept is not None:
+            _save_kept_tokens(pictures, scene)
+        if scene.trace.encoder_experts:
+            _save_encoder_experts(pictures, scene, enc_experts)
+        if scene.trace.decoder_experts is not None:
+            _save_decoder_experts(pictures, scene, dec_experts, decoder_layer)
 
     config = getattr(model, "config", None)
     index = {
@@ -480,9 +535,7 @@ def draw_pictures(model: Detector, data: DataBundle, out_dir: str | Path, num_im
     num_experts = max(enc_experts or 0, dec_experts or 0)
     if num_experts:
         index["expert_colours"] = {f"E{e}": palette_colour(e) for e in range(num_experts)}
-    index["pictures"] = entries
+    index["pictures"] = pictures.entries
     index_path = folder / PICTURES_INDEX
     index_path.write_text(json.dumps(index, indent=2) + "\n")
-    written.append(index_path)
-    return written
-
+    return [*pictures.written, index_path]

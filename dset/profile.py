@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         if not deploy_batches or min(deploy_batches) < 1:
             raise ValueError
     except ValueError:
-        parser.error(f"--deploy-batch-sizes must be positive integers separated by commas, got {args.deploy_batch_sizes!r}")
+        parser.error("--deploy-batch-sizes must be positive integers separated by commas, "
+                     f"got {args.deploy_batch_sizes!r}")
     if args.size <= 0 or args.size % 32:
         parser.error(f"--size must be a positive multiple of 32 (the backbone's stride), got {args.size}")
 
@@ -55,11 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in args.models:
             cfg = load_config(name, args.overrides)
-            model = build_model(cfg)
-            if model.token_pruner is not None:
-                p = cfg.model.token_pruning
-                model.set_epoch(args.epoch if args.epoch is not None else p.warmup_epochs + p.ramp_epochs)
-            models[name] = model
+            models[name] = build_model(cfg)
+            models[name].set_deployed_epoch(args.epoch)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

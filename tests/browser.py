@@ -53,7 +53,8 @@ class Browser:
                                "on Debian: apt-get install chromium")
         self._profile = tempfile.mkdtemp(prefix="dset_chromium_")
         args = [binary, "--headless=new", "--disable-gpu", "--no-first-run", "--no-default-browser-check",
-                "--remote-debugging-port=0", f"--user-data-dir={self._profile}", f"--window-size={self.width},{self.height}",
+                "--remote-debugging-port=0", f"--user-data-dir={self._profile}",
+                f"--window-size={self.width},{self.height}",
                 "--hide-scrollbars", "--mute-audio", "about:blank"]
         if os.geteuid() == 0:
             args.insert(1, "--no-sandbox")  # Chromium refuses to run its sandbox as root (CI containers)

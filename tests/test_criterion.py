@@ -224,20 +224,23 @@ def test_extra_losses_weighting_and_unknown_name():
     extra = {"loss_enc_moe_balance": balance, "loss_pruning": torch.tensor(3.0), "loss_dec_moe_z": torch.tensor(5.0)}
     outputs = {"pred_logits": logits, "pred_boxes": boxes, "extra_losses": extra}
     losses = SetCriterion(NUM_CLASSES, HungarianMatcher())(outputs, targets)
-    assert losses["loss_enc_moe_balance"].item() == pytest.approx(2.0 * DEFAULT_EXTRA_LOSS_WEIGHTS["loss_enc_moe_balance"])
+    assert losses["loss_enc_moe_balance"].item() == pytest.approx(
+        2.0 * DEFAULT_EXTRA_LOSS_WEIGHTS["loss_enc_moe_balance"])
     assert losses["loss_pruning"].item() == pytest.approx(3.0 * 0.01)
     assert losses["loss_dec_moe_z"].item() == 0.0
     total_loss(losses).backward()
     assert balance.grad.item() == pytest.approx(0.03)
     # overriding one weight keeps the other defaults
     crit = SetCriterion(NUM_CLASSES, HungarianMatcher(), extra_loss_weights={"loss_pruning": 0.5})
-    losses = crit({**outputs, "extra_losses": {"loss_pruning": torch.tensor(3.0), "loss_dec_moe_balance": torch.tensor(1.0)}}, targets)
+    extra_losses = {"loss_pruning": torch.tensor(3.0), "loss_dec_moe_balance": torch.tensor(1.0)}
+    losses = crit({**outputs, "extra_losses": extra_losses}, targets)
     assert losses["loss_pruning"].item() == pytest.approx(1.5)
     assert losses["loss_dec_moe_balance"].item() == pytest.approx(0.05)
+    mystery = {**outputs, "extra_losses": {"loss_mystery": torch.tensor(1.0)}}
     with pytest.raises(KeyError, match="loss_mystery"):
-        SetCriterion(NUM_CLASSES, HungarianMatcher())({**outputs, "extra_losses": {"loss_mystery": torch.tensor(1.0)}}, targets)
+        SetCriterion(NUM_CLASSES, HungarianMatcher())(mystery, targets)
     with pytest.raises(UnknownLossError):
-        SetCriterion(NUM_CLASSES, HungarianMatcher())({**outputs, "extra_losses": {"loss_mystery": torch.tensor(1.0)}}, targets)
+        SetCriterion(NUM_CLASSES, HungarianMatcher())(mystery, targets)
 
 
 def test_total_loss_is_sum_of_values():
@@ -248,7 +251,8 @@ def test_total_loss_is_sum_of_values():
 def test_focal_variant_and_constructor_validation():
     targets = _targets()
     logits, boxes = _perfect_outputs(targets, 4, [[0, 1], [2]])
-    crit = SetCriterion(NUM_CLASSES, HungarianMatcher(), weight_dict={"loss_focal": 1.0}, alpha=0.25, losses=("focal", "boxes"))
+    crit = SetCriterion(NUM_CLASSES, HungarianMatcher(), weight_dict={"loss_focal": 1.0}, alpha=0.25,
+                        losses=("focal", "boxes"))
     losses = crit({"pred_logits": logits, "pred_boxes": boxes}, targets)
     assert set(losses) == {"loss_focal", "loss_bbox", "loss_giou"}
     assert 0 <= losses["loss_focal"].item() < 1e-3

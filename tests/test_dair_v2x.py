@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dset.data.coco import CocoDetection, DatasetError
+from dset.data.coco import CocoDetection
 from dset.data.dair_v2x import DAIR_V2X_CLASSES, convert_dair_v2x
+from dset.data.errors import DatasetError
 
 W, H = 96, 64
 

@@ -10,7 +10,8 @@ import torch
 from data_helpers import tiny_coco, write_coco, write_image
 from torchvision import tv_tensors
 
-from dset.data.coco import CocoDetection, DatasetError, collate_fn
+from dset.data.coco import CocoDetection, collate_fn
+from dset.data.errors import DatasetError
 from dset.data.transforms import NormalizeBoxes, eval_transforms, train_transforms
 
 

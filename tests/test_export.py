@@ -42,7 +42,8 @@ def op_counts(path) -> dict[str, int]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("switches", list(itertools.product((False, True), repeat=3)),
-                         ids=lambda s: "-".join(n for n, on in zip(("enc_moe", "prune", "dec_moe"), s) if on) or "rtdetr")
+                         ids=lambda s: "-".join(n for n, on in zip(("enc_moe", "prune", "dec_moe"), s) if on)
+                         or "rtdetr")
 def test_every_switch_combination_exports_and_matches_eager(switches, tmp_path):
     torch.manual_seed(0)
     model = small_model(*switches)

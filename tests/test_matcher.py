@@ -111,7 +111,8 @@ def _brute_force(logits, boxes, labels, tgt_boxes):
 
 def _random_problem(gen, bs, q, c, sizes):
     logits = torch.randn(bs, q, c, generator=gen) * 2
-    boxes = torch.cat([torch.rand(bs, q, 2, generator=gen) * 0.6 + 0.2, torch.rand(bs, q, 2, generator=gen) * 0.3 + 0.05], -1)
+    boxes = torch.cat([torch.rand(bs, q, 2, generator=gen) * 0.6 + 0.2,
+                       torch.rand(bs, q, 2, generator=gen) * 0.3 + 0.05], -1)
     targets = []
     for n in sizes:
         tb = torch.cat([torch.rand(n, 2, generator=gen) * 0.6 + 0.2, torch.rand(n, 2, generator=gen) * 0.3 + 0.05], -1)
@@ -169,7 +170,8 @@ def test_class_cost_hand_values():
     torch.testing.assert_close(cost[0], torch.tensor(expected), rtol=1e-5, atol=1e-6)
     # the class cost of one query against one target, as the matcher's full cost with box weights 0
     m_cls = HungarianMatcher(cost_class=1.0, cost_bbox=0.0, cost_giou=0.0)
-    assert m_cls.class_cost(torch.tensor([[2.0]]), torch.tensor([0])).item() == pytest.approx(_focal_cost(2.0), rel=1e-5)
+    assert m_cls.class_cost(torch.tensor([[2.0]]), torch.tensor([0])).item() == pytest.approx(_focal_cost(2.0),
+                                                                                              rel=1e-5)
     # softmax variant: -softmax prob of the target class
     m_sm = HungarianMatcher(use_focal=False)
     torch.testing.assert_close(m_sm.class_cost(logits, torch.tensor([1])), -logits.softmax(-1)[:, [1]])

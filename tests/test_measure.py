@@ -7,7 +7,8 @@ import json
 import pytest
 
 import dset
-from dset.measure import aifi_layer_macs, count_active_params, count_flops, count_params, measure_latency
+from dset.analytic import aifi_layer_macs
+from dset.measure import count_active_params, count_flops, count_params, measure_latency
 
 
 @pytest.mark.parametrize("preset,total,parts", [
@@ -26,8 +27,9 @@ def test_gflops_match_the_reference_at_640(preset, total, parts):
 @pytest.mark.parametrize("keep_ratio,top_k", [(0.5, 3), (0.7, 2), (1.0, 1)])
 def test_counted_encoder_layer_flops_follow_the_analytic_formula(keep_ratio, top_k):
     """Only kept tokens and only active experts are counted."""
-    model = dset.build_model("dset_r18", [f"model.token_pruning.keep_ratio={keep_ratio}", "model.token_pruning.min_tokens=10",
-                                          f"model.encoder_moe.top_k={top_k}", "model.decoder.num_queries=50"])
+    model = dset.build_model("dset_r18", [f"model.token_pruning.keep_ratio={keep_ratio}",
+                                          "model.token_pruning.min_tokens=10", f"model.encoder_moe.top_k={top_k}",
+                                          "model.decoder.num_queries=50"])
     model.set_epoch(100)  # the end of the pruning schedule: the target keep ratio is in force
     size = 256
     tokens = (size // 32) ** 2
@@ -73,7 +75,8 @@ def test_profile_cli_prints_one_json_object_per_model(capsys):
         runtimes = r["deployment"]["runtimes"]
         assert set(runtimes) == {"eager", "onnxruntime_cpu"}
         assert all(sorted(by_batch) == ["1", "2"] for by_batch in runtimes.values())  # JSON keys
-        assert runtimes["onnxruntime_cpu"]["2"]["fps"] == pytest.approx(2000 / runtimes["onnxruntime_cpu"]["2"]["latency_ms"])
+        cpu_batch_2 = runtimes["onnxruntime_cpu"]["2"]
+        assert cpu_batch_2["fps"] == pytest.approx(2000 / cpu_batch_2["latency_ms"])
     assert lines[1]["active_params"] < lines[1]["params"]
     assert lines[1]["sparse"]["token_pruning"]["keep_ratio_in_force"] == pytest.approx(0.7)
 

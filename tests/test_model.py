@@ -37,7 +37,8 @@ def test_train_forward_gives_finite_losses_and_gradient_everywhere(preset):
     if preset.startswith("dset"):
         assert {"loss_enc_moe_balance", "loss_dec_moe_balance", "loss_pruning"} <= set(losses)
     total_loss(losses).backward()
-    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    no_grad = [n for n, p in model.named_parameters()
+               if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
     assert no_grad == []
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from dset.models.moe import MoEFFN, dense_moe_forward, moe_ffn_macs_per_token
+from dset.analytic import moe_ffn_macs_per_token
+from dset.models.moe import MoEFFN, dense_moe_forward
 
 
 @pytest.fixture(params=["padded", "loop"])
@@ -99,8 +100,11 @@ def test_dispatch_choice_follows_pad_waste_limit(monkeypatch):
     monkeypatch.setenv("DSET_MOE_GROUPED_MM", "0")
     m = MoEFFN(8, 8, 4, 1).eval()
     calls = []
-    monkeypatch.setattr(m, "_experts_padded", lambda xp: calls.append(("padded", tuple(xp.shape))) or xp.new_zeros(xp.shape[0] * xp.shape[1], 8))
-    monkeypatch.setattr(m, "_experts_loop", lambda xs, c: calls.append(("loop", tuple(c))) or xs.new_zeros(xs.shape[0], 8))
+    monkeypatch.setattr(m, "_experts_padded",
+                        lambda xp: calls.append(("padded", tuple(xp.shape)))
+                        or xp.new_zeros(xp.shape[0] * xp.shape[1], 8))
+    monkeypatch.setattr(m, "_experts_loop",
+                        lambda xs, c: calls.append(("loop", tuple(c))) or xs.new_zeros(xs.shape[0], 8))
     with torch.no_grad():
         m.router.weight.zero_()
         m.router.bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]))  # every token to expert 0: cap = T

@@ -70,7 +70,8 @@ def align_queries(ours_logits, ours_boxes, ref_logits, ref_boxes):
     permutation-equivariant over queries, so a faithful model gives the reference's outputs up to
     that reordering; we pair queries by their outputs and then compare values.
     """
-    cost = (ref_boxes[:, None] - ours_boxes[None]).abs().amax(-1) + (ref_logits[:, None] - ours_logits[None]).abs().amax(-1)
+    cost = ((ref_boxes[:, None] - ours_boxes[None]).abs().amax(-1)
+            + (ref_logits[:, None] - ours_logits[None]).abs().amax(-1))
     return cost.argmin(1)
 
 

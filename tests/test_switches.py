@@ -92,7 +92,8 @@ def test_keep_ratio_one_equals_no_pruning():
 
 def test_pruning_follows_the_epoch_schedule_in_eval_and_only_touches_kept_tokens():
     model = dset.build_model("dset_r18", only("token_pruning", "model.token_pruning.keep_ratio=0.5",
-                                              "model.token_pruning.min_tokens=10", "model.token_pruning.warmup_epochs=2",
+                                              "model.token_pruning.min_tokens=10",
+                                              "model.token_pruning.warmup_epochs=2",
                                               "model.token_pruning.ramp_epochs=2")).eval()
     images = torch.rand(1, 3, 256, 256)  # 8 x 8 = 64 tokens at stride 32
     # warm-up epochs 0-1 keep all; the ramp reaches 0.5 on its last epoch (3), see dset/models/pruning.py

@@ -48,8 +48,8 @@ def test_class_colour_families_differ():
     rng = np.random.default_rng(0)
     hues = {}
     for name in CLASS_NAMES[:4]:
-        hsv = [Image.fromarray(np.uint8(synthetic._class_color(rng, name))[None, None]).convert("HSV").getpixel((0, 0))[0]
-               for _ in range(50)]
+        hsv = [Image.fromarray(np.uint8(synthetic._class_color(rng, name))[None, None]).convert("HSV")
+               .getpixel((0, 0))[0] for _ in range(50)]
         hues[name] = np.array(hsv, float) * 360 / 255
     # circular distance between the mean hues of different classes is large against the jitter
     means = {n: np.degrees(np.angle(np.exp(1j * np.radians(h)).mean())) % 360 for n, h in hues.items()}

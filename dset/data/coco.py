@@ -26,10 +26,8 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from . import DatasetError  # defined torch-free in dset/data/__init__.py, re-exported here
+from .errors import DatasetError
 from .transforms import basic_transforms
-
-__all__ = ["DatasetError", "CocoDetection", "collate_fn"]
 
 
 def _load_json(path: Path) -> dict:
@@ -55,6 +53,69 @@ def _as_int_id(value: Any, what: str, path: Path) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise DatasetError(f"{path}: {what} must be an integer, got {value!r}")
     return value
+
+
+def _check_top_level(data: dict, path: Path, images_dir: Path) -> None:
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            raise DatasetError(f"{path}: missing required key '{key}'")
+        if not isinstance(data[key], list):
+            raise DatasetError(f"{path}: '{key}' must be a list, got {type(data[key]).__name__}")
+    if not data["images"]:
+        raise DatasetError(f"{path}: empty data set ('images' is an empty list)")
+    if not data["categories"]:
+        raise DatasetError(f"{path}: 'categories' is an empty list")
+    if not images_dir.is_dir():
+        raise DatasetError(f"images folder not found: {images_dir} (for {path})")
+
+
+def _read_categories(categories: list, path: Path) -> dict[int, str]:
+    """``{category id: name}``; ids must be unique integers."""
+    cat_names: dict[int, str] = {}
+    for i, cat in enumerate(categories):
+        if not isinstance(cat, dict) or "id" not in cat:
+            raise DatasetError(f"{path}: categories[{i}] has no 'id': {cat!r}")
+        cid = _as_int_id(cat["id"], f"categories[{i}].id", path)
+        if cid in cat_names:
+            raise DatasetError(f"{path}: duplicate category id {cid} in 'categories'")
+        cat_names[cid] = str(cat.get("name", cid))
+    return cat_names
+
+
+def _read_images(images: list, path: Path, images_dir: Path) -> list[dict]:
+    """One record per image: id, file, size and (still empty) boxes and labels; every file must exist."""
+    records: list[dict] = []
+    seen_ids: set[int] = set()
+    for i, img in enumerate(images):
+        if not isinstance(img, dict):
+            raise DatasetError(f"{path}: images[{i}] must be an object, got {img!r}")
+        for key in ("id", "file_name", "width", "height"):
+            if key not in img:
+                raise DatasetError(f"{path}: images[{i}] is missing '{key}': {img!r}")
+        iid = _as_int_id(img["id"], f"images[{i}].id", path)
+        if iid in seen_ids:
+            raise DatasetError(f"{path}: duplicate image id {iid} in 'images'")
+        w, h = img["width"], img["height"]
+        if not (_is_number(w) and _is_number(h) and w > 0 and h > 0):
+            raise DatasetError(f"{path}: images[{i}] (id {iid}) has invalid width/height {w!r}/{h!r}")
+        file = images_dir / str(img["file_name"])
+        if not file.is_file():
+            raise DatasetError(f"{path}: image file not found: {file} (image id {iid}, file_name {img['file_name']!r})")
+        seen_ids.add(iid)
+        records.append({"id": iid, "file": file, "width": int(w), "height": int(h), "boxes": [], "labels": []})
+    return records
+
+
+def _evaluation_ground_truth(data: dict, eval_anns: list[dict]) -> COCO:
+    """A pycocotools ``COCO`` of the file with ``eval_anns`` as its annotations (its index built quietly)."""
+    eval_data = {k: v for k, v in data.items() if k != "annotations"}
+    eval_data["annotations"] = eval_anns
+    eval_data.setdefault("info", {})
+    coco = COCO()
+    coco.dataset = eval_data
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
 
 
 class CocoDetection(Dataset):
@@ -92,78 +153,40 @@ class CocoDetection(Dataset):
 
         path = self.annotations_file
         data = _load_json(path)
-        for key in ("images", "annotations", "categories"):
-            if key not in data:
-                raise DatasetError(f"{path}: missing required key '{key}'")
-            if not isinstance(data[key], list):
-                raise DatasetError(f"{path}: '{key}' must be a list, got {type(data[key]).__name__}")
-        if not data["images"]:
-            raise DatasetError(f"{path}: empty data set ('images' is an empty list)")
-        if not data["categories"]:
-            raise DatasetError(f"{path}: 'categories' is an empty list")
-        if not self.images_dir.is_dir():
-            raise DatasetError(f"images folder not found: {self.images_dir} (for {path})")
-
-        # categories -> contiguous labels in sorted id order
-        cat_names: dict[int, str] = {}
-        for i, cat in enumerate(data["categories"]):
-            if not isinstance(cat, dict) or "id" not in cat:
-                raise DatasetError(f"{path}: categories[{i}] has no 'id': {cat!r}")
-            cid = _as_int_id(cat["id"], f"categories[{i}].id", path)
-            if cid in cat_names:
-                raise DatasetError(f"{path}: duplicate category id {cid} in 'categories'")
-            cat_names[cid] = str(cat.get("name", cid))
+        _check_top_level(data, path, self.images_dir)
+        cat_names = _read_categories(data["categories"], path)
         self.category_ids: list[int] = sorted(cat_names)
         self.category_id_to_label: dict[int, int] = {c: i for i, c in enumerate(self.category_ids)}
         self.label_to_category_id: dict[int, int] = {i: c for i, c in enumerate(self.category_ids)}
         self.category_names: list[str] = [cat_names[c] for c in self.category_ids]
         self.num_classes: int = len(self.category_ids)
+        self._images: list[dict] = _read_images(data["images"], path, self.images_dir)
 
-        # images: id, file, size; every file must exist
-        self._images: list[dict] = []
-        index_of: dict[int, int] = {}
-        for i, img in enumerate(data["images"]):
-            if not isinstance(img, dict):
-                raise DatasetError(f"{path}: images[{i}] must be an object, got {img!r}")
-            for key in ("id", "file_name", "width", "height"):
-                if key not in img:
-                    raise DatasetError(f"{path}: images[{i}] is missing '{key}': {img!r}")
-            iid = _as_int_id(img["id"], f"images[{i}].id", path)
-            if iid in index_of:
-                raise DatasetError(f"{path}: duplicate image id {iid} in 'images'")
-            w, h = img["width"], img["height"]
-            if not (_is_number(w) and _is_number(h) and w > 0 and h > 0):
-                raise DatasetError(f"{path}: images[{i}] (id {iid}) has invalid width/height {w!r}/{h!r}")
-            file = self.images_dir / str(img["file_name"])
-            if not file.is_file():
-                raise DatasetError(f"{path}: image file not found: {file} (image id {iid}, file_name {img['file_name']!r})")
-            index_of[iid] = len(self._images)
-            self._images.append({"id": iid, "file": file, "width": int(w), "height": int(h), "boxes": [], "labels": []})
+        eval_anns, n_degenerate = self._read_annotations(data["annotations"], path)
+        if n_degenerate:
+            warnings.warn(
+                f"{path}: dropped {n_degenerate} degenerate box(es) (w or h <= 0, or outside the image)",
+                stacklevel=2,
+            )
+        self.num_dropped_boxes = n_degenerate
+        self.coco = _evaluation_ground_truth(data, eval_anns)
 
-        # annotations: validate, clip, drop degenerate; crowd regions are kept for eval only
+        for rec in self._images:
+            rec["boxes"] = torch.tensor(rec["boxes"], dtype=torch.float32).reshape(-1, 4)
+            rec["labels"] = torch.tensor(rec["labels"], dtype=torch.int64)
+
+    def _read_annotations(self, annotations: list, path: Path) -> tuple[list[dict], int]:
+        """Validate the annotations, clip their boxes to the image and drop the degenerate ones. Non-crowd boxes
+        go into the image records (the training targets); every kept annotation (crowd regions included, boxes
+        not clipped) is returned for the evaluation ground truth, with the number of degenerate ones dropped."""
+        index_of = {rec["id"]: i for i, rec in enumerate(self._images)}
         eval_anns: list[dict] = []
-        used_ids = {a["id"] for a in data["annotations"] if isinstance(a, dict) and isinstance(a.get("id"), int)}
+        used_ids = {a["id"] for a in annotations if isinstance(a, dict) and isinstance(a.get("id"), int)}
         next_id = max(used_ids, default=0) + 1
         seen_ids: set[int] = set()
         n_degenerate = 0
-        for i, ann in enumerate(data["annotations"]):
-            if not isinstance(ann, dict):
-                raise DatasetError(f"{path}: annotations[{i}] must be an object, got {ann!r}")
-            for key in ("image_id", "category_id", "bbox"):
-                if key not in ann:
-                    raise DatasetError(f"{path}: annotations[{i}] is missing '{key}'")
-            iid = ann["image_id"]
-            if iid not in index_of:
-                raise DatasetError(f"{path}: annotations[{i}] has image_id {iid!r} that is not in 'images'")
-            cid = ann["category_id"]
-            if cid not in self.category_id_to_label:
-                raise DatasetError(
-                    f"{path}: annotations[{i}] has category_id {cid!r} that is not in 'categories' "
-                    f"(known ids: {self.category_ids})"
-                )
-            bbox = ann["bbox"]
-            if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-                raise DatasetError(f"{path}: annotations[{i}] has invalid bbox {bbox!r} (expected [x, y, w, h])")
+        for i, ann in enumerate(annotations):
+            self._check_annotation(ann, i, path, index_of)
             if "id" in ann:
                 aid = _as_int_id(ann["id"], f"annotations[{i}].id", path)
                 if aid in seen_ids:
@@ -173,8 +196,8 @@ class CocoDetection(Dataset):
                 next_id += 1
             seen_ids.add(aid)
 
-            rec = self._images[index_of[iid]]
-            x, y, w, h = (float(v) for v in bbox)
+            rec = self._images[index_of[ann["image_id"]]]
+            x, y, w, h = (float(v) for v in ann["bbox"])
             x0, y0 = max(x, 0.0), max(y, 0.0)
             x1, y1 = min(x + w, float(rec["width"])), min(y + h, float(rec["height"]))
             if w <= 0 or h <= 0 or x1 <= x0 or y1 <= y0:
@@ -189,27 +212,27 @@ class CocoDetection(Dataset):
             eval_anns.append(eval_ann)
             if not crowd:
                 rec["boxes"].append((x0, y0, x1, y1))
-                rec["labels"].append(self.category_id_to_label[cid])
+                rec["labels"].append(self.category_id_to_label[ann["category_id"]])
+        return eval_anns, n_degenerate
 
-        if n_degenerate:
-            warnings.warn(
-                f"{path}: dropped {n_degenerate} degenerate box(es) (w or h <= 0, or outside the image)",
-                stacklevel=2,
+    def _check_annotation(self, ann: Any, i: int, path: Path, index_of: dict[int, int]) -> None:
+        if not isinstance(ann, dict):
+            raise DatasetError(f"{path}: annotations[{i}] must be an object, got {ann!r}")
+        for key in ("image_id", "category_id", "bbox"):
+            if key not in ann:
+                raise DatasetError(f"{path}: annotations[{i}] is missing '{key}'")
+        iid = ann["image_id"]
+        if iid not in index_of:
+            raise DatasetError(f"{path}: annotations[{i}] has image_id {iid!r} that is not in 'images'")
+        cid = ann["category_id"]
+        if cid not in self.category_id_to_label:
+            raise DatasetError(
+                f"{path}: annotations[{i}] has category_id {cid!r} that is not in 'categories' "
+                f"(known ids: {self.category_ids})"
             )
-        self.num_dropped_boxes = n_degenerate
-
-        eval_data = {k: v for k, v in data.items() if k != "annotations"}
-        eval_data["annotations"] = eval_anns
-        eval_data.setdefault("info", {})
-        coco = COCO()
-        coco.dataset = eval_data
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco.createIndex()
-        self.coco = coco
-
-        for rec in self._images:
-            rec["boxes"] = torch.tensor(rec["boxes"], dtype=torch.float32).reshape(-1, 4)
-            rec["labels"] = torch.tensor(rec["labels"], dtype=torch.int64)
+        bbox = ann["bbox"]
+        if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+            raise DatasetError(f"{path}: annotations[{i}] has invalid bbox {bbox!r} (expected [x, y, w, h])")
 
     @property
     def image_ids(self) -> list[int]:

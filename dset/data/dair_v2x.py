@@ -49,12 +49,13 @@ import shutil
 import sys
 import warnings
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from . import DatasetError
+from .errors import DatasetError
 
 __all__ = ["DAIR_V2X_CLASSES", "CLASS_MAP", "IGNORE_REGION_TYPES", "DROPPED_TYPES", "convert_dair_v2x"]
 
@@ -87,7 +88,7 @@ def _read_split(src: Path, split_file: Path | None) -> tuple[list[str], list[str
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise DatasetError(f"{path}: cannot read split file ({e})") from e
-        if not isinstance(data, dict) or not isinstance(data.get("train"), list) or not isinstance(data.get("val"), list):
+        if not (isinstance(data, dict) and isinstance(data.get("train"), list) and isinstance(data.get("val"), list)):
             raise DatasetError(f"{path}: split file must be a JSON object with lists under 'train' and 'val'")
         return [_frame_of(x) for x in data["train"]], [_frame_of(x) for x in data["val"]], str(path)
 
@@ -143,6 +144,126 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _choose_frames(src: Path, label_dir: Path, labelled: list[str], split_file: str | os.PathLike | None,
+                   val_fraction: float, seed: int) -> tuple[list[str], list[str], str, int]:
+    """``(train frames, val frames, where the split came from, labelled frames the split leaves out)``."""
+    split = _read_split(src, Path(split_file) if split_file is not None else None)
+    if split is None:
+        order = list(labelled)
+        random.Random(seed).shuffle(order)
+        n_val = round(val_fraction * len(order))
+        if val_fraction > 0 and len(order) >= 2:
+            n_val = min(max(n_val, 1), len(order) - 1)
+        split_source = f"random {1 - val_fraction:.0%}/{val_fraction:.0%} split of sorted frame ids, seed {seed}"
+        return sorted(order[n_val:]), sorted(order[:n_val]), split_source, 0
+    train_frames, val_frames, split_source = split
+    labelled_set = set(labelled)
+    for name, frames in (("train", train_frames), ("val", val_frames)):
+        missing = [f for f in frames if f not in labelled_set]
+        if missing:
+            raise DatasetError(
+                f"{split_source}: {len(missing)} {name} frame(s) have no label file in {label_dir}, "
+                f"e.g. {missing[0]!r}"
+            )
+    both = sorted(set(train_frames) & set(val_frames))
+    if both:
+        raise DatasetError(f"{split_source}: {len(both)} frame(s) are in both train and val, e.g. {both[0]!r}")
+    train_frames, val_frames = sorted(set(train_frames)), sorted(set(val_frames))
+    unlisted = len(labelled_set - set(train_frames) - set(val_frames))
+    return train_frames, val_frames, split_source, unlisted
+
+
+@dataclass
+class _LeftOut:
+    """The objects a conversion left out, over both splits."""
+    dropped: Counter[str] = field(default_factory=Counter)    # known types with no class here
+    unknown: Counter[str] = field(default_factory=Counter)    # types this converter does not know
+    degenerate: int = 0                                       # boxes with no area left after clipping
+
+
+def _read_frame(frame: str, image_dir: Path, label_dir: Path) -> tuple[Path, int, int, list]:
+    """``(image file, width, height, label objects)`` of one frame."""
+    img_path = _find_image(image_dir, frame)
+    label_file = label_dir / f"{frame}.json"
+    if img_path is None:
+        raise DatasetError(f"{label_file}: image for frame {frame!r} not found in {image_dir}")
+    try:
+        with Image.open(img_path) as im:
+            width, height = im.size
+    except (OSError, UnidentifiedImageError) as e:
+        raise DatasetError(f"cannot read image {img_path}: {e}") from e
+    try:
+        objects = json.loads(label_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DatasetError(f"{label_file}: malformed label JSON ({e})") from e
+    if not isinstance(objects, list):
+        raise DatasetError(f"{label_file}: label JSON must be a list of objects, got {type(objects).__name__}")
+    return img_path, width, height, objects
+
+
+def _frame_boxes(objects: list, label_file: Path, width: int, height: int,
+                 left_out: _LeftOut) -> list[tuple[str, int, list[float], str]]:
+    """``(class, iscrowd, [x, y, w, h] clipped to the image, DAIR-V2X type)`` of each object kept."""
+    boxes = []
+    for k, obj in enumerate(objects):
+        dair_type, (x0, y0, x1, y1) = _parse_box(obj, label_file, k)
+        t = _norm_type(dair_type)
+        if t in CLASS_MAP:
+            cls, iscrowd = CLASS_MAP[t], 0
+        elif t in IGNORE_REGION_TYPES:
+            cls, iscrowd = IGNORE_REGION_TYPES[t], 1
+        else:
+            (left_out.dropped if t in DROPPED_TYPES else left_out.unknown)[dair_type] += 1
+            continue
+        x0, x1 = min(max(x0, 0.0), width), min(max(x1, 0.0), width)
+        y0, y1 = min(max(y0, 0.0), height), min(max(y1, 0.0), height)
+        if x1 <= x0 or y1 <= y0:
+            left_out.degenerate += 1
+            continue
+        boxes.append((cls, iscrowd, [x0, y0, x1 - x0, y1 - y0], dair_type))
+    return boxes
+
+
+def _convert_split(frames: list[str], image_id: dict[str, int], image_dir: Path, label_dir: Path,
+                   left_out: _LeftOut) -> tuple[list[dict], list[dict], Counter[str], int]:
+    """``(COCO images, COCO annotations, objects per class, crowd regions)`` of one split's frames."""
+    coco_images, coco_anns = [], []
+    counts: Counter[str] = Counter()
+    n_crowd = 0
+    for frame in frames:
+        img_path, width, height, objects = _read_frame(frame, image_dir, label_dir)
+        iid = image_id[frame]
+        coco_images.append({"id": iid, "file_name": img_path.name, "width": width, "height": height, "frame_id": frame})
+        for cls, iscrowd, bbox, dair_type in _frame_boxes(objects, label_dir / f"{frame}.json", width, height,
+                                                          left_out):
+            coco_anns.append({"id": len(coco_anns) + 1, "image_id": iid, "category_id": _CATEGORY_ID[cls],
+                              "bbox": bbox, "area": bbox[2] * bbox[3], "iscrowd": iscrowd, "dair_type": dair_type})
+            if iscrowd:
+                n_crowd += 1
+            else:
+                counts[cls] += 1
+    return coco_images, coco_anns, counts, n_crowd
+
+
+def _place_images(image_dir: Path, images_dir: Path, images: str, file_names: list[str]) -> None:
+    """``images_dir`` becomes a link to ``image_dir`` (``images="symlink"``) or a folder with copies of the files."""
+    target = image_dir.resolve()
+    if images == "symlink":
+        if images_dir.is_symlink():
+            if images_dir.resolve() != target:
+                images_dir.unlink()
+        elif images_dir.exists():
+            raise DatasetError(f"{images_dir} exists and is not a link to {target}; remove it or use images='copy'")
+        if not images_dir.is_symlink():
+            images_dir.symlink_to(target, target_is_directory=True)
+    else:
+        if images_dir.is_symlink():
+            images_dir.unlink()
+        images_dir.mkdir(exist_ok=True)
+        for name in file_names:
+            shutil.copy2(image_dir / name, images_dir / name)
+
+
 def convert_dair_v2x(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -173,98 +294,18 @@ def convert_dair_v2x(
     labelled = sorted(p.stem for p in label_dir.glob("*.json"))
     if not labelled:
         raise DatasetError(f"no label files (*.json) in {label_dir}")
-    labelled_set = set(labelled)
+    train_frames, val_frames, split_source, unlisted = _choose_frames(src, label_dir, labelled, split_file,
+                                                                      val_fraction, seed)
 
-    split = _read_split(src, Path(split_file) if split_file is not None else None)
-    if split is not None:
-        train_frames, val_frames, split_source = split
-        for name, frames in (("train", train_frames), ("val", val_frames)):
-            missing = [f for f in frames if f not in labelled_set]
-            if missing:
-                raise DatasetError(
-                    f"{split_source}: {len(missing)} {name} frame(s) have no label file in {label_dir}, "
-                    f"e.g. {missing[0]!r}"
-                )
-        both = sorted(set(train_frames) & set(val_frames))
-        if both:
-            raise DatasetError(f"{split_source}: {len(both)} frame(s) are in both train and val, e.g. {both[0]!r}")
-        train_frames, val_frames = sorted(set(train_frames)), sorted(set(val_frames))
-        unlisted = len(labelled_set - set(train_frames) - set(val_frames))
-    else:
-        order = list(labelled)
-        random.Random(seed).shuffle(order)
-        n_val = round(val_fraction * len(order))
-        if val_fraction > 0 and len(order) >= 2:
-            n_val = min(max(n_val, 1), len(order) - 1)
-        val_frames, train_frames = sorted(order[:n_val]), sorted(order[n_val:])
-        split_source = f"random {1 - val_fraction:.0%}/{val_fraction:.0%} split of sorted frame ids, seed {seed}"
-        unlisted = 0
-
-    all_frames = sorted(set(train_frames) | set(val_frames))
-    image_id = {f: i + 1 for i, f in enumerate(all_frames)}
+    image_id = {f: i + 1 for i, f in enumerate(sorted(set(train_frames) | set(val_frames)))}
     categories = [{"id": _CATEGORY_ID[n], "name": n, "supercategory": "traffic"} for n in DAIR_V2X_CLASSES]
-    dropped: Counter[str] = Counter()
-    unknown: Counter[str] = Counter()
-    degenerate = 0
+    left_out = _LeftOut()
     outputs: dict[str, dict] = {}
     per_class: dict[str, dict[str, int]] = {}
     crowd: dict[str, int] = {}
-
     for split_name, frames in (("train", train_frames), ("val", val_frames)):
-        coco_images, coco_anns = [], []
-        counts: Counter[str] = Counter()
-        n_crowd = 0
-        for frame in frames:
-            img_path = _find_image(image_dir, frame)
-            label_file = label_dir / f"{frame}.json"
-            if img_path is None:
-                raise DatasetError(f"{label_file}: image for frame {frame!r} not found in {image_dir}")
-            try:
-                with Image.open(img_path) as im:
-                    width, height = im.size
-            except (OSError, UnidentifiedImageError) as e:
-                raise DatasetError(f"cannot read image {img_path}: {e}") from e
-            try:
-                objects = json.loads(label_file.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise DatasetError(f"{label_file}: malformed label JSON ({e})") from e
-            if not isinstance(objects, list):
-                raise DatasetError(f"{label_file}: label JSON must be a list of objects, got {type(objects).__name__}")
-            iid = image_id[frame]
-            coco_images.append(
-                {"id": iid, "file_name": img_path.name, "width": width, "height": height, "frame_id": frame}
-            )
-            for k, obj in enumerate(objects):
-                dair_type, (x0, y0, x1, y1) = _parse_box(obj, label_file, k)
-                t = _norm_type(dair_type)
-                if t in CLASS_MAP:
-                    cls, iscrowd = CLASS_MAP[t], 0
-                elif t in IGNORE_REGION_TYPES:
-                    cls, iscrowd = IGNORE_REGION_TYPES[t], 1
-                else:
-                    (dropped if t in DROPPED_TYPES else unknown)[dair_type] += 1
-                    continue
-                x0, x1 = min(max(x0, 0.0), width), min(max(x1, 0.0), width)
-                y0, y1 = min(max(y0, 0.0), height), min(max(y1, 0.0), height)
-                if x1 <= x0 or y1 <= y0:
-                    degenerate += 1
-                    continue
-                w, h = x1 - x0, y1 - y0
-                coco_anns.append(
-                    {
-                        "id": len(coco_anns) + 1,
-                        "image_id": iid,
-                        "category_id": _CATEGORY_ID[cls],
-                        "bbox": [x0, y0, w, h],
-                        "area": w * h,
-                        "iscrowd": iscrowd,
-                        "dair_type": dair_type,
-                    }
-                )
-                if iscrowd:
-                    n_crowd += 1
-                else:
-                    counts[cls] += 1
+        coco_images, coco_anns, counts, crowd[split_name] = _convert_split(frames, image_id, image_dir, label_dir,
+                                                                           left_out)
         outputs[split_name] = {
             "info": {"description": f"DAIR-V2X camera 2D boxes ({split_name})", "source": str(src.resolve()),
                      "split": split_source},
@@ -274,32 +315,17 @@ def convert_dair_v2x(
             "categories": categories,
         }
         per_class[split_name] = {n: counts[n] for n in DAIR_V2X_CLASSES}
-        crowd[split_name] = n_crowd
 
     # everything read and checked: write
     dst.mkdir(parents=True, exist_ok=True)
     images_dir = dst / "images"
-    target = image_dir.resolve()
-    if images == "symlink":
-        if images_dir.is_symlink():
-            if images_dir.resolve() != target:
-                images_dir.unlink()
-        elif images_dir.exists():
-            raise DatasetError(f"{images_dir} exists and is not a link to {target}; remove it or use images='copy'")
-        if not images_dir.is_symlink():
-            images_dir.symlink_to(target, target_is_directory=True)
-    else:
-        if images_dir.is_symlink():
-            images_dir.unlink()
-        images_dir.mkdir(exist_ok=True)
-        for split_name in ("train", "val"):
-            for img in outputs[split_name]["images"]:
-                shutil.copy2(image_dir / img["file_name"], images_dir / img["file_name"])
+    _place_images(image_dir, images_dir, images,
+                  [img["file_name"] for split_name in ("train", "val") for img in outputs[split_name]["images"]])
     for split_name in ("train", "val"):
         _write_json(dst / f"{split_name}.json", outputs[split_name])
 
-    if unknown:
-        warnings.warn(f"DAIR-V2X {src}: dropped objects of unknown type(s) {dict(unknown)}", stacklevel=2)
+    if left_out.unknown:
+        warnings.warn(f"DAIR-V2X {src}: dropped objects of unknown type(s) {dict(left_out.unknown)}", stacklevel=2)
     summary = {
         "train_annotations": str(dst / "train.json"),
         "val_annotations": str(dst / "val.json"),
@@ -308,9 +334,9 @@ def convert_dair_v2x(
         "num_val_images": len(val_frames),
         "annotations": per_class,
         "crowd_regions": crowd,
-        "dropped_types": dict(dropped),
-        "unknown_types": dict(unknown),
-        "degenerate_boxes": degenerate,
+        "dropped_types": dict(left_out.dropped),
+        "unknown_types": dict(left_out.unknown),
+        "degenerate_boxes": left_out.degenerate,
         "unlisted_frames": unlisted,
         "split_source": split_source,
     }

@@ -25,7 +25,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from ..config import Config
-from .coco import CocoDetection, DatasetError, collate_fn
+from .coco import CocoDetection, collate_fn
+from .errors import DatasetError
 
 __all__ = ["DataBundle", "data_paths", "build_datasets", "build_eval_data", "build_train_loader", "build_val_loader",
            "set_loader_epoch", "ShardSampler", "train_transform_for"]

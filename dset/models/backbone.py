@@ -65,7 +65,8 @@ class PResNet(nn.Module):
                  freeze_at: int = -1):
         super().__init__()
         if depth not in BLOCKS_PER_STAGE:
-            raise ValueError(f"model.backbone.depth: {depth} is not supported; expected one of {sorted(BLOCKS_PER_STAGE)}")
+            raise ValueError(
+                f"model.backbone.depth: {depth} is not supported; expected one of {sorted(BLOCKS_PER_STAGE)}")
         self.depth = depth
         stem = [(3, 32, 3, 2, "conv1_1"), (32, 32, 3, 1, "conv1_2"), (32, 64, 3, 1, "conv1_3")]
         self.conv1 = nn.Sequential(OrderedDict(

@@ -55,6 +55,13 @@ class Detector(nn.Module):
         if self.token_pruner is not None:
             self.token_pruner.set_epoch(epoch)
 
+    def set_deployed_epoch(self, epoch: int | None = None) -> None:
+        """Set the token-pruning schedule to ``epoch``, by default to the end of its ramp: the trained state
+        that is measured and deployed (``dset.profile``, ``dset.export``)."""
+        p = self.token_pruner
+        if p is not None:
+            p.set_epoch(epoch if epoch is not None else p.warmup_epochs + p.ramp_epochs)
+
     def forward(self, images: torch.Tensor, targets: list[dict] | None = None) -> dict:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be a [B, 3, H, W] tensor, got shape {tuple(images.shape)}")
@@ -134,7 +141,8 @@ def build_model(cfg: Config | str = "rtdetr_r18", overrides: list[str] | None = 
         nhead=m.encoder.nhead, dim_feedforward=m.encoder.dim_feedforward, dropout=m.encoder.dropout,
         enc_act="gelu", use_encoder_idx=(2,), num_encoder_layers=m.encoder.num_encoder_layers,
         pe_temperature=m.encoder.pe_temperature, expansion=m.encoder.expansion, depth_mult=m.encoder.depth_mult,
-        act="silu", moe_factory=_moe_factory(m.encoder_moe, hidden, m.encoder.dim_feedforward, "gelu", m.encoder.dropout),
+        act="silu",
+        moe_factory=_moe_factory(m.encoder_moe, hidden, m.encoder.dim_feedforward, "gelu", m.encoder.dropout),
         token_pruner=pruner)
     d = m.decoder
     decoder = RTDETRDecoder(
@@ -149,7 +157,8 @@ def build_model(cfg: Config | str = "rtdetr_r18", overrides: list[str] | None = 
         if m.backbone.pretrained:
             load_backbone_weights(model, m.backbone.pretrained)
         if m.checkpoint:
-            load_checkpoint(model, m.checkpoint, upcycle_noise=(m.encoder_moe.upcycle_noise, m.decoder_moe.upcycle_noise))
+            load_checkpoint(model, m.checkpoint,
+                            upcycle_noise=(m.encoder_moe.upcycle_noise, m.decoder_moe.upcycle_noise))
     return model
 
 

@@ -142,7 +142,8 @@ class HybridEncoder(nn.Module):
         self.lateral_convs = nn.ModuleList(ConvNormLayer(hidden_dim, hidden_dim, 1, 1, act=act) for _ in range(n - 1))
         self.fpn_blocks = nn.ModuleList(
             CSPRepLayer(hidden_dim * 2, hidden_dim, blocks, expansion=expansion, act=act) for _ in range(n - 1))
-        self.downsample_convs = nn.ModuleList(ConvNormLayer(hidden_dim, hidden_dim, 3, 2, act=act) for _ in range(n - 1))
+        self.downsample_convs = nn.ModuleList(
+            ConvNormLayer(hidden_dim, hidden_dim, 3, 2, act=act) for _ in range(n - 1))
         self.pan_blocks = nn.ModuleList(
             CSPRepLayer(hidden_dim * 2, hidden_dim, blocks, expansion=expansion, act=act) for _ in range(n - 1))
         # Filled by every forward: what the pruner saw and did (scores keep their graph for the loss; keep_index

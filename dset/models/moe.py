@@ -44,7 +44,7 @@ Auxiliary outputs (set on the module after each forward; tensors, never synchron
     ``z_loss``: ST-MoE router z-loss ``mean_t logsumexp(logits_t)^2`` on the noise-free logits.
     ``usage``: detached ``f`` (fraction of token-slot assignments per expert, shape [E], sums to 1).
 
-Compute accounting: ``MoEFFN.flops_per_token()`` / ``moe_ffn_macs_per_token`` give the nominal
+Compute accounting: ``MoEFFN.flops_per_token()`` / ``dset.analytic.moe_ffn_macs_per_token`` give the nominal
 multiply-adds (MACs) per token: ``d*E`` for the router plus ``top_k * 2 * d * hidden`` for the experts
 (biases, softmax, top-k, padding and the weighted combine ignored). GFLOPs in the paper convention
 are 2 x MACs. For fvcore tracing, pass ``fvcore_op_handles()`` (fvcore does not know
@@ -60,23 +60,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..analytic import moe_ffn_macs_per_token
+
 __all__ = [
     "MoEFFN",
     "dense_moe_forward",
-    "moe_ffn_macs_per_token",
     "grouped_mm_flop_jit",
     "baddbmm_flop_jit",
     "fvcore_op_handles",
 ]
 
 _ACTIVATIONS = ("relu", "gelu")
-
-
-def moe_ffn_macs_per_token(d_model: int, hidden_dim: int, num_experts: int, top_k: int) -> int:
-    """Multiply-adds per token of a top-k MoE FFN: router ``d*E`` + ``top_k * 2 * d * hidden``.
-
-    Biases, the softmax/top-k and the weighted combine are ignored (as fvcore ignores biases)."""
-    return d_model * num_experts + top_k * 2 * d_model * hidden_dim
 
 
 def _activation(h: torch.Tensor, name: str, inplace: bool) -> torch.Tensor:

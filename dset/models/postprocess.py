@@ -30,5 +30,5 @@ class PostProcessor(nn.Module):
         labels = index % self.num_classes
         query = index // self.num_classes
         boxes = boxes.gather(1, query.unsqueeze(-1).expand(-1, -1, 4))
-        return [{"labels": l, "boxes": b, "scores": s, "queries": q}
-                for l, b, s, q in zip(labels, boxes, scores, query)]
+        return [{"labels": lab, "boxes": b, "scores": s, "queries": q}
+                for lab, b, s, q in zip(labels, boxes, scores, query)]
