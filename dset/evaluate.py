@@ -43,11 +43,12 @@ def evaluate_checkpoint(checkpoint: str | Path, images: str | None = None, annot
                         overrides: list[str] | None = None, weights: str = "ema") -> dict:
     """COCO metrics of a saved run's model on its validation split or on ``images`` + ``annotations``.
 
-    Returns the :func:`dset.engine.evaluate.coco_metrics` dict plus ``val_images``, ``epoch`` (of the
+    Returns the :func:`dset.engine.coco_eval.coco_metrics` dict plus ``val_images``, ``epoch`` (of the
     checkpoint), ``weights`` and ``checkpoint``."""
-    from .data.coco import DatasetError
+    from .data.errors import DatasetError
     from .data.loaders import build_eval_data, build_val_loader
-    from .engine.train import _Dist, _resolve_device, evaluate_detections
+    from .engine.coco_eval import evaluate_detections
+    from .engine.distributed import DistInfo, resolve_device
     from .models.detector import build_model
 
     path = _checkpoint_path(checkpoint)
@@ -75,7 +76,7 @@ def evaluate_checkpoint(checkpoint: str | Path, images: str | None = None, annot
     if saved_names and list(saved_names) != list(data.category_names):
         log.warning("category names differ from the training data's (%s vs %s): labels are matched by order",
                     saved_names, data.category_names)
-    device = _resolve_device(cfg.run.device, _Dist())
+    device = resolve_device(cfg.run.device, DistInfo())
     model = build_model(cfg, load_weights=False)
     model.load_state_dict(state)
     model.to(device).eval()
@@ -109,13 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"overrides must be key=value, got {bad}")
 
-    from .data.coco import DatasetError
+    from .data.errors import DatasetError
 
     images, annotations = ns.data if ns.data else (None, None)
     try:
         metrics = evaluate_checkpoint(ns.checkpoint, images, annotations, ns.overrides, ns.weights)
     except (ConfigError, DatasetError, FileNotFoundError, ValueError) as exc:
-        from .engine.train import error_message
+        from .engine.errors import error_message
 
         print(f"error: {error_message(exc)}", file=sys.stderr)
         return 2
@@ -123,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{metrics['val_images']} images; COCO AP in [0, 1], pycocotools)")
     print(_format(metrics))
     if ns.json:
-        from .engine.train import _json_safe
+        from .engine.records import json_safe
 
-        Path(ns.json).write_text(json.dumps(_json_safe(metrics), indent=2) + "\n")
+        Path(ns.json).write_text(json.dumps(json_safe(metrics), indent=2) + "\n")
     return 0
 
 

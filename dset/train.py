@@ -35,7 +35,16 @@ import sys
 import threading
 from pathlib import Path
 
-from .config import DEFAULT_BUDGET, ConfigError, budget_path, flatten, load_config, read_budget, resolve_config
+from .config import (
+    DEFAULT_BUDGET,
+    Config,
+    ConfigError,
+    budget_path,
+    flatten,
+    load_config,
+    read_budget,
+    resolve_config,
+)
 
 
 def _budget_help() -> str:
@@ -73,10 +82,10 @@ def _sigterm_to_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m dset.train", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train and evaluate one RT-DETR / DSET run (see dset/engine/train.py).",
+        description="Train and evaluate one RT-DETR / DSET run (see dset/engine/loop.py).",
         epilog=_budget_help())
     ap.add_argument("args", nargs="*", metavar="PRESET_OR_YAML [key=value ...]",
                     help="a preset (rtdetr_r18, rtdetr_r34, dset_r18, dset_r34) or a YAML file, then dotted overrides")
@@ -86,76 +95,99 @@ def main(argv: list[str] | None = None) -> int:
                     "(without PRESET_OR_YAML the configuration is read from OUT/config.yaml)")
     ap.add_argument("--budget", default="auto", help="auto (default), none, a budget name (cpu) or a YAML file")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings only")
-    ns = ap.parse_intermixed_args(argv)
+    return ap
 
-    logging.basicConfig(level=logging.WARNING if ns.quiet else logging.INFO, format="%(message)s")
-    log = logging.getLogger("dset.train")
+
+def _resolve(ap: argparse.ArgumentParser, ns: argparse.Namespace) -> Config:
+    """The run's configuration: the preset or YAML file, the budget and the overrides, or with ``--resume`` and
+    no preset the run's own config.yaml. Usage errors exit through ``ap.error``; others are ConfigError."""
     config = next((a for a in ns.args if "=" not in a), None)
     overrides = [a for a in ns.args if "=" in a]
     if config is not None and ns.args.index(config) != 0:
         ap.error(f"the preset or YAML file must come first, got {config!r} after overrides")
+    if config is None:
+        if not ns.resume:
+            ap.error("PRESET_OR_YAML is required (e.g. rtdetr_r18)")
+        if ns.out is None:
+            ap.error("--resume without PRESET_OR_YAML needs --out DIR")
+        saved = Path(ns.out) / "config.yaml"
+        if not saved.is_file():
+            raise ConfigError(f"--resume without PRESET_OR_YAML needs {saved}")
+        cfg = load_config(saved, overrides)
+    else:
+        cfg = resolve_config(config, budget=ns.budget, overrides=overrides)
+    if ns.quiet:
+        cfg = load_config(cfg, ["run.progress=false"])
+    if ns.out is None and cfg.run.out_dir is None:
+        raise ConfigError("no output folder: give --out DIR (or run.out_dir=DIR)")
+    return cfg
+
+
+def _train(cfg: Config, out: Path, resume: bool) -> tuple[int, dict | None]:
+    """``fit`` with SIGTERM handled as Ctrl-C; the exit status, and the summary when the run ended (completed or
+    stopped). The errors a user can act on are one line on stderr, not a traceback."""
+    from .data.errors import DatasetError
+    from .engine.checkpoint import CheckpointWriteError
+    from .engine.errors import NonFiniteLossError, error_message
+    from .engine.loop import fit
+
+    # only the main thread may set signal handlers (main() could be called from another one)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_sigterm = signal.signal(signal.SIGTERM, _sigterm_to_interrupt) if in_main_thread else None
     try:
-        if config is None:
-            if not ns.resume:
-                ap.error("PRESET_OR_YAML is required (e.g. rtdetr_r18)")
-            if ns.out is None:
-                ap.error("--resume without PRESET_OR_YAML needs --out DIR")
-            saved = Path(ns.out) / "config.yaml"
-            if not saved.is_file():
-                raise ConfigError(f"--resume without PRESET_OR_YAML needs {saved}")
-            cfg = load_config(saved, overrides)
-        else:
-            cfg = resolve_config(config, budget=ns.budget, overrides=overrides)
-        if ns.quiet:
-            cfg = load_config(cfg, ["run.progress=false"])
-        if ns.out is None and cfg.run.out_dir is None:
-            raise ConfigError("no output folder: give --out DIR (or run.out_dir=DIR)")
+        return 0, fit(cfg, out, resume=resume)
+    except (ConfigError, DatasetError, FileNotFoundError) as exc:
+        print(f"error: {error_message(exc)}", file=sys.stderr)
+        return 2, None
+    except NonFiniteLossError as exc:
+        print(f"error: training failed: {exc} (see {out / 'summary.json'})", file=sys.stderr)
+        return 1, None
+    except CheckpointWriteError as exc:
+        print(f"error: {exc}; free some space, then: python -m dset.train --resume --out {out}", file=sys.stderr)
+        return 1, None
+    except KeyboardInterrupt:
+        print(f"interrupted; continue with: python -m dset.train --resume --out {out}", file=sys.stderr)
+        return 130, None
+    except RuntimeError as exc:
+        if "DatasetError" in str(exc):  # a data error raised inside a loader worker
+            print(f"error: {error_message(exc)}", file=sys.stderr)
+            return 2, None
+        raise
+    finally:
+        if in_main_thread:   # main() may be called in a longer-lived process (tests, notebooks)
+            signal.signal(signal.SIGTERM, previous_sigterm if previous_sigterm is not None else signal.SIG_DFL)
+
+
+def _outcome(summary: dict) -> str:
+    """The run's outcome in one line: status, epochs, best epoch and its mAP, why it stopped, minutes."""
+    best = summary.get("best_metrics") or {}
+    parts = [f"{summary['status']}: {summary['epochs_completed']}/{summary['epochs']} epochs"]
+    if summary.get("best_epoch") is not None:
+        parts.append(f"best epoch {summary['best_epoch'] + 1}: mAP {best.get('mAP', float('nan')):.4f}, "
+                     f"mAP50 {best.get('mAP50', float('nan')):.4f}")
+    if summary.get("stop_reason"):
+        parts.append(summary["stop_reason"])
+    parts.append(f"{summary['train_time_s'] / 60:.1f} min")
+    return "; ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = _parser()
+    ns = ap.parse_intermixed_args(argv)
+    logging.basicConfig(level=logging.WARNING if ns.quiet else logging.INFO, format="%(message)s")
+    log = logging.getLogger("dset.train")
+    try:
+        cfg = _resolve(ap, ns)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = Path(ns.out if ns.out is not None else cfg.run.out_dir)
     log.info("budget: %s%s", cfg.run.budget, " (--budget none to train with the preset's own schedule)"
              if cfg.run.budget != "none" else "")
-
-    from .data.coco import DatasetError
-    from .engine.train import CheckpointWriteError, NonFiniteLossError, error_message, fit
-
-    # only the main thread may set signal handlers (main() could be called from another one)
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous_sigterm = signal.signal(signal.SIGTERM, _sigterm_to_interrupt) if in_main_thread else None
-    try:
-        summary = fit(cfg, out, resume=ns.resume)
-    except (ConfigError, DatasetError, FileNotFoundError) as exc:
-        print(f"error: {error_message(exc)}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as exc:
-        print(f"error: training failed: {exc} (see {out / 'summary.json'})", file=sys.stderr)
-        return 1
-    except CheckpointWriteError as exc:
-        print(f"error: {exc}; free some space, then: python -m dset.train --resume --out {out}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"interrupted; continue with: python -m dset.train --resume --out {out}", file=sys.stderr)
-        return 130
-    except RuntimeError as exc:
-        if "DatasetError" in str(exc):  # a data error raised inside a loader worker
-            print(f"error: {error_message(exc)}", file=sys.stderr)
-            return 2
-        raise
-    finally:
-        if in_main_thread:   # main() may be called in a longer-lived process (tests, notebooks)
-            signal.signal(signal.SIGTERM, previous_sigterm if previous_sigterm is not None else signal.SIG_DFL)
-    best = summary.get("best_metrics") or {}
-    if int(os.environ.get("RANK", "0")) == 0:
-        parts = [f"{summary['status']}: {summary['epochs_completed']}/{summary['epochs']} epochs"]
-        if summary.get("best_epoch") is not None:
-            parts.append(f"best epoch {summary['best_epoch'] + 1}: mAP {best.get('mAP', float('nan')):.4f}, "
-                         f"mAP50 {best.get('mAP50', float('nan')):.4f}")
-        if summary.get("stop_reason"):
-            parts.append(summary["stop_reason"])
-        parts.append(f"{summary['train_time_s'] / 60:.1f} min")
-        log.info("%s -> %s", "; ".join(parts), out)
-    return 0
+    code, summary = _train(cfg, out, ns.resume)
+    if summary is not None and int(os.environ.get("RANK", "0")) == 0:
+        log.info("%s -> %s", _outcome(summary), out)
+    return code
 
 
 if __name__ == "__main__":

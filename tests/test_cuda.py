@@ -170,7 +170,7 @@ def test_amp_training_on_cuda(tmp_path, monkeypatch):
     """``fit`` with ``train.amp=true`` on CUDA: the forward runs in float16 under autocast, the GradScaler is
     on (its state is checkpointed), losses stay finite, the run completes, evaluation and the final profile
     run on the GPU, and evaluating the checkpoint again (CUDA, then CPU) gives the run's mAP."""
-    from dset.engine import train as train_mod
+    from dset.engine import loop as train_mod
     from dset.evaluate import evaluate_checkpoint
 
     monkeypatch.setenv("DSET_MOE_GROUPED_MM", "0")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-from dset.engine.evaluate import METRIC_KEYS, coco_metrics, detections_from_predictions
+from dset.engine.coco_eval import METRIC_KEYS, coco_metrics, detections_from_predictions
 
 # Image 1 (200x200): a small cat (20x20 = 400 px^2), a medium dog (50x40 = 2000), a large cat (120x100).
 # Image 2 (200x200): a medium dog. Categories: 3 cat, 7 dog.
@@ -162,7 +162,7 @@ def test_predict_detections_scores_a_model_that_predicts_the_ground_truth(tmp_pa
     from dset.data.coco import CocoDetection, collate_fn
     from dset.data.synthetic import make_synthetic_coco
     from dset.data.transforms import eval_transforms
-    from dset.engine.evaluate import coco_metrics, predict_detections
+    from dset.engine.coco_eval import coco_metrics, predict_detections
 
     paths = make_synthetic_coco(root=tmp_path, num_train=2, num_val=3, image_size=96, seed=3)
     ds = CocoDetection(paths["val_images"], paths["val_annotations"], transforms=eval_transforms(64))

@@ -9,8 +9,9 @@ import torch
 from conftest import one_thread_for_module
 
 import dset
+from dset.engine.initial_weights import build_training_model
+from dset.engine.optim import build_optimizer
 from dset.engine.schedule import WarmupCosine, build_scheduler
-from dset.engine.train import build_optimizer, build_training_model
 from dset.models.detector import build_model
 
 SMALL = ["model.num_classes=3", "model.decoder.num_queries=10", "model.decoder.num_denoising=0"]

@@ -19,7 +19,7 @@ from conftest import one_thread_for_module
 
 import dset
 from dset.data.synthetic import make_synthetic_coco
-from dset.engine.train import fit
+from dset.engine.loop import fit
 
 STEPS = 100
 

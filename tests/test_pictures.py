@@ -233,7 +233,7 @@ def tiny_run(tmp_path, *extra):
 
 @pytest.mark.slow   # a training run, and a fresh MLflow store (its schema migrations alone take about 10 s)
 def test_a_run_draws_its_reported_checkpoint_and_studies_log_the_pictures(tmp_path, store, monkeypatch):
-    from dset.engine import train as train_mod
+    from dset.engine import loop as train_mod
     from studies import mlflow_schema as S
     from studies.tracking import client, get_experiment, log_artifacts
 
@@ -282,7 +282,7 @@ def test_a_run_draws_its_reported_checkpoint_and_studies_log_the_pictures(tmp_pa
 
 def test_a_drawing_failure_leaves_the_run_finished_with_the_reason(tmp_path, monkeypatch):
     import dset.pictures
-    from dset.engine.train import fit
+    from dset.engine.loop import fit
 
     def broken(*args, **kwargs):
         raise OSError("disk full")

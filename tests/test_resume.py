@@ -11,7 +11,8 @@ from conftest import SMALL_HEADS, one_thread_for_module
 
 import dset
 from dset.config import ConfigError
-from dset.engine.train import Callback, fit
+from dset.engine.callbacks import Callback
+from dset.engine.loop import fit
 
 one_thread = pytest.fixture(autouse=True, scope="module")(one_thread_for_module)
 

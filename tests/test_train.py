@@ -14,10 +14,13 @@ from conftest import SMALL_HEADS, one_thread_for_module
 
 import dset
 from dset.config import ConfigError
-from dset.engine import train as train_mod
+from dset.engine import checkpoint, loop
+from dset.engine.callbacks import Callback, EarlyStopping
+from dset.engine.checkpoint import CheckpointWriteError
 from dset.engine.ema import ModelEMA, ema_decay
+from dset.engine.errors import NonFiniteLossError
+from dset.engine.loop import fit
 from dset.engine.schedule import WarmupCosine
-from dset.engine.train import Callback, EarlyStopping, NonFiniteLossError, fit
 
 one_thread = pytest.fixture(autouse=True, scope="module")(one_thread_for_module)
 
@@ -225,14 +228,14 @@ def test_callback_can_stop_the_run(tmp_path, synth_root):
 
 def test_early_stopping_keeps_best_checkpoint(tmp_path, synth_root, monkeypatch):
     maps = iter([0.5, 0.4, 0.3, 0.9])
-    real = train_mod.evaluate_detections
+    real = loop.evaluate_detections
 
     def fake_eval(*args, **kwargs):
         metrics = real(*args, **kwargs)
         metrics["mAP"] = next(maps)
         return metrics
 
-    monkeypatch.setattr(train_mod, "evaluate_detections", fake_eval)
+    monkeypatch.setattr(loop, "evaluate_detections", fake_eval)
     cfg = dset.load_config("rtdetr_r18", tiny(synth_root, "train.epochs=4", "train.early_stop_patience=2"))
     summary = fit(cfg, tmp_path)
     assert summary["status"] == "stopped" and summary["stop_reason"].startswith("early_stopping")
@@ -260,13 +263,13 @@ class LastPtWatcher(Callback):
 def test_resume_state_is_written_when_minutes_have_passed_and_at_the_end(tmp_path, synth_root, monkeypatch,
                                                                          minutes, keep_last, written):
     saves = []
-    real_save = train_mod._atomic_save
+    real_save = checkpoint.atomic_save
 
     def recording_save(obj, path):
         saves.append((path.name, obj["epoch"]))
         return real_save(obj, path)
 
-    monkeypatch.setattr(train_mod, "_atomic_save", recording_save)
+    monkeypatch.setattr(checkpoint, "atomic_save", recording_save)   # last.pt's writer
     if keep_last == "false":
         # a resume state left by an earlier, interrupted attempt: the completed run leaves none
         (tmp_path / "checkpoints").mkdir(parents=True)
@@ -289,7 +292,7 @@ def test_resume_state_is_written_when_minutes_have_passed_and_at_the_end(tmp_pat
 
 
 def test_nan_loss_fails_with_step_and_name(tmp_path, synth_root, monkeypatch):
-    real_build = train_mod.build_criterion
+    real_build = loop.build_criterion
 
     def poisoned(cfg):
         criterion = real_build(cfg)
@@ -306,7 +309,7 @@ def test_nan_loss_fails_with_step_and_name(tmp_path, synth_root, monkeypatch):
         criterion.forward = bad_forward
         return criterion
 
-    monkeypatch.setattr(train_mod, "build_criterion", poisoned)
+    monkeypatch.setattr(loop, "build_criterion", poisoned)
     rec = Recorder()
     with pytest.raises(NonFiniteLossError, match=r"epoch 0, step 1 .*loss_giou_aux_1=nan"):
         fit(dset.load_config("rtdetr_r18", tiny(synth_root)), tmp_path, callbacks=rec)
@@ -331,9 +334,9 @@ def test_full_disk_at_a_checkpoint_is_a_clear_error_and_loses_no_work(tmp_path, 
                                "file data/12: file write failed\nmore torch detail")
         return real_save(obj, f, *args, **kwargs)
 
-    monkeypatch.setattr(train_mod.torch, "save", full_disk_on_epoch_1_last)
+    monkeypatch.setattr(torch, "save", full_disk_on_epoch_1_last)
     cfg = dset.load_config("rtdetr_r18", tiny(synth_root, "train.checkpoint_every_minutes=1e-6"))  # every epoch
-    with pytest.raises(train_mod.CheckpointWriteError, match=r"last\.pt \(\d+ MB free.*file write failed$"):
+    with pytest.raises(CheckpointWriteError, match=r"last\.pt \(\d+ MB free.*file write failed$"):
         fit(cfg, tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "failed" and "CheckpointWriteError" in summary["error"]
@@ -342,7 +345,7 @@ def test_full_disk_at_a_checkpoint_is_a_clear_error_and_loses_no_work(tmp_path, 
     assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 0   # intact
     assert sum(".last.pt.tmp" in f for f in saves) == 2   # epochs 0 and 1: no second try on a full disk
 
-    monkeypatch.setattr(train_mod.torch, "save", real_save)         # room again: resume, nothing redone
+    monkeypatch.setattr(torch, "save", real_save)         # room again: resume, nothing redone
     summary = fit(cfg, tmp_path, resume=True)
     assert summary["status"] == "completed" and [r["epoch"] for r in _lines(tmp_path / "metrics.jsonl")] == [0, 1]
 
@@ -490,7 +493,7 @@ def test_cli_sigterm_interrupts_training_like_ctrl_c(tmp_path, monkeypatch, caps
         time.sleep(30)   # not reached: the handler raises
         raise AssertionError("SIGTERM did not interrupt")
 
-    monkeypatch.setattr(train_mod, "fit", fit_until_sigterm)
+    monkeypatch.setattr(loop, "fit", fit_until_sigterm)
     before = signal.getsignal(signal.SIGTERM)
     assert main(["rtdetr_r18", "--out", str(tmp_path / "run"), "-q"]) == 130
     assert "python -m dset.train --resume --out" in capsys.readouterr().err
@@ -502,14 +505,14 @@ def test_a_flat_map_pruning_run_is_reported_at_its_target_keep_ratio(tmp_path, s
     """mAP that never improves would make epoch 0 (unpruned, in the warm-up) the best: the reported checkpoint,
     its detections and its GFLOPs would be those of a dense model. The best epoch is chosen among those at the
     target ratio, so the run is profiled pruned."""
-    real = train_mod.evaluate_detections
+    real = loop.evaluate_detections
 
     def flat(*args, **kwargs):
         metrics = real(*args, **kwargs)
         metrics["mAP"] = 0.25
         return metrics
 
-    monkeypatch.setattr(train_mod, "evaluate_detections", flat)
+    monkeypatch.setattr(loop, "evaluate_detections", flat)
     # 64 px: a 2x2 stride-32 map, 4 tokens; keep 1.0 (epoch 0), 0.75 (epoch 1), 0.5 from epoch 2 on
     cfg = dset.load_config("dset_r18", tiny(synth_root, "train.epochs=4", "train.profile=true",
                                             "model.token_pruning.keep_ratio=0.5", "model.token_pruning.min_tokens=1",

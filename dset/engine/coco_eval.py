@@ -1,4 +1,6 @@
-"""COCO box evaluation with pycocotools.
+"""COCO box evaluation with pycocotools: a model's detections on a validation split and their COCO metrics
+(:func:`evaluate_detections`, gathered over ranks under DDP), and the detections and ground truth a run keeps
+for reports.
 
 Conventions of :func:`coco_metrics` (state these with any number a report shows):
 - AP/AR are fractions in [0, 1] (not percent), pycocotools COCOeval ``iouType="bbox"``, maxDets 100 for AP.
@@ -18,14 +20,20 @@ import io
 import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-__all__ = ["METRIC_KEYS", "coco_metrics", "detections_from_predictions"]
+from .distributed import DistInfo, all_gather_object, broadcast_object
+
+if TYPE_CHECKING:
+    from ..data.loaders import DataBundle
+
+__all__ = ["METRIC_KEYS", "coco_metrics", "detections_from_predictions", "predict_detections", "evaluate_detections",
+           "top_per_image_and_class", "ground_truth"]
 
 # COCOeval.stats index of each summary metric
 _STATS_INDEX = {
@@ -203,7 +211,8 @@ def detections_from_predictions(
                 }
             )
     if n_non_finite:
-        warnings.warn(f"detections_from_predictions: skipped {n_non_finite} detection(s) with non-finite box/score", stacklevel=2)
+        warnings.warn(f"detections_from_predictions: skipped {n_non_finite} detection(s) with non-finite "
+                      "box/score", stacklevel=2)
     return out
 
 
@@ -239,3 +248,43 @@ def predict_detections(
     finally:
         model.train(was_training)
     return detections, n_images
+
+
+@torch.no_grad()
+def evaluate_detections(model: torch.nn.Module, loader: Iterable, bundle: DataBundle, device: torch.device,
+                        dinfo: DistInfo | None = None, num_top_queries: int = 300,
+                        detections_out: list | None = None) -> dict:
+    """COCO metrics of ``model`` (eval mode) on ``loader`` (the validation split of ``bundle``); under DDP
+    each rank predicts its shard, detections are gathered to rank 0 and the metrics broadcast back.
+    ``detections_out`` (rank 0) receives the detections that were scored."""
+    dinfo = dinfo or DistInfo()
+    detections, n_images = predict_detections(model, loader, bundle.label_to_category_id, device, num_top_queries)
+    parts = all_gather_object((detections, n_images), dinfo)
+    metrics = None
+    if dinfo.is_main:
+        all_dets = [d for p in parts for d in p[0]]
+        if detections_out is not None:
+            detections_out.extend(all_dets)
+        metrics = coco_metrics(bundle.val_dataset.coco, all_dets, bundle.category_names,
+                               image_ids=bundle.val_image_ids)
+        metrics["val_images"] = sum(p[1] for p in parts)
+    return broadcast_object(metrics, dinfo)
+
+
+def top_per_image_and_class(detections: list[dict], limit: int) -> list[dict]:
+    """The ``limit`` best-scored detections of each (image, category): all that COCOeval's maxDets=100 reads."""
+    groups: dict[tuple, list[dict]] = {}
+    for d in detections:
+        groups.setdefault((d["image_id"], d["category_id"]), []).append(d)
+    out = []
+    for key in sorted(groups):
+        out += sorted(groups[key], key=lambda d: -d["score"])[:limit]
+    return out
+
+
+def ground_truth(coco: COCO, image_ids: list[int]) -> dict:
+    """The COCO ground truth of ``image_ids`` (images, their annotations, every category)."""
+    ids = set(image_ids)
+    return {"images": [coco.imgs[i] for i in image_ids],
+            "annotations": [a for a in coco.dataset.get("annotations", []) if a["image_id"] in ids],
+            "categories": list(coco.dataset.get("categories", []))}

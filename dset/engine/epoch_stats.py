@@ -1,0 +1,130 @@
+"""Statistics gathered while a run trains: the per-epoch means of its losses, expert usage and token keep
+ratio (:class:`EpochStats`, averaged over ranks), and the throughput of the attempt (:class:`Throughput`)."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from .distributed import DistInfo, all_gather_object
+
+__all__ = ["EpochStats", "Throughput"]
+
+
+class EpochStats:
+    """Sums over the epoch's steps, kept as tensors (no host sync per step except the loss check)."""
+
+    def __init__(self) -> None:
+        self.loss_sums: dict[str, torch.Tensor] = {}
+        self.loss_counts: dict[str, int] = {}
+        self.total_sum = 0.0
+        self.steps = 0
+        self.images = 0
+        self.usage_sums: dict[str, list[torch.Tensor]] = {}
+        self.usage_count = 0
+        self.keep_sum = 0.0
+        self.scheduled_keep = None
+        self.keep_count = 0
+
+    def add(self, loss_dict: dict[str, torch.Tensor], total: float, batch: int, sparse: dict) -> None:
+        for k, v in loss_dict.items():
+            v = v.detach().float()
+            self.loss_sums[k] = self.loss_sums[k] + v if k in self.loss_sums else v.clone()
+            self.loss_counts[k] = self.loss_counts.get(k, 0) + 1
+        self.total_sum += total
+        self.steps += 1
+        self.images += batch
+        any_usage = False
+        for kind in ("encoder_moe", "decoder_moe"):
+            usages = sparse.get(kind)
+            if usages:
+                any_usage = True
+                sums = self.usage_sums.setdefault(kind, [torch.zeros_like(u, dtype=torch.float32) for u in usages])
+                for s, u in zip(sums, usages):
+                    s.add_(u.float())
+        self.usage_count += int(any_usage)
+        tp = sparse.get("token_pruning")
+        if tp:
+            self.keep_sum += float(tp["keep_ratio"])
+            self.scheduled_keep = float(tp["scheduled_keep_ratio"])
+            self.keep_count += 1
+
+    def reduce(self, dinfo: DistInfo) -> dict:
+        """Means over the epoch's steps (and over ranks)."""
+        local = {
+            "losses": {k: (float(v.item()), self.loss_counts[k]) for k, v in self.loss_sums.items()},
+            "total": (self.total_sum, self.steps),
+            "images": self.images,
+            "usage": {k: ([u.tolist() for u in v], self.usage_count) for k, v in self.usage_sums.items()},
+            "keep": (self.keep_sum, self.keep_count, self.scheduled_keep),
+        }
+        parts = all_gather_object(local, dinfo)
+        out: dict[str, Any] = {}
+        total_sum = sum(p["total"][0] for p in parts)
+        total_n = sum(p["total"][1] for p in parts)
+        out["loss"] = total_sum / max(1, total_n)
+        names = sorted({k for p in parts for k in p["losses"]}, key=_loss_sort_key)
+        for k in names:
+            s = sum(p["losses"][k][0] for p in parts if k in p["losses"])
+            n = sum(p["losses"][k][1] for p in parts if k in p["losses"])
+            out[k] = s / max(1, n)
+        out["train_images"] = sum(p["images"] for p in parts)
+        out["train_steps"] = total_n
+        keep_sum = sum(p["keep"][0] for p in parts)
+        keep_n = sum(p["keep"][1] for p in parts)
+        if keep_n:
+            out["keep_ratio"] = keep_sum / keep_n
+            out["scheduled_keep_ratio"] = parts[0]["keep"][2]
+        for kind in ("encoder_moe", "decoder_moe"):
+            have = [p["usage"][kind] for p in parts if kind in p["usage"]]
+            if not have:
+                continue
+            count = sum(c for _, c in have)
+            for layer in range(len(have[0][0])):
+                for e in range(len(have[0][0][layer])):
+                    value = sum(u[layer][e] for u, _ in have) / max(1, count)
+                    out[f"{kind}_usage/layer{layer}/expert{e}"] = value
+        return out
+
+
+def _loss_sort_key(name: str) -> tuple:
+    # main losses first, then aux, dn, extra, each in a stable order
+    rank = 0 if not any(s in name for s in ("_aux_", "_dn_")) else (1 if "_aux_" in name else 2)
+    return (rank, name)
+
+
+class Throughput:
+    """Images over the seconds spent in the epochs' training steps (data loading included) and in evaluation,
+    for this attempt (a resumed run counts its own epochs only)."""
+
+    def __init__(self) -> None:
+        self.train_images = 0
+        self.train_seconds = 0.0
+        self.eval_images = 0
+        self.eval_seconds = 0.0
+
+    @contextmanager
+    def timing_training(self):
+        start = time.perf_counter()
+        yield
+        self.train_seconds += time.perf_counter() - start
+
+    @contextmanager
+    def timing_evaluation(self):
+        start = time.perf_counter()
+        yield
+        self.eval_seconds += time.perf_counter() - start
+
+    def summary(self) -> dict:
+        """The ``summary.json`` entries."""
+        return {
+            "train_images_processed": self.train_images,
+            "train_seconds": self.train_seconds,
+            "train_images_per_s": self.train_images / self.train_seconds if self.train_seconds > 0 else None,
+            "eval_images_processed": self.eval_images,
+            "eval_seconds": self.eval_seconds,
+            "eval_images_per_s": self.eval_images / self.eval_seconds if self.eval_seconds > 0 else None,
+        }

@@ -1,0 +1,93 @@
+"""The text files a run writes beside its checkpoints, and the strict JSON they hold.
+
+- ``metrics.jsonl``: one record per epoch (keys listed in :func:`dset.engine.loop.fit`), appended by
+  :func:`append_metrics`; a resumed run first drops the lines of epochs after its checkpoint
+  (:func:`start_metrics_file`).
+- ``summary.json``, ``config.yaml``, ``eval/detections.json`` (the reported checkpoint's detections on the
+  validation images) and ``eval/ground_truth.json`` (their ground truth): what a report needs to bootstrap
+  intervals over images. JSON files are written through a temporary file and a rename (:func:`write_json`).
+
+NaN and infinite numbers are written as ``null`` (:func:`json_safe`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import atomic_write_text
+
+__all__ = ["DETECTIONS_FILE", "GROUND_TRUTH_FILE", "json_safe", "write_json", "start_metrics_file",
+           "append_metrics", "evaluation_entries", "epoch_line"]
+
+# the reported (best) checkpoint's detections on the validation images, and their ground truth (beside
+# metrics.jsonl)
+DETECTIONS_FILE = "eval/detections.json"
+GROUND_TRUTH_FILE = "eval/ground_truth.json"
+
+
+def json_safe(value: Any) -> Any:
+    """NaN/inf -> None (strict JSON), tensors -> numbers, recursively."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return json_safe(value.tolist())
+    if isinstance(value, (np.floating, np.integer)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json(path: Path, obj: Any, indent: int | None = None) -> None:
+    """``obj`` as one JSON document (already :func:`json_safe` where it has to be), written atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def start_metrics_file(path: Path, start_epoch: int) -> None:
+    """An empty ``metrics.jsonl`` for a run from epoch 0; for a resumed one, its lines of the epochs before
+    ``start_epoch`` (a run killed between its metrics line and its checkpoint leaves one more)."""
+    if start_epoch == 0:
+        path.write_text("")
+        return
+    keep = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip() and json.loads(line).get("epoch", -1) < start_epoch:
+                keep.append(line)
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def append_metrics(path: Path, record: dict) -> None:
+    """One epoch's record as a line of ``metrics.jsonl``."""
+    with open(path, "a") as f:
+        f.write(json.dumps(json_safe(record)) + "\n")
+
+
+def evaluation_entries(metrics: dict) -> dict:
+    """An evaluation's metrics as record entries: ``per_class_AP`` becomes ``AP/<class name>``."""
+    out = {k: v for k, v in metrics.items() if k != "per_class_AP"}
+    for name, ap in (metrics.get("per_class_AP") or {}).items():
+        out[f"AP/{name}"] = ap
+    return out
+
+
+def epoch_line(epoch: int, epochs: int, m: dict) -> str:
+    """The log line of one epoch's record."""
+    parts = [f"epoch {epoch + 1}/{epochs}", f"loss {m['loss']:.4f}"]
+    if "mAP" in m:
+        parts.append(f"mAP {m['mAP']:.4f} mAP50 {m['mAP50']:.4f}")
+    lr = [v for k, v in m.items() if k.startswith("lr/new")] or [v for k, v in m.items() if k.startswith("lr/")]
+    if lr:
+        parts.append(f"lr {lr[0]:.2e}")
+    if "keep_ratio" in m:
+        parts.append(f"keep {m['keep_ratio']:.3f}")
+    parts.append(f"{m['epoch_time_s']:.1f} s")
+    return " | ".join(parts)
