@@ -322,9 +322,9 @@ def paired_class_delta(variant_runs, baseline_runs, n_resamples: int = N_RESAMPL
 
 
 def _paired_sides(variant_runs, baseline_runs, n_resamples: int, seed: int, replicates, observed):
-    """The hierarchical paired draws both comparisons share (runs: lists): for each side, ``replicates(ev)`` (resamples, ...)
-    of its runs drawn with replacement per resample and averaged, and the seed mean of ``observed(ev)``;
-    and the number of images. Raises ValueError where the runs were evaluated on different images."""
+    """The hierarchical paired draws both comparisons share (runs: lists): for each side, ``replicates(ev)``
+    (resamples, ...) of its runs drawn with replacement per resample and averaged, and the seed mean of
+    ``observed(ev)``; and the number of images. Raises ValueError where the runs were evaluated on different images."""
     if not variant_runs or not baseline_runs:
         raise ValueError("a paired comparison needs at least one run on each side")
     ref = baseline_runs[0]

@@ -53,7 +53,7 @@ class Delta:
         return "Welch over seeds"
 
 
-def against_baseline(study: R.Study, v: pd.Series, base: pd.Series, n_resamples: int = B.N_RESAMPLES,
+def against_baseline(study: R.StudyRuns, v: pd.Series, base: pd.Series, n_resamples: int = B.N_RESAMPLES,
                      seed: int = 0) -> Delta:
     """``v`` minus ``base`` (rows of :func:`analysis.runs.variants`, with included runs): the bootstrap
     where every run has its evaluation artifacts and they cover the same images, else Welch."""

@@ -8,7 +8,7 @@ their ground truth come from the run's two evaluation artifacts (``ARTIFACT_DETE
 for the bootstrap intervals. No other file written by a run is read. The names are those of
 ``studies/mlflow_schema.py``.
 
-``load_study(experiment, tracking_uri)`` returns a :class:`Study` whose ``runs`` frame keeps every
+``load_study_runs(experiment, tracking_uri)`` returns a :class:`StudyRuns` whose ``runs`` frame keeps every
 column ``search_runs`` returned (``metrics.*``, ``params.*``, ``tags.*``) and adds normalised ones:
 ``role`` ("parent"; "pretrain": a stage-1 pretraining run, never a variant; or "child"), ``backbone``,
 the three switches as booleans, ``combo`` ("", "E", "E+P", ...), ``seed``, ``trial``, ``init_checkpoint``
@@ -24,27 +24,26 @@ there is one. ``variants(study)`` summarises each variant over its included runs
 
 from __future__ import annotations
 
-import contextlib
+import ast
 import hashlib
 import json
-import logging
 import math
-import os
 import re
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from dset.config import RESULT_NEUTRAL_KEYS
+from dset.config import RESULT_NEUTRAL_KEYS, Config, ConfigError, config_from_dict
 from studies import mlflow_schema as S
+from studies import mlflow_store as store
 
 from . import bootstrap as B
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 SWITCHES = ("encoder_moe", "token_pruning", "decoder_moe")
 SWITCH_CODES = {"encoder_moe": "E", "token_pruning": "P", "decoder_moe": "D"}
 # the 8 switch combinations in reading order: baseline, one switch, two, all three
@@ -89,56 +88,11 @@ class EmptyExperiment(ReportError):
     exit_code = 1
 
 
-# ------------------------------------------------------------------------------------------- store
-def resolve_tracking_uri(uri: str | None = None) -> str:
-    """``uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` (what ``mlflow ui`` opens here)."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-
-
-def redact_uri(uri: str) -> str:
-    """The URI without a password (``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``)."""
-    parts = urlsplit(uri)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-        return urlunsplit(parts._replace(netloc=netloc))
-    return uri
-
-
-def _local_store_path(uri: str) -> Path | None:
-    """The file or folder a local tracking URI points at (None for a server or a database server)."""
-    if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///"):]
-        return None if path in ("", ":memory:") else Path(path)
-    if uri.startswith("file:"):
-        return Path(urlsplit(uri).path)
-    if "://" not in uri:
-        return Path(uri)
-    return None
-
-
-@contextlib.contextmanager
-def _quiet_mlflow():
-    """MLflow and alembic log at INFO on every store open; the report's output is its own."""
-    names = ("mlflow", "alembic", "alembic.runtime.migration")
-    old = {n: logging.getLogger(n).level for n in names}
-    try:
-        for n in names:
-            logging.getLogger(n).setLevel(logging.WARNING)
-        yield
-    finally:
-        for n, level in old.items():
-            logging.getLogger(n).setLevel(level)
-
-
-def client_for(tracking_uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking_uri)
-
-
 # ------------------------------------------------------------------------------------------- study
 @dataclass
-class Study:
+class StudyRuns:
+    """A study's runs as logged in MLflow (one experiment), normalised; what the report is built from."""
+
     experiment: str
     experiment_id: str
     tracking_uri: str
@@ -168,47 +122,68 @@ class Study:
         col = f"metrics.{name}"
         return frame[col].astype(float) if col in frame else pd.Series(np.nan, index=frame.index)
 
+    def config(self, run_id: str) -> Config:
+        """The dset configuration run ``run_id`` trained with, rebuilt from its logged params."""
+        row = self.runs[self.runs["run_id"] == run_id].iloc[0]
+        return config_from_params({k[len("params."):]: v for k, v in row.items()
+                                   if k.startswith("params.") and isinstance(v, str)}, run_id)
 
 
-def load_study(experiment: str = "ablation_grid", tracking_uri: str | None = None) -> Study:
+def config_from_params(params: Mapping[str, Any], run_id: str = "?") -> Config:
+    """The dset :class:`~dset.config.Config` a run's params describe: the resolved configuration, flat dotted keys,
+    each value as ``str()`` wrote it (values already parsed are taken as they are). Keys not given keep the defaults
+    of ``dset/config.py``. Raises :class:`ReportError`, naming the run and the key, for a value that does not fit."""
+    nested: dict[str, Any] = {}
+    for key, value in params.items():
+        *groups, name = key.split(".")
+        node = nested
+        for group in groups:
+            node = node.setdefault(group, {})
+        node[name] = _param_value(value)
+    try:
+        return config_from_dict(nested)
+    except ConfigError as exc:
+        raise ReportError(f"run {run_id}: its logged params do not make a dset configuration: {exc}") from None
+
+
+def _param_value(text: Any) -> Any:
+    """A logged param back to the value ``str()`` wrote it from: a number, bool, None or list is a Python literal;
+    anything else is the string itself."""
+    if not isinstance(text, str):
+        return text
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+
+def load_study_runs(experiment: str = "ablation_grid", tracking_uri: str | None = None) -> StudyRuns:
     """Every run of ``experiment`` in the store at ``tracking_uri``, normalised (see the module docstring).
     Raises :class:`UnknownExperiment` (no such store or experiment) or :class:`EmptyExperiment`."""
-    import mlflow
-
-    uri = resolve_tracking_uri(tracking_uri)
-    local = _local_store_path(uri)
+    uri = store.tracking_uri(tracking_uri)
+    local = store.local_store_path(uri)
     if local is not None and not local.exists():
         raise UnknownExperiment(
             f"no MLflow store at {uri} ({local} does not exist): run a study first "
             f"(python -m studies.run {experiment}) or pass --tracking-uri / set MLFLOW_TRACKING_URI")
-    with _quiet_mlflow():
-        try:
-            client = client_for(uri)
-            exp = client.get_experiment_by_name(experiment)
-        except Exception as exc:  # no driver, no server, not an MLflow database: say so in one line
-            message = str(exc).splitlines()[0] if str(exc) else ""
-            password = urlsplit(uri).password
-            if password:
-                message = message.replace(password, "***")
-            raise UnknownExperiment(f"could not open the MLflow store at {redact_uri(uri)}: "
-                                    f"{type(exc).__name__}: {message}") from None
-        if exp is None or exp.lifecycle_stage != "active":
-            known = sorted(e.name for e in client.search_experiments())
-            state = "not found" if exp is None else "deleted"
-            raise UnknownExperiment(
-                f"experiment '{experiment}' {state} in {redact_uri(uri)}; "
-                f"experiments there: {', '.join(known) if known else '(none)'}")
-        # search_runs reads the global tracking URI (set_tracking_uri also sets $MLFLOW_TRACKING_URI):
-        # point it at this store for the call, then put back what was there (None unsets both)
-        previous = os.environ.get("MLFLOW_TRACKING_URI")
-        mlflow.set_tracking_uri(uri)
-        try:
-            raw = mlflow.search_runs(experiment_ids=[exp.experiment_id], output_format="pandas")
-        finally:
-            mlflow.set_tracking_uri(previous)
+    try:
+        client = store.client(uri)
+        exp = client.get_experiment_by_name(experiment)
+    except Exception as exc:  # no driver, no server, not an MLflow database: say so in one line
+        message = str(exc).splitlines()[0] if str(exc) else ""
+        raise UnknownExperiment(f"could not open the MLflow store at {store.redact(uri)}: "
+                                f"{type(exc).__name__}: {store.redact(message, uri)}") from None
+    if exp is None or exp.lifecycle_stage != "active":
+        known = sorted(e.name for e in client.search_experiments())
+        state = "not found" if exp is None else "deleted"
+        raise UnknownExperiment(
+            f"experiment '{experiment}' {state} in {store.redact(uri)}; "
+            f"experiments there: {', '.join(known) if known else '(none)'}")
+    raw = store.search_runs_frame(uri, experiment_ids=[exp.experiment_id])
     if raw.empty:
-        raise EmptyExperiment(f"experiment '{experiment}' in {redact_uri(uri)} has no runs yet: nothing to report")
-    return Study(experiment, str(exp.experiment_id), uri, normalise(raw))
+        raise EmptyExperiment(f"experiment '{experiment}' in {store.redact(uri)} has no runs yet: nothing to report")
+    return StudyRuns(experiment, str(exp.experiment_id), uri, normalise(raw))
 
 
 def _tag(frame: pd.DataFrame, tag: str) -> pd.Series:
@@ -253,6 +228,29 @@ def combo_label(backbone: str, e: bool, p: bool, d: bool) -> str:
 def normalise(raw: pd.DataFrame) -> pd.DataFrame:
     """Add the normalised columns to what ``search_runs`` returned and sort the rows stably."""
     df = raw.copy()
+    _add_variant_columns(df)
+    _add_tag_columns(df)
+    map_col = f"metrics.{S.BEST_MAP}"
+    has_map = df[map_col].notna() if map_col in df else pd.Series(False, index=df.index)
+    superseded = _tag(df, S.TAG_SUPERSEDED_BY)
+    reasons = [_exclusion(row, superseded[i], bool(has_map[i])) for i, row in df.iterrows()]
+    df["included"] = [r is None for r in reasons]
+    df["reason"] = [r or "" for r in reasons]
+
+    df["group"] = [_group_key(row) for _, row in df.iterrows()]
+    df = df.sort_values(by=["role", "group", "seed", "start_time", "run_id"],
+                        key=lambda s: s.map(_role_rank) if s.name == "role" else s,
+                        na_position="last", kind="mergesort").reset_index(drop=True)
+    _label_groups(df)
+    # final order: parents, then variants in reading order, seeds, start
+    df = df.sort_values(by=["role", "sort_key", "seed", "start_time", "run_id"],
+                        key=lambda s: s.map(_role_rank) if s.name == "role" else s,
+                        na_position="last", kind="mergesort").reset_index(drop=True)
+    return df
+
+
+def _add_variant_columns(df: pd.DataFrame) -> None:
+    """role, backbone, the three switches, combo, seed and trial (in place): from the tags, else the params."""
     df["role"] = [r if r in ("parent", "pretrain") else "child" for r in _tag(df, S.TAG_ROLE)]
     # a run without a dset.role tag but with nested children is a parent too
     parents = set(_tag(df, "mlflow.parentRunId").dropna())
@@ -274,63 +272,39 @@ def normalise(raw: pd.DataFrame) -> pd.DataFrame:
     df["seed"] = pd.array([_as_int(t) if t is not None else _as_int(p)
                            for t, p in zip(_tag(df, S.TAG_SEED), seed_param)], dtype="Int64")
     df["trial"] = pd.array([_as_int(t) for t in _tag(df, S.TAG_TRIAL)], dtype="Int64")
-    df["cell"] = _tag(df, S.TAG_CELL)
-    df["variant_tag"] = _tag(df, S.TAG_VARIANT)
-    df["dset_status"] = _tag(df, S.TAG_STATUS)
-    df["error"] = _tag(df, S.TAG_ERROR)
-    df["latency_device"] = _tag(df, S.TAG_LATENCY_DEVICE)
-    df["deploy_devices"] = _tag(df, S.TAG_DEPLOY_DEVICES)
-    df["device"] = _tag(df, S.TAG_DEVICE)
-    df["stop_reason"] = _tag(df, TAG_STOP_REASON)
-    df["init_checkpoint"] = _tag(df, S.TAG_INIT_CHECKPOINT)
-    df["init_source"] = _tag(df, S.TAG_INIT_SOURCE)
-    df["checkpoint_dir"] = _tag(df, S.TAG_CHECKPOINT_DIR)
+
+
+def _add_tag_columns(df: pd.DataFrame) -> None:
+    """The tags the report shows, under short names, and ``note`` (an early stop, a failed profile), in place."""
+    for column, tag in (("cell", S.TAG_CELL), ("variant_tag", S.TAG_VARIANT), ("dset_status", S.TAG_STATUS),
+                        ("error", S.TAG_ERROR), ("latency_device", S.TAG_LATENCY_DEVICE),
+                        ("deploy_devices", S.TAG_DEPLOY_DEVICES), ("device", S.TAG_DEVICE),
+                        ("stop_reason", TAG_STOP_REASON), ("init_checkpoint", S.TAG_INIT_CHECKPOINT),
+                        ("init_source", S.TAG_INIT_SOURCE), ("checkpoint_dir", S.TAG_CHECKPOINT_DIR)):
+        df[column] = _tag(df, tag)
     df["note"] = _objects(df, ["; ".join(x for x in (f"stopped early ({s})" if s else "",
                                                      f"not profiled: {p}" if p else "") if x) or None
                                for s, p in zip(df["stop_reason"], _tag(df, TAG_PROFILE_ERROR))])
 
-    map_col = f"metrics.{S.BEST_MAP}"
-    has_map = df[map_col].notna() if map_col in df else pd.Series(False, index=df.index)
-    superseded = _tag(df, S.TAG_SUPERSEDED_BY)
-    included, reason = [], []
-    for i, row in df.iterrows():
-        if row["role"] == "parent":
-            included.append(False)
-            reason.append("parent run (the study invocation)")
-        elif row["role"] == "pretrain":
-            included.append(False)
-            reason.append("stage-1 pretraining run, not a variant (see the Stage 1 table)")
-        elif isinstance(superseded[i], str) and superseded[i]:
-            included.append(False)
-            reason.append(f"stale (made by other code or data), redone by run {superseded[i][:8]}")
-        elif row["status"] == "FINISHED" and has_map[i]:
-            included.append(True)
-            reason.append("")
-        elif row["status"] == "FAILED" or row["error"]:
-            included.append(False)
-            reason.append("failed: " + (row["error"] or "no dset.error tag"))
-        elif row["status"] in ("RUNNING", "SCHEDULED"):
-            included.append(False)
-            reason.append(f"{row['status'].lower()} (unfinished or interrupted)")
-        elif row["status"] == "KILLED":
-            included.append(False)
-            reason.append("killed")
-        else:
-            included.append(False)
-            reason.append(f"{row['status'].lower()} without {S.BEST_MAP}")
-    df["included"] = included
-    df["reason"] = reason
 
-    df["group"] = [_group_key(row) for _, row in df.iterrows()]
-    df = df.sort_values(by=["role", "group", "seed", "start_time", "run_id"],
-                        key=lambda s: s.map(_role_rank) if s.name == "role" else s,
-                        na_position="last", kind="mergesort").reset_index(drop=True)
-    _label_groups(df)
-    # final order: parents, then variants in reading order, seeds, start
-    df = df.sort_values(by=["role", "sort_key", "seed", "start_time", "run_id"],
-                        key=lambda s: s.map(_role_rank) if s.name == "role" else s,
-                        na_position="last", kind="mergesort").reset_index(drop=True)
-    return df
+def _exclusion(row: pd.Series, superseded_by: str | None, has_map: bool) -> str | None:
+    """Why the run's numbers stay out of the tables, or None when they enter them."""
+    status = row["status"]
+    if row["role"] == "parent":
+        return "parent run (the study invocation)"
+    if row["role"] == "pretrain":
+        return "stage-1 pretraining run, not a variant (see the Stage 1 table)"
+    if isinstance(superseded_by, str) and superseded_by:
+        return f"stale (made by other code or data), redone by run {superseded_by[:8]}"
+    if status == "FINISHED" and has_map:
+        return None
+    if status == "FAILED" or row["error"]:
+        return "failed: " + (row["error"] or "no dset.error tag")
+    if status in ("RUNNING", "SCHEDULED"):
+        return f"{status.lower()} (unfinished or interrupted)"
+    if status == "KILLED":
+        return "killed"
+    return f"{status.lower()} without {S.BEST_MAP}"
 
 
 def _role_rank(role: str) -> int:
@@ -403,7 +377,7 @@ def _describe_data(row: pd.Series) -> str:
     return ", ".join(parts)
 
 
-def variants(study: Study) -> pd.DataFrame:
+def variants(study: StudyRuns) -> pd.DataFrame:
     """One row per variant (child runs grouped as in the module docstring), in reading order.
 
     Columns: group, label, backbone, encoder_moe, token_pruning, decoder_moe, combo, trial, n (included
@@ -426,7 +400,8 @@ def variants(study: Study) -> pd.DataFrame:
             "all_seeds": tuple(sorted({int(s) for s in g["seed"] if not pd.isna(s)})),
             "data": _describe_data((inc if len(inc) else g).iloc[0]),
             "latency_device": "; ".join(sorted({d for d in inc["latency_device"] if d})) or None,
-            "deploy_devices": " | ".join(sorted({d for d in inc["deploy_devices"] if isinstance(d, str) and d})) or None,
+            "deploy_devices": " | ".join(sorted({d for d in inc["deploy_devices"] if isinstance(d, str) and d}))
+            or None,
             "first_run": (inc if len(inc) else g).iloc[0]["run_id"],
             "run_ids": tuple(inc["run_id"]),
             "init_checkpoint": "; ".join(sorted({c for c in inc["init_checkpoint"] if c})) or None,
@@ -452,35 +427,18 @@ def baseline_of(vs: pd.DataFrame, backbone: str) -> pd.Series | None:
     return base.iloc[0] if len(base) == 1 else None
 
 
-def evaluations(study: Study, run_ids) -> dict[str, B.Evaluated | str]:
+def evaluations(study: StudyRuns, run_ids) -> dict[str, B.Evaluated | str]:
     """Each run's detections matched against its ground truth (:func:`analysis.bootstrap.evaluate_run`), from
     its ``ARTIFACT_DETECTIONS`` and ``ARTIFACT_GROUND_TRUTH``, or, as a string, why there is none: a run from
     before these artifacts existed, or an unreadable one (the report then falls back on seeds alone and says
     why). Downloaded and evaluated once per run and report (cached on ``study``)."""
     todo = [r for r in run_ids if r not in study._evaluations]
     if todo:
-        with _quiet_mlflow(), _no_progress_bar(), tempfile.TemporaryDirectory(prefix="dset_report_") as tmp:
-            client = client_for(study.tracking_uri)
+        with store.no_progress_bar(), tempfile.TemporaryDirectory(prefix="dset_report_") as tmp:
+            client = store.client(study.tracking_uri)
             for run_id in todo:
                 study._evaluations[run_id] = _evaluation(client, run_id, Path(tmp) / run_id)
     return {r: study._evaluations[r] for r in run_ids}
-
-
-_PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-
-
-@contextlib.contextmanager
-def _no_progress_bar():
-    """MLflow draws a progress bar per download on stderr: not in a report's output."""
-    previous = os.environ.get(_PROGRESS_BAR)
-    os.environ[_PROGRESS_BAR] = "false"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(_PROGRESS_BAR, None)
-        else:
-            os.environ[_PROGRESS_BAR] = previous
 
 
 def _evaluation(client, run_id: str, folder: Path) -> B.Evaluated | str:
@@ -502,12 +460,12 @@ def _evaluation(client, run_id: str, folder: Path) -> B.Evaluated | str:
         return f"{S.ARTIFACT_DETECTIONS} / {S.ARTIFACT_GROUND_TRUTH} unusable: {type(exc).__name__}: {exc}"
 
 
-def pictures(study: Study, run_id: str) -> tuple[dict, dict[str, bytes]] | str:
+def pictures(study: StudyRuns, run_id: str) -> tuple[dict, dict[str, bytes]] | str:
     """A run's pictures (``ARTIFACT_PICTURES``, :mod:`dset.pictures`): its ``pictures.json`` and every PNG it lists
     (file name -> bytes), or, as a string, why there are none. Downloaded once per run and report."""
     if run_id not in study._pictures:
-        with _quiet_mlflow(), _no_progress_bar(), tempfile.TemporaryDirectory(prefix="dset_report_") as tmp:
-            study._pictures[run_id] = _download_pictures(client_for(study.tracking_uri), run_id, Path(tmp))
+        with store.no_progress_bar(), tempfile.TemporaryDirectory(prefix="dset_report_") as tmp:
+            study._pictures[run_id] = _download_pictures(store.client(study.tracking_uri), run_id, Path(tmp))
     return study._pictures[run_id]
 
 
@@ -524,7 +482,7 @@ def _download_pictures(client, run_id: str, folder: Path) -> tuple[dict, dict[st
         return f"pictures unusable: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
-def usage_matrices(study: Study, group: str) -> dict[str, np.ndarray]:
+def usage_matrices(study: StudyRuns, group: str) -> dict[str, np.ndarray]:
     """Final-epoch expert usage shares of a variant, averaged over its included runs:
     ``{"encoder_moe": [layers, experts], "decoder_moe": ...}`` (only the MoE sites that logged usage)."""
     inc = study.included[study.included["group"] == group]
@@ -547,26 +505,25 @@ def usage_matrices(study: Study, group: str) -> dict[str, np.ndarray]:
     return out
 
 
-def histories(study: Study, keys: tuple[str, ...], runs: pd.DataFrame | None = None) -> pd.DataFrame:
+def histories(study: StudyRuns, keys: tuple[str, ...], runs: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per-epoch values of metrics ``keys`` for ``runs`` (default: the included runs), from
     ``MlflowClient.get_metric_history``: columns run_id, group, label, key, step, value. When a step
     was logged more than once (a resumed run), the last value logged wins."""
     runs = study.included if runs is None else runs
     rows = []
-    with _quiet_mlflow():
-        client = client_for(study.tracking_uri)
-        for _, run in runs.iterrows():
-            for key in keys:
-                if f"metrics.{key}" not in run or pd.isna(run[f"metrics.{key}"]):
-                    continue
-                cache_key = (run["run_id"], key)
-                if cache_key not in study._histories:
-                    study._histories[cache_key] = [(m.step, m.timestamp, m.value)
-                                                   for m in client.get_metric_history(run["run_id"], key)]
-                for step, ts, value in study._histories[cache_key]:
-                    rows.append({"run_id": run["run_id"], "group": run["group"], "label": run["label"],
-                                 "sort_key": run["sort_key"], "backbone": run["backbone"], "key": key,
-                                 "step": int(step), "timestamp": int(ts), "value": float(value)})
+    client = store.client(study.tracking_uri)
+    for _, run in runs.iterrows():
+        for key in keys:
+            if f"metrics.{key}" not in run or pd.isna(run[f"metrics.{key}"]):
+                continue
+            cache_key = (run["run_id"], key)
+            if cache_key not in study._histories:
+                study._histories[cache_key] = [(m.step, m.timestamp, m.value)
+                                               for m in client.get_metric_history(run["run_id"], key)]
+            for step, ts, value in study._histories[cache_key]:
+                rows.append({"run_id": run["run_id"], "group": run["group"], "label": run["label"],
+                             "sort_key": run["sort_key"], "backbone": run["backbone"], "key": key,
+                             "step": int(step), "timestamp": int(ts), "value": float(value)})
     cols = ["run_id", "group", "label", "sort_key", "backbone", "key", "step", "timestamp", "value"]
     if not rows:
         return pd.DataFrame(columns=cols)

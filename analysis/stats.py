@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from dset.analytic import aifi_layer_macs, ffn_macs, keep_count  # torch-free formulas shared with dset.measure
+from dset.config import Config, MoEConfig
+
+from .runs import config_from_params
 
 ALPHA = 0.05
 
@@ -151,33 +156,34 @@ def param_importances(settings: list[dict], values: list[tuple[float, ...]], obj
 
 
 # ------------------------------------------------------------------- compute of the sparse sites
-def sparse_site_macs(cfg: dict, image_size: int, keep_ratio: float | None = None) -> dict[str, float]:
-    """Closed-form multiply-adds of the parts the three switches act on, from a run's flat config
-    (``cfg``: dotted key -> parsed value): the AIFI layer(s) on the stride-32 map (token pruning,
-    encoder MoE) and the FFNs of the decoder layers over the queries (decoder MoE), at eval (no
-    denoising queries). Returns ``aifi_dense``, ``dec_ffn_dense`` (the same config with every switch
-    off) and ``aifi``, ``dec_ffn`` (as configured; pruning at ``keep_ratio``, default the configured
-    target ratio)."""
-    d = int(cfg.get("model.encoder.hidden_dim", 256))
-    enc_ffn = int(cfg.get("model.encoder.dim_feedforward", 1024))
-    enc_layers = int(cfg.get("model.encoder.num_encoder_layers", 1))
-    dec_ffn = int(cfg.get("model.decoder.dim_feedforward", 1024))
-    dec_layers = int(cfg.get("model.decoder.num_layers", 3))
-    queries = int(cfg.get("model.decoder.num_queries", 300))
+def sparse_site_macs(cfg: Config | Mapping[str, Any], image_size: int,
+                     keep_ratio: float | None = None) -> dict[str, float]:
+    """Closed-form multiply-adds of the parts the three switches act on, from a run's configuration (``cfg``: a
+    :class:`~dset.config.Config`, or logged params, dotted key -> value, which :func:`analysis.runs.config_from_params`
+    rebuilds it from; keys not given keep the defaults of ``dset/config.py``): the AIFI layer(s) on the stride-32 map
+    (token pruning, encoder MoE) and the FFNs of the decoder layers over the queries (decoder MoE), at eval (no
+    denoising queries). Returns ``aifi_dense``, ``dec_ffn_dense`` (the same config with every switch off) and
+    ``aifi``, ``dec_ffn`` (as configured; pruning at ``keep_ratio``, default the configured target ratio)."""
+    model = (cfg if isinstance(cfg, Config) else config_from_params(cfg)).model
+    d = model.encoder.hidden_dim
+    enc_ffn = model.encoder.dim_feedforward
+    enc_layers = model.encoder.num_encoder_layers
+    dec_ffn = model.decoder.dim_feedforward
+    dec_layers = model.decoder.num_layers
+    queries = model.decoder.num_queries
     tokens = (image_size // 32) ** 2
 
-    def moe(prefix: str, dense_hidden: int):
-        if not cfg.get(f"model.{prefix}.enabled", False):
+    def moe(site: MoEConfig, dense_hidden: int):
+        if not site.enabled:
             return None, None, dense_hidden
-        hidden = cfg.get(f"model.{prefix}.expert_hidden_dim") or dense_hidden
-        return int(cfg.get(f"model.{prefix}.num_experts", 6)), int(cfg.get(f"model.{prefix}.top_k", 3)), int(hidden)
+        return site.num_experts, site.top_k, site.expert_hidden_dim or dense_hidden
 
     kept = tokens
-    if cfg.get("model.token_pruning.enabled", False):
-        ratio = keep_ratio if keep_ratio is not None else float(cfg.get("model.token_pruning.keep_ratio", 1.0))
-        kept = keep_count(tokens, ratio, int(cfg.get("model.token_pruning.min_tokens", 1)))
-    e_experts, e_k, e_hidden = moe("encoder_moe", enc_ffn)
-    d_experts, d_k, d_hidden = moe("decoder_moe", dec_ffn)
+    pruning = model.token_pruning
+    if pruning.enabled:
+        kept = keep_count(tokens, keep_ratio if keep_ratio is not None else pruning.keep_ratio, pruning.min_tokens)
+    e_experts, e_k, e_hidden = moe(model.encoder_moe, enc_ffn)
+    d_experts, d_k, d_hidden = moe(model.decoder_moe, dec_ffn)
     return {
         "tokens": tokens, "kept_tokens": kept,
         "aifi_dense": enc_layers * aifi_layer_macs(tokens, d, enc_ffn),

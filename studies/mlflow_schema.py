@@ -62,8 +62,9 @@ TAG_PROFILE_ERROR = "dset.profile_error"  # why params/GFLOPs/latency are missin
 TAG_PICTURES_ERROR = "dset.pictures_error"  # why the pictures are missing from a finished run
 TAG_HOST = "dset.host"                 # host and process id of the invocation running the run: a RUNNING run
 TAG_PID = "dset.pid"                   # whose process is gone is resumed by the next invocation
-TAG_DEPLOY_DEVICES = "dset.deploy_devices"  # where each deploy/<runtime> metric ran, e.g. "eager: cpu (x86_64, 2 threads);
-                                       # onnxruntime_cpu: onnxruntime 1.32.0 CPUExecutionProvider (2 threads)"
+TAG_DEPLOY_DEVICES = "dset.deploy_devices"  # where each deploy/<runtime> metric ran, e.g. "eager: cpu (x86_64,
+                                       # 2 threads); onnxruntime_cpu: onnxruntime 1.32.0 CPUExecutionProvider
+                                       # (2 threads)"
 TAG_DEPLOY_ERROR = "dset.deploy_error"  # why a finished run has no deploy/ metrics (an ONNX export problem, ...)
 TAG_DEVICE_SHARED = "dset.device_shared"  # "true" when other workers of the invocation used the run's device
                                        # (a GPU shared round-robin, or the CPU with --workers > 1)
@@ -73,7 +74,8 @@ SWITCH_TAGS = (TAG_ENCODER_MOE, TAG_TOKEN_PRUNING, TAG_DECODER_MOE)
 # ----------------------------------------------------------------------------- per-epoch metric prefixes
 TRAIN_LOSS_PREFIX = "train/"           # train/loss (total), train/loss_vfl, train/loss_bbox, ... (epoch means)
 LR_PREFIX = "lr/"                      # lr/<param group name>
-VAL_PREFIX = "val/"                    # val/mAP, val/mAP50, val/mAP75, val/mAP_small, val/mAP_medium, val/mAP_large, val/AR100
+VAL_PREFIX = "val/"                    # val/mAP, val/mAP50, val/mAP75, val/mAP_small, val/mAP_medium, val/mAP_large,
+                                       # val/AR100
 KEEP_RATIO = "sparse/keep_ratio"       # token keep ratio in force that epoch (measured: mean kept / tokens)
 SCHEDULED_KEEP_RATIO = "sparse/scheduled_keep_ratio"  # the schedule's target keep ratio that epoch
 VAL_AP_PREFIX = "val/AP/"              # val/AP/<class name>: per-class AP@[.5:.95] (characters MLflow rejects -> _)
@@ -114,7 +116,8 @@ SYSTEM_PREFIX = "system/"
 # deploy/<runtime>/latency_ms_b<batch> (median) and deploy/<runtime>/images_per_s_b<batch>, runtime "eager",
 # "onnxruntime_cpu", "onnxruntime_tensorrt", "onnxruntime_cuda"; where each ran: TAG_DEPLOY_DEVICES
 DEPLOY_PREFIX = "deploy/"
-DEPLOY_ONNX_MAX_DIFF = "deploy/onnx_max_abs_diff"   # largest |ONNX Runtime - eager| of the outputs (tied queries paired)
+DEPLOY_ONNX_MAX_DIFF = "deploy/onnx_max_abs_diff"   # largest |ONNX Runtime - eager| of the outputs
+                                                    # (tied queries paired)
 EAGER = "eager"
 ONNXRUNTIME_CPU = "onnxruntime_cpu"
 

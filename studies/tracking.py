@@ -1,8 +1,8 @@
-"""MLflow for studies: the store, parent and child runs, and the training callback that logs a run.
+"""MLflow for studies: parent and child runs, and the training callback that logs a run.
 
-Every name logged comes from :mod:`studies.mlflow_schema`. All MLflow calls go through :func:`retry`, so
-several worker processes can share one SQLite store: a ``database is locked`` error is retried with
-back-off (MLflow already sets a 20 s busy timeout; the store is also switched to WAL journaling).
+Every name logged comes from :mod:`studies.mlflow_schema`. The store itself (its URI, a client, experiments) is
+:mod:`studies.mlflow_store`; all MLflow calls go through its :func:`~studies.mlflow_store.retry`, so several
+worker processes can share one SQLite store.
 """
 
 from __future__ import annotations
@@ -12,144 +12,43 @@ import json
 import logging
 import math
 import os
-import random
 import re
 import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dset.engine.train import Callback
+from dset.engine.callbacks import Callback
 
 from . import mlflow_schema as S
+from .expert_usage import USAGE_KEY_RE, entropy, plot_expert_usage
+
+# the store's functions, still called here as tracking.<name> by studies/run.py, workers.py and search.py
+from .mlflow_store import (  # noqa: F401
+    client,
+    get_experiment,
+    prepare_store,
+    quiet_mlflow,
+    redact,
+    retry,
+    sqlite_path,
+    tracking_uri,
+    ui_link,
+)
 
 log = logging.getLogger("studies")
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 MAX_PARAM_VALUE = 6000       # MLflow's limit on a parameter value
 MAX_KEY = 250                # ... on a parameter / metric / tag key
 MAX_TAG_VALUE = 8000
 REPO = Path(__file__).resolve().parents[1]
 VAL_KEYS = ("mAP", "mAP50", "mAP75", "mAP_small", "mAP_medium", "mAP_large", "AR100")
-_USAGE_RE = re.compile(r"^(encoder_moe|decoder_moe)_usage/layer(\d+)/expert(\d+)$")
 _METRIC_NAME_BAD = re.compile(r"[^A-Za-z0-9_\-. /]")
 
 
-# -------------------------------------------------------------------------------------------- store
-def tracking_uri() -> str:
-    """``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working directory."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-
-
-def sqlite_path(uri: str) -> Path | None:
-    if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///"):].split("?", 1)[0]
-        return None if path in ("", ":memory:") else Path(path)
-    return None
-
-
-def redact(text: str) -> str:
-    """Hide passwords in URLs (``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``)."""
-    return re.sub(r"(\w[\w+.-]*://[^:/@\s]+):[^@\s]+@", r"\1:***@", text)
-
-
-def quiet_mlflow() -> None:
-    for name in ("mlflow", "alembic", "alembic.runtime.migration", "mlflow.store.db.utils"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def retry(fn: Callable, *args, attempts: int = 40, **kwargs):
-    """Call ``fn``; retry while SQLite reports the database locked/busy (back-off up to ~2 s a try)."""
-    delay = 0.05
-    for i in range(attempts):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - MLflow wraps SQLAlchemy errors in MlflowException
-            text = str(exc).lower()
-            if i == attempts - 1 or not ("database is locked" in text or "database is busy" in text
-                                         or "sqlite_busy" in text):
-                raise
-            time.sleep(delay * (1 + random.random()))
-            delay = min(2.0, delay * 2)
-    return None  # pragma: no cover
-
-
-def client(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    quiet_mlflow()
-    return MlflowClient(tracking_uri=uri)
-
-
-def prepare_store(uri: str) -> None:
-    """Create the store's tables once, before workers start. A SQLite store is switched to WAL journaling, and
-    its creation is serialised with an exclusive ``flock`` on the database file itself (SQLite's own locks are
-    POSIX record locks, independent of it): several invocations started at once on a fresh folder would
-    otherwise all run MLflow's schema migrations and all but one fail ("duplicate column name")."""
-    path = sqlite_path(uri)
-    if path is None:
-        retry(client(uri).search_experiments, max_results=1)
-        return
-    import fcntl
-    import sqlite3
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:  # an empty file is an empty SQLite database
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            retry(client(uri).search_experiments, max_results=1)
-            try:
-                con = sqlite3.connect(str(path), timeout=30)
-                con.execute("PRAGMA journal_mode=WAL")
-                con.close()
-            except sqlite3.Error as exc:  # a read-only or network file system: keep the default journal
-                log.debug("WAL not enabled on %s: %s", path, exc)
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def get_experiment(c, name: str, uri: str) -> str:
-    """The experiment's id (created when absent; for a SQLite store its artifacts go to ``mlruns/`` beside
-    the database file, MLflow's default place for ``sqlite:///mlflow.db``), tagged so that ``mlflow ui`` opens it
-    on its runs (``TAG_EXPERIMENT_KIND``)."""
-    exp = retry(c.get_experiment_by_name, name)
-    if exp is not None:
-        if exp.lifecycle_stage != "active":
-            retry(c.restore_experiment, exp.experiment_id)
-        exp_id = exp.experiment_id
-        tags = exp.tags
-    else:
-        path = sqlite_path(uri)
-        location = None
-        if path is not None:
-            safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-            location = (path.resolve().parent / "mlruns" / safe).as_uri()
-        try:
-            exp_id = retry(c.create_experiment, name, artifact_location=location,
-                           tags={S.TAG_EXPERIMENT_KIND: S.EXPERIMENT_KIND})
-            return exp_id
-        except Exception:  # noqa: BLE001 - created meanwhile by another process
-            exp = retry(c.get_experiment_by_name, name)
-            if exp is None:
-                raise
-            exp_id, tags = exp.experiment_id, exp.tags
-    if tags.get(S.TAG_EXPERIMENT_KIND) != S.EXPERIMENT_KIND:  # an experiment from before the tag, or another tool's
-        retry(c.set_experiment_tag, exp_id, S.TAG_EXPERIMENT_KIND, S.EXPERIMENT_KIND)
-    return exp_id
-
-
-def ui_link(uri: str, exp_id: str) -> str:
-    """Where to see an experiment's runs in the MLflow UI. MLflow 3.17's UI opens every experiment on its GenAI
-    overview while its sidebar switch is on "GenAI" (the default, kept in the browser); it then ignores
-    ``TAG_EXPERIMENT_KIND``. The ``workflowType=machine_learning`` parameter opens the runs whatever the switch."""
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    link = f"{base}/#/experiments/{exp_id}?workflowType=machine_learning"
-    return link if base != "http://127.0.0.1:5000" else f"`mlflow ui`, then {link}"
-
-
+# ---------------------------------------------------------------------------------------- processes
 def system_metrics_monitor(run_id: str, uri: str, resume: bool = False):
     """MLflow's system metrics monitor for a run, started (CPU, memory, disk, network; GPU utilisation and
     memory where NVML sees a GPU), sampling every $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (default 5
@@ -304,14 +203,6 @@ def _metric_name(name: str) -> str:
     return _METRIC_NAME_BAD.sub("_", name)[:MAX_KEY]
 
 
-def entropy(shares: list[float]) -> float:
-    """Entropy (natural log, nats) of the usage shares; ln(num_experts) when perfectly balanced."""
-    total = sum(shares)
-    if total <= 0:
-        return float("nan")
-    return -sum((s / total) * math.log(s / total) for s in shares if s > 0)
-
-
 def epoch_metrics(record: dict) -> dict[str, float]:
     """One ``metrics.jsonl`` record (the ``on_epoch_end`` dict) -> MLflow metric names and values."""
     out: dict[str, float] = {}
@@ -334,7 +225,7 @@ def epoch_metrics(record: dict) -> dict[str, float]:
         elif key == "epoch_time_s":
             out[S.EPOCH_TIME] = value
         else:
-            m = _USAGE_RE.match(key)
+            m = USAGE_KEY_RE.match(key)
             if m:
                 where, layer, expert = m.group(1), int(m.group(2)), int(m.group(3))
                 out[S.usage_metric(where, layer, expert)] = value
@@ -436,67 +327,6 @@ def write_per_class_ap(summary: dict, records: list[dict], path: Path) -> bool:
             b, lv = best.get(f"AP/{n}"), last.get(f"AP/{n}")
             w.writerow([n, "" if b is None else f"{b:.6f}", "" if lv is None else f"{lv:.6f}",
                         summary.get("best_epoch", ""), last.get("epoch", "")])
-    return True
-
-
-def plot_expert_usage(records: list[dict], path: Path, title: str) -> bool:
-    """Final-epoch usage share per layer and expert (heatmap per MoE site) and each layer's routing
-    entropy over the epochs. False when the run has no MoE."""
-    sites: dict[str, dict[int, dict[int, float]]] = {}
-    for key, value in (records[-1] if records else {}).items():
-        m = _USAGE_RE.match(key)
-        if m and value is not None:
-            sites.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[int(m.group(3))] = float(value)
-    if not sites:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-    import numpy as np
-
-    names = [s for s in ("encoder_moe", "decoder_moe") if s in sites]
-    fig, axes = plt.subplots(1, len(names) + 1, figsize=(4.2 * (len(names) + 1), 3.4), squeeze=False)
-    for ax, site in zip(axes[0], names):
-        layers = sites[site]
-        n_layers, n_exp = max(layers) + 1, max(max(v) for v in layers.values()) + 1
-        mat = np.full((n_layers, n_exp), np.nan)
-        for layer, shares in layers.items():
-            for e, s in shares.items():
-                mat[layer, e] = s
-        im = ax.imshow(mat, vmin=0, vmax=max(1e-9, float(np.nanmax(mat))), cmap="viridis", aspect="auto")
-        for (i, j), v in np.ndenumerate(mat):
-            if not np.isnan(v):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if v < 0.6 * np.nanmax(mat) else "black")
-        ax.set_xticks(range(n_exp))
-        ax.set_yticks(range(n_layers))
-        ax.set_xlabel("expert")
-        ax.set_ylabel("layer")
-        ax.set_title(f"{site}: usage share (epoch {records[-1].get('epoch', '?')})", fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.046)
-    ax = axes[0][-1]
-    for site in names:
-        for layer in sorted(sites[site]):
-            xs, ys = [], []
-            for r in records:
-                shares = [r.get(f"{site}_usage/layer{layer}/expert{e}") for e in range(max(sites[site][layer]) + 1)]
-                if all(s is not None for s in shares):
-                    xs.append(r["epoch"])
-                    ys.append(entropy(shares))
-            ax.plot(xs, ys, marker="o", label=f"{site.split('_')[0]} L{layer}")
-        n_exp = max(sites[site][min(sites[site])]) + 1
-        ax.axhline(math.log(n_exp), color="grey", ls="--", lw=0.8)
-    ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.set_ylabel("routing entropy (nats)")
-    ax.set_title("entropy (dashed: uniform)", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
     return True
 
 

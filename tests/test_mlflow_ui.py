@@ -1,4 +1,5 @@
-"""What a person sees in MLflow's UI (3.17) for our experiments, in headless Chromium against a real ``mlflow server``."""
+"""What a person sees in MLflow's UI (3.17) for our experiments, in headless Chromium against a real
+``mlflow server``."""
 
 from __future__ import annotations
 
