@@ -97,8 +97,9 @@ def coco_evaluation(ground_truth: dict, detections: list[dict], image_ids=None, 
         try:
             det = {"image_id": int(d["image_id"]), "category_id": int(d["category_id"]),
                    "bbox": [float(v) for v in d["bbox"]], "score": float(d["score"])}
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{name}: detection {j} needs image_id, category_id, bbox [x, y, w, h] and score: {d!r}")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{name}: detection {j} needs image_id, category_id, bbox [x, y, w, h] and score: "
+                             f"{d!r}") from exc
         if det["image_id"] not in evaluated:
             raise ValueError(f"{name}: detection {j} is on image {det['image_id']}, not an evaluated image")
         if det["category_id"] not in cat_ids:

@@ -2,6 +2,9 @@
 
     python analysis/make_report.py [--experiment ablation_grid] [--out report/] [--tracking-uri URI]
 
+(the same as ``dset-report`` or ``python -m analysis.make_report``; all three need the repository installed,
+``pip install -e .``, which is what lets the script import ``analysis`` and ``studies``).
+
 Reads one MLflow experiment (one study) and writes into ``--out``: each table as Markdown, CSV and
 LaTeX (``<table>.md/.csv/.tex``), each plot as PNG, ``index.html`` (one self-contained page that opens
 with the answer table: every table, every plot embedded as a data URI, and a line saying how and when the
@@ -47,31 +50,27 @@ number formats, no wall-clock time anywhere, PNGs without metadata).
 
 from __future__ import annotations
 
+import argparse
+import base64
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: put the repository root, not analysis/, on the path
-    _HERE = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-    sys.path.insert(0, str(_HERE.parent))
+import jinja2
+import pandas as pd
 
-import argparse  # noqa: E402
-import base64  # noqa: E402
-import html  # noqa: E402
-
-import pandas as pd  # noqa: E402
-
-from analysis import errors as E  # noqa: E402
-from analysis import plots as P  # noqa: E402
-from analysis import runs as R  # noqa: E402
-from analysis import tables as T  # noqa: E402
-from studies import mlflow_schema as S  # noqa: E402
+from analysis import errors as E
+from analysis import plots as P
+from analysis import runs as R
+from analysis import tables as T
+from studies import mlflow_schema as S
+from studies import mlflow_store as store
 
 MANIFEST = "report_files.txt"
 HISTORY_KEYS = (S.VAL_PREFIX + "mAP", S.KEEP_RATIO, S.TRAIN_LOSS_PREFIX + "loss")
 PLOT_CAPTIONS = {
     "deployment": "Deployed speed per variant: batch-1 latency (left) and batch-8 throughput (right), eager PyTorch "
-                  "next to ONNX Runtime, as each run timed them side by side (the deployment table; its notes say how).",
+                  "next to ONNX Runtime, as each run timed them side by side (the deployment table; its notes say "
+                  "how).",
     "map_vs_gflops": "mAP@0.5:0.95 against measured GFLOPs for every variant (seed mean ± std); RT-DETR baselines "
                      "as stars; dashed: the Pareto front (no other variant has more mAP for fewer GFLOPs).",
     "map_vs_latency": "mAP@0.5:0.95 against latency (batch 1, median, on the latency device) for every variant; "
@@ -98,7 +97,7 @@ PLOT_CAPTIONS = {
 }
 
 
-def provenance(study: R.Study) -> str:
+def provenance(study: R.StudyRuns) -> str:
     runs = study.runs
     children = study.children
     statuses = ", ".join(f"{n} {s}" for s, n in sorted(children["status"].value_counts().items()))
@@ -106,7 +105,7 @@ def provenance(study: R.Study) -> str:
     when = "no start times logged" if starts.empty else (
         f"runs started between {starts.min():%Y-%m-%d %H:%M} and {starts.max():%Y-%m-%d %H:%M} UTC "
         f"(newest run: {starts.max():%Y-%m-%d})")
-    return (f"Produced by analysis/make_report.py from MLflow (tracking URI {R.redact_uri(study.tracking_uri)}, "
+    return (f"Produced by analysis/make_report.py from MLflow (tracking URI {store.redact(study.tracking_uri)}, "
             f"experiment '{study.experiment}', id {study.experiment_id}): {len(runs)} runs "
             f"({int((runs['role'] == 'parent').sum())} parent, "
             + (f"{len(study.pretrain)} stage-1 pretraining, " if len(study.pretrain) else "")
@@ -114,69 +113,51 @@ def provenance(study: R.Study) -> str:
             "Every number is one the runs logged (mlflow.search_runs; per-epoch curves via get_metric_history) or "
             "a mean, difference or test of them; the intervals are bootstrapped from the detections the runs logged "
             "(or Welch's over seeds where they logged none, as the tables say), and the error analysis (AP by size, "
-            "per-class AP, precision-recall, confusion) is computed from those detections; the compute table's sites are "
-            "closed-form and labelled so.")
+            "per-class AP, precision-recall, confusion) is computed from those detections; the compute table's sites "
+            "are closed-form and labelled so.")
 
 
-def build_tables(study: R.Study, vs: pd.DataFrame) -> tuple[dict, dict, dict]:
+def build_tables(study: R.StudyRuns, vs: pd.DataFrame) -> tuple[dict, dict, dict]:
+    """The tables in reading order (the answer first), why each absent one was not produced, and what the
+    figures reuse: ``errors`` (the error analyses), ``trials``, and for an Optuna study ``importances``, ``method``."""
     tables: dict[str, T.Table] = {}
     skipped: dict[str, str] = {}
     extra: dict = {}
+
+    def add(name: str, table: T.Table | None, why: str = "") -> None:
+        if table is None:
+            skipped[name] = why
+        else:
+            tables[name] = table
+
     if vs.empty:
         for name in ("answer", "main", "ablation", "compute", "reported_vs_measured", "ap_by_size", "class_ap_deltas"):
             skipped[name] = "no child runs (only study invocations) in this experiment"
     else:
-        table, why = T.answer_table(study, vs)
-        if table is None:
-            skipped["answer"] = why
-        else:
-            tables["answer"] = table
-        tables["main"] = T.main_table(study, vs)
-        for name, (table, why) in (("ablation", T.ablation_table(study, vs)), ("compute", T.compute_table(study, vs))):
-            if table is None:
-                skipped[name] = why
-            else:
-                tables[name] = table
-        tables["reported_vs_measured"] = T.reported_table(study, vs)
+        add("answer", *T.answer_table(study, vs))
+        add("main", T.main_table(study, vs))
+        add("ablation", *T.ablation_table(study, vs))
+        add("compute", *T.compute_table(study, vs))
+        add("reported_vs_measured", T.reported_table(study, vs))
         # errors beyond mAP, from the detections the runs logged (the plots reuse the analyses)
         extra["errors"] = T.error_analyses(study, vs)
-        for name, (table, why) in (("ap_by_size", T.ap_by_size_table(study, vs, extra["errors"])),
-                                   ("class_ap_deltas", T.class_ap_deltas_table(study, vs))):
-            if table is None:
-                skipped[name] = why
-            else:
-                tables[name] = table
-    table, why = T.stage1_table(study)
-    if table is None:
-        skipped["stage1"] = why
-    else:
-        tables["stage1"] = table
-    trials = T.optuna_trials(study)
-    extra["trials"] = trials
-    table, why = T.optuna_pareto_table(study, trials)
-    if table is None:
-        skipped["optuna_pareto"] = why
-    else:
-        tables["optuna_pareto"] = table
+        add("ap_by_size", *T.ap_by_size_table(study, vs, extra["errors"]))
+        add("class_ap_deltas", *T.class_ap_deltas_table(study, vs))
+    add("stage1", *T.stage1_table(study))
+    extra["trials"] = T.optuna_trials(study)
+    add("optuna_pareto", *T.optuna_pareto_table(study, extra["trials"]))
     if study.is_optuna:
-        table, why, imp = T.optuna_importance_table(trials)
+        table, why, imp = T.optuna_importance_table(extra["trials"])
         extra.update(imp)
-        if table is None:
-            skipped["optuna_importances"] = why
-        else:
-            tables["optuna_importances"] = table
+        add("optuna_importances", table, why)
     else:
         skipped["optuna_importances"] = "not an Optuna study (no run has a dset.trial tag)"
-    table, why = T.deployment_table(study, vs)
-    if table is None:
-        skipped["deployment"] = why
-    else:
-        tables["deployment"] = table
-    tables["runs"] = T.runs_table(study)
+    add("deployment", *T.deployment_table(study, vs))
+    add("runs", T.runs_table(study))
     return tables, skipped, extra
 
 
-def build_figures(study: R.Study, vs: pd.DataFrame, tables: dict, extra: dict) -> tuple[dict, dict, dict]:
+def build_figures(study: R.StudyRuns, vs: pd.DataFrame, tables: dict, extra: dict) -> tuple[dict, dict, dict]:
     figures, skipped, captions = {}, {}, {}
 
     def add(name: str, fig, why: str, caption: str | None = None):
@@ -283,7 +264,7 @@ def _panels(picture):
     return picture[:, :width], picture[:, width + PANEL_GAP:]
 
 
-def _picture_figures(study: R.Study, focus: pd.DataFrame, note: str, add, skipped: dict) -> None:
+def _picture_figures(study: R.StudyRuns, focus: pd.DataFrame, note: str, add, skipped: dict) -> None:
     """Per backbone and picture kind, the variants side by side on the same validation images: each variant's
     first included run (lowest seed), the pictures it logged (:func:`analysis.runs.pictures`)."""
     import io
@@ -335,52 +316,29 @@ def _picture_figures(study: R.Study, focus: pd.DataFrame, note: str, add, skippe
             add(name, fig, f"no {bb} variant has {kind} pictures", caption)
 
 
-HTML_STYLE = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;
-max-width:1200px;padding:0 1em;color:#222}table{border-collapse:collapse;margin:.5em 0;font-size:13px}
-th,td{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#f3f3f3}
-td:first-child,th:first-child{text-align:left}
-.provenance{background:#f7f7f0;border-left:4px solid #bb9;padding:.5em 1em}.notes{font-size:12px;color:#555}
-figure{margin:1em 0}img{max-width:100%;border:1px solid #eee}figcaption{font-size:13px;color:#444}
-.files{font-size:12px}.skipped{font-size:13px;color:#666}"""
+# the page's structure is analysis/templates/index.html.j2; autoescaped: every value goes in as text
+PAGE = jinja2.Environment(loader=jinja2.PackageLoader("analysis"), autoescape=True, trim_blocks=True,
+                          lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
 
 
-def render_html(study: R.Study, tables: dict, images: dict, captions: dict, skipped: dict) -> str:
+def _table_view(name: str, t: T.Table) -> dict:
+    """What the page shows of a table: its text cells, title and notes."""
+    text = t.text()
+    return {"name": name, "title": t.title, "columns": list(text.columns), "rows": text.values.tolist(),
+            "notes": t.notes}
+
+
+def render_html(study: R.StudyRuns, tables: dict, images: dict, captions: dict, skipped: dict) -> str:
     """``images``: plot name -> its file name (``<name>.png`` or ``.jpg``) and bytes."""
-    def e(text: str) -> str:
-        return html.escape(str(text), quote=False)
-
-    def section(name: str, t: T.Table, level: str) -> list[str]:
-        links = " · ".join(f'<a href="{e(name)}.{ext}">{e(name)}.{ext}</a>' for ext in ("md", "csv", "tex"))
-        return [f'<section id="{e(name)}">', f"<{level}>{e(t.title)}</{level}>",
-                f'<p class="files">files: {links}</p>', T.to_html(t), "</section>"]
-
-    out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-           f"<title>DSET report: {e(study.experiment)}</title>", f"<style>{HTML_STYLE}</style>", "</head>", "<body>",
-           f"<h1>DSET report: experiment {e(study.experiment)}</h1>"]
-    if "answer" in tables:  # the report opens with the answer
-        out += section("answer", tables["answer"], "h2")
-    out += [f'<p class="provenance">{e(provenance(study))}</p>', "<h2>Contents</h2>", "<ul>"]
-    out += [f'<li><a href="#{e(n)}">{e(t.title)}</a></li>' for n, t in tables.items()]
-    out += [f'<li><a href="#plot-{e(n)}">{e(file)}</a></li>' for n, (file, _) in images.items()]
-    out += ["</ul>", "<h2>Tables</h2>"]
-    for name, t in tables.items():
-        if name != "answer":
-            out += section(name, t, "h3")
-    out += ["<h2>Plots</h2>"]
-    for name, (file, data) in images.items():
-        mime = "image/jpeg" if file.endswith(".jpg") else "image/png"
-        b64 = base64.b64encode(data).decode("ascii")
-        out += [f'<figure id="plot-{e(name)}">', f'<img alt="{e(file)}" src="data:{mime};base64,{b64}">',
-                f"<figcaption><b>{e(file)}</b>: {e(captions[name])}</figcaption>", "</figure>"]
-    if skipped:
-        out += ["<h2>Not produced</h2>", '<ul class="skipped">']
-        out += [f"<li>{e(n)}: {e(why)}</li>" for n, why in skipped.items()]
-        out += ["</ul>"]
-    out += ["</body>", "</html>"]
-    return "\n".join(out) + "\n"
+    figures = [{"name": name, "file": file, "caption": captions[name],
+                "mime": "image/jpeg" if file.endswith(".jpg") else "image/png",
+                "base64": base64.b64encode(data).decode("ascii")} for name, (file, data) in images.items()]
+    return PAGE.get_template("index.html.j2").render(
+        experiment=study.experiment, provenance=provenance(study), skipped=skipped, images=figures,
+        tables=[_table_view(name, t) for name, t in tables.items()])
 
 
-def render_markdown(study: R.Study, tables: dict, skipped: dict) -> str:
+def render_markdown(study: R.StudyRuns, tables: dict, skipped: dict) -> str:
     """Every table in one Markdown file, in the report's order (the answer first), with where they came from."""
     parts = [f"# DSET report: experiment {study.experiment}", ""]
     for t in tables.values():
@@ -414,14 +372,14 @@ def build_report(experiment: str = "ablation_grid", out_dir: str | Path = "repor
     path written), ``skipped`` (name -> why it was not produced), ``provenance``, ``study``, ``variants``
     (:func:`analysis.runs.variants`) and ``trials`` (:func:`analysis.tables.optuna_trials`).
     Raises :class:`analysis.runs.ReportError` for an unknown or empty experiment."""
-    study = R.load_study(experiment, tracking_uri)
+    study = R.load_study_runs(experiment, tracking_uri)
     vs = R.variants(study)
     tables, skipped, extra = build_tables(study, vs)
     figures, skipped_plots, captions = build_figures(study, vs, tables, extra)
     skipped.update(skipped_plots)
     # pictures of images are JPEG (a tenth of the PNG's bytes for photograph-like content); charts stay PNG
-    images = {name: (f"{name}.jpg", P.jpeg_bytes(fig)) if name.startswith("pictures_") else (f"{name}.png", P.png_bytes(fig))
-              for name, fig in figures.items()}
+    images = {name: (f"{name}.jpg", P.jpeg_bytes(fig)) if name.startswith("pictures_")
+              else (f"{name}.png", P.png_bytes(fig)) for name, fig in figures.items()}
     files: dict[str, bytes] = {}
     for name, t in tables.items():
         files[f"{name}.md"] = T.to_markdown(t).encode()
@@ -446,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="MLflow experiment (= study name); default ablation_grid")
     parser.add_argument("--out", default="report", help="output folder; default report/")
     parser.add_argument("--tracking-uri", default=None,
-                        help=f"MLflow tracking URI; default $MLFLOW_TRACKING_URI, else {R.DEFAULT_TRACKING_URI}")
+                        help=f"MLflow tracking URI; default $MLFLOW_TRACKING_URI, else {store.DEFAULT_TRACKING_URI}")
     args = parser.parse_args(argv)
     from mlflow.exceptions import MlflowException
 
@@ -456,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"make_report: {exc}", file=sys.stderr)
         return exc.exit_code
     except MlflowException as exc:
-        print(f"make_report: MLflow could not read {R.redact_uri(R.resolve_tracking_uri(args.tracking_uri))}: "
+        print(f"make_report: MLflow could not read {store.redact(store.tracking_uri(args.tracking_uri))}: "
               f"{exc.message if hasattr(exc, 'message') else exc}", file=sys.stderr)
         return 2
     out = result["out_dir"]

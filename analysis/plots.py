@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from studies import mlflow_schema as S
+from studies.expert_usage import draw_usage_heatmap
 
 from . import errors as E
 from . import runs as R
@@ -86,6 +87,14 @@ def _new(width: float, height: float, rows: int = 1, cols: int = 1):
     return fig, axes
 
 
+def _labelled(ax, title: str, xlabel: str, ylabel: str, legend: bool = True) -> None:
+    """A chart panel's title, axis labels, light grid and (unless ``legend`` is False) legend."""
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(loc="best")
+
+
 def _short_label(v: pd.Series) -> str:
     if v["trial"] is not None and not pd.isna(v["trial"]):
         return f"t{int(v['trial'])}"
@@ -123,11 +132,8 @@ def map_vs(vs: pd.DataFrame, x_stem: str, x_label: str) -> Figure | None:
     ax.step(f[f"{x_stem}_mean"], f["map_mean"], where="post", color="black", linestyle="--", linewidth=1,
             label="Pareto front (max mAP, min " + x_label.split(" (")[0] + ")", zorder=2)
     ax.scatter(f[f"{x_stem}_mean"], f["map_mean"], s=90, facecolor="none", edgecolor="black", linewidth=1, zorder=4)
-    ax.set_xlabel(x_label)
-    ax.set_ylabel("mAP@0.5:0.95 (best epoch; seed mean ± std)")
-    ax.set_title(f"mAP vs {x_label.split(' (')[0]}: every variant")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best")
+    _labelled(ax, f"mAP vs {x_label.split(' (')[0]}: every variant", x_label,
+              "mAP@0.5:0.95 (best epoch; seed mean ± std)")
     return fig
 
 
@@ -185,16 +191,8 @@ def expert_usage(label: str, mats: dict[str, np.ndarray]) -> Figure:
     """Heatmaps (layer x expert) of the final-epoch share of token-slots each expert received."""
     fig, axes = _new(3.2 * len(mats) + 0.8, 3.0, 1, len(mats))
     for ax, (where, mat) in zip(axes[0], sorted(mats.items(), key=lambda kv: kv[0] != "encoder_moe")):
-        im = ax.imshow(mat, cmap="viridis", vmin=0.0, vmax=max(float(np.nanmax(mat)), 1e-9), aspect="auto")
-        ax.set_xticks(range(mat.shape[1]))
-        ax.set_yticks(range(mat.shape[0]))
-        ax.set_xlabel("expert")
-        ax.set_ylabel("layer")
+        im = draw_usage_heatmap(ax, mat, fontsize=6)
         ax.set_title(f"{where.replace('_', ' ')} (uniform = {1 / mat.shape[1]:.3f})")
-        for (i, j), val in np.ndenumerate(mat):
-            if not math.isnan(val):
-                ax.text(j, i, f"{val:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if val < 0.6 * np.nanmax(mat) else "black")
         fig.colorbar(im, ax=ax, shrink=0.8)
     fig.suptitle(f"Expert usage, final epoch: {label}", fontsize=10)
     return fig
@@ -233,21 +231,14 @@ def per_epoch(hist: pd.DataFrame) -> Figure | None:
         h = hist if bb is None else hist[hist["backbone"] == bb]
         ax_m, ax_k = axes[row]
         _curves(ax_m, h, S.VAL_PREFIX + "mAP", styles)
-        ax_m.set_title(f"{bb or ''} validation mAP@0.5:0.95 per epoch")
-        ax_m.set_xlabel("epoch")
-        ax_m.set_ylabel("val/mAP")
-        ax_m.grid(alpha=0.3)
-        ax_m.legend(loc="best")
+        _labelled(ax_m, f"{bb or ''} validation mAP@0.5:0.95 per epoch", "epoch", "val/mAP")
         if _curves(ax_k, h, S.KEEP_RATIO, styles):
             ax_k.legend(loc="best")
         else:
             ax_k.text(0.5, 0.5, "no token pruning in these variants", ha="center", va="center",
                       transform=ax_k.transAxes)
-        ax_k.set_title(f"{bb or ''} token keep ratio in force")
-        ax_k.set_xlabel("epoch")
-        ax_k.set_ylabel("sparse/keep_ratio")
+        _labelled(ax_k, f"{bb or ''} token keep ratio in force", "epoch", "sparse/keep_ratio", legend=False)
         ax_k.set_ylim(0, 1.05)
-        ax_k.grid(alpha=0.3)
     return fig
 
 
@@ -262,11 +253,7 @@ def train_loss(hist: pd.DataFrame) -> Figure | None:
     for ax, bb in zip(axes[0], backbones):
         h = hist if bb is None else hist[hist["backbone"] == bb]
         _curves(ax, h, S.TRAIN_LOSS_PREFIX + "loss", styles)
-        ax.set_title(f"{bb or ''} training loss (train/loss, epoch mean)")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("loss")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="best")
+        _labelled(ax, f"{bb or ''} training loss (train/loss, epoch mean)", "epoch", "loss")
     return fig
 
 
@@ -284,11 +271,8 @@ def optuna_pareto(trials: pd.DataFrame) -> Figure | None:
     for _, t in trials.iterrows():
         ax.annotate(str(int(t["trial"])), (t["gflops"], t["map"]), textcoords="offset points", xytext=(4, 3),
                     fontsize=7)
-    ax.set_xlabel("GFLOPs (2 × multiply-adds)")
-    ax.set_ylabel("best mAP@0.5:0.95")
-    ax.set_title(f"Optuna: {len(trials)} finished trials, Pareto front (max mAP, min GFLOPs)")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best")
+    _labelled(ax, f"Optuna: {len(trials)} finished trials, Pareto front (max mAP, min GFLOPs)",
+              "GFLOPs (2 × multiply-adds)", "best mAP@0.5:0.95")
     return fig
 
 
@@ -343,12 +327,10 @@ def pr_curves(backbone: str, analyses: dict[str, E.ErrorAnalysis], baseline: str
             ax.plot(a.recall, a.precision50[k], label=label, **style)
         if np.isnan(first.precision50[k]).all():
             ax.text(0.5, 0.5, "no ground truth", ha="center", va="center", transform=ax.transAxes)
-        ax.set_title(f"{first.category_names[k]} ({int(first.gt_by_class[k])} GT boxes)")
+        _labelled(ax, f"{first.category_names[k]} ({int(first.gt_by_class[k])} GT boxes)", "recall",
+                  "precision (IoU 0.50)", legend=False)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.02)
-        ax.set_xlabel("recall")
-        ax.set_ylabel("precision (IoU 0.50)")
-        ax.grid(alpha=0.3)
     axes.flat[0].legend(loc="lower left", fontsize=6)
     fig.suptitle(f"{backbone}: precision-recall per class at IoU 0.50 (pycocotools, area all, 100 detections)",
                  fontsize=10)

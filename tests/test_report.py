@@ -386,7 +386,7 @@ def test_compute_table(ablation):
 def test_site_formula_reproduces_the_reference_figures():
     """The closed form gives the parity README's RT-DETR R18 figures at 640 px (0.40 G AIFI, 0.47 G
     decoder FFNs) and agrees with dset.measure's analytic AIFI formula."""
-    from dset.measure import aifi_layer_macs
+    from dset.analytic import aifi_layer_macs
 
     m = stats.sparse_site_macs({}, 640)
     assert m["tokens"] == 400
