@@ -31,8 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dset.config import RESULT_NEUTRAL_KEYS, Config, ConfigError, _merge, budget_path, read_budget
-from dset.config import resolve_config as resolve_run_config
+from dset.config import RESULT_NEUTRAL_KEYS, Config, ConfigError, _merge, budget_path, read_budget, resolve_config
 from dset.provenance import code_version, data_digest
 
 # stage-1 runs keep no resume state once finished and need no profile or pictures (cells are profiled and drawn)
@@ -151,7 +150,8 @@ def plan_stage1(spec: Any, depth: int, run_overrides: list[str] = ()) -> Stage1:
     if spec.get("checkpoints") is not None:
         files = _normalised(spec)["checkpoints"]
         if depth not in files:
-            raise PretrainError(f"pretrain.checkpoints: no checkpoint for R{depth} (give pretrain.checkpoints.{depth}=PATH)")
+            raise PretrainError(f"pretrain.checkpoints: no checkpoint for R{depth} "
+                                f"(give pretrain.checkpoints.{depth}=PATH)")
         path = Path(str(files[depth])).expanduser()
         if not path.is_file():
             where = spec.get("source") or "the RT-DETR repository's releases"
@@ -168,8 +168,8 @@ def plan_stage1(spec: Any, depth: int, run_overrides: list[str] = ()) -> Stage1:
     if budget is None:
         raise PretrainError("pretrain: give 'budget' (train RT-DETR here) or 'checkpoints' (published files)")
     try:
-        cfg = resolve_run_config(f"rtdetr_r{depth}", budget=budget, layers=[STAGE1_SETTINGS],
-                                 overrides=list(run_overrides), seed=int(spec.get("seed", 0)))
+        cfg = resolve_config(f"rtdetr_r{depth}", budget=budget, layers=[STAGE1_SETTINGS],
+                             overrides=list(run_overrides), seed=int(spec.get("seed", 0)))
     except ConfigError as exc:
         raise PretrainError(f"pretrain.budget {budget}: {exc}") from None
     flat = {k: v for k, v in cfg.flat().items() if k not in RESULT_NEUTRAL_KEYS}

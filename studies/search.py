@@ -27,9 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dset.engine.train import Callback
+from dset.engine.callbacks import Callback
 
-from .queue import ATTR_HOST, ATTR_PID, ATTR_RETRY_OF  # noqa: F401 - the queue's names, used by run.py too
 from .spec import Param, Search, Study, search_fingerprint
 
 log = logging.getLogger("studies")
@@ -97,16 +96,22 @@ def optuna_study_name(study: Study) -> str:
     return f"{study.name}-{search_fingerprint(study)}"
 
 
+def sampler_name(search: Search) -> str:
+    """The configured sampler; ``auto``: NSGA-II for several objectives, TPE for one."""
+    name = search.sampler.get("name", "auto")
+    if name == "auto":
+        name = "nsga2" if len(search.objectives) > 1 else "tpe"
+    return name
+
+
 def make_sampler(search: Search, offset: int = 0):
     """The configured sampler; its seed is ``sampler.seed + offset`` (see :func:`create_study`)."""
     import optuna
 
     s = search.sampler
-    name, seed = s.get("name", "auto"), s.get("seed")
+    name, seed = sampler_name(search), s.get("seed")
     if seed is not None:
         seed = int(seed) + offset
-    if name == "auto":
-        name = "nsga2" if len(search.objectives) > 1 else "tpe"
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True,
                                           n_startup_trials=int(s.get("n_startup_trials", 5)))

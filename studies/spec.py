@@ -15,7 +15,10 @@ A study is a YAML file in ``studies/`` (or any path). Keys:
 ``seeds``        list of ``run.seed`` values; every cell runs once per seed (Optuna: the first seed).
 ``set``          run-configuration settings for every run, dotted keys (``train.eval_every: 1``).
 ``out_dir``      root of the runs' output folders (default ``runs``): ``<out_dir>/<study>/<cell>-<fp>/``.
-``grid``         (kind grid) axes in order: ``axis: {value_id: {dotted.key: value, ..., preset: NAME}}``.
+``grid``         (kind grid) axes in order: ``axis: {value_id: {dotted.key: value, ..., preset: NAME}}``;
+                 ``preset`` replaces the study's presets. ``section: {from_preset: NAME, without: [key, ...]}``
+                 takes the settings that preset ``NAME`` states under the dotted ``section`` (without the
+                 keys listed), e.g. ``model.encoder_moe: {from_preset: dset_r18}``.
                  A cell takes one value of every axis. Its id joins the value ids with ``-``, leaving
                  out the ids named ``off``; a cell whose axes after the first are all ``off`` is
                  ``<first>-base``; then ``-s<seed>``. Example: ``r18-enc_moe-prune-s0``, ``r34-base-s0``.
@@ -47,6 +50,7 @@ from dset.config import (
     RESULT_NEUTRAL_KEYS,
     Config,
     ConfigError,
+    _read_yaml_chain,
     apply_overrides,
     budget_path,
     find_yaml,
@@ -54,8 +58,8 @@ from dset.config import (
     parse_override,
     read_budget,
     read_yaml_mapping,
+    resolve_config,
 )
-from dset.config import resolve_config as resolve_run_config
 from dset.provenance import code_version, data_digest
 
 from .pretrain import Stage1, plan_stage1, pretrain_spec
@@ -254,16 +258,42 @@ def split_overrides(args: list[str]) -> tuple[list[str], list[str]]:
     return study, config
 
 
-def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+def _flat_settings(node: Any, where: str) -> dict[str, Any]:
+    """Configuration settings, dotted or nested keys -> flat dotted keys, checked."""
+    flat = flatten(node) if isinstance(node, dict) else {"": node}
+    _check_config_keys(flat, where)
+    return flat
+
+
+def _preset_settings(preset: str, section: str, without: list[str], where: str) -> dict[str, Any]:
+    """The settings that ``preset`` (and the presets it is based on) states under ``section`` (dotted), flat,
+    leaving out the keys of the section named in ``without``."""
+    try:
+        node: Any = _read_yaml_chain(preset)
+    except ConfigError as exc:
+        raise StudyError(f"{where}.from_preset: {exc}") from None
+    for part in section.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
     if not isinstance(node, dict):
-        return {prefix: node}
-    out = {}
-    for k, v in node.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, dict) and k != "preset":
-            out.update(_flat(v, key))
-        else:
-            out[key] = v
+        raise StudyError(f"{where}.from_preset: the preset {preset!r} states no settings of {section}")
+    unknown = sorted(set(without) - set(node))
+    if unknown:
+        raise StudyError(f"{where}.without: the preset {preset!r} states no {section}.{unknown[0]}")
+    return flatten({k: v for k, v in node.items() if k not in without}, section)
+
+
+def _expand_preset_references(flat: dict[str, Any], where: str) -> dict[str, Any]:
+    """``SECTION.from_preset: NAME`` (with ``SECTION.without: [key, ...]``) -> the preset's settings of SECTION."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        if key.endswith(".without") and f"{key[: -len('.without')]}.from_preset" in flat:
+            continue
+        if not key.endswith(".from_preset"):
+            out[key] = value
+            continue
+        section = key[: -len(".from_preset")]
+        without = flat.get(f"{section}.without") or []
+        out.update(_preset_settings(str(value), section, list(without), f"{where}: {section}"))
     return out
 
 
@@ -308,8 +338,7 @@ def load_study(name_or_path: str, overrides: list[str] | None = None) -> Study:
         raise StudyError(f"seeds: expected a non-empty list of integers, e.g. seeds=[0,1,2], got {seeds!r}")
     if len(set(seeds)) != len(seeds):
         raise StudyError(f"seeds: repeated seeds in {seeds}")
-    settings = _flat(data.get("set") or {})
-    _check_config_keys(settings, f"{path.name}: set")
+    settings = _flat_settings(data.get("set") or {}, f"{path.name}: set")
     budget = data.get("budget", BUDGET_AUTO)
     budget = None if budget is None else str(budget)
     dataset = data.get("data")
@@ -320,23 +349,7 @@ def load_study(name_or_path: str, overrides: list[str] | None = None) -> Study:
     axes: list[Axis] = []
     search = None
     if kind == "grid":
-        grid = data.get("grid")
-        if not isinstance(grid, dict) or not grid:
-            raise StudyError(f"{path}: a grid study needs 'grid' axes: {{axis: {{value_id: {{key: value}}}}}}")
-        for axis_name, values in grid.items():
-            if not isinstance(values, dict) or not values:
-                raise StudyError(f"grid.{axis_name}: expected a mapping of value ids to settings")
-            axis_values = []
-            for vid, settings_v in values.items():
-                if isinstance(vid, bool):  # YAML 1.1 reads an unquoted off/on/no/yes as a boolean
-                    vid = "off" if vid is False else "on"
-                settings_v = dict(settings_v or {})
-                preset = settings_v.pop("preset", None)
-                preset = [preset] if isinstance(preset, str) else (list(preset) if preset else None)
-                flat = _flat(settings_v)
-                _check_config_keys(flat, f"grid.{axis_name}.{vid}")
-                axis_values.append(AxisValue(str(vid), flat, preset))
-            axes.append(Axis(str(axis_name), axis_values))
+        axes = _parse_grid(data.get("grid"), path)
         if not presets and not any(v.preset for a in axes for v in a.values):
             raise StudyError(f"{path}: no model preset: set 'presets' or a 'preset' in a grid axis")
     else:
@@ -349,6 +362,28 @@ def load_study(name_or_path: str, overrides: list[str] | None = None) -> Study:
                  budget=budget, data=dataset, seeds=list(seeds), settings=settings, out_dir=out_dir, axes=axes,
                  search=search, config_overrides=config_ov, study_overrides=study_ov,
                  pretrain=data.get("pretrain", "auto"))
+
+
+def _parse_grid(grid: Any, path: Path) -> list[Axis]:
+    if not isinstance(grid, dict) or not grid:
+        raise StudyError(f"{path}: a grid study needs 'grid' axes: {{axis: {{value_id: {{key: value}}}}}}")
+    axes = []
+    for axis_name, values in grid.items():
+        if not isinstance(values, dict) or not values:
+            raise StudyError(f"grid.{axis_name}: expected a mapping of value ids to settings")
+        axis_values = []
+        for vid, settings_v in values.items():
+            if isinstance(vid, bool):  # YAML 1.1 reads an unquoted off/on/no/yes as a boolean
+                vid = "off" if vid is False else "on"
+            settings_v = dict(settings_v or {})
+            preset = settings_v.pop("preset", None)
+            preset = [preset] if isinstance(preset, str) else (list(preset) if preset else None)
+            where = f"grid.{axis_name}.{vid}"
+            flat = _expand_preset_references(flatten(settings_v), where)
+            _check_config_keys(flat, where)
+            axis_values.append(AxisValue(str(vid), flat, preset))
+        axes.append(Axis(str(axis_name), axis_values))
+    return axes
 
 
 def _parse_search(raw: Any, path: Path) -> Search:
@@ -405,14 +440,14 @@ def _parse_search(raw: Any, path: Path) -> Search:
 
 
 # ------------------------------------------------------------------------------------- configuration
-def resolve_config(study: Study, overrides: dict[str, Any], seed: int, presets: list[str] | None = None) -> Config:
-    """The validated configuration of one run: :func:`dset.config.resolve_config` with the study's presets,
-    budget and data, then ``STUDY_RUN_DEFAULTS``, the study's ``set``, the cell's values, the command line's
-    ``key=value`` overrides and the seed (see the module docstring)."""
+def cell_config(study: Study, overrides: dict[str, Any], seed: int, presets: list[str] | None = None) -> Config:
+    """The validated configuration of one run of a study (a cell): :func:`dset.config.resolve_config` with the
+    study's presets, budget and data, then ``STUDY_RUN_DEFAULTS``, the study's ``set``, the cell's values, the
+    command line's ``key=value`` overrides and the seed (see the module docstring)."""
     try:
-        return resolve_run_config(presets or study.presets, budget=study.budget, data=study.data,
-                                  layers=[STUDY_RUN_DEFAULTS, study.settings, overrides],
-                                  overrides=study.config_overrides, seed=seed)
+        return resolve_config(presets or study.presets, budget=study.budget, data=study.data,
+                              layers=[STUDY_RUN_DEFAULTS, study.settings, overrides],
+                              overrides=study.config_overrides, seed=seed)
     except ConfigError as exc:
         msg = str(exc)
         if study.budget == "paper" or study.data == "dair_v2x":
@@ -443,7 +478,7 @@ def make_cell(study: Study, cell_id: str, overrides: dict[str, Any], seed: int, 
     presets = presets or study.presets
     cell = Cell(id=cell_id, seed=seed, overrides=dict(overrides), presets=list(presets))
     try:
-        cell.config = resolve_config(study, overrides, seed, presets)
+        cell.config = cell_config(study, overrides, seed, presets)
     except (ConfigError, StudyError) as exc:
         cell.error = f"ConfigError: {exc}"
         cell.fingerprint = _error_fingerprint(study, cell_id, overrides, seed, extra)

@@ -1,7 +1,9 @@
-"""Executing one run of a study (a :class:`Job`): in this process, or in a spawned worker process.
+"""Executing the runs of a study (:class:`~studies.jobs.Job`): in this process, or in spawned worker processes.
 
-:func:`execute` trains with :func:`dset.engine.train.fit` into an MLflow child run created beforehand by
-the invoking process (so two workers can never create the same run), and returns a small result dict.
+:func:`execute` trains with :func:`dset.engine.loop.fit` into an MLflow child run created beforehand by
+the invoking process (so two workers can never create the same run), and returns a
+:class:`~studies.jobs.RunResult`. The two executors share one interface (``start``, ``wait_any``, ``free``,
+``running``, ``terminate``): :class:`InlineExecutor` runs one job at a time in this process;
 :class:`WorkerPool` runs up to N jobs at once in ``spawn`` processes; each limits torch to
 ``max(1, cores // N)`` threads, runs on its slot's device (``studies.devices``: a GPU of its own through
 CUDA_VISIBLE_DEVICES) and exits when the invoking process disappears. MLflow's system metrics (CPU, memory,
@@ -17,7 +19,6 @@ import signal
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
@@ -25,27 +26,10 @@ from typing import Any
 from dset.config import flatten
 
 from . import mlflow_schema as S
+from .devices import Slot
+from .jobs import Job, RunResult
 
 log = logging.getLogger("studies")
-
-
-@dataclass
-class Job:
-    cell_id: str
-    config: dict                     # Config.to_dict() of the resolved configuration
-    out_dir: str
-    run_id: str
-    tracking_uri: str
-    resume: bool
-    title: str
-    threads: int | None = None       # torch threads (None: leave torch's default)
-    progress: bool = True            # fit's per-epoch progress bar
-    latency_note: str = ""
-    optuna: dict | None = None       # {"storage": desc, "study_name", "trial_id", "prune": bool, "pruner": {...}}
-    parent_pid: int | None = None
-    env: dict = field(default_factory=dict)    # environment of the worker process (CUDA_VISIBLE_DEVICES)
-    device_shared: bool | None = None          # the run's device is shared with other workers of this invocation
-    meta: dict = field(default_factory=dict)   # whatever the scheduler wants back with the result
 
 
 def _status_of(summary: dict | None, pruned: bool) -> str:
@@ -54,12 +38,43 @@ def _status_of(summary: dict | None, pruned: bool) -> str:
     return (summary or {}).get("status", "failed")
 
 
-def execute(job: Job) -> dict[str, Any]:
+def _record_failure(c, job: Job, logged_params: bool, error: str) -> None:
+    """A run that raised: FAILED with its error (and its parameters, when it failed before logging them)."""
+    from . import tracking as T
+
+    try:
+        if not logged_params:
+            T.log_params(c, job.run_id, flatten(job.config), T.retry(c.get_run, job.run_id).data.params)
+        T.set_tags(c, job.run_id, {S.TAG_STATUS: "failed", S.TAG_ERROR: error})
+        T.retry(c.set_terminated, job.run_id, status="FAILED")
+    except Exception as exc:  # noqa: BLE001
+        log.warning("could not record the failure of %s in MLflow: %s", job.cell_id, exc)
+
+
+def _pruning_callback(job: Job):
+    """Optuna's per-epoch pruning for a trial that asks for it (None otherwise)."""
+    if not (job.optuna and job.optuna.get("prune")):
+        return None
+    from .search import PruningCallback
+
+    return PruningCallback(job.optuna["storage"], job.optuna["study_name"], job.optuna["trial_id"],
+                           job.optuna["pruner"])
+
+
+def _train(job: Job, callbacks: list) -> dict:
+    """``fit`` with the job's configuration (without the progress bar where the job says so)."""
+    from dset.config import config_from_dict, load_config
+    from dset.engine.loop import fit
+
+    cfg = config_from_dict(job.config)
+    if not job.progress:
+        cfg = load_config(cfg, ["run.progress=false"])
+    return fit(cfg, Path(job.out_dir), callbacks=callbacks, resume=job.resume)
+
+
+def execute(job: Job) -> RunResult:
     """Train one run into its MLflow run; never raises except KeyboardInterrupt (the run is then KILLED)."""
     import torch
-
-    from dset.config import config_from_dict
-    from dset.engine.train import fit
 
     from . import tracking as T
 
@@ -73,24 +88,11 @@ def execute(job: Job) -> dict[str, Any]:
     monitor = T.system_metrics_monitor(job.run_id, job.tracking_uri, resume=job.resume)
     out = Path(job.out_dir)
     cb = T.MlflowCallback(c, job.run_id, out, job.title, job.latency_note)
-    callbacks = [cb]
     pruning = None
-    t0 = time.time()
-    result: dict[str, Any] = {"cell": job.cell_id, "run_id": job.run_id, "meta": job.meta}
     try:
-        cfg = config_from_dict(job.config)
-        if not job.progress:
-            from dset.config import load_config
-
-            cfg = load_config(cfg, ["run.progress=false"])
-        if job.optuna and job.optuna.get("prune"):
-            from .search import PruningCallback
-
-            pruning = PruningCallback(job.optuna["storage"], job.optuna["study_name"], job.optuna["trial_id"],
-                                      job.optuna["pruner"])
-            callbacks.append(pruning)
         try:
-            summary = fit(cfg, out, callbacks=callbacks, resume=job.resume)
+            pruning = _pruning_callback(job)
+            summary = _train(job, [cb] if pruning is None else [cb, pruning])
         finally:
             if monitor is not None:
                 monitor.finish()
@@ -101,23 +103,13 @@ def execute(job: Job) -> dict[str, Any]:
     except BaseException as exc:  # noqa: BLE001 - a failed run is recorded; the study goes on
         msg = f"{type(exc).__name__}: {exc}"
         log.debug("run %s failed:\n%s", job.cell_id, traceback.format_exc())
-        try:
-            if cb.summary is None:  # failed before on_train_start: log the params we have
-                T.log_params(c, job.run_id, flatten(job.config), T.retry(c.get_run, job.run_id).data.params)
-            T.set_tags(c, job.run_id, {S.TAG_STATUS: "failed", S.TAG_ERROR: msg})
-            T.retry(c.set_terminated, job.run_id, status="FAILED")
-        except Exception as exc2:  # noqa: BLE001
-            log.warning("could not record the failure of %s in MLflow: %s", job.cell_id, exc2)
-        result.update(status="failed", error=msg, metrics={}, seconds=time.time() - t0)
-        return result
+        _record_failure(c, job, cb.summary is not None, msg)  # before on_train_start: no params logged yet
+        return RunResult.of_job(job, "failed", error=msg)
     status = _status_of(summary, pruning is not None and pruning.pruned)
     if status == "pruned":
         T.set_tags(c, job.run_id, {S.TAG_STOP_REASON: "optuna_pruned"})
     T.retry(c.set_terminated, job.run_id, status="FINISHED")
-    metrics = T.final_metrics(summary, T.read_records(out / "metrics.jsonl"))
-    result.update(status=status, error=None, metrics=metrics, seconds=time.time() - t0,
-                  stop_reason=summary.get("stop_reason"))
-    return result
+    return RunResult.of_job(job, status, metrics=T.final_metrics(summary, T.read_records(out / "metrics.jsonl")))
 
 
 # ------------------------------------------------------------------------------------------ processes
@@ -151,32 +143,66 @@ def worker_main(job: Job, conn) -> None:
     try:
         result = execute(job)
     except KeyboardInterrupt:
-        result = {"cell": job.cell_id, "run_id": job.run_id, "meta": job.meta, "status": "interrupted",
-                  "error": "KeyboardInterrupt", "metrics": {}}
+        result = RunResult.of_job(job, "interrupted", error="KeyboardInterrupt")
     except BaseException as exc:  # noqa: BLE001
-        result = {"cell": job.cell_id, "run_id": job.run_id, "meta": job.meta, "status": "failed",
-                  "error": f"{type(exc).__name__}: {exc}", "metrics": {}}
+        result = RunResult.of_job(job, "failed", error=f"{type(exc).__name__}: {exc}")
     try:
         conn.send(result)
     finally:
         conn.close()
 
 
+# ------------------------------------------------------------------------------------------ executors
+class InlineExecutor:
+    """One job at a time in this process (``--workers 1``): the per-epoch progress bar stays visible. Its
+    device was chosen before anything started CUDA (``main`` sets CUDA_VISIBLE_DEVICES). ``tag``: whatever
+    the caller wants back with the job's result."""
+
+    def __init__(self, slot: Slot) -> None:
+        self.slot = slot
+        self.job: tuple[Job, Any] | None = None
+
+    @property
+    def free(self) -> int:
+        return 0 if self.job else 1
+
+    @property
+    def running(self) -> int:
+        return 1 if self.job else 0
+
+    def start(self, job: Job, tag: Any) -> None:
+        job.device_shared = self.slot.shared
+        job.latency_note = self.slot.note()
+        self.job = (job, tag)
+
+    def wait_any(self, timeout: float | None = None) -> list[tuple[Any, RunResult]]:
+        """Run the job (``timeout`` does not apply: the job runs here) and return its tag and result."""
+        (job, tag), self.job = self.job, None
+        return [(tag, execute(job))]
+
+    def terminate(self) -> None:
+        self.job = None
+
+
 class WorkerPool:
     """Up to ``len(slots)`` jobs at once, each in its own ``spawn`` process on its slot's device."""
 
-    def __init__(self, slots: list) -> None:
+    def __init__(self, slots: list[Slot]) -> None:
         self.slots = list(slots)
-        self.size = len(slots)
-        self.free_slots = list(range(self.size))
+        self.free_slots = list(range(len(self.slots)))
         self.ctx = mp.get_context("spawn")
-        self.running: dict[Any, tuple[Job, Any, Any, int]] = {}   # sentinel -> (job, process, connection, slot)
+        # process sentinel -> (job, tag, process, connection, slot index)
+        self.processes: dict[Any, tuple[Job, Any, Any, Any, int]] = {}
 
     @property
     def free(self) -> int:
         return len(self.free_slots)
 
-    def start(self, job: Job) -> None:
+    @property
+    def running(self) -> int:
+        return len(self.processes)
+
+    def start(self, job: Job, tag: Any) -> None:
         slot = self.free_slots.pop(0)
         device = self.slots[slot]
         job.env = {**job.env, **device.env}
@@ -188,15 +214,15 @@ class WorkerPool:
         proc = self.ctx.Process(target=worker_main, args=(job, send), name=f"study-worker-{job.cell_id}", daemon=False)
         proc.start()
         send.close()
-        self.running[proc.sentinel] = (job, proc, recv, slot)
+        self.processes[proc.sentinel] = (job, tag, proc, recv, slot)
 
-    def wait_any(self, timeout: float | None = None) -> list[dict]:
-        """Block until at least one job ends (or ``timeout`` seconds pass: then []); the results (a worker
-        that died without one: failed)."""
-        ready = wait(list(self.running), timeout=timeout)
-        results = []
+    def wait_any(self, timeout: float | None = None) -> list[tuple[Any, RunResult]]:
+        """Block until at least one job ends (or ``timeout`` seconds pass: then []); their tags and results (a
+        worker that died without one: failed)."""
+        ready = wait(list(self.processes), timeout=timeout)
+        finished = []
         for sentinel in ready:
-            job, proc, recv, slot = self.running.pop(sentinel)
+            job, tag, proc, recv, slot = self.processes.pop(sentinel)
             self.free_slots.append(slot)
             result = None
             try:
@@ -207,23 +233,27 @@ class WorkerPool:
             proc.join()
             recv.close()
             if result is None:
-                result = {"cell": job.cell_id, "run_id": job.run_id, "meta": job.meta, "status": "failed",
-                          "error": f"worker process exited with code {proc.exitcode} without a result",
-                          "metrics": {}, "worker_died": True}
-            results.append(result)
-        return results
+                result = RunResult.of_job(job, "failed", worker_died=True,
+                                          error=f"worker process exited with code {proc.exitcode} without a result")
+            finished.append((tag, result))
+        return finished
 
     def terminate(self, grace_s: float = 30.0) -> None:
         """Stop the running jobs: SIGTERM (a worker saves its resume state, marks its run KILLED and exits),
         SIGKILL after ``grace_s``. A run left RUNNING is resumed by the next invocation all the same."""
-        for _job, proc, _recv, _slot in self.running.values():
+        for _job, _tag, proc, _recv, _slot in self.processes.values():
             if proc.is_alive():
                 proc.terminate()
         deadline = time.time() + grace_s
-        for _job, proc, _recv, _slot in self.running.values():
+        for _job, _tag, proc, _recv, _slot in self.processes.values():
             proc.join(timeout=max(0.1, deadline - time.time()))
             if proc.is_alive():
                 proc.kill()
                 proc.join(timeout=5)
-        self.running.clear()
-        self.free_slots = list(range(self.size))
+        self.processes.clear()
+        self.free_slots = list(range(len(self.slots)))
+
+
+def make_executor(slots: list[Slot]) -> InlineExecutor | WorkerPool:
+    """One worker: jobs run in this process; more: each in a worker process of its own."""
+    return InlineExecutor(slots[0]) if len(slots) == 1 else WorkerPool(slots)

@@ -19,7 +19,8 @@ from dset.config import load_config
 from studies import mlflow_schema as S
 from studies import pretrain as P
 from studies import spec
-from studies.run import classify_cell, main
+from studies.cell_state import classify_cell
+from studies.run import main
 
 one_thread = pytest.fixture(autouse=True, scope="module")(one_thread_for_module)
 
@@ -163,7 +164,8 @@ def test_a_cell_made_by_other_code_or_data_is_stale(monkeypatch):
     old = _Run(cell.fingerprint)
     assert classify_cell(cell, {cell.fingerprint: old}, {cell.cell_key: old}, keep_stale=False) == ("finished", old)
     assert classify_cell(other_code, {cell.fingerprint: old}, {cell.cell_key: old}, keep_stale=False) == ("stale", old)
-    assert classify_cell(other_code, {cell.fingerprint: old}, {cell.cell_key: old}, keep_stale=True) == ("finished", old)
+    assert classify_cell(other_code, {cell.fingerprint: old}, {cell.cell_key: old},
+                         keep_stale=True) == ("finished", old)
     assert classify_cell(other_code, {}, {}, keep_stale=False) == ("new", None)
 
 

@@ -123,7 +123,8 @@ def queue_trials(storage: str, study: Path) -> list:
     from optuna.storages.journal import JournalFileBackend
 
     st = JournalStorage(JournalFileBackend(storage)) if not storage.startswith("postgresql") else storage
-    names = [s.study_name for s in optuna.get_all_study_summaries(st) if s.study_name.startswith(f"{study.stem}-cells-")]
+    names = [s.study_name for s in optuna.get_all_study_summaries(st)
+             if s.study_name.startswith(f"{study.stem}-cells-")]
     assert len(names) == 1, names
     return optuna.load_study(study_name=names[0], storage=st).get_trials(deepcopy=False)
 
@@ -152,9 +153,9 @@ def test_invocations_on_postgresql_started_together_and_3s_apart_run_each_cell_o
     by_cell = assert_each_cell_once(mlflow_server, study, tmp_path, epochs=2, invocations=3)
     assert_one_complete_claim_per_cell(queue_trials(storage, study))
     # the report reads everything through the server, the evaluation artifacts too
-    from analysis.runs import evaluations, load_study
+    from analysis.runs import evaluations, load_study_runs
 
-    evaluated = evaluations(load_study(study.stem, mlflow_server), [r.info.run_id for r in by_cell.values()])
+    evaluated = evaluations(load_study_runs(study.stem, mlflow_server), [r.info.run_id for r in by_cell.values()])
     assert not [v for v in evaluated.values() if isinstance(v, str)], evaluated
 
 

@@ -60,15 +60,10 @@ def common(tmp_path, synth_root, *extra):
 
 
 def search(uri: str, experiment: str):
-    """``mlflow.search_runs`` on ``uri`` (set_tracking_uri also sets $MLFLOW_TRACKING_URI: put it back)."""
-    import mlflow
+    """``mlflow.search_runs`` on ``uri``: the experiment's runs as a pandas frame."""
+    from studies.mlflow_store import search_runs_frame
 
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        return mlflow.search_runs(experiment_names=[experiment], output_format="pandas")
-    finally:
-        mlflow.set_tracking_uri(previous)
+    return search_runs_frame(uri, experiment_names=[experiment])
 
 
 def client(uri):
@@ -281,9 +276,9 @@ def test_grid_end_to_end_into_mlflow_with_a_failing_cell(tmp_path, store, synth_
             assert f"metrics.{S.KEEP_RATIO}" not in row or math.isnan(row[f"metrics.{S.KEEP_RATIO}"])
 
     # the report layer reads this store
-    from analysis.runs import load_study
+    from analysis.runs import load_study_runs
 
-    study = load_study("tiny", store)
+    study = load_study_runs("tiny", store)
     assert sorted(study.included["cell"]) == ["r18-base-s0", "r18-dset-s0"]
     # mlflow ui opens the experiment on its runs, not on MLflow 3's GenAI overview
     assert c.get_experiment_by_name("tiny").tags[S.TAG_EXPERIMENT_KIND] == "custom_model_development"
@@ -448,6 +443,7 @@ def test_pruning_callback_reports_and_prunes(tmp_path):
 def test_interrupted_trial_is_enqueued_again_with_its_parameters(tmp_path):
     import optuna
 
+    from studies import queue as Q
     from studies import search as O
     from studies.tracking import host
 
@@ -458,11 +454,11 @@ def test_interrupted_trial_is_enqueued_again_with_its_parameters(tmp_path):
     done = ostudy.ask({"x": optuna.distributions.IntDistribution(1, 9)})
     ostudy.tell(done, 0.5)
     killed = ostudy.ask({"x": optuna.distributions.IntDistribution(1, 9)})
-    killed.set_user_attr(O.ATTR_HOST, host())
-    killed.set_user_attr(O.ATTR_PID, dead.pid)
+    killed.set_user_attr(Q.ATTR_HOST, host())
+    killed.set_user_attr(Q.ATTR_PID, dead.pid)
     alive = ostudy.ask({"x": optuna.distributions.IntDistribution(1, 9)})    # this process: still running
-    alive.set_user_attr(O.ATTR_HOST, host())
-    alive.set_user_attr(O.ATTR_PID, os.getpid())
+    alive.set_user_attr(Q.ATTR_HOST, host())
+    alive.set_user_attr(Q.ATTR_PID, os.getpid())
     assert O.trial_counts(ostudy)[0] == 3
 
     assert O.requeue_stale(ostudy, host()) == [killed.number]
@@ -470,5 +466,5 @@ def test_interrupted_trial_is_enqueued_again_with_its_parameters(tmp_path):
     assert states == ["COMPLETE", "FAIL", "RUNNING", "WAITING"]
     assert O.trial_counts(ostudy)[0] == 3                       # the interrupted trial is replaced, not counted
     retry = ostudy.ask()                                        # the next trial asked is the re-run
-    assert retry.user_attrs[O.ATTR_RETRY_OF] == killed.number
+    assert retry.user_attrs[Q.ATTR_RETRY_OF] == killed.number
     assert retry.suggest_int("x", 1, 9) == killed.params["x"]

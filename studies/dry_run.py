@@ -1,0 +1,128 @@
+"""``--dry-run``: what a study would do, read-only (it creates no MLflow store): its cells and their state
+(new, finished, to resume, stale) or its search space, the budget, stage 1 and the queue."""
+
+from __future__ import annotations
+
+import sys
+
+from . import mlflow_schema as S
+from . import tracking
+from .cell_state import classify_cell, stale_reason
+from .progress import table
+from .search import describe_pruning, describe_storage, optuna_study_name, sampler_name, storage_descriptor
+from .spec import Cell, Study, describe_budget, make_cell
+
+
+def _existing_runs_readonly(uri: str, experiment: str) -> tuple[dict, dict] | None:
+    """Child runs by fingerprint and stale candidates by cell key when a local store exists (a dry run never
+    creates one)."""
+    path = tracking.sqlite_path(uri)
+    if path is None or not path.exists():
+        return None
+    try:
+        c = tracking.client(uri)
+        exp = c.get_experiment_by_name(experiment)
+        if exp is None:
+            return {}, {}
+        return tracking.find_child_runs(c, exp.experiment_id), tracking.find_stale_candidates(c, exp.experiment_id)
+    except Exception:  # noqa: BLE001 - a dry run only informs
+        return None
+
+
+def _state(cell: Cell, existing: tuple[dict, dict] | None, keep_stale: bool) -> str:
+    if not cell.ok:
+        return "INVALID: " + (cell.error or "")
+    if existing is None:
+        return "new"
+    kind, run = classify_cell(cell, *existing, keep_stale)
+    if kind == "new":
+        return "new"
+    if kind == "stale":
+        return f"STALE ({stale_reason(cell, run)}) -> rerun"
+    if kind == "finished":
+        if run.data.tags.get(S.TAG_FINGERPRINT) != cell.fingerprint:
+            return f"stale ({stale_reason(cell, run)}), kept (--keep-stale)"
+        return "finished (skipped)"
+    return f"{run.info.status.lower()} -> resume"
+
+
+def describe_stage1(cells: list[Cell]) -> list[str]:
+    """Lines on stage 1 for the cells: per backbone, where its checkpoint comes from and whether it is cached."""
+    from .pretrain import cache_root
+
+    stages = {id(c.stage1): c.stage1 for c in cells if c.ok and c.stage1 is not None}
+    lines = ["stage 1 (the RT-DETR checkpoint every cell fine-tunes from):"]
+    lines += [f"  {st.describe()}" for st in sorted(stages.values(), key=lambda st: st.depth)]
+    if any(st.kind == "train" for st in stages.values()):
+        lines.append(f"  cache: {cache_root()} ($DSET_CACHE_DIR/pretrained moves it)")
+    lines.append("stage 2: the cells below, each fine-tuned from its backbone's stage-1 checkpoint")
+    return lines
+
+
+def dry_run(study: Study, cells: list[Cell] | None, uri: str, storage: str | None, workers: int,
+            keep_stale: bool = False) -> int:
+    """Print what the study would do; 2 when nothing could run (every cell, or the base configuration, is
+    invalid), 0 otherwise."""
+    print(f"study {study.name} ({study.kind}) from {study.path}")
+    if study.description:
+        print(f"  {study.description}")
+    if study.kind == "grid":
+        n_base = len(cells) // len(study.seeds)
+        print(f"  {n_base} cells x {len(study.seeds)} seed(s) {study.seeds} = {len(cells)} runs; "
+              f"{workers} worker(s) at a time")
+    sample_cfg = next((c.config for c in cells or [] if c.ok), None)
+    if study.kind == "optuna":
+        sample_cfg = make_cell(study, "base", {}, study.seeds[0]).config
+    for line in describe_budget(study, sample_cfg):
+        print(line)
+    if study.config_overrides:
+        print(f"overrides for every run: {' '.join(study.config_overrides)}")
+    local = tracking.sqlite_path(uri)
+    store = uri if local is None or local.exists() else f"{uri} (created by the first run)"
+    print(f"MLflow: {store}, experiment '{study.name}'; outputs in {study.study_dir}/")
+    base_cell = cells if study.kind == "grid" else [make_cell(study, "base", {}, study.seeds[0])]
+    for line in describe_stage1(base_cell):
+        print(line)
+    if study.kind == "grid":
+        return _dry_run_grid(study, cells, uri, storage, keep_stale)
+    return _dry_run_search(study, storage, workers, sample_cfg is not None)
+
+
+def _dry_run_grid(study: Study, cells: list[Cell], uri: str, storage: str | None, keep_stale: bool) -> int:
+    print(f"queue of cells: {describe_storage(storage_descriptor(study, storage))} (every invocation of this "
+          "study shares it; --storage postgresql://... for several machines)")
+    existing = _existing_runs_readonly(uri, study.name)
+    rows, errors = [], []
+    for i, c in enumerate(cells, 1):
+        lab = c.labels()
+        if c.ok:
+            state = _state(c, existing, keep_stale)
+        else:
+            if c.error not in errors:
+                errors.append(c.error)
+            state = f"INVALID [{errors.index(c.error) + 1}]"
+        rows.append([str(i), c.id, lab["variant"], str(c.seed), "-" if not c.ok else c.fingerprint[:8], state])
+    print(table(rows, ["#", "cell", "variant", "seed", "fp", "state"]))
+    for i, e in enumerate(errors, 1):
+        print(f"[{i}] {e}")
+    if errors and all(not c.ok for c in cells):
+        print("\nerror: every cell is invalid: nothing would run", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _dry_run_search(study: Study, storage: str | None, workers: int, base_ok: bool) -> int:
+    s = study.search
+    print(f"Optuna: {s.n_trials} trials, study '{optuna_study_name(study)}' in "
+          f"{describe_storage(storage_descriptor(study, storage))}; seed {study.seeds[0]}; "
+          f"{workers} worker(s) at a time")
+    print("objectives: " + ", ".join(f"{o.direction} {o.metric}" for o in s.objectives))
+    print(f"sampler: {sampler_name(s)} (seed {s.sampler.get('seed')})")
+    print(describe_pruning(s))
+    print("search space:")
+    print(table([[p.key, p.describe()] for p in s.space], ["parameter", "range"]))
+    if not base_ok:
+        err = make_cell(study, "base", {}, study.seeds[0]).error
+        print(f"\nerror: the base configuration is invalid: {err}", file=sys.stderr)
+        return 2
+    return 0
