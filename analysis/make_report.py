@@ -62,11 +62,11 @@ from analysis import errors as E
 from analysis import plots as P
 from analysis import runs as R
 from analysis import tables as T
-from studies import mlflow_schema as S
+from dset import metric_names as M
 from studies import mlflow_store as store
 
 MANIFEST = "report_files.txt"
-HISTORY_KEYS = (S.VAL_PREFIX + "mAP", S.KEEP_RATIO, S.TRAIN_LOSS_PREFIX + "loss")
+HISTORY_KEYS = (M.VAL_PREFIX + "mAP", M.KEEP_RATIO, M.TRAIN_LOSS_PREFIX + "loss")
 PLOT_CAPTIONS = {
     "deployment": "Deployed speed per variant: batch-1 latency (left) and batch-8 throughput (right), eager PyTorch "
                   "next to ONNX Runtime, as each run timed them side by side (the deployment table; its notes say "

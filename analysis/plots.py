@@ -14,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from studies import mlflow_schema as S
+from dset import metric_names as M
 from studies.expert_usage import draw_usage_heatmap
 
 from . import errors as E
@@ -222,7 +222,7 @@ def _styles(hist: pd.DataFrame) -> dict:
 @_styled
 def per_epoch(hist: pd.DataFrame) -> Figure | None:
     """Validation mAP per epoch (left) and the token keep ratio in force (right), per variant, seed means."""
-    if hist.empty or not (hist["key"] == S.VAL_PREFIX + "mAP").any():
+    if hist.empty or not (hist["key"] == M.VAL_PREFIX + "mAP").any():
         return None
     backbones = sorted(set(hist["backbone"].dropna()), key=lambda b: (R.BACKBONE_ORDER.get(b, 9), b)) or [None]
     fig, axes = _new(9.0, 3.0 * len(backbones), len(backbones), 2)
@@ -230,9 +230,9 @@ def per_epoch(hist: pd.DataFrame) -> Figure | None:
     for row, bb in enumerate(backbones):
         h = hist if bb is None else hist[hist["backbone"] == bb]
         ax_m, ax_k = axes[row]
-        _curves(ax_m, h, S.VAL_PREFIX + "mAP", styles)
+        _curves(ax_m, h, M.VAL_PREFIX + "mAP", styles)
         _labelled(ax_m, f"{bb or ''} validation mAP@0.5:0.95 per epoch", "epoch", "val/mAP")
-        if _curves(ax_k, h, S.KEEP_RATIO, styles):
+        if _curves(ax_k, h, M.KEEP_RATIO, styles):
             ax_k.legend(loc="best")
         else:
             ax_k.text(0.5, 0.5, "no token pruning in these variants", ha="center", va="center",
@@ -245,14 +245,14 @@ def per_epoch(hist: pd.DataFrame) -> Figure | None:
 @_styled
 def train_loss(hist: pd.DataFrame) -> Figure | None:
     """Total training loss (epoch mean) per epoch, per variant, seed means; one panel per backbone."""
-    if hist.empty or not (hist["key"] == S.TRAIN_LOSS_PREFIX + "loss").any():
+    if hist.empty or not (hist["key"] == M.TRAIN_LOSS_PREFIX + "loss").any():
         return None
     backbones = sorted(set(hist["backbone"].dropna()), key=lambda b: (R.BACKBONE_ORDER.get(b, 9), b)) or [None]
     fig, axes = _new(4.8 * len(backbones), 3.4, 1, len(backbones))
     styles = _styles(hist)
     for ax, bb in zip(axes[0], backbones):
         h = hist if bb is None else hist[hist["backbone"] == bb]
-        _curves(ax, h, S.TRAIN_LOSS_PREFIX + "loss", styles)
+        _curves(ax, h, M.TRAIN_LOSS_PREFIX + "loss", styles)
         _labelled(ax, f"{bb or ''} training loss (train/loss, epoch mean)", "epoch", "loss")
     return fig
 

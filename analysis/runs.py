@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dset import metric_names as M
 from dset.config import RESULT_NEUTRAL_KEYS, Config, ConfigError, config_from_dict
 from studies import mlflow_schema as S
 from studies import mlflow_store as store
@@ -55,23 +56,23 @@ TAG_PROFILE_ERROR = getattr(S, "TAG_PROFILE_ERROR", "dset.profile_error")  # why
 
 # final metrics summarised per variant: (summary column stem, MLflow metric)
 FINAL_METRICS = {
-    "map": S.BEST_MAP, "map50": S.BEST_MAP50, "map75": S.BEST_MAP75, "best_epoch": S.BEST_EPOCH,
-    "params": S.PARAMS, "active_params": S.ACTIVE_PARAMS, "gflops": S.GFLOPS,
-    "gflops_backbone": S.GFLOPS_COMPONENT_PREFIX + "backbone", "gflops_encoder": S.GFLOPS_COMPONENT_PREFIX + "encoder",
-    "gflops_decoder": S.GFLOPS_COMPONENT_PREFIX + "decoder", "latency_ms": S.LATENCY_MS, "fps": S.FPS,
-    "final_keep_ratio": S.FINAL_KEEP_RATIO, "epochs_run": S.EPOCHS_RUN, "train_minutes": S.TRAIN_MINUTES,
-    "profile_tokens": S.PROFILE_TOKENS, "profile_kept_tokens": S.PROFILE_KEPT_TOKENS,
-    "profile_keep_ratio": S.PROFILE_KEEP_RATIO,
+    "map": M.BEST_MAP, "map50": M.BEST_MAP50, "map75": M.BEST_MAP75, "best_epoch": M.BEST_EPOCH,
+    "params": M.PARAMS, "active_params": M.ACTIVE_PARAMS, "gflops": M.GFLOPS,
+    "gflops_backbone": M.GFLOPS_COMPONENT_PREFIX + "backbone", "gflops_encoder": M.GFLOPS_COMPONENT_PREFIX + "encoder",
+    "gflops_decoder": M.GFLOPS_COMPONENT_PREFIX + "decoder", "latency_ms": M.LATENCY_MS, "fps": M.FPS,
+    "final_keep_ratio": M.FINAL_KEEP_RATIO, "epochs_run": M.EPOCHS_RUN, "train_minutes": M.TRAIN_MINUTES,
+    "profile_tokens": M.PROFILE_TOKENS, "profile_kept_tokens": M.PROFILE_KEPT_TOKENS,
+    "profile_keep_ratio": M.PROFILE_KEEP_RATIO,
     # deployed speed (train.profile_deployment): eager PyTorch and ONNX Runtime (CPU) timed side by side in the run
-    "eager_b1_ms": S.deploy_metric(S.EAGER, "latency_ms", 1),
-    "eager_b8_images_per_s": S.deploy_metric(S.EAGER, "images_per_s", 8),
-    "onnxruntime_b1_ms": S.deploy_metric(S.ONNXRUNTIME_CPU, "latency_ms", 1),
-    "onnxruntime_b8_images_per_s": S.deploy_metric(S.ONNXRUNTIME_CPU, "images_per_s", 8),
-    "onnx_max_abs_diff": S.DEPLOY_ONNX_MAX_DIFF,
+    "eager_b1_ms": M.deploy_metric(M.EAGER, "latency_ms", 1),
+    "eager_b8_images_per_s": M.deploy_metric(M.EAGER, "images_per_s", 8),
+    "onnxruntime_b1_ms": M.deploy_metric(M.ONNXRUNTIME_CPU, "latency_ms", 1),
+    "onnxruntime_b8_images_per_s": M.deploy_metric(M.ONNXRUNTIME_CPU, "images_per_s", 8),
+    "onnx_max_abs_diff": M.DEPLOY_ONNX_MAX_DIFF,
 }
 # the deploy/ metrics of any runtime: deploy/<runtime>/<latency_ms|images_per_s>_b<batch>
-DEPLOY_RE = re.compile(r"^metrics\." + re.escape(S.DEPLOY_PREFIX) + r"([a-z_]+)/(latency_ms|images_per_s)_b(\d+)$")
-USAGE_RE = re.compile(r"^metrics\." + re.escape(S.USAGE_PREFIX) + r"(encoder_moe|decoder_moe)/layer(\d+)/expert(\d+)$")
+DEPLOY_RE = re.compile(r"^metrics\." + re.escape(M.DEPLOY_PREFIX) + r"([a-z_]+)/(latency_ms|images_per_s)_b(\d+)$")
+USAGE_RE = re.compile(r"^metrics\." + re.escape(M.USAGE_PREFIX) + r"(encoder_moe|decoder_moe)/layer(\d+)/expert(\d+)$")
 
 
 class ReportError(Exception):
@@ -230,7 +231,7 @@ def normalise(raw: pd.DataFrame) -> pd.DataFrame:
     df = raw.copy()
     _add_variant_columns(df)
     _add_tag_columns(df)
-    map_col = f"metrics.{S.BEST_MAP}"
+    map_col = f"metrics.{M.BEST_MAP}"
     has_map = df[map_col].notna() if map_col in df else pd.Series(False, index=df.index)
     superseded = _tag(df, S.TAG_SUPERSEDED_BY)
     reasons = [_exclusion(row, superseded[i], bool(has_map[i])) for i, row in df.iterrows()]
@@ -304,7 +305,7 @@ def _exclusion(row: pd.Series, superseded_by: str | None, has_map: bool) -> str 
         return f"{status.lower()} (unfinished or interrupted)"
     if status == "KILLED":
         return "killed"
-    return f"{status.lower()} without {S.BEST_MAP}"
+    return f"{status.lower()} without {M.BEST_MAP}"
 
 
 def _role_rank(role: str) -> int:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from dset import metric_names as M
 from studies import mlflow_schema as S
 
 from . import bootstrap as B
@@ -601,9 +602,9 @@ def stage1_table(study: R.StudyRuns) -> tuple[Table | None, str]:
         users = children[[bool(ckpt and c and c.startswith(ckpt)) or bool(key and src and key in src)
                           for c, src in zip(children["init_checkpoint"], children["init_source"])]]
         rows.append({"run": r["cell"] or r["run_id"], "backbone": r["backbone"], "MLflow status": r["status"],
-                     "mAP@0.5:0.95": r.get(f"metrics.{S.BEST_MAP}", math.nan),
-                     "mAP@0.5": r.get(f"metrics.{S.BEST_MAP50}", math.nan),
-                     "epochs": r.get(f"metrics.{S.EPOCHS_RUN}", math.nan), "checkpoint dir": ckpt,
+                     "mAP@0.5:0.95": r.get(f"metrics.{M.BEST_MAP}", math.nan),
+                     "mAP@0.5": r.get(f"metrics.{M.BEST_MAP50}", math.nan),
+                     "epochs": r.get(f"metrics.{M.EPOCHS_RUN}", math.nan), "checkpoint dir": ckpt,
                      "started from": r["init_checkpoint"], "cells fine-tuned from it": len(users),
                      "run id": r["run_id"]})
     notes = ["Stage 1: RT-DETR pretrained on the study's data; the cells fine-tune from its checkpoint (their "
@@ -754,13 +755,13 @@ def optuna_trials(study: R.StudyRuns) -> pd.DataFrame:
     trials = trials[[not (s or "").startswith("optuna_pruned") for s in trials["stop_reason"]]]
     rows = []
     for _, t in trials.iterrows():
-        m, g = t.get(f"metrics.{S.BEST_MAP}"), t.get(f"metrics.{S.GFLOPS}")
+        m, g = t.get(f"metrics.{M.BEST_MAP}"), t.get(f"metrics.{M.GFLOPS}")
         if missing(m) or missing(g):
             continue
         cfg = {k[len("params."):]: stats.parse_param(v) for k, v in t.items()
                if k.startswith("params.") and not k.startswith("params.run.") and isinstance(v, str)}
         rows.append({"trial": int(t["trial"]), "run_id": t["run_id"], "map": float(m), "gflops": float(g),
-                     "latency_ms": float(t.get(f"metrics.{S.LATENCY_MS}", math.nan)), "cfg": cfg})
+                     "latency_ms": float(t.get(f"metrics.{M.LATENCY_MS}", math.nan)), "cfg": cfg})
     df = pd.DataFrame(rows, columns=["trial", "run_id", "map", "gflops", "latency_ms", "cfg"])
     if df.empty:
         return df.assign(settings=[], pareto=[])
@@ -788,7 +789,7 @@ def optuna_pareto_table(study: R.StudyRuns, trials: pd.DataFrame) -> tuple[Table
         run = study.runs[study.runs["run_id"] == t["run_id"]].iloc[0]
         row = {"trial": t["trial"], "mAP@0.5:0.95": t["map"], "GFLOPs": t["gflops"], "latency (ms)": t["latency_ms"],
                "GFLOPs/latency at": _profile_text(*(run.get(f"metrics.{m}", math.nan) for m in
-                                                    (S.PROFILE_TOKENS, S.PROFILE_KEPT_TOKENS, S.PROFILE_KEEP_RATIO)))}
+                                                    (M.PROFILE_TOKENS, M.PROFILE_KEPT_TOKENS, M.PROFILE_KEEP_RATIO)))}
         row.update({_short(k): t["settings"].get(k) for k in keys})
         rows.append(row)
     n_trials = int(study.children["trial"].notna().sum())
@@ -829,9 +830,9 @@ def runs_table(study: R.StudyRuns) -> Table:
             "trial": None if pd.isna(r["trial"]) else int(r["trial"]), "MLflow status": r["status"],
             "dset status": r["dset_status"], "in tables": "yes" if r["included"] else "no",
             "reason / error": "; ".join(x for x in (r["reason"], r["note"]) if x) or None,
-            "mAP@0.5:0.95": r.get(f"metrics.{S.BEST_MAP}", math.nan), "GFLOPs": r.get(f"metrics.{S.GFLOPS}", math.nan),
+            "mAP@0.5:0.95": r.get(f"metrics.{M.BEST_MAP}", math.nan), "GFLOPs": r.get(f"metrics.{M.GFLOPS}", math.nan),
             "GFLOPs at": _profile_text(*(r.get(f"metrics.{m}", math.nan) for m in
-                                         (S.PROFILE_TOKENS, S.PROFILE_KEPT_TOKENS, S.PROFILE_KEEP_RATIO))),
+                                         (M.PROFILE_TOKENS, M.PROFILE_KEPT_TOKENS, M.PROFILE_KEEP_RATIO))),
             "init checkpoint": r["init_checkpoint"], "init source": r["init_source"],
             "started (UTC)": None if pd.isna(r["start_time"]) else r["start_time"].strftime("%Y-%m-%d %H:%M:%S"),
             "run id": r["run_id"],
@@ -861,7 +862,7 @@ def deployment_runtimes(study: R.StudyRuns) -> list[tuple[str, int]]:
         m = R.DEPLOY_RE.match(col)
         if m and m.group(2) == "latency_ms" and study.runs[col].notna().any():
             found.add((m.group(1), int(m.group(3))))
-    return sorted(found, key=lambda rb: (rb[0] != S.EAGER, rb[0], rb[1]))
+    return sorted(found, key=lambda rb: (rb[0] != M.EAGER, rb[0], rb[1]))
 
 
 def deployment_table(study: R.StudyRuns, vs: pd.DataFrame) -> tuple[Table | None, str]:
@@ -877,13 +878,13 @@ def deployment_table(study: R.StudyRuns, vs: pd.DataFrame) -> tuple[Table | None
         runs = inc[inc["group"] == v["group"]]
         row = {"model": v["label"], "backbone": v["backbone"], "n": v["n"]}
         for runtime, batch in pairs:
-            ms = study.metric(runs, S.deploy_metric(runtime, "latency_ms", batch)).dropna()
-            ips = study.metric(runs, S.deploy_metric(runtime, "images_per_s", batch)).dropna()
+            ms = study.metric(runs, M.deploy_metric(runtime, "latency_ms", batch)).dropna()
+            ips = study.metric(runs, M.deploy_metric(runtime, "images_per_s", batch)).dropna()
             row[f"{runtime} b{batch} (ms)"] = float(ms.mean()) if len(ms) else math.nan
             row[f"{runtime} b{batch} (images/s)"] = float(ips.mean()) if len(ips) else math.nan
         rows.append(row)
     df = pd.DataFrame(rows)
-    ort_b1, eager_b1 = f"{S.ONNXRUNTIME_CPU} b1 (ms)", f"{S.EAGER} b1 (ms)"
+    ort_b1, eager_b1 = f"{M.ONNXRUNTIME_CPU} b1 (ms)", f"{M.EAGER} b1 (ms)"
     if ort_b1 in df and eager_b1 in df:
         df["ONNX Runtime speed-up b1 (×)"] = df[eager_b1] / df[ort_b1]
         base_ms = {bb: df.loc[(df["model"] == R.baseline_of(vs, bb)["label"]), ort_b1].iloc[0]

@@ -71,62 +71,6 @@ TAG_DEVICE_SHARED = "dset.device_shared"  # "true" when other workers of the inv
 
 SWITCH_TAGS = (TAG_ENCODER_MOE, TAG_TOKEN_PRUNING, TAG_DECODER_MOE)
 
-# ----------------------------------------------------------------------------- per-epoch metric prefixes
-TRAIN_LOSS_PREFIX = "train/"           # train/loss (total), train/loss_vfl, train/loss_bbox, ... (epoch means)
-LR_PREFIX = "lr/"                      # lr/<param group name>
-VAL_PREFIX = "val/"                    # val/mAP, val/mAP50, val/mAP75, val/mAP_small, val/mAP_medium, val/mAP_large,
-                                       # val/AR100
-KEEP_RATIO = "sparse/keep_ratio"       # token keep ratio in force that epoch (measured: mean kept / tokens)
-SCHEDULED_KEEP_RATIO = "sparse/scheduled_keep_ratio"  # the schedule's target keep ratio that epoch
-VAL_AP_PREFIX = "val/AP/"              # val/AP/<class name>: per-class AP@[.5:.95] (characters MLflow rejects -> _)
-EPOCH_TIME = "time/epoch_s"            # wall time of the epoch (training + evaluation), seconds
-# expert usage share: sparse/<encoder_moe|decoder_moe>/layer<i>/expert<j>; entropy: .../layer<i>/entropy
-# (entropy of the layer's usage shares in nats, natural log: ln(num_experts) when perfectly balanced)
-USAGE_PREFIX = "sparse/"
-
-# ---------------------------------------------------------------------------------------- final metrics
-BEST_MAP = "best/mAP"                  # mAP@0.5:0.95 of the best epoch (EMA weights)
-BEST_MAP50 = "best/mAP50"
-BEST_MAP75 = "best/mAP75"
-BEST_EPOCH = "best/epoch"
-PARAMS = "params"
-ACTIVE_PARAMS = "active_params"
-GFLOPS = "gflops"                      # 2 x multiply-adds, fvcore + attention/grid-sample handles
-GFLOPS_COMPONENT_PREFIX = "gflops/"    # gflops/backbone, gflops/encoder, gflops/decoder
-LATENCY_MS = "latency_ms"              # batch 1, median, on TAG_LATENCY_DEVICE
-FPS = "fps"
-FINAL_KEEP_RATIO = "final/keep_ratio"
-# what the reported checkpoint's GFLOPs and latency were measured at: AIFI tokens in, tokens kept, their ratio
-PROFILE_TOKENS = "profile/tokens"
-PROFILE_KEPT_TOKENS = "profile/kept_tokens"
-PROFILE_KEEP_RATIO = "profile/keep_ratio"
-EPOCHS_RUN = "epochs_run"
-TRAIN_MINUTES = "train_minutes"
-# throughput and memory of the run's last attempt (a resumed run: the process that finished it)
-TRAIN_IMAGES_PER_S = "perf/train_images_per_s"   # training images / seconds in training steps
-EVAL_IMAGES_PER_S = "perf/eval_images_per_s"     # validation images / seconds in evaluation
-PEAK_HOST_MEMORY_MB = "perf/peak_host_memory_mb"  # peak resident memory of the training process
-PEAK_GPU_MEMORY_MB = "perf/peak_gpu_memory_mb"    # peak CUDA memory allocated by torch (GPU runs only)
-# MLflow's own system metrics, sampled while a run trains (time series): system/cpu_utilization_percentage,
-# system/system_memory_usage_megabytes, system/gpu_0_utilization_percentage, system/gpu_0_memory_usage_megabytes, ...
-SYSTEM_PREFIX = "system/"
-
-# deployed speed of the reported checkpoint (train.profile_deployment; dset.measure.deployment_latency): eager
-# PyTorch and each ONNX Runtime provider, timed round-robin in one process at batch 1 and 8:
-# deploy/<runtime>/latency_ms_b<batch> (median) and deploy/<runtime>/images_per_s_b<batch>, runtime "eager",
-# "onnxruntime_cpu", "onnxruntime_tensorrt", "onnxruntime_cuda"; where each ran: TAG_DEPLOY_DEVICES
-DEPLOY_PREFIX = "deploy/"
-DEPLOY_ONNX_MAX_DIFF = "deploy/onnx_max_abs_diff"   # largest |ONNX Runtime - eager| of the outputs
-                                                    # (tied queries paired)
-EAGER = "eager"
-ONNXRUNTIME_CPU = "onnxruntime_cpu"
-
-
-def deploy_metric(runtime: str, what: str, batch: int) -> str:
-    """``deploy/<runtime>/<what>_b<batch>``, ``what`` "latency_ms" or "images_per_s"."""
-    return f"{DEPLOY_PREFIX}{runtime}/{what}_b{batch}"
-
-
 # COCO detections of the reported checkpoint on the validation images:
 # {"image_ids": [int, ...], "detections": [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}, ...]}
 ARTIFACT_DETECTIONS = "eval/detections.json"
@@ -139,11 +83,3 @@ ARTIFACT_PICTURES_INDEX = "pictures/pictures.json"
 ARTIFACT_IMAGES = "images"   # where MlflowClient.log_image puts the same pictures for the run page
 ARTIFACTS = ("config.yaml", "metrics.jsonl", "summary.json", "per_class_ap.csv", "expert_usage.png",
              ARTIFACT_DETECTIONS, ARTIFACT_GROUND_TRUTH, ARTIFACT_PICTURES)
-
-
-def usage_metric(where: str, layer: int, expert: int) -> str:
-    return f"{USAGE_PREFIX}{where}/layer{layer}/expert{expert}"
-
-
-def entropy_metric(where: str, layer: int) -> str:
-    return f"{USAGE_PREFIX}{where}/layer{layer}/entropy"

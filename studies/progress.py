@@ -7,7 +7,8 @@ import sys
 import time
 from typing import Any
 
-from . import mlflow_schema as S
+from dset import metric_names as M
+
 from .jobs import RunResult
 
 
@@ -86,10 +87,10 @@ class Progress:
                if self.durations else None)
         m = result.metrics
         bits = [f"[{self.done}/{self.total}]", result.cell, result.status + (" (resumed)" if resumed else "")]
-        if m.get(S.BEST_MAP) is not None:
-            bits.append(f"mAP {m[S.BEST_MAP]:.4f}")
-        if m.get(S.GFLOPS) is not None:
-            bits.append(f"{m[S.GFLOPS]:.2f} GFLOPs")
+        if m.get(M.BEST_MAP) is not None:
+            bits.append(f"mAP {m[M.BEST_MAP]:.4f}")
+        if m.get(M.GFLOPS) is not None:
+            bits.append(f"{m[M.GFLOPS]:.2f} GFLOPs")
         if result.error:
             bits.append(f"error: {result.error[:160]}")
         say("  ".join(bits) + f"  | elapsed {format_duration(elapsed)}, "
@@ -100,9 +101,9 @@ class Progress:
         for r in self.results:
             m = r.metrics
             label = r.cell if r.trial is None or r.cell == f"trial-{r.trial}" else f"{r.cell} (trial {r.trial})"
-            rows.append([label, r.status, format_value(m.get(S.BEST_MAP), ".4f"),
-                         format_value(m.get(S.BEST_MAP50), ".4f"), format_value(m.get(S.GFLOPS), ".2f"),
-                         format_value(m.get(S.LATENCY_MS), ".1f"), format_value(m.get(S.TRAIN_MINUTES), ".1f")])
+            rows.append([label, r.status, format_value(m.get(M.BEST_MAP), ".4f"),
+                         format_value(m.get(M.BEST_MAP50), ".4f"), format_value(m.get(M.GFLOPS), ".2f"),
+                         format_value(m.get(M.LATENCY_MS), ".1f"), format_value(m.get(M.TRAIN_MINUTES), ".1f")])
         print()
         print(table(rows, ["cell", "status", "mAP", "mAP50", "GFLOPs", "latency ms", "train min"]))
 

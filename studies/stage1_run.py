@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from dset import metric_names as M
+
 from . import mlflow_schema as S
 from .jobs import Job, RunResult
 from .pretrain import Stage1, publish
@@ -46,7 +48,7 @@ class Stage1Queue(QueueSource):
             self.inv.runs.tag_run(result.run_id, {S.TAG_CHECKPOINT_DIR: str(st.folder / "checkpoints")})
         if st.cached:
             self.queue.complete(started.trial, minutes * 60)
-            best = result.metrics.get(S.BEST_MAP50)
+            best = result.metrics.get(M.BEST_MAP50)
             say(f"   {st.cell_id} done in {minutes:.1f} min" + (f", mAP50 {best:.3f}" if best is not None
                                                                else "") + f": {st.checkpoint}")
         else:

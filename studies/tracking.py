@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dset import metric_names as M
 from dset.engine.callbacks import Callback
 
 from . import mlflow_schema as S
@@ -211,27 +212,27 @@ def epoch_metrics(record: dict) -> dict[str, float]:
         if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         if key == "loss" or key.startswith("loss_"):
-            out[S.TRAIN_LOSS_PREFIX + key] = value
+            out[M.TRAIN_LOSS_PREFIX + key] = value
         elif key.startswith("lr/"):
-            out[S.LR_PREFIX + key[3:]] = value
+            out[M.LR_PREFIX + key[3:]] = value
         elif key in VAL_KEYS:
-            out[S.VAL_PREFIX + key] = value
+            out[M.VAL_PREFIX + key] = value
         elif key.startswith("AP/"):
-            out[_metric_name(S.VAL_AP_PREFIX + key[3:])] = value
+            out[_metric_name(M.VAL_AP_PREFIX + key[3:])] = value
         elif key == "keep_ratio":
-            out[S.KEEP_RATIO] = value
+            out[M.KEEP_RATIO] = value
         elif key == "scheduled_keep_ratio":
-            out[S.SCHEDULED_KEEP_RATIO] = value
+            out[M.SCHEDULED_KEEP_RATIO] = value
         elif key == "epoch_time_s":
-            out[S.EPOCH_TIME] = value
+            out[M.EPOCH_TIME] = value
         else:
             m = USAGE_KEY_RE.match(key)
             if m:
                 where, layer, expert = m.group(1), int(m.group(2)), int(m.group(3))
-                out[S.usage_metric(where, layer, expert)] = value
+                out[M.usage_metric(where, layer, expert)] = value
                 usage.setdefault((where, layer), {})[expert] = float(value)
     for (where, layer), shares in usage.items():
-        out[S.entropy_metric(where, layer)] = entropy([shares[e] for e in sorted(shares)])
+        out[M.entropy_metric(where, layer)] = entropy([shares[e] for e in sorted(shares)])
     return {k: v for k, v in out.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
 
 
@@ -240,39 +241,39 @@ def final_metrics(summary: dict, records: list[dict]) -> dict[str, float]:
     out: dict[str, float] = {}
     best = summary.get("best_metrics") or {}
     if summary.get("best_mAP") is not None:
-        out[S.BEST_MAP] = summary["best_mAP"]
-    for name, key in ((S.BEST_MAP50, "mAP50"), (S.BEST_MAP75, "mAP75")):
+        out[M.BEST_MAP] = summary["best_mAP"]
+    for name, key in ((M.BEST_MAP50, "mAP50"), (M.BEST_MAP75, "mAP75")):
         if best.get(key) is not None:
             out[name] = best[key]
     if summary.get("best_epoch") is not None:
-        out[S.BEST_EPOCH] = summary["best_epoch"]
-    for name, key in ((S.PARAMS, "params"), (S.ACTIVE_PARAMS, "active_params"), (S.GFLOPS, "gflops"),
-                      (S.LATENCY_MS, "latency_ms"), (S.FPS, "fps")):
+        out[M.BEST_EPOCH] = summary["best_epoch"]
+    for name, key in ((M.PARAMS, "params"), (M.ACTIVE_PARAMS, "active_params"), (M.GFLOPS, "gflops"),
+                      (M.LATENCY_MS, "latency_ms"), (M.FPS, "fps")):
         if summary.get(key) is not None:
             out[name] = summary[key]
     profile = summary.get("profile") or {}
     for comp, value in (profile.get("gflops_by_component") or {}).items():
         if value is not None:
-            out[S.GFLOPS_COMPONENT_PREFIX + comp] = value
+            out[M.GFLOPS_COMPONENT_PREFIX + comp] = value
     if records and records[-1].get("keep_ratio") is not None:
-        out[S.FINAL_KEEP_RATIO] = records[-1]["keep_ratio"]
+        out[M.FINAL_KEEP_RATIO] = records[-1]["keep_ratio"]
     # the tokens the reported checkpoint's GFLOPs and latency were measured at
-    for name, key in ((S.PROFILE_TOKENS, "profile_tokens"), (S.PROFILE_KEPT_TOKENS, "profile_kept_tokens"),
-                      (S.PROFILE_KEEP_RATIO, "profile_keep_ratio")):
+    for name, key in ((M.PROFILE_TOKENS, "profile_tokens"), (M.PROFILE_KEPT_TOKENS, "profile_kept_tokens"),
+                      (M.PROFILE_KEEP_RATIO, "profile_keep_ratio")):
         if summary.get(key) is not None:
             out[name] = summary[key]
     if summary.get("epochs_completed") is not None:
-        out[S.EPOCHS_RUN] = summary["epochs_completed"]
-    for name, key in ((S.TRAIN_IMAGES_PER_S, "train_images_per_s"), (S.EVAL_IMAGES_PER_S, "eval_images_per_s"),
-                      (S.PEAK_HOST_MEMORY_MB, "peak_host_memory_mb"), (S.PEAK_GPU_MEMORY_MB, "peak_gpu_memory_mb")):
+        out[M.EPOCHS_RUN] = summary["epochs_completed"]
+    for name, key in ((M.TRAIN_IMAGES_PER_S, "train_images_per_s"), (M.EVAL_IMAGES_PER_S, "eval_images_per_s"),
+                      (M.PEAK_HOST_MEMORY_MB, "peak_host_memory_mb"), (M.PEAK_GPU_MEMORY_MB, "peak_gpu_memory_mb")):
         if summary.get(key) is not None:
             out[name] = summary[key]
     out.update(deployment_metrics(summary.get("deployment")))
     times = [r.get("epoch_time_s") for r in records if r.get("epoch_time_s") is not None]
     if times:  # all epochs, also those of an earlier (interrupted) process
-        out[S.TRAIN_MINUTES] = sum(times) / 60.0
+        out[M.TRAIN_MINUTES] = sum(times) / 60.0
     elif summary.get("train_time_s") is not None:
-        out[S.TRAIN_MINUTES] = summary["train_time_s"] / 60.0
+        out[M.TRAIN_MINUTES] = summary["train_time_s"] / 60.0
     return {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
 
 
@@ -284,11 +285,11 @@ def deployment_metrics(deployment: dict | None) -> dict[str, float]:
     out = {}
     for runtime, by_batch in deployment.get("runtimes", {}).items():
         for batch, timing in by_batch.items():
-            out[S.deploy_metric(runtime, "latency_ms", int(batch))] = timing["latency_ms"]
-            out[S.deploy_metric(runtime, "images_per_s", int(batch))] = timing["fps"]
+            out[M.deploy_metric(runtime, "latency_ms", int(batch))] = timing["latency_ms"]
+            out[M.deploy_metric(runtime, "images_per_s", int(batch))] = timing["fps"]
     check = deployment.get("onnx_check") or {}
     if check:
-        out[S.DEPLOY_ONNX_MAX_DIFF] = max(check["pred_logits"], check["pred_boxes"])
+        out[M.DEPLOY_ONNX_MAX_DIFF] = max(check["pred_logits"], check["pred_boxes"])
     return out
 
 
@@ -417,7 +418,7 @@ class MlflowCallback(Callback):
         set_tags(self.c, self.run_id, {S.TAG_DEVICE: device, S.TAG_CHECKPOINT_DIR: str(self.out_dir / "checkpoints")})
         start = int(info.get("start_epoch", 0))
         if start > 0:  # back-fill epochs finished by an earlier process but not logged (killed in between)
-            logged = {m.step for m in retry(self.c.get_metric_history, self.run_id, S.TRAIN_LOSS_PREFIX + "loss")}
+            logged = {m.step for m in retry(self.c.get_metric_history, self.run_id, M.TRAIN_LOSS_PREFIX + "loss")}
             for record in read_records(self.out_dir / "metrics.jsonl"):
                 ep = int(record.get("epoch", -1))
                 if 0 <= ep < start and ep not in logged:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dset import metric_names as M
 from dset.config import load_config
 from studies import mlflow_schema as S
 
@@ -196,15 +197,15 @@ def _final_metrics(backbone: str, e: bool, p: bool, d: bool, best_map: float, la
     n_moe = 6 * 2 * 256 * 1024 + 6 * 1024 + 6 * 256 + 256 * 6 + 6   # per MoE layer (order of magnitude only)
     params = BASE_PARAMS[backbone] + e * n_moe + d * 3 * n_moe
     active = params - (e + 3 * d) * 3 * (2 * 256 * 1024 + 1024 + 256)
-    out = [(S.BEST_MAP, best_map, 0), (S.BEST_MAP50, best_map + MAP50_OFFSET, 0),
-           (S.BEST_MAP75, best_map + MAP75_OFFSET, 0), (S.BEST_EPOCH, EPOCHS - 1, 0), (S.PARAMS, params, 0),
-           (S.ACTIVE_PARAMS, active, 0), (S.GFLOPS, total, 0), (S.LATENCY_MS, latency, 0),
-           (S.FPS, 1000.0 / latency, 0), (S.EPOCHS_RUN, EPOCHS, 0), (S.TRAIN_MINUTES, 1.5, 0)]
+    out = [(M.BEST_MAP, best_map, 0), (M.BEST_MAP50, best_map + MAP50_OFFSET, 0),
+           (M.BEST_MAP75, best_map + MAP75_OFFSET, 0), (M.BEST_EPOCH, EPOCHS - 1, 0), (M.PARAMS, params, 0),
+           (M.ACTIVE_PARAMS, active, 0), (M.GFLOPS, total, 0), (M.LATENCY_MS, latency, 0),
+           (M.FPS, 1000.0 / latency, 0), (M.EPOCHS_RUN, EPOCHS, 0), (M.TRAIN_MINUTES, 1.5, 0)]
     if gflops is None:
-        out += [(S.GFLOPS_COMPONENT_PREFIX + "backbone", b, 0), (S.GFLOPS_COMPONENT_PREFIX + "encoder", enc, 0),
-                (S.GFLOPS_COMPONENT_PREFIX + "decoder", dec, 0)]
+        out += [(M.GFLOPS_COMPONENT_PREFIX + "backbone", b, 0), (M.GFLOPS_COMPONENT_PREFIX + "encoder", enc, 0),
+                (M.GFLOPS_COMPONENT_PREFIX + "decoder", dec, 0)]
     if p:
-        out.append((S.FINAL_KEEP_RATIO, 0.7, 0))
+        out.append((M.FINAL_KEEP_RATIO, 0.7, 0))
     return out
 
 
@@ -212,20 +213,20 @@ def _epoch_metrics(e: bool, p: bool, d: bool, seed: int, best_map: float, num_de
     out = []
     for ep in range(EPOCHS):
         frac = (ep + 1) / EPOCHS
-        out += [(S.TRAIN_LOSS_PREFIX + "loss", 10.0 - ep - 0.1 * seed, ep), (S.TRAIN_LOSS_PREFIX + "loss_vfl", 1.0, ep),
-                (S.LR_PREFIX + "default", 1e-4, ep), (S.VAL_PREFIX + "mAP", best_map * frac, ep),
-                (S.VAL_PREFIX + "mAP50", (best_map + MAP50_OFFSET) * frac, ep),
-                (S.VAL_PREFIX + "mAP75", (best_map + MAP75_OFFSET) * frac, ep)]
+        out += [(M.TRAIN_LOSS_PREFIX + "loss", 10.0 - ep - 0.1 * seed, ep), (M.TRAIN_LOSS_PREFIX + "loss_vfl", 1.0, ep),
+                (M.LR_PREFIX + "default", 1e-4, ep), (M.VAL_PREFIX + "mAP", best_map * frac, ep),
+                (M.VAL_PREFIX + "mAP50", (best_map + MAP50_OFFSET) * frac, ep),
+                (M.VAL_PREFIX + "mAP75", (best_map + MAP75_OFFSET) * frac, ep)]
         if p:
-            out.append((S.KEEP_RATIO, [1.0, 0.85, 0.7][ep], ep))
+            out.append((M.KEEP_RATIO, [1.0, 0.85, 0.7][ep], ep))
         for where, on, layers in (("encoder_moe", e, 1), ("decoder_moe", d, num_dec_layers)):
             if not on:
                 continue
             for layer in range(layers):
                 # earlier epochs uniform; the final epoch carries the shares the heatmap must show
                 shares = usage_shares(layer) if ep == EPOCHS - 1 else [1 / 6] * 6
-                out += [(S.usage_metric(where, layer, j), s, ep) for j, s in enumerate(shares)]
-                out.append((S.entropy_metric(where, layer), 1.5, ep))
+                out += [(M.usage_metric(where, layer, j), s, ep) for j, s in enumerate(shares)]
+                out.append((M.entropy_metric(where, layer), 1.5, ep))
     return out
 
 
@@ -298,7 +299,7 @@ def log_crashed(client, name: str = "crashed_study") -> str:
     _log_run(client, exp_id, pid, start_ms=T0_MS + 1000, params={}, status="FAILED", tags=tags)
     running = client.create_run(exp_id, start_time=T0_MS + 2000, tags={
         "mlflow.parentRunId": pid, **_child_tags(name, "r34-base-s0", "R34", False, False, False, 0, "running")})
-    client.log_batch(running.info.run_id, metrics=[Metric(S.VAL_PREFIX + "mAP", 0.1, T0_MS + 3000, 0)])
+    client.log_batch(running.info.run_id, metrics=[Metric(M.VAL_PREFIX + "mAP", 0.1, T0_MS + 3000, 0)])
     client.set_terminated(pid, status="FAILED", end_time=T0_MS + 5000)
     return exp_id
 
@@ -349,10 +350,10 @@ def log_two_stage(client, artifact_root: Path, name: str = "two_stage") -> str:
         dets = two_stage_detections(i)
         best, best50 = coco_stats(gt, dets)
         latency = BASE_LATENCY[bb] + 1.0 * e + 0.5 * d - 2.0 * p
-        metrics = [m for m in _final_metrics(bb, e, p, d, best, latency) if m[0] != S.BEST_MAP50]
+        metrics = [m for m in _final_metrics(bb, e, p, d, best, latency) if m[0] != M.BEST_MAP50]
         kept = 70 if p else 100
-        metrics += [(S.BEST_MAP50, best50, 0), (S.PROFILE_TOKENS, 100, 0), (S.PROFILE_KEPT_TOKENS, kept, 0),
-                    (S.PROFILE_KEEP_RATIO, kept / 100, 0)]
+        metrics += [(M.BEST_MAP50, best50, 0), (M.PROFILE_TOKENS, 100, 0), (M.PROFILE_KEPT_TOKENS, kept, 0),
+                    (M.PROFILE_KEEP_RATIO, kept / 100, 0)]
         init = {S.TAG_INIT_CHECKPOINT: f"{STAGE1_DIR}/best.pt", S.TAG_INIT_SOURCE: "stage 1 (cached, key 1a2b3c)"}
         if bb == "R34":
             init = {S.TAG_INIT_CHECKPOINT: R34_INIT, S.TAG_INIT_SOURCE: "published"}

@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 
+from dset import metric_names as M
 from studies import mlflow_schema as S
 from studies import tracking as T
 
@@ -20,7 +21,7 @@ def test_the_printed_link_opens_the_experiment_on_its_runs(mlflow_server, browse
     parent = c.create_run(exp_id, tags={S.TAG_ROLE: "parent", "mlflow.runName": f"{name} parent"})
     child = c.create_run(exp_id, tags={S.TAG_ROLE: "child", "mlflow.runName": "r18-base-s0",
                                        "mlflow.parentRunId": parent.info.run_id})
-    c.log_metric(child.info.run_id, S.BEST_MAP, 0.25)
+    c.log_metric(child.info.run_id, M.BEST_MAP, 0.25)
     for run in (child, parent):
         c.set_terminated(run.info.run_id)
 

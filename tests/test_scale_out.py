@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dset import metric_names as M
 from studies import mlflow_schema as S
 from studies.devices import DeviceError, Slot, parse_devices, plan_devices
 from studies.run import main
@@ -108,9 +109,9 @@ def assert_each_cell_once(uri: str, study: Path, tmp_path: Path, epochs: int, in
         assert epochs_logged(run_dir) == list(range(epochs)), r.data.tags[S.TAG_CELL]
         m = r.data.metrics
         summary = json.loads((run_dir / "summary.json").read_text())
-        assert m[S.TRAIN_IMAGES_PER_S] == pytest.approx(summary["train_images_per_s"]) and m[S.TRAIN_IMAGES_PER_S] > 0
-        assert m[S.EVAL_IMAGES_PER_S] > 0 and m[S.PEAK_HOST_MEMORY_MB] > 100   # torch alone takes more
-        assert S.PEAK_GPU_MEMORY_MB not in m                                  # a CPU run
+        assert m[M.TRAIN_IMAGES_PER_S] == pytest.approx(summary["train_images_per_s"]) and m[M.TRAIN_IMAGES_PER_S] > 0
+        assert m[M.EVAL_IMAGES_PER_S] > 0 and m[M.PEAK_HOST_MEMORY_MB] > 100   # torch alone takes more
+        assert M.PEAK_GPU_MEMORY_MB not in m                                  # a CPU run
         assert "system/cpu_utilization_percentage" in m and "system/system_memory_usage_megabytes" in m
         assert r.data.tags[S.TAG_DEVICE_SHARED] == "false"                    # one worker per invocation
     return by_cell

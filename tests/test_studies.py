@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dset import metric_names as M
 from dset.config import flatten, load_config, read_budget
 from studies import mlflow_schema as S
 from studies import spec
@@ -163,9 +164,9 @@ def test_epoch_metric_names():
     m = epoch_metrics(rec)
     assert m["train/loss"] == 2.0 and m["train/loss_vfl"] == 0.5 and m["lr/new"] == 1e-4
     assert m["val/mAP"] == 0.25 and m["val/mAP50"] == 0.5 and m["val/AP/circle"] == 0.1
-    assert m[S.KEEP_RATIO] == 0.7 and "val/mAP_large" not in m and "train_images" not in m
-    assert m[S.usage_metric("encoder_moe", 0, 1)] == 0.75
-    assert m[S.entropy_metric("encoder_moe", 0)] == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))
+    assert m[M.KEEP_RATIO] == 0.7 and "val/mAP_large" not in m and "train_images" not in m
+    assert m[M.usage_metric("encoder_moe", 0, 1)] == 0.75
+    assert m[M.entropy_metric("encoder_moe", 0)] == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))
     assert entropy([0.25] * 4) == pytest.approx(math.log(4))
 
 
@@ -232,18 +233,18 @@ def test_grid_end_to_end_into_mlflow_with_a_failing_cell(tmp_path, store, synth_
         # final metrics equal summary.json
         summary = json.loads((run_dir / "summary.json").read_text())
         prof = summary["profile"]
-        assert row[f"metrics.{S.BEST_MAP}"] == pytest.approx(summary["best_mAP"])
-        assert row[f"metrics.{S.BEST_EPOCH}"] == summary["best_epoch"]
-        assert row[f"metrics.{S.PARAMS}"] == summary["params"]
-        assert row[f"metrics.{S.ACTIVE_PARAMS}"] == summary["active_params"]
-        assert row[f"metrics.{S.GFLOPS}"] == pytest.approx(summary["gflops"])
-        parts = [row[f"metrics.{S.GFLOPS_COMPONENT_PREFIX}{p}"] for p in ("backbone", "encoder", "decoder")]
+        assert row[f"metrics.{M.BEST_MAP}"] == pytest.approx(summary["best_mAP"])
+        assert row[f"metrics.{M.BEST_EPOCH}"] == summary["best_epoch"]
+        assert row[f"metrics.{M.PARAMS}"] == summary["params"]
+        assert row[f"metrics.{M.ACTIVE_PARAMS}"] == summary["active_params"]
+        assert row[f"metrics.{M.GFLOPS}"] == pytest.approx(summary["gflops"])
+        parts = [row[f"metrics.{M.GFLOPS_COMPONENT_PREFIX}{p}"] for p in ("backbone", "encoder", "decoder")]
         assert parts == [pytest.approx(prof["gflops_by_component"][p]) for p in ("backbone", "encoder", "decoder")]
         assert sum(parts) == pytest.approx(summary["gflops"], rel=1e-3)
-        assert row[f"metrics.{S.LATENCY_MS}"] == pytest.approx(summary["latency_ms"])
-        assert row[f"metrics.{S.FPS}"] == pytest.approx(1000.0 / summary["latency_ms"])
-        assert row[f"metrics.{S.EPOCHS_RUN}"] == 2
-        assert row[f"metrics.{S.TRAIN_MINUTES}"] == pytest.approx(sum(r["epoch_time_s"] for r in lines) / 60)
+        assert row[f"metrics.{M.LATENCY_MS}"] == pytest.approx(summary["latency_ms"])
+        assert row[f"metrics.{M.FPS}"] == pytest.approx(1000.0 / summary["latency_ms"])
+        assert row[f"metrics.{M.EPOCHS_RUN}"] == 2
+        assert row[f"metrics.{M.TRAIN_MINUTES}"] == pytest.approx(sum(r["epoch_time_s"] for r in lines) / 60)
         # artifacts
         names = {a.path for a in c.list_artifacts(run_id)}
         expected = {"config.yaml", "metrics.jsonl", "summary.json", "per_class_ap.csv", "eval", S.ARTIFACT_PICTURES,
@@ -265,15 +266,15 @@ def test_grid_end_to_end_into_mlflow_with_a_failing_cell(tmp_path, store, synth_
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
             # sparse metrics: keep ratio, usage shares (sum 1 per layer) and their entropy
             last = lines[-1]
-            assert row[f"metrics.{S.KEEP_RATIO}"] == pytest.approx(last["keep_ratio"]) and last["keep_ratio"] < 1
-            assert row[f"metrics.{S.FINAL_KEEP_RATIO}"] == pytest.approx(last["keep_ratio"])
+            assert row[f"metrics.{M.KEEP_RATIO}"] == pytest.approx(last["keep_ratio"]) and last["keep_ratio"] < 1
+            assert row[f"metrics.{M.FINAL_KEEP_RATIO}"] == pytest.approx(last["keep_ratio"])
             for where, layers in (("encoder_moe", 1), ("decoder_moe", 3)):
                 for layer in range(layers):
-                    shares = [row[f"metrics.{S.usage_metric(where, layer, e)}"] for e in range(6)]
+                    shares = [row[f"metrics.{M.usage_metric(where, layer, e)}"] for e in range(6)]
                     assert sum(shares) == pytest.approx(1.0, abs=1e-5)
-                    assert row[f"metrics.{S.entropy_metric(where, layer)}"] == pytest.approx(entropy(shares), abs=1e-6)
+                    assert row[f"metrics.{M.entropy_metric(where, layer)}"] == pytest.approx(entropy(shares), abs=1e-6)
         else:
-            assert f"metrics.{S.KEEP_RATIO}" not in row or math.isnan(row[f"metrics.{S.KEEP_RATIO}"])
+            assert f"metrics.{M.KEEP_RATIO}" not in row or math.isnan(row[f"metrics.{M.KEEP_RATIO}"])
 
     # the report layer reads this store
     from analysis.runs import load_study_runs
@@ -381,7 +382,7 @@ def test_two_workers_share_the_store(tmp_path, store, synth_root, capfd):
     kids = df[df["tags.dset.role"] == "child"]
     assert sorted(kids["tags.dset.cell"]) == ["r18-base-s0", "r18-dset-s0"]
     assert (kids["status"] == "FINISHED").all() and (df["tags.dset.role"] == "parent").sum() == 1
-    assert kids["metrics.train/loss"].notna().all() and kids[f"metrics.{S.BEST_MAP}"].notna().all()
+    assert kids["metrics.train/loss"].notna().all() and kids[f"metrics.{M.BEST_MAP}"].notna().all()
     assert len(set(kids["tags.dset.pid"])) == 1                          # the invocation's pid, set per run
     assert kids["start_time"].max() < kids["end_time"].min()              # the two ran at the same time
 
@@ -413,7 +414,7 @@ def test_optuna_search_two_trials(tmp_path, store, synth_root, capsys):
                 continue
             assert row[f"params.{key}"] == str(value)
         assert t.params["model.encoder_moe.top_k"] <= t.params["model.encoder_moe.num_experts"]
-        assert t.values == [pytest.approx(row[f"metrics.{S.BEST_MAP}"]), pytest.approx(row[f"metrics.{S.GFLOPS}"])]
+        assert t.values == [pytest.approx(row[f"metrics.{M.BEST_MAP}"]), pytest.approx(row[f"metrics.{M.GFLOPS}"])]
     # more trials continue the same search
     assert spec.search_fingerprint(spec.load_study("optuna_search", ["budget=smoke", "n_trials=5"])) == \
         spec.search_fingerprint(spec.load_study("optuna_search", ["budget=smoke", "n_trials=2"]))

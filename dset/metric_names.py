@@ -1,0 +1,71 @@
+"""The name of every metric a run records: in the training loop's ``metrics.jsonl`` and ``summary.json``, in
+MLflow and in the report. One name per metric, used unchanged by every layer (``dset/`` defines them because
+the training loop writes them; ``studies/`` logs them to MLflow as they are; ``analysis/`` reads them back).
+
+Per-epoch metrics are logged at ``step=epoch``; final metrics once per run.
+"""
+
+from __future__ import annotations
+
+# ----------------------------------------------------------------------------- per-epoch metric prefixes
+TRAIN_LOSS_PREFIX = "train/"           # train/loss (total), train/loss_vfl, train/loss_bbox, ... (epoch means)
+LR_PREFIX = "lr/"                      # lr/<param group name>
+VAL_PREFIX = "val/"                    # val/mAP, val/mAP50, val/mAP75, val/mAP_small, val/mAP_medium, val/mAP_large,
+                                       # val/AR100
+KEEP_RATIO = "sparse/keep_ratio"       # token keep ratio in force that epoch (measured: mean kept / tokens)
+SCHEDULED_KEEP_RATIO = "sparse/scheduled_keep_ratio"  # the schedule's target keep ratio that epoch
+VAL_AP_PREFIX = "val/AP/"              # val/AP/<class name>: per-class AP@[.5:.95] (characters MLflow rejects -> _)
+EPOCH_TIME = "time/epoch_s"            # wall time of the epoch (training + evaluation), seconds
+# expert usage share: sparse/<encoder_moe|decoder_moe>/layer<i>/expert<j>; entropy: .../layer<i>/entropy
+# (entropy of the layer's usage shares in nats, natural log: ln(num_experts) when perfectly balanced)
+USAGE_PREFIX = "sparse/"
+
+# ---------------------------------------------------------------------------------------- final metrics
+BEST_MAP = "best/mAP"                  # mAP@0.5:0.95 of the best epoch (EMA weights)
+BEST_MAP50 = "best/mAP50"
+BEST_MAP75 = "best/mAP75"
+BEST_EPOCH = "best/epoch"
+PARAMS = "params"
+ACTIVE_PARAMS = "active_params"
+GFLOPS = "gflops"                      # 2 x multiply-adds, fvcore + attention/grid-sample handles
+GFLOPS_COMPONENT_PREFIX = "gflops/"    # gflops/backbone, gflops/encoder, gflops/decoder
+LATENCY_MS = "latency_ms"              # batch 1, median, on the tag dset.latency_device (studies.mlflow_schema)
+FPS = "fps"
+FINAL_KEEP_RATIO = "final/keep_ratio"
+# what the reported checkpoint's GFLOPs and latency were measured at: AIFI tokens in, tokens kept, their ratio
+PROFILE_TOKENS = "profile/tokens"
+PROFILE_KEPT_TOKENS = "profile/kept_tokens"
+PROFILE_KEEP_RATIO = "profile/keep_ratio"
+EPOCHS_RUN = "epochs_run"
+TRAIN_MINUTES = "train_minutes"
+# throughput and memory of the run's last attempt (a resumed run: the process that finished it)
+TRAIN_IMAGES_PER_S = "perf/train_images_per_s"   # training images / seconds in training steps
+EVAL_IMAGES_PER_S = "perf/eval_images_per_s"     # validation images / seconds in evaluation
+PEAK_HOST_MEMORY_MB = "perf/peak_host_memory_mb"  # peak resident memory of the training process
+PEAK_GPU_MEMORY_MB = "perf/peak_gpu_memory_mb"    # peak CUDA memory allocated by torch (GPU runs only)
+# MLflow's own system metrics, sampled while a run trains (time series): system/cpu_utilization_percentage,
+# system/system_memory_usage_megabytes, system/gpu_0_utilization_percentage, system/gpu_0_memory_usage_megabytes, ...
+SYSTEM_PREFIX = "system/"
+
+# deployed speed of the reported checkpoint (train.profile_deployment; dset.measure.deployment_latency): eager
+# PyTorch and each ONNX Runtime provider, timed round-robin in one process at batch 1 and 8:
+# deploy/<runtime>/latency_ms_b<batch> (median) and deploy/<runtime>/images_per_s_b<batch>, runtime "eager",
+# "onnxruntime_cpu", "onnxruntime_tensorrt", "onnxruntime_cuda"; where each ran: the tag dset.deploy_devices
+DEPLOY_PREFIX = "deploy/"
+DEPLOY_ONNX_MAX_DIFF = "deploy/onnx_max_abs_diff"   # largest |ONNX Runtime - eager| of the outputs
+                                                    # (tied queries paired)
+EAGER = "eager"
+ONNXRUNTIME_CPU = "onnxruntime_cpu"
+
+
+def deploy_metric(runtime: str, what: str, batch: int) -> str:
+    """``deploy/<runtime>/<what>_b<batch>``, ``what`` "latency_ms" or "images_per_s"."""
+    return f"{DEPLOY_PREFIX}{runtime}/{what}_b{batch}"
+
+
+def usage_metric(where: str, layer: int, expert: int) -> str:
+    return f"{USAGE_PREFIX}{where}/layer{layer}/expert{expert}"
+
+
+def entropy_metric(where: str, layer: int) -> str:
+    return f"{USAGE_PREFIX}{where}/layer{layer}/entropy"
