@@ -363,7 +363,9 @@ def _resolve_preset(name_or_path: str | Path) -> Path:
     return find_yaml(name_or_path, PRESET_DIR, what="preset")
 
 
-def _read_yaml_chain(name_or_path: str | Path, seen: tuple = ()) -> dict:
+def read_preset(name_or_path: str | Path, seen: tuple = ()) -> dict:
+    """A preset (a name in dset/configs or a YAML path) as a nested mapping, with its ``base`` presets merged
+    under it; a cycle of bases is a ConfigError naming the files."""
     path = _resolve_preset(name_or_path)
     if path in seen:
         raise ConfigError(f"{path}: 'base' presets form a cycle: {' -> '.join(map(str, seen + (path,)))}")
@@ -376,7 +378,7 @@ def _read_yaml_chain(name_or_path: str | Path, seen: tuple = ()) -> dict:
             b_path = Path(b)
             if b_path.suffix in (".yaml", ".yml") and not b_path.is_absolute():
                 b = path.parent / b_path
-            merged = _merge(merged, _read_yaml_chain(b, seen + (path,)))
+            merged = _merge(merged, read_preset(b, seen + (path,)))
         data = _merge(merged, data)
     return data
 
@@ -532,7 +534,7 @@ def load_config(name_or_path: str | Path | Config = "rtdetr_r18", overrides: lis
     if isinstance(name_or_path, Config):
         data = name_or_path.to_dict()
     else:
-        data = _read_yaml_chain(name_or_path)
+        data = read_preset(name_or_path)
     return config_from_dict(apply_overrides(data, overrides))
 
 
@@ -557,7 +559,7 @@ def read_budget(name: str | Path | None) -> tuple[dict, Any]:
     path = budget_path(name)
     if path is None:
         return {}, None
-    data = _read_yaml_chain(path)
+    data = read_preset(path)
     return data, data.pop("pretrain", None)
 
 
@@ -589,10 +591,10 @@ def resolve_config(presets: str | Path | list, *, budget: str | Path | None = BU
     presets = [presets] if isinstance(presets, (str, Path)) else list(presets)
     stack: dict = {}
     for p in presets:
-        stack = _merge(stack, _read_yaml_chain(p))
+        stack = _merge(stack, read_preset(p))
     on_top: list[dict] = []
     if data is not None and str(data).lower() not in ("none", "null", ""):
-        on_top.append(_read_yaml_chain(find_yaml(data, PRESET_DIR, what="data preset", prefix="data_",
+        on_top.append(read_preset(find_yaml(data, PRESET_DIR, what="data preset", prefix="data_",
                                                  context="data")))
     on_top += [_nest(layer) for layer in layers]
     if budget is not None and str(budget) == BUDGET_AUTO:

@@ -50,13 +50,13 @@ from dset.config import (
     RESULT_NEUTRAL_KEYS,
     Config,
     ConfigError,
-    _read_yaml_chain,
     apply_overrides,
     budget_path,
     find_yaml,
     flatten,
     parse_override,
     read_budget,
+    read_preset,
     read_yaml_mapping,
     resolve_config,
 )
@@ -269,7 +269,7 @@ def _preset_settings(preset: str, section: str, without: list[str], where: str) 
     """The settings that ``preset`` (and the presets it is based on) states under ``section`` (dotted), flat,
     leaving out the keys of the section named in ``without``."""
     try:
-        node: Any = _read_yaml_chain(preset)
+        node: Any = read_preset(preset)
     except ConfigError as exc:
         raise StudyError(f"{where}.from_preset: {exc}") from None
     for part in section.split("."):
