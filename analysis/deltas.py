@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from dset import metric_names as M
+
 from . import bootstrap as B
 from . import runs as R
 from . import stats
@@ -57,7 +59,7 @@ def against_baseline(study: R.StudyRuns, v: pd.Series, base: pd.Series, n_resamp
                      seed: int = 0) -> Delta:
     """``v`` minus ``base`` (rows of :func:`analysis.runs.variants`, with included runs): the bootstrap
     where every run has its evaluation artifacts and they cover the same images, else Welch."""
-    welch = stats.welch(v["map_values"], base["map_values"])
+    welch = stats.welch(v[f"{M.BEST_MAP}_values"], base[f"{M.BEST_MAP}_values"])
     p = welch.p if min(v["n"], base["n"]) > 1 else math.nan
     evals = R.evaluations(study, tuple(v["run_ids"]) + tuple(base["run_ids"]))
     missing = {r: why for r, why in evals.items() if isinstance(why, str)}
@@ -73,7 +75,7 @@ def against_baseline(study: R.StudyRuns, v: pd.Series, base: pd.Series, n_resamp
                          d.map.verdict, d.variant_map, d.baseline_map, p, d.n_images, d.n_resamples, None)
         except ValueError as exc:  # e.g. evaluated on different images: say so, and fall back
             why = str(exc)
-    w50 = stats.welch(v["map50_values"], base["map50_values"])
+    w50 = stats.welch(v[f"{M.BEST_MAP50}_values"], base[f"{M.BEST_MAP50}_values"])
     verdict = welch.verdict if math.isnan(welch.ci_low) else B.verdict(welch.ci_low, welch.ci_high)
     return Delta(WELCH, welch.diff, welch.ci_low, welch.ci_high, w50.diff, w50.ci_low, w50.ci_high, verdict,
-                 v["map_mean"], base["map_mean"], p, None, None, why)
+                 v[f"{M.BEST_MAP}_mean"], base[f"{M.BEST_MAP}_mean"], p, None, None, why)

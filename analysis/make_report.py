@@ -18,10 +18,10 @@ Where the numbers come from: MLflow only. Runs, params, tags and final metrics a
 detections on the validation images and their ground truth from its two evaluation artifacts
 (``eval/detections.json``, ``eval/ground_truth.json``, downloaded through the MLflow client), from which
 the intervals are bootstrapped (``analysis/bootstrap.py``). No other file a run wrote (checkpoints,
-metrics.jsonl) is read. The names are those of ``studies/mlflow_schema.py``. Besides the intervals and the
-error analysis (pycocotools on the same logged detections), the compute table's "sites" column is the one
-number this report computes itself (closed-form multiply-adds from each run's logged configuration), and
-says so.
+metrics.jsonl) is read. Metric names are those of ``dset/metric_names.py``, tags and artifacts those of
+``studies/mlflow_schema.py``. Besides the intervals and the error analysis (pycocotools on the same logged
+detections), the compute table's "sites" column is the one number this report computes itself (closed-form
+multiply-adds from each run's logged configuration), and says so.
 
 Tables: answer (first: DSET and each switch alone against RT-DETR of the same backbone, ΔmAP and ΔmAP50
 with 95% intervals, ΔGFLOPs, Δlatency, a verdict from the interval), main (every variant vs RT-DETR of the
@@ -172,10 +172,10 @@ def build_figures(study: R.StudyRuns, vs: pd.DataFrame, tables: dict, extra: dic
         for name in ("map_vs_gflops", "map_vs_latency"):
             skipped[name] = "no child runs"
     else:
-        add("map_vs_gflops", P.map_vs(vs, "gflops", "GFLOPs (2 × multiply-adds)"),
+        add("map_vs_gflops", P.map_vs(vs, M.GFLOPS, "GFLOPs (2 × multiply-adds)"),
             "no variant logged gflops and best/mAP")
         latency_axis = f"latency (ms, batch 1; {'; '.join(devices) or 'device not logged'})"
-        add("map_vs_latency", P.map_vs(vs, "latency_ms", latency_axis), "no variant logged latency_ms and best/mAP")
+        add("map_vs_latency", P.map_vs(vs, M.LATENCY_MS, latency_axis), "no variant logged latency_ms and best/mAP")
     if "ablation" in tables:
         add("ablation_bars", P.ablation_bars(tables["ablation"].df), "no finished ablation runs")
     else:

@@ -102,16 +102,17 @@ def _short_label(v: pd.Series) -> str:
 
 
 @_styled
-def map_vs(vs: pd.DataFrame, x_stem: str, x_label: str) -> Figure | None:
-    """mAP against ``x_stem`` (gflops or latency_ms) for every variant, Pareto front (max mAP, min x)
+def map_vs(vs: pd.DataFrame, x_metric: str, x_label: str) -> Figure | None:
+    """mAP against ``x_metric`` (``M.GFLOPS`` or ``M.LATENCY_MS``) for every variant, Pareto front (max mAP, min x)
     drawn, RT-DETR baselines as stars, seed std as error bars."""
-    pts = vs[(vs["n"] > 0) & vs[f"{x_stem}_mean"].notna() & vs["map_mean"].notna()].reset_index(drop=True)
+    x, y, y_std = f"{x_metric}_mean", f"{M.BEST_MAP}_mean", f"{M.BEST_MAP}_std"  # columns of runs.variants
+    pts = vs[(vs["n"] > 0) & vs[x].notna() & vs[y].notna()].reset_index(drop=True)
     if pts.empty:
         return None
     fig, axes = _new(6.4, 4.4)
     ax = axes[0, 0]
     seen: list = []
-    front = stats.pareto_mask(pts["map_mean"], pts[f"{x_stem}_mean"])
+    front = stats.pareto_mask(pts[y], pts[x])
     for bb in sorted(set(pts["backbone"].dropna()), key=lambda b: (R.BACKBONE_ORDER.get(b, 9), b)):
         sub = pts[pts["backbone"] == bb]
         color = _color(bb, seen)
@@ -121,17 +122,17 @@ def map_vs(vs: pd.DataFrame, x_stem: str, x_label: str) -> Figure | None:
             s = sub[mask]
             if s.empty:
                 continue
-            ax.errorbar(s[f"{x_stem}_mean"], s["map_mean"], yerr=s["map_std"].fillna(0), fmt="none", ecolor=color,
+            ax.errorbar(s[x], s[y], yerr=s[y_std].fillna(0), fmt="none", ecolor=color,
                         elinewidth=0.8, capsize=2, alpha=0.7)
-            ax.scatter(s[f"{x_stem}_mean"], s["map_mean"], s=size, marker=marker, color=color, edgecolor="black",
+            ax.scatter(s[x], s[y], s=size, marker=marker, color=color, edgecolor="black",
                        linewidth=0.6 if marker == "*" else 0.3, label=label, zorder=3)
         for _, v in sub.iterrows():
-            ax.annotate(_short_label(v), (v[f"{x_stem}_mean"], v["map_mean"]), textcoords="offset points",
+            ax.annotate(_short_label(v), (v[x], v[y]), textcoords="offset points",
                         xytext=(4, 3), fontsize=6.5)
-    f = pts[front].sort_values(f"{x_stem}_mean", kind="mergesort")
-    ax.step(f[f"{x_stem}_mean"], f["map_mean"], where="post", color="black", linestyle="--", linewidth=1,
+    f = pts[front].sort_values(x, kind="mergesort")
+    ax.step(f[x], f[y], where="post", color="black", linestyle="--", linewidth=1,
             label="Pareto front (max mAP, min " + x_label.split(" (")[0] + ")", zorder=2)
-    ax.scatter(f[f"{x_stem}_mean"], f["map_mean"], s=90, facecolor="none", edgecolor="black", linewidth=1, zorder=4)
+    ax.scatter(f[x], f[y], s=90, facecolor="none", edgecolor="black", linewidth=1, zorder=4)
     _labelled(ax, f"mAP vs {x_label.split(' (')[0]}: every variant", x_label,
               "mAP@0.5:0.95 (best epoch; seed mean ± std)")
     return fig
@@ -263,13 +264,13 @@ def optuna_pareto(trials: pd.DataFrame) -> Figure | None:
         return None
     fig, axes = _new(6.0, 4.2)
     ax = axes[0, 0]
-    rest, front = trials[~trials["pareto"]], trials[trials["pareto"]].sort_values("gflops", kind="mergesort")
-    ax.scatter(rest["gflops"], rest["map"], s=28, color="tab:gray", label="trials", zorder=3)
-    ax.scatter(front["gflops"], front["map"], s=48, color="tab:red", edgecolor="black", linewidth=0.5,
+    rest, front = trials[~trials["pareto"]], trials[trials["pareto"]].sort_values(M.GFLOPS, kind="mergesort")
+    ax.scatter(rest[M.GFLOPS], rest[M.BEST_MAP], s=28, color="tab:gray", label="trials", zorder=3)
+    ax.scatter(front[M.GFLOPS], front[M.BEST_MAP], s=48, color="tab:red", edgecolor="black", linewidth=0.5,
                label="Pareto-optimal trials", zorder=4)
-    ax.step(front["gflops"], front["map"], where="post", color="tab:red", linestyle="--", linewidth=1, zorder=2)
+    ax.step(front[M.GFLOPS], front[M.BEST_MAP], where="post", color="tab:red", linestyle="--", linewidth=1, zorder=2)
     for _, t in trials.iterrows():
-        ax.annotate(str(int(t["trial"])), (t["gflops"], t["map"]), textcoords="offset points", xytext=(4, 3),
+        ax.annotate(str(int(t["trial"])), (t[M.GFLOPS], t[M.BEST_MAP]), textcoords="offset points", xytext=(4, 3),
                     fontsize=7)
     _labelled(ax, f"Optuna: {len(trials)} finished trials, Pareto front (max mAP, min GFLOPs)",
               "GFLOPs (2 × multiply-adds)", "best mAP@0.5:0.95")

@@ -5,11 +5,13 @@ MLflow is the only source. Runs, their params, tags and final metrics come from 
 metric's full history instead of its last value); each run's detections on the validation images and
 their ground truth come from the run's two evaluation artifacts (``ARTIFACT_DETECTIONS``,
 ``ARTIFACT_GROUND_TRUTH``), downloaded once per report through the MLflow client (:func:`evaluations`),
-for the bootstrap intervals. No other file written by a run is read. The names are those of
+for the bootstrap intervals. No other file written by a run is read. Metric names are those of
+``dset/metric_names.py``, unchanged (the metric's column is its name); tags and artifacts those of
 ``studies/mlflow_schema.py``.
 
 ``load_study_runs(experiment, tracking_uri)`` returns a :class:`StudyRuns` whose ``runs`` frame keeps every
-column ``search_runs`` returned (``metrics.*``, ``params.*``, ``tags.*``) and adds normalised ones:
+column ``search_runs`` returned (``params.*``, ``tags.*``, and each ``metrics.<name>`` under the metric's own name,
+``dset.metric_names``: ``best/mAP``, ``gflops/backbone``, ...) and adds normalised ones:
 ``role`` ("parent"; "pretrain": a stage-1 pretraining run, never a variant; or "child"), ``backbone``,
 the three switches as booleans, ``combo`` ("", "E", "E+P", ...), ``seed``, ``trial``, ``init_checkpoint``
 and ``init_source`` (the weights a run started from), ``checkpoint_dir``, ``included`` (the run's numbers
@@ -54,25 +56,22 @@ BACKBONE_ORDER = {"R18": 0, "R34": 1}
 TAG_STOP_REASON = getattr(S, "TAG_STOP_REASON", "dset.stop_reason")        # "early_stopping: ...", "optuna_pruned"
 TAG_PROFILE_ERROR = getattr(S, "TAG_PROFILE_ERROR", "dset.profile_error")  # why params/GFLOPs/latency are missing
 
-# final metrics summarised per variant: (summary column stem, MLflow metric)
-FINAL_METRICS = {
-    "map": M.BEST_MAP, "map50": M.BEST_MAP50, "map75": M.BEST_MAP75, "best_epoch": M.BEST_EPOCH,
-    "params": M.PARAMS, "active_params": M.ACTIVE_PARAMS, "gflops": M.GFLOPS,
-    "gflops_backbone": M.GFLOPS_COMPONENT_PREFIX + "backbone", "gflops_encoder": M.GFLOPS_COMPONENT_PREFIX + "encoder",
-    "gflops_decoder": M.GFLOPS_COMPONENT_PREFIX + "decoder", "latency_ms": M.LATENCY_MS, "fps": M.FPS,
-    "final_keep_ratio": M.FINAL_KEEP_RATIO, "epochs_run": M.EPOCHS_RUN, "train_minutes": M.TRAIN_MINUTES,
-    "profile_tokens": M.PROFILE_TOKENS, "profile_kept_tokens": M.PROFILE_KEPT_TOKENS,
-    "profile_keep_ratio": M.PROFILE_KEEP_RATIO,
+# the final metrics summarised per variant (``variants``: columns <metric>_mean, <metric>_std, <metric>_values)
+FINAL_METRICS = (
+    M.BEST_MAP, M.BEST_MAP50, M.BEST_MAP75, M.BEST_EPOCH, M.PARAMS, M.ACTIVE_PARAMS, M.GFLOPS,
+    *(M.GFLOPS_COMPONENT_PREFIX + part for part in ("backbone", "encoder", "decoder")),
+    M.LATENCY_MS, M.FPS, M.FINAL_KEEP_RATIO, M.EPOCHS_RUN, M.TRAIN_MINUTES,
+    M.PROFILE_TOKENS, M.PROFILE_KEPT_TOKENS, M.PROFILE_KEEP_RATIO,
     # deployed speed (train.profile_deployment): eager PyTorch and ONNX Runtime (CPU) timed side by side in the run
-    "eager_b1_ms": M.deploy_metric(M.EAGER, "latency_ms", 1),
-    "eager_b8_images_per_s": M.deploy_metric(M.EAGER, "images_per_s", 8),
-    "onnxruntime_b1_ms": M.deploy_metric(M.ONNXRUNTIME_CPU, "latency_ms", 1),
-    "onnxruntime_b8_images_per_s": M.deploy_metric(M.ONNXRUNTIME_CPU, "images_per_s", 8),
-    "onnx_max_abs_diff": M.DEPLOY_ONNX_MAX_DIFF,
-}
+    M.deploy_metric(M.EAGER, "latency_ms", 1), M.deploy_metric(M.EAGER, "images_per_s", 8),
+    M.deploy_metric(M.ONNXRUNTIME_CPU, "latency_ms", 1), M.deploy_metric(M.ONNXRUNTIME_CPU, "images_per_s", 8),
+    M.DEPLOY_ONNX_MAX_DIFF,
+)
 # the deploy/ metrics of any runtime: deploy/<runtime>/<latency_ms|images_per_s>_b<batch>
-DEPLOY_RE = re.compile(r"^metrics\." + re.escape(M.DEPLOY_PREFIX) + r"([a-z_]+)/(latency_ms|images_per_s)_b(\d+)$")
-USAGE_RE = re.compile(r"^metrics\." + re.escape(M.USAGE_PREFIX) + r"(encoder_moe|decoder_moe)/layer(\d+)/expert(\d+)$")
+DEPLOY_RE = re.compile("^" + re.escape(M.DEPLOY_PREFIX) + r"([a-z_]+)/(latency_ms|images_per_s)_b(\d+)$")
+USAGE_RE = re.compile("^" + re.escape(M.USAGE_PREFIX) + r"(encoder_moe|decoder_moe)/layer(\d+)/expert(\d+)$")
+# the prefix mlflow.search_runs puts before each metric's name; normalise drops it
+SEARCH_RUNS_METRIC_PREFIX = "metrics."
 
 
 class ReportError(Exception):
@@ -120,8 +119,7 @@ class StudyRuns:
 
     def metric(self, frame: pd.DataFrame, name: str) -> pd.Series:
         """The final value of MLflow metric ``name`` for each row of ``frame`` (NaN where not logged)."""
-        col = f"metrics.{name}"
-        return frame[col].astype(float) if col in frame else pd.Series(np.nan, index=frame.index)
+        return frame[name].astype(float) if name in frame else pd.Series(np.nan, index=frame.index)
 
     def config(self, run_id: str) -> Config:
         """The dset configuration run ``run_id`` trained with, rebuilt from its logged params."""
@@ -227,11 +225,12 @@ def combo_label(backbone: str, e: bool, p: bool, d: bool) -> str:
 
 
 def normalise(raw: pd.DataFrame) -> pd.DataFrame:
-    """Add the normalised columns to what ``search_runs`` returned and sort the rows stably."""
+    """Add the normalised columns to what ``search_runs`` returned, name each metric's column by the metric alone
+    (``metrics.best/mAP`` -> ``best/mAP``) and sort the rows stably."""
     df = raw.copy()
     _add_variant_columns(df)
     _add_tag_columns(df)
-    map_col = f"metrics.{M.BEST_MAP}"
+    map_col = SEARCH_RUNS_METRIC_PREFIX + M.BEST_MAP
     has_map = df[map_col].notna() if map_col in df else pd.Series(False, index=df.index)
     superseded = _tag(df, S.TAG_SUPERSEDED_BY)
     reasons = [_exclusion(row, superseded[i], bool(has_map[i])) for i, row in df.iterrows()]
@@ -247,7 +246,17 @@ def normalise(raw: pd.DataFrame) -> pd.DataFrame:
     df = df.sort_values(by=["role", "sort_key", "seed", "start_time", "run_id"],
                         key=lambda s: s.map(_role_rank) if s.name == "role" else s,
                         na_position="last", kind="mergesort").reset_index(drop=True)
-    return df
+    return _metrics_by_name(df)
+
+
+def _metrics_by_name(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with each ``metrics.<name>`` column renamed ``<name>``; a metric named like another column is an error
+    (its values would be mistaken for that column's)."""
+    names = {c: c[len(SEARCH_RUNS_METRIC_PREFIX):] for c in df.columns if c.startswith(SEARCH_RUNS_METRIC_PREFIX)}
+    clash = sorted(set(names.values()) & set(df.columns))
+    if clash:
+        raise ValueError(f"metric(s) {', '.join(clash)} named like a column of the report's runs frame")
+    return df.rename(columns=names)
 
 
 def _add_variant_columns(df: pd.DataFrame) -> None:
@@ -383,9 +392,10 @@ def variants(study: StudyRuns) -> pd.DataFrame:
 
     Columns: group, label, backbone, encoder_moe, token_pruning, decoder_moe, combo, trial, n (included
     runs), n_runs (all runs), seeds (included), failed (count), data, latency_device, and for each final
-    metric stem in ``FINAL_METRICS``: ``<stem>_mean``, ``<stem>_std`` (sample std, NaN for n < 2) and
-    ``<stem>_values`` (a tuple in seed order); ``first_run`` (a run id) to read settings from; ``run_ids``
-    (the included runs, seed order); ``init_checkpoint`` (the weights its runs started from, "; "-joined)."""
+    metric in ``FINAL_METRICS`` (its MLflow name, e.g. ``best/mAP``): ``<metric>_mean``, ``<metric>_std`` (sample
+    std, NaN for n < 2) and ``<metric>_values`` (a tuple in seed order); ``first_run`` (a run id) to read settings
+    from; ``run_ids`` (the included runs, seed order); ``init_checkpoint`` (the weights its runs started from,
+    "; "-joined)."""
     children = study.children
     rows = []
     for gid, g in children.groupby("group", sort=False):
@@ -408,11 +418,11 @@ def variants(study: StudyRuns) -> pd.DataFrame:
             "init_checkpoint": "; ".join(sorted({c for c in inc["init_checkpoint"] if c})) or None,
             "not_included": tuple(g.loc[~g["included"], "reason"]),
         }
-        for stem, metric in FINAL_METRICS.items():
+        for metric in FINAL_METRICS:
             values = study.metric(inc, metric).dropna().to_numpy(dtype=float)
-            row[f"{stem}_values"] = tuple(float(v) for v in values)
-            row[f"{stem}_mean"] = float(np.mean(values)) if len(values) else math.nan
-            row[f"{stem}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+            row[f"{metric}_values"] = tuple(float(v) for v in values)
+            row[f"{metric}_mean"] = float(np.mean(values)) if len(values) else math.nan
+            row[f"{metric}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
         rows.append(row)
     out = pd.DataFrame(rows)
     if out.empty:
@@ -515,7 +525,7 @@ def histories(study: StudyRuns, keys: tuple[str, ...], runs: pd.DataFrame | None
     client = store.client(study.tracking_uri)
     for _, run in runs.iterrows():
         for key in keys:
-            if f"metrics.{key}" not in run or pd.isna(run[f"metrics.{key}"]):
+            if key not in run or pd.isna(run[key]):
                 continue
             cache_key = (run["run_id"], key)
             if cache_key not in study._histories:

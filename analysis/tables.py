@@ -82,8 +82,8 @@ def _profile_text(tokens, kept, ratio) -> str | None:
 def profiled_at(v: pd.Series) -> str | None:
     """What a variant's GFLOPs and latency were measured at (profile/kept_tokens, profile/tokens,
     profile/keep_ratio), e.g. "70/100 tokens (keep ratio 0.70)"; per seed, "; "-joined, where seeds differ."""
-    texts = [_profile_text(t, k, r) for t, k, r in zip(v["profile_tokens_values"], v["profile_kept_tokens_values"],
-                                                       v["profile_keep_ratio_values"])]
+    texts = [_profile_text(t, k, r) for t, k, r in zip(*(v[f"{m}_values"] for m in (
+        M.PROFILE_TOKENS, M.PROFILE_KEPT_TOKENS, M.PROFILE_KEEP_RATIO)))]
     return "; ".join(dict.fromkeys(t for t in texts if t)) or None
 
 
@@ -227,19 +227,20 @@ def main_table(study: R.StudyRuns, vs: pd.DataFrame) -> Table:
     for _, v in vs.iterrows():
         base = R.baseline_of(vs, v["backbone"])
         rel = math.nan
-        if base is not None and base["group"] != v["group"] and not missing(v["map_mean"]):
-            rel = B.relative_percent(v["map_mean"], base["map_mean"])
-            floored |= missing(rel) and bool(base["map_mean"])
+        if base is not None and base["group"] != v["group"] and not missing(v[f"{M.BEST_MAP}_mean"]):
+            rel = B.relative_percent(v[f"{M.BEST_MAP}_mean"], base[f"{M.BEST_MAP}_mean"])
+            floored |= missing(rel) and bool(base[f"{M.BEST_MAP}_mean"])
         rows.append({
             "model": v["label"], "backbone": v["backbone"], "n": v["n"],
-            "mAP@0.5:0.95": mean_pm(v["map_mean"], v["map_std"]),
-            "mAP@0.5:0.95 mean": v["map_mean"], "mAP@0.5:0.95 std": v["map_std"],
-            "mAP@0.5": v["map50_mean"], "mAP@0.75": v["map75_mean"],
+            "mAP@0.5:0.95": mean_pm(v[f"{M.BEST_MAP}_mean"], v[f"{M.BEST_MAP}_std"]),
+            "mAP@0.5:0.95 mean": v[f"{M.BEST_MAP}_mean"], "mAP@0.5:0.95 std": v[f"{M.BEST_MAP}_std"],
+            "mAP@0.5": v[f"{M.BEST_MAP50}_mean"], "mAP@0.75": v[f"{M.BEST_MAP75}_mean"],
             "ΔmAP vs RT-DETR same backbone (%)": rel,
-            "params": v["params_mean"], "active params": v["active_params_mean"], "GFLOPs": v["gflops_mean"],
-            "latency (ms)": v["latency_ms_mean"], "FPS": v["fps_mean"], "latency device": v["latency_device"],
+            "params": v[f"{M.PARAMS}_mean"], "active params": v[f"{M.ACTIVE_PARAMS}_mean"],
+            "GFLOPs": v[f"{M.GFLOPS}_mean"], "latency (ms)": v[f"{M.LATENCY_MS}_mean"], "FPS": v[f"{M.FPS}_mean"],
+            "latency device": v["latency_device"],
             "GFLOPs/latency at": profiled_at(v),
-            "best epoch": ", ".join(str(int(e)) for e in v["best_epoch_values"]) or None,
+            "best epoch": ", ".join(str(int(e)) for e in v[f"{M.BEST_EPOCH}_values"]) or None,
             "data": v["data"], "runs not included": _excluded_note(v["not_included"]) or None,
         })
     df = pd.DataFrame(rows)
@@ -338,7 +339,8 @@ def ablation_table(study: R.StudyRuns, vs: pd.DataFrame) -> tuple[Table | None, 
                 if never:
                     notes.append("seed " + ", ".join(map(str, never)) + " not run")
                 row = {**common, "model": g["label"], "n": g["n"], "seeds": g["seeds"] or None,
-                       "mAP@0.5:0.95": mean_pm(g["map_mean"], g["map_std"]), "mean": g["map_mean"], "std": g["map_std"],
+                       "mAP@0.5:0.95": mean_pm(g[f"{M.BEST_MAP}_mean"], g[f"{M.BEST_MAP}_std"]),
+                       "mean": g[f"{M.BEST_MAP}_mean"], "std": g[f"{M.BEST_MAP}_std"],
                        "init checkpoint": g["init_checkpoint"],
                        "runs not included": "; ".join(n for n in notes if n) or None}
                 if base is None or base["group"] == g["group"] or g["n"] == 0:
@@ -403,8 +405,8 @@ def answer_table(study: R.StudyRuns, vs: pd.DataFrame) -> tuple[Table | None, st
                 rows.append({
                     "backbone": bb, "model": g["label"], "n (variant / RT-DETR)": f"{g['n']} / {base['n']}",
                     "mAP": c.variant_map, "mAP RT-DETR": c.baseline_map, **_delta_columns(c),
-                    "ΔGFLOPs": g["gflops_mean"] - base["gflops_mean"],
-                    "Δlatency (ms)": g["latency_ms_mean"] - base["latency_ms_mean"],
+                    "ΔGFLOPs": g[f"{M.GFLOPS}_mean"] - base[f"{M.GFLOPS}_mean"],
+                    "Δlatency (ms)": g[f"{M.LATENCY_MS}_mean"] - base[f"{M.LATENCY_MS}_mean"],
                     # the tag already names the batch ("cpu (...), batch 1"), as studies/tracking.py writes it
                     "latency measured on": " vs ".join(devices) if devices else None,
                     "GFLOPs/latency at": f"{profiled_at(g) or MISSING} vs RT-DETR {profiled_at(base) or MISSING}",
@@ -602,9 +604,9 @@ def stage1_table(study: R.StudyRuns) -> tuple[Table | None, str]:
         users = children[[bool(ckpt and c and c.startswith(ckpt)) or bool(key and src and key in src)
                           for c, src in zip(children["init_checkpoint"], children["init_source"])]]
         rows.append({"run": r["cell"] or r["run_id"], "backbone": r["backbone"], "MLflow status": r["status"],
-                     "mAP@0.5:0.95": r.get(f"metrics.{M.BEST_MAP}", math.nan),
-                     "mAP@0.5": r.get(f"metrics.{M.BEST_MAP50}", math.nan),
-                     "epochs": r.get(f"metrics.{M.EPOCHS_RUN}", math.nan), "checkpoint dir": ckpt,
+                     "mAP@0.5:0.95": r.get(M.BEST_MAP, math.nan),
+                     "mAP@0.5": r.get(M.BEST_MAP50, math.nan),
+                     "epochs": r.get(M.EPOCHS_RUN, math.nan), "checkpoint dir": ckpt,
                      "started from": r["init_checkpoint"], "cells fine-tuned from it": len(users),
                      "run id": r["run_id"]})
     notes = ["Stage 1: RT-DETR pretrained on the study's data; the cells fine-tune from its checkpoint (their "
@@ -641,26 +643,28 @@ def compute_table(study: R.StudyRuns, vs: pd.DataFrame) -> tuple[Table | None, s
     """GFLOPs by component (measured) and the share of the sites the sparse mechanisms act on (closed form)."""
     rows, sizes = [], set()
     for _, v in vs[vs["n"] > 0].iterrows():
-        if missing(v["gflops_mean"]):
+        gflops = v[f"{M.GFLOPS}_mean"]
+        if missing(gflops):
             continue
-        parts = [v[f"gflops_{c}_mean"] for c in ("backbone", "encoder", "decoder")]
+        parts = [v[f"{M.GFLOPS_COMPONENT_PREFIX}{c}_mean"] for c in ("backbone", "encoder", "decoder")]
         # rounded: the remainder of logged values carries float noise (1e-15), not information
-        other = round(v["gflops_mean"] - sum(parts), 6) + 0.0 if not any(missing(x) for x in parts) else math.nan
+        other = round(gflops - sum(parts), 6) + 0.0 if not any(missing(x) for x in parts) else math.nan
         cfg = run_config(study, v["first_run"])
         size = _image_size(cfg)
-        row = {"model": v["label"], "backbone": v["backbone"], "GFLOPs": v["gflops_mean"],
+        row = {"model": v["label"], "backbone": v["backbone"], "GFLOPs": gflops,
                "GFLOPs backbone": parts[0], "GFLOPs encoder": parts[1], "GFLOPs decoder": parts[2],
                "GFLOPs other": other, "GFLOPs/latency at": profiled_at(v)}
         for name, x in zip(("backbone", "encoder", "decoder"), parts):
-            row[f"{name} %"] = x / v["gflops_mean"] * 100 if v["gflops_mean"] else math.nan
+            row[f"{name} %"] = x / gflops * 100 if gflops else math.nan
         if size:
             sizes.add(size)
-            keep = next((k for k in (v["profile_keep_ratio_mean"], v["final_keep_ratio_mean"]) if not missing(k)), None)
+            keep = next((k for k in (v[f"{M.PROFILE_KEEP_RATIO}_mean"], v[f"{M.FINAL_KEEP_RATIO}_mean"])
+                         if not missing(k)), None)
             m = stats.sparse_site_macs(study.config(v["first_run"]), size, keep)
             dense = 2 * (m["aifi_dense"] + m["dec_ffn_dense"]) / 1e9
             as_run = 2 * (m["aifi"] + m["dec_ffn"]) / 1e9
             row.update({"sites dense GFLOPs": dense, "sites as run GFLOPs": as_run,
-                        "sites share (%)": as_run / v["gflops_mean"] * 100 if v["gflops_mean"] else math.nan,
+                        "sites share (%)": as_run / gflops * 100 if gflops else math.nan,
                         "AIFI tokens kept": f"{m['kept_tokens']}/{m['tokens']}"})
         else:
             row.update({"sites dense GFLOPs": math.nan, "sites as run GFLOPs": math.nan, "sites share (%)": math.nan,
@@ -728,10 +732,11 @@ def reported_table(study: R.StudyRuns, vs: pd.DataFrame) -> Table:
                                  "ΔmAP vs RT-DETR (%)": math.nan, "note": why})
                     continue
                 b = measured["RT-DETR"]
-                rel = (B.relative_percent(m["map_mean"], b["map_mean"])
+                rel = (B.relative_percent(m[f"{M.BEST_MAP}_mean"], b[f"{M.BEST_MAP}_mean"])
                        if model == "DSET" and isinstance(b, pd.Series) else math.nan)
                 rows.append({"model": name, "source": "measured here", "data": m["data"], "n": m["n"],
-                             "mAP@0.5:0.95": m["map_mean"], "mAP@0.5": m["map50_mean"], "mAP@0.75": m["map75_mean"],
+                             "mAP@0.5:0.95": m[f"{M.BEST_MAP}_mean"], "mAP@0.5": m[f"{M.BEST_MAP50}_mean"],
+                             "mAP@0.75": m[f"{M.BEST_MAP75}_mean"],
                              "ΔmAP vs RT-DETR (%)": rel, "note": None if m["n"] < 2 else "mean over seeds"})
     notes = [
         "reported: the numbers published in the seed report (DAIR-V2X, mAP@0.5:0.95 / @0.5 / @0.75), copied, not "
@@ -749,27 +754,27 @@ def reported_table(study: R.StudyRuns, vs: pd.DataFrame) -> Table:
 
 def optuna_trials(study: R.StudyRuns) -> pd.DataFrame:
     """Finished trials with both objectives (Optuna-pruned ones left out: their mAP is from a cut-short
-    training): trial, run_id, map, gflops, latency_ms, settings (dict of the parameters that vary across
-    them, parsed), pareto (bool)."""
+    training): trial, run_id, the metrics best/mAP, gflops and latency_ms (``M.BEST_MAP``, ``M.GFLOPS``,
+    ``M.LATENCY_MS``), settings (dict of the parameters that vary across them, parsed), pareto (bool)."""
     trials = study.included[study.included["trial"].notna()]
     trials = trials[[not (s or "").startswith("optuna_pruned") for s in trials["stop_reason"]]]
     rows = []
     for _, t in trials.iterrows():
-        m, g = t.get(f"metrics.{M.BEST_MAP}"), t.get(f"metrics.{M.GFLOPS}")
+        m, g = t.get(M.BEST_MAP), t.get(M.GFLOPS)
         if missing(m) or missing(g):
             continue
         cfg = {k[len("params."):]: stats.parse_param(v) for k, v in t.items()
                if k.startswith("params.") and not k.startswith("params.run.") and isinstance(v, str)}
-        rows.append({"trial": int(t["trial"]), "run_id": t["run_id"], "map": float(m), "gflops": float(g),
-                     "latency_ms": float(t.get(f"metrics.{M.LATENCY_MS}", math.nan)), "cfg": cfg})
-    df = pd.DataFrame(rows, columns=["trial", "run_id", "map", "gflops", "latency_ms", "cfg"])
+        rows.append({"trial": int(t["trial"]), "run_id": t["run_id"], M.BEST_MAP: float(m), M.GFLOPS: float(g),
+                     M.LATENCY_MS: float(t.get(M.LATENCY_MS, math.nan)), "cfg": cfg})
+    df = pd.DataFrame(rows, columns=["trial", "run_id", M.BEST_MAP, M.GFLOPS, M.LATENCY_MS, "cfg"])
     if df.empty:
         return df.assign(settings=[], pareto=[])
     df = df.sort_values(["trial", "run_id"], kind="mergesort").reset_index(drop=True)
     keys = sorted({k for c in df["cfg"] for k in c})
     varying = [k for k in keys if len({repr(c.get(k)) for c in df["cfg"]}) > 1]
     df["settings"] = [{k: c.get(k) for k in varying} for c in df["cfg"]]
-    df["pareto"] = stats.pareto_mask(df["map"], df["gflops"])
+    df["pareto"] = stats.pareto_mask(df[M.BEST_MAP], df[M.GFLOPS])
     return df.drop(columns="cfg")
 
 
@@ -782,13 +787,14 @@ def optuna_pareto_table(study: R.StudyRuns, trials: pd.DataFrame) -> tuple[Table
         return None, "not an Optuna study (no run has a dset.trial tag)"
     if trials.empty:
         return None, "no finished trial with both best/mAP and gflops"
-    front = trials[trials["pareto"]].sort_values(["gflops", "trial"], kind="mergesort")
+    front = trials[trials["pareto"]].sort_values([M.GFLOPS, "trial"], kind="mergesort")
     keys = sorted({k for s in trials["settings"] for k in s})
     rows = []
     for _, t in front.iterrows():
         run = study.runs[study.runs["run_id"] == t["run_id"]].iloc[0]
-        row = {"trial": t["trial"], "mAP@0.5:0.95": t["map"], "GFLOPs": t["gflops"], "latency (ms)": t["latency_ms"],
-               "GFLOPs/latency at": _profile_text(*(run.get(f"metrics.{m}", math.nan) for m in
+        row = {"trial": t["trial"], "mAP@0.5:0.95": t[M.BEST_MAP], "GFLOPs": t[M.GFLOPS],
+               "latency (ms)": t[M.LATENCY_MS],
+               "GFLOPs/latency at": _profile_text(*(run.get(m, math.nan) for m in
                                                     (M.PROFILE_TOKENS, M.PROFILE_KEPT_TOKENS, M.PROFILE_KEEP_RATIO)))}
         row.update({_short(k): t["settings"].get(k) for k in keys})
         rows.append(row)
@@ -806,7 +812,7 @@ def optuna_pareto_table(study: R.StudyRuns, trials: pd.DataFrame) -> tuple[Table
 def optuna_importance_table(trials: pd.DataFrame) -> tuple[Table | None, str, dict]:
     if trials.empty:
         return None, "no finished trials", {}
-    imp, method = stats.param_importances(list(trials["settings"]), list(zip(trials["map"], trials["gflops"])),
+    imp, method = stats.param_importances(list(trials["settings"]), list(zip(trials[M.BEST_MAP], trials[M.GFLOPS])),
                                           ("mAP", "GFLOPs"), ("maximize", "minimize"))
     if not imp:
         return None, method, {}
@@ -830,8 +836,8 @@ def runs_table(study: R.StudyRuns) -> Table:
             "trial": None if pd.isna(r["trial"]) else int(r["trial"]), "MLflow status": r["status"],
             "dset status": r["dset_status"], "in tables": "yes" if r["included"] else "no",
             "reason / error": "; ".join(x for x in (r["reason"], r["note"]) if x) or None,
-            "mAP@0.5:0.95": r.get(f"metrics.{M.BEST_MAP}", math.nan), "GFLOPs": r.get(f"metrics.{M.GFLOPS}", math.nan),
-            "GFLOPs at": _profile_text(*(r.get(f"metrics.{m}", math.nan) for m in
+            "mAP@0.5:0.95": r.get(M.BEST_MAP, math.nan), "GFLOPs": r.get(M.GFLOPS, math.nan),
+            "GFLOPs at": _profile_text(*(r.get(m, math.nan) for m in
                                          (M.PROFILE_TOKENS, M.PROFILE_KEPT_TOKENS, M.PROFILE_KEEP_RATIO))),
             "init checkpoint": r["init_checkpoint"], "init source": r["init_source"],
             "started (UTC)": None if pd.isna(r["start_time"]) else r["start_time"].strftime("%Y-%m-%d %H:%M:%S"),
@@ -892,8 +898,8 @@ def deployment_table(study: R.StudyRuns, vs: pd.DataFrame) -> tuple[Table | None
         df["ONNX Runtime b1 vs RT-DETR same backbone (%)"] = [
             (ms / base_ms[bb] - 1) * 100 if bb in base_ms and base_ms[bb] > 0 else math.nan
             for ms, bb in zip(df[ort_b1], df["backbone"])]
-    df["max |ONNX − eager|"] = [float(v["onnx_max_abs_diff_mean"]) if not missing(v["onnx_max_abs_diff_mean"])
-                               else math.nan for _, v in vs.iterrows()]
+    diff = f"{M.DEPLOY_ONNX_MAX_DIFF}_mean"
+    df["max |ONNX − eager|"] = [float(v[diff]) if not missing(v[diff]) else math.nan for _, v in vs.iterrows()]
     devices = sorted({d for d in vs["deploy_devices"] if isinstance(d, str) and d})  # None/NaN: nothing logged
     if len(devices) > 1:  # one machine for all: said once in the notes
         df["measured on"] = list(vs["deploy_devices"])
