@@ -1,17 +1,29 @@
 """The name of every metric a run records: in the training loop's ``metrics.jsonl`` and ``summary.json``, in
-MLflow and in the report. One name per metric, used unchanged by every layer (``dset/`` defines them because
-the training loop writes them; ``studies/`` logs them to MLflow as they are; ``analysis/`` reads them back).
+MLflow and in the report. One name per metric, used unchanged by every layer: ``dset/`` defines them and the
+training loop writes them (:mod:`dset.engine.loop`); ``studies/`` logs them to MLflow as they are, without
+renaming (:mod:`studies.tracking`); ``analysis/`` reads them back.
 
-Per-epoch metrics are logged at ``step=epoch``; final metrics once per run.
+- Per-epoch metrics: the keys of each ``metrics.jsonl`` record (the dict a callback's ``on_epoch_end`` gets),
+  beside ``epoch`` (MLflow's step) and ``counts`` (images and steps of the epoch, not metrics); logged at
+  ``step=epoch``.
+- Final metrics: ``summary.json``'s ``metrics`` block; logged once per run (at step 0).
+
+Names hold only the characters MLflow accepts (:func:`sanitise`: class names are made so).
 """
 
 from __future__ import annotations
+
+import re
+
+MAX_KEY = 250                          # MLflow's limit on a metric (or parameter, tag) key
+_BAD_CHARACTERS = re.compile(r"[^A-Za-z0-9_\-. /]")   # MLflow accepts letters, digits, _ - . space /
 
 # ----------------------------------------------------------------------------- per-epoch metric prefixes
 TRAIN_LOSS_PREFIX = "train/"           # train/loss (total), train/loss_vfl, train/loss_bbox, ... (epoch means)
 LR_PREFIX = "lr/"                      # lr/<param group name>
 VAL_PREFIX = "val/"                    # val/mAP, val/mAP50, val/mAP75, val/mAP_small, val/mAP_medium, val/mAP_large,
                                        # val/AR100
+VAL_MAP = VAL_PREFIX + "mAP"           # what early stopping, the best epoch and Optuna's pruning follow
 KEEP_RATIO = "sparse/keep_ratio"       # token keep ratio in force that epoch (measured: mean kept / tokens)
 SCHEDULED_KEEP_RATIO = "sparse/scheduled_keep_ratio"  # the schedule's target keep ratio that epoch
 VAL_AP_PREFIX = "val/AP/"              # val/AP/<class name>: per-class AP@[.5:.95] (characters MLflow rejects -> _)
@@ -56,6 +68,32 @@ DEPLOY_ONNX_MAX_DIFF = "deploy/onnx_max_abs_diff"   # largest |ONNX Runtime - ea
                                                     # (tied queries paired)
 EAGER = "eager"
 ONNXRUNTIME_CPU = "onnxruntime_cpu"
+
+
+def sanitise(name: str) -> str:
+    """``name`` as MLflow accepts it: characters other than letters, digits, ``_ - . space /`` become ``_``,
+    cut to :data:`MAX_KEY` characters."""
+    return _BAD_CHARACTERS.sub("_", name)[:MAX_KEY]
+
+
+def train_loss_metric(name: str) -> str:
+    """``train/<name>``: the total loss (``loss``) or a weighted loss term (``loss_vfl``, ...), epoch mean."""
+    return TRAIN_LOSS_PREFIX + name
+
+
+def lr_metric(group: str) -> str:
+    """``lr/<param group name>``."""
+    return LR_PREFIX + group
+
+
+def val_metric(name: str) -> str:
+    """``val/<name>``: a COCO metric (``mAP``, ``mAP50``, ..., ``AR100``) of the epoch's evaluation."""
+    return VAL_PREFIX + name
+
+
+def per_class_ap_metric(class_name: str) -> str:
+    """``val/AP/<class name>``, sanitised (:func:`sanitise`)."""
+    return sanitise(VAL_AP_PREFIX + class_name)
 
 
 def deploy_metric(runtime: str, what: str, batch: int) -> str:

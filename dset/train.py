@@ -35,6 +35,7 @@ import sys
 import threading
 from pathlib import Path
 
+from . import metric_names as M
 from .config import (
     DEFAULT_BUDGET,
     Config,
@@ -160,15 +161,19 @@ def _train(cfg: Config, out: Path, resume: bool) -> tuple[int, dict | None]:
 
 def _outcome(summary: dict) -> str:
     """The run's outcome in one line: status, epochs, best epoch and its mAP, why it stopped, minutes."""
-    best = summary.get("best_metrics") or {}
-    parts = [f"{summary['status']}: {summary['epochs_completed']}/{summary['epochs']} epochs"]
-    if summary.get("best_epoch") is not None:
-        parts.append(f"best epoch {summary['best_epoch'] + 1}: mAP {best.get('mAP', float('nan')):.4f}, "
-                     f"mAP50 {best.get('mAP50', float('nan')):.4f}")
+    m = summary["metrics"]
+    parts = [f"{summary['status']}: {m[M.EPOCHS_RUN]}/{summary['epochs']} epochs"]
+    if m.get(M.BEST_EPOCH) is not None:
+        parts.append(f"best epoch {m[M.BEST_EPOCH] + 1}: mAP {_number(m.get(M.BEST_MAP)):.4f}, "
+                     f"mAP50 {_number(m.get(M.BEST_MAP50)):.4f}")
     if summary.get("stop_reason"):
         parts.append(summary["stop_reason"])
     parts.append(f"{summary['train_time_s'] / 60:.1f} min")
     return "; ".join(parts)
+
+
+def _number(value: float | None) -> float:
+    return float("nan") if value is None else value
 
 
 def main(argv: list[str] | None = None) -> int:

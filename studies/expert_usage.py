@@ -1,9 +1,10 @@
 """Expert usage of the MoE sites: the shares a training record holds, their entropy, and the heatmap of them.
 
-A record (one ``metrics.jsonl`` line) holds ``<encoder_moe|decoder_moe>_usage/layer<i>/expert<j>``: the share of
-token-slots expert j of layer i received that epoch. :func:`draw_usage_heatmap` draws a site's layer x expert
-shares; the run's ``expert_usage.png`` (:func:`plot_expert_usage`) and the report's per-variant figure
-(``analysis/plots.py``) both draw theirs with it.
+A record (one ``metrics.jsonl`` line) holds ``sparse/<encoder_moe|decoder_moe>/layer<i>/expert<j>``: the share of
+token-slots expert j of layer i received that epoch, and ``sparse/<site>/layer<i>/entropy``, the entropy of the
+layer's shares (:func:`dset.engine.epoch_stats.entropy`; names: :mod:`dset.metric_names`).
+:func:`draw_usage_heatmap` draws a site's layer x expert shares; the run's ``expert_usage.png``
+(:func:`plot_expert_usage`) and the report's per-variant figure (``analysis/plots.py``) both draw theirs with it.
 """
 
 from __future__ import annotations
@@ -14,16 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-USAGE_KEY_RE = re.compile(r"^(encoder_moe|decoder_moe)_usage/layer(\d+)/expert(\d+)$")
-SITES = ("encoder_moe", "decoder_moe")
+from dset import metric_names as M
+from dset.engine.epoch_stats import MOE_SITES as SITES
 
-
-def entropy(shares: list[float]) -> float:
-    """Entropy (natural log, nats) of the usage shares; ln(num_experts) when perfectly balanced."""
-    total = sum(shares)
-    if total <= 0:
-        return float("nan")
-    return -sum((s / total) * math.log(s / total) for s in shares if s > 0)
+USAGE_KEY_RE = re.compile("^" + re.escape(M.USAGE_PREFIX) + r"(" + "|".join(SITES) + r")/layer(\d+)/expert(\d+)$")
 
 
 def usage_by_site(record: dict) -> dict[str, dict[int, dict[int, float]]]:
@@ -67,10 +62,9 @@ def _entropy_curves(ax, records: list[dict], sites: dict[str, dict[int, dict[int
         for layer in sorted(sites[site]):
             xs, ys = [], []
             for r in records:
-                shares = [r.get(f"{site}_usage/layer{layer}/expert{e}") for e in range(max(sites[site][layer]) + 1)]
-                if all(s is not None for s in shares):
+                if r.get(M.entropy_metric(site, layer)) is not None:
                     xs.append(r["epoch"])
-                    ys.append(entropy(shares))
+                    ys.append(r[M.entropy_metric(site, layer)])
             ax.plot(xs, ys, marker="o", label=f"{site.split('_')[0]} L{layer}")
         n_exp = max(sites[site][min(sites[site])]) + 1
         ax.axhline(math.log(n_exp), color="grey", ls="--", lw=0.8)

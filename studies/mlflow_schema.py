@@ -6,8 +6,9 @@ and one nested child run per grid cell or Optuna trial (``mlflow.parentRunId`` t
 Child runs carry:
 - params: the full resolved configuration, flat dotted keys (``model.decoder_moe.top_k`` ...);
 - tags (below), all strings; switches are "true"/"false";
-- per-epoch metrics at ``step=epoch`` (prefixes below);
-- final metrics (names below);
+- metrics, named in :mod:`dset.metric_names` and logged under the names the training loop wrote them with (no
+  renaming, :mod:`studies.tracking`): per-epoch metrics (each ``metrics.jsonl`` record's numbers but ``epoch``)
+  at ``step=epoch``; final metrics (``summary.json``'s ``metrics`` block) once;
 - artifacts: config.yaml, metrics.jsonl, summary.json, per_class_ap.csv, expert_usage.png (DSET only), and the
   reported checkpoint's detections on the validation images with their ground truth (``ARTIFACT_DETECTIONS``,
   ``ARTIFACT_GROUND_TRUTH``), from which the report bootstraps intervals over images;

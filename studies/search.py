@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dset import metric_names as M
 from dset.engine.callbacks import Callback
 
 from .spec import Param, Search, Study, search_fingerprint
@@ -238,7 +239,7 @@ class PruningCallback(Callback):
     """Reports val/mAP of each evaluated epoch to the trial and stops the run when the pruner says so.
     Used only for single-objective studies (see the module docstring)."""
 
-    def __init__(self, desc: dict, study_name: str, trial_id: int, pruner: dict, metric_key: str = "mAP") -> None:
+    def __init__(self, desc: dict, study_name: str, trial_id: int, pruner: dict, metric_key: str = M.VAL_MAP) -> None:
         import optuna
 
         quiet_optuna()

@@ -1,6 +1,7 @@
 """MLflow for studies: parent and child runs, and the training callback that logs a run.
 
-Every name logged comes from :mod:`studies.mlflow_schema`. The store itself (its URI, a client, experiments) is
+Tags and artifacts are named in :mod:`studies.mlflow_schema`; metrics are logged under the names the training
+loop wrote them with (:mod:`dset.metric_names`), unchanged. The store itself (its URI, a client, experiments) is
 :mod:`studies.mlflow_store`; all MLflow calls go through its :func:`~studies.mlflow_store.retry`, so several
 worker processes can share one SQLite store.
 """
@@ -12,7 +13,6 @@ import json
 import logging
 import math
 import os
-import re
 import socket
 import subprocess
 import tempfile
@@ -24,7 +24,7 @@ from dset import metric_names as M
 from dset.engine.callbacks import Callback
 
 from . import mlflow_schema as S
-from .expert_usage import USAGE_KEY_RE, entropy, plot_expert_usage
+from .expert_usage import plot_expert_usage
 
 # the store's functions, still called here as tracking.<name> by studies/run.py, workers.py and search.py
 from .mlflow_store import (  # noqa: F401
@@ -42,11 +42,9 @@ from .mlflow_store import (  # noqa: F401
 log = logging.getLogger("studies")
 
 MAX_PARAM_VALUE = 6000       # MLflow's limit on a parameter value
-MAX_KEY = 250                # ... on a parameter / metric / tag key
+MAX_KEY = M.MAX_KEY          # ... on a parameter / metric / tag key
 MAX_TAG_VALUE = 8000
 REPO = Path(__file__).resolve().parents[1]
-VAL_KEYS = ("mAP", "mAP50", "mAP75", "mAP_small", "mAP_medium", "mAP_large", "AR100")
-_METRIC_NAME_BAD = re.compile(r"[^A-Za-z0-9_\-. /]")
 
 
 # ---------------------------------------------------------------------------------------- processes
@@ -199,98 +197,21 @@ def delete_tag(c, run_id: str, key: str) -> None:
         pass
 
 
-# ----------------------------------------------------------------------------------- metric names
-def _metric_name(name: str) -> str:
-    return _METRIC_NAME_BAD.sub("_", name)[:MAX_KEY]
+# ---------------------------------------------------------------------------------------- metrics
+def _finite(values: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
 
 
 def epoch_metrics(record: dict) -> dict[str, float]:
-    """One ``metrics.jsonl`` record (the ``on_epoch_end`` dict) -> MLflow metric names and values."""
-    out: dict[str, float] = {}
-    usage: dict[tuple[str, int], dict[int, float]] = {}
-    for key, value in record.items():
-        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        if key == "loss" or key.startswith("loss_"):
-            out[M.TRAIN_LOSS_PREFIX + key] = value
-        elif key.startswith("lr/"):
-            out[M.LR_PREFIX + key[3:]] = value
-        elif key in VAL_KEYS:
-            out[M.VAL_PREFIX + key] = value
-        elif key.startswith("AP/"):
-            out[_metric_name(M.VAL_AP_PREFIX + key[3:])] = value
-        elif key == "keep_ratio":
-            out[M.KEEP_RATIO] = value
-        elif key == "scheduled_keep_ratio":
-            out[M.SCHEDULED_KEEP_RATIO] = value
-        elif key == "epoch_time_s":
-            out[M.EPOCH_TIME] = value
-        else:
-            m = USAGE_KEY_RE.match(key)
-            if m:
-                where, layer, expert = m.group(1), int(m.group(2)), int(m.group(3))
-                out[M.usage_metric(where, layer, expert)] = value
-                usage.setdefault((where, layer), {})[expert] = float(value)
-    for (where, layer), shares in usage.items():
-        out[M.entropy_metric(where, layer)] = entropy([shares[e] for e in sorted(shares)])
-    return {k: v for k, v in out.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
+    """One ``metrics.jsonl`` record (the ``on_epoch_end`` dict): its metrics, the finite numbers other than
+    ``epoch`` (the step they are logged at), named as the training loop named them."""
+    return _finite({k: v for k, v in record.items() if k != "epoch"})
 
 
-def final_metrics(summary: dict, records: list[dict]) -> dict[str, float]:
-    """The summary (and the epochs' records) -> the schema's final metrics."""
-    out: dict[str, float] = {}
-    best = summary.get("best_metrics") or {}
-    if summary.get("best_mAP") is not None:
-        out[M.BEST_MAP] = summary["best_mAP"]
-    for name, key in ((M.BEST_MAP50, "mAP50"), (M.BEST_MAP75, "mAP75")):
-        if best.get(key) is not None:
-            out[name] = best[key]
-    if summary.get("best_epoch") is not None:
-        out[M.BEST_EPOCH] = summary["best_epoch"]
-    for name, key in ((M.PARAMS, "params"), (M.ACTIVE_PARAMS, "active_params"), (M.GFLOPS, "gflops"),
-                      (M.LATENCY_MS, "latency_ms"), (M.FPS, "fps")):
-        if summary.get(key) is not None:
-            out[name] = summary[key]
-    profile = summary.get("profile") or {}
-    for comp, value in (profile.get("gflops_by_component") or {}).items():
-        if value is not None:
-            out[M.GFLOPS_COMPONENT_PREFIX + comp] = value
-    if records and records[-1].get("keep_ratio") is not None:
-        out[M.FINAL_KEEP_RATIO] = records[-1]["keep_ratio"]
-    # the tokens the reported checkpoint's GFLOPs and latency were measured at
-    for name, key in ((M.PROFILE_TOKENS, "profile_tokens"), (M.PROFILE_KEPT_TOKENS, "profile_kept_tokens"),
-                      (M.PROFILE_KEEP_RATIO, "profile_keep_ratio")):
-        if summary.get(key) is not None:
-            out[name] = summary[key]
-    if summary.get("epochs_completed") is not None:
-        out[M.EPOCHS_RUN] = summary["epochs_completed"]
-    for name, key in ((M.TRAIN_IMAGES_PER_S, "train_images_per_s"), (M.EVAL_IMAGES_PER_S, "eval_images_per_s"),
-                      (M.PEAK_HOST_MEMORY_MB, "peak_host_memory_mb"), (M.PEAK_GPU_MEMORY_MB, "peak_gpu_memory_mb")):
-        if summary.get(key) is not None:
-            out[name] = summary[key]
-    out.update(deployment_metrics(summary.get("deployment")))
-    times = [r.get("epoch_time_s") for r in records if r.get("epoch_time_s") is not None]
-    if times:  # all epochs, also those of an earlier (interrupted) process
-        out[M.TRAIN_MINUTES] = sum(times) / 60.0
-    elif summary.get("train_time_s") is not None:
-        out[M.TRAIN_MINUTES] = summary["train_time_s"] / 60.0
-    return {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
-
-
-def deployment_metrics(deployment: dict | None) -> dict[str, float]:
-    """A profile's ``deployment`` block (:func:`dset.measure.deployment_latency`) as the schema's deploy/ metrics.
-    Batch keys may be ints (in memory) or strings (read back from summary.json)."""
-    if not deployment:
-        return {}
-    out = {}
-    for runtime, by_batch in deployment.get("runtimes", {}).items():
-        for batch, timing in by_batch.items():
-            out[M.deploy_metric(runtime, "latency_ms", int(batch))] = timing["latency_ms"]
-            out[M.deploy_metric(runtime, "images_per_s", int(batch))] = timing["fps"]
-    check = deployment.get("onnx_check") or {}
-    if check:
-        out[M.DEPLOY_ONNX_MAX_DIFF] = max(check["pred_logits"], check["pred_boxes"])
-    return out
+def final_metrics(summary: dict) -> dict[str, float]:
+    """The final metrics of a run: the finite numbers of its summary's ``metrics`` block, as named there."""
+    return _finite(summary.get("metrics") or {})
 
 
 def deployment_devices(deployment: dict | None) -> str:
@@ -316,18 +237,22 @@ def read_records(path: Path) -> list[dict]:
 
 # -------------------------------------------------------------------------------------- artifacts
 def write_per_class_ap(summary: dict, records: list[dict], path: Path) -> bool:
-    best = summary.get("best_metrics") or {}
+    """per_class_ap.csv: each class's ``val/AP/<class>`` at the best and at the last epoch."""
+    best_epoch = (summary.get("metrics") or {}).get(M.BEST_EPOCH)
+    best = next((r for r in records if best_epoch is not None and r.get("epoch") == best_epoch), {})
     last = records[-1] if records else {}
-    names = [k[3:] for k in best if k.startswith("AP/")] or [k[3:] for k in last if k.startswith("AP/")]
+    prefix = M.VAL_AP_PREFIX
+    names = [k[len(prefix):] for k in best if k.startswith(prefix)] or [k[len(prefix):] for k in last
+                                                                        if k.startswith(prefix)]
     if not names:
         return False
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["class", "AP_best_epoch", "AP_last_epoch", "best_epoch", "last_epoch"])
         for n in names:
-            b, lv = best.get(f"AP/{n}"), last.get(f"AP/{n}")
+            b, lv = best.get(prefix + n), last.get(prefix + n)
             w.writerow([n, "" if b is None else f"{b:.6f}", "" if lv is None else f"{lv:.6f}",
-                        summary.get("best_epoch", ""), last.get("epoch", "")])
+                        "" if best_epoch is None else best_epoch, last.get("epoch", "")])
     return True
 
 
@@ -430,8 +355,7 @@ class MlflowCallback(Callback):
 
     def on_train_end(self, summary: dict) -> None:
         self.summary = summary
-        records = read_records(self.out_dir / "metrics.jsonl")
-        log_metrics(self.c, self.run_id, final_metrics(summary, records), 0)
+        log_metrics(self.c, self.run_id, final_metrics(summary), 0)
         profile = summary.get("profile") or {}
         tags = {S.TAG_STATUS: summary.get("status")}
         if summary.get("stop_reason"):

@@ -109,7 +109,7 @@ def execute(job: Job) -> RunResult:
     if status == "pruned":
         T.set_tags(c, job.run_id, {S.TAG_STOP_REASON: "optuna_pruned"})
     T.retry(c.set_terminated, job.run_id, status="FINISHED")
-    return RunResult.of_job(job, status, metrics=T.final_metrics(summary, T.read_records(out / "metrics.jsonl")))
+    return RunResult.of_job(job, status, metrics=T.final_metrics(summary))
 
 
 # ------------------------------------------------------------------------------------------ processes

@@ -25,6 +25,7 @@ import torch
 from conftest import SMALL_HEADS
 
 import dset
+from dset import metric_names as M
 from dset.models.moe import MoEFFN, dense_moe_forward
 
 HAS_CUDA = torch.cuda.is_available()
@@ -196,7 +197,7 @@ def test_amp_training_on_cuda(tmp_path, monkeypatch):
     summary = train_mod.fit(cfg, out)
 
     assert summary["status"] == "completed", summary.get("error")
-    assert summary["epochs_completed"] == 2 and summary["global_step"] == 8
+    assert summary["metrics"][M.EPOCHS_RUN] == 2 and summary["global_step"] == 8
     assert summary["device"] == "cuda:0" and summary["world_size"] == 1
     assert json.loads((out / "summary.json").read_text())["status"] == "completed"
     if hasattr(train_mod, "build_training_model"):
@@ -205,15 +206,15 @@ def test_amp_training_on_cuda(tmp_path, monkeypatch):
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert [m["epoch"] for m in lines] == [0, 1]
     for m in lines:
-        losses = {k: v for k, v in m.items() if k == "loss" or k.startswith("loss_")}
+        losses = {k: v for k, v in m.items() if k.startswith(M.TRAIN_LOSS_PREFIX)}
         assert losses and all(v is not None and math.isfinite(v) for v in losses.values()), losses
-        assert "loss_enc_moe_balance" in m and "loss_dec_moe_balance" in m and "loss_pruning" in m
-        assert m["train_steps"] == 4 and m["val_images"] == 8
-        assert 0.0 <= m["mAP"] <= 1.0
+        assert "train/loss_enc_moe_balance" in m and "train/loss_dec_moe_balance" in m and "train/loss_pruning" in m
+        assert m["counts"]["train_steps"] == 4 and m["counts"]["val_images"] == 8
+        assert 0.0 <= m[M.VAL_MAP] <= 1.0
     # token pruning: off in epoch 0 (warm-up), at its target 0.5 in epoch 1 (rounded up per multi-scale size:
     # 5 of 9 tokens at 96 px, 8 of 16 at 128, 13 of 25 at 160)
-    assert lines[0]["keep_ratio"] == 1.0 and lines[1]["scheduled_keep_ratio"] == 0.5
-    assert 0.5 <= lines[1]["keep_ratio"] <= 5 / 9
+    assert lines[0][M.KEEP_RATIO] == 1.0 and lines[1][M.SCHEDULED_KEEP_RATIO] == 0.5
+    assert 0.5 <= lines[1][M.KEEP_RATIO] <= 5 / 9
 
     ckpt = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
     scaler = ckpt["scaler"]
@@ -223,20 +224,21 @@ def test_amp_training_on_cuda(tmp_path, monkeypatch):
     assert all(v.dtype == torch.float32 for v in ckpt["model"].values() if v.is_floating_point())
 
     # throughput / memory keys (asserted when this version of fit writes them)
-    if "peak_gpu_memory_mb" in summary:
-        assert summary["peak_gpu_memory_mb"] is not None and summary["peak_gpu_memory_mb"] > 0
-    if "train_images_per_s" in summary:
-        assert summary["train_images_per_s"] is not None and summary["train_images_per_s"] > 0
-    if "eval_images_per_s" in summary:
-        assert summary["eval_images_per_s"] is not None and summary["eval_images_per_s"] > 0
+    final_metrics = summary["metrics"]
+    if M.PEAK_GPU_MEMORY_MB in final_metrics:
+        assert final_metrics[M.PEAK_GPU_MEMORY_MB] is not None and final_metrics[M.PEAK_GPU_MEMORY_MB] > 0
+    if M.TRAIN_IMAGES_PER_S in final_metrics:
+        assert final_metrics[M.TRAIN_IMAGES_PER_S] is not None and final_metrics[M.TRAIN_IMAGES_PER_S] > 0
+    if M.EVAL_IMAGES_PER_S in final_metrics:
+        assert final_metrics[M.EVAL_IMAGES_PER_S] is not None and final_metrics[M.EVAL_IMAGES_PER_S] > 0
 
     # evaluating the saved EMA weights again gives the run's last mAP on CUDA, and about the same on CPU
-    final = summary["final_metrics"]
+    final = lines[-1]
     ev_gpu = evaluate_checkpoint(out / "checkpoints" / "last.pt", overrides=["run.device=cuda"])
     ev_cpu = evaluate_checkpoint(out / "checkpoints" / "last.pt", overrides=["run.device=cpu"])
     for key in ("mAP", "mAP50", "AR100"):
-        assert ev_gpu[key] == pytest.approx(final[key], abs=1e-3), key
-        assert ev_cpu[key] == pytest.approx(final[key], abs=1e-2), key
+        assert ev_gpu[key] == pytest.approx(final[M.val_metric(key)], abs=1e-3), key
+        assert ev_cpu[key] == pytest.approx(final[M.val_metric(key)], abs=1e-2), key
 
     # train.profile=true: the final model measured on the GPU (needs fvcore, shipped in .whl/)
     try:
@@ -245,7 +247,7 @@ def test_amp_training_on_cuda(tmp_path, monkeypatch):
         return
     assert "profile_error" not in summary, summary.get("profile_error")
     assert summary["latency_device"] == _gpu_name()
-    assert summary["gflops"] > 0 and summary["latency_ms"] > 0
+    assert summary["metrics"][M.GFLOPS] > 0 and summary["metrics"][M.LATENCY_MS] > 0
 
 
 # ------------------------------------------------------------------------------- d. torchrun, NCCL
@@ -268,11 +270,11 @@ def test_torchrun_on_cuda(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=_env(), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["epochs_completed"] == 1
+    assert summary["status"] == "completed" and summary["metrics"][M.EPOCHS_RUN] == 1
     assert summary["world_size"] == 1 and summary["device"] == "cuda:0"
     assert "ddp_params_in_sync" not in summary               # one process: no DDP wrapper
-    if "peak_gpu_memory_mb" in summary:
-        assert summary["peak_gpu_memory_mb"] > 0
+    if M.PEAK_GPU_MEMORY_MB in summary["metrics"]:
+        assert summary["metrics"][M.PEAK_GPU_MEMORY_MB] > 0
 
 
 NCCL_DDP_SCRIPT = textwrap.dedent("""

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from dset import metric_names as M
 from dset.evaluate import evaluate_checkpoint
 
 
@@ -37,14 +38,14 @@ def test_torchrun_two_cpu_processes(tmp_path):
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [0, 1]          # written once per epoch: only rank 0 writes
     for m in lines:
-        assert m["train_images"] == 8                     # 4 per rank, summed
-        assert m["train_steps"] == 4                      # 2 steps of batch 2 on each of the 2 ranks
-        assert m["step"] in (2, 4)                        # optimizer steps of one rank
-        assert m["val_images"] == 5                       # 3 + 2 images, gathered to rank 0
+        assert m["counts"]["train_images"] == 8           # 4 per rank, summed
+        assert m["counts"]["train_steps"] == 4            # 2 steps of batch 2 on each of the 2 ranks
+        assert m["counts"]["step"] in (2, 4)              # optimizer steps of one rank
+        assert m["counts"]["val_images"] == 5             # 3 + 2 images, gathered to rank 0
         for layer in range(3):                            # expert usage averaged over both ranks' forwards
-            assert sum(m[f"decoder_moe_usage/layer{layer}/expert{e}"] for e in range(6)) == pytest.approx(1.0)
-    assert lines[0]["keep_ratio"] == 1.0 and lines[1]["keep_ratio"] == 0.5    # 2 of the 4 stride-32 tokens
+            assert sum(m[M.usage_metric("decoder_moe", layer, e)] for e in range(6)) == pytest.approx(1.0)
+    assert lines[0][M.KEEP_RATIO] == 1.0 and lines[1][M.KEEP_RATIO] == 0.5    # 2 of the 4 stride-32 tokens
     # the gathered evaluation equals a single-process evaluation of the same weights
     ev = evaluate_checkpoint(out / "checkpoints" / "last.pt", overrides=["run.device=cpu"])
     for key in ("mAP", "mAP50", "AR100"):
-        assert ev[key] == pytest.approx(lines[-1][key], abs=1e-9)
+        assert ev[key] == pytest.approx(lines[-1][M.val_metric(key)], abs=1e-9)

@@ -18,6 +18,7 @@ import pytest
 from conftest import one_thread_for_module
 
 import dset
+from dset import metric_names as M
 from dset.data.synthetic import make_synthetic_coco
 from dset.engine.loop import fit
 
@@ -53,14 +54,14 @@ def test_overfit_a_handful_of_images(tmp_path, preset):
     cfg = dset.load_config(preset, _overrides(paths) + extra)
     summary = fit(cfg, tmp_path / "run")
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    evaluated = [m for m in lines if m.get("mAP50") is not None]
+    evaluated = [m for m in lines if m.get("val/mAP50") is not None]
     assert [m["epoch"] for m in evaluated] == [24, 49, 74, 99]
     final = evaluated[-1]
-    print(preset, [(m["epoch"], round(m["mAP"], 3), round(m["mAP50"], 3)) for m in evaluated])
-    assert final["mAP50"] >= 0.8, [(m["epoch"], m["mAP50"]) for m in evaluated]
-    assert final["mAP"] > evaluated[0]["mAP"]
-    assert lines[-1]["loss"] < 0.5 * lines[0]["loss"]
+    print(preset, [(m["epoch"], round(m["val/mAP"], 3), round(m["val/mAP50"], 3)) for m in evaluated])
+    assert final["val/mAP50"] >= 0.8, [(m["epoch"], m["val/mAP50"]) for m in evaluated]
+    assert final["val/mAP"] > evaluated[0]["val/mAP"]
+    assert lines[-1]["train/loss"] < 0.5 * lines[0]["train/loss"]
     assert summary["status"] == "completed"
     if preset == "dset_r18":
-        assert lines[0]["keep_ratio"] == 1.0 and lines[-1]["keep_ratio"] == pytest.approx(0.75)   # 12 of 16 tokens
-        assert "encoder_moe_usage/layer0/expert0" in final and "decoder_moe_usage/layer2/expert5" in final
+        assert lines[0][M.KEEP_RATIO] == 1.0 and lines[-1][M.KEEP_RATIO] == pytest.approx(0.75)   # 12 of 16 tokens
+        assert M.usage_metric("encoder_moe", 0, 0) in final and M.usage_metric("decoder_moe", 2, 5) in final

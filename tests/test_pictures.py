@@ -13,6 +13,7 @@ from conftest import SMALL_HEADS, one_thread_for_module
 from PIL import Image, ImageColor
 
 import dset
+from dset import metric_names as M
 from dset.data.loaders import build_datasets
 from dset.models.encoder import sincos_position_embedding_2d
 from dset.pictures import (
@@ -247,7 +248,8 @@ def test_a_run_draws_its_reported_checkpoint_and_studies_log_the_pictures(tmp_pa
     out = tmp_path / "run"
     cfg = dset.load_config("dset_r18", tiny_run(tmp_path, "train.pictures=2", "train.epochs=2"))
     summary = train_mod.fit(cfg, out)
-    assert summary["status"] == "completed" and summary["best_epoch"] == 0 and "pictures_error" not in summary
+    assert (summary["status"] == "completed" and summary["metrics"][M.BEST_EPOCH] == 0
+            and "pictures_error" not in summary)
     files = sorted((out / "pictures").iterdir())
     assert sorted(str(p.relative_to(out)) for p in files) == sorted(summary["pictures"]) and len(files) == 9
     # the pictures are those of best.pt's EMA weights

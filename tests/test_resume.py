@@ -10,6 +10,7 @@ import torch
 from conftest import SMALL_HEADS, one_thread_for_module
 
 import dset
+from dset import metric_names as M
 from dset.config import ConfigError
 from dset.engine.callbacks import Callback
 from dset.engine.loop import fit
@@ -67,7 +68,7 @@ def runs(module_tmp):
 
 def test_killed_run_is_recorded_as_failed(runs):
     assert runs["killed_summary"]["status"] == "failed" and "killed" in runs["killed_summary"]["error"]
-    assert runs["summary"]["status"] == "completed" and runs["summary"]["epochs_completed"] == 3
+    assert runs["summary"]["status"] == "completed" and runs["summary"]["metrics"][M.EPOCHS_RUN] == 3
 
 
 def test_an_interruption_writes_the_newest_epoch_before_it_was_due(runs):
@@ -82,13 +83,13 @@ def test_resumed_metrics_equal_uninterrupted(runs):
     for ma, mb in zip(a, b):
         assert set(ma) == set(mb)
         for key in ma:
-            if key == "epoch_time_s":
+            if key == M.EPOCH_TIME:
                 continue
             if isinstance(ma[key], float):
                 assert mb[key] == pytest.approx(ma[key], rel=1e-6, abs=1e-9), key
             else:
                 assert mb[key] == ma[key], key
-    assert a[2]["loss"] != a[1]["loss"]  # the comparison is not trivially between constants
+    assert a[2]["train/loss"] != a[1]["train/loss"]  # the comparison is not trivially between constants
 
 
 def test_resumed_weights_equal_uninterrupted(runs):
@@ -120,9 +121,10 @@ def test_cli_resume_of_a_finished_run_reads_its_config(runs, capsys):
 
     out = runs["resumed"]
     before = (out / "metrics.jsonl").read_text()
-    best = json.loads((out / "summary.json").read_text())["best_mAP"]
+    best = json.loads((out / "summary.json").read_text())["metrics"][M.BEST_MAP]
     assert main(["--resume", "--out", str(out), "-q"]) == 0      # no preset: OUT/config.yaml
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["epochs_completed"] == 3 and summary["best_mAP"] == best
-    assert summary["final_metrics"]["epoch"] == 2
+    m = summary["metrics"]
+    assert summary["status"] == "completed" and m[M.EPOCHS_RUN] == 3 and m[M.BEST_MAP] == best
+    assert _lines(out / "metrics.jsonl")[-1]["epoch"] == 2
     assert (out / "metrics.jsonl").read_text() == before

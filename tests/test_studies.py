@@ -21,10 +21,11 @@ import yaml
 
 from dset import metric_names as M
 from dset.config import flatten, load_config, read_budget
+from dset.engine.epoch_stats import entropy
 from studies import mlflow_schema as S
 from studies import spec
 from studies.run import main
-from studies.tracking import entropy, epoch_metrics
+from studies.tracking import epoch_metrics, final_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -158,16 +159,26 @@ def test_list(capsys):
 
 
 def test_epoch_metric_names():
-    rec = {"epoch": 3, "step": 8, "loss": 2.0, "loss_vfl": 0.5, "lr/new": 1e-4, "mAP": 0.25, "mAP50": 0.5,
-           "AP/circle": 0.1, "keep_ratio": 0.7, "scheduled_keep_ratio": 0.7, "mAP_large": float("nan"),
-           "encoder_moe_usage/layer0/expert0": 0.25, "encoder_moe_usage/layer0/expert1": 0.75, "train_images": 8}
+    """A record (as the training loop writes it) is logged under its own names: every finite number but the
+    step (``epoch``); the counts beside the metrics are not logged."""
+    rec = {"epoch": 3, "train/loss": 2.0, "train/loss_vfl": 0.5, "lr/new": 1e-4, "val/mAP": 0.25, "val/mAP50": 0.5,
+           M.per_class_ap_metric("circle"): 0.1, M.KEEP_RATIO: 0.7, M.SCHEDULED_KEEP_RATIO: 0.7,
+           "val/mAP_large": float("nan"), M.usage_metric("encoder_moe", 0, 0): 0.25,
+           M.usage_metric("encoder_moe", 0, 1): 0.75, M.entropy_metric("encoder_moe", 0): entropy([0.25, 0.75]),
+           "counts": {"step": 8, "train_images": 8}}
     m = epoch_metrics(rec)
+    assert set(m) == set(rec) - {"epoch", "val/mAP_large", "counts"}
     assert m["train/loss"] == 2.0 and m["train/loss_vfl"] == 0.5 and m["lr/new"] == 1e-4
     assert m["val/mAP"] == 0.25 and m["val/mAP50"] == 0.5 and m["val/AP/circle"] == 0.1
     assert m[M.KEEP_RATIO] == 0.7 and "val/mAP_large" not in m and "train_images" not in m
     assert m[M.usage_metric("encoder_moe", 0, 1)] == 0.75
     assert m[M.entropy_metric("encoder_moe", 0)] == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))
     assert entropy([0.25] * 4) == pytest.approx(math.log(4))
+    # class names as MLflow accepts them
+    assert M.per_class_ap_metric("traffic light (red)") == "val/AP/traffic light _red_"
+    # final metrics: the summary's metrics block, finite numbers only
+    summary = {"status": "completed", "metrics": {M.BEST_MAP: 0.5, M.PEAK_GPU_MEMORY_MB: None, M.GFLOPS: math.nan}}
+    assert final_metrics(summary) == {M.BEST_MAP: 0.5} and final_metrics({"status": "failed"}) == {}
 
 
 # --------------------------------------------------------------------------------------- end to end
@@ -225,26 +236,26 @@ def test_grid_end_to_end_into_mlflow_with_a_failing_cell(tmp_path, store, synth_
         # fine-tuned from stage 1: RT-DETR has only pretrained parameters; DSET adds new ones (routers, predictor)
         assert ("lr/new" in lines[0]) == on and "lr/pretrained" in lines[0]
         run_id = row["run_id"]
-        for name, key in (("train/loss", "loss"), ("train/loss_vfl", "loss_vfl"), ("val/mAP", "mAP"),
-                          ("val/mAP50", "mAP50"), ("lr/pretrained", "lr/pretrained"),
-                          ("train/loss_bbox_dn_0", "loss_bbox_dn_0")):
+        for name, key in (("train/loss", "train/loss"), ("train/loss_vfl", "train/loss_vfl"), ("val/mAP", "val/mAP"),
+                          ("val/mAP50", "val/mAP50"), ("lr/pretrained", "lr/pretrained"),
+                          ("train/loss_bbox_dn_0", "train/loss_bbox_dn_0")):
             hist = sorted((m.step, m.value) for m in c.get_metric_history(run_id, name))
             assert hist == [(r["epoch"], pytest.approx(r[key])) for r in lines], name
         # final metrics equal summary.json
         summary = json.loads((run_dir / "summary.json").read_text())
-        prof = summary["profile"]
-        assert row[f"metrics.{M.BEST_MAP}"] == pytest.approx(summary["best_mAP"])
-        assert row[f"metrics.{M.BEST_EPOCH}"] == summary["best_epoch"]
-        assert row[f"metrics.{M.PARAMS}"] == summary["params"]
-        assert row[f"metrics.{M.ACTIVE_PARAMS}"] == summary["active_params"]
-        assert row[f"metrics.{M.GFLOPS}"] == pytest.approx(summary["gflops"])
+        prof, final = summary["profile"], summary["metrics"]
+        assert row[f"metrics.{M.BEST_MAP}"] == pytest.approx(final[M.BEST_MAP])
+        assert row[f"metrics.{M.BEST_EPOCH}"] == final[M.BEST_EPOCH]
+        assert row[f"metrics.{M.PARAMS}"] == final[M.PARAMS]
+        assert row[f"metrics.{M.ACTIVE_PARAMS}"] == final[M.ACTIVE_PARAMS]
+        assert row[f"metrics.{M.GFLOPS}"] == pytest.approx(final[M.GFLOPS])
         parts = [row[f"metrics.{M.GFLOPS_COMPONENT_PREFIX}{p}"] for p in ("backbone", "encoder", "decoder")]
         assert parts == [pytest.approx(prof["gflops_by_component"][p]) for p in ("backbone", "encoder", "decoder")]
-        assert sum(parts) == pytest.approx(summary["gflops"], rel=1e-3)
-        assert row[f"metrics.{M.LATENCY_MS}"] == pytest.approx(summary["latency_ms"])
-        assert row[f"metrics.{M.FPS}"] == pytest.approx(1000.0 / summary["latency_ms"])
+        assert sum(parts) == pytest.approx(final[M.GFLOPS], rel=1e-3)
+        assert row[f"metrics.{M.LATENCY_MS}"] == pytest.approx(final[M.LATENCY_MS])
+        assert row[f"metrics.{M.FPS}"] == pytest.approx(1000.0 / final[M.LATENCY_MS])
         assert row[f"metrics.{M.EPOCHS_RUN}"] == 2
-        assert row[f"metrics.{M.TRAIN_MINUTES}"] == pytest.approx(sum(r["epoch_time_s"] for r in lines) / 60)
+        assert row[f"metrics.{M.TRAIN_MINUTES}"] == pytest.approx(sum(r[M.EPOCH_TIME] for r in lines) / 60)
         # artifacts
         names = {a.path for a in c.list_artifacts(run_id)}
         expected = {"config.yaml", "metrics.jsonl", "summary.json", "per_class_ap.csv", "eval", S.ARTIFACT_PICTURES,
@@ -260,14 +271,15 @@ def test_grid_end_to_end_into_mlflow_with_a_failing_cell(tmp_path, store, synth_
         table = {r["class"]: r for r in csv.DictReader(local.open())}
         assert set(table) == {"circle", "square", "triangle", "cross"}
         for name, r in table.items():
-            assert float(r["AP_best_epoch"]) == pytest.approx(summary["best_metrics"][f"AP/{name}"], abs=1e-6)
+            best_record = lines[final[M.BEST_EPOCH]]
+            assert float(r["AP_best_epoch"]) == pytest.approx(best_record[M.per_class_ap_metric(name)], abs=1e-6)
         if on:
             png = Path(c.download_artifacts(run_id, "expert_usage.png", str(tmp_path / "dl-png")))
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
             # sparse metrics: keep ratio, usage shares (sum 1 per layer) and their entropy
             last = lines[-1]
-            assert row[f"metrics.{M.KEEP_RATIO}"] == pytest.approx(last["keep_ratio"]) and last["keep_ratio"] < 1
-            assert row[f"metrics.{M.FINAL_KEEP_RATIO}"] == pytest.approx(last["keep_ratio"])
+            assert row[f"metrics.{M.KEEP_RATIO}"] == pytest.approx(last[M.KEEP_RATIO]) and last[M.KEEP_RATIO] < 1
+            assert row[f"metrics.{M.FINAL_KEEP_RATIO}"] == pytest.approx(last[M.KEEP_RATIO])
             for where, layers in (("encoder_moe", 1), ("decoder_moe", 3)):
                 for layer in range(layers):
                     shares = [row[f"metrics.{M.usage_metric(where, layer, e)}"] for e in range(6)]
@@ -363,10 +375,10 @@ def test_resume_after_kill_continues_the_same_run(tmp_path, store, synth_root):
     lines = records(run_dir / "metrics.jsonl")
     assert [r["epoch"] for r in lines] == [0, 1, 2]                         # epochs 0 and 1 were not redone
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["epochs_completed"] == 3
+    assert summary["status"] == "completed" and summary["metrics"][M.EPOCHS_RUN] == 3
     assert not ckpt.exists() and (run_dir / "checkpoints" / "best.pt").is_file()
     hist = sorted((m.step, m.value) for m in client(store).get_metric_history(run_id, "train/loss"))
-    assert hist == [(r["epoch"], pytest.approx(r["loss"])) for r in lines]  # epoch 1 back-filled, each once
+    assert hist == [(r["epoch"], pytest.approx(r["train/loss"])) for r in lines]  # epoch 1 back-filled, each once
     stale = df[(df["tags.dset.role"] == "parent") & (df["status"] != "FINISHED")]
     assert list(stale["status"]) == ["KILLED"]                             # the killed invocation's parent
 
@@ -434,10 +446,10 @@ def test_pruning_callback_reports_and_prunes(tmp_path):
     ostudy.tell(first, 0.6)
     median = {"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0}
     good = PruningCallback(desc, "p", ostudy.ask()._trial_id, median)    # as a worker process does
-    assert good.on_epoch_end(0, {"mAP": 0.7}) is None and not good.pruned   # above the median: goes on
-    assert good.on_epoch_end(1, {"mAP": float("nan")}) is None             # nothing to report
+    assert good.on_epoch_end(0, {M.VAL_MAP: 0.7}) is None and not good.pruned   # above the median: goes on
+    assert good.on_epoch_end(1, {M.VAL_MAP: float("nan")}) is None             # nothing to report
     bad = PruningCallback(desc, "p", ostudy.ask()._trial_id, median)
-    assert bad.on_epoch_end(0, {"mAP": 0.1}) is True and bad.pruned       # below: stop the run
+    assert bad.on_epoch_end(0, {M.VAL_MAP: 0.1}) is True and bad.pruned       # below: stop the run
     assert [t.intermediate_values for t in ostudy.get_trials()] == [{0: 0.5, 1: 0.6}, {0: 0.7}, {0: 0.1}]
 
 

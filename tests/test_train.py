@@ -13,6 +13,7 @@ import torch
 from conftest import SMALL_HEADS, one_thread_for_module
 
 import dset
+from dset import metric_names as M
 from dset.config import ConfigError
 from dset.engine import checkpoint, loop
 from dset.engine.callbacks import Callback, EarlyStopping
@@ -99,7 +100,7 @@ def test_fit_writes_config_metrics_checkpoints_and_summary(tmp_path, synth_root)
     rec = Recorder()
     summary = fit(cfg, tmp_path, callbacks=rec)
 
-    assert summary["status"] == "completed" and summary["epochs_completed"] == 2
+    assert summary["status"] == "completed" and summary["metrics"][M.EPOCHS_RUN] == 2
     assert summary["num_classes"] == 4 and summary["num_train_images"] == 8 and summary["num_val_images"] == 4
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "completed"
     # the resolved configuration, num_classes taken from the data set (the preset says 80)
@@ -107,15 +108,17 @@ def test_fit_writes_config_metrics_checkpoints_and_summary(tmp_path, synth_root)
     assert saved.model.num_classes == 4 and saved.to_dict() == dset.load_config(cfg, ["model.num_classes=4"]).to_dict()
 
     lines = _lines(tmp_path / "metrics.jsonl")
-    assert [m["epoch"] for m in lines] == [0, 1] and [m["step"] for m in lines] == [2, 4]
+    assert [m["epoch"] for m in lines] == [0, 1] and [m["counts"]["step"] for m in lines] == [2, 4]
     for m in lines:
-        for key in ("loss", "loss_vfl", "loss_bbox", "loss_giou", "loss_vfl_aux_0", "loss_bbox_dn_0", "mAP", "mAP50",
-                    "mAP75", "AR100", "AP/circle", "AP/cross", "epoch_time_s", "lr/new", "lr/new_no_decay"):
+        for key in ("train/loss", "train/loss_vfl", "train/loss_bbox", "train/loss_giou", "train/loss_vfl_aux_0",
+                    "train/loss_bbox_dn_0", "val/mAP", "val/mAP50", "val/mAP75", "val/AR100", "val/AP/circle",
+                    "val/AP/cross", M.EPOCH_TIME, "lr/new", "lr/new_no_decay"):
             assert key in m, key
-        terms = sum(v for k, v in m.items() if k.startswith("loss_"))
-        assert m["loss"] == pytest.approx(terms, rel=1e-5)      # the total is the sum of the named terms
-        assert m["train_images"] == 8 and m["train_steps"] == 2 and m["val_images"] == 4
-        assert 0.0 <= m["mAP"] <= m["mAP50"] <= 1.0
+        terms = sum(v for k, v in m.items() if k.startswith("train/loss_"))
+        assert m["train/loss"] == pytest.approx(terms, rel=1e-5)      # the total is the sum of the named terms
+        counts = m["counts"]
+        assert counts["train_images"] == 8 and counts["train_steps"] == 2 and counts["val_images"] == 4
+        assert 0.0 <= m["val/mAP"] <= m["val/mAP50"] <= 1.0
     # lr at each epoch's first step: warm-up of 3 steps, 2 steps per epoch -> factors f(0), f(2)
     f = WarmupCosine(3, 4)
     assert lines[0]["lr/new"] == pytest.approx(2e-4 * f(0)) and lines[1]["lr/new"] == pytest.approx(2e-4 * f(2))
@@ -137,8 +140,8 @@ def test_fit_writes_config_metrics_checkpoints_and_summary(tmp_path, synth_root)
     assert {"model", "ema", "optimizer", "scheduler", "scaler", "rng", "early_stopping"} <= set(last)
     assert last["ema"]["updates"] == 4 and last["scheduler"]["last_epoch"] == 4
     best = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)
-    assert best["epoch"] == summary["best_epoch"]
-    assert best["metrics"]["mAP"] == pytest.approx(summary["best_metrics"]["mAP"])
+    assert best["epoch"] == summary["metrics"][M.BEST_EPOCH]
+    assert best["metrics"][M.VAL_MAP] == pytest.approx(summary["metrics"][M.BEST_MAP])
     assert {"config", "epoch", "metrics", "ema", "label_to_category_id", "category_names"} <= set(best)
     assert "optimizer" not in best and "model" not in best   # nothing reads the raw weights from best.pt
     # stage 2 starts from best.pt (model.checkpoint): its EMA weights
@@ -157,9 +160,10 @@ def test_fit_writes_config_metrics_checkpoints_and_summary(tmp_path, synth_root)
     from dset.evaluate import evaluate_checkpoint
 
     ev = evaluate_checkpoint(tmp_path)
-    assert ev["epoch"] == summary["best_epoch"] and ev["val_images"] == 4
+    assert ev["epoch"] == summary["metrics"][M.BEST_EPOCH] and ev["val_images"] == 4
+    best_record = lines[summary["metrics"][M.BEST_EPOCH]]
     for k in ("mAP", "mAP50", "AR100"):
-        assert ev[k] == pytest.approx(summary["best_metrics"][k], abs=1e-9)
+        assert ev[k] == pytest.approx(best_record[M.val_metric(k)], abs=1e-9)
 
 
 def test_summary_reports_throughput_and_peak_memory(tmp_path, synth_root):
@@ -170,16 +174,18 @@ def test_summary_reports_throughput_and_peak_memory(tmp_path, synth_root):
     ballast = np.ones(2**28)
     del ballast
     summary = fit(dset.load_config("rtdetr_r18", tiny(synth_root, "train.epochs=2", "train.eval_every=2")), tmp_path)
-    assert json.loads((tmp_path / "summary.json").read_text())["train_images_per_s"] == summary["train_images_per_s"]
+    m = summary["metrics"]
+    assert (json.loads((tmp_path / "summary.json").read_text())["metrics"][M.TRAIN_IMAGES_PER_S]
+            == m[M.TRAIN_IMAGES_PER_S])
     assert summary["train_images_processed"] == 16 and summary["eval_images_processed"] == 4   # one evaluation
     assert 0 < summary["train_seconds"] and 0 < summary["eval_seconds"]
     assert summary["train_seconds"] + summary["eval_seconds"] <= summary["train_time_s"]
-    assert summary["train_images_per_s"] == pytest.approx(16 / summary["train_seconds"])
-    assert summary["eval_images_per_s"] == pytest.approx(4 / summary["eval_seconds"])
-    assert summary["device"] == "cpu" and summary["peak_gpu_memory_mb"] is None
-    assert 50 < summary["peak_host_memory_mb"] < 64 * 1024      # torch alone is more than 50 MiB resident
+    assert m[M.TRAIN_IMAGES_PER_S] == pytest.approx(16 / summary["train_seconds"])
+    assert m[M.EVAL_IMAGES_PER_S] == pytest.approx(4 / summary["eval_seconds"])
+    assert summary["device"] == "cpu" and m[M.PEAK_GPU_MEMORY_MB] is None
+    assert 50 < m[M.PEAK_HOST_MEMORY_MB] < 64 * 1024      # torch alone is more than 50 MiB resident
     if rss_before is not None:   # Linux: the peak restarts with the run (else ru_maxrss: since the process started)
-        assert summary["peak_host_memory_mb"] < rss_before + 1536
+        assert m[M.PEAK_HOST_MEMORY_MB] < rss_before + 1536
 
 
 def _rss_mb():
@@ -199,15 +205,18 @@ def test_fit_dset_reports_pruning_and_expert_usage(tmp_path, synth_root):
                                             "model.token_pruning.keep_ratio=0.5"))
     summary = fit(cfg, tmp_path)
     first, second = _lines(tmp_path / "metrics.jsonl")
-    assert first["scheduled_keep_ratio"] == 1.0 and first["keep_ratio"] == 1.0      # warm-up: no pruning
-    assert second["scheduled_keep_ratio"] == 0.5 and second["keep_ratio"] == 0.5    # 2x2 tokens at stride 32 -> 2
-    for key in ("loss_enc_moe_balance", "loss_dec_moe_balance", "loss_pruning"):
+    assert first[M.SCHEDULED_KEEP_RATIO] == 1.0 and first[M.KEEP_RATIO] == 1.0      # warm-up: no pruning
+    assert second[M.SCHEDULED_KEEP_RATIO] == 0.5 and second[M.KEEP_RATIO] == 0.5    # 2x2 tokens at stride 32 -> 2
+    for key in ("train/loss_enc_moe_balance", "train/loss_dec_moe_balance", "train/loss_pruning"):
         assert key in first and first[key] > 0
     for kind, layers in (("encoder_moe", 1), ("decoder_moe", 3)):
         for layer in range(layers):
-            usage = [first[f"{kind}_usage/layer{layer}/expert{e}"] for e in range(6)]
+            usage = [first[M.usage_metric(kind, layer, e)] for e in range(6)]
             assert sum(usage) == pytest.approx(1.0, abs=1e-5) and all(u >= 0 for u in usage)
-        assert f"{kind}_usage/layer{layers}/expert0" not in first
+            # the layer's routing entropy, in nats, of those shares
+            assert first[M.entropy_metric(kind, layer)] == pytest.approx(
+                -sum(u * math.log(u) for u in usage if u > 0), abs=1e-6)
+        assert M.usage_metric(kind, layers, 0) not in first
     # the EMA model in best.pt prunes at the epoch it was saved at
     best = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)
     assert int(best["ema"]["module"]["encoder.token_pruner.epoch"]) == best["epoch"]
@@ -219,7 +228,7 @@ def test_callback_can_stop_the_run(tmp_path, synth_root):
     rec = Recorder(stop_at=0)
     summary = fit(cfg, tmp_path, callbacks=[rec])
     assert summary["status"] == "stopped" and summary["stop_reason"] == "callback"
-    assert summary["epochs_completed"] == 1 and len(_lines(tmp_path / "metrics.jsonl")) == 1
+    assert summary["metrics"][M.EPOCHS_RUN] == 1 and len(_lines(tmp_path / "metrics.jsonl")) == 1
     assert [c[0] for c in rec.calls] == ["start", "epoch", "end"]
     # the resume state went once the run had ended; the weights stay
     assert not (tmp_path / "checkpoints" / "last.pt").exists()
@@ -239,7 +248,8 @@ def test_early_stopping_keeps_best_checkpoint(tmp_path, synth_root, monkeypatch)
     cfg = dset.load_config("rtdetr_r18", tiny(synth_root, "train.epochs=4", "train.early_stop_patience=2"))
     summary = fit(cfg, tmp_path)
     assert summary["status"] == "stopped" and summary["stop_reason"].startswith("early_stopping")
-    assert summary["epochs_completed"] == 3 and summary["best_epoch"] == 0 and summary["best_mAP"] == 0.5
+    m = summary["metrics"]
+    assert m[M.EPOCHS_RUN] == 3 and m[M.BEST_EPOCH] == 0 and m[M.BEST_MAP] == 0.5
     assert torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)["epoch"] == 0
     assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 2
 
@@ -518,9 +528,10 @@ def test_a_flat_map_pruning_run_is_reported_at_its_target_keep_ratio(tmp_path, s
                                             "model.token_pruning.keep_ratio=0.5", "model.token_pruning.min_tokens=1",
                                             "model.token_pruning.warmup_epochs=1", "model.token_pruning.ramp_epochs=2"))
     summary = fit(cfg, tmp_path)
-    assert summary["best_epoch"] == 2                        # the first epoch at the target ratio
-    assert summary["profile_tokens"] == 4 and summary["profile_kept_tokens"] == 2
-    assert summary["profile_keep_ratio"] == 0.5
+    m = summary["metrics"]
+    assert m[M.BEST_EPOCH] == 2                        # the first epoch at the target ratio
+    assert m[M.PROFILE_TOKENS] == 4 and m[M.PROFILE_KEPT_TOKENS] == 2
+    assert m[M.PROFILE_KEEP_RATIO] == 0.5
     best = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)
     assert best["epoch"] == 2 and int(best["ema"]["module"]["encoder.token_pruner.epoch"]) == 2
     detections = json.loads((tmp_path / "eval" / "detections.json").read_text())

@@ -11,6 +11,7 @@
 - :mod:`~dset.engine.rng`: seeding, capturing and restoring the random state
 - :mod:`~dset.engine.records`: metrics.jsonl, summary.json and the other text files of a run, as strict JSON
 - :mod:`~dset.engine.epoch_stats` / :mod:`~dset.engine.memory`: per-epoch means and throughput; peak memory
+- :mod:`~dset.engine.run_metrics`: the final metrics of a run (summary.json's ``metrics`` block)
 - :mod:`~dset.engine.reported_checkpoint`: the profile and pictures of a finished run's reported checkpoint
 - :mod:`~dset.engine.distributed`: the process group under torchrun, the device, DDP and its collectives
 - :mod:`~dset.engine.errors`: NaN losses, and one readable line per error

@@ -1,17 +1,30 @@
-"""Statistics gathered while a run trains: the per-epoch means of its losses, expert usage and token keep
-ratio (:class:`EpochStats`, averaged over ranks), and the throughput of the attempt (:class:`Throughput`)."""
+"""Statistics gathered while a run trains: the per-epoch means of its losses, expert usage (and its entropy) and
+token keep ratio (:class:`EpochStats`, averaged over ranks), and the throughput of the attempt
+(:class:`Throughput`). Metric names: :mod:`dset.metric_names`."""
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 
+from .. import metric_names as M
 from .distributed import DistInfo, all_gather_object
 
-__all__ = ["EpochStats", "Throughput"]
+__all__ = ["EpochStats", "Throughput", "entropy"]
+
+MOE_SITES = ("encoder_moe", "decoder_moe")
+
+
+def entropy(shares: list[float]) -> float:
+    """Entropy (natural log, nats) of the usage shares; ln(num_experts) when perfectly balanced."""
+    total = sum(shares)
+    if total <= 0:
+        return float("nan")
+    return -sum((s / total) * math.log(s / total) for s in shares if s > 0)
 
 
 class EpochStats:
@@ -38,7 +51,7 @@ class EpochStats:
         self.steps += 1
         self.images += batch
         any_usage = False
-        for kind in ("encoder_moe", "decoder_moe"):
+        for kind in MOE_SITES:
             usages = sparse.get(kind)
             if usages:
                 any_usage = True
@@ -53,7 +66,8 @@ class EpochStats:
             self.keep_count += 1
 
     def reduce(self, dinfo: DistInfo) -> dict:
-        """Means over the epoch's steps (and over ranks)."""
+        """Means over the epoch's steps (and over ranks), named as in :mod:`dset.metric_names`, and under
+        ``counts`` the epoch's ``train_images`` (all ranks) and ``train_steps``."""
         local = {
             "losses": {k: (float(v.item()), self.loss_counts[k]) for k, v in self.loss_sums.items()},
             "total": (self.total_sum, self.steps),
@@ -65,29 +79,37 @@ class EpochStats:
         out: dict[str, Any] = {}
         total_sum = sum(p["total"][0] for p in parts)
         total_n = sum(p["total"][1] for p in parts)
-        out["loss"] = total_sum / max(1, total_n)
+        out[M.train_loss_metric("loss")] = total_sum / max(1, total_n)
         names = sorted({k for p in parts for k in p["losses"]}, key=_loss_sort_key)
         for k in names:
             s = sum(p["losses"][k][0] for p in parts if k in p["losses"])
             n = sum(p["losses"][k][1] for p in parts if k in p["losses"])
-            out[k] = s / max(1, n)
-        out["train_images"] = sum(p["images"] for p in parts)
-        out["train_steps"] = total_n
+            out[M.train_loss_metric(k)] = s / max(1, n)
         keep_sum = sum(p["keep"][0] for p in parts)
         keep_n = sum(p["keep"][1] for p in parts)
         if keep_n:
-            out["keep_ratio"] = keep_sum / keep_n
-            out["scheduled_keep_ratio"] = parts[0]["keep"][2]
-        for kind in ("encoder_moe", "decoder_moe"):
-            have = [p["usage"][kind] for p in parts if kind in p["usage"]]
-            if not have:
-                continue
-            count = sum(c for _, c in have)
-            for layer in range(len(have[0][0])):
-                for e in range(len(have[0][0][layer])):
-                    value = sum(u[layer][e] for u, _ in have) / max(1, count)
-                    out[f"{kind}_usage/layer{layer}/expert{e}"] = value
+            out[M.KEEP_RATIO] = keep_sum / keep_n
+            out[M.SCHEDULED_KEEP_RATIO] = parts[0]["keep"][2]
+        out.update(_usage_metrics(parts))
+        out["counts"] = {"train_images": sum(p["images"] for p in parts), "train_steps": total_n}
         return out
+
+
+def _usage_metrics(parts: list[dict]) -> dict[str, float]:
+    """Each MoE site's usage share per layer and expert (mean over the epoch's forwards and the ranks), and each
+    layer's entropy of them."""
+    out = {}
+    for kind in MOE_SITES:
+        have = [p["usage"][kind] for p in parts if kind in p["usage"]]
+        if not have:
+            continue
+        count = sum(c for _, c in have)
+        for layer in range(len(have[0][0])):
+            shares = [sum(u[layer][e] for u, _ in have) / max(1, count) for e in range(len(have[0][0][layer]))]
+            for e, share in enumerate(shares):
+                out[M.usage_metric(kind, layer, e)] = share
+            out[M.entropy_metric(kind, layer)] = entropy(shares)
+    return out
 
 
 def _loss_sort_key(name: str) -> tuple:
@@ -119,12 +141,17 @@ class Throughput:
         self.eval_seconds += time.perf_counter() - start
 
     def summary(self) -> dict:
-        """The ``summary.json`` entries."""
+        """The ``summary.json`` entries: what was counted and timed."""
         return {
             "train_images_processed": self.train_images,
             "train_seconds": self.train_seconds,
-            "train_images_per_s": self.train_images / self.train_seconds if self.train_seconds > 0 else None,
             "eval_images_processed": self.eval_images,
             "eval_seconds": self.eval_seconds,
-            "eval_images_per_s": self.eval_images / self.eval_seconds if self.eval_seconds > 0 else None,
+        }
+
+    def metrics(self) -> dict:
+        """The final metrics: images per second of training and of evaluation (None when nothing was timed)."""
+        return {
+            M.TRAIN_IMAGES_PER_S: self.train_images / self.train_seconds if self.train_seconds > 0 else None,
+            M.EVAL_IMAGES_PER_S: self.eval_images / self.eval_seconds if self.eval_seconds > 0 else None,
         }

@@ -22,7 +22,7 @@ What a run does, in order:
    :class:`dset.engine.errors.NonFiniteLossError` naming the epoch, step and loss terms.
 5. Per epoch: ``model.set_epoch(epoch)`` (token-pruning schedule; the EMA model too), evaluation of the EMA
    model every ``train.eval_every`` epochs and at the last epoch (COCO metrics on the validation split,
-   :mod:`dset.engine.coco_eval`), a line in ``metrics.jsonl``, ``checkpoints/best.pt`` (when mAP@[.5:.95]
+   :mod:`dset.engine.coco_eval`), a line in ``metrics.jsonl``, ``checkpoints/best.pt`` (when ``val/mAP``
    improved), the callbacks' ``on_epoch_end`` (:mod:`dset.engine.callbacks`), early stopping after
    ``train.early_stop_patience`` epochs without an mAP improvement.
    The resume state (``checkpoints/last.pt``: weights, EMA, optimizer, ...) is copied to the CPU at every
@@ -33,9 +33,9 @@ What a run does, in order:
    ``kill -9`` loses at most one epoch or ``checkpoint_every_minutes``, whichever is longer (writing the state
    every epoch costs seconds of I/O per epoch: on short epochs, a large part of the work it protects).
 6. ``summary.json``: status ``completed`` / ``stopped`` (early stopping or a callback) / ``failed`` (with the
-   error), best epoch and metrics, parameter counts, GFLOPs and latency from :mod:`dset.measure`
-   (:mod:`dset.engine.reported_checkpoint`), throughput and peak memory (:mod:`dset.engine.epoch_stats`,
-   :mod:`dset.engine.memory`).
+   error) and the final metrics (:mod:`dset.engine.run_metrics`): best epoch, parameter counts, GFLOPs and
+   latency from :mod:`dset.measure` (:mod:`dset.engine.reported_checkpoint`), throughput and peak memory
+   (:mod:`dset.engine.epoch_stats`, :mod:`dset.engine.memory`).
 7. ``pictures/``: the reported checkpoint drawn on the first ``train.pictures`` validation images
    (:mod:`dset.pictures`: detections, and with the DSET switches the kept tokens and the experts' routing).
 
@@ -71,6 +71,7 @@ from typing import Any
 
 import torch
 
+from .. import metric_names as M
 from ..config import Config, load_config, multi_scale_sizes
 from ..data.loaders import DataBundle, build_datasets, build_train_loader, build_val_loader, set_loader_epoch
 from ..models.criterion import build_criterion, total_loss
@@ -114,6 +115,7 @@ from .records import (
 )
 from .reported_checkpoint import ReportedCheckpoint, picture_entries, profile_entries
 from .rng import rng_state, seed_everything, set_rng_state
+from .run_metrics import best_epoch_metrics, train_minutes
 from .schedule import WarmupCosine, build_scheduler
 
 __all__ = ["fit"]
@@ -164,6 +166,7 @@ class _Run:
         self.last_pt = ResumeStateWriter(self.ckpt_dir / "last.pt", cfg.train.checkpoint_every_minutes * 60,
                                          written_epoch=self.start_epoch - 1)
         self.throughput = Throughput()   # of this attempt
+        self.epoch_times: list[float] = []   # time/epoch_s of every epoch of the run (earlier attempts' too)
 
     def _restore_last(self) -> dict | None:
         """``--resume``: load ``checkpoints/last.pt`` into the model, EMA, optimizer, scheduler, scaler, early
@@ -204,6 +207,7 @@ class _Run:
                         log.info("stopping after epoch %d: %s", epoch + 1, stop_reason)
                     break
         except BaseException as exc:
+            self.summary["metrics"].update(train_minutes(self.epoch_times, None))
             self._save_resume_state_after(exc)
             raise
         # completed or stopped. Without keep_last_checkpoint, fit() deletes last.pt (possibly left by an earlier
@@ -220,7 +224,8 @@ class _Run:
         if self.dinfo.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / "config.yaml", self.cfg.to_yaml())
-            start_metrics_file(self.metrics_path, self.start_epoch)
+            kept = start_metrics_file(self.metrics_path, self.start_epoch)
+            self.epoch_times = [r[M.EPOCH_TIME] for r in kept if r.get(M.EPOCH_TIME) is not None]
             (self.out / DETECTIONS_FILE).parent.mkdir(parents=True, exist_ok=True)
             write_json(self.out / GROUND_TRUTH_FILE, ground_truth(self.data.val_dataset.coco, self.data.val_image_ids))
         self.summary.update({
@@ -230,7 +235,7 @@ class _Run:
             "num_classes": self.data.num_classes,
             "num_train_images": len(self.data.train),
             "num_val_images": len(self.data.val),
-            "params": sum(p.numel() for p in self.model_core.parameters()),
+            "metrics": {M.PARAMS: sum(p.numel() for p in self.model_core.parameters())},
         })
 
     def _announce_start(self) -> None:
@@ -240,7 +245,8 @@ class _Run:
         cfg, data, world_size = self.cfg, self.data, self.dinfo.world_size
         info = {"config": cfg, "out_dir": str(self.out), "device": str(self.device), "world_size": world_size,
                 "num_train_images": len(data.train), "num_val_images": len(data.val),
-                "num_classes": data.num_classes, "params": self.summary["params"], "param_groups": self._group_info(),
+                "num_classes": data.num_classes, "params": self.summary["metrics"][M.PARAMS],
+                "param_groups": self._group_info(),
                 "start_epoch": self.start_epoch, "steps_per_epoch": self.steps_per_epoch}
         log.info("training %s (budget %s): %d train / %d val images, %d classes, %d epochs x %d steps, "
                  "device %s%s", cfg.model.name, cfg.run.budget or "none", len(data.train), len(data.val),
@@ -259,26 +265,32 @@ class _Run:
                 log.error("could not save the resume state after %s: %s", type(exc).__name__, write_exc)
 
     def _finish_summary(self, status: str, stop_reason: str | None, t0: float) -> None:
+        """The summary of a completed or stopped run: its outcome and, in ``metrics``, its final metrics."""
         cfg, best_epoch = self.cfg, self.early.best_epoch
+        train_time_s = time.time() - t0
         self.summary.update({
             "status": status,
             "stop_reason": stop_reason,
-            "epochs_completed": self.epochs_done,
             "epochs": cfg.train.epochs,
             "global_step": self.global_step,
-            "best_epoch": best_epoch if best_epoch >= 0 else None,
-            "best_mAP": self.early.best if best_epoch >= 0 else None,
-            "best_metrics": self.best_metrics,
-            "final_metrics": json_safe(self.last_metrics),
-            "train_time_s": time.time() - t0,
+            "train_time_s": train_time_s,
             **self.throughput.summary(),
         })
+        metrics = self.summary["metrics"]
+        metrics.update(best_epoch_metrics(self.best_metrics, best_epoch if best_epoch >= 0 else None))
+        if self.last_metrics.get(M.KEEP_RATIO) is not None:
+            metrics[M.FINAL_KEEP_RATIO] = self.last_metrics[M.KEEP_RATIO]
+        metrics[M.EPOCHS_RUN] = self.epochs_done
+        metrics.update(train_minutes(self.epoch_times, train_time_s))
+        metrics.update(self.throughput.metrics())
         if self.dinfo.world_size > 1:
             self.summary["ddp_params_in_sync"] = params_in_sync(self.model_core, self.dinfo)
         if self.dinfo.is_main and (cfg.train.profile or cfg.train.pictures):
-            self.summary.update(self._describe_reported_checkpoint())
-        self.summary["peak_host_memory_mb"] = peak_host_memory_mb()
-        self.summary["peak_gpu_memory_mb"] = peak_gpu_memory_mb(self.device)
+            entries = self._describe_reported_checkpoint()
+            metrics.update(entries.pop("metrics", {}))
+            self.summary.update(entries)
+        metrics[M.PEAK_HOST_MEMORY_MB] = peak_host_memory_mb()
+        metrics[M.PEAK_GPU_MEMORY_MB] = peak_gpu_memory_mb(self.device)
 
     def _describe_reported_checkpoint(self) -> dict:
         """Profile and pictures of the reported checkpoint (best.pt's EMA weights, else the final EMA model),
@@ -301,16 +313,18 @@ class _Run:
         self.model_core.set_epoch(epoch)
         self.ema.module.set_epoch(epoch)
         set_loader_epoch(self.train_loader, epoch, cfg.run.seed, dinfo.rank)
-        lrs = {f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups}  # at the epoch's first step
+        lrs = {M.lr_metric(g["name"]): g["lr"] for g in self.optimizer.param_groups}  # at the epoch's first step
         with self.throughput.timing_training():
             train_metrics = self.train_one_epoch(epoch)
-        self.throughput.train_images += train_metrics["train_images"]
-        metrics: dict[str, Any] = {"epoch": epoch, "step": self.global_step, **train_metrics, **lrs}
+        counts = {"step": self.global_step, **train_metrics.pop("counts")}
+        self.throughput.train_images += counts["train_images"]
+        metrics: dict[str, Any] = {"epoch": epoch, **train_metrics, **lrs, "counts": counts}
         at_target = self._at_target_sparsity(epoch)
         evaluated = (epoch + 1) % cfg.train.eval_every == 0 or epoch == cfg.train.epochs - 1
         detections: list = []
         improved = evaluated and self._evaluate(epoch, metrics, at_target, detections)
-        metrics["epoch_time_s"] = time.time() - t_epoch
+        metrics[M.EPOCH_TIME] = time.time() - t_epoch
+        self.epoch_times.append(metrics[M.EPOCH_TIME])
         self.epochs_done, self.last_metrics = epoch + 1, metrics
         rng_states = all_gather_object(rng_state(), dinfo)
         stop_reason = None
@@ -327,10 +341,11 @@ class _Run:
                                      detections_out=detections)
         self.throughput.eval_images += ev["val_images"]
         metrics.update(evaluation_entries(ev))
+        metrics["counts"]["val_images"] = ev["val_images"]
         # the reported checkpoint runs as deployed: epochs still in token pruning's warm-up or ramp (fewer
         # tokens pruned than the target) cannot be the best, so that its GFLOPs, latency and keep ratio are
         # those of the target sparsity
-        improved = at_target and self.early.update(epoch, ev["mAP"])
+        improved = at_target and self.early.update(epoch, metrics[M.VAL_MAP])
         if improved:
             self.best_metrics = json_safe(metrics)
         return improved
@@ -503,34 +518,41 @@ def fit(cfg: Config | str, out_dir: str | os.PathLike, callbacks: Callback | Seq
         resume: bool = False) -> dict:
     """Train and evaluate one run; returns the ``summary.json`` content.
 
-    ``metrics.jsonl`` records (and the ``metrics`` passed to ``Callback.on_epoch_end``) are flat:
-    ``epoch`` (0-based), ``step`` (optimizer steps so far), ``loss`` (mean total loss over the epoch's
-    steps), every weighted loss term by its criterion name (``loss_vfl``, ``loss_bbox_aux_0``,
-    ``loss_giou_dn_2``, ``loss_enc_moe_balance``, ``loss_pruning``, ... means over the epoch),
-    ``lr/<group>`` (the rate at the epoch's first step), ``train_images``, ``train_steps``; on evaluated
-    epochs ``mAP``, ``mAP50``, ``mAP75``, ``mAP_small``, ``mAP_medium``, ``mAP_large``, ``AR100``,
-    ``AP/<class name>``, ``val_images`` (of the EMA model); with token pruning ``keep_ratio`` (mean
-    tokens kept / tokens over the epoch's forwards) and ``scheduled_keep_ratio``; with MoE
-    ``encoder_moe_usage/layer<i>/expert<j>`` and ``decoder_moe_usage/...`` (fraction of routing slots per
-    expert, mean over the epoch's forwards); ``epoch_time_s``. Metrics without ground truth are NaN in
-    the callback and ``null`` in the file.
+    ``metrics.jsonl`` records (and the ``metrics`` passed to ``Callback.on_epoch_end``) name every metric as
+    :mod:`dset.metric_names` does (the names MLflow and the report use): ``epoch`` (0-based; MLflow's step),
+    ``train/loss`` (mean total loss over the epoch's steps), every weighted loss term by its criterion name
+    (``train/loss_vfl``, ``train/loss_bbox_aux_0``, ``train/loss_giou_dn_2``, ``train/loss_enc_moe_balance``,
+    ``train/loss_pruning``, ... means over the epoch), ``lr/<group>`` (the rate at the epoch's first step); on
+    evaluated epochs ``val/mAP``, ``val/mAP50``, ``val/mAP75``, ``val/mAP_small``, ``val/mAP_medium``,
+    ``val/mAP_large``, ``val/AR100``, ``val/AP/<class name>`` (of the EMA model; the class name with the
+    characters MLflow rejects made ``_``); with token pruning ``sparse/keep_ratio`` (mean tokens kept / tokens
+    over the epoch's forwards) and ``sparse/scheduled_keep_ratio``; with MoE
+    ``sparse/<encoder_moe|decoder_moe>/layer<i>/expert<j>`` (fraction of routing slots per expert, mean over
+    the epoch's forwards) and ``sparse/<site>/layer<i>/entropy`` (of those shares, nats); ``time/epoch_s``.
+    Beside the metrics, ``counts``: ``step`` (optimizer steps so far), ``train_images``, ``train_steps`` and on
+    evaluated epochs ``val_images``. Metrics without ground truth are NaN in the callback and ``null`` in the
+    file.
 
-    ``summary.json`` (also returned): ``status`` (completed / stopped / failed), ``stop_reason``, ``error``
-    (failed runs), ``epochs_completed``, ``epochs``, ``global_step``, ``best_epoch`` (0-based), ``best_mAP``,
-    ``best_metrics`` (the metrics record of the best epoch), ``final_metrics``, ``num_classes``,
-    ``num_train_images``, ``num_val_images``, ``world_size``, ``device``, ``train_time_s``, ``params``;
-    throughput and memory of this attempt (a resumed run counts its own epochs only): ``train_images_per_s``
-    (``train_images_processed`` over ``train_seconds``, the seconds spent in the epochs' training steps, data
-    loading included, all ranks' images), ``eval_images_per_s`` (``eval_images_processed`` over
-    ``eval_seconds``, the validation passes with COCO scoring; None when nothing was timed),
-    ``peak_host_memory_mb`` (peak resident memory of this process, rank 0 under DDP, MiB: Linux VmHWM from the
-    run's start, else ``ru_maxrss``), ``peak_gpu_memory_mb`` (``torch.cuda.max_memory_allocated`` from the run's
-    start, MiB; None off CUDA); and with ``train.profile`` from :func:`dset.measure.profile_model` on the best
-    EMA weights at ``data.image_size``: ``active_params``, ``gflops`` (2 x multiply-adds, fvcore),
-    ``latency_ms``/``fps`` (eval forward, batch ``latency_batch_size`` on ``latency_device``), ``profile``
-    (everything it measured), or ``profile_error``; with ``train.profile_deployment`` also ``deployment``
-    (:func:`dset.measure.deployment_latency`: eager PyTorch next to ONNX Runtime at batch 1 and 8, timed
-    round-robin in this process, and the ONNX check against eager) or ``deployment_error``.
+    ``summary.json`` (also returned): ``metrics``, the run's final metrics under their :mod:`dset.metric_names`
+    names (what MLflow logs): ``params``; for a completed or stopped run also ``best/mAP``, ``best/mAP50``,
+    ``best/mAP75``, ``best/epoch`` (0-based; of the best epoch, EMA weights), ``final/keep_ratio`` (the last
+    epoch's ``sparse/keep_ratio``), ``epochs_run``, ``train_minutes`` (the epochs' ``time/epoch_s``, those of an
+    interrupted earlier attempt included), ``perf/train_images_per_s`` and ``perf/eval_images_per_s`` (this
+    attempt's images over its seconds in training steps, data loading included, all ranks' images, and in
+    evaluation with COCO scoring; None when nothing was timed), ``perf/peak_host_memory_mb`` (peak resident
+    memory of this process, rank 0 under DDP, MiB: Linux VmHWM from the run's start, else ``ru_maxrss``),
+    ``perf/peak_gpu_memory_mb`` (``torch.cuda.max_memory_allocated`` from the run's start, MiB; None off CUDA);
+    with ``train.profile``, from :func:`dset.measure.profile_model` on the best EMA weights at
+    ``data.image_size``: ``active_params``, ``gflops`` (2 x multiply-adds, fvcore), ``gflops/<component>``,
+    ``latency_ms``/``fps`` (eval forward, batch ``latency_batch_size`` on ``latency_device``),
+    ``profile/tokens``, ``profile/kept_tokens``, ``profile/keep_ratio``; with ``train.profile_deployment`` the
+    ``deploy/...`` metrics. Beside it: ``status`` (completed / stopped / failed), ``stop_reason``, ``error``
+    (failed runs), ``epochs`` (configured), ``global_step``, ``num_classes``, ``num_train_images``,
+    ``num_val_images``, ``world_size``, ``device``, ``train_time_s`` (this attempt), ``train_images_processed``,
+    ``train_seconds``, ``eval_images_processed``, ``eval_seconds``, ``profile`` (everything the profile measured)
+    or ``profile_error``, ``deployment`` (:func:`dset.measure.deployment_latency`: eager PyTorch next to ONNX
+    Runtime at batch 1 and 8, timed round-robin in this process, and the ONNX check against eager) or
+    ``deployment_error``.
 
     Pictures (``train.pictures`` > 0, default 4): :func:`dset.pictures.draw_pictures` draws the same reported
     checkpoint on the first ``train.pictures`` validation images into ``out_dir/pictures/``:

@@ -1,8 +1,8 @@
 """The text files a run writes beside its checkpoints, and the strict JSON they hold.
 
-- ``metrics.jsonl``: one record per epoch (keys listed in :func:`dset.engine.loop.fit`), appended by
-  :func:`append_metrics`; a resumed run first drops the lines of epochs after its checkpoint
-  (:func:`start_metrics_file`).
+- ``metrics.jsonl``: one record per epoch (keys listed in :func:`dset.engine.loop.fit`: the metric names of
+  :mod:`dset.metric_names`), appended by :func:`append_metrics`; a resumed run first drops the lines of epochs
+  after its checkpoint (:func:`start_metrics_file`).
 - ``summary.json``, ``config.yaml``, ``eval/detections.json`` (the reported checkpoint's detections on the
   validation images) and ``eval/ground_truth.json`` (their ground truth): what a report needs to bootstrap
   intervals over images. JSON files are written through a temporary file and a rename (:func:`write_json`).
@@ -20,7 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import metric_names as M
 from .checkpoint import atomic_write_text
+from .coco_eval import METRIC_KEYS
 
 __all__ = ["DETECTIONS_FILE", "GROUND_TRUTH_FILE", "json_safe", "write_json", "start_metrics_file",
            "append_metrics", "evaluation_entries", "epoch_line"]
@@ -51,18 +53,20 @@ def write_json(path: Path, obj: Any, indent: int | None = None) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
 
 
-def start_metrics_file(path: Path, start_epoch: int) -> None:
+def start_metrics_file(path: Path, start_epoch: int) -> list[dict]:
     """An empty ``metrics.jsonl`` for a run from epoch 0; for a resumed one, its lines of the epochs before
-    ``start_epoch`` (a run killed between its metrics line and its checkpoint leaves one more)."""
+    ``start_epoch`` (a run killed between its metrics line and its checkpoint leaves one more). Returns the
+    records kept."""
     if start_epoch == 0:
         path.write_text("")
-        return
+        return []
     keep = []
     if path.exists():
         for line in path.read_text().splitlines():
             if line.strip() and json.loads(line).get("epoch", -1) < start_epoch:
                 keep.append(line)
     path.write_text("".join(line + "\n" for line in keep))
+    return [json.loads(line) for line in keep]
 
 
 def append_metrics(path: Path, record: dict) -> None:
@@ -71,23 +75,25 @@ def append_metrics(path: Path, record: dict) -> None:
         f.write(json.dumps(json_safe(record)) + "\n")
 
 
-def evaluation_entries(metrics: dict) -> dict:
-    """An evaluation's metrics as record entries: ``per_class_AP`` becomes ``AP/<class name>``."""
-    out = {k: v for k, v in metrics.items() if k != "per_class_AP"}
-    for name, ap in (metrics.get("per_class_AP") or {}).items():
-        out[f"AP/{name}"] = ap
+def evaluation_entries(evaluation: dict) -> dict:
+    """An evaluation's metrics (:func:`dset.engine.coco_eval.evaluate_detections`, COCO's names) as record
+    entries: ``val/<metric>`` and ``val/AP/<class name>``."""
+    out = {M.val_metric(k): evaluation[k] for k in METRIC_KEYS if k in evaluation}
+    for name, ap in (evaluation.get("per_class_AP") or {}).items():
+        out[M.per_class_ap_metric(name)] = ap
     return out
 
 
 def epoch_line(epoch: int, epochs: int, m: dict) -> str:
     """The log line of one epoch's record."""
-    parts = [f"epoch {epoch + 1}/{epochs}", f"loss {m['loss']:.4f}"]
-    if "mAP" in m:
-        parts.append(f"mAP {m['mAP']:.4f} mAP50 {m['mAP50']:.4f}")
-    lr = [v for k, v in m.items() if k.startswith("lr/new")] or [v for k, v in m.items() if k.startswith("lr/")]
+    parts = [f"epoch {epoch + 1}/{epochs}", f"loss {m[M.train_loss_metric('loss')]:.4f}"]
+    if M.VAL_MAP in m:
+        parts.append(f"mAP {m[M.VAL_MAP]:.4f} mAP50 {m[M.val_metric('mAP50')]:.4f}")
+    lr = ([v for k, v in m.items() if k.startswith(M.lr_metric("new"))]
+          or [v for k, v in m.items() if k.startswith(M.LR_PREFIX)])
     if lr:
         parts.append(f"lr {lr[0]:.2e}")
-    if "keep_ratio" in m:
-        parts.append(f"keep {m['keep_ratio']:.3f}")
-    parts.append(f"{m['epoch_time_s']:.1f} s")
+    if M.KEEP_RATIO in m:
+        parts.append(f"keep {m[M.KEEP_RATIO]:.3f}")
+    parts.append(f"{m[M.EPOCH_TIME]:.1f} s")
     return " | ".join(parts)

@@ -5,8 +5,9 @@ epoch: the last one run). Its token pruner runs at the ratio of its epoch, which
 epochs are chosen among those), so it is profiled as deployed. It is loaded once
 (:class:`ReportedCheckpoint`), then:
 
-- with ``train.profile``: :func:`profile_entries`, params / active params / GFLOPs / latency via
-  :mod:`dset.measure` (and with ``train.profile_deployment`` eager PyTorch next to ONNX Runtime);
+- with ``train.profile``: :func:`profile_entries`, active params / GFLOPs / latency via :mod:`dset.measure`
+  (and with ``train.profile_deployment`` eager PyTorch next to ONNX Runtime), as final metrics
+  (``summary["metrics"]``, :mod:`dset.metric_names`) beside the detail of what was measured;
 - with ``train.pictures``: :func:`picture_entries`, the first validation images drawn into ``pictures/``
   (:func:`dset.pictures.draw_pictures`).
 
@@ -21,10 +22,12 @@ from pathlib import Path
 
 import torch
 
+from .. import metric_names as M
 from ..config import Config
 from ..data.loaders import DataBundle
 from ..models.detector import Detector, build_model
 from .records import json_safe
+from .run_metrics import deployment_metrics
 
 __all__ = ["DEPLOYMENT_BATCH_SIZES", "ReportedCheckpoint", "profile_entries", "picture_entries"]
 
@@ -69,7 +72,11 @@ class ReportedCheckpoint:
 
 def profile_entries(reported: ReportedCheckpoint, cfg: Config, device: torch.device) -> dict:
     """The ``summary.json`` entries of the reported model's profile (:func:`dset.measure.profile_model` at
-    ``data.image_size``, as it runs: its token pruner at the ratio of its epoch)."""
+    ``data.image_size``, as it runs: its token pruner at the ratio of its epoch): its final metrics under
+    ``metrics`` (active params, GFLOPs in all and by component, latency, FPS, the tokens it was measured at,
+    deployed speed), what they were measured on (``latency_batch_size``, ``latency_device``,
+    ``profile_image_size``), the ``profile`` and ``deployment`` detail; or ``profile_error`` /
+    ``deployment_error``."""
     try:
         from .. import measure
     except ImportError:  # pragma: no cover - dset.measure is part of the package
@@ -81,22 +88,27 @@ def profile_entries(reported: ReportedCheckpoint, cfg: Config, device: torch.dev
     except Exception as exc:  # noqa: BLE001 - a measurement problem must not fail a finished run
         log.warning("profiling failed: %s", exc)
         return {"profile_error": f"{type(exc).__name__}: {exc}"}
-    keys = {"active_params": "active_params", "gflops": "gflops", "latency_ms": "latency_ms", "fps": "fps",
-            "batch_size": "latency_batch_size", "device": "latency_device", "size": "profile_image_size"}
-    out = {new: prof[old] for old, new in keys.items() if old in prof}
+    names = {"active_params": M.ACTIVE_PARAMS, "gflops": M.GFLOPS, "latency_ms": M.LATENCY_MS, "fps": M.FPS}
+    metrics = {name: prof[key] for key, name in names.items() if prof.get(key) is not None}
+    for component, value in (prof.get("gflops_by_component") or {}).items():
+        metrics[M.GFLOPS_COMPONENT_PREFIX + component] = value
     # what the AIFI layer saw while it was measured: the tokens of the stride-32 map and how many it kept
     tokens = (size // 32) ** 2
     pruner = model.token_pruner
     kept = pruner.num_kept(tokens) if pruner is not None else tokens
-    out.update({"profile_tokens": tokens, "profile_kept_tokens": kept, "profile_keep_ratio": kept / tokens})
+    metrics.update({M.PROFILE_TOKENS: tokens, M.PROFILE_KEPT_TOKENS: kept, M.PROFILE_KEEP_RATIO: kept / tokens})
+    where = {"batch_size": "latency_batch_size", "device": "latency_device", "size": "profile_image_size"}
+    out = {new: prof[old] for old, new in where.items() if old in prof}
     out["profile"] = json_safe({k: v for k, v in prof.items() if not isinstance(v, torch.Tensor)})
     if cfg.train.profile_deployment:
         try:  # its own failure (an export problem) keeps the rest of the profile
             out["deployment"] = json_safe(measure.deployment_latency(
                 {"model": model}, size, str(device), DEPLOYMENT_BATCH_SIZES, warmup=2, repeats=5)["model"])
+            metrics.update(deployment_metrics(out["deployment"]))
         except Exception as exc:  # noqa: BLE001 - a measurement problem must not fail a finished run
             log.warning("deployment timing (ONNX export, ONNX Runtime) failed: %s", exc)
             out["deployment_error"] = f"{type(exc).__name__}: {exc}"
+    out["metrics"] = metrics
     return out
 
 
