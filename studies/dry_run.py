@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 
 from . import mlflow_schema as S
-from . import tracking
+from . import mlflow_store, tracking
 from .cell_state import classify_cell, stale_reason
 from .progress import table
 from .search import describe_pruning, describe_storage, optuna_study_name, sampler_name, storage_descriptor
@@ -16,11 +16,11 @@ from .spec import Cell, Study, describe_budget, make_cell
 def _existing_runs_readonly(uri: str, experiment: str) -> tuple[dict, dict] | None:
     """Child runs by fingerprint and stale candidates by cell key when a local store exists (a dry run never
     creates one)."""
-    path = tracking.sqlite_path(uri)
+    path = mlflow_store.sqlite_path(uri)
     if path is None or not path.exists():
         return None
     try:
-        c = tracking.client(uri)
+        c = mlflow_store.client(uri)
         exp = c.get_experiment_by_name(experiment)
         if exp is None:
             return {}, {}
@@ -77,7 +77,7 @@ def dry_run(study: Study, cells: list[Cell] | None, uri: str, storage: str | Non
         print(line)
     if study.config_overrides:
         print(f"overrides for every run: {' '.join(study.config_overrides)}")
-    local = tracking.sqlite_path(uri)
+    local = mlflow_store.sqlite_path(uri)
     store = uri if local is None or local.exists() else f"{uri} (created by the first run)"
     print(f"MLflow: {store}, experiment '{study.name}'; outputs in {study.study_dir}/")
     base_cell = cells if study.kind == "grid" else [make_cell(study, "base", {}, study.seeds[0])]

@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = ap.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("dset").setLevel(logging.INFO if ns.verbose else logging.WARNING)
-    from .tracking import quiet_mlflow, tracking_uri
+    from .mlflow_store import quiet_mlflow, tracking_uri
 
     quiet_mlflow()
     if ns.list:

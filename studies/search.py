@@ -54,7 +54,7 @@ def storage_descriptor(study: Study, url: str | None) -> dict:
 def describe_storage(desc: dict) -> str:
     if "journal" in desc:
         return f"journal file {desc['journal']}"
-    from .tracking import redact
+    from .mlflow_store import redact
 
     return redact(desc["url"])
 

@@ -12,7 +12,7 @@ from typing import Any
 from dset.provenance import code_version, data_digest
 
 from . import mlflow_schema as S
-from . import tracking
+from . import mlflow_store, tracking
 from .cell_state import classify_by_key, classify_cell, stale_reason
 from .devices import Slot
 from .jobs import RunResult
@@ -38,9 +38,9 @@ class StudyRuns:
         self.pid = pid
         self.commit = tracking.git_commit()
         self.optuna_name: str | None = None    # the Optuna study of a search (tagged on its trials' runs)
-        tracking.prepare_store(uri)
-        self.c = tracking.client(uri)
-        self.exp_id = tracking.get_experiment(self.c, study.name, uri)
+        mlflow_store.prepare_store(uri)
+        self.c = mlflow_store.client(uri)
+        self.exp_id = mlflow_store.get_experiment(self.c, study.name, uri)
         self.existing = tracking.find_child_runs(self.c, self.exp_id)         # child runs by fingerprint
         self.stale_candidates = tracking.find_stale_candidates(self.c, self.exp_id)
         self._mark_stale_parents()
@@ -52,8 +52,8 @@ class StudyRuns:
         tags = {S.TAG_ROLE: "parent", S.TAG_STUDY: st.name, S.TAG_GIT_COMMIT: self.commit,
                 S.TAG_HOST: self.host, S.TAG_PID: str(self.pid), "mlflow.runName": f"{st.name} "
                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}",
-                "dset.command": tracking.redact(" ".join(["python -m studies.run", *sys.argv[1:]]))}
-        run = tracking.retry(self.c.create_run, self.exp_id, tags=_tags(tags))
+                "dset.command": mlflow_store.redact(" ".join(["python -m studies.run", *sys.argv[1:]]))}
+        run = mlflow_store.retry(self.c.create_run, self.exp_id, tags=_tags(tags))
         params = {"study.kind": st.kind, "study.budget": st.budget, "study.data": st.data, "study.seeds": st.seeds,
                   "study.presets": st.presets, "study.workers": len(slots), "study.file": str(st.path),
                   "study.overrides": " ".join(st.study_overrides + st.config_overrides) or "-",
@@ -62,17 +62,17 @@ class StudyRuns:
             params["study.n_trials"] = st.search.n_trials
         tracking.log_params(self.c, run.info.run_id, params)
         try:
-            tracking.retry(self.c.log_artifact, run.info.run_id, str(st.path))
+            mlflow_store.retry(self.c.log_artifact, run.info.run_id, str(st.path))
         except Exception as exc:  # noqa: BLE001
             log.warning("could not log the study file: %s", exc)
         return run.info.run_id
 
     def _mark_stale_parents(self) -> None:
-        runs = tracking.retry(self.c.search_runs, [self.exp_id], filter_string=f"tags.`{S.TAG_ROLE}` = 'parent' and "
-                              "attributes.status = 'RUNNING'", max_results=1000)
+        running_parents = f"tags.`{S.TAG_ROLE}` = 'parent' and attributes.status = 'RUNNING'"
+        runs = mlflow_store.retry(self.c.search_runs, [self.exp_id], filter_string=running_parents, max_results=1000)
         for r in runs:
             if tracking.is_stale(r.data.tags, self.host):
-                tracking.retry(self.c.set_terminated, r.info.run_id, status="KILLED")
+                mlflow_store.retry(self.c.set_terminated, r.info.run_id, status="KILLED")
 
     def tag_parent(self, tags: dict[str, Any]) -> None:
         tracking.set_tags(self.c, self.parent_id, tags)
@@ -84,10 +84,10 @@ class StudyRuns:
 
     def close(self, status: str, metrics: dict[str, float]) -> None:
         tracking.log_metrics(self.c, self.parent_id, metrics, 0)
-        tracking.retry(self.c.set_terminated, self.parent_id, status=status)
+        mlflow_store.retry(self.c.set_terminated, self.parent_id, status=status)
 
     def ui_link(self) -> str:
-        return tracking.ui_link(self.uri, self.exp_id)
+        return mlflow_store.ui_link(self.uri, self.exp_id)
 
     # ----- what a cell needs
     def classify(self, cell: Cell) -> tuple[str, Any]:
@@ -152,11 +152,11 @@ class StudyRuns:
             tracking.delete_tag(self.c, rid, S.TAG_STATUS)
             tags.pop("mlflow.runName", None)
             tracking.set_tags(self.c, rid, tags)
-            tracking.retry(self.c.update_run, rid, status="RUNNING")
+            mlflow_store.retry(self.c.update_run, rid, status="RUNNING")
             return rid
         tags["mlflow.parentRunId"] = self.parent_id
-        new = tracking.retry(self.c.create_run, self.exp_id, tags=_tags(tags), run_name=cell.id)
-        self.existing[cell.fingerprint] = tracking.retry(self.c.get_run, new.info.run_id)
+        new = mlflow_store.retry(self.c.create_run, self.exp_id, tags=_tags(tags), run_name=cell.id)
+        self.existing[cell.fingerprint] = mlflow_store.retry(self.c.get_run, new.info.run_id)
         return new.info.run_id
 
     def record_failure(self, cell: Cell, error: str) -> RunResult:
@@ -168,7 +168,7 @@ class StudyRuns:
 
     def fail_run(self, run_id: str, error: str) -> None:
         tracking.set_tags(self.c, run_id, {S.TAG_STATUS: "failed", S.TAG_ERROR: error})
-        tracking.retry(self.c.set_terminated, run_id, status="FAILED")
+        mlflow_store.retry(self.c.set_terminated, run_id, status="FAILED")
 
     def result_of(self, cell: Cell, run, status: str) -> RunResult:
         """The summary row of a cell whose finished ``run`` this invocation found instead of running it."""
@@ -189,10 +189,10 @@ class StudyRuns:
                 S.TAG_CHECKPOINT_DIR: str(st.partial_folder / "checkpoints")}
         if run is not None and run.info.status != "FINISHED":
             tracking.set_tags(self.c, run.info.run_id, tags)
-            tracking.retry(self.c.update_run, run.info.run_id, status="RUNNING")
+            mlflow_store.retry(self.c.update_run, run.info.run_id, status="RUNNING")
             return run.info.run_id
         tags["mlflow.parentRunId"] = self.parent_id
-        return tracking.retry(self.c.create_run, self.exp_id, tags=_tags(tags), run_name=st.cell_id).info.run_id
+        return mlflow_store.retry(self.c.create_run, self.exp_id, tags=_tags(tags), run_name=st.cell_id).info.run_id
 
     def tag_run(self, run_id: str, tags: dict[str, Any]) -> None:
         tracking.set_tags(self.c, run_id, tags)

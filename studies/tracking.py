@@ -25,19 +25,7 @@ from dset.engine.callbacks import Callback
 
 from . import mlflow_schema as S
 from .expert_usage import plot_expert_usage
-
-# the store's functions, still called here as tracking.<name> by studies/run.py, workers.py and search.py
-from .mlflow_store import (  # noqa: F401
-    client,
-    get_experiment,
-    prepare_store,
-    quiet_mlflow,
-    redact,
-    retry,
-    sqlite_path,
-    tracking_uri,
-    ui_link,
-)
+from .mlflow_store import retry
 
 log = logging.getLogger("studies")
 

@@ -40,13 +40,14 @@ def _status_of(summary: dict | None, pruned: bool) -> str:
 
 def _record_failure(c, job: Job, logged_params: bool, error: str) -> None:
     """A run that raised: FAILED with its error (and its parameters, when it failed before logging them)."""
+    from . import mlflow_store as store
     from . import tracking as T
 
     try:
         if not logged_params:
-            T.log_params(c, job.run_id, flatten(job.config), T.retry(c.get_run, job.run_id).data.params)
+            T.log_params(c, job.run_id, flatten(job.config), store.retry(c.get_run, job.run_id).data.params)
         T.set_tags(c, job.run_id, {S.TAG_STATUS: "failed", S.TAG_ERROR: error})
-        T.retry(c.set_terminated, job.run_id, status="FAILED")
+        store.retry(c.set_terminated, job.run_id, status="FAILED")
     except Exception as exc:  # noqa: BLE001
         log.warning("could not record the failure of %s in MLflow: %s", job.cell_id, exc)
 
@@ -76,12 +77,13 @@ def execute(job: Job) -> RunResult:
     """Train one run into its MLflow run; never raises except KeyboardInterrupt (the run is then KILLED)."""
     import torch
 
+    from . import mlflow_store as store
     from . import tracking as T
 
     if job.threads:
         torch.set_num_threads(job.threads)
-    c = T.client(job.tracking_uri)
-    T.retry(c.update_run, job.run_id, status="RUNNING")
+    c = store.client(job.tracking_uri)
+    store.retry(c.update_run, job.run_id, status="RUNNING")
     T.delete_tag(c, job.run_id, S.TAG_ERROR)
     if job.device_shared is not None:
         T.set_tags(c, job.run_id, {S.TAG_DEVICE_SHARED: str(job.device_shared).lower()})
@@ -98,7 +100,7 @@ def execute(job: Job) -> RunResult:
                 monitor.finish()
     except KeyboardInterrupt:
         T.set_tags(c, job.run_id, {S.TAG_STATUS: "interrupted"})
-        T.retry(c.set_terminated, job.run_id, status="KILLED")
+        store.retry(c.set_terminated, job.run_id, status="KILLED")
         raise
     except BaseException as exc:  # noqa: BLE001 - a failed run is recorded; the study goes on
         msg = f"{type(exc).__name__}: {exc}"
@@ -108,7 +110,7 @@ def execute(job: Job) -> RunResult:
     status = _status_of(summary, pruning is not None and pruning.pruned)
     if status == "pruned":
         T.set_tags(c, job.run_id, {S.TAG_STOP_REASON: "optuna_pruned"})
-    T.retry(c.set_terminated, job.run_id, status="FINISHED")
+    store.retry(c.set_terminated, job.run_id, status="FINISHED")
     return RunResult.of_job(job, status, metrics=T.final_metrics(summary))
 
 
@@ -135,7 +137,7 @@ def worker_main(job: Job, conn) -> None:
     signal.signal(signal.SIGTERM, _interrupt_once)
     signal.signal(signal.SIGINT, _interrupt_once)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    from .tracking import quiet_mlflow
+    from .mlflow_store import quiet_mlflow
 
     quiet_mlflow()
     if job.parent_pid:

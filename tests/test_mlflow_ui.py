@@ -9,7 +9,7 @@ import pytest
 
 from dset import metric_names as M
 from studies import mlflow_schema as S
-from studies import tracking as T
+from studies import mlflow_store as T
 
 
 @pytest.mark.slow

@@ -236,7 +236,8 @@ def tiny_run(tmp_path, *extra):
 def test_a_run_draws_its_reported_checkpoint_and_studies_log_the_pictures(tmp_path, store, monkeypatch):
     from dset.engine import loop as train_mod
     from studies import mlflow_schema as S
-    from studies.tracking import client, get_experiment, log_artifacts
+    from studies.mlflow_store import client, get_experiment
+    from studies.tracking import log_artifacts
 
     maps = iter([0.5, 0.4])    # epoch 0 is the best: the reported weights are not the final ones
     real = train_mod.evaluate_detections
