@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from dset import metric_names as M
-from dset.config import RESULT_NEUTRAL_KEYS, Config, ConfigError, config_from_dict
+from dset.config import RESULT_NEUTRAL_KEYS, Config, ConfigError, config_from_dict, unflatten
 from studies import mlflow_schema as S
 from studies import mlflow_store as store
 
@@ -132,15 +132,8 @@ def config_from_params(params: Mapping[str, Any], run_id: str = "?") -> Config:
     """The dset :class:`~dset.config.Config` a run's params describe: the resolved configuration, flat dotted keys,
     each value as ``str()`` wrote it (values already parsed are taken as they are). Keys not given keep the defaults
     of ``dset/config.py``. Raises :class:`ReportError`, naming the run and the key, for a value that does not fit."""
-    nested: dict[str, Any] = {}
-    for key, value in params.items():
-        *groups, name = key.split(".")
-        node = nested
-        for group in groups:
-            node = node.setdefault(group, {})
-        node[name] = _param_value(value)
     try:
-        return config_from_dict(nested)
+        return config_from_dict(unflatten({key: _param_value(value) for key, value in params.items()}))
     except ConfigError as exc:
         raise ReportError(f"run {run_id}: its logged params do not make a dset configuration: {exc}") from None
 

@@ -563,8 +563,8 @@ def read_budget(name: str | Path | None) -> tuple[dict, Any]:
     return data, data.pop("pretrain", None)
 
 
-def _nest(flat: dict[str, Any]) -> dict:
-    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}`` (nested values are merged as they are)."""
+def unflatten(flat: dict[str, Any]) -> dict:
+    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}``, the inverse of :func:`flatten` (nested values are merged as they are)."""
     out: dict = {}
     for key, value in flat.items():
         node = out
@@ -596,7 +596,7 @@ def resolve_config(presets: str | Path | list, *, budget: str | Path | None = BU
     if data is not None and str(data).lower() not in ("none", "null", ""):
         on_top.append(read_preset(find_yaml(data, PRESET_DIR, what="data preset", prefix="data_",
                                                  context="data")))
-    on_top += [_nest(layer) for layer in layers]
+    on_top += [unflatten(layer) for layer in layers]
     if budget is not None and str(budget) == BUDGET_AUTO:
         sets_schedule = any(section in stack for section in ("data", "train"))
         probe = stack
