@@ -77,10 +77,8 @@ def profile_entries(reported: ReportedCheckpoint, cfg: Config, device: torch.dev
     deployed speed), what they were measured on (``latency_batch_size``, ``latency_device``,
     ``profile_image_size``), the ``profile`` and ``deployment`` detail; or ``profile_error`` /
     ``deployment_error``."""
-    try:
-        from .. import measure
-    except ImportError:  # pragma: no cover - dset.measure is part of the package
-        return {"profile": None}
+    from .. import measure  # fvcore and onnxruntime: imported only when a run is profiled
+
     try:
         model, _ = reported.load()
         size = cfg.data.image_size
