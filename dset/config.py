@@ -85,6 +85,25 @@ class PruningConfig:
 
 
 @dataclass
+class MemoryPruningConfig:
+    """The fourth switch: learnable pruning of the decoder's multi-scale memory (dset.models.memory_pruning)."""
+
+    enabled: bool = False
+    keep_ratio: float = 0.3                   # share of the memory tokens (all levels together) kept after the ramp
+    min_tokens: int = 0                       # never keep fewer than this (and never fewer than the decoder's queries)
+    warmup_epochs: int = 1                    # epochs keeping every token (the predictor learns), then the ramp
+    ramp_epochs: int = 0                      # epochs of the linear ramp from 1.0 to keep_ratio (0: at once)
+    fill: str = "zero"                        # what pruned positions give deformable attention: "zero", or
+                                              # "identity" (their encoder features, not projected)
+    predictor_hidden_dim: int = 32            # hidden width of the importance predictor; 0: one linear layer
+    supervision: str = "bce"                  # "bce": tokens inside a box = 1; "gaussian": the original DSET's
+                                              # box-plus-context soft target with a CenterNet focal loss
+    context_ratio: float = 0.5                # gaussian: the context band reaches this share of the box's
+                                              # half-size beyond its border
+    loss_weight: float = 0.05                 # of the memory-pruning loss
+
+
+@dataclass
 class LossConfig:
     # loss weights and the varifocal loss's focusing parameters (RT-DETR's)
     vfl_weight: float = 1.0
@@ -112,6 +131,7 @@ class ModelConfig:
     encoder_moe: MoEConfig = field(default_factory=MoEConfig)
     token_pruning: PruningConfig = field(default_factory=PruningConfig)
     decoder_moe: MoEConfig = field(default_factory=lambda: MoEConfig(balance_loss_weight=0.05))
+    memory_pruning: MemoryPruningConfig = field(default_factory=MemoryPruningConfig)
     loss: LossConfig = field(default_factory=LossConfig)
 
 
@@ -441,6 +461,25 @@ def _validate_token_pruning(p: PruningConfig, epochs: int) -> None:
               f"{target_epoch + 1}, after the run's {epochs} epochs (train.epochs); shorten them")
 
 
+def _validate_memory_pruning(p: MemoryPruningConfig, epochs: int) -> None:
+    key = "model.memory_pruning"
+    _need(0 < p.keep_ratio <= 1, f"{key}.keep_ratio", f"must be in (0, 1], got {p.keep_ratio}")
+    _need(p.min_tokens >= 0, f"{key}.min_tokens", f"must be >= 0, got {p.min_tokens}")
+    _need(p.warmup_epochs >= 0, f"{key}.warmup_epochs", f"must be >= 0, got {p.warmup_epochs}")
+    _need(p.ramp_epochs >= 0, f"{key}.ramp_epochs", f"must be >= 0, got {p.ramp_epochs}")
+    _need(p.fill in ("identity", "zero"), f"{key}.fill", f"must be 'identity' or 'zero', got {p.fill!r}")
+    _need(p.predictor_hidden_dim >= 0, f"{key}.predictor_hidden_dim", f"must be >= 0, got {p.predictor_hidden_dim}")
+    _need(p.supervision in ("bce", "gaussian"), f"{key}.supervision",
+          f"must be 'bce' or 'gaussian', got {p.supervision!r}")
+    _need(p.context_ratio >= 0, f"{key}.context_ratio", f"must be >= 0, got {p.context_ratio}")
+    _need(p.loss_weight >= 0, f"{key}.loss_weight", "must be >= 0")
+    if p.enabled:
+        target_epoch = p.warmup_epochs + max(p.ramp_epochs, 1) - 1
+        _need(target_epoch < epochs, f"{key}.warmup_epochs",
+              f"warm-up {p.warmup_epochs} + ramp {p.ramp_epochs} epochs reach the target keep ratio at epoch "
+              f"{target_epoch + 1}, after the run's {epochs} epochs (train.epochs); shorten them")
+
+
 def _validate_model(cfg: Config) -> None:
     m = cfg.model
     _need(m.num_classes >= 1, "model.num_classes", f"must be >= 1, got {m.num_classes}")
@@ -458,6 +497,7 @@ def _validate_model(cfg: Config) -> None:
     for name in ("encoder_moe", "decoder_moe"):
         _validate_moe(getattr(m, name), f"model.{name}")
     _validate_token_pruning(m.token_pruning, cfg.train.epochs)
+    _validate_memory_pruning(m.memory_pruning, cfg.train.epochs)
     for path_key, value in (("model.checkpoint", m.checkpoint), ("model.backbone.pretrained", m.backbone.pretrained)):
         _need(value is None or Path(value).is_file(), path_key, f"file not found: {value}")
 
