@@ -193,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     if model.token_pruner is not None:
         tokens = (size // 32) ** 2
         kept = f", token pruning keeps {model.token_pruner.num_kept(tokens)} of {tokens} tokens"
+    if model.memory_pruner is not None:
+        memory_tokens, memory_kept = model.memory_token_counts(size)
+        kept += f", memory pruning keeps {memory_kept} of {memory_tokens} memory tokens"
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB): {args.preset} at {size}x{size}, dynamic batch, "
           f"opset {args.opset}{kept}")
     if args.no_check:

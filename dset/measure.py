@@ -29,6 +29,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -162,7 +163,27 @@ def time_round_robin(runners: dict[str, Callable[[], object]], warmup: int, repe
 def _timing(ts: list[float], batch_size: int, repeats: int, device: str) -> dict:
     median = statistics.median(ts)
     return {"latency_ms": median, "latency_ms_min": min(ts), "latency_ms_max": max(ts),
-            "fps": 1000.0 * batch_size / median, "batch_size": batch_size, "repeats": repeats, "device": device}
+            "fps": 1000.0 * batch_size / median, "batch_size": batch_size, "repeats": repeats, "device": device,
+            "latency_ms_rounds": list(ts)}
+
+
+def paired_latency_change(baseline_ms: list[float], model_ms: list[float], level: float = 0.95,
+                          n_resamples: int = 2000, seed: int = 0) -> dict:
+    """A model's latency against a baseline's, from the same round-robin rounds (each round times both under the
+    same conditions): the median of the per-round ratios as a change in percent, and a percentile-bootstrap
+    interval over rounds at ``level``."""
+    if len(baseline_ms) != len(model_ms) or not baseline_ms:
+        raise ValueError(f"paired latency needs the same rounds for both models, got {len(baseline_ms)} and "
+                         f"{len(model_ms)} timings")
+    ratios = np.asarray(model_ms, dtype=float) / np.asarray(baseline_ms, dtype=float)
+    rng = np.random.default_rng(seed)
+    resampled = np.median(rng.choice(ratios, size=(n_resamples, len(ratios)), replace=True), axis=1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(resampled, [tail, 100 - tail])
+    return {"latency_change_percent": 100 * (float(np.median(ratios)) - 1),
+            "latency_change_low_percent": 100 * (float(low) - 1),
+            "latency_change_high_percent": 100 * (float(high) - 1),
+            "rounds": len(ratios), "level": level}
 
 
 def measure_latency(models: dict[str, nn.Module], size: int | tuple[int, int] = 640, device: str = "cpu",
@@ -290,6 +311,11 @@ def sparse_summary(model: nn.Module) -> dict:
         info["token_pruning"] = {"keep_ratio_in_force": pruner.current_keep_ratio(),
                                  "target_keep_ratio": pruner.keep_ratio, "min_tokens": pruner.min_tokens,
                                  "epoch": pruner._epoch}
+    memory_pruner = getattr(model, "memory_pruner", None)
+    if memory_pruner is not None:
+        info["memory_pruning"] = {"keep_ratio_in_force": memory_pruner.current_keep_ratio(),
+                                  "target_keep_ratio": memory_pruner.keep_ratio, "fill": memory_pruner.fill,
+                                  "epoch": memory_pruner._epoch}
     return info
 
 
@@ -313,6 +339,12 @@ def profile_models(models: dict[str, nn.Module], size: int = 640, device: str = 
     timing = measure_latency(models, size, device, batch_size, warmup, repeats)
     for name in models:
         results[name].update(timing[name])
+    first = next(iter(models))
+    for name in list(models)[1:]:  # each model against the first, measured side by side
+        results[name]["vs_first"] = {
+            "baseline": first,
+            "gflops_change_percent": 100 * (results[name]["gflops"] / results[first]["gflops"] - 1),
+            **paired_latency_change(timing[first]["latency_ms_rounds"], timing[name]["latency_ms_rounds"])}
     if deployment:
         deployed = deployment_latency(models, size, device, deployment_batch_sizes, warmup, repeats)
         for name in models:

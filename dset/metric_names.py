@@ -26,6 +26,8 @@ VAL_PREFIX = "val/"                    # val/mAP, val/mAP50, val/mAP75, val/mAP_
 VAL_MAP = VAL_PREFIX + "mAP"           # what early stopping, the best epoch and Optuna's pruning follow
 KEEP_RATIO = "sparse/keep_ratio"       # token keep ratio in force that epoch (measured: mean kept / tokens)
 SCHEDULED_KEEP_RATIO = "sparse/scheduled_keep_ratio"  # the schedule's target keep ratio that epoch
+MEMORY_KEEP_RATIO = "sparse/memory_keep_ratio"  # memory pruning: decoder memory tokens kept / tokens, that epoch
+SCHEDULED_MEMORY_KEEP_RATIO = "sparse/scheduled_memory_keep_ratio"
 VAL_AP_PREFIX = "val/AP/"              # val/AP/<class name>: per-class AP@[.5:.95] (characters MLflow rejects -> _)
 EPOCH_TIME = "time/epoch_s"            # wall time of the epoch (training + evaluation), seconds
 # expert usage share: sparse/<encoder_moe|decoder_moe>/layer<i>/expert<j>; entropy: .../layer<i>/entropy
@@ -48,6 +50,9 @@ FINAL_KEEP_RATIO = "final/keep_ratio"
 PROFILE_TOKENS = "profile/tokens"
 PROFILE_KEPT_TOKENS = "profile/kept_tokens"
 PROFILE_KEEP_RATIO = "profile/keep_ratio"
+# and the decoder memory's tokens (all levels) in and kept (memory pruning; equal without it)
+PROFILE_MEMORY_TOKENS = "profile/memory_tokens"
+PROFILE_MEMORY_KEPT_TOKENS = "profile/memory_kept_tokens"
 EPOCHS_RUN = "epochs_run"
 TRAIN_MINUTES = "train_minutes"
 # throughput and memory of the run's last attempt (a resumed run: the process that finished it)

@@ -3,7 +3,7 @@ component, latency and FPS, for several models measured side by side in one proc
 speed: eager PyTorch next to ONNX Runtime (CPU; TensorRT and CUDA too where onnxruntime has them and a GPU is
 present) at batch 1 and 8, every model and runtime timed round-robin (``--no-onnx`` skips it).
 
-DSET models are measured in their trained state: the token-pruning schedule is set to its end
+DSET models are measured in their trained state: the pruning schedules (token and memory) are set to their end
 (``--epoch`` overrides), so pruning runs at the target keep ratio.
 """
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--flops-inputs", type=int, default=3, help="random inputs to average DSET FLOPs over")
     parser.add_argument("--epoch", type=int, default=None,
-                        help="epoch for the token-pruning schedule (default: the end of its ramp)")
+                        help="epoch for the pruning schedules (default: the end of each ramp)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="configuration override applied to every model (repeatable)")
     parser.add_argument("--no-onnx", action="store_true",
@@ -76,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {r['params']:,} params ({r['active_params']:,} active), {r['gflops']:.2f} GFLOPs "
                   f"({comp}), {r['latency_ms']:.1f} ms = {r['fps']:.1f} FPS on {r['device']}, "
                   f"batch {r['batch_size']}, {args.size}x{args.size}")
+            if "vs_first" in r:
+                v = r["vs_first"]
+                print(f"  vs {v['baseline']}: GFLOPs {v['gflops_change_percent']:+.1f}%, latency "
+                      f"{v['latency_change_percent']:+.1f}% (95% interval {v['latency_change_low_percent']:+.1f} to "
+                      f"{v['latency_change_high_percent']:+.1f}%, median of {v['rounds']} paired rounds)")
             if "deployment" in r:
                 print(deployment_lines(r["deployment"]))
     return 0

@@ -85,7 +85,7 @@ def wrap_for_ddp(model: nn.Module, cfg: Config, device: torch.device, dinfo: Dis
     # DDP must then look for unused parameters
     m = cfg.model
     find_unused = (m.encoder_moe.enabled or m.decoder_moe.enabled or m.token_pruning.enabled
-                   or m.decoder.num_denoising == 0)
+                   or m.memory_pruning.enabled or m.decoder.num_denoising == 0)
     return model, nn.parallel.DistributedDataParallel(model, find_unused_parameters=find_unused, **ddp_kwargs)
 
 

@@ -27,6 +27,11 @@ def entropy(shares: list[float]) -> float:
     return -sum((s / total) * math.log(s / total) for s in shares if s > 0)
 
 
+# each pruner's keep ratio metrics: (measured mean over the epoch's steps, the schedule's ratio)
+KEEP_RATIO_METRICS = {"token_pruning": (M.KEEP_RATIO, M.SCHEDULED_KEEP_RATIO),
+                      "memory_pruning": (M.MEMORY_KEEP_RATIO, M.SCHEDULED_MEMORY_KEEP_RATIO)}
+
+
 class EpochStats:
     """Sums over the epoch's steps, kept as tensors (no host sync per step except the loss check)."""
 
@@ -38,9 +43,8 @@ class EpochStats:
         self.images = 0
         self.usage_sums: dict[str, list[torch.Tensor]] = {}
         self.usage_count = 0
-        self.keep_sum = 0.0
-        self.scheduled_keep = None
-        self.keep_count = 0
+        # per pruner ("token_pruning", "memory_pruning"): [sum of measured keep ratios, steps, scheduled ratio]
+        self.keep: dict[str, list] = {}
 
     def add(self, loss_dict: dict[str, torch.Tensor], total: float, batch: int, sparse: dict) -> None:
         for k, v in loss_dict.items():
@@ -59,11 +63,13 @@ class EpochStats:
                 for s, u in zip(sums, usages):
                     s.add_(u.float())
         self.usage_count += int(any_usage)
-        tp = sparse.get("token_pruning")
-        if tp:
-            self.keep_sum += float(tp["keep_ratio"])
-            self.scheduled_keep = float(tp["scheduled_keep_ratio"])
-            self.keep_count += 1
+        for kind in KEEP_RATIO_METRICS:
+            stats = sparse.get(kind)
+            if stats:
+                acc = self.keep.setdefault(kind, [0.0, 0, None])
+                acc[0] += float(stats["keep_ratio"])
+                acc[1] += 1
+                acc[2] = float(stats["scheduled_keep_ratio"])
 
     def reduce(self, dinfo: DistInfo) -> dict:
         """Means over the epoch's steps (and over ranks), named as in :mod:`dset.metric_names`, and under
@@ -73,7 +79,7 @@ class EpochStats:
             "total": (self.total_sum, self.steps),
             "images": self.images,
             "usage": {k: ([u.tolist() for u in v], self.usage_count) for k, v in self.usage_sums.items()},
-            "keep": (self.keep_sum, self.keep_count, self.scheduled_keep),
+            "keep": self.keep,
         }
         parts = all_gather_object(local, dinfo)
         out: dict[str, Any] = {}
@@ -85,11 +91,12 @@ class EpochStats:
             s = sum(p["losses"][k][0] for p in parts if k in p["losses"])
             n = sum(p["losses"][k][1] for p in parts if k in p["losses"])
             out[M.train_loss_metric(k)] = s / max(1, n)
-        keep_sum = sum(p["keep"][0] for p in parts)
-        keep_n = sum(p["keep"][1] for p in parts)
-        if keep_n:
-            out[M.KEEP_RATIO] = keep_sum / keep_n
-            out[M.SCHEDULED_KEEP_RATIO] = parts[0]["keep"][2]
+        for kind, (measured, scheduled) in KEEP_RATIO_METRICS.items():
+            have = [p["keep"][kind] for p in parts if kind in p["keep"]]
+            keep_n = sum(n for _, n, _ in have)
+            if keep_n:
+                out[measured] = sum(s for s, _, _ in have) / keep_n
+                out[scheduled] = have[0][2]
         out.update(_usage_metrics(parts))
         out["counts"] = {"train_images": sum(p["images"] for p in parts), "train_steps": total_n}
         return out

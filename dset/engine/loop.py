@@ -405,9 +405,8 @@ class _Run:
         return multi_scale_sizes(d.image_size)
 
     def _at_target_sparsity(self, epoch: int) -> bool:
-        """Token pruning runs at its target keep ratio in ``epoch`` (always true without pruning)."""
-        pruner = self.model_core.token_pruner
-        return pruner is None or epoch >= pruner.target_epoch
+        """Every pruner runs at its target keep ratio in ``epoch`` (always true without pruning)."""
+        return all(epoch >= p.target_epoch for p in self.model_core.pruners())
 
     def _group_info(self) -> dict:
         return {g["name"]: {"lr": g["initial_lr"], "weight_decay": g["weight_decay"],

@@ -95,6 +95,8 @@ def profile_entries(reported: ReportedCheckpoint, cfg: Config, device: torch.dev
     pruner = model.token_pruner
     kept = pruner.num_kept(tokens) if pruner is not None else tokens
     metrics.update({M.PROFILE_TOKENS: tokens, M.PROFILE_KEPT_TOKENS: kept, M.PROFILE_KEEP_RATIO: kept / tokens})
+    memory_tokens, memory_kept = model.memory_token_counts(size)
+    metrics.update({M.PROFILE_MEMORY_TOKENS: memory_tokens, M.PROFILE_MEMORY_KEPT_TOKENS: memory_kept})
     where = {"batch_size": "latency_batch_size", "device": "latency_device", "size": "profile_image_size"}
     out = {new: prof[old] for old, new in where.items() if old in prof}
     out["profile"] = json_safe({k: v for k, v in prof.items() if not isinstance(v, torch.Tensor)})

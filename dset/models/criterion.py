@@ -300,6 +300,7 @@ def build_criterion(cfg) -> SetCriterion:
         "loss_dec_moe_balance": m.decoder_moe.balance_loss_weight,
         "loss_dec_moe_z": m.decoder_moe.z_loss_weight,
         "loss_pruning": m.token_pruning.loss_weight,
+        "loss_memory_pruning": m.memory_pruning.loss_weight,
     }
     weights = {"loss_vfl": loss.vfl_weight, "loss_bbox": loss.bbox_weight, "loss_giou": loss.giou_weight}
     return SetCriterion(m.num_classes, matcher, weight_dict=weights, alpha=loss.vfl_alpha, gamma=loss.vfl_gamma,

@@ -17,6 +17,7 @@ from torch.nn import init
 
 from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from .layers import MLP, bias_init_with_prob, inverse_sigmoid
+from .memory_pruning import MemoryPruner, SparseValue
 
 
 def deformable_attention_core(value: torch.Tensor, spatial_shapes: list[tuple[int, int]],
@@ -68,12 +69,18 @@ class MSDeformableAttention(nn.Module):
         init.xavier_uniform_(self.output_proj.weight)
         init.constant_(self.output_proj.bias, 0)
 
-    def forward(self, query: torch.Tensor, reference_points: torch.Tensor, value: torch.Tensor,
+    def forward(self, query: torch.Tensor, reference_points: torch.Tensor, value: torch.Tensor | SparseValue,
                 spatial_shapes: list[tuple[int, int]]) -> torch.Tensor:
-        """query [B, Lq, C]; reference_points [B, Lq, 1 or levels, 4] (cx, cy, w, h in [0, 1])."""
+        """query [B, Lq, C]; reference_points [B, Lq, 1 or levels, 4] (cx, cy, w, h in [0, 1]); value: the memory
+        [B, Lv, C], or after memory pruning its kept tokens (projected alone, then scattered into the maps)."""
         bs, len_q = query.shape[:2]
-        len_v = value.shape[1]
-        value = self.value_proj(value).reshape(bs, len_v, self.num_heads, self.head_dim)
+        if isinstance(value, SparseValue):
+            len_v = value.length
+            value = value.scatter(self.value_proj(value.kept))
+        else:
+            len_v = value.shape[1]
+            value = self.value_proj(value)
+        value = value.reshape(bs, len_v, self.num_heads, self.head_dim)
         offsets = self.sampling_offsets(query).reshape(
             bs, len_q, self.num_heads, self.num_levels, self.num_points, 2)
         weights = self.attention_weights(query).reshape(bs, len_q, self.num_heads, self.num_levels * self.num_points)
@@ -224,6 +231,20 @@ def contrastive_denoising_group(targets: list[dict], num_classes: int, num_queri
     return class_queries, input_bbox, attn_mask, dn_meta
 
 
+def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index [B, K]`` of ``x [1 or B, N, C]`` -> ``[B, K, C]``."""
+    return x.expand(index.shape[0], -1, -1).gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def _project_tokens(proj: nn.Sequential, tokens: torch.Tensor) -> torch.Tensor:
+    """The decoder's input projection (1x1 conv, BatchNorm with its running statistics) of tokens [B, K, C]: the
+    values that projecting the whole map and gathering gives in evaluation, computed for K tokens only."""
+    x = F.linear(tokens, proj.conv.weight.flatten(1))
+    norm = proj.norm
+    return F.batch_norm(x.flatten(0, 1), norm.running_mean, norm.running_var, norm.weight, norm.bias,
+                        training=False, eps=norm.eps).view_as(x)
+
+
 class RTDETRDecoder(nn.Module):
     """The reference's ``RTDETRTransformer`` (its state_dict prefix is ``decoder.``)."""
 
@@ -232,7 +253,8 @@ class RTDETRDecoder(nn.Module):
                  num_levels: int = 3, num_points: int = 4, nhead: int = 8, num_layers: int = 6,
                  dim_feedforward: int = 1024, dropout: float = 0.0, num_denoising: int = 100,
                  label_noise_ratio: float = 0.5, box_noise_scale: float = 1.0, eval_idx: int = -1,
-                 eps: float = 1e-2, aux_loss: bool = True, moe_factory=None):
+                 eps: float = 1e-2, aux_loss: bool = True, moe_factory=None,
+                 memory_pruner: MemoryPruner | None = None):
         super().__init__()
         feat_strides = list(feat_strides)
         if len(feat_channels) > num_levels or len(feat_strides) != len(feat_channels):
@@ -275,6 +297,14 @@ class RTDETRDecoder(nn.Module):
         self.dec_bbox_head = nn.ModuleList(MLP(hidden_dim, hidden_dim, 4, num_layers=3) for _ in range(num_layers))
         self._anchor_cache: dict = {}
         self._reset_parameters()
+        if memory_pruner is not None and len(feat_channels) != num_levels:
+            raise ValueError("memory pruning needs one encoder feature map per decoder level "
+                             f"({len(feat_channels)} maps, {num_levels} levels)")
+        # set last: the reference's parameters keep their state_dict order (None: a plain attribute, no keys)
+        self.memory_pruner = memory_pruner
+        # filled by every forward with memory pruning: the scores (with their graph, for the loss), the levels'
+        # shapes and the pruner's last_stats
+        self.last_memory_pruning: dict | None = None
 
     def _reset_parameters(self) -> None:
         bias = bias_init_with_prob(0.01)
@@ -318,9 +348,54 @@ class RTDETRDecoder(nn.Module):
             self._anchor_cache = {key: (anchors.to(device), valid.to(device))}  # keep only the latest shape
         return self._anchor_cache[key]
 
-    def forward(self, feats: list[torch.Tensor], targets: list[dict] | None = None) -> dict:
-        memory, spatial_shapes = self._flatten_levels(feats)
+    def _pruned_memory(self, feats: list[torch.Tensor]):
+        """Memory pruning (:mod:`dset.models.memory_pruning`): the kept tokens' memory [B, K, C], their anchors
+        [1 or B, K, 4], the decoder's value (a :class:`SparseValue`, or the memory when nothing is pruned) and the
+        levels' shapes."""
+        pruner = self.memory_pruner
+        spatial_shapes = [(int(f.shape[2]), int(f.shape[3])) for f in feats]
+        sizes = [h * w for h, w in spatial_shapes]
+        raw = torch.cat([f.flatten(2).permute(0, 2, 1) for f in feats], dim=1)  # the encoder's tokens
+        selection = pruner.select(raw, sizes, floor=self.num_queries)
+        self.last_memory_pruning = {"scores": selection.scores, "spatial_shapes": spatial_shapes, **pruner.last_stats}
+        anchors, valid_mask = self.anchors(spatial_shapes, raw.device, raw.dtype)
+        if not selection.pruned:
+            memory, _ = self._flatten_levels(feats)
+            memory = valid_mask.to(memory.dtype) * memory
+            return memory, anchors, memory, spatial_shapes
+        index = selection.index
+        if self.training:  # BatchNorm needs the whole map's statistics, as in the reference
+            kept = _gather_tokens(self._flatten_levels(feats)[0], index)
+        else:  # the projection is per token: projecting the kept tokens alone gives the same values
+            levels = raw.split(sizes, dim=1)
+            kept = torch.cat([_project_tokens(self.input_proj[i], _gather_tokens(levels[i], idx))
+                              for i, idx in enumerate(selection.level_index)], dim=1)
+        kept = _gather_tokens(valid_mask.to(kept.dtype), index) * kept
+        kept = pruner.straight_through(kept, selection.scores.gather(1, index))
+        fill = None if pruner.fill == "zero" else valid_mask.to(raw.dtype) * raw
+        value = SparseValue(kept, index, raw.shape[1], fill)
+        return kept, _gather_tokens(anchors, index), value, spatial_shapes
 
+    def _select_queries(self, memory: torch.Tensor, anchors: torch.Tensor, spatial_shapes, box_head_on_selected: bool):
+        """Score every token of ``memory``, keep the top ``num_queries``: their reference boxes (logits), content
+        (detached) and encoder logits. The reference runs the box head on every token and gathers;
+        ``box_head_on_selected`` gathers first (the same boxes: the head is per token)."""
+        output_memory = self.enc_output(memory)
+        enc_class = self.enc_score_head(output_memory)
+        if memory.shape[1] < self.num_queries:
+            raise ValueError(f"model.decoder.num_queries ({self.num_queries}) exceeds the {memory.shape[1]} encoder "
+                             f"tokens of a {spatial_shapes[0][0] * self.feat_strides[0]}-pixel-high input; "
+                             "use fewer queries or larger images")
+        _, topk_ind = torch.topk(enc_class.max(-1).values, self.num_queries, dim=1)
+        if box_head_on_selected:
+            ref_unact = self.enc_bbox_head(_gather_tokens(output_memory, topk_ind)) + _gather_tokens(anchors, topk_ind)
+        else:
+            ref_unact = _gather_tokens(self.enc_bbox_head(output_memory) + anchors, topk_ind)
+        enc_topk_logits = _gather_tokens(enc_class, topk_ind)
+        target = _gather_tokens(output_memory, topk_ind).detach()
+        return ref_unact, target, enc_topk_logits
+
+    def forward(self, feats: list[torch.Tensor], targets: list[dict] | None = None) -> dict:
         if self.training and self.num_denoising > 0:
             if targets is None:
                 raise ValueError("training forward needs targets for denoising (model(images, targets))")
@@ -330,26 +405,23 @@ class RTDETRDecoder(nn.Module):
         else:
             dn_class = dn_bbox_unact = attn_mask = dn_meta = None
 
-        # query selection: score every memory token, keep the top num_queries
-        anchors, valid_mask = self.anchors(spatial_shapes, memory.device, memory.dtype)
-        memory = valid_mask.to(memory.dtype) * memory
-        output_memory = self.enc_output(memory)
-        enc_class = self.enc_score_head(output_memory)
-        enc_coord_unact = self.enc_bbox_head(output_memory) + anchors
-        if memory.shape[1] < self.num_queries:
-            raise ValueError(f"model.decoder.num_queries ({self.num_queries}) exceeds the {memory.shape[1]} encoder "
-                             f"tokens of a {spatial_shapes[0][0] * self.feat_strides[0]}-pixel-high input; "
-                             "use fewer queries or larger images")
-        _, topk_ind = torch.topk(enc_class.max(-1).values, self.num_queries, dim=1)
-        ref_unact = enc_coord_unact.gather(1, topk_ind.unsqueeze(-1).expand(-1, -1, 4))
+        self.last_memory_pruning = None
+        if self.memory_pruner is None:
+            memory, spatial_shapes = self._flatten_levels(feats)
+            anchors, valid_mask = self.anchors(spatial_shapes, memory.device, memory.dtype)
+            memory = valid_mask.to(memory.dtype) * memory
+            value = memory
+        else:
+            memory, anchors, value, spatial_shapes = self._pruned_memory(feats)
+        # query selection: score every (kept) memory token, keep the top num_queries
+        ref_unact, target, enc_topk_logits = self._select_queries(
+            memory, anchors, spatial_shapes, box_head_on_selected=self.memory_pruner is not None)
         enc_topk_bboxes = torch.sigmoid(ref_unact)
-        enc_topk_logits = enc_class.gather(1, topk_ind.unsqueeze(-1).expand(-1, -1, enc_class.shape[-1]))
-        target = output_memory.gather(1, topk_ind.unsqueeze(-1).expand(-1, -1, output_memory.shape[-1])).detach()
         if dn_class is not None:
             ref_unact = torch.cat([dn_bbox_unact, ref_unact], 1)
             target = torch.cat([dn_class, target], 1)
 
-        out_bboxes, out_logits = self.decoder(target, ref_unact.detach(), memory, spatial_shapes,
+        out_bboxes, out_logits = self.decoder(target, ref_unact.detach(), value, spatial_shapes,
                                               self.dec_bbox_head, self.dec_score_head, self.query_pos_head,
                                               attn_mask=attn_mask)
         if dn_meta is not None:

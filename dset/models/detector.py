@@ -19,8 +19,9 @@ from ..config import Config, ConfigError, load_config
 from .backbone import PResNet
 from .decoder import RTDETRDecoder
 from .encoder import HybridEncoder
+from .memory_pruning import MemoryPruner
 from .moe import MoEFFN
-from .pruning import TokenPruner
+from .pruning import ScheduledPruner, TokenPruner
 
 
 class Detector(nn.Module):
@@ -28,8 +29,8 @@ class Detector(nn.Module):
 
     In train mode ``model(images, targets)`` also runs contrastive denoising and returns the
     auxiliary outputs the criterion needs plus ``extra_losses``: the unweighted MoE balance/z losses
-    and the token-pruning loss, by name. ``sparse_stats()`` reports what the sparse mechanisms did in
-    the last forward (expert usage per MoE layer, tokens kept).
+    and the token- and memory-pruning losses, by name. ``sparse_stats()`` reports what the sparse mechanisms
+    did in the last forward (expert usage per MoE layer, tokens kept).
     """
 
     def __init__(self, backbone: PResNet, encoder: HybridEncoder, decoder: RTDETRDecoder):
@@ -50,16 +51,31 @@ class Detector(nn.Module):
     def token_pruner(self) -> TokenPruner | None:
         return getattr(self.encoder, "token_pruner", None)
 
+    @property
+    def memory_pruner(self) -> MemoryPruner | None:
+        return self.decoder.memory_pruner
+
+    def pruners(self) -> list[ScheduledPruner]:
+        """The epoch-scheduled pruners this model has (token pruning, memory pruning)."""
+        return [p for p in (self.token_pruner, self.memory_pruner) if p is not None]
+
+    def memory_token_counts(self, size: int) -> tuple[int, int]:
+        """The decoder memory's tokens (all levels) for a ``size`` x ``size`` input, and how many memory pruning
+        keeps at its current ratio (all of them without it)."""
+        sizes = [(size // stride) ** 2 for stride in self.decoder.feat_strides[: self.decoder.num_levels]]
+        if self.memory_pruner is None:
+            return sum(sizes), sum(sizes)
+        return sum(sizes), sum(self.memory_pruner.level_counts(sizes, floor=self.decoder.num_queries))
+
     def set_epoch(self, epoch: int) -> None:
-        """Tell epoch-scheduled components (token pruning's keep ratio) the current epoch."""
-        if self.token_pruner is not None:
-            self.token_pruner.set_epoch(epoch)
+        """Tell epoch-scheduled components (the pruners' keep ratios) the current epoch."""
+        for p in self.pruners():
+            p.set_epoch(epoch)
 
     def set_deployed_epoch(self, epoch: int | None = None) -> None:
-        """Set the token-pruning schedule to ``epoch``, by default to the end of its ramp: the trained state
+        """Set the pruning schedules to ``epoch``, by default each to the end of its ramp: the trained state
         that is measured and deployed (``dset.profile``, ``dset.export``)."""
-        p = self.token_pruner
-        if p is not None:
+        for p in self.pruners():
             p.set_epoch(epoch if epoch is not None else p.warmup_epochs + p.ramp_epochs)
 
     def forward(self, images: torch.Tensor, targets: list[dict] | None = None) -> dict:
@@ -83,6 +99,10 @@ class Detector(nn.Module):
         if pruning is not None and targets is not None:
             losses["loss_pruning"] = self.token_pruner.importance_loss(
                 pruning["scores"], pruning["spatial_shape"], targets)
+        memory = self.decoder.last_memory_pruning
+        if memory is not None and targets is not None:
+            losses["loss_memory_pruning"] = self.memory_pruner.importance_loss(
+                memory["scores"], memory["spatial_shapes"], targets)
         return losses
 
     @torch.no_grad()
@@ -95,6 +115,9 @@ class Detector(nn.Module):
         if self.encoder.last_pruning is not None:  # the numbers only: no per-token tensors
             stats["token_pruning"] = {k: v for k, v in self.encoder.last_pruning.items()
                                       if k not in ("scores", "spatial_shape", "keep_index")}
+        if self.decoder.last_memory_pruning is not None:
+            stats["memory_pruning"] = {k: v for k, v in self.decoder.last_memory_pruning.items()
+                                       if k not in ("scores", "spatial_shapes")}
         return stats
 
 
@@ -144,13 +167,21 @@ def build_model(cfg: Config | str = "rtdetr_r18", overrides: list[str] | None = 
         act="silu",
         moe_factory=_moe_factory(m.encoder_moe, hidden, m.encoder.dim_feedforward, "gelu", m.encoder.dropout),
         token_pruner=pruner)
+    memory_pruner = None
+    if m.memory_pruning.enabled:
+        mp = m.memory_pruning
+        memory_pruner = MemoryPruner(hidden, keep_ratio=mp.keep_ratio, min_tokens=mp.min_tokens,
+                                     warmup_epochs=mp.warmup_epochs, ramp_epochs=mp.ramp_epochs, fill=mp.fill,
+                                     hidden_dim=mp.predictor_hidden_dim, supervision=mp.supervision,
+                                     context_ratio=mp.context_ratio)
     d = m.decoder
     decoder = RTDETRDecoder(
         num_classes=m.num_classes, hidden_dim=hidden, num_queries=d.num_queries,
         feat_channels=[hidden] * 3, feat_strides=backbone.out_strides, num_levels=3, num_points=d.num_points,
         nhead=d.nhead, num_layers=d.num_layers, dim_feedforward=d.dim_feedforward, dropout=d.dropout,
         num_denoising=d.num_denoising, label_noise_ratio=d.label_noise_ratio, box_noise_scale=d.box_noise_scale,
-        eval_idx=d.eval_idx, moe_factory=_moe_factory(m.decoder_moe, hidden, d.dim_feedforward, "relu", d.dropout))
+        eval_idx=d.eval_idx, moe_factory=_moe_factory(m.decoder_moe, hidden, d.dim_feedforward, "relu", d.dropout),
+        memory_pruner=memory_pruner)
     model = Detector(backbone, encoder, decoder)
     model.config = cfg  # what built it, for checkpoints and measurement
     if load_weights:
@@ -274,7 +305,7 @@ def load_state_dict_into(model: Detector, state: dict[str, torch.Tensor], source
                 mismatched.append(f"{k}: file {tuple(v.shape)} vs model {tuple(model_state[k].shape)}")
         else:
             to_load[k] = v
-    dset_markers = (".moe.", ".token_pruner.")
+    dset_markers = (".moe.", ".token_pruner.", ".memory_pruner.")
     missing = [k for k in model_state if k not in to_load and k not in report.skipped_class_heads
                and not any(m in k for m in dset_markers)]
     if unexpected or mismatched or missing:

@@ -59,7 +59,8 @@ from torch import nn
 
 from ..analytic import keep_count
 
-__all__ = ["TokenPruner", "keep_count", "scheduled_keep_ratio", "importance_target_map", "set_epoch_all"]
+__all__ = ["ScheduledPruner", "TokenPruner", "padded_boxes", "keep_count", "scheduled_keep_ratio",
+           "importance_target_map", "set_epoch_all"]
 
 _FILLS = ("identity", "zero")
 
@@ -72,6 +73,24 @@ def scheduled_keep_ratio(epoch: int, keep_ratio: float, warmup_epochs: int, ramp
         return float(keep_ratio)
     progress = min(1.0, (epoch - warmup_epochs + 1) / ramp_epochs)
     return 1.0 - (1.0 - float(keep_ratio)) * progress
+
+
+def padded_boxes(targets: Sequence[dict[str, torch.Tensor]],
+                 device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images' boxes (normalised cx, cy, w, h) padded to one tensor ``[B, M, 4]`` (float32) and the mask of
+    real ones ``[B, M]``; M is the most boxes of any image (0 when none has any)."""
+    B = len(targets)
+    if device is None:
+        device = targets[0]["boxes"].device if B > 0 else torch.device("cpu")
+    n_max = max([int(t["boxes"].shape[0]) for t in targets] + [0])
+    boxes = torch.zeros(B, n_max, 4, device=device)
+    valid = torch.zeros(B, n_max, dtype=torch.bool, device=device)
+    for b, t in enumerate(targets):  # loop over images only (packing), not over tokens or boxes
+        n = int(t["boxes"].shape[0])
+        if n:
+            boxes[b, :n] = t["boxes"].to(device=device, dtype=torch.float32).reshape(n, 4)
+            valid[b, :n] = True
+    return boxes, valid
 
 
 def importance_target_map(
@@ -89,18 +108,11 @@ def importance_target_map(
     batch)."""
     H, W = int(spatial_shape[0]), int(spatial_shape[1])
     B = len(targets)
-    if device is None:
-        device = targets[0]["boxes"].device if B > 0 else torch.device("cpu")
-    n_max = max([int(t["boxes"].shape[0]) for t in targets] + [0])
+    boxes, valid = padded_boxes(targets, device)
+    n_max = boxes.shape[1]
     if B == 0 or n_max == 0:
-        return torch.zeros(B, H * W, device=device)
-    boxes = torch.zeros(B, n_max, 4, device=device)
-    valid = torch.zeros(B, n_max, dtype=torch.bool, device=device)
-    for b, t in enumerate(targets):  # loop over images only (packing), not over tokens or boxes
-        n = int(t["boxes"].shape[0])
-        if n:
-            boxes[b, :n] = t["boxes"].to(device=device, dtype=torch.float32).reshape(n, 4)
-            valid[b, :n] = True
+        return torch.zeros(B, H * W, device=boxes.device)
+    device = boxes.device
     cx, cy, bw, bh = boxes.unbind(-1)  # [B, M]
     x0, x1 = cx - bw / 2, cx + bw / 2
     y0, y1 = cy - bh / 2, cy + bh / 2
@@ -120,20 +132,77 @@ def importance_target_map(
 
 
 def set_epoch_all(model: nn.Module, epoch: int) -> int:
-    """Call ``set_epoch(epoch)`` on every ``TokenPruner`` inside ``model``; returns how many.
+    """Call ``set_epoch(epoch)`` on every pruner (``ScheduledPruner``) inside ``model``; returns how many.
 
     Call it on EVERY copy that runs a forward (the training model and the EMA model): an EMA that
     only averages floating-point tensors never updates the integer ``epoch`` buffer, and the forward
     reads the python copy of the epoch, not the buffer."""
     n = 0
     for m in model.modules():
-        if isinstance(m, TokenPruner):
+        if isinstance(m, ScheduledPruner):
             m.set_epoch(epoch)
             n += 1
     return n
 
 
-class TokenPruner(nn.Module):
+class ScheduledPruner(nn.Module):
+    """What both learnable pruners share: the keep-ratio schedule of the module docstring, the epoch it is at
+    (buffer ``epoch`` plus a python mirror the forward reads), and the straight-through factor that lets the
+    detection loss reach the importance predictor through the kept tokens.
+
+    Subclasses: :class:`TokenPruner` (the AIFI layer's tokens) and
+    :class:`dset.models.memory_pruning.MemoryPruner` (the decoder's multi-scale memory)."""
+
+    def __init__(self, keep_ratio: float, min_tokens: int, warmup_epochs: int, ramp_epochs: int) -> None:
+        super().__init__()
+        if not (0.0 < float(keep_ratio) <= 1.0):
+            raise ValueError(f"keep_ratio must be in (0, 1], got keep_ratio={keep_ratio}")
+        if int(warmup_epochs) < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got warmup_epochs={warmup_epochs}")
+        if int(ramp_epochs) < 0:
+            raise ValueError(f"ramp_epochs must be >= 0, got ramp_epochs={ramp_epochs}")
+        self.keep_ratio = float(keep_ratio)
+        self.min_tokens = int(min_tokens)
+        self.warmup_epochs = int(warmup_epochs)
+        self.ramp_epochs = int(ramp_epochs)
+        self.register_buffer("epoch", torch.zeros((), dtype=torch.long))
+        self._epoch = 0  # python mirror of the buffer: the forward never reads the tensor
+        self.last_stats: dict[str, float] = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        epoch = int(epoch)
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got epoch={epoch}")
+        self._epoch = epoch
+        self.epoch.fill_(epoch)
+
+    @property
+    def target_epoch(self) -> int:
+        """The first epoch that runs at the target keep ratio."""
+        return self.warmup_epochs + max(self.ramp_epochs, 1) - 1
+
+    def current_keep_ratio(self) -> float:
+        return scheduled_keep_ratio(self._epoch, self.keep_ratio, self.warmup_epochs, self.ramp_epochs)
+
+    def num_kept(self, num_tokens: int) -> int:
+        return keep_count(num_tokens, self.current_keep_ratio(), self.min_tokens)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        key = prefix + "epoch"
+        if key in state_dict:
+            self._epoch = int(state_dict[key])  # at load time, not in the forward
+
+    @staticmethod
+    def straight_through(kept: torch.Tensor, kept_scores: torch.Tensor) -> torch.Tensor:
+        """``kept [B, K, C] * sigmoid(s) / sigmoid(s).detach()`` for the kept tokens' scores ``s [B, K]``:
+        exactly ``kept`` in the forward pass, while the detection loss reaches the scores (module docstring,
+        path 2)."""
+        s = torch.sigmoid(kept_scores.float().clamp(-30.0, 30.0))
+        return kept * (s / s.detach()).to(kept.dtype).unsqueeze(-1)
+
+
+class TokenPruner(ScheduledPruner):
     """Keeps the ``K`` most important tokens of an encoder layer's input (see module docstring).
 
     Args:
@@ -160,58 +229,20 @@ class TokenPruner(nn.Module):
         fill: str = "identity",
         hidden_dim: int = 128,
     ) -> None:
-        super().__init__()
+        super().__init__(keep_ratio, min_tokens, warmup_epochs, ramp_epochs)
         if int(d_model) < 1:
             raise ValueError(f"d_model must be >= 1, got d_model={d_model}")
-        if not (0.0 < float(keep_ratio) <= 1.0):
-            raise ValueError(f"keep_ratio must be in (0, 1], got keep_ratio={keep_ratio}")
         if int(min_tokens) < 1:
             raise ValueError(f"min_tokens must be >= 1, got min_tokens={min_tokens}")
-        if int(warmup_epochs) < 0:
-            raise ValueError(f"warmup_epochs must be >= 0, got warmup_epochs={warmup_epochs}")
-        if int(ramp_epochs) < 0:
-            raise ValueError(f"ramp_epochs must be >= 0, got ramp_epochs={ramp_epochs}")
         if fill not in _FILLS:
             raise ValueError(f"fill must be one of {_FILLS}, got fill={fill!r}")
         if int(hidden_dim) < 1:
             raise ValueError(f"hidden_dim must be >= 1, got hidden_dim={hidden_dim}")
         self.d_model = int(d_model)
-        self.keep_ratio = float(keep_ratio)
-        self.min_tokens = int(min_tokens)
-        self.warmup_epochs = int(warmup_epochs)
-        self.ramp_epochs = int(ramp_epochs)
         self.fill = fill
         self.predictor = nn.Sequential(
             nn.Linear(self.d_model, int(hidden_dim)), nn.GELU(), nn.Linear(int(hidden_dim), 1)
         )
-        self.register_buffer("epoch", torch.zeros((), dtype=torch.long))
-        self._epoch = 0  # python mirror of the buffer: the forward never reads the tensor
-        self.last_stats: dict[str, float] = {}
-
-    # ------------------------------------------------------------------ schedule
-    def set_epoch(self, epoch: int) -> None:
-        epoch = int(epoch)
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got epoch={epoch}")
-        self._epoch = epoch
-        self.epoch.fill_(epoch)
-
-    @property
-    def target_epoch(self) -> int:
-        """The first epoch that runs at the target keep ratio."""
-        return self.warmup_epochs + max(self.ramp_epochs, 1) - 1
-
-    def current_keep_ratio(self) -> float:
-        return scheduled_keep_ratio(self._epoch, self.keep_ratio, self.warmup_epochs, self.ramp_epochs)
-
-    def num_kept(self, num_tokens: int) -> int:
-        return keep_count(num_tokens, self.current_keep_ratio(), self.min_tokens)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        key = prefix + "epoch"
-        if key in state_dict:
-            self._epoch = int(state_dict[key])  # at load time, not in the forward
 
     def extra_repr(self) -> str:
         return (
@@ -248,11 +279,7 @@ class TokenPruner(nn.Module):
             return tokens, pos, keep_index, scores
         keep_index = scores.topk(K, dim=1, sorted=False).indices.sort(dim=1).values  # [B, K]
         gather_idx = keep_index.unsqueeze(-1).expand(B, K, C)
-        kept = tokens.gather(1, gather_idx)
-        kept_scores = scores.gather(1, keep_index).clamp(-30.0, 30.0)
-        s = torch.sigmoid(kept_scores)
-        factor = (s / s.detach()).to(kept.dtype)  # == 1.0 exactly in the forward; gradient flows
-        kept = kept * factor.unsqueeze(-1)
+        kept = self.straight_through(tokens.gather(1, gather_idx), scores.gather(1, keep_index))
         kept_pos = None
         if pos is not None:
             kept_pos = pos.expand(B, N, C).gather(1, gather_idx)
