@@ -75,6 +75,9 @@ PLOT_CAPTIONS = {
                      "as stars; dashed: the Pareto front (no other variant has more mAP for fewer GFLOPs).",
     "map_vs_latency": "mAP@0.5:0.95 against latency (batch 1, median, on the latency device) for every variant; "
                       "RT-DETR baselines as stars; dashed: the Pareto front.",
+    "memory_pruning_tradeoff": "Memory pruning: ΔmAP@0.5:0.95 against RT-DETR of the same backbone (error bars: its "
+                               "95% interval, as in the memory-pruning table) against the change in GFLOPs as run; "
+                               "points labelled with the memory keep ratio (off: memory pruning off).",
     "ablation_bars": "Ablation: mean mAP@0.5:0.95 per switch combination and backbone, error bars = sample std "
                      "over seeds.",
     "map_keep_ratio_per_epoch": "Per epoch: validation mAP (left) and the token keep ratio in force (right), "
@@ -131,12 +134,14 @@ def build_tables(study: R.StudyRuns, vs: pd.DataFrame) -> tuple[dict, dict, dict
             tables[name] = table
 
     if vs.empty:
-        for name in ("answer", "main", "ablation", "compute", "reported_vs_measured", "ap_by_size", "class_ap_deltas"):
+        for name in ("answer", "main", "ablation", "memory_pruning", "compute", "reported_vs_measured", "ap_by_size",
+                     "class_ap_deltas"):
             skipped[name] = "no child runs (only study invocations) in this experiment"
     else:
         add("answer", *T.answer_table(study, vs))
         add("main", T.main_table(study, vs))
         add("ablation", *T.ablation_table(study, vs))
+        add("memory_pruning", *T.memory_pruning_table(study, vs))
         add("compute", *T.compute_table(study, vs))
         add("reported_vs_measured", T.reported_table(study, vs))
         # errors beyond mAP, from the detections the runs logged (the plots reuse the analyses)
@@ -180,6 +185,11 @@ def build_figures(study: R.StudyRuns, vs: pd.DataFrame, tables: dict, extra: dic
         add("ablation_bars", P.ablation_bars(tables["ablation"].df), "no finished ablation runs")
     else:
         skipped["ablation_bars"] = "no ablation table"
+    if "memory_pruning" in tables:
+        add("memory_pruning_tradeoff", P.memory_pruning_tradeoff(tables["memory_pruning"].df),
+            "no memory-pruning variant with a ΔmAP and GFLOPs")
+    else:
+        skipped["memory_pruning_tradeoff"] = "no memory-pruning table"
     # an Optuna study has one variant per trial: draw the Pareto-optimal trials' heatmaps and curves only
     focus = vs[vs["n"] > 0] if not vs.empty else vs
     note = ""

@@ -98,7 +98,12 @@ def _labelled(ax, title: str, xlabel: str, ylabel: str, legend: bool = True) -> 
 def _short_label(v: pd.Series) -> str:
     if v["trial"] is not None and not pd.isna(v["trial"]):
         return f"t{int(v['trial'])}"
-    return v["combo"] if v["combo"] else ("RT-DETR" if v["combo"] == "" else v["label"])
+    if v["combo"] is None:
+        return v["label"]
+    codes = [v["combo"]] if v["combo"] else []
+    if v.get("memory_pruning"):
+        codes.append(f"M{v['memory_keep']:g}")
+    return "+".join(codes) or "RT-DETR"
 
 
 @_styled
@@ -116,7 +121,7 @@ def map_vs(vs: pd.DataFrame, x_metric: str, x_label: str) -> Figure | None:
     for bb in sorted(set(pts["backbone"].dropna()), key=lambda b: (R.BACKBONE_ORDER.get(b, 9), b)):
         sub = pts[pts["backbone"] == bb]
         color = _color(bb, seen)
-        base = sub["combo"] == ""
+        base = (sub["combo"] == "") & (sub["memory_pruning"] == False)  # noqa: E712
         kinds = ((~base, "o", 36, f"DSET variants {bb}"), (base, "*", 160, f"RT-DETR {bb} (baseline)"))
         for mask, marker, size, label in kinds:
             s = sub[mask]
@@ -135,6 +140,41 @@ def map_vs(vs: pd.DataFrame, x_metric: str, x_label: str) -> Figure | None:
     ax.scatter(f[x], f[y], s=90, facecolor="none", edgecolor="black", linewidth=1, zorder=4)
     _labelled(ax, f"mAP vs {x_label.split(' (')[0]}: every variant", x_label,
               "mAP@0.5:0.95 (best epoch; seed mean ± std)")
+    return fig
+
+
+@_styled
+def memory_pruning_tradeoff(table_df: pd.DataFrame) -> Figure | None:
+    """ΔmAP (95% interval as error bars) against ΔGFLOPs (%) for every variant of the memory-pruning table, one
+    series per backbone and DSET switches, each point labelled with its memory keep ratio; RT-DETR at the origin;
+    the bar's GFLOPs line and ΔmAP = 0 drawn."""
+    from . import tables as T
+
+    df = table_df[table_df["ΔmAP"].notna() & table_df["ΔGFLOPs (%)"].notna()]
+    if df.empty:
+        return None
+    fig, axes = _new(6.4, 4.4)
+    ax = axes[0, 0]
+    seen: list = []
+    markers = ["o", "s", "^", "D", "v", "P"]
+    series = list(dict.fromkeys(zip(df["backbone"], df["DSET switches"])))
+    for i, (bb, switches) in enumerate(series):
+        s = df[(df["backbone"] == bb) & (df["DSET switches"] == switches)].sort_values("ΔGFLOPs (%)")
+        color = _color(bb, seen)
+        low = (s["ΔmAP"] - s["ΔmAP CI low"]).clip(lower=0).fillna(0)
+        high = (s["ΔmAP CI high"] - s["ΔmAP"]).clip(lower=0).fillna(0)
+        ax.errorbar(s["ΔGFLOPs (%)"], s["ΔmAP"], yerr=[low, high], fmt=markers[i % len(markers)] + "-",
+                    color=color, alpha=0.85, capsize=2, markersize=5, linewidth=0.8,
+                    label=f"{bb}, DSET switches {switches}")
+        for _, r in s.iterrows():
+            keep = "off" if pd.isna(r["memory keep ratio"]) else f"{r['memory keep ratio']:g}"
+            ax.annotate(keep, (r["ΔGFLOPs (%)"], r["ΔmAP"]), textcoords="offset points", xytext=(4, 3), fontsize=6.5)
+    ax.scatter([0], [0], s=160, marker="*", color="white", edgecolor="black", zorder=4, label="RT-DETR (origin)")
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.axvline(T.BAR_GFLOPS_PERCENT, color="grey", linestyle="--", linewidth=0.8,
+               label=f"bar: {T.BAR_GFLOPS_PERCENT:g}% GFLOPs")
+    _labelled(ax, "Memory pruning: accuracy against compute, vs RT-DETR", "ΔGFLOPs (%) vs RT-DETR, as run",
+              "ΔmAP@0.5:0.95 vs RT-DETR (95% interval)")
     return fig
 
 

@@ -44,6 +44,7 @@ from dset import metric_names as M
 from dset.config import RESULT_NEUTRAL_KEYS, Config, ConfigError, config_from_dict, unflatten
 from studies import mlflow_schema as S
 from studies import mlflow_store as store
+from studies.spec import variant_label
 
 from . import bootstrap as B
 
@@ -62,6 +63,7 @@ FINAL_METRICS = (
     *(M.GFLOPS_COMPONENT_PREFIX + part for part in ("backbone", "encoder", "decoder")),
     M.LATENCY_MS, M.FPS, M.FINAL_KEEP_RATIO, M.EPOCHS_RUN, M.TRAIN_MINUTES,
     M.PROFILE_TOKENS, M.PROFILE_KEPT_TOKENS, M.PROFILE_KEEP_RATIO,
+    M.PROFILE_MEMORY_TOKENS, M.PROFILE_MEMORY_KEPT_TOKENS,
     # deployed speed (train.profile_deployment): eager PyTorch and ONNX Runtime (CPU) timed side by side in the run
     M.deploy_metric(M.EAGER, "latency_ms", 1), M.deploy_metric(M.EAGER, "images_per_s", 8),
     M.deploy_metric(M.ONNXRUNTIME_CPU, "latency_ms", 1), M.deploy_metric(M.ONNXRUNTIME_CPU, "images_per_s", 8),
@@ -212,9 +214,23 @@ def combo_code(e: bool, p: bool, d: bool) -> str:
     return "+".join(c for c, on in zip("EPD", (e, p, d)) if on)
 
 
-def combo_label(backbone: str, e: bool, p: bool, d: bool) -> str:
-    code = combo_code(e, p, d)
-    return f"RT-DETR {backbone}" if not code else f"DSET {backbone} ({code})"
+def combo_label(backbone: str, e: bool, p: bool, d: bool, memory_keep: float | None = None) -> str:
+    return variant_label(backbone, e, p, d, memory_keep)
+
+
+def _memory_keep(tag, enabled, keep_ratio) -> float | None:
+    """Memory pruning's keep ratio, None when off: from the tag ("false" or the ratio), else the params; runs from
+    before the fourth switch have neither and read as off."""
+    if isinstance(tag, str) and tag:
+        return None if tag.lower() == "false" else float(tag)
+    if _as_bool(enabled):
+        return float(keep_ratio)
+    return None
+
+
+def _memory_rank(keep: float | None) -> float:
+    """Reading order of memory pruning: off first, then from the most tokens kept to the fewest."""
+    return -2.0 if keep is None or pd.isna(keep) else -float(keep)
 
 
 def normalise(raw: pd.DataFrame) -> pd.DataFrame:
@@ -269,6 +285,11 @@ def _add_variant_columns(df: pd.DataFrame) -> None:
         param_col = f"params.model.{name}.enabled"
         param_values = [_as_bool(v) for v in df[param_col]] if param_col in df else [None] * len(df)
         df[name] = _objects(df, [t if t is not None else p for t, p in zip(tag_values, param_values)])
+    enabled = df.get("params.model.memory_pruning.enabled", pd.Series(None, index=df.index))
+    ratio = df.get("params.model.memory_pruning.keep_ratio", pd.Series(None, index=df.index))
+    df["memory_keep"] = _objects(df, [_memory_keep(t, e, r)
+                                      for t, e, r in zip(_tag(df, S.TAG_MEMORY_PRUNING), enabled, ratio)])
+    df["memory_pruning"] = _objects(df, [k is not None for k in df["memory_keep"]])
     df["combo"] = _objects(df, [combo_code(bool(e), bool(p), bool(d)) if None not in (e, p, d) else None
                                 for e, p, d in zip(df["encoder_moe"], df["token_pruning"], df["decoder_moe"])])
     seed_param = df["params.run.seed"] if "params.run.seed" in df else [None] * len(df)
@@ -339,7 +360,8 @@ def _label_groups(df: pd.DataFrame) -> None:
         if tags:
             label = tags[0]
         elif first["combo"] is not None:
-            label = combo_label(bb, first["encoder_moe"], first["token_pruning"], first["decoder_moe"])
+            label = combo_label(bb, first["encoder_moe"], first["token_pruning"], first["decoder_moe"],
+                                first["memory_keep"])
         else:
             label = first["cell"] or gid
         if not pd.isna(first["trial"]):
@@ -348,7 +370,7 @@ def _label_groups(df: pd.DataFrame) -> None:
         combo_rank = COMBOS.index(combo) if combo in COMBOS else len(COMBOS)
         trial = -1 if pd.isna(first["trial"]) else int(first["trial"])
         labels[gid] = label
-        keys[gid] = (BACKBONE_ORDER.get(bb, 9), bb, combo_rank, trial, label, gid)
+        keys[gid] = (BACKBONE_ORDER.get(bb, 9), bb, combo_rank, _memory_rank(first["memory_keep"]), trial, label, gid)
     # the same label for different configurations: say which cell each is
     by_label: dict[str, list[str]] = {}
     for gid, label in labels.items():
@@ -358,7 +380,7 @@ def _label_groups(df: pd.DataFrame) -> None:
             for gid in gids:
                 cells = sorted({re.sub(r"-s\d+$", "", c) for c in df.loc[df["group"] == gid, "cell"] if c})
                 labels[gid] = f"{label} [{cells[0] if cells else gid}]"
-                keys[gid] = keys[gid][:4] + (labels[gid], gid)
+                keys[gid] = keys[gid][:5] + (labels[gid], gid)
     order = {gid: i for i, gid in enumerate(sorted(keys, key=lambda g: keys[g]))}
     df["label"] = [labels.get(g) or ((t or "(stage 1)") if g.startswith("pretrain:") else "(parent)")
                    for g, t in zip(df["group"], df["variant_tag"])]
@@ -398,6 +420,7 @@ def variants(study: StudyRuns) -> pd.DataFrame:
             "group": gid, "label": first["label"], "sort_key": first["sort_key"], "backbone": first["backbone"],
             "encoder_moe": first["encoder_moe"], "token_pruning": first["token_pruning"],
             "decoder_moe": first["decoder_moe"], "combo": first["combo"],
+            "memory_pruning": first["memory_pruning"], "memory_keep": first["memory_keep"],
             "trial": None if pd.isna(first["trial"]) else int(first["trial"]),
             "n": len(inc), "n_runs": len(g), "failed": int((g["status"] == "FAILED").sum()),
             "seeds": tuple(int(s) for s in inc["seed"] if not pd.isna(s)),
@@ -427,7 +450,8 @@ def baseline_of(vs: pd.DataFrame, backbone: str) -> pd.Series | None:
     """The RT-DETR variant (all switches off) of ``backbone`` with included runs, if there is exactly one
     such configuration (otherwise the comparison would be ambiguous: None)."""
     base = vs[(vs["backbone"] == backbone) & (vs["encoder_moe"] == False) & (vs["token_pruning"] == False)  # noqa: E712
-              & (vs["decoder_moe"] == False) & (vs["n"] > 0) & vs["trial"].isna()]  # noqa: E712
+              & (vs["decoder_moe"] == False) & (vs["memory_pruning"] == False)  # noqa: E712
+              & (vs["n"] > 0) & vs["trial"].isna()]
     return base.iloc[0] if len(base) == 1 else None
 
 

@@ -310,8 +310,9 @@ def _interval_notes(found: list[D.Delta]) -> list[str]:
 
 
 def ablation_table(study: R.StudyRuns, vs: pd.DataFrame) -> tuple[Table | None, str]:
-    """The 8 switch combinations per backbone, deltas against the baseline with their interval and verdict."""
-    grid = vs[vs["trial"].isna() & vs["combo"].notna()]
+    """The 8 switch combinations per backbone, deltas against the baseline with their interval and verdict (memory
+    pruning's variants are in :func:`memory_pruning_table`)."""
+    grid = vs[vs["trial"].isna() & vs["combo"].notna() & (vs["memory_pruning"] == False)]  # noqa: E712
     combos = {(r.encoder_moe, r.token_pruning, r.decoder_moe) for r in grid.itertuples()}
     if len(combos) < 2:
         if study.is_optuna and grid.empty:
@@ -378,7 +379,7 @@ ANSWER_COMBOS = [(True, True, True), (True, False, False), (False, True, False),
 def answer_table(study: R.StudyRuns, vs: pd.DataFrame) -> tuple[Table | None, str]:
     """The answer first: per backbone, DSET (all three switches) and each switch alone against RT-DETR of the
     same backbone: ΔmAP and ΔmAP50 with their 95% intervals, ΔGFLOPs, Δlatency, and the verdict."""
-    grid = vs[vs["trial"].isna() & vs["combo"].notna()]
+    grid = vs[vs["trial"].isna() & vs["combo"].notna() & (vs["memory_pruning"] == False)]  # noqa: E712
     if grid.empty:
         return None, ("not an ablation: every run is an Optuna trial (see the optuna tables)" if study.is_optuna
                       else "no runs with switch tags")
@@ -430,6 +431,91 @@ def answer_table(study: R.StudyRuns, vs: pd.DataFrame) -> tuple[Table | None, st
     return Table("answer", "Answer: DSET and each sparse mechanism against RT-DETR of the same backbone", df, text,
                  None, {"mAP": F4, "mAP RT-DETR": F4, "ΔmAP": SIGNED4, "ΔmAP (%)": SIGNED2, "ΔmAP50": SIGNED4,
                         "ΔGFLOPs": SIGNED2, "Δlatency (ms)": SIGNED2, "p (Welch)": pvalue}, notes), ""
+
+
+# the bar of issue 13: cheaper and faster than RT-DETR by these shares, with no detectable loss of accuracy
+BAR_GFLOPS_PERCENT = -10.0
+BAR_LATENCY_PERCENT = -8.0
+
+
+def meets_bar(gflops_percent: float, latency_percent: float, map_high: float) -> str:
+    """"yes" when GFLOPs fell by at least 10%, latency by at least 8% and the ΔmAP interval includes zero or lies
+    above it (upper bound >= 0); otherwise "no: <what failed>"; "–" without the numbers to decide."""
+    if any(missing(x) for x in (gflops_percent, latency_percent, map_high)):
+        return MISSING
+    failed = [what for what, ok in (
+        (f"GFLOPs {gflops_percent:+.1f}% (need <= {BAR_GFLOPS_PERCENT:g}%)", gflops_percent <= BAR_GFLOPS_PERCENT),
+        (f"latency {latency_percent:+.1f}% (need <= {BAR_LATENCY_PERCENT:g}%)", latency_percent <= BAR_LATENCY_PERCENT),
+        (f"ΔmAP interval below 0 (upper bound {map_high:+.4f})", map_high >= 0)) if not ok]
+    return "yes" if not failed else "no: " + "; ".join(failed)
+
+
+def _percent_change(variant: float, baseline: float) -> float:
+    return math.nan if missing(variant) or missing(baseline) or not baseline else 100 * (variant / baseline - 1)
+
+
+def memory_pruning_table(study: R.StudyRuns, vs: pd.DataFrame) -> tuple[Table | None, str]:
+    """Is any variant cheaper and as accurate as RT-DETR? Every variant of an experiment with memory-pruning runs
+    against RT-DETR of the same backbone: ΔmAP with its interval, ΔGFLOPs and Δlatency in %, and the bar."""
+    grid = vs[vs["trial"].isna() & vs["combo"].notna()]
+    if not grid["memory_pruning"].any():
+        return None, "no memory-pruning variants in this experiment"
+    rows, found = [], []
+    for bb in sorted(set(grid["backbone"].dropna()), key=lambda b: (R.BACKBONE_ORDER.get(b, 9), b)):
+        base = R.baseline_of(vs, bb)
+        for _, g in grid[grid["backbone"] == bb].iterrows():
+            if base is not None and g["group"] == base["group"]:
+                continue
+            row = {"backbone": bb, "model": g["label"], "DSET switches": g["combo"] or "none",
+                   "memory keep ratio": g["memory_keep"] if g["memory_pruning"] else math.nan,
+                   "n (variant / RT-DETR)": None, "mAP": math.nan, "mAP RT-DETR": math.nan, **_delta_columns(None),
+                   "ΔGFLOPs (%)": math.nan, "Δlatency (%)": math.nan, "GFLOPs": g[f"{M.GFLOPS}_mean"],
+                   "latency (ms)": g[f"{M.LATENCY_MS}_mean"], "memory tokens kept": _memory_kept_text(g),
+                   "latency measured on": g["latency_device"], "meets the bar": MISSING}
+            if base is None or g["n"] == 0:
+                row["verdict"] = "no RT-DETR baseline" if base is None else "no finished run"
+                rows.append(row)
+                continue
+            c = D.against_baseline(study, g, base)
+            found.append(c)
+            gflops = _percent_change(g[f"{M.GFLOPS}_mean"], base[f"{M.GFLOPS}_mean"])
+            latency = _percent_change(g[f"{M.LATENCY_MS}_mean"], base[f"{M.LATENCY_MS}_mean"])
+            row.update({"n (variant / RT-DETR)": f"{g['n']} / {base['n']}", "mAP": c.variant_map,
+                        "mAP RT-DETR": c.baseline_map, **_delta_columns(c), "ΔGFLOPs (%)": gflops,
+                        "Δlatency (%)": latency, "meets the bar": meets_bar(gflops, latency, c.map_high),
+                        "verdict": c.verdict})
+            rows.append(row)
+    order = ["backbone", "model", "DSET switches", "memory keep ratio", "n (variant / RT-DETR)", "mAP", "mAP RT-DETR",
+             "ΔmAP", "ΔmAP 95% CI", "ΔGFLOPs (%)", "Δlatency (%)", "meets the bar", "verdict", "GFLOPs",
+             "latency (ms)", "memory tokens kept", "latency measured on", "interval", "p (Welch)"] + CI_COLUMNS
+    df = pd.DataFrame(rows)[order]
+    text = [c for c in df.columns if c not in ["p (Welch)", "interval"] + CI_COLUMNS]
+    notes = [
+        "Is any variant cheaper and as accurate as RT-DETR? Every variant (DSET switches E = encoder MoE, "
+        "P = token pruning, D = decoder MoE; memory keep ratio: memory pruning, the share of the decoder's memory "
+        "tokens kept, – when off) against RT-DETR with the same backbone.",
+        *_interval_notes(found),
+        "ΔGFLOPs (%), Δlatency (%): variant / RT-DETR − 1 of the seed means as each run logged them (GFLOPs = 2 × "
+        "multiply-adds counted as run; latency: batch 1, eval mode, median, on the device shown, at the study's "
+        "image size, each run in its own process, so the latency ratio carries the machine's run-to-run noise). "
+        "For the side-by-side measurement in one process at 640 px: python -m dset.profile rtdetr_r18 "
+        "dset_fast_r18 --size 640.",
+        f"meets the bar: GFLOPs {BAR_GFLOPS_PERCENT:g}% or less, latency {BAR_LATENCY_PERCENT:g}% or less, and "
+        "a ΔmAP interval that includes zero or lies above it.",
+        "memory tokens kept: profile/memory_kept_tokens of profile/memory_tokens when GFLOPs and latency were "
+        "measured.",
+        data_note(vs),
+    ]
+    return Table("memory_pruning", "Memory pruning: cheaper than RT-DETR, and as accurate?", df, text, None,
+                 {"memory keep ratio": lambda x: MISSING if missing(x) else f"{x:g}", "mAP": F4, "mAP RT-DETR": F4,
+                  "ΔmAP": SIGNED4, "ΔGFLOPs (%)": SIGNED2, "Δlatency (%)": SIGNED2, "GFLOPs": F2,
+                  "latency (ms)": F2, "p (Welch)": pvalue}, notes), ""
+
+
+def _memory_kept_text(v: pd.Series) -> str | None:
+    texts = [f"{int(k)}/{int(t)}" for t, k in zip(v[f"{M.PROFILE_MEMORY_TOKENS}_values"],
+                                                  v[f"{M.PROFILE_MEMORY_KEPT_TOKENS}_values"])]
+    return "; ".join(dict.fromkeys(texts)) or None
 
 
 # ------------------------------------------------------------------------- errors beyond mAP

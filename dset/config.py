@@ -102,6 +102,7 @@ class MemoryPruningConfig:
     context_ratio: float = 0.5                # gaussian: the context band reaches this share of the box's
                                               # half-size beyond its border
     loss_weight: float = 0.05                 # of the memory-pruning loss
+    predictor_lr: float | None = None         # the predictor's own learning rate (None: train.lr, as every new part)
 
 
 @dataclass
@@ -474,6 +475,7 @@ def _validate_memory_pruning(p: MemoryPruningConfig, epochs: int) -> None:
           f"must be 'bce' or 'gaussian', got {p.supervision!r}")
     _need(p.context_ratio >= 0, f"{key}.context_ratio", f"must be >= 0, got {p.context_ratio}")
     _need(p.loss_weight >= 0, f"{key}.loss_weight", "must be >= 0")
+    _need(p.predictor_lr is None or p.predictor_lr > 0, f"{key}.predictor_lr", f"must be > 0, got {p.predictor_lr}")
     if p.enabled:
         target_epoch = p.warmup_epochs + max(p.ramp_epochs, 1) - 1
         _need(target_epoch < epochs, f"{key}.warmup_epochs",

@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Train and evaluate one RT-DETR / DSET run (see dset/engine/loop.py).",
         epilog=_budget_help())
     ap.add_argument("args", nargs="*", metavar="PRESET_OR_YAML [key=value ...]",
-                    help="a preset (rtdetr_r18, rtdetr_r34, dset_r18, dset_r34) or a YAML file, then dotted overrides")
+                    help="a preset (rtdetr_r18, dset_r18, dset_fast_r18, ...) or a YAML file, then dotted overrides")
     ap.add_argument("--out", help="output folder (config.yaml, metrics.jsonl, summary.json, checkpoints/); "
                     "default: run.out_dir of the configuration")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt "

@@ -36,6 +36,7 @@ TAG_BACKBONE = "dset.backbone"         # "R18" or "R34"
 TAG_ENCODER_MOE = "dset.encoder_moe"   # "true" / "false"
 TAG_TOKEN_PRUNING = "dset.token_pruning"
 TAG_DECODER_MOE = "dset.decoder_moe"
+TAG_MEMORY_PRUNING = "dset.memory_pruning"  # "false", or the memory keep ratio, e.g. "0.3"
 TAG_SEED = "dset.seed"
 TAG_DEVICE = "dset.device"             # device the run trained on, e.g. "cpu" or "NVIDIA H100"
 TAG_LATENCY_DEVICE = "dset.latency_device"  # device and threads of the latency measurement

@@ -207,19 +207,29 @@ class Cell:
 
     def labels(self) -> dict[str, Any]:
         """Backbone, switches and the variant label, from the configuration (or the settings)."""
+        keep = None  # memory pruning's keep ratio, None when off
         if self.config is not None:
             m = self.config.model
             depth, e, p, d = m.backbone.depth, m.encoder_moe.enabled, m.token_pruning.enabled, m.decoder_moe.enabled
+            keep = m.memory_pruning.keep_ratio if m.memory_pruning.enabled else None
         else:
             o = self.overrides
             depth = o.get("model.backbone.depth") or (34 if any("34" in p for p in self.presets) else 18)
             e = bool(o.get("model.encoder_moe.enabled", any(p.startswith("dset") for p in self.presets)))
             p = bool(o.get("model.token_pruning.enabled", any(p.startswith("dset") for p in self.presets)))
             d = bool(o.get("model.decoder_moe.enabled", any(p.startswith("dset") for p in self.presets)))
-        code = "+".join(c for c, on in zip("EPD", (e, p, d)) if on)
         backbone = f"R{depth}"
         return {"backbone": backbone, "encoder_moe": bool(e), "token_pruning": bool(p), "decoder_moe": bool(d),
-                "variant": f"RT-DETR {backbone}" if not code else f"DSET {backbone} ({code})"}
+                "memory_keep": keep, "variant": variant_label(backbone, e, p, d, keep)}
+
+
+def variant_label(backbone: str, e: bool, p: bool, d: bool, memory_keep: float | None = None) -> str:
+    """"RT-DETR R18" with every switch off, else e.g. "DSET R18 (E+P+D)" or "DSET R18 (E+P+D+M0.3)": E encoder MoE,
+    P token pruning, D decoder MoE, M memory pruning with its keep ratio."""
+    codes = [c for c, on in zip("EPD", (e, p, d)) if on]
+    if memory_keep is not None:
+        codes.append(f"M{memory_keep:g}")
+    return f"RT-DETR {backbone}" if not codes else f"DSET {backbone} ({'+'.join(codes)})"
 
 
 # ------------------------------------------------------------------------------------------ files

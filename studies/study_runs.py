@@ -117,7 +117,9 @@ class StudyRuns:
         tags = {S.TAG_ROLE: "child", S.TAG_STUDY: self.study.name, S.TAG_CELL: cell.id, S.TAG_VARIANT: lab["variant"],
                 S.TAG_BACKBONE: lab["backbone"], S.TAG_ENCODER_MOE: str(lab["encoder_moe"]).lower(),
                 S.TAG_TOKEN_PRUNING: str(lab["token_pruning"]).lower(),
-                S.TAG_DECODER_MOE: str(lab["decoder_moe"]).lower(), S.TAG_SEED: str(cell.seed),
+                S.TAG_DECODER_MOE: str(lab["decoder_moe"]).lower(),
+                S.TAG_MEMORY_PRUNING: "false" if lab["memory_keep"] is None else f"{lab['memory_keep']:g}",
+                S.TAG_SEED: str(cell.seed),
                 S.TAG_GIT_COMMIT: self.commit, S.TAG_FINGERPRINT: cell.fingerprint, S.TAG_CELL_KEY: cell.cell_key,
                 S.TAG_CODE_VERSION: cell.provenance.get("code"), S.TAG_DATA_DIGEST: cell.provenance.get("data"),
                 S.TAG_HOST: self.host, S.TAG_PID: str(self.pid), "mlflow.runName": cell.id}

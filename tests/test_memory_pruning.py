@@ -283,3 +283,19 @@ def test_memory_pruning_exports_to_onnx_and_matches_eager(tmp_path):
     path = export_onnx(mp, tmp_path / "model.onnx", SIZE)
     diff = compare_with_eager(mp, onnxruntime_session(path), SIZE, batch_sizes=(1, 2))
     assert diff["pred_logits"] <= 1e-4 and diff["pred_boxes"] <= 1e-4, diff
+
+
+def test_the_predictor_gets_its_own_learning_rate_when_set():
+    from dset.engine.optim import build_optimizer
+
+    mp = _pruned(0.3, "model.memory_pruning.predictor_lr=0.01")
+    pretrained = [n for n, _ in mp.named_parameters() if "memory_pruner" not in n]
+    groups = {g["name"]: g for g in build_optimizer(mp, mp.config, pretrained).param_groups}
+    assert groups["memory_predictor"]["param_names"] == ["decoder.memory_pruner.predictor.weight"]
+    assert groups["memory_predictor_no_decay"]["param_names"] == ["decoder.memory_pruner.predictor.bias"]
+    assert groups["memory_predictor"]["lr"] == 0.01 and groups["pretrained"]["lr"] == mp.config.train.lr_pretrained
+    # unset: the predictor is one of the new parameters, at train.lr
+    plain = _pruned(0.3)
+    groups = {g["name"]: g for g in build_optimizer(plain, plain.config, pretrained).param_groups}
+    assert "memory_predictor" not in groups and groups["new"]["lr"] == plain.config.train.lr
+    assert groups["new"]["param_names"] == ["decoder.memory_pruner.predictor.weight"]
