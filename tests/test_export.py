@@ -8,6 +8,7 @@ import json
 import onnx
 import pytest
 import torch
+from decisions import decision_margins, make_decisions_decisive
 
 import dset
 from dset.export import ExportError, compare_with_eager, export_onnx, main, onnxruntime_session
@@ -25,10 +26,7 @@ def small_model(encoder_moe: bool, token_pruning: bool, decoder_moe: bool) -> to
     model = dset.build_model("dset_r18", SMALL + [f"model.{k}.enabled={str(v).lower()}" for k, v in flags.items()])
     if model.token_pruner is not None:
         model.set_epoch(100)  # the end of the schedule: keep ratio 0.7, 12 of 16 tokens
-        # untrained, the importance predictor scores all 16 tokens within ~1e-6 of each other, so float rounding
-        # would decide which 12 are kept, differently in each runtime; a trained one separates them
-        with torch.no_grad():
-            model.token_pruner.predictor[-1].weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(0))
+    make_decisions_decisive(model, SIZE)  # not ties that float rounding decides (tests/decisions.py)
     return model.eval()
 
 
@@ -51,12 +49,19 @@ def test_every_switch_combination_exports_and_matches_eager(switches, tmp_path):
     onnx.checker.check_model(str(path))
     # batch 1 and 3 from one file: the batch is dynamic; inputs other than the one the export traced
     diff = compare_with_eager(model, onnxruntime_session(path), SIZE, batch_sizes=(1, 3))
+    # no decision is a tie that float rounding could flip: the two runtimes must agree on every one
+    encoder_moe, token_pruning, decoder_moe = switches
+    kinds = {"query_selection"} | ({"moe_routing"} if encoder_moe or decoder_moe else set())
+    kinds |= {"token_pruning"} if token_pruning else set()
+    generator = torch.Generator().manual_seed(1)  # compare_with_eager's inputs
+    for batch in (1, 3):
+        margins = decision_margins(model, torch.rand(batch, 3, SIZE, SIZE, generator=generator))
+        assert set(margins) == kinds and min(margins.values()) > 1e-5, margins  # 10x the runtimes' 1e-6
     assert diff["images"] == 4
     assert diff["pred_logits"] <= 1e-4 and diff["pred_boxes"] <= 1e-4, diff
     # tied queries may swap places, a few of the 40 per image at most; anything more is not a tie
     assert diff["reordered_queries"] <= 0.25 * 40 * 4, diff
     ops = op_counts(path)
-    encoder_moe, token_pruning, decoder_moe = switches
     moe_layers = int(encoder_moe) * 1 + int(decoder_moe) * 2
     # the sparse dispatch is in the graph: one NonZero per expert of every MoE layer, decided at run time
     assert ops.get("NonZero", 0) == 4 * moe_layers

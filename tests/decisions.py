@@ -1,0 +1,74 @@
+"""Test weights whose top-k decisions are not ties, for tests that compare two runtimes' outputs.
+
+Untrained, the scores that query selection, MoE routing and the two pruners rank sit within ~1e-6 of each other
+(measured on the export tests' R18 at 128 px: a gap of 2.4e-7 between the 40th and 41st query-selection score),
+so float rounding, which differs between runtimes, thread counts and CPUs, decides which tokens, queries or
+experts are picked, and the runtimes then disagree by a whole anchor box. ``make_decisions_decisive`` draws
+those layers' weights from N(0, 1), which sets the scores well apart as training does; ``decision_margins``
+measures how far apart, so a test can assert that no decision is a tie."""
+
+from __future__ import annotations
+
+import torch
+
+from dset.models.moe import MoEFFN
+
+
+def top_k_decisions(model, size: int) -> list[tuple[str, torch.nn.Module, list[int], list[int]]]:
+    """``(kind, layer, level_sizes, kept_per_level)`` for each layer whose output scores a top-k ranks at
+    ``size`` px: query selection's score head (max over classes), every MoE router, the token pruner's and the
+    memory pruner's importance predictors."""
+    decoder = model.decoder
+    levels = [(size // stride) ** 2 for stride in decoder.feat_strides[: decoder.num_levels]]
+    all_tokens = sum(levels)
+    memory_tokens, memory_kept = model.memory_token_counts(size)
+    decisions = [("query_selection", decoder.enc_score_head, [memory_kept], [decoder.num_queries])]
+    decisions += [("moe_routing", m.router, [m.num_experts], [m.top_k]) for m in model.modules()
+                  if isinstance(m, MoEFFN)]
+    if model.token_pruner is not None:
+        tokens, kept = levels[-1], model.token_pruner.num_kept(levels[-1])
+        decisions.append(("token_pruning", model.token_pruner.predictor[-1], [tokens], [kept]))
+    if model.memory_pruner is not None:
+        assert memory_tokens == all_tokens
+        kept = model.memory_pruner.level_counts(levels, floor=decoder.num_queries)
+        decisions.append(("memory_pruning", model.memory_pruner.predictor, levels, kept))
+    return decisions
+
+
+def make_decisions_decisive(model, size: int, seed: int = 0) -> None:
+    """Draw the weights of every top-k-deciding layer (``top_k_decisions``) from N(0, 1)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _kind, layer, _levels, _kept in top_k_decisions(model, size):
+            last = layer[-1] if isinstance(layer, torch.nn.Sequential) else layer
+            last.weight.normal_(0.0, 1.0, generator=generator)
+
+
+def decision_margins(model, images: torch.Tensor) -> dict[str, float]:
+    """Per kind of decision, the smallest gap over ``images`` (square, eval mode) between the last score a top-k
+    keeps and the first one it drops: the margin float rounding would have to bridge to flip a decision."""
+    margins: dict[str, float] = {}
+
+    def record(kind, levels, kept):
+        def hook(_module, _inputs, output):
+            scores = output.float()
+            scores = scores.max(-1).values if kind == "query_selection" else scores
+            scores = scores.squeeze(-1) if scores.shape[-1] == 1 else scores
+            if kind != "moe_routing":
+                scores = scores.reshape(scores.shape[0], -1)
+            for level_scores, k in zip(scores.split(levels, dim=-1), kept):
+                if k < level_scores.shape[-1]:
+                    ordered = level_scores.sort(-1, descending=True).values
+                    gap = float((ordered[..., k - 1] - ordered[..., k]).min())
+                    margins[kind] = min(margins.get(kind, float("inf")), gap)
+        return hook
+
+    handles = [layer.register_forward_hook(record(kind, levels, kept))
+               for kind, layer, levels, kept in top_k_decisions(model, images.shape[-1])]
+    try:
+        with torch.inference_mode():
+            model(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return margins
