@@ -5,9 +5,11 @@ token pruning switched on part-way through).
 Settings that make a from-scratch run this short work (found on a 2-core CPU): 128 px images, 4 images in
 one batch (one optimizer step per epoch), 30 queries, 20 denoising queries, no augmentation, lr 1e-3
 (10x the preset's 1e-4, which needs several times more steps from scratch) with a 10-step warm-up and
-cosine decay over 100 steps, the EMA warm-up shortened to 20 updates. Measured (one thread, shared 2-core
-CPU): both models reach AP50 1.0 by step 75; after 100 steps mAP 0.87 (RT-DETR) and 0.94 (DSET), in 75-95 s
-each. ``pytest -s`` prints the evaluated epochs.
+cosine decay over 150 steps, and the raw weights evaluated (EMA decay 0: an average over the last ~150
+steps lags a run this short). Float rounding differs between CPUs and sends such a short run along another
+path: with 100 steps and the EMA, one CI machine ended at AP50 0.73 (RT-DETR) and 0.56 (DSET) where this
+one reached 0.85 and 0.87. Measured here with these settings (synthetic seed 3): AP50 0.98 (RT-DETR) and
+0.97 (DSET) after 150 steps, 0.91 and 0.93 after 100. ``pytest -s`` prints the evaluated epochs.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dset import metric_names as M
 from dset.data.synthetic import make_synthetic_coco
 from dset.engine.loop import fit
 
-STEPS = 100
+STEPS = 150
 
 
 one_thread = pytest.fixture(autouse=True, scope="module")(one_thread_for_module)
@@ -34,8 +36,8 @@ def _overrides(paths):
         f"data.train.annotations={paths['train_annotations']}", f"data.val.images={paths['train_images']}",
         f"data.val.annotations={paths['train_annotations']}", "data.image_size=128", "data.batch_size=4",
         "data.augment=none", "model.eval_spatial_size=[128,128]", "model.decoder.num_queries=30",
-        "model.decoder.num_denoising=20", f"train.epochs={STEPS}", "train.eval_every=25",
-        "train.checkpoint_every_minutes=60", "train.lr=1e-3", "train.warmup_steps=10", "train.ema_warmup_steps=20",
+        "model.decoder.num_denoising=20", f"train.epochs={STEPS}", "train.eval_every=50",
+        "train.checkpoint_every_minutes=60", "train.lr=1e-3", "train.warmup_steps=10", "train.ema_decay=0",
         "train.profile=false", "run.progress=false",
     ]
 
@@ -55,7 +57,7 @@ def test_overfit_a_handful_of_images(tmp_path, preset):
     summary = fit(cfg, tmp_path / "run")
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evaluated = [m for m in lines if m.get("val/mAP50") is not None]
-    assert [m["epoch"] for m in evaluated] == [24, 49, 74, 99]
+    assert [m["epoch"] for m in evaluated] == [49, 99, 149]
     final = evaluated[-1]
     print(preset, [(m["epoch"], round(m["val/mAP"], 3), round(m["val/mAP50"], 3)) for m in evaluated])
     assert final["val/mAP50"] >= 0.8, [(m["epoch"], m["val/mAP50"]) for m in evaluated]
