@@ -75,17 +75,47 @@ def align_queries(ours_logits, ours_boxes, ref_logits, ref_boxes):
     return cost.argmin(1)
 
 
+def selection_scores(model, images) -> tuple[dict, torch.Tensor]:
+    """The model's outputs on ``images`` and its query-selection scores [B, tokens] (max over classes)."""
+    captured = {}
+    hook = model.decoder.enc_score_head.register_forward_hook(lambda _m, _i, out: captured.update(scores=out))
+    try:
+        with torch.no_grad():
+            out = model(images)
+    finally:
+        hook.remove()
+    return out, captured["scores"].max(-1).values
+
+
+def assert_decoder_outputs_match(out, scores, fx, boundary_tie: float = 1e-6):
+    """Our decoder outputs are the reference's, query by query (paired by ``align_queries``). The one allowed
+    exception: where the last selected token and the first unselected one score within ``boundary_tie`` of each
+    other (a float-rounding tie at the selection boundary), rounding decides which one is the last query, so
+    the final one or two rows may hold another token's query. Measured: the v2 fixture on one CPU has its 300th
+    and 301st scores exactly equal in image 0 and 2.4e-7 apart in image 1."""
+    num_queries = fx["pred_boxes"].shape[1]
+    for b in range(fx["pred_boxes"].shape[0]):
+        j = align_queries(out["pred_logits"][b], out["pred_boxes"][b], fx["pred_logits"][b], fx["pred_boxes"][b])
+        box_diff = (out["pred_boxes"][b][j] - fx["pred_boxes"][b]).abs().amax(-1)
+        logit_diff = (out["pred_logits"][b][j] - fx["pred_logits"][b]).abs().amax(-1)
+        off = ((box_diff > 1e-4) | (logit_diff > 1e-3)).nonzero().flatten().tolist()
+        if off:
+            ordered = scores[b].sort(descending=True).values
+            gap = float(ordered[num_queries - 1] - ordered[num_queries])
+            assert gap <= boundary_tie and len(off) <= 2 and min(off) >= num_queries - 5, (
+                f"image {b}: rows {off} differ (box {box_diff[off].tolist()}), selection boundary gap {gap}")
+        same = [i for i in range(num_queries) if i not in off]
+        assert len(set(j[same].tolist())) == len(same), "query pairing is not one-to-one"
+        # only local reorderings among near-tied queries, not a different selection
+        assert (j[same] - torch.tensor(same)).abs().max() <= 5
+
+
 def test_decoder_outputs_match_reference(parity):
-    fx, _, _, _, out = parity
+    fx, model, _, _, out = parity
     assert out["pred_logits"].shape == fx["pred_logits"].shape == (2, 300, 80)
     assert out["pred_boxes"].shape == fx["pred_boxes"].shape == (2, 300, 4)
-    for b in range(2):
-        j = align_queries(out["pred_logits"][b], out["pred_boxes"][b], fx["pred_logits"][b], fx["pred_boxes"][b])
-        assert len(set(j.tolist())) == 300, "query pairing is not one-to-one"
-        # only local reorderings among near-tied queries, not a different selection
-        assert (j - torch.arange(300)).abs().max() <= 5
-        assert (out["pred_boxes"][b][j] - fx["pred_boxes"][b]).abs().max() <= 1e-4
-        assert (out["pred_logits"][b][j] - fx["pred_logits"][b]).abs().max() <= 1e-3
+    out, scores = selection_scores(model, fx["input"])
+    assert_decoder_outputs_match(out, scores, fx)
 
 
 def test_postprocessed_detections_match_reference(parity):
@@ -142,11 +172,5 @@ def test_rtdetrv2_fixture_outputs_reproduced_through_load_checkpoint(tmp_path):
     path = tmp_path / "rtdetrv2_r18vd_120e_coco.pth"
     torch.save({"model": state}, path)
     model = dset.build_model("rtdetr_r18", ["model.eval_spatial_size=[320,320]", f"model.checkpoint={path}"]).eval()
-    with torch.no_grad():
-        out = model(fx["input"])
-    for b in range(2):
-        j = align_queries(out["pred_logits"][b], out["pred_boxes"][b], fx["pred_logits"][b], fx["pred_boxes"][b])
-        assert len(set(j.tolist())) == 300
-        assert (j - torch.arange(300)).abs().max() <= 5
-        assert (out["pred_boxes"][b][j] - fx["pred_boxes"][b]).abs().max() <= 1e-4
-        assert (out["pred_logits"][b][j] - fx["pred_logits"][b]).abs().max() <= 1e-3
+    out, scores = selection_scores(model, fx["input"])
+    assert_decoder_outputs_match(out, scores, fx)
