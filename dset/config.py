@@ -67,9 +67,11 @@ class MoEConfig:
     top_k: int = 3                            # experts each token is routed to
     expert_hidden_dim: int | None = None   # None: the dense FFN's width (1024), as the original DSET
     router_noise: float = 0.0                 # std of the noise added to router logits in training
+    patch_size: int = 1                       # encoder only: tokens of one k x k patch share one routing decision
     balance_loss_weight: float = 0.03         # of the load-balancing loss (decoder default: 0.05)
     z_loss_weight: float = 0.0                # of the ST-MoE router z-loss
     upcycle_noise: float = 0.0                # relative noise when experts are copied from a dense FFN
+    balance_warmup_epochs: int = 0            # the balance loss's weight ramps from 0 (epoch 0) to full (this epoch)
 
 
 @dataclass
@@ -447,6 +449,12 @@ def _validate_moe(moe: MoEConfig, key: str) -> None:
     _need(moe.router_noise >= 0, f"{key}.router_noise", f"must be >= 0, got {moe.router_noise}")
     _need(moe.balance_loss_weight >= 0, f"{key}.balance_loss_weight", "must be >= 0")
     _need(moe.z_loss_weight >= 0, f"{key}.z_loss_weight", "must be >= 0")
+    _need(moe.patch_size >= 1, f"{key}.patch_size", f"must be >= 1, got {moe.patch_size}")
+    _need(moe.patch_size == 1 or key.endswith("encoder_moe"), f"{key}.patch_size",
+          f"must be 1, got {moe.patch_size}: patch-level routing groups the tokens of a spatial map, and the "
+          "decoder's queries have none")
+    _need(moe.balance_warmup_epochs >= 0, f"{key}.balance_warmup_epochs",
+          f"must be >= 0, got {moe.balance_warmup_epochs}")
 
 
 def _validate_token_pruning(p: PruningConfig, epochs: int) -> None:

@@ -69,6 +69,23 @@ def test_every_switch_combination_exports_and_matches_eager(switches, tmp_path):
     assert ops.get("TopK", 0) == 1 + moe_layers + 2 * int(token_pruning)
 
 
+@pytest.mark.slow
+def test_patch_level_routing_exports_and_matches_eager(tmp_path):
+    """The encoder MoE's patch-level routing (the group means are ScatterElements-adds) with token pruning on:
+    a patch's decision is taken on its kept tokens, in the graph as in eager PyTorch."""
+    model = dset.build_model("dset_r18", SMALL + ["model.encoder_moe.patch_size=2", "model.decoder_moe.enabled=false"])
+    model.set_epoch(100)
+    make_decisions_decisive(model, SIZE)
+    model.eval()
+    path = export_onnx(model, tmp_path / "model.onnx", SIZE)
+    diff = compare_with_eager(model, onnxruntime_session(path), SIZE, batch_sizes=(1, 3))
+    generator = torch.Generator().manual_seed(1)  # compare_with_eager's inputs
+    for batch in (1, 3):
+        margins = decision_margins(model, torch.rand(batch, 3, SIZE, SIZE, generator=generator))
+        assert min(margins.values()) > 1e-5, margins
+    assert diff["images"] == 4 and diff["pred_logits"] <= 1e-4 and diff["pred_boxes"] <= 1e-4, diff
+
+
 def test_pruning_graph_keeps_the_scheduled_number_of_tokens(tmp_path):
     """The kept count is a constant of the graph: 12 of the 16 tokens at keep ratio 0.7 (ceil(0.7 * 16))."""
     model = small_model(False, True, False)

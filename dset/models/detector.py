@@ -39,6 +39,8 @@ class Detector(nn.Module):
         self.backbone = backbone
         self.decoder = decoder
         self.encoder = encoder
+        self.epoch = 0  # set_epoch's; the balance losses' warm-up reads it
+        self.balance_warmup_epochs: dict[str, int] = {}  # "enc"/"dec" -> epochs (build_model sets it from cfg)
 
     # the MoE layers, by where they sit; empty lists when a switch is off
     def encoder_moe_layers(self) -> list[MoEFFN]:
@@ -68,9 +70,18 @@ class Detector(nn.Module):
         return sum(sizes), sum(self.memory_pruner.level_counts(sizes, floor=self.decoder.num_queries))
 
     def set_epoch(self, epoch: int) -> None:
-        """Tell epoch-scheduled components (the pruners' keep ratios) the current epoch."""
+        """Tell epoch-scheduled components (the pruners' keep ratios, the balance losses' warm-up) the current
+        epoch."""
         for p in self.pruners():
             p.set_epoch(epoch)
+        self.epoch = int(epoch)
+
+    def balance_warmup_factor(self, side: str) -> float:
+        """What the ``side`` (``"enc"`` or ``"dec"``) MoE balance loss is multiplied by at the current epoch: its
+        warm-up (``model.{encoder,decoder}_moe.balance_warmup_epochs`` = N) ramps it linearly from 0 at epoch 0
+        to 1 at epoch N, so that the experts first specialise on the detection loss alone; 1 without warm-up."""
+        epochs = self.balance_warmup_epochs.get(side, 0)
+        return 1.0 if epochs <= 0 else min(1.0, self.epoch / epochs)
 
     def set_deployed_epoch(self, epoch: int | None = None) -> None:
         """Set the pruning schedules to ``epoch``, by default each to the end of its ramp: the trained state
@@ -93,7 +104,9 @@ class Detector(nn.Module):
         losses: dict[str, torch.Tensor] = {}
         for name, layers in (("enc", self.encoder_moe_layers()), ("dec", self.decoder_moe_layers())):
             if layers:
-                losses[f"loss_{name}_moe_balance"] = torch.stack([m.balance_loss for m in layers]).mean()
+                balance = torch.stack([m.balance_loss for m in layers]).mean()
+                factor = self.balance_warmup_factor(name)
+                losses[f"loss_{name}_moe_balance"] = balance if factor == 1.0 else balance * factor
                 losses[f"loss_{name}_moe_z"] = torch.stack([m.z_loss for m in layers]).mean()
         pruning = self.encoder.last_pruning
         if pruning is not None and targets is not None:
@@ -139,7 +152,7 @@ def _moe_factory(moe_cfg, d_model: int, dense_hidden: int, activation: str, drop
         return None
     hidden = moe_cfg.expert_hidden_dim or dense_hidden
     return lambda: MoEFFN(d_model, hidden, moe_cfg.num_experts, moe_cfg.top_k, activation=activation,
-                          dropout=dropout, router_noise=moe_cfg.router_noise)
+                          dropout=dropout, router_noise=moe_cfg.router_noise, patch_size=moe_cfg.patch_size)
 
 
 def build_model(cfg: Config | str = "rtdetr_r18", overrides: list[str] | None = None,
@@ -184,6 +197,8 @@ def build_model(cfg: Config | str = "rtdetr_r18", overrides: list[str] | None = 
         memory_pruner=memory_pruner)
     model = Detector(backbone, encoder, decoder)
     model.config = cfg  # what built it, for checkpoints and measurement
+    model.balance_warmup_epochs = {"enc": m.encoder_moe.balance_warmup_epochs,
+                                   "dec": m.decoder_moe.balance_warmup_epochs}
     if load_weights:
         if m.backbone.pretrained:
             load_backbone_weights(model, m.backbone.pretrained)

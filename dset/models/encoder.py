@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .layers import ConvNormLayer, make_activation
+from .moe import RoutingGroups, patch_groups
 
 
 class RepVggBlock(nn.Module):
@@ -63,16 +64,18 @@ class TransformerEncoderLayer(nn.Module):
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
 
-    def ffn(self, x: torch.Tensor) -> torch.Tensor:
+    def ffn(self, x: torch.Tensor, routing: RoutingGroups | None = None) -> torch.Tensor:
         if hasattr(self, "moe"):
-            return self.moe(x)
+            return self.moe(x, routing)
         return self.linear2(self.dropout(self.activation(self.linear1(x))))
 
-    def forward(self, src: torch.Tensor, pos_embed: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, src: torch.Tensor, pos_embed: torch.Tensor | None = None,
+                routing: RoutingGroups | None = None) -> torch.Tensor:
+        """``routing``: the MoE's patch-level routing groups of ``src``'s tokens (None: per token)."""
         q = k = src if pos_embed is None else src + pos_embed
         attn, _ = self.self_attn(q, k, value=src, need_weights=False)
         src = self.norm1(src + self.dropout1(attn))
-        return self.norm2(src + self.dropout2(self.ffn(src)))
+        return self.norm2(src + self.dropout2(self.ffn(src, routing)))
 
 
 class TransformerEncoder(nn.Module):
@@ -80,9 +83,15 @@ class TransformerEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(layers)
 
-    def forward(self, src: torch.Tensor, pos_embed: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def routing_patch_size(self) -> int:
+        """The side of patch-level routing's patches in this encoder's MoE layers (1: per token)."""
+        return max((layer.moe.patch_size for layer in self.layers if hasattr(layer, "moe")), default=1)
+
+    def forward(self, src: torch.Tensor, pos_embed: torch.Tensor | None = None,
+                routing: RoutingGroups | None = None) -> torch.Tensor:
         for layer in self.layers:
-            src = layer(src, pos_embed=pos_embed)
+            src = layer(src, pos_embed=pos_embed, routing=routing)
         return src
 
 
@@ -162,11 +171,15 @@ class HybridEncoder(nn.Module):
             pos = sincos_position_embedding_2d(w, h, self.hidden_dim, self.pe_temperature, device=tokens.device)
             pos = pos.to(tokens.dtype)
             pruner = getattr(self, "token_pruner", None)
+            patch = self.encoder[i].routing_patch_size
             if pruner is None:
-                memory = self.encoder[i](tokens, pos_embed=pos)
+                routing = patch_groups(h, w, patch, b, device=tokens.device) if patch > 1 else None
+                memory = self.encoder[i](tokens, pos_embed=pos, routing=routing)
             else:
                 kept, kept_pos, keep_index, scores = pruner.select(tokens, pos)
-                memory = pruner.merge(tokens, self.encoder[i](kept, pos_embed=kept_pos), keep_index)
+                # the kept tokens' patches: a patch's decision is taken on those of its tokens that were kept
+                routing = patch_groups(h, w, patch, b, index=keep_index) if patch > 1 else None
+                memory = pruner.merge(tokens, self.encoder[i](kept, pos_embed=kept_pos, routing=routing), keep_index)
                 self.last_pruning = {"scores": scores, "spatial_shape": (h, w), "keep_index": keep_index.detach(),
                                      **pruner.last_stats}
             proj_feats[level] = memory.permute(0, 2, 1).reshape(b, c, h, w).contiguous()

@@ -7,6 +7,10 @@ Routing
     ``logits = router(x)`` (``nn.Linear(d_model, num_experts)``); in training, optional Gaussian noise
     of std ``router_noise`` is added to the logits; ``probs = softmax(logits)``; each token picks its
     ``top_k`` experts and their probabilities are renormalised to sum to 1 over the chosen k.
+    Patch-level routing (``patch_size > 1``, the encoder's AIFI tokens; what the DSET design report calls
+    spatial consistency): the tokens of one ``k x k`` patch of the map share one decision, taken on the mean of
+    their logits (the router is linear: the logits of their mean token); the noise is drawn per patch.
+    :func:`patch_groups` says which patch each token is in (:class:`RoutingGroups`).
 
 Sparse dispatch (dropless)
     The ``T * top_k`` token-slots are sorted by expert (one stable ``sort``); every token-slot is
@@ -55,6 +59,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +69,8 @@ from ..analytic import moe_ffn_macs_per_token
 
 __all__ = [
     "MoEFFN",
+    "RoutingGroups",
+    "patch_groups",
     "dense_moe_forward",
     "grouped_mm_flop_jit",
     "baddbmm_flop_jit",
@@ -104,6 +111,38 @@ def _grouped_mm_supported(x: torch.Tensor) -> bool:
 # the expert tensors upcycle_from_dense fills from a dense FFN (linear1.weight/bias, linear2.weight/bias)
 UPCYCLED_EXPERT_PARAMS = ("w1", "b1", "w2", "b2")
 
+
+class RoutingGroups(NamedTuple):
+    """Tokens that share one routing decision: ``ids [T]`` (the group of each of the layer's ``T`` tokens, in
+    ``[0, count)``) and ``count``, the number of groups (a Python int, so that no size is read from a tensor)."""
+
+    ids: torch.Tensor
+    count: int
+
+
+def patch_groups(h: int, w: int, patch_size: int, batch: int, index: torch.Tensor | None = None,
+                 device=None) -> RoutingGroups:
+    """The ``patch_size x patch_size`` patch of each token of ``batch`` row-major ``h x w`` maps (or only of the
+    tokens at ``index [B, K]``, positions in the map, e.g. those token pruning kept), numbered apart per image.
+    Patches at the right and bottom edges may be smaller."""
+    position = torch.arange(h * w, device=device).expand(batch, -1) if index is None else index
+    per_row = -(-w // patch_size)
+    per_image = -(-h // patch_size) * per_row
+    patch = (position // w // patch_size) * per_row + position % w // patch_size
+    patch = patch + torch.arange(batch, device=position.device).unsqueeze(1) * per_image
+    return RoutingGroups(patch.reshape(-1), batch * per_image)
+
+
+def _group_mean(values: torch.Tensor, groups: RoutingGroups) -> torch.Tensor:
+    """``[T, E]`` -> ``[count, E]``: the mean over each group's tokens (0 for an empty group). Written with
+    ``scatter_add`` (ONNX ``ScatterElements``), not ``bincount``, so that an exported graph keeps it."""
+    ids = groups.ids
+    sums = values.new_zeros(groups.count, values.shape[1]).scatter_add(
+        0, ids.unsqueeze(1).expand(-1, values.shape[1]), values)
+    sizes = values.new_zeros(groups.count).scatter_add(0, ids, torch.ones_like(values[:, 0]))
+    return sums / sizes.clamp(min=1).unsqueeze(1)
+
+
 class MoEFFN(nn.Module):
     """Top-k mixture of two-layer FFN experts with sparse, dropless dispatch.
 
@@ -115,6 +154,8 @@ class MoEFFN(nn.Module):
         activation: ``"relu"`` (decoder FFN) or ``"gelu"`` (AIFI FFN, exact GELU).
         dropout: dropout on the hidden activation, as in the dense FFN.
         router_noise: std of Gaussian noise added to router logits in training (0 = none).
+        patch_size: patch-level routing's patch side (1 = per token); the caller passes the groups to
+            ``forward`` (:func:`patch_groups`), since only it knows where the tokens lie.
 
     Parameters: ``router`` (nn.Linear), ``w1`` [E, hidden, d], ``b1`` [E, hidden], ``w2`` [E, d, hidden],
     ``b2`` [E, d]; each expert slice is initialised like ``nn.Linear``.
@@ -139,6 +180,7 @@ class MoEFFN(nn.Module):
         activation: str = "relu",
         dropout: float = 0.0,
         router_noise: float = 0.0,
+        patch_size: int = 1,
     ) -> None:
         super().__init__()
         if int(num_experts) < 1:
@@ -159,6 +201,8 @@ class MoEFFN(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got dropout={dropout}")
         if float(router_noise) < 0.0:
             raise ValueError(f"router_noise must be >= 0, got router_noise={router_noise}")
+        if int(patch_size) < 1:
+            raise ValueError(f"patch_size must be >= 1, got patch_size={patch_size}")
 
         self.d_model = int(d_model)
         self.hidden_dim = int(hidden_dim)
@@ -166,6 +210,7 @@ class MoEFFN(nn.Module):
         self.top_k = int(top_k)
         self.activation = activation
         self.router_noise = float(router_noise)
+        self.patch_size = int(patch_size)  # the caller groups the tokens (patch_groups) and passes them to forward
 
         self.router = nn.Linear(self.d_model, self.num_experts)
         E, H, D = self.num_experts, self.hidden_dim, self.d_model
@@ -271,17 +316,26 @@ class MoEFFN(nn.Module):
         return (
             f"d_model={self.d_model}, hidden_dim={self.hidden_dim}, num_experts={self.num_experts}, "
             f"top_k={self.top_k}, activation={self.activation}, router_noise={self.router_noise}"
+            + (f", patch_size={self.patch_size}" if self.patch_size > 1 else "")
         )
 
     # ------------------------------------------------------------------ routing
-    def route(self, x2d: torch.Tensor):
+    def route(self, x2d: torch.Tensor, groups: RoutingGroups | None = None):
         """Router on ``[T, d]``. Returns ``(top_w [T,k] renormalised, top_i [T,k], probs [T,E],
         lse [T])`` where ``probs`` are the (noisy, in training) routing probabilities and ``lse`` the
-        logsumexp of the noise-free logits (for the z-loss)."""
+        logsumexp of the noise-free logits (for the z-loss). With ``groups`` every token takes its group's
+        decision: the group's mean logits, and noise drawn once per group."""
         logits = self.router(x2d).float()
         noisy = self.training and self.router_noise > 0
+        if groups is not None:
+            group_logits = _group_mean(logits, groups)
+            logits = group_logits.index_select(0, groups.ids)
+            if noisy:
+                noise = torch.randn_like(group_logits).index_select(0, groups.ids) * self.router_noise
+        elif noisy:
+            noise = torch.randn_like(logits) * self.router_noise
         if noisy:
-            log_probs = (logits + torch.randn_like(logits) * self.router_noise).log_softmax(dim=-1)
+            log_probs = (logits + noise).log_softmax(dim=-1)
         else:
             log_probs = logits.log_softmax(dim=-1)
         probs = log_probs.exp()
@@ -314,12 +368,14 @@ class MoEFFN(nn.Module):
         self.usage = f.detach()
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, groups: RoutingGroups | None = None) -> torch.Tensor:
+        """``x [..., d]``; ``groups``: tokens (of ``x`` flattened to ``[T, d]``) that share a routing decision
+        (patch-level routing), or None: each token routes alone."""
         shape = x.shape
         if shape[-1] != self.d_model:
             raise ValueError(f"expected last dim d_model={self.d_model}, got input shape {tuple(shape)}")
         if self.export_dispatch:
-            return self._forward_export(x)
+            return self._forward_export(x, groups)
         if torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
             raise RuntimeError(
                 "MoEFFN's sparse dispatch cannot be exported as it is: it reads each expert's group size to the "
@@ -331,7 +387,7 @@ class MoEFFN(nn.Module):
         x2d = x.reshape(-1, self.d_model)
         T, E, k = x2d.shape[0], self.num_experts, self.top_k
 
-        top_w, top_i, probs, lse = self.route(x2d)
+        top_w, top_i, probs, lse = self.route(x2d, groups)
         flat_e = top_i.reshape(-1)  # [T*k] expert of each token-slot (slot s = token s // k)
         counts = torch.bincount(flat_e, minlength=E)
         self._set_stats(probs, lse, counts)
@@ -370,7 +426,7 @@ class MoEFFN(nn.Module):
         out = torch.bmm(top_w.to(ys.dtype).unsqueeze(1), y_slots)  # [T, 1, d]
         return out.reshape(shape)
 
-    def _forward_export(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_export(self, x: torch.Tensor, groups: RoutingGroups | None = None) -> torch.Tensor:
         """Inference dispatch for graph export (``export_dispatch``): the same routing and the same routed
         work as :meth:`forward`, written without host reads so that a traced graph stays correct for every
         input: per expert, ``nonzero`` finds its token-slots (a size decided at run time, ONNX ``NonZero``),
@@ -379,7 +435,7 @@ class MoEFFN(nn.Module):
         if self.training:
             raise RuntimeError("MoEFFN.export_dispatch is for inference graphs: put the model in eval mode")
         x2d = x.reshape(-1, self.d_model)
-        top_w, top_i, _, _ = self.route(x2d)
+        top_w, top_i, _, _ = self.route(x2d, groups)
         flat_w = top_w.reshape(-1)
         out = torch.zeros_like(x2d)
         for e in range(self.num_experts):
