@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -88,14 +89,23 @@ def random_targets(batch: int, num_classes: int, counts: list[int], generator: t
 SMALL_HEADS = ["model.encoder.hidden_dim=128", "model.encoder.dim_feedforward=256", "model.decoder.dim_feedforward=256"]
 
 
+@contextlib.contextmanager
+def one_thread():
+    """One intra-op thread inside the block, the previous count after it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def one_thread_for_module():
     """One intra-op thread for a test module (use as ``pytest.fixture(autouse=True, scope="module")``): on a
     small shared machine, OpenMP threads that wait for a busy core make tiny training steps 10x slower; with
     one thread a module takes seconds whatever else runs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_thread():
+        yield
 
 
 # ------------------------------------------------------------------ real services (tests/services.py)

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-import torch
+from conftest import one_thread
 
 from dset import metric_names as M
 from dset.evaluate import evaluate_checkpoint
@@ -49,11 +49,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
     # the gathered evaluation equals a single-process evaluation of the same weights, run like each rank with
     # one thread: after 2 epochs many detections' scores tie to float rounding, and another thread count
     # rounds differently (it did on one CI machine: mAP 7.33e-5 against the ranks' 7.16e-5)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         ev = evaluate_checkpoint(out / "checkpoints" / "last.pt", overrides=["run.device=cpu"])
-    finally:
-        torch.set_num_threads(threads)
     for key in ("mAP", "mAP50", "AR100"):
         assert ev[key] == pytest.approx(lines[-1][M.val_metric(key)], abs=1e-9)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import one_thread_for_module
 
 from dset import metric_names as M
 from dset.config import flatten, load_config, read_budget
@@ -30,16 +31,9 @@ from studies.tracking import epoch_metrics, final_metrics
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread for the in-process runs: on a busy 2-core machine two OpenMP threads spend most
-    of their time waiting for each other (several times slower than one)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one intra-op thread for the in-process runs: on a busy 2-core machine two OpenMP threads spend most of their
+# time waiting for each other (several times slower than one)
+_one_torch_thread = pytest.fixture(scope="module", autouse=True)(one_thread_for_module)
 
 
 @pytest.fixture(scope="module")
