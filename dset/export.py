@@ -120,6 +120,15 @@ def onnxruntime_session(path: str | os.PathLike, threads: int | None = None, pro
     return ort.InferenceSession(str(path), sess_options=options, providers=providers or ["CPUExecutionProvider"])
 
 
+def comparison_images(size: int | tuple[int, int], batch_sizes: tuple[int, ...] = (1, 2),
+                      seed: int = 1) -> list[torch.Tensor]:
+    """The random inputs :func:`compare_with_eager` runs both runtimes on: one ``[B, 3, H, W]`` batch in [0, 1)
+    per batch size, drawn in order from one generator seeded with ``seed``."""
+    h, w = (size, size) if isinstance(size, int) else size
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.rand(batch, 3, h, w, generator=generator) for batch in batch_sizes]
+
+
 def compare_with_eager(model: nn.Module, session, size: int | tuple[int, int], batch_sizes: tuple[int, ...] = (1, 2),
                        seed: int = 1) -> dict:
     """ONNX Runtime ``session`` against eager ``model`` on random inputs of each batch size (seed ``seed``, not
@@ -131,19 +140,16 @@ def compare_with_eager(model: nn.Module, session, size: int | tuple[int, int], b
     import numpy as np
     from scipy.optimize import linear_sum_assignment
 
-    h, w = (size, size) if isinstance(size, int) else size
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(seed)
     worst = {"pred_logits": 0.0, "pred_boxes": 0.0, "reordered_queries": 0, "images": 0}
     try:
-        for batch in batch_sizes:
-            images = torch.rand(batch, 3, h, w, generator=generator)
+        for images in comparison_images(size, batch_sizes, seed):
             with torch.inference_mode():
                 ref = model(images.to(device))
             got = dict(zip(OUTPUT_NAMES, session.run(list(OUTPUT_NAMES), {INPUT_NAME: images.numpy()})))
-            for b in range(batch):
+            for b in range(images.shape[0]):
                 eager = {k: ref[k][b].float().cpu().numpy() for k in OUTPUT_NAMES}
                 onnx = {k: got[k][b] for k in OUTPUT_NAMES}
                 cost = np.maximum(*(np.abs(eager[k][:, None, :] - onnx[k][None, :, :]).max(-1) for k in OUTPUT_NAMES))

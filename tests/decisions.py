@@ -44,9 +44,10 @@ def make_decisions_decisive(model, size: int, seed: int = 0) -> None:
             last.weight.normal_(0.0, 1.0, generator=generator)
 
 
-def decision_margins(model, images: torch.Tensor) -> dict[str, float]:
-    """Per kind of decision, the smallest gap over ``images`` (square, eval mode) between the last score a top-k
-    keeps and the first one it drops: the margin float rounding would have to bridge to flip a decision."""
+def decision_margins(model, batches: list[torch.Tensor]) -> dict[str, float]:
+    """Per kind of decision, the smallest gap over the images of ``batches`` (square, eval mode) between the last
+    score a top-k keeps and the first one it drops: the margin float rounding would have to bridge to flip a
+    decision."""
     margins: dict[str, float] = {}
 
     def record(kind, levels, kept):
@@ -64,10 +65,11 @@ def decision_margins(model, images: torch.Tensor) -> dict[str, float]:
         return hook
 
     handles = [layer.register_forward_hook(record(kind, levels, kept))
-               for kind, layer, levels, kept in top_k_decisions(model, images.shape[-1])]
+               for kind, layer, levels, kept in top_k_decisions(model, batches[0].shape[-1])]
     try:
         with torch.inference_mode():
-            model(images)
+            for images in batches:
+                model(images)
     finally:
         for handle in handles:
             handle.remove()

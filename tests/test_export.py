@@ -11,7 +11,7 @@ import torch
 from decisions import decision_margins, make_decisions_decisive
 
 import dset
-from dset.export import ExportError, compare_with_eager, export_onnx, main, onnxruntime_session
+from dset.export import ExportError, compare_with_eager, comparison_images, export_onnx, main, onnxruntime_session
 from dset.models.moe import MoEFFN
 
 SIZE = 128  # a 4 x 4 stride-32 map: 16 AIFI tokens, 336 encoder tokens in all
@@ -53,10 +53,8 @@ def test_every_switch_combination_exports_and_matches_eager(switches, tmp_path):
     encoder_moe, token_pruning, decoder_moe = switches
     kinds = {"query_selection"} | ({"moe_routing"} if encoder_moe or decoder_moe else set())
     kinds |= {"token_pruning"} if token_pruning else set()
-    generator = torch.Generator().manual_seed(1)  # compare_with_eager's inputs
-    for batch in (1, 3):
-        margins = decision_margins(model, torch.rand(batch, 3, SIZE, SIZE, generator=generator))
-        assert set(margins) == kinds and min(margins.values()) > 1e-5, margins  # 10x the runtimes' 1e-6
+    margins = decision_margins(model, comparison_images(SIZE, (1, 3)))  # on compare_with_eager's inputs
+    assert set(margins) == kinds and min(margins.values()) > 1e-5, margins  # 10x the runtimes' 1e-6
     assert diff["images"] == 4
     assert diff["pred_logits"] <= 1e-4 and diff["pred_boxes"] <= 1e-4, diff
     # tied queries may swap places, a few of the 40 per image at most; anything more is not a tie
@@ -79,10 +77,8 @@ def test_patch_level_routing_exports_and_matches_eager(tmp_path):
     model.eval()
     path = export_onnx(model, tmp_path / "model.onnx", SIZE)
     diff = compare_with_eager(model, onnxruntime_session(path), SIZE, batch_sizes=(1, 3))
-    generator = torch.Generator().manual_seed(1)  # compare_with_eager's inputs
-    for batch in (1, 3):
-        margins = decision_margins(model, torch.rand(batch, 3, SIZE, SIZE, generator=generator))
-        assert min(margins.values()) > 1e-5, margins
+    margins = decision_margins(model, comparison_images(SIZE, (1, 3)))  # on compare_with_eager's inputs
+    assert min(margins.values()) > 1e-5, margins
     assert diff["images"] == 4 and diff["pred_logits"] <= 1e-4 and diff["pred_boxes"] <= 1e-4, diff
 
 

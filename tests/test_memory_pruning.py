@@ -278,17 +278,15 @@ def test_fast_presets_are_memory_pruning_at_the_chosen_ratio():
 def test_memory_pruning_exports_to_onnx_and_matches_eager(tmp_path):
     from decisions import decision_margins, make_decisions_decisive
 
-    from dset.export import compare_with_eager, export_onnx, onnxruntime_session
+    from dset.export import compare_with_eager, comparison_images, export_onnx, onnxruntime_session
 
     mp = _pruned(0.3).eval()
     mp.set_deployed_epoch()
     make_decisions_decisive(mp, SIZE, seed=2)  # no ties for float rounding to decide (tests/decisions.py)
     path = export_onnx(mp, tmp_path / "model.onnx", SIZE)
     diff = compare_with_eager(mp, onnxruntime_session(path), SIZE, batch_sizes=(1, 2))
-    generator = torch.Generator().manual_seed(1)  # compare_with_eager's inputs
-    for batch in (1, 2):
-        margins = decision_margins(mp, torch.rand(batch, 3, SIZE, SIZE, generator=generator))
-        assert set(margins) == {"query_selection", "memory_pruning"} and min(margins.values()) > 1e-5, margins
+    margins = decision_margins(mp, comparison_images(SIZE, (1, 2)))  # on compare_with_eager's inputs
+    assert set(margins) == {"query_selection", "memory_pruning"} and min(margins.values()) > 1e-5, margins
     assert diff["pred_logits"] <= 1e-4 and diff["pred_boxes"] <= 1e-4, diff
 
 
