@@ -105,8 +105,7 @@ class Detector(nn.Module):
         for name, layers in (("enc", self.encoder_moe_layers()), ("dec", self.decoder_moe_layers())):
             if layers:
                 balance = torch.stack([m.balance_loss for m in layers]).mean()
-                factor = self.balance_warmup_factor(name)
-                losses[f"loss_{name}_moe_balance"] = balance if factor == 1.0 else balance * factor
+                losses[f"loss_{name}_moe_balance"] = balance * self.balance_warmup_factor(name)  # x 1.0 is exact
                 losses[f"loss_{name}_moe_z"] = torch.stack([m.z_loss for m in layers]).mean()
         pruning = self.encoder.last_pruning
         if pruning is not None and targets is not None:

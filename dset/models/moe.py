@@ -330,12 +330,10 @@ class MoEFFN(nn.Module):
         if groups is not None:
             group_logits = _group_mean(logits, groups)
             logits = group_logits.index_select(0, groups.ids)
-            if noisy:
-                noise = torch.randn_like(group_logits).index_select(0, groups.ids) * self.router_noise
-        elif noisy:
-            noise = torch.randn_like(logits) * self.router_noise
         if noisy:
-            log_probs = (logits + noise).log_softmax(dim=-1)
+            noise = (torch.randn_like(logits) if groups is None
+                     else torch.randn_like(group_logits).index_select(0, groups.ids))
+            log_probs = (logits + noise * self.router_noise).log_softmax(dim=-1)
         else:
             log_probs = logits.log_softmax(dim=-1)
         probs = log_probs.exp()
