@@ -39,12 +39,16 @@ FRAMES = {
 }
 
 
-def make_dair(root: Path, frames=FRAMES) -> Path:
+def make_dair(root: Path, frames=FRAMES, data_info: bool = True) -> Path:
+    """The DAIR-V2X layout; ``data_info.json`` puts frames 2k and 2k+1 in one recording (batch_id k)."""
     (root / "image").mkdir(parents=True)
     (root / "label" / "camera").mkdir(parents=True)
     for frame, objs in frames.items():
         Image.new("RGB", (W, H), (100, 120, 140)).save(root / "image" / f"{frame}.jpg", quality=80)
         (root / "label" / "camera" / f"{frame}.json").write_text(json.dumps(objs))
+    if data_info:
+        (root / "data_info.json").write_text(json.dumps(
+            [{"image_path": f"image/{f}.jpg", "batch_id": f"{int(f) // 2:03d}"} for f in frames]))
     return root
 
 
@@ -105,18 +109,37 @@ def test_conversion_classes_crowd_clipping(tmp_path):
         assert len({a["id"] for a in coco["annotations"]}) == len(coco["annotations"])
 
 
-def test_random_split_is_deterministic_and_seeded(tmp_path):
+def _split_frames(s, split):
+    return sorted(im["frame_id"] for im in json.loads(Path(s[f"{split}_annotations"]).read_text())["images"])
+
+
+def test_default_split_keeps_each_recording_whole_deterministic_and_seeded(tmp_path):
     src = make_dair(tmp_path / "src")
     a = convert(src, tmp_path / "a", seed=0)
     b = convert(src, tmp_path / "b", seed=0)
-    c = convert(src, tmp_path / "c", seed=1)
+    c = convert(src, tmp_path / "c", seed=3)
+    assert _split_frames(a, "val") == _split_frames(b, "val")
+    assert _split_frames(a, "val") != _split_frames(c, "val")       # seeds 0 and 3 choose other recordings
+    assert "batch_id" in a["split_source"]
+    for s, fraction in ((a, 0.2), (c, 0.2), (convert(src, tmp_path / "d", val_fraction=0.5), 0.5)):
+        batches = {split: {int(f) // 2 for f in _split_frames(s, split)} for split in ("train", "val")}
+        assert not batches["train"] & batches["val"]          # no recording in both
+        assert len(_split_frames(s, "val")) == pytest.approx(fraction * 10, abs=1)
 
-    def val_frames(s):
-        return sorted(im["frame_id"] for im in json.loads(Path(s["val_annotations"]).read_text())["images"])
 
-    assert val_frames(a) == val_frames(b)
-    assert val_frames(a) != val_frames(c)
-    assert len(val_frames(convert(src, tmp_path / "d", val_fraction=0.5))) == 5
+def test_split_without_data_info_follows_gaps_in_frame_ids(tmp_path):
+    frames = {f: [_obj("Car", 2, 2, 12, 12)] for f in ("000010", "000011", "000012", "000050", "000051", "000090")}
+    s = convert(make_dair(tmp_path / "src", frames, data_info=False), tmp_path / "out", val_fraction=0.3)
+    assert "consecutive" in s["split_source"]
+    runs = [{"000010", "000011", "000012"}, {"000050", "000051"}, {"000090"}]
+    val = set(_split_frames(s, "val"))
+    assert val and all(run <= val or not run & val for run in runs)
+
+
+def test_one_recording_cannot_be_split(tmp_path):
+    frames = {f"{i:06d}": [_obj("Car", 2, 2, 12, 12)] for i in range(4)}
+    with pytest.raises(DatasetError, match="one sequence"):
+        convert(make_dair(tmp_path / "src", frames, data_info=False), tmp_path / "out")
 
 
 def test_txt_split(tmp_path):

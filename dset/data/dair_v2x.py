@@ -15,8 +15,12 @@ Split, first match wins:
    train.txt/val.txt instead);
 2. ``SRC/train.txt`` and ``SRC/val.txt``: one frame per line;
 3. ``SRC/split.json``: as in 1;
-4. otherwise a deterministic split: frames sorted by id, shuffled with ``random.Random(seed)``, the first
-   ``round(val_fraction * n)`` (at least 1 when n >= 2) go to val.
+4. otherwise a deterministic split by sequence, so that adjacent frames of one recording never land in both
+   train and val: the sequences are ``SRC/data_info.json``'s ``batch_id`` groups where that file lists the
+   frames (DAIR-V2X's own index), else runs of consecutive frame ids (a gap in the numbering starts a new
+   sequence). The sequences, sorted, are shuffled with ``random.Random(seed)`` and go to val whole until it holds
+   ``round(val_fraction * n)`` frames (at least one sequence, never all of them); one sequence alone cannot be
+   split, which is an error asking for a split file.
 Split entries may be frame ids ("000123") or paths ("image/000123.jpg"): the file stem is the frame id.
 Listed frames must exist; frames that a split file does not list are left out (and counted).
 
@@ -144,18 +148,69 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _sequences(src: Path, labelled: list[str]) -> tuple[list[list[str]], str]:
+    """The labelled frames grouped by the recording they come from, and how they were grouped."""
+    info_path = src / "data_info.json"
+    if info_path.is_file():
+        try:
+            info = json.loads(info_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DatasetError(f"{info_path}: cannot read ({e})") from e
+        if not isinstance(info, list):
+            raise DatasetError(f"{info_path}: expected a JSON list of frame entries")
+        batch_of = {}
+        for k, entry in enumerate(info):
+            if not isinstance(entry, dict) or "image_path" not in entry or "batch_id" not in entry:
+                raise DatasetError(f"{info_path}: entry {k} lacks 'image_path' or 'batch_id'")
+            batch_of[_frame_of(entry["image_path"])] = str(entry["batch_id"])
+        unlisted = [f for f in labelled if f not in batch_of]
+        if unlisted:
+            raise DatasetError(f"{info_path}: {len(unlisted)} labelled frame(s) are not listed, e.g. {unlisted[0]!r}")
+        groups: dict[str, list[str]] = {}
+        for f in labelled:
+            groups.setdefault(batch_of[f], []).append(f)
+        return [groups[b] for b in sorted(groups)], f"{info_path.name} batch_id"
+    runs: list[list[str]] = []
+    previous = None
+    for f in labelled:  # sorted
+        number = int(f) if f.isdigit() else None
+        if runs and number is not None and previous is not None and number == previous + 1:
+            runs[-1].append(f)
+        else:
+            runs.append([f])
+        previous = number
+    return runs, "runs of consecutive frame ids"
+
+
+def _split_by_sequence(src: Path, labelled: list[str], val_fraction: float,
+                       seed: int) -> tuple[list[str], list[str], str]:
+    """``(train frames, val frames, where the split came from)``: whole sequences to val (see the module doc)."""
+    sequences, grouping = _sequences(src, labelled)
+    split_source = (f"split by sequence ({grouping}: {len(sequences)} sequences), {1 - val_fraction:.0%}/"
+                    f"{val_fraction:.0%} of frames, seed {seed}")
+    if val_fraction == 0:
+        return list(labelled), [], split_source
+    if len(sequences) < 2:
+        raise DatasetError(f"{src}: all {len(labelled)} frames form one sequence ({grouping}), which cannot be split "
+                           f"into train and val without putting adjacent frames in both; give a split file")
+    order = list(sequences)
+    random.Random(seed).shuffle(order)
+    target = round(val_fraction * len(labelled))
+    val: list[str] = []
+    taken = 0
+    while taken < len(order) - 1 and (taken == 0 or len(val) < target):
+        val += order[taken]
+        taken += 1
+    train = [f for seq in order[taken:] for f in seq]
+    return sorted(train), sorted(val), split_source
+
+
 def _choose_frames(src: Path, label_dir: Path, labelled: list[str], split_file: str | os.PathLike | None,
                    val_fraction: float, seed: int) -> tuple[list[str], list[str], str, int]:
     """``(train frames, val frames, where the split came from, labelled frames the split leaves out)``."""
     split = _read_split(src, Path(split_file) if split_file is not None else None)
     if split is None:
-        order = list(labelled)
-        random.Random(seed).shuffle(order)
-        n_val = round(val_fraction * len(order))
-        if val_fraction > 0 and len(order) >= 2:
-            n_val = min(max(n_val, 1), len(order) - 1)
-        split_source = f"random {1 - val_fraction:.0%}/{val_fraction:.0%} split of sorted frame ids, seed {seed}"
-        return sorted(order[n_val:]), sorted(order[:n_val]), split_source, 0
+        return (*_split_by_sequence(src, labelled, val_fraction, seed), 0)
     train_frames, val_frames, split_source = split
     labelled_set = set(labelled)
     for name, frames in (("train", train_frames), ("val", val_frames)):
