@@ -1,4 +1,4 @@
-"""What made a result: the version of this package's code and a digest of the data a run reads.
+"""What made a result: the version of the project's code and a digest of the data a run reads.
 
 Both are hashes, cheap to compute and independent of git (a run from an unpacked archive or a working tree
 with uncommitted changes gets an exact version too). A study counts a finished run as done only when the same
@@ -10,23 +10,39 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
 import json
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+PROJECT_DIR = PACKAGE_DIR.parent
+# the packages whose sources make the code version (pyproject.toml installs these three)
+PROJECT_PACKAGES = ("dset", "studies", "analysis")
 
 
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
-    """Hash of every Python source file of the ``dset`` package (relative path and content): any change to
-    the library that trains, evaluates or measures gives another version. 16 hex digits."""
+    """Hash of every Python source file of the project's packages (``dset``, ``studies``, ``analysis``: relative
+    path and content) and of the torch and torchvision versions: any change to the code that trains, evaluates,
+    measures, schedules or reports, or to the library underneath, gives another version. 16 hex digits."""
     h = hashlib.sha256()
-    for path in sorted(PACKAGE_DIR.rglob("*.py")):
-        if "__pycache__" in path.parts:
-            continue
-        h.update(path.relative_to(PACKAGE_DIR).as_posix().encode() + b"\0")
-        h.update(path.read_bytes() + b"\0")
+    for package in PROJECT_PACKAGES:
+        root = PROJECT_DIR / package
+        for path in sorted(root.rglob("*.py")):
+            if "__pycache__" in path.parts:
+                continue
+            h.update(path.relative_to(PROJECT_DIR).as_posix().encode() + b"\0")
+            h.update(path.read_bytes() + b"\0")
+    for dist in ("torch", "torchvision"):
+        h.update(f"{dist}=={_installed_version(dist)}".encode() + b"\0")
     return h.hexdigest()[:16]
+
+
+def _installed_version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 @functools.lru_cache(maxsize=64)
@@ -63,3 +79,17 @@ def data_digest(cfg) -> str:
     else:
         parts = {split: file_digest(getattr(d, split).annotations) for split in ("train", "val")}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# configuration keys naming weight files a run starts from: their bytes are part of what made its result
+WEIGHT_FILE_KEYS = ("model.checkpoint", "model.backbone.pretrained")
+
+
+def weights_digest(cfg) -> str | None:
+    """Digest of the weight files a configuration loads (``WEIGHT_FILE_KEYS``), 16 hex digits; None when it
+    loads none. By content, not by path: a file replaced in place gives another digest."""
+    values = cfg.flat()
+    files = {key: file_digest(values[key]) for key in WEIGHT_FILE_KEYS if values.get(key)}
+    if not files:
+        return None
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from dset.config import RESULT_NEUTRAL_KEYS, Config, ConfigError, _merge, budget_path, read_budget, resolve_config
-from dset.provenance import code_version, data_digest
+from dset.provenance import code_version, data_digest, file_digest
 
 # stage-1 runs keep no resume state once finished and need no profile or pictures (cells are profiled and drawn)
 STAGE1_SETTINGS = {"train.keep_last_checkpoint": False, "train.profile": False, "train.pictures": 0}
@@ -57,7 +57,8 @@ class Stage1:
     depth: int
     kind: str                          # "train" (here, cached), "file" (published) or "none"
     checkpoint: Path | None = None     # what the cells load
-    key: str | None = None             # train: the cache key (configuration, data, code)
+    key: str | None = None             # train: the cache key (configuration, data, code); file: the file's
+                                       # SHA-256 (16 hex digits)
     config: Config | None = None       # train: the stage-1 run's configuration
     folder: Path | None = None         # train: the cache folder (the stage-1 run's output folder)
     budget: str | None = None          # train: the stage-1 budget
@@ -96,7 +97,7 @@ class Stage1:
             return (f"R{self.depth}: RT-DETR trained here with budget {self.budget}, {state}: "
                     f"{self.folder} (key {self.key})")
         if self.kind == "file":
-            return f"R{self.depth}: published checkpoint {self.checkpoint}"
+            return f"R{self.depth}: published checkpoint {self.checkpoint} (sha256 {self.key})"
         return f"R{self.depth}: none (every cell from its own initial weights)"
 
     def init_source(self) -> str:
@@ -104,7 +105,7 @@ class Stage1:
         if self.kind == "train":
             return f"stage 1: RT-DETR R{self.depth} trained here (budget {self.budget}, cache key {self.key})"
         if self.kind == "file":
-            return f"stage 1: published checkpoint {self.checkpoint.name}"
+            return f"stage 1: published checkpoint {self.checkpoint.name} (sha256 {self.key})"
         return "none: from the configuration's initial weights"
 
 
@@ -159,7 +160,8 @@ def plan_stage1(spec: Any, depth: int, run_overrides: list[str] = ()) -> Stage1:
                 f"pretrain.checkpoints.{depth}: the RT-DETR R{depth} checkpoint that stage 1 starts from is not at "
                 f"{path} (resolved: {path.resolve()}). Downloads are not possible here: get {path.name} from "
                 f"{where}, place it there, or point pretrain.checkpoints.{depth}=PATH at your copy")
-        return Stage1(depth, "file", checkpoint=path, source=spec.get("source"))
+        # keyed by content: a file replaced in place under the same name is another start for the cells
+        return Stage1(depth, "file", checkpoint=path, key=file_digest(path)[:16], source=spec.get("source"))
     budget = _normalised(spec).get("budget")
     if isinstance(budget, dict):  # one budget per backbone (R34 converges more slowly from scratch)
         if depth not in budget:
