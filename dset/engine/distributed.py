@@ -19,7 +19,7 @@ from torch import nn
 from ..config import Config, ConfigError
 
 __all__ = ["DistInfo", "setup_distributed", "teardown_distributed", "resolve_device", "wrap_for_ddp",
-           "all_gather_object", "broadcast_object", "any_rank", "params_in_sync"]
+           "all_gather_object", "broadcast_object", "broadcast_state", "any_rank", "params_in_sync"]
 
 
 @dataclasses.dataclass
@@ -105,6 +105,18 @@ def broadcast_object(obj: Any, dinfo: DistInfo) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def broadcast_state(module: nn.Module, dinfo: DistInfo) -> None:
+    """Give every rank rank 0's parameters and buffers of ``module`` (in place). The EMA model needs it before a
+    distributed evaluation: each rank's EMA averages its own BatchNorm running statistics (plain BatchNorm on CPU
+    updates them from the rank's own batches), so without it the ranks would evaluate different models, and not
+    the one the checkpoints keep (rank 0's)."""
+    if dinfo.world_size == 1:
+        return
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, src=0)
 
 
 def any_rank(flag: bool, device: torch.device, dinfo: DistInfo) -> bool:

@@ -91,6 +91,7 @@ from .distributed import (
     all_gather_object,
     any_rank,
     broadcast_object,
+    broadcast_state,
     params_in_sync,
     resolve_device,
     setup_distributed,
@@ -336,6 +337,7 @@ class _Run:
     def _evaluate(self, epoch: int, metrics: dict, at_target: bool, detections: list) -> bool:
         """COCO metrics of the EMA model added to ``metrics`` (its detections to ``detections`` on rank 0);
         True when the epoch is the new best."""
+        broadcast_state(self.ema.module, self.dinfo)   # every rank evaluates the EMA model the checkpoints keep
         with self.throughput.timing_evaluation():
             ev = evaluate_detections(self.ema.module, self.val_loader, self.data, self.device, self.dinfo,
                                      detections_out=detections)
