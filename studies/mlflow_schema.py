@@ -85,3 +85,30 @@ ARTIFACT_PICTURES_INDEX = "pictures/pictures.json"
 ARTIFACT_IMAGES = "images"   # where MlflowClient.log_image puts the same pictures for the run page
 ARTIFACTS = ("config.yaml", "metrics.jsonl", "summary.json", "per_class_ap.csv", "expert_usage.png",
              ARTIFACT_DETECTIONS, ARTIFACT_GROUND_TRUTH, ARTIFACT_PICTURES)
+
+# ---------------------------------------------------------------------------------- latency benchmark runs
+# One run per backbone of a grid study, nested under the parent run of the invocation that measured it: the
+# backbone's variants and its RT-DETR baseline timed side by side by dset.latency_benchmark (interleaved in one
+# process, repeated in several processes) from the cells' reported checkpoints (studies/latency_step.py). It is the
+# latency the report compares; each cell's own latency metric stays as that run's metadata.
+ROLE_BENCHMARK = "benchmark"                        # its TAG_ROLE; TAG_STUDY and TAG_BACKBONE as on the cells
+TAG_BENCHMARK_KEY = "dset.benchmark_key"            # hash of the timed cells' fingerprints and the settings below:
+                                                    # a finished benchmark run with it is not measured again
+TAG_BENCHMARK_CELLS = "dset.benchmark_cells"        # JSON {variant label: cell id} of the cells timed
+TAG_BENCHMARK_BASELINE = "dset.benchmark_baseline"  # the baseline's variant label, e.g. "RT-DETR R18"
+TAG_BENCHMARK_VARIANTS = "dset.benchmark_variants"  # JSON {metric name part: variant label}, see BENCHMARK_METRIC
+TAG_BENCHMARK_DEVICE = "dset.benchmark_device"      # e.g. "cpu (x86_64, 2 threads)"
+TAG_BENCHMARK_THREADS = "dset.benchmark_threads"    # torch intra-op threads of each process
+TAG_BENCHMARK_PRECISION = "dset.benchmark_precision"  # "fp32"
+TAG_BENCHMARK_IMAGE_SIZE = "dset.benchmark_image_size"  # square input size in pixels (the cells' data.image_size)
+TAG_BENCHMARK_BATCH = "dset.benchmark_batch"        # batch size
+TAG_BENCHMARK_PROCESSES = "dset.benchmark_processes"  # separate processes, one after the other
+TAG_BENCHMARK_ROUNDS = "dset.benchmark_rounds"      # timed rounds per process, each model once per round
+TAG_BENCHMARK_WARMUP = "dset.benchmark_warmup"      # untimed rounds per process before them
+TAG_BENCHMARK_INTERVAL = "dset.benchmark_interval"  # how the 95% interval was made (dset.latency_benchmark)
+# per variant: BENCHMARK_METRIC.format(variant=<its part of TAG_BENCHMARK_VARIANTS>, quantity=<one of
+# BENCHMARK_QUANTITIES>): median latency of all timed calls; change against the baseline in %, 95% interval
+BENCHMARK_METRIC = "benchmark/{variant}/{quantity}"
+BENCHMARK_QUANTITIES = ("latency_ms", "change_percent", "change_low_percent", "change_high_percent")
+BENCHMARK_SECONDS = "benchmark/seconds"             # wall time of the benchmark, every process included
+ARTIFACT_BENCHMARK = "latency_benchmark.json"       # dset.latency_benchmark.run_benchmark's result, every round
