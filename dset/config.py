@@ -96,12 +96,13 @@ class MemoryPruningConfig:
     warmup_epochs: int = 1                    # epochs keeping every token (the predictor learns), then the ramp
     ramp_epochs: int = 0                      # epochs of the linear ramp from 1.0 to keep_ratio (0: at once)
     fill: str = "zero"                        # what pruned positions give deformable attention: "zero", or
-                                              # "identity" (their encoder features, not projected)
+                                              # "encoder_features" (their encoder features, not value-projected)
     predictor_hidden_dim: int = 0             # hidden width of the importance predictor; 0: one linear layer
                                               # (an MLP of width h costs 2*256*h FLOPs for each of the 8,400 tokens)
-    supervision: str = "bce"                  # "bce": tokens inside a box = 1; "gaussian": the original DSET's
-                                              # box-plus-context soft target with a CenterNet focal loss
-    context_ratio: float = 0.5                # gaussian: the context band reaches this share of the box's
+    supervision: str = "bce"                  # "bce": tokens inside a box = 1; "gaussian_focal": a Gaussian
+                                              # box-plus-context soft target with CenterNet's focal loss (not the
+                                              # original DSET's varifocal loss)
+    context_ratio: float = 0.5                # gaussian_focal: the context band reaches this share of the box's
                                               # half-size beyond its border
     loss_weight: float = 0.05                 # of the memory-pruning loss
     predictor_lr: float | None = None         # the predictor's own learning rate (None: train.lr, as every new part)
@@ -477,10 +478,14 @@ def _validate_memory_pruning(p: MemoryPruningConfig, epochs: int) -> None:
     _need(p.min_tokens >= 0, f"{key}.min_tokens", f"must be >= 0, got {p.min_tokens}")
     _need(p.warmup_epochs >= 0, f"{key}.warmup_epochs", f"must be >= 0, got {p.warmup_epochs}")
     _need(p.ramp_epochs >= 0, f"{key}.ramp_epochs", f"must be >= 0, got {p.ramp_epochs}")
-    _need(p.fill in ("identity", "zero"), f"{key}.fill", f"must be 'identity' or 'zero', got {p.fill!r}")
+    # the old names claimed a source they do not follow: say what they are called now
+    renamed = {"identity": " (now 'encoder_features': it is not Sparse DETR's fill)",
+               "gaussian": " (now 'gaussian_focal': it is not the original DSET's loss)"}
+    _need(p.fill in ("zero", "encoder_features"), f"{key}.fill",
+          f"must be 'zero' or 'encoder_features', got {p.fill!r}{renamed.get(p.fill, '')}")
     _need(p.predictor_hidden_dim >= 0, f"{key}.predictor_hidden_dim", f"must be >= 0, got {p.predictor_hidden_dim}")
-    _need(p.supervision in ("bce", "gaussian"), f"{key}.supervision",
-          f"must be 'bce' or 'gaussian', got {p.supervision!r}")
+    _need(p.supervision in ("bce", "gaussian_focal"), f"{key}.supervision",
+          f"must be 'bce' or 'gaussian_focal', got {p.supervision!r}{renamed.get(p.supervision, '')}")
     _need(p.context_ratio >= 0, f"{key}.context_ratio", f"must be >= 0, got {p.context_ratio}")
     _need(p.loss_weight >= 0, f"{key}.loss_weight", "must be >= 0")
     _need(p.predictor_lr is None or p.predictor_lr > 0, f"{key}.predictor_lr", f"must be > 0, got {p.predictor_lr}")

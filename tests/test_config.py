@@ -94,3 +94,16 @@ def test_partly_given_groups_keep_their_parent_defaults():
     cfg = load_config("rtdetr_r18", ["model.decoder_moe.enabled=true"])
     assert cfg.model.decoder_moe.balance_loss_weight == 0.05
     assert cfg.model.encoder_moe.balance_loss_weight == 0.03
+
+
+@pytest.mark.parametrize("override, old, new", [
+    ("model.memory_pruning.fill=identity", "identity", "encoder_features"),
+    ("model.memory_pruning.supervision=gaussian", "gaussian", "gaussian_focal"),
+])
+def test_option_names_that_claimed_a_source_are_renamed(override, old, new):
+    """Memory pruning's fill is not Sparse DETR's and its Gaussian supervision is not the original DSET's loss:
+    the old names are errors that give the new one, which is accepted."""
+    with pytest.raises(ConfigError, match=f"{old!r}.*now {new!r}"):
+        load_config("dset_fast_r18", [override])
+    key = override.split("=")[0]
+    assert load_config("dset_fast_r18", [f"{key}={new}"]).flat()[key] == new

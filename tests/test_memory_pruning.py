@@ -117,7 +117,7 @@ def test_evaluation_projects_only_the_kept_tokens_with_the_same_values():
         assert torch.allclose(_project_tokens(proj, tokens), _gather_tokens(dense, index), atol=1e-5)
 
 
-@pytest.mark.parametrize("fill", ["zero", "identity"])
+@pytest.mark.parametrize("fill", ["zero", "encoder_features"])
 def test_pruned_positions_give_deformable_attention_zero_or_their_features(fill):
     torch.manual_seed(0)
     attn = MSDeformableAttention(16, num_heads=2, num_levels=2, num_points=2).eval()
@@ -202,7 +202,7 @@ def test_context_focal_loss_by_hand():
 
 
 def test_gaussian_supervision_in_the_model():
-    mp = _pruned(0.3, "model.memory_pruning.supervision=gaussian")
+    mp = _pruned(0.3, "model.memory_pruning.supervision=gaussian_focal")
     mp.set_deployed_epoch()
     mp.train()
     out = mp(torch.rand(2, 3, SIZE, SIZE), _targets())

@@ -19,9 +19,9 @@ What it does (``RTDETRDecoder`` with a ``MemoryPruner``):
      per token: the same boxes as running it on all, as the reference does, then gathering).
   4. Every decoder layer's ``value_proj`` runs on the kept tokens only (:class:`SparseValue`); deformable
      attention samples dense per-level maps, in which pruned positions hold zero (``fill="zero"``, the default)
-     or their encoder features, projected by nothing (``fill="identity"``, as Sparse DETR leaves unselected
-     tokens with their backbone features). Both cost no multiply-adds; see the closing note of issue 13 for the
-     measured difference.
+     or their encoder output features without the value projection (``fill="encoder_features"``). Both cost no
+     multiply-adds. Neither is Sparse DETR's: there, unselected tokens keep their backbone features and every
+     token, selected or not, goes through the value projection; here the projection is what pruning saves.
 
 Schedule, epoch and straight-through gradient: as the encoder's token pruner (:mod:`dset.models.pruning`): keep
 ratio 1.0 for ``warmup_epochs`` then a linear ramp over ``ramp_epochs``; eval prunes at the ratio of the stored
@@ -31,9 +31,10 @@ the selected tokens.
 Supervision (the caller weights it, ``model.memory_pruning.loss_weight``):
   - ``"bce"``: BCE-with-logits, mean over all tokens of all levels, against the map of tokens whose cell centre
     lies in a ground-truth box (plus each box centre's cell): :func:`dset.models.pruning.importance_target_map`;
-  - ``"gaussian"``: the original DSET's context-aware soft supervision: :func:`context_target_map` (1 inside a
-    box, a Gaussian decay over a context band around it) with CenterNet's focal loss
-    (:func:`context_focal_loss`).
+  - ``"gaussian_focal"``: a context-aware soft target, :func:`context_target_map` (1 inside a box, a Gaussian
+    decay over a context band around it), with CenterNet's penalty-reduced focal loss (:func:`context_focal_loss`).
+    Inspired by the original DSET's context supervision but not the same: that code uses a varifocal / focal-BCE
+    loss (alpha 0.75, gamma 2) with a context band by Euclidean distance.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ from .pruning import ScheduledPruner, importance_target_map, padded_boxes
 
 __all__ = ["MemoryPruner", "MemorySelection", "SparseValue", "context_target_map", "context_focal_loss"]
 
-_FILLS = ("zero", "identity")
-_SUPERVISIONS = ("bce", "gaussian")
+_FILLS = ("zero", "encoder_features")
+_SUPERVISIONS = ("bce", "gaussian_focal")
 # the context band's Gaussian: exp(-u^2 / (2 sigma^2)) with u = 0 at the box border and 1 at the band's outer
 # edge, so the target falls from 1 to exp(-2) = 0.14 across the band, then to 0
 _CONTEXT_SIGMA = 0.5
@@ -138,9 +139,9 @@ class MemoryPruner(ScheduledPruner):
         keep_ratio: final share of each level's tokens kept, in (0, 1].
         min_tokens: never keep fewer tokens in all (the decoder also never keeps fewer than its queries).
         warmup_epochs, ramp_epochs: the schedule of :mod:`dset.models.pruning`.
-        fill: what pruned positions give deformable attention: ``"zero"`` or ``"identity"``.
+        fill: what pruned positions give deformable attention: ``"zero"`` or ``"encoder_features"``.
         hidden_dim: the predictor's hidden width; 0: a single linear layer.
-        supervision: ``"bce"`` or ``"gaussian"`` (module docstring).
+        supervision: ``"bce"`` or ``"gaussian_focal"`` (module docstring).
         context_ratio: the Gaussian target's context band, as a share of the box's half-size.
     """
 
@@ -203,7 +204,7 @@ class MemoryPruner(ScheduledPruner):
     def importance_loss(self, scores: torch.Tensor, spatial_shapes: Sequence[tuple[int, int]],
                         targets: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
         """The unweighted supervision loss of ``scores [B, N]`` over the levels ``spatial_shapes``."""
-        if self.supervision == "gaussian":
+        if self.supervision == "gaussian_focal":
             target = torch.cat([context_target_map(s, targets, self.context_ratio, scores.device)
                                 for s in spatial_shapes], dim=1)
         else:
@@ -211,6 +212,6 @@ class MemoryPruner(ScheduledPruner):
         if target.shape != scores.shape:
             raise ValueError(f"scores shape {tuple(scores.shape)} does not match the levels {list(spatial_shapes)} "
                              f"for {len(targets)} targets")
-        if self.supervision == "gaussian":
+        if self.supervision == "gaussian_focal":
             return context_focal_loss(scores, target)
         return F.binary_cross_entropy_with_logits(scores.float(), target)
