@@ -60,7 +60,7 @@ from dset.config import (
     read_yaml_mapping,
     resolve_config,
 )
-from dset.provenance import code_version, data_digest
+from dset.provenance import code_version, data_digest, weights_digest
 
 from .pretrain import Stage1, plan_stage1, pretrain_spec
 
@@ -498,7 +498,8 @@ def make_cell(study: Study, cell_id: str, overrides: dict[str, Any], seed: int, 
     identity = {**(extra or {}), "stage1": cell.stage1.identity}
     cell.provenance = {"code": code_version(), "data": data_digest(cfg)}
     cell.cell_key = fingerprint(cfg, identity)
-    cell.fingerprint = fingerprint(cfg, {**identity, "stage1_key": cell.stage1.key, **cell.provenance})
+    cell.fingerprint = fingerprint(cfg, {**identity, "stage1_key": cell.stage1.key, **cell.provenance,
+                                         "weights": weights_digest(cfg)})
     cell.out_dir = study.study_dir / f"{cell_id}-{cell.fingerprint[:8]}"
     return cell
 
