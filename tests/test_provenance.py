@@ -61,3 +61,15 @@ def test_code_version_covers_every_project_package_and_torch(tmp_path, monkeypat
     assert version() != base
     monkeypatch.undo()
     provenance.code_version.cache_clear()
+
+
+def test_a_cell_whose_weight_file_was_replaced_is_another_cell(tmp_path):
+    from studies import spec
+
+    ckpt = _weights_file(tmp_path / "start.pth", 1.0)
+    first = spec.grid_cells(spec.load_study("smoke", [f"model.backbone.pretrained={ckpt}"]))[0]
+    assert spec.grid_cells(spec.load_study("smoke", [f"model.backbone.pretrained={ckpt}"]))[0].fingerprint == \
+        first.fingerprint
+    _weights_file(ckpt, 5.0)                                          # the same path, other weights
+    again = spec.grid_cells(spec.load_study("smoke", [f"model.backbone.pretrained={ckpt}"]))[0]
+    assert again.cell_key == first.cell_key and again.fingerprint != first.fingerprint
