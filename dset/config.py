@@ -60,6 +60,10 @@ class DecoderConfig:
     eval_idx: int = -1                        # the decoder layer whose output is the prediction in eval
 
 
+# model.*_moe.expert_init's choices (dset.models.moe.ExpertInit)
+EXPERT_INITS = ("upcycle", "drop_upcycle", "random")
+
+
 @dataclass
 class MoEConfig:
     enabled: bool = False
@@ -70,7 +74,12 @@ class MoEConfig:
     patch_size: int = 1                       # encoder only: tokens of one k x k patch share one routing decision
     balance_loss_weight: float = 0.03         # of the load-balancing loss (decoder default: 0.05)
     z_loss_weight: float = 0.0                # of the ST-MoE router z-loss
-    upcycle_noise: float = 0.0                # relative noise when experts are copied from a dense FFN
+    # how the experts start from a dense checkpoint's FFN (model.checkpoint): upcycle (copies: the layer is the
+    # dense FFN, its router gets no detection-loss gradient), drop_upcycle (copies, drop_upcycle_ratio of each
+    # expert's hidden units re-initialised: Drop-Upcycling) or random (xavier-uniform, the original DSET code's)
+    expert_init: str = "drop_upcycle"
+    drop_upcycle_ratio: float = 0.5           # share of each expert's hidden units re-initialised (drop_upcycle)
+    upcycle_noise: float = 0.0                # relative noise when experts are copied (expert_init: upcycle)
     balance_warmup_epochs: int = 0            # the balance loss's weight ramps from 0 (epoch 0) to full (this epoch)
 
 
@@ -456,6 +465,13 @@ def _validate_moe(moe: MoEConfig, key: str) -> None:
           "decoder's queries have none")
     _need(moe.balance_warmup_epochs >= 0, f"{key}.balance_warmup_epochs",
           f"must be >= 0, got {moe.balance_warmup_epochs}")
+    _need(moe.expert_init in EXPERT_INITS, f"{key}.expert_init",
+          f"must be one of {', '.join(EXPERT_INITS)}, got {moe.expert_init!r}")
+    _need(0 < moe.drop_upcycle_ratio <= 1, f"{key}.drop_upcycle_ratio",
+          f"must be in (0, 1], got {moe.drop_upcycle_ratio}")
+    _need(moe.upcycle_noise >= 0, f"{key}.upcycle_noise", f"must be >= 0, got {moe.upcycle_noise}")
+    _need(moe.upcycle_noise == 0 or moe.expert_init == "upcycle", f"{key}.upcycle_noise",
+          f"applies to expert_init 'upcycle' only, got {moe.upcycle_noise} with expert_init {moe.expert_init!r}")
 
 
 def _validate_token_pruning(p: PruningConfig, epochs: int) -> None:

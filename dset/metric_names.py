@@ -31,7 +31,8 @@ SCHEDULED_MEMORY_KEEP_RATIO = "sparse/scheduled_memory_keep_ratio"
 VAL_AP_PREFIX = "val/AP/"              # val/AP/<class name>: per-class AP@[.5:.95] (characters MLflow rejects -> _)
 EPOCH_TIME = "time/epoch_s"            # wall time of the epoch (training + evaluation), seconds
 # expert usage share: sparse/<encoder_moe|decoder_moe>/layer<i>/expert<j>; entropy: .../layer<i>/entropy
-# (entropy of the layer's usage shares in nats, natural log: ln(num_experts) when perfectly balanced)
+# (entropy of the layer's usage shares in nats, natural log: ln(num_experts) when perfectly balanced);
+# .../layer<i>/expert_cosine and .../layer<i>/router_entropy: expert_cosine_metric, router_entropy_metric
 USAGE_PREFIX = "sparse/"
 
 # ---------------------------------------------------------------------------------------- final metrics
@@ -112,3 +113,15 @@ def usage_metric(where: str, layer: int, expert: int) -> str:
 
 def entropy_metric(where: str, layer: int) -> str:
     return f"{USAGE_PREFIX}{where}/layer{layer}/entropy"
+
+
+def expert_cosine_metric(where: str, layer: int) -> str:
+    """``sparse/<where>/layer<i>/expert_cosine``: the mean pairwise cosine similarity of the layer's experts'
+    flattened weights at the epoch's end (1: identical experts, a mixture that is one FFN)."""
+    return f"{USAGE_PREFIX}{where}/layer{layer}/expert_cosine"
+
+
+def router_entropy_metric(where: str, layer: int) -> str:
+    """``sparse/<where>/layer<i>/router_entropy``: the mean over the epoch's training tokens of the entropy (nats)
+    of the router's probabilities (ln(num_experts): uniform routing; 0: one-hot)."""
+    return f"{USAGE_PREFIX}{where}/layer{layer}/router_entropy"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dset
-from dset.models.detector import load_backbone_weights, load_checkpoint
+from dset.models.detector import expert_inits, load_backbone_weights, load_checkpoint
 
 SMALL = ["model.decoder.num_queries=20", "model.decoder.num_denoising=0"]
 
@@ -73,17 +73,33 @@ def test_presnet_imagenet_weights_load_into_the_backbone(tmp_path):
         load_backbone_weights(dset.build_model("rtdetr_r18", SMALL), path)
 
 
-def test_dset_model_upcycles_experts_from_an_rtdetr_checkpoint(tmp_path):
-    """Zero upcycling noise: a DSET model (MoE on, pruning off) started from RT-DETR computes what RT-DETR did."""
+@pytest.mark.parametrize("expert_init", ["upcycle", "drop_upcycle"])
+def test_dset_model_makes_its_experts_from_an_rtdetr_checkpoint(tmp_path, expert_init):
+    """Plain upcycling without noise: a DSET model (MoE on, pruning off) started from RT-DETR computes what RT-DETR
+    did (its routers cannot learn from that). The presets' Drop-Upcycling: a mixture that computes something else
+    from the first step; the load report says how the experts were made."""
     rtdetr = dset.build_model("rtdetr_r18", SMALL).eval()
     path = _saved(tmp_path, {"ema": {"module": rtdetr.state_dict()}})
-    cfg = dset.load_config("dset_r18", SMALL + ["model.token_pruning.enabled=false", f"model.checkpoint={path}"])
+    cfg = dset.load_config("dset_r18", SMALL + ["model.token_pruning.enabled=false", f"model.checkpoint={path}",
+                                                f"model.encoder_moe.expert_init={expert_init}",
+                                                f"model.decoder_moe.expert_init={expert_init}"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing to warn about: same classes, same FFN widths
-        model = dset.build_model(cfg).eval()
+        model = dset.build_model(cfg, load_weights=False)
+    report = load_checkpoint(model, path, expert_init=expert_inits(cfg))
+    model.eval()
     assert len(model.encoder_moe_layers()) == 1 and len(model.decoder_moe_layers()) == 3
     images = torch.rand(1, 3, 128, 128)
     with torch.no_grad():
         a, b = rtdetr(images), model(images)
-    assert torch.allclose(a["pred_logits"], b["pred_logits"], atol=1e-4)
-    assert torch.allclose(a["pred_boxes"], b["pred_boxes"], atol=1e-5)
+    if expert_init == "upcycle":
+        assert torch.allclose(a["pred_logits"], b["pred_logits"], atol=1e-4)
+        assert torch.allclose(a["pred_boxes"], b["pred_boxes"], atol=1e-5)
+        assert "experts of 4 MoE layers upcycled (copies of the dense FFN)" in report.summary()
+        assert len(report.upcycled) == 4
+    else:
+        assert (a["pred_logits"] - b["pred_logits"]).abs().max() > 1e-2
+        assert "experts of 4 MoE layers drop-upcycled (copies of the dense FFN, 0.5 of each expert's hidden units " \
+               "re-initialised)" in report.summary()
+        assert report.upcycled == []   # not plain copies: the experts are new parts (train.lr)
+        assert "decoder.decoder.layers.2.moe.w1" in report.new_components

@@ -78,24 +78,31 @@ def test_from_scratch_everything_at_lr():
     assert all(g["lr"] == 3e-4 for g in opt.param_groups)
 
 
-def test_rtdetr_checkpoint_into_dset_new_components_at_lr(tmp_path):
+@pytest.mark.parametrize("expert_init", ["upcycle", "drop_upcycle", "random"])
+def test_rtdetr_checkpoint_into_dset_new_components_at_lr(tmp_path, expert_init):
     """Loading an RT-DETR checkpoint into DSET: every loaded tensor is pretrained, and so are the MoE experts
-    upcycled from the pretrained FFNs (with the FFN's weight decay: none on the stacked biases); routers and
+    plainly upcycled from the pretrained FFNs (with the FFN's weight decay: none on the stacked biases);
+    drop-upcycled and random experts are new parts (train.lr), as the original DSET trains its experts; routers and
     the importance predictor are new."""
     dense = build_model(dset.load_config("rtdetr_r18", SMALL), load_weights=False)
     path = tmp_path / "rtdetr.pth"
     torch.save({"model": dense.state_dict()}, path)
     cfg = dset.load_config("dset_r18", SMALL + [f"model.checkpoint={path}", "model.encoder_moe.expert_hidden_dim=1024",
-                                                "model.decoder_moe.expert_hidden_dim=1024"])
+                                                "model.decoder_moe.expert_hidden_dim=1024",
+                                                f"model.encoder_moe.expert_init={expert_init}",
+                                                f"model.decoder_moe.expert_init={expert_init}"])
     model, pretrained, reports = build_training_model(cfg)
-    assert reports and reports[0].upcycled                 # experts were copied from the dense FFNs
+    assert len(reports[0].expert_init) == 4                # every MoE layer made from its dense FFN's slot
+    assert bool(reports[0].upcycled) == (expert_init == "upcycle")   # plain copies of the dense FFNs
     opt = build_optimizer(model, cfg, pretrained)
     groups = _groups_by_param(opt)
     new = {n for n, g in groups.items() if g["name"].startswith("new")}
-    assert new and all(".moe.router." in n or "token_pruner" in n for n in new)
-    assert any(".moe.router" in n for n in new) and any("token_pruner" in n for n in new)
     experts = {n for n in groups if n.endswith((".moe.w1", ".moe.b1", ".moe.w2", ".moe.b2"))}
-    assert experts and all(groups[n]["name"].startswith("pretrained") for n in experts)
+    assert new and all(".moe.router." in n or "token_pruner" in n or n in experts for n in new)
+    assert any(".moe.router" in n for n in new) and any("token_pruner" in n for n in new)
+    pretrained_experts = expert_init == "upcycle"
+    assert experts and all(groups[n]["name"].startswith("pretrained") == pretrained_experts for n in experts)
+    assert all(groups[n]["lr"] == (1e-5 if pretrained_experts else 1e-4) for n in experts)
     # the MoE experts' stacked biases get no weight decay, their weights do
     assert all(groups[n]["weight_decay"] == 0.0 for n in experts if n.endswith((".moe.b1", ".moe.b2")))
     assert all(groups[n]["weight_decay"] > 0 for n in experts if n.endswith((".moe.w1", ".moe.w2")))
@@ -117,9 +124,9 @@ def _dense_name(name: str) -> str:
                                       if (e, p, d) != (False, False, False)])
 def test_every_switch_keeps_the_optimizer_groups_of_the_all_off_cell(tmp_path, switches):
     """DSET's protocol: every cell fine-tunes from the same RT-DETR checkpoint, and turning a switch on changes
-    nothing else. Parameter by parameter, each cell's rate and weight decay equal the all-off cell's (an
-    upcycled expert: those of the FFN it was copied from); the only other parameters are new ones (routers,
-    the importance predictor) at train.lr."""
+    nothing else. Parameter by parameter, each cell's rate and weight decay equal the all-off cell's, except the
+    presets' drop-upcycled experts: new parts at train.lr, with the weight decay of the FFN tensor they were made
+    from; the only other parameters are new ones (routers, the importance predictor) at train.lr."""
     dense = build_model(dset.load_config("rtdetr_r18", SMALL), load_weights=False)
     path = tmp_path / "rtdetr.pth"
     torch.save({"model": dense.state_dict()}, path)
@@ -142,7 +149,8 @@ def test_every_switch_keeps_the_optimizer_groups_of_the_all_off_cell(tmp_path, s
         source = _dense_name(name)
         if source in base:
             mapped[source] = setting
-            assert setting == base[source], f"{name} (from {source}): {setting} != all-off {base[source]}"
+            expected = (1e-4, base[source][1]) if source != name else base[source]   # an expert: train.lr
+            assert setting == expected, f"{name} (from {source}): {setting} != {expected} (all-off {base[source]})"
         else:
             assert ".moe.router." in name or ".token_pruner." in name, f"unexpected new parameter {name}"
             assert setting[0] == 1e-4, name

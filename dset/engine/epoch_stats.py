@@ -1,6 +1,6 @@
-"""Statistics gathered while a run trains: the per-epoch means of its losses, expert usage (and its entropy) and
-token keep ratio (:class:`EpochStats`, averaged over ranks), and the throughput of the attempt
-(:class:`Throughput`). Metric names: :mod:`dset.metric_names`."""
+"""Statistics gathered while a run trains: the per-epoch means of its losses, expert usage (and its entropy), the
+MoE diagnostics (router entropy, expert similarity) and token keep ratio (:class:`EpochStats`, averaged over ranks),
+and the throughput of the attempt (:class:`Throughput`). Metric names: :mod:`dset.metric_names`."""
 
 from __future__ import annotations
 
@@ -43,6 +43,10 @@ class EpochStats:
         self.images = 0
         self.usage_sums: dict[str, list[torch.Tensor]] = {}
         self.usage_count = 0
+        # per MoE site: each layer's sum of the per-forward mean router entropy (counted by usage_count)
+        self.router_entropy_sums: dict[str, list[torch.Tensor]] = {}
+        # per MoE site: its layers (MoEFFN), whose experts' similarity is read from the weights at the epoch's end
+        self.moe_layers: dict[str, list] = {}
         # per pruner ("token_pruning", "memory_pruning"): [sum of measured keep ratios, steps, scheduled ratio]
         self.keep: dict[str, list] = {}
 
@@ -62,6 +66,12 @@ class EpochStats:
                 sums = self.usage_sums.setdefault(kind, [torch.zeros_like(u, dtype=torch.float32) for u in usages])
                 for s, u in zip(sums, usages):
                     s.add_(u.float())
+                entropies = sparse[f"{kind}_router_entropy"]
+                sums = self.router_entropy_sums.setdefault(
+                    kind, [torch.zeros_like(h, dtype=torch.float32) for h in entropies])
+                for s, h in zip(sums, entropies):
+                    s.add_(h.float())
+                self.moe_layers[kind] = sparse[f"{kind}_layers"]
         self.usage_count += int(any_usage)
         for kind in KEEP_RATIO_METRICS:
             stats = sparse.get(kind)
@@ -79,6 +89,9 @@ class EpochStats:
             "total": (self.total_sum, self.steps),
             "images": self.images,
             "usage": {k: ([u.tolist() for u in v], self.usage_count) for k, v in self.usage_sums.items()},
+            "router_entropy": {k: [float(h) / max(1, self.usage_count) for h in v]
+                               for k, v in self.router_entropy_sums.items()},
+            "expert_cosine": {k: [float(m.expert_cosine()) for m in layers] for k, layers in self.moe_layers.items()},
             "keep": self.keep,
         }
         parts = all_gather_object(local, dinfo)
@@ -98,6 +111,7 @@ class EpochStats:
                 out[measured] = sum(s for s, _, _ in have) / keep_n
                 out[scheduled] = have[0][2]
         out.update(_usage_metrics(parts))
+        out.update(_moe_diagnostics(parts))
         out["counts"] = {"train_images": sum(p["images"] for p in parts), "train_steps": total_n}
         return out
 
@@ -116,6 +130,18 @@ def _usage_metrics(parts: list[dict]) -> dict[str, float]:
             for e, share in enumerate(shares):
                 out[M.usage_metric(kind, layer, e)] = share
             out[M.entropy_metric(kind, layer)] = entropy(shares)
+    return out
+
+
+def _moe_diagnostics(parts: list[dict]) -> dict[str, float]:
+    """Each MoE layer's router entropy (mean over the epoch's forwards, then over the ranks, which see as many)
+    and expert cosine similarity (from the weights at the epoch's end; the ranks hold the same weights)."""
+    out = {}
+    for key, name in (("router_entropy", M.router_entropy_metric), ("expert_cosine", M.expert_cosine_metric)):
+        for kind in MOE_SITES:
+            have = [p[key][kind] for p in parts if kind in p[key]]
+            for layer in range(len(have[0]) if have else 0):
+                out[name(kind, layer)] = sum(h[layer] for h in have) / len(have)
     return out
 
 

@@ -20,7 +20,7 @@ from .backbone import PResNet
 from .decoder import RTDETRDecoder
 from .encoder import HybridEncoder
 from .memory_pruning import MemoryPruner
-from .moe import MoEFFN
+from .moe import UPCYCLED_EXPERT_PARAMS, ExpertInit, MoEFFN
 from .pruning import ScheduledPruner, TokenPruner
 
 
@@ -124,6 +124,9 @@ class Detector(nn.Module):
         for name, layers in (("encoder_moe", self.encoder_moe_layers()), ("decoder_moe", self.decoder_moe_layers())):
             if layers:
                 stats[name] = [m.usage for m in layers]
+                stats[f"{name}_router_entropy"] = [m.router_entropy for m in layers]
+                # the layers themselves: EpochStats reads their experts' similarity from the weights once an epoch
+                stats[f"{name}_layers"] = layers
         if self.encoder.last_pruning is not None:  # the numbers only: no per-token tensors
             stats["token_pruning"] = {k: v for k, v in self.encoder.last_pruning.items()
                                       if k not in ("scores", "spatial_shape", "keep_index")}
@@ -202,8 +205,7 @@ def build_model(cfg: Config | str = "rtdetr_r18", overrides: list[str] | None = 
         if m.backbone.pretrained:
             load_backbone_weights(model, m.backbone.pretrained)
         if m.checkpoint:
-            load_checkpoint(model, m.checkpoint,
-                            upcycle_noise=(m.encoder_moe.upcycle_noise, m.decoder_moe.upcycle_noise))
+            load_checkpoint(model, m.checkpoint, expert_init=expert_inits(cfg))
     return model
 
 
@@ -218,13 +220,17 @@ class LoadReport:
     source: str
     loaded: list[str] = field(default_factory=list)
     skipped_class_heads: list[str] = field(default_factory=list)
+    # MoE layers whose experts are plain copies of the file's dense FFN (expert_init upcycle): pretrained weights
     upcycled: list[str] = field(default_factory=list)
+    # every MoE layer that replaced a dense FFN of the file -> how its experts were initialised (ExpertInit.describe)
+    expert_init: dict[str, str] = field(default_factory=dict)
     new_components: list[str] = field(default_factory=list)  # in the model, not in the file (DSET parts)
 
     def summary(self) -> str:
         parts = [f"{self.source}: loaded {len(self.loaded)} tensors"]
-        if self.upcycled:
-            parts.append(f"upcycled {len(self.upcycled)} MoE layers from dense FFNs")
+        for how in sorted(set(self.expert_init.values())):
+            layers = sum(v == how for v in self.expert_init.values())
+            parts.append(f"experts of {layers} MoE layers {how}")
         if self.skipped_class_heads:
             parts.append(f"skipped {len(self.skipped_class_heads)} class-head tensors (different num_classes)")
         if self.new_components:
@@ -279,21 +285,29 @@ def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return from_rtdetrv2_layout(obj)
 
 
+def expert_inits(cfg: Config) -> tuple[ExpertInit, ExpertInit]:
+    """``(encoder, decoder)``: how ``cfg``'s MoE layers make their experts from a dense checkpoint's FFNs."""
+    return ExpertInit.of(cfg.model.encoder_moe), ExpertInit.of(cfg.model.decoder_moe)
+
+
 def load_state_dict_into(model: Detector, state: dict[str, torch.Tensor], source: str = "state_dict",
-                         upcycle_noise: tuple[float, float] = (0.0, 0.0)) -> LoadReport:
+                         expert_init: tuple[ExpertInit, ExpertInit] | None = None) -> LoadReport:
     """Load an RT-DETR-layout state_dict into ``model`` with strict key matching.
 
     - Every key of the file must exist in the model, with the same shape, except the class heads when
       ``num_classes`` differs (skipped, and a warning says so) and dense FFN keys of layers that are
-      MoE in this model (their experts are upcycled from them).
+      MoE in this model: their experts are made from them as ``expert_init`` (encoder, decoder) says
+      (:meth:`MoEFFN.init_experts_from_dense`; None: as ``model.config`` says).
     - Every key of the model must come from the file, except the DSET components (routers, experts
-      that were not upcycled, the importance predictor), which keep their initialisation.
+      that are not plain copies, the importance predictor), which keep their initialisation.
     Anything else is an error listing the offending keys.
     """
+    if expert_init is None and hasattr(model, "config"):
+        expert_init = expert_inits(model.config)
     report = LoadReport(source)
     model_state = model.state_dict()
     state = {k: v for k, v in state.items()}
-    # upcycle dense FFNs into the MoE layers that replaced them
+    # the experts of the MoE layers that replaced dense FFNs are made from those FFNs (model.*_moe.expert_init)
     moe_modules = {name: mod for name, mod in model.named_modules() if isinstance(mod, MoEFFN)}
     for name, moe in moe_modules.items():
         layer = name[: -len(".moe")]
@@ -301,10 +315,15 @@ def load_state_dict_into(model: Detector, state: dict[str, torch.Tensor], source
         if all(k in state for k in keys):
             w1, b1, w2, b2 = (state.pop(k) for k in keys)
             if tuple(w1.shape) == (moe.hidden_dim, moe.d_model):
-                noise = upcycle_noise[0] if name.startswith("encoder.") else upcycle_noise[1]
-                moe.upcycle_from_dense(types.SimpleNamespace(weight=w1, bias=b1),
-                                       types.SimpleNamespace(weight=w2, bias=b2), noise_std=noise)
-                report.upcycled.append(name)
+                if expert_init is None:
+                    raise ValueError(f"{source}: {name} replaces a dense FFN of the file, and this model has no "
+                                     "config to say how its experts start: pass expert_init")
+                init = expert_init[0] if name.startswith("encoder.") else expert_init[1]
+                moe.init_experts_from_dense(types.SimpleNamespace(weight=w1, bias=b1),
+                                            types.SimpleNamespace(weight=w2, bias=b2), init)
+                report.expert_init[name] = init.describe()
+                if init.mode == "upcycle":
+                    report.upcycled.append(name)
             else:
                 warnings.warn(f"{source}: {layer} FFN width {w1.shape[0]} != expert_hidden_dim {moe.hidden_dim}; "
                               "experts keep their random initialisation", stacklevel=2)
@@ -333,18 +352,20 @@ def load_state_dict_into(model: Detector, state: dict[str, torch.Tensor], source
         raise ValueError("\n".join(lines))
     model.load_state_dict(to_load, strict=False)
     report.loaded = sorted(to_load)
+    copied = {f"{u}.{p}" for u in report.upcycled for p in UPCYCLED_EXPERT_PARAMS}  # routers stay new
     report.new_components = [k for k in model_state if k not in to_load and k not in report.skipped_class_heads
-                             and not any(k.startswith(u + ".") for u in report.upcycled)]
+                             and k not in copied]
     if report.skipped_class_heads:
         warnings.warn(f"{source}: class heads not loaded (num_classes differs): "
                       f"{sorted({k.rsplit('.', 1)[0] for k in report.skipped_class_heads})}", stacklevel=2)
     return report
 
 
-def load_checkpoint(model: Detector, path: str | Path, upcycle_noise: tuple[float, float] = (0.0, 0.0)) -> LoadReport:
+def load_checkpoint(model: Detector, path: str | Path,
+                    expert_init: tuple[ExpertInit, ExpertInit] | None = None) -> LoadReport:
     """Load a published RT-DETR checkpoint (``ema.module`` or ``model`` entry; RT-DETR v1 or RT-DETRv2 layout)
-    or one of ours."""
-    return load_state_dict_into(model, _read_state_dict(path), str(path), upcycle_noise)
+    or one of ours (``expert_init``: see :func:`load_state_dict_into`)."""
+    return load_state_dict_into(model, _read_state_dict(path), str(path), expert_init)
 
 
 def load_backbone_weights(model: Detector, path: str | Path) -> LoadReport:
@@ -362,5 +383,6 @@ def load_backbone_weights(model: Detector, path: str | Path) -> LoadReport:
 
 
 __all__ = ["Detector", "build_model", "load_checkpoint", "load_backbone_weights", "load_state_dict_into",
+           "expert_inits",
            "from_rtdetrv2_layout", "is_rtdetrv2_layout",
            "LoadReport", "ConfigError"]

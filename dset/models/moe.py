@@ -47,6 +47,14 @@ Auxiliary outputs (set on the module after each forward; tensors, never synchron
         equal probability mass.
     ``z_loss``: ST-MoE router z-loss ``mean_t logsumexp(logits_t)^2`` on the noise-free logits.
     ``usage``: detached ``f`` (fraction of token-slot assignments per expert, shape [E], sums to 1).
+    ``router_entropy``: detached mean over tokens of the entropy (nats) of the routing probabilities (after noise
+        in training): ln(E) for uniform routing, 0 for one-hot. ``expert_cosine()`` (from the weights): how alike
+        the experts are. Both are logged per epoch (:mod:`dset.engine.epoch_stats`).
+
+Expert initialisation (``ExpertInit``, ``model.*_moe.expert_init``) when the model starts from a dense checkpoint:
+plain upcycling (copies: the layer computes the dense FFN whatever the routing, so its router gets no task
+gradient), Drop-Upcycling (copies with a share of each expert's hidden units re-initialised) or random (the
+original DSET code's xavier-uniform experts, ``reset_parameters``).
 
 Compute accounting: ``MoEFFN.flops_per_token()`` / ``dset.analytic.moe_ffn_macs_per_token`` give the nominal
 multiply-adds (MACs) per token: ``d*E`` for the router plus ``top_k * 2 * d * hidden`` for the experts
@@ -57,7 +65,6 @@ are 2 x MACs. For fvcore tracing, pass ``fvcore_op_handles()`` (fvcore does not 
 
 from __future__ import annotations
 
-import math
 import os
 from typing import NamedTuple
 
@@ -66,9 +73,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..analytic import moe_ffn_macs_per_token
+from ..config import EXPERT_INITS
 
 __all__ = [
     "MoEFFN",
+    "EXPERT_INITS",
+    "ExpertInit",
     "RoutingGroups",
     "patch_groups",
     "dense_moe_forward",
@@ -110,6 +120,30 @@ def _grouped_mm_supported(x: torch.Tensor) -> bool:
 
 # the expert tensors upcycle_from_dense fills from a dense FFN (linear1.weight/bias, linear2.weight/bias)
 UPCYCLED_EXPERT_PARAMS = ("w1", "b1", "w2", "b2")
+
+
+class ExpertInit(NamedTuple):
+    """How :meth:`MoEFFN.init_experts_from_dense` makes the experts of a layer that replaced a dense FFN:
+    ``mode`` one of :data:`EXPERT_INITS` (``upcycle``: copies, plus ``noise`` relative Gaussian noise;
+    ``drop_upcycle``: copies with ``drop_ratio`` of each expert's hidden units re-initialised; ``random``: the
+    experts keep their own initialisation, :meth:`MoEFFN.reset_parameters`)."""
+
+    mode: str = "upcycle"
+    noise: float = 0.0
+    drop_ratio: float = 0.5
+
+    @classmethod
+    def of(cls, moe_cfg) -> ExpertInit:
+        """From a ``MoEConfig`` (``expert_init``, ``upcycle_noise``, ``drop_upcycle_ratio``)."""
+        return cls(moe_cfg.expert_init, moe_cfg.upcycle_noise, moe_cfg.drop_upcycle_ratio)
+
+    def describe(self) -> str:
+        if self.mode == "upcycle":
+            return "upcycled (copies of the dense FFN" + (f", relative noise {self.noise:g})" if self.noise else ")")
+        if self.mode == "drop_upcycle":
+            return f"drop-upcycled (copies of the dense FFN, {self.drop_ratio:g} of each expert's hidden units " \
+                   "re-initialised)"
+        return "random (xavier-uniform, the dense FFN unused)"
 
 
 class RoutingGroups(NamedTuple):
@@ -225,18 +259,31 @@ class MoEFFN(nn.Module):
         self.balance_loss: torch.Tensor | None = None
         self.z_loss: torch.Tensor | None = None
         self.usage: torch.Tensor | None = None
+        self.router_entropy: torch.Tensor | None = None
         self.last_dispatch: str = ""  # "padded" | "loop" | "grouped_mm": the path of the last forward
 
     # ------------------------------------------------------------------ init / upcycling
     def reset_parameters(self) -> None:
-        """Initialise every expert slice exactly like ``nn.Linear`` does (Kaiming-uniform a=sqrt(5))."""
+        """The original DSET code's initialisation (``SpecialistNetwork``, ``AdaptiveRouter``): every expert
+        slice's weights xavier-uniform, their biases zero; the router N(0, 0.01), its bias zero."""
         for e in range(self.num_experts):
             for w, b in ((self.w1, self.b1), (self.w2, self.b2)):
-                nn.init.kaiming_uniform_(w.data[e], a=math.sqrt(5))
-                fan_in = w.shape[-1]
-                bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
-                nn.init.uniform_(b.data[e], -bound, bound)
-        self.router.reset_parameters()
+                nn.init.xavier_uniform_(w.data[e])
+                nn.init.zeros_(b.data[e])
+        self.init_router(0.01)
+
+    @torch.no_grad()
+    def init_router(self, std: float, generator: torch.Generator | None = None) -> None:
+        """Router weights ~ N(0, std) (0: all zeros), bias zero: small logits, so that the first steps route almost
+        uniformly while ties are broken."""
+        if std < 0:
+            raise ValueError(f"router_init_std must be >= 0, got router_init_std={std}")
+        if std > 0:
+            rw = torch.randn(self.router.weight.shape, generator=generator, dtype=torch.float32)
+            self.router.weight.copy_(rw.to(self.router.weight) * std)
+        else:
+            self.router.weight.zero_()
+        self.router.bias.zero_()
 
     @torch.no_grad()
     def upcycle_from_dense(
@@ -246,18 +293,24 @@ class MoEFFN(nn.Module):
         noise_std: float = 0.0,
         router_init_std: float = 0.01,
         generator: torch.Generator | None = None,
+        drop_ratio: float = 0.0,
     ) -> MoEFFN:
         """Sparse upcycling: make every expert a copy of the dense FFN ``linear2(act(linear1(x)))``.
 
         ``linear1``/``linear2`` are ``nn.Linear`` (or anything with ``.weight``/``.bias`` of shapes
         [hidden, d]/[hidden] and [d, hidden]/[d]). ``noise_std`` adds Gaussian noise of RELATIVE std:
         each copied tensor gets ``noise_std * tensor.std()`` noise, drawn independently per expert.
-        The router gets weights ~ N(0, router_init_std) (0 = all zeros) and zero bias: small, so the
-        first steps route almost uniformly while ties are broken. With ``noise_std == 0`` the layer
-        computes exactly the dense FFN whatever the routing (the renormalised top-k weights sum to 1).
+        ``drop_ratio`` > 0 is Drop-Upcycling (Nakamura et al., ICLR 2025): then each expert re-initialises its own
+        random ``round(drop_ratio * hidden)`` hidden units (:meth:`drop_hidden_units`).
+        The router is :meth:`init_router` with ``router_init_std``.
+        With ``noise_std == 0`` and ``drop_ratio == 0`` the layer computes exactly the dense FFN whatever the
+        routing (the renormalised top-k weights sum to 1): the router then gets no gradient from the task loss.
+        ``generator``: the random draws (noise, units, new values, router); None: torch's global generator.
         Returns ``self``."""
         if noise_std < 0:
             raise ValueError(f"noise_std must be >= 0, got noise_std={noise_std}")
+        if not 0.0 <= drop_ratio <= 1.0:
+            raise ValueError(f"drop_ratio must be in [0, 1], got drop_ratio={drop_ratio}")
         if router_init_std < 0:
             raise ValueError(f"router_init_std must be >= 0, got router_init_std={router_init_std}")
         w1, b1 = linear1.weight, linear1.bias
@@ -279,13 +332,46 @@ class MoEFFN(nn.Module):
                 scale = float(src.float().std()) * noise_std if src.numel() > 1 else noise_std
                 noise = torch.randn(dst.shape, generator=generator, dtype=torch.float32)
                 dst.add_(noise.to(dst.device, dst.dtype) * scale)
-        if router_init_std > 0:
-            rw = torch.randn(self.router.weight.shape, generator=generator, dtype=torch.float32)
-            self.router.weight.copy_(rw.to(self.router.weight) * router_init_std)
-        else:
-            self.router.weight.zero_()
-        self.router.bias.zero_()
+        if drop_ratio > 0:
+            self.drop_hidden_units(drop_ratio, w1, b1, w2, generator)
+        self.init_router(router_init_std, generator)
         return self
+
+    @torch.no_grad()
+    def drop_hidden_units(self, ratio: float, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                          generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        """Drop-Upcycling's re-initialisation: for each expert independently, ``round(ratio * hidden)`` (at least 1)
+        hidden units drawn at random get new values: their rows of ``w1``/``b1`` and their columns of ``w2``, drawn
+        from normals with the mean and std of the dense tensors ``w1``/``b1``/``w2`` they were copied from (as the
+        paper does). ``b2`` stays the dense copy. Returns each expert's re-initialised units (sorted indices)."""
+        count = max(1, round(ratio * self.hidden_dim))
+        stats = [(float(t.float().mean()), float(t.float().std()) if t.numel() > 1 else 0.0) for t in (w1, b1, w2)]
+        (m1, s1), (mb, sb), (m2, s2) = stats
+        chosen = []
+        for e in range(self.num_experts):
+            units = torch.randperm(self.hidden_dim, generator=generator)[:count].sort().values
+            rows = torch.randn(count, self.d_model, generator=generator) * s1 + m1
+            biases = torch.randn(count, generator=generator) * sb + mb
+            cols = torch.randn(self.d_model, count, generator=generator) * s2 + m2
+            at = units.to(self.w1.device)
+            self.w1[e, at] = rows.to(self.w1)
+            self.b1[e, at] = biases.to(self.b1)
+            self.w2[e, :, at] = cols.to(self.w2)
+            chosen.append(units)
+        return chosen
+
+    def init_experts_from_dense(self, linear1: nn.Module, linear2: nn.Module, init: ExpertInit,
+                                generator: torch.Generator | None = None) -> MoEFFN:
+        """The experts (and router) of a layer that replaced the dense FFN ``linear1``/``linear2``, as ``init``
+        says: :meth:`upcycle_from_dense` (plain, or with Drop-Upcycling's ratio), or for ``random`` nothing: the
+        experts and router keep their own initialisation. Returns ``self``."""
+        if init.mode == "upcycle":
+            return self.upcycle_from_dense(linear1, linear2, noise_std=init.noise, generator=generator)
+        if init.mode == "drop_upcycle":
+            return self.upcycle_from_dense(linear1, linear2, generator=generator, drop_ratio=init.drop_ratio)
+        if init.mode == "random":
+            return self
+        raise ValueError(f"expert_init must be one of {EXPERT_INITS}, got {init.mode!r}")
 
     @classmethod
     def from_dense(
@@ -300,12 +386,26 @@ class MoEFFN(nn.Module):
         router_noise: float = 0.0,
         router_init_std: float = 0.01,
         generator: torch.Generator | None = None,
+        drop_ratio: float = 0.0,
     ) -> MoEFFN:
         """Build an upcycled ``MoEFFN`` from a dense FFN's two linears (see ``upcycle_from_dense``)."""
         d_model, hidden = linear1.in_features, linear1.out_features
         m = cls(d_model, hidden, num_experts, top_k, activation, dropout, router_noise)
         m = m.to(device=linear1.weight.device, dtype=linear1.weight.dtype)
-        return m.upcycle_from_dense(linear1, linear2, noise_std, router_init_std, generator)
+        return m.upcycle_from_dense(linear1, linear2, noise_std, router_init_std, generator, drop_ratio)
+
+    # ------------------------------------------------------------------ diagnostics
+    @torch.no_grad()
+    def expert_cosine(self) -> torch.Tensor:
+        """The mean pairwise cosine similarity of the experts' flattened weights (``w1`` and ``w2`` of an expert
+        concatenated): 1 when the experts are identical (e.g. plain upcycling without noise), near 0 for
+        independent random ones. A 0-d float32 tensor (not synchronised); NaN with a single expert."""
+        E = self.num_experts
+        flat = torch.cat([self.w1.reshape(E, -1), self.w2.reshape(E, -1)], dim=1).float()
+        unit = F.normalize(flat, dim=1)
+        gram = unit @ unit.t()
+        off_diagonal = ~torch.eye(E, dtype=torch.bool, device=gram.device)
+        return gram[off_diagonal].mean() if E > 1 else gram.new_tensor(float("nan"))
 
     # ------------------------------------------------------------------ accounting
     def flops_per_token(self) -> int:
@@ -353,10 +453,11 @@ class MoEFFN(nn.Module):
         return top_w, top_i, probs, lse
 
     def _set_stats(self, probs: torch.Tensor, lse: torch.Tensor, counts: torch.Tensor) -> None:
-        if probs.shape[0] == 0:  # no tokens: zero losses, zero usage (shapes only, no sync)
+        if probs.shape[0] == 0:  # no tokens: zero losses, zero usage and entropy (shapes only, no sync)
             self.balance_loss = probs.sum() * 0.0
             self.z_loss = lse.sum() * 0.0
             self.usage = counts.to(probs.dtype).detach()
+            self.router_entropy = probs.detach().sum() * 0.0
             return
         total = probs.shape[0] * self.top_k
         f = counts.to(probs.dtype) / total
@@ -364,6 +465,8 @@ class MoEFFN(nn.Module):
         self.balance_loss = self.num_experts * (f * P).sum()
         self.z_loss = lse.pow(2).mean()
         self.usage = f.detach()
+        # mean over tokens of the routing distribution's entropy (nats): ln(E) uniform, 0 one-hot
+        self.router_entropy = torch.special.entr(probs.detach()).sum(dim=-1).mean()
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, groups: RoutingGroups | None = None) -> torch.Tensor:
