@@ -22,6 +22,12 @@ A study is a YAML file in ``studies/`` (or any path). Keys:
                  A cell takes one value of every axis. Its id joins the value ids with ``-``, leaving
                  out the ids named ``off``; a cell whose axes after the first are all ``off`` is
                  ``<first>-base``; then ``-s<seed>``. Example: ``r18-enc_moe-prune-s0``, ``r34-base-s0``.
+``targets``      what the report judges the variants against (:class:`Targets`; every key optional, defaults
+                 in ``TARGET_DEFAULTS``): ``delta_map`` (the non-inferiority margin δ, absolute mAP),
+                 ``gflops_percent`` and ``latency_percent`` (the compute and latency change a variant must reach,
+                 e.g. -10), ``learning_floor_map`` (a baseline below this mAP has not learned: no verdict) and
+                 ``min_scored_images`` (fewer scored images: no verdict). Logged on the parent run as
+                 ``targets.<key>`` params.
 ``search``       (kind optuna) ``n_trials``, ``objectives`` (list of ``{metric, direction}``, metrics named
                  as in ``studies/mlflow_schema.py``: ``best/mAP``, ``gflops``, ``latency_ms`` ...),
                  ``sampler`` (``{name: auto|tpe|nsga2|random, seed}``), ``pruner`` (``{name:
@@ -73,8 +79,8 @@ FINGERPRINT_IGNORED = RESULT_NEUTRAL_KEYS
 # two moments, about four times best.pt's EMA weights) is deleted.
 STUDY_RUN_DEFAULTS = {"train": {"keep_last_checkpoint": False}}
 STUDY_KEYS = ("name", "description", "kind", "presets", "budget", "data", "pretrain", "seeds", "set", "out_dir", "grid",
-              "search")
-OVERRIDABLE = ("name", "presets", "budget", "data", "pretrain", "seeds", "out_dir", "n_trials", "search")
+              "search", "targets")
+OVERRIDABLE = ("name", "presets", "budget", "data", "pretrain", "seeds", "out_dir", "n_trials", "search", "targets")
 SEARCH_KEYS = ("n_trials", "objectives", "sampler", "pruner", "space")
 SPACE_TYPES = ("int", "float", "categorical")
 DIRECTIONS = ("maximize", "minimize")
@@ -82,6 +88,56 @@ DIRECTIONS = ("maximize", "minimize")
 
 class StudyError(ValueError):
     """A problem with a study file or a study-level override; the message names the key."""
+
+
+# ---------------------------------------------------------------------------------------------- targets
+# what the report judges a variant by when a study file states no ``targets`` (or a store predates them)
+TARGET_DEFAULTS = {"delta_map": 0.01, "gflops_percent": -10.0, "latency_percent": -8.0, "learning_floor_map": 0.05,
+                   "min_scored_images": 30}
+TARGETS_PARAM_PREFIX = "targets."   # the parent run's params: targets.delta_map, ...
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What a study's variants are judged against: a non-inferiority margin ``delta_map`` (absolute mAP), the
+    compute and latency changes to reach (``gflops_percent``, ``latency_percent``, % of RT-DETR, negative: cheaper),
+    and when no verdict is given (a baseline below ``learning_floor_map``, fewer than ``min_scored_images``)."""
+
+    delta_map: float = TARGET_DEFAULTS["delta_map"]
+    gflops_percent: float = TARGET_DEFAULTS["gflops_percent"]
+    latency_percent: float = TARGET_DEFAULTS["latency_percent"]
+    learning_floor_map: float = TARGET_DEFAULTS["learning_floor_map"]
+    min_scored_images: int = TARGET_DEFAULTS["min_scored_images"]
+
+    def params(self) -> dict[str, float | int]:
+        """The parent run's params: ``targets.<key>`` -> value."""
+        return {TARGETS_PARAM_PREFIX + k: getattr(self, k) for k in TARGET_DEFAULTS}
+
+
+def parse_targets(raw: Any, where: str = "targets") -> Targets:
+    """``targets`` of a study file (a mapping, or None for the defaults) as :class:`Targets`; a bad key or value is a
+    :class:`StudyError` naming it (``where``.key)."""
+    if raw is None:
+        return Targets()
+    if not isinstance(raw, dict):
+        raise StudyError(f"{where}: expected a mapping of {', '.join(TARGET_DEFAULTS)}, got {raw!r}")
+    unknown = sorted(set(raw) - set(TARGET_DEFAULTS))
+    if unknown:
+        raise StudyError(f"{where}: unknown keys {unknown}; valid: {', '.join(TARGET_DEFAULTS)}")
+    checks = {  # key -> (is it valid, what is expected)
+        "delta_map": (lambda v: 0 < v < 1, "a margin in absolute mAP, 0 < delta_map < 1 (e.g. 0.01)"),
+        "gflops_percent": (lambda v: -100 < v <= 100, "a change in %, -100 < gflops_percent <= 100 (e.g. -10)"),
+        "latency_percent": (lambda v: -100 < v <= 100, "a change in %, -100 < latency_percent <= 100 (e.g. -8)"),
+        "learning_floor_map": (lambda v: 0 <= v < 1, "an mAP, 0 <= learning_floor_map < 1 (e.g. 0.05)"),
+        "min_scored_images": (lambda v: v >= 1 and float(v).is_integer(), "an integer >= 1 (e.g. 30)"),
+    }
+    values = {}
+    for key, value in raw.items():
+        ok, expected = checks[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+            raise StudyError(f"{where}.{key}: expected {expected}, got {value!r}")
+        values[key] = int(value) if key == "min_scored_images" else float(value)
+    return Targets(**values)
 
 
 # ------------------------------------------------------------------------------------------ dataclasses
@@ -158,6 +214,7 @@ class Study:
     search: Search | None
     config_overrides: list[str]       # command line model.*/data.*/train.*/run.* overrides
     study_overrides: list[str]        # command line study-level overrides (as given)
+    targets: Targets = field(default_factory=Targets)   # what the report judges the variants against
     pretrain: Any = "auto"            # stage 1 (studies/pretrain.py): "auto" (the budget's section), none, a mapping
     _stage1: dict = field(default_factory=dict, repr=False)   # planned stage 1 by (budget, depth)
 
@@ -371,6 +428,7 @@ def load_study(name_or_path: str, overrides: list[str] | None = None) -> Study:
     return Study(name=name, path=path, kind=kind, description=str(data.get("description") or ""), presets=presets,
                  budget=budget, data=dataset, seeds=list(seeds), settings=settings, out_dir=out_dir, axes=axes,
                  search=search, config_overrides=config_ov, study_overrides=study_ov,
+                 targets=parse_targets(data.get("targets"), f"{path.name}: targets"),
                  pretrain=data.get("pretrain", "auto"))
 
 

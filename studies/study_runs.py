@@ -60,6 +60,7 @@ class StudyRuns:
                   "study.devices": ",".join(sl.label for sl in slots)}
         if st.search:
             params["study.n_trials"] = st.search.n_trials
+        params.update(st.targets.params())  # targets.delta_map, ...: what the report judges the variants against
         tracking.log_params(self.c, run.info.run_id, params)
         try:
             mlflow_store.retry(self.c.log_artifact, run.info.run_id, str(st.path))
