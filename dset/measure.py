@@ -12,7 +12,9 @@ Conventions (every number says how it was made):
   up to ``MoEFFN.pad_waste_limit`` x that work in padding rows, an implementation detail that the
   paper-convention GFLOPs leave out.
 - Latency: eval mode, ``torch.inference_mode``, batch 1 unless stated, warm-up runs then the median of
-  timed runs; several models are timed round-robin in one process so that they share conditions.
+  timed runs; several models are timed round-robin in one process so that they share conditions, and
+  :mod:`dset.latency_benchmark` repeats that in several processes for an interval that includes the spread
+  between processes.
 - Deployed speed (:func:`deployment_latency`): each model exported to ONNX (:mod:`dset.export`) and run by
   ONNX Runtime with as many threads as torch uses, timed round-robin with eager PyTorch on the same images,
   at batch 1 and 8; images/s = batch / median latency.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import itertools
 import math
 import platform
+import random
 import statistics
 import time
 import warnings
@@ -142,16 +145,23 @@ def _sync(device: torch.device) -> None:
 
 
 def time_round_robin(runners: dict[str, Callable[[], object]], warmup: int, repeats: int,
-                     sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+                     sync: Callable[[], None] = lambda: None,
+                     order_rng: random.Random | None = None) -> dict[str, list[float]]:
     """Milliseconds of each call of each runner: ``warmup`` untimed rounds, then ``repeats`` rounds in which every
-    runner is called once in turn, so that all of them share the machine's conditions (load, clocks, caches)."""
+    runner is called once in turn, so that all of them share the machine's conditions (load, clocks, caches).
+    With ``order_rng`` each timed round calls the runners in an order shuffled afresh, so that no runner always
+    follows the same one (whose caches or clocks it would inherit)."""
     for _ in range(warmup):
         for run in runners.values():
             run()
     sync()
     times: dict[str, list[float]] = {name: [] for name in runners}
+    names = list(runners)
     for _ in range(repeats):
-        for name, run in runners.items():
+        if order_rng is not None:
+            order_rng.shuffle(names)
+        for name in names:
+            run = runners[name]
             sync()
             start = time.perf_counter()
             run()
@@ -187,8 +197,10 @@ def paired_latency_change(baseline_ms: list[float], model_ms: list[float], level
 
 
 def measure_latency(models: dict[str, nn.Module], size: int | tuple[int, int] = 640, device: str = "cpu",
-                    batch_size: int = 1, warmup: int = 3, repeats: int = 10, seed: int = 0) -> dict[str, dict]:
-    """Median latency (ms) and FPS (images/s) of each model's eval forward, timed round-robin in one process."""
+                    batch_size: int = 1, warmup: int = 3, repeats: int = 10, seed: int = 0,
+                    order_seed: int | None = None) -> dict[str, dict]:
+    """Median latency (ms) and FPS (images/s) of each model's eval forward, timed round-robin in one process (in an
+    order shuffled every round with ``order_seed``, see :func:`time_round_robin`)."""
     device = torch.device(device)
     h, w = (size, size) if isinstance(size, int) else size
     images = torch.rand(batch_size, 3, h, w, generator=torch.Generator().manual_seed(seed)).to(device)
@@ -198,8 +210,9 @@ def measure_latency(models: dict[str, nn.Module], size: int | tuple[int, int] = 
         model.eval().to(device)
     try:
         with torch.inference_mode():
+            order_rng = random.Random(order_seed) if order_seed is not None else None
             times = time_round_robin({name: (lambda m=model: m(images)) for name, model in models.items()},
-                                     warmup, repeats, lambda: _sync(device))
+                                     warmup, repeats, lambda: _sync(device), order_rng)
     finally:
         for name, model in models.items():
             model.train(states[name])
@@ -321,10 +334,22 @@ def sparse_summary(model: nn.Module) -> dict:
 
 def profile_models(models: dict[str, nn.Module], size: int = 640, device: str = "cpu", flops_inputs: int = 3,
                    warmup: int = 3, repeats: int = 10, batch_size: int = 1, deployment: bool = False,
-                   deployment_batch_sizes: tuple[int, ...] = (1, 8)) -> dict[str, dict]:
+                   deployment_batch_sizes: tuple[int, ...] = (1, 8), processes: int = 0,
+                   latency_specs: list | None = None) -> dict[str, dict]:
     """Everything ``python -m dset.profile`` prints, for several models measured side by side. With
     ``deployment``, also eager PyTorch next to ONNX Runtime at ``deployment_batch_sizes``
-    (:func:`deployment_latency`), under the key ``deployment``."""
+    (:func:`deployment_latency`), under the key ``deployment``.
+
+    Latency: with ``processes`` = 0, the models given are timed round-robin in this process, and ``vs_first``'s
+    interval is a bootstrap over its rounds. With ``processes`` >= 1, :func:`dset.latency_benchmark.run_benchmark`
+    times them in that many separate processes, each building its models from ``latency_specs``
+    (:class:`~dset.latency_benchmark.ModelSpec`, one per model, labelled by its name), in a shuffled order every
+    round; ``vs_first``'s interval then includes the between-process spread (with 2 or more processes)."""
+    from . import latency_benchmark as LB
+
+    if processes and [s.label for s in latency_specs or []] != list(models):
+        raise ValueError(f"latency in {processes} processes needs one ModelSpec per model, labelled "
+                         f"{list(models)}, got {[s.label for s in latency_specs or []]}")
     results = {}
     for name, model in models.items():
         model.eval()
@@ -336,15 +361,25 @@ def profile_models(models: dict[str, nn.Module], size: int = 640, device: str = 
                          "size": size, **count_flops(model, size, num_inputs=n_inputs, device=where),
                          "sparse": sparse}
         results[name].pop("gflops_by_module")
-    timing = measure_latency(models, size, device, batch_size, warmup, repeats)
+    first = next(iter(models))
+    if processes:
+        bench = LB.run_benchmark(latency_specs, size, device, batch_size, warmup, repeats, processes)
+        timing, changes = {}, bench["changes"]
+        for name, m in bench["models"].items():
+            pooled = [ms for process in m["latency_ms_rounds"] for ms in process]
+            timing[name] = {**_timing(pooled, batch_size, repeats, bench["device"]), "processes": processes,
+                            "latency_ms_by_process": m["latency_ms_by_process"]}
+    else:
+        timing = measure_latency(models, size, device, batch_size, warmup, repeats)
+        changes = {name: {**paired_latency_change(timing[first]["latency_ms_rounds"],
+                                                  timing[name]["latency_ms_rounds"]),
+                          "processes": 1, "interval": LB.INTERVAL_ONE_PROCESS} for name in list(models)[1:]}
     for name in models:
         results[name].update(timing[name])
-    first = next(iter(models))
     for name in list(models)[1:]:  # each model against the first, measured side by side
         results[name]["vs_first"] = {
-            "baseline": first,
-            "gflops_change_percent": 100 * (results[name]["gflops"] / results[first]["gflops"] - 1),
-            **paired_latency_change(timing[first]["latency_ms_rounds"], timing[name]["latency_ms_rounds"])}
+            **changes[name], "baseline": first,
+            "gflops_change_percent": 100 * (results[name]["gflops"] / results[first]["gflops"] - 1)}
     if deployment:
         deployed = deployment_latency(models, size, device, deployment_batch_sizes, warmup, repeats)
         for name in models:

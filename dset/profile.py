@@ -3,6 +3,12 @@ component, latency and FPS, for several models measured side by side in one proc
 speed: eager PyTorch next to ONNX Runtime (CPU; TensorRT and CUDA too where onnxruntime has them and a GPU is
 present) at batch 1 and 8, every model and runtime timed round-robin (``--no-onnx`` skips it).
 
+Latency is timed side by side in ``--processes K`` separate processes (default 3; :mod:`dset.latency_benchmark`):
+in each, after warm-up, ``--repeats`` rounds that call every model once in a shuffled order. Each model's latency
+is the median of all its timed calls; "vs <first model>" gives the change with a 95% interval (Student t over
+the processes' median per-round log ratios) that includes the spread between processes. ``--processes 0`` times
+the models in this process only (the interval is then a bootstrap over its rounds, between-process spread left out).
+
 DSET models are measured in their trained state: the pruning schedules (token and memory) are set to their end
 (``--epoch`` overrides), so pruning runs at the target keep ratio.
 """
@@ -17,6 +23,7 @@ import torch
 
 from .config import ConfigError, load_config
 from .export import ExportError
+from .latency_benchmark import LatencyBenchmarkError, ModelSpec
 from .measure import profile_models
 
 
@@ -28,7 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="device for latency (FLOPs are counted on CPU)")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=10, help="timed rounds per process (default 10)")
+    parser.add_argument("--processes", type=int, default=3,
+                        help="separate processes the latency is timed in, one after the other (default 3; 0: only in "
+                             "this process, without the between-process spread)")
     parser.add_argument("--flops-inputs", type=int, default=3, help="random inputs to average DSET FLOPs over")
     parser.add_argument("--epoch", type=int, default=None,
                         help="epoch for the pruning schedules (default: the end of each ramp)")
@@ -47,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         parser.error("--deploy-batch-sizes must be positive integers separated by commas, "
                      f"got {args.deploy_batch_sizes!r}")
+    if args.processes < 0:
+        parser.error(f"--processes must be >= 0, got {args.processes}")
     if args.size <= 0 or args.size % 32:
         parser.error(f"--size must be a positive multiple of 32 (the backbone's stride), got {args.size}")
 
@@ -61,11 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    # how each latency process builds the same models
+    specs = [ModelSpec(name, name, tuple(args.overrides), epoch=args.epoch) for name in models]
     torch.manual_seed(0)
     try:
         results = profile_models(models, args.size, args.device, args.flops_inputs, args.warmup, args.repeats,
-                                 args.batch_size, deployment=not args.no_onnx, deployment_batch_sizes=deploy_batches)
-    except (ValueError, ExportError) as exc:  # e.g. more decoder queries than encoder tokens at a small --size
+                                 args.batch_size, deployment=not args.no_onnx, deployment_batch_sizes=deploy_batches,
+                                 processes=args.processes, latency_specs=specs)
+    except (ValueError, ExportError, LatencyBenchmarkError) as exc:  # e.g. more queries than tokens at a small --size
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for name, r in results.items():
@@ -80,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                 v = r["vs_first"]
                 print(f"  vs {v['baseline']}: GFLOPs {v['gflops_change_percent']:+.1f}%, latency "
                       f"{v['latency_change_percent']:+.1f}% (95% interval {v['latency_change_low_percent']:+.1f} to "
-                      f"{v['latency_change_high_percent']:+.1f}%, median of {v['rounds']} paired rounds)")
+                      f"{v['latency_change_high_percent']:+.1f}%; {v['processes']} process(es) x {v['rounds']} "
+                      f"paired rounds, {v['interval']})")
             if "deployment" in r:
                 print(deployment_lines(r["deployment"]))
     return 0
