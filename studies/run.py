@@ -35,7 +35,13 @@ each worker a GPU of its own (``--devices 0,2`` chooses them; ``studies/devices.
 Re-running a study skips finished runs (same fingerprint: resolved configuration, seed, stage 1, code version
 and data digest), continues interrupted ones from their last checkpoint in the same MLflow run, and retries
 failed ones. A cell finished by other code or on other data is stale: ``--dry-run`` marks it, a run redoes it
-(``--keep-stale`` keeps it instead). Exit code:
+(``--keep-stale`` keeps it instead).
+
+Latency (a grid): once every cell of a backbone has finished, its variants and its RT-DETR baseline are timed side
+by side, interleaved, in 3 separate processes, from the cells' checkpoints (studies/latency_step.py); one MLflow
+run per backbone (role "benchmark") holds each variant's latency change with a 95% interval, measured once per set
+of cells. ``--no-latency-benchmark`` leaves it out; a benchmark that fails is printed and recorded in its run, and
+does not change the exit code. Exit code:
 0 when every run finished, 1 when some failed (listed at the end), 2 for a usage or configuration
 error (before any work), 130 when interrupted.
 """
@@ -90,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "postgresql://user:pw@host/db shares a study between machines")
     ap.add_argument("--keep-stale", action="store_true", help="count a finished cell as done even when other code "
                     "or data made it (by default such a stale cell is run again; --dry-run marks it)")
+    ap.add_argument("--no-latency-benchmark", action="store_true", help="a grid: do not time each backbone's "
+                    "variants and baseline side by side once its cells have finished (studies/latency_step.py)")
     ap.add_argument("-v", "--verbose", action="store_true", help="per-epoch log lines of every run")
     return ap
 
@@ -120,10 +128,12 @@ def _terminate(signum, frame):  # a scheduler's SIGTERM ends the study like Ctrl
 
 
 def run_study(study: Study, cells: list[Cell] | None, uri: str, workers: int, storage: str | None,
-              keep_stale: bool, slots: list[Slot]) -> int:
-    """Run the study's cells or trials (this invocation's share of them); the exit code."""
+              keep_stale: bool, slots: list[Slot], latency_benchmark: bool = True) -> int:
+    """Run the study's cells or trials (this invocation's share of them), then, for a grid, the latency benchmark
+    of each backbone whose cells have all finished (unless ``latency_benchmark`` is false); the exit code."""
     from .grid_run import run_grid
     from .invocation import Invocation
+    from .latency_step import benchmark_grid
     from .search_run import run_search
 
     signal.signal(signal.SIGTERM, _terminate)
@@ -136,6 +146,8 @@ def run_study(study: Study, cells: list[Cell] | None, uri: str, workers: int, st
     try:
         if cells is not None:
             run_grid(inv, cells)
+            if latency_benchmark:
+                benchmark_grid(inv, cells)
         else:
             run_search(inv)
     except KeyboardInterrupt:
@@ -186,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     if error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    return run_study(study, cells, uri, ns.workers, ns.storage, ns.keep_stale, slots)
+    return run_study(study, cells, uri, ns.workers, ns.storage, ns.keep_stale, slots,
+                     latency_benchmark=not ns.no_latency_benchmark)
 
 
 if __name__ == "__main__":
