@@ -3,8 +3,13 @@
 Why: with one seed per cell, a test over seeds has nothing to say ("n=1, no test"), yet the validation
 set is itself a sample; resampling its images says how much a difference could be an accident of which
 images were drawn. Both models are scored on the same resampled images in every replicate (paired), which
-removes the image-difficulty noise they share. With several seeds on a side, each replicate also resamples
-that side's seeds (a hierarchical bootstrap), so the interval combines image sampling with seed spread.
+removes the image-difficulty noise they share. With several seeds on a side, each replicate scores every seed of
+that side on the resampled images and averages them (the image part: the paired bootstrap of the seed-averaged
+delta), and the seed spread enters as a t-based term: the pooled sample variance of the per-seed mAPs (ddof 1 on
+each side, ``n_variant + n_baseline - 2`` degrees of freedom), ``SE_seed = s_pooled * sqrt(1/n_v + 1/n_b)``, added
+to each side of the percentile interval in quadrature, ``t_{dof, 0.975} * SE_seed``. Resampling a handful of seeds
+with replacement instead would understate their variance by (n-1)/n and use normal quantiles where a t is due.
+Each interval also carries its minimum detectable effect (:func:`minimum_detectable_effect`).
 
 How: pycocotools' ``COCOeval.evaluate()`` runs once per run (:func:`evaluate_run`) and gives, for every
 image and category, which detections matched a ground-truth box at each IoU threshold (``evalImgs``, area
@@ -60,6 +65,7 @@ class Evaluated:
     category_ids: np.ndarray
     errors: E.ErrorAnalysis
     _replicates: dict = field(default_factory=dict, repr=False)
+    split: str = "val"        # the split the detections were scored on: "test", or "val" (the selection split)
 
     @property
     def n_images(self) -> int:
@@ -211,14 +217,25 @@ def _replicates(ev: Evaluated, n_resamples: int, seed: int) -> np.ndarray:
     return ev._replicates[key]
 
 
+# 80% power at a two-sided 5% test: an effect of (z_0.975 + z_0.80) standard errors is detected 80% of the time
+POWER = 0.80
+
+
 @dataclass(frozen=True)
 class Interval:
-    """An observed delta, its percentile bootstrap interval and the verdict that follows from the interval."""
+    """An observed delta, its 95% interval and the verdict that follows from the interval (without a margin:
+    :mod:`analysis.verdicts` judges ΔmAP with the study's margin); ``se_image``: the std of the paired image
+    bootstrap's deltas, ``se_seed``: the seed term's standard error (0 with one seed a side) on ``seed_dof`` degrees
+    of freedom; ``mde``: the minimum detectable effect (:func:`minimum_detectable_effect`)."""
 
     delta: float
     low: float
     high: float
     verdict: str
+    se_image: float = math.nan
+    se_seed: float = 0.0
+    seed_dof: int = 0
+    mde: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -264,18 +281,21 @@ def paired_delta(variant_runs, baseline_runs, n_resamples: int = N_RESAMPLES, se
                  level: float = LEVEL) -> PairedDelta:
     """Variant minus baseline (:class:`Evaluated` runs, one per seed) with percentile intervals at ``level``.
 
-    Every replicate draws one image resample for both sides (paired); a side with several runs also draws
-    its runs with replacement and averages their mAP on those images (hierarchical: image sampling plus seed
-    spread; with one run per side this is the image bootstrap alone). The observed delta is the difference
-    of the seed means on every image. Every run must have been evaluated on the same images."""
+    Every replicate draws one image resample for both sides (paired) and scores every run of a side on it, averaged
+    over the side's seeds; with several seeds in all, the t-based seed term (:func:`seed_term`) widens that
+    percentile interval (with one run per side it is the image bootstrap alone). The observed delta is the
+    difference of the seed means on every image. Every run must have been evaluated on the same images."""
     variant_runs, baseline_runs = list(variant_runs), list(baseline_runs)
     (var_reps, var_obs), (base_reps, base_obs), n_images = _paired_sides(
         variant_runs, baseline_runs, n_resamples, seed, lambda ev: _replicates(ev, n_resamples, seed).T,
         lambda ev: ev.observed())
     deltas = var_reps - base_reps                                                 # (resamples, 2)
-    intervals = [_interval(deltas[:, j], float(var_obs[j] - base_obs[j]), level) for j in range(2)]
-    return PairedDelta(intervals[0], intervals[1], float(var_obs[0]), float(base_obs[0]), float(var_obs[1]),
-                       float(base_obs[1]), len(variant_runs), len(baseline_runs), n_images, n_resamples, level)
+    se_seed, dof = seed_term(var_obs, base_obs)
+    intervals = [_interval(deltas[:, j], float(var_obs[:, j].mean() - base_obs[:, j].mean()), level, se_seed[j], dof)
+                 for j in range(2)]
+    v_mean, b_mean = var_obs.mean(axis=0), base_obs.mean(axis=0)
+    return PairedDelta(intervals[0], intervals[1], float(v_mean[0]), float(b_mean[0]), float(v_mean[1]),
+                       float(b_mean[1]), len(variant_runs), len(baseline_runs), n_images, n_resamples, level)
 
 
 @dataclass(frozen=True)
@@ -314,17 +334,20 @@ def paired_class_delta(variant_runs, baseline_runs, n_resamples: int = N_RESAMPL
         lambda ev: _class_replicates(ev, n_resamples, seed).mean(axis=2),          # AP@[.5:.95] per category
         lambda ev: ev.observed_class_ap().mean(axis=1))
     deltas = var_reps - base_reps                                                 # (resamples, categories)
+    se_seed, dof = seed_term(var_obs, base_obs)
+    var_obs, base_obs = var_obs.mean(axis=0), base_obs.mean(axis=0)
     n_gt = baseline_runs[0].npig.sum(axis=0)
-    return [ClassDelta(int(c), _interval(deltas[:, k], float(var_obs[k] - base_obs[k]), level), float(var_obs[k]),
-                       float(base_obs[k]), int(n_gt[k]), len(variant_runs), len(baseline_runs), n_images,
-                       n_resamples, level)
+    return [ClassDelta(int(c), _interval(deltas[:, k], float(var_obs[k] - base_obs[k]), level, se_seed[k], dof),
+                       float(var_obs[k]), float(base_obs[k]), int(n_gt[k]), len(variant_runs), len(baseline_runs),
+                       n_images, n_resamples, level)
             for k, c in enumerate(baseline_runs[0].category_ids)]
 
 
 def _paired_sides(variant_runs, baseline_runs, n_resamples: int, seed: int, replicates, observed):
-    """The hierarchical paired draws both comparisons share (runs: lists): for each side, ``replicates(ev)``
-    (resamples, ...) of its runs drawn with replacement per resample and averaged, and the seed mean of
-    ``observed(ev)``; and the number of images. Raises ValueError where the runs were evaluated on different images."""
+    """What both comparisons share (runs: lists): for each side, ``replicates(ev)`` (resamples, ...) of its runs
+    averaged over the runs (every run scored on the same image resamples), and ``observed(ev)`` of each run stacked
+    (runs, ...); and the number of images. Raises ValueError where the runs were evaluated on different images.
+    (``n_resamples`` and ``seed`` fix the image resamples ``replicates`` draws; no seed is drawn here.)"""
     if not variant_runs or not baseline_runs:
         raise ValueError("a paired comparison needs at least one run on each side")
     ref = baseline_runs[0]
@@ -335,20 +358,58 @@ def _paired_sides(variant_runs, baseline_runs, n_resamples: int, seed: int, repl
             raise ValueError(
                 f"runs evaluated on different images: {ev.name} ({ev.n_images} images) and {ref.name} "
                 f"({ref.n_images} images); only in {ev.name}: {only_ev[:5]}, only in {ref.name}: {only_ref[:5]}")
-    rng = np.random.default_rng([seed, 1])  # seed draws: apart from the image draws, shared by every comparison
 
     def side(runs):
         reps = np.stack([replicates(ev) for ev in runs])                          # (runs, resamples, ...)
-        pick = rng.integers(0, len(runs), size=(n_resamples, len(runs)))          # seeds drawn per replicate
-        drawn = reps[pick, np.arange(n_resamples)[:, None]]                       # (resamples, runs, ...)
-        return drawn.mean(axis=1), np.mean([observed(ev) for ev in runs], axis=0)
+        return reps.mean(axis=0), np.stack([np.asarray(observed(ev), dtype=float) for ev in runs])
 
     return side(variant_runs), side(baseline_runs), ref.n_images
 
 
-def _interval(deltas: np.ndarray, observed: float, level: float) -> Interval:
-    """The percentile interval at ``level`` of the replicate ``deltas`` (NaN ones left out), around ``observed``."""
+def seed_term(variant_obs: np.ndarray, baseline_obs: np.ndarray) -> tuple[np.ndarray, int]:
+    """The seed part of a delta's uncertainty, from each run's observed value (``(runs, ...)`` per side): the
+    standard error of the difference of the seed means, ``s_pooled * sqrt(1/n_v + 1/n_b)``, where ``s_pooled**2``
+    pools both sides' sample variances (ddof 1: no (n-1)/n shrinkage; a side with one seed adds no degree of
+    freedom and borrows the other side's spread), and its degrees of freedom ``n_v + n_b - 2``. With one seed a side
+    there is no estimate: zeros and 0 degrees of freedom (the interval is then the image bootstrap alone)."""
+    v, b = np.asarray(variant_obs, dtype=float), np.asarray(baseline_obs, dtype=float)
+    n_v, n_b = len(v), len(b)
+    dof = n_v + n_b - 2
+    if dof == 0:
+        return np.zeros(v.shape[1:]), 0
+    squares = ((v - v.mean(axis=0)) ** 2).sum(axis=0) + ((b - b.mean(axis=0)) ** 2).sum(axis=0)
+    return np.sqrt(squares / dof * (1 / n_v + 1 / n_b)), dof
+
+
+def t_quantile(q: float, dof: int) -> float:
+    """Student's t quantile ``q`` on ``dof`` degrees of freedom (the normal's for ``dof`` 0: no seed term)."""
+    from scipy import stats
+
+    return float(stats.norm.ppf(q) if dof <= 0 else stats.t.ppf(q, dof))
+
+
+def minimum_detectable_effect(se_image: float, se_seed: float = 0.0, seed_dof: int = 0, level: float = LEVEL,
+                              power: float = POWER) -> float:
+    """The smallest true |Δ| a two-sided test at ``1 - level`` detects with probability ``power``:
+    ``(z_{1-α/2} + z_power) * SE_image`` (2.80 x SE at 95% and 80%) combined in quadrature with
+    ``(t_{dof, 1-α/2} + t_{dof, power}) * SE_seed``, the same way the interval combines its two parts."""
+    alpha = 1 - level
+    image = (t_quantile(1 - alpha / 2, 0) + t_quantile(power, 0)) * se_image
+    seeds = (t_quantile(1 - alpha / 2, seed_dof) + t_quantile(power, seed_dof)) * se_seed if seed_dof else 0.0
+    return float(math.hypot(image, seeds))
+
+
+def _interval(deltas: np.ndarray, observed: float, level: float, se_seed: float = 0.0, seed_dof: int = 0) -> Interval:
+    """The percentile interval at ``level`` of the replicate ``deltas`` (NaN ones left out), around ``observed``,
+    each side widened in quadrature by the seed term ``t_{seed_dof, 1-α/2} * se_seed`` (none with 0 dof)."""
     tail = (1 - level) / 2
     d = deltas[~np.isnan(deltas)]
-    low, high = (np.quantile(d, [tail, 1 - tail]) if len(d) else (math.nan, math.nan))
-    return Interval(observed, float(low), float(high), verdict(float(low), float(high), level))
+    if not len(d) or math.isnan(observed):
+        return Interval(observed, math.nan, math.nan, verdict(math.nan, math.nan, level))
+    p_low, p_high = np.quantile(d, [tail, 1 - tail])
+    seed_half = t_quantile(1 - tail, seed_dof) * float(se_seed) if seed_dof else 0.0
+    low = observed - math.hypot(max(observed - float(p_low), 0.0), seed_half) if seed_half else float(p_low)
+    high = observed + math.hypot(max(float(p_high) - observed, 0.0), seed_half) if seed_half else float(p_high)
+    se_image = float(np.std(d, ddof=1)) if len(d) > 1 else 0.0
+    return Interval(observed, low, high, verdict(low, high, level), se_image, float(se_seed), int(seed_dof),
+                    minimum_detectable_effect(se_image, float(se_seed), int(seed_dof), level))

@@ -62,6 +62,7 @@ from analysis import errors as E
 from analysis import plots as P
 from analysis import runs as R
 from analysis import tables as T
+from analysis import verdicts as V
 from dset import metric_names as M
 from studies import mlflow_store as store
 
@@ -75,6 +76,11 @@ PLOT_CAPTIONS = {
                      "as stars; dashed: the Pareto front (no other variant has more mAP for fewer GFLOPs).",
     "map_vs_latency": "mAP@0.5:0.95 against latency (batch 1, median, on the latency device) for every variant; "
                       "RT-DETR baselines as stars; dashed: the Pareto front.",
+    "forest": "ΔmAP@0.5:0.95 of each variant against RT-DETR of the same backbone, with its 95% interval (the answer "
+              "table's); grey band: ±δ, the study's non-inferiority margin; the verdict beside each row.",
+    "accuracy_vs_latency": "ΔmAP@0.5:0.95 (95% interval, vertical) against the side-by-side latency change (95% "
+                           "interval, horizontal) of each variant against RT-DETR of the same backbone; dashed: the "
+                           "study's latency target; grey band: ±δ.",
     "memory_pruning_tradeoff": "Memory pruning: ΔmAP@0.5:0.95 against RT-DETR of the same backbone (error bars: its "
                                "95% interval, as in the memory-pruning table) against the change in GFLOPs as run; "
                                "points labelled with the memory keep ratio (off: memory pruning off).",
@@ -101,6 +107,7 @@ PLOT_CAPTIONS = {
 
 
 def provenance(study: R.StudyRuns) -> str:
+    """How and when the numbers were produced, and the targets the verdicts were judged against."""
     runs = study.runs
     children = study.children
     statuses = ", ".join(f"{n} {s}" for s, n in sorted(children["status"].value_counts().items()))
@@ -117,7 +124,7 @@ def provenance(study: R.StudyRuns) -> str:
             "a mean, difference or test of them; the intervals are bootstrapped from the detections the runs logged "
             "(or Welch's over seeds where they logged none, as the tables say), and the error analysis (AP by size, "
             "per-class AP, precision-recall, confusion) is computed from those detections; the compute table's sites "
-            "are closed-form and labelled so.")
+            "are closed-form and labelled so. " + V.study_targets(study).source + ".")
 
 
 def build_tables(study: R.StudyRuns, vs: pd.DataFrame) -> tuple[dict, dict, dict]:
@@ -133,15 +140,20 @@ def build_tables(study: R.StudyRuns, vs: pd.DataFrame) -> tuple[dict, dict, dict
         else:
             tables[name] = table
 
+    extra["targets"] = V.study_targets(study)
+    targets = extra["targets"].targets
     if vs.empty:
-        for name in ("answer", "main", "ablation", "memory_pruning", "compute", "reported_vs_measured", "ap_by_size",
-                     "class_ap_deltas"):
+        for name in ("answer", "main", "ablation", "memory_pruning", "moe_diagnostics", "compute",
+                     "reported_vs_measured", "ap_by_size", "class_ap_deltas"):
             skipped[name] = "no child runs (only study invocations) in this experiment"
     else:
-        add("answer", *T.answer_table(study, vs))
+        latency = T.side_by_side_latency(study)
+        extra["latency"] = latency
+        add("answer", *T.answer_table(study, vs, targets, latency))
         add("main", T.main_table(study, vs))
-        add("ablation", *T.ablation_table(study, vs))
-        add("memory_pruning", *T.memory_pruning_table(study, vs))
+        add("ablation", *T.ablation_table(study, vs, targets))
+        add("memory_pruning", *T.memory_pruning_table(study, vs, targets, latency))
+        add("moe_diagnostics", *T.moe_diagnostics_table(study, vs))
         add("compute", *T.compute_table(study, vs))
         add("reported_vs_measured", T.reported_table(study, vs))
         # errors beyond mAP, from the detections the runs logged (the plots reuse the analyses)
@@ -172,6 +184,14 @@ def build_figures(study: R.StudyRuns, vs: pd.DataFrame, tables: dict, extra: dic
             figures[name] = fig
             captions[name] = caption or PLOT_CAPTIONS[name]
 
+    targets = extra["targets"].targets
+    if "answer" in tables:
+        add("forest", P.forest(tables["answer"].df, targets.delta_map), "no variant with a ΔmAP")
+        latency_why = ("no side-by-side latency benchmark in this study" if extra["latency"].empty
+                       else "no variant with both a ΔmAP and a side-by-side latency change")
+        add("accuracy_vs_latency", P.accuracy_vs_latency(tables["answer"].df, targets), latency_why)
+    else:
+        skipped["forest"] = skipped["accuracy_vs_latency"] = "no answer table"
     devices = sorted(set(vs["latency_device"].dropna())) if not vs.empty else []
     if vs.empty:
         for name in ("map_vs_gflops", "map_vs_latency"):
@@ -186,7 +206,7 @@ def build_figures(study: R.StudyRuns, vs: pd.DataFrame, tables: dict, extra: dic
     else:
         skipped["ablation_bars"] = "no ablation table"
     if "memory_pruning" in tables:
-        add("memory_pruning_tradeoff", P.memory_pruning_tradeoff(tables["memory_pruning"].df),
+        add("memory_pruning_tradeoff", P.memory_pruning_tradeoff(tables["memory_pruning"].df, targets),
             "no memory-pruning variant with a ΔmAP and GFLOPs")
     else:
         skipped["memory_pruning_tradeoff"] = "no memory-pruning table"
@@ -335,7 +355,7 @@ def _table_view(name: str, t: T.Table) -> dict:
     """What the page shows of a table: its text cells, title and notes."""
     text = t.text()
     return {"name": name, "title": t.title, "columns": list(text.columns), "rows": text.values.tolist(),
-            "notes": t.notes}
+            "notes": t.notes, "lead": t.lead}
 
 
 def render_html(study: R.StudyRuns, tables: dict, images: dict, captions: dict, skipped: dict) -> str:
@@ -344,14 +364,21 @@ def render_html(study: R.StudyRuns, tables: dict, images: dict, captions: dict, 
                 "mime": "image/jpeg" if file.endswith(".jpg") else "image/png",
                 "base64": base64.b64encode(data).decode("ascii")} for name, (file, data) in images.items()]
     return PAGE.get_template("index.html.j2").render(
-        experiment=study.experiment, provenance=provenance(study), skipped=skipped, images=figures,
+        experiment=study.experiment, provenance=provenance(study), skipped=skipped,
+        answer_images=[f for f in figures if f["name"] in ANSWER_FIGURES],
+        images=[f for f in figures if f["name"] not in ANSWER_FIGURES],
         tables=[_table_view(name, t) for name, t in tables.items()])
+
+
+ANSWER_FIGURES = ("forest", "accuracy_vs_latency")  # the page opens on these, above the answer table
 
 
 def render_markdown(study: R.StudyRuns, tables: dict, skipped: dict) -> str:
     """Every table in one Markdown file, in the report's order (the answer first), with where they came from."""
     parts = [f"# DSET report: experiment {study.experiment}", ""]
     for t in tables.values():
+        if t.lead:
+            parts += [f"**{t.lead}**", ""]
         parts += [T.to_markdown(t)]
         if t.name == "answer":
             parts += [provenance(study), ""]
@@ -438,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("answer", "main"):
         if name in tables:
             print(f"\n{tables[name].title}\n")
+            if tables[name].lead:
+                print(tables[name].lead + "\n")
             print(T.markdown_grid(tables[name].text()))
     return 0
 

@@ -143,13 +143,83 @@ def map_vs(vs: pd.DataFrame, x_metric: str, x_label: str) -> Figure | None:
     return fig
 
 
+def _errors(df: pd.DataFrame, value: str, low: str, high: str) -> list:
+    """Matplotlib's asymmetric error bars (below, above) of ``value`` from interval columns ``low``/``high``."""
+    return [(df[value] - df[low]).clip(lower=0).fillna(0), (df[high] - df[value]).clip(lower=0).fillna(0)]
+
+
 @_styled
-def memory_pruning_tradeoff(table_df: pd.DataFrame) -> Figure | None:
+def forest(answer_df: pd.DataFrame, delta_map: float) -> Figure | None:
+    """One panel per backbone: each variant's ΔmAP (answer table) with its 95% interval as a horizontal bar, the
+    ±``delta_map`` band shaded, 0 drawn, and the verdict written beside each row."""
+    df = answer_df[answer_df["ΔmAP"].notna()]
+    if df.empty:
+        return None
+    backbones = list(dict.fromkeys(df["backbone"]))
+    heights = [max(1, (df["backbone"] == bb).sum()) for bb in backbones]
+    fig = Figure(figsize=(7.6, 0.9 + 0.32 * sum(heights) + 0.5 * len(backbones)), dpi=DPI, layout="constrained")
+    axes = fig.subplots(len(backbones), 1, squeeze=False, gridspec_kw={"height_ratios": heights})
+    lo = min(df["ΔmAP CI low"].min(skipna=True), df["ΔmAP"].min(), -delta_map)
+    hi = max(df["ΔmAP CI high"].max(skipna=True), df["ΔmAP"].max(), delta_map)
+    pad = 0.08 * (hi - lo or 1.0)
+    seen: list = []
+    for ax, bb in zip(axes[:, 0], backbones):
+        sub = df[df["backbone"] == bb].reset_index(drop=True)
+        ys = np.arange(len(sub))[::-1]
+        ax.axvspan(-delta_map, delta_map, color="0.88", zorder=0, label=f"±δ = {delta_map:g}")
+        ax.axvline(0, color="black", linewidth=0.7)
+        ax.errorbar(sub["ΔmAP"], ys, xerr=_errors(sub, "ΔmAP", "ΔmAP CI low", "ΔmAP CI high"), fmt="o",
+                    color=_color(bb, seen), capsize=3, markersize=4, linewidth=1.2, zorder=3)
+        ax.set_yticks(ys, [str(v) for v in sub["variant"]], fontsize=7.5)
+        ax.set_ylim(-0.7, len(sub) - 0.3)
+        ax.set_xlim(lo - pad, hi + pad)
+        # the verdict beside each row, outside the axes on the right
+        for y, verdict in zip(ys, sub["verdict"]):
+            text = verdict if len(verdict) <= 48 else verdict[:46] + "…"
+            ax.annotate(text, (1.01, y), xycoords=("axes fraction", "data"), va="center", fontsize=7,
+                        annotation_clip=False)
+        ax.set_title(f"{bb}: ΔmAP vs RT-DETR {bb} (95% interval)", loc="left")
+        ax.grid(axis="x", alpha=0.3)
+        ax.legend(loc="lower left", fontsize=6.5)
+    axes[-1, 0].set_xlabel("ΔmAP@0.5:0.95 (variant − RT-DETR)")
+    return fig
+
+
+@_styled
+def accuracy_vs_latency(answer_df: pd.DataFrame, targets) -> Figure | None:
+    """ΔmAP (95% interval, vertical) against the side-by-side Δlatency % (95% interval, horizontal) of each variant
+    of the answer table, one colour per backbone; the latency target and the ±δ band drawn; None without any
+    variant that has both."""
+    df = answer_df[answer_df["ΔmAP"].notna() & answer_df["Δlatency (%)"].notna()]
+    if df.empty:
+        return None
+    fig, axes = _new(6.4, 4.4)
+    ax = axes[0, 0]
+    seen: list = []
+    ax.axhspan(-targets.delta_map, targets.delta_map, color="0.9", zorder=0, label=f"ΔmAP within ±δ = "
+                                                                                    f"{targets.delta_map:g}")
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.axvline(0, color="black", linewidth=0.6)
+    ax.axvline(targets.latency_percent, color="grey", linestyle="--", linewidth=0.8,
+               label=f"latency target: {targets.latency_percent:g}%")
+    for bb, sub in df.groupby("backbone", sort=False):
+        ax.errorbar(sub["Δlatency (%)"], sub["ΔmAP"], xerr=_errors(sub, "Δlatency (%)", "Δlatency CI low",
+                                                                     "Δlatency CI high"),
+                    yerr=_errors(sub, "ΔmAP", "ΔmAP CI low", "ΔmAP CI high"), fmt="o", color=_color(bb, seen),
+                    capsize=2, markersize=4, linewidth=0.9, label=bb, zorder=3)
+        for _, r in sub.iterrows():
+            ax.annotate(str(r["variant"]).replace(f" {bb}", ""), (r["Δlatency (%)"], r["ΔmAP"]),
+                        textcoords="offset points", xytext=(4, 3), fontsize=6.5)
+    _labelled(ax, "Accuracy against measured latency, vs RT-DETR", "Δlatency % vs RT-DETR (side by side, 95% interval)",
+              "ΔmAP@0.5:0.95 vs RT-DETR (95% interval)")
+    return fig
+
+
+@_styled
+def memory_pruning_tradeoff(table_df: pd.DataFrame, targets) -> Figure | None:
     """ΔmAP (95% interval as error bars) against ΔGFLOPs (%) for every variant of the memory-pruning table, one
     series per backbone and DSET switches, each point labelled with its memory keep ratio; RT-DETR at the origin;
-    the bar's GFLOPs line and ΔmAP = 0 drawn."""
-    from . import tables as T
-
+    the study's GFLOPs target and ΔmAP = 0 drawn."""
     df = table_df[table_df["ΔmAP"].notna() & table_df["ΔGFLOPs (%)"].notna()]
     if df.empty:
         return None
@@ -171,8 +241,8 @@ def memory_pruning_tradeoff(table_df: pd.DataFrame) -> Figure | None:
             ax.annotate(keep, (r["ΔGFLOPs (%)"], r["ΔmAP"]), textcoords="offset points", xytext=(4, 3), fontsize=6.5)
     ax.scatter([0], [0], s=160, marker="*", color="white", edgecolor="black", zorder=4, label="RT-DETR (origin)")
     ax.axhline(0, color="black", linewidth=0.6)
-    ax.axvline(T.BAR_GFLOPS_PERCENT, color="grey", linestyle="--", linewidth=0.8,
-               label=f"bar: {T.BAR_GFLOPS_PERCENT:g}% GFLOPs")
+    ax.axvline(targets.gflops_percent, color="grey", linestyle="--", linewidth=0.8,
+               label=f"target: {targets.gflops_percent:g}% GFLOPs")
     _labelled(ax, "Memory pruning: accuracy against compute, vs RT-DETR", "ΔGFLOPs (%) vs RT-DETR, as run",
               "ΔmAP@0.5:0.95 vs RT-DETR (95% interval)")
     return fig

@@ -12,7 +12,8 @@ for the bootstrap intervals. No other file written by a run is read. Metric name
 ``load_study_runs(experiment, tracking_uri)`` returns a :class:`StudyRuns` whose ``runs`` frame keeps every
 column ``search_runs`` returned (``params.*``, ``tags.*``, and each ``metrics.<name>`` under the metric's own name,
 ``dset.metric_names``: ``best/mAP``, ``gflops/backbone``, ...) and adds normalised ones:
-``role`` ("parent"; "pretrain": a stage-1 pretraining run, never a variant; or "child"), ``backbone``,
+``role`` ("parent"; "pretrain": a stage-1 pretraining run, never a variant; "benchmark": a side-by-side latency
+benchmark run, never a variant; or "child"), ``backbone``,
 the three switches as booleans, ``combo`` ("", "E", "E+P", ...), ``seed``, ``trial``, ``init_checkpoint``
 and ``init_source`` (the weights a run started from), ``checkpoint_dir``, ``included`` (the run's numbers
 enter the tables) and ``reason`` (why not, e.g. the error of a failed run), ``note`` (an early stop, a
@@ -72,6 +73,10 @@ FINAL_METRICS = (
 # the deploy/ metrics of any runtime: deploy/<runtime>/<latency_ms|images_per_s>_b<batch>
 DEPLOY_RE = re.compile("^" + re.escape(M.DEPLOY_PREFIX) + r"([a-z_]+)/(latency_ms|images_per_s)_b(\d+)$")
 USAGE_RE = re.compile("^" + re.escape(M.USAGE_PREFIX) + r"(encoder_moe|decoder_moe)/layer(\d+)/expert(\d+)$")
+# per MoE layer: how alike the experts' weights are (mean pairwise cosine), the router's mean per-token entropy (nats)
+DIAGNOSTIC_RE = re.compile("^" + re.escape(M.USAGE_PREFIX)
+                           + r"(encoder_moe|decoder_moe)/layer(\d+)/(expert_cosine|router_entropy)$")
+ROLES = ("parent", "pretrain", "benchmark")   # runs that are never a variant; any other role is a "child"
 # the prefix mlflow.search_runs puts before each metric's name; normalise drops it
 SEARCH_RUNS_METRIC_PREFIX = "metrics."
 
@@ -110,6 +115,15 @@ class StudyRuns:
     @property
     def pretrain(self) -> pd.DataFrame:
         return self.runs[self.runs["role"] == "pretrain"]
+
+    @property
+    def benchmarks(self) -> pd.DataFrame:
+        """The side-by-side latency benchmark runs (role "benchmark"; :mod:`analysis.latency` reads them)."""
+        return self.runs[self.runs["role"] == "benchmark"]
+
+    @property
+    def parents(self) -> pd.DataFrame:
+        return self.runs[self.runs["role"] == "parent"]
 
     @property
     def included(self) -> pd.DataFrame:
@@ -270,7 +284,7 @@ def _metrics_by_name(df: pd.DataFrame) -> pd.DataFrame:
 
 def _add_variant_columns(df: pd.DataFrame) -> None:
     """role, backbone, the three switches, combo, seed and trial (in place): from the tags, else the params."""
-    df["role"] = [r if r in ("parent", "pretrain") else "child" for r in _tag(df, S.TAG_ROLE)]
+    df["role"] = [r if r in ROLES else "child" for r in _tag(df, S.TAG_ROLE)]
     # a run without a dset.role tag but with nested children is a parent too
     parents = set(_tag(df, "mlflow.parentRunId").dropna())
     df.loc[df["run_id"].isin(parents) & _tag(df, S.TAG_ROLE).isna(), "role"] = "parent"
@@ -318,6 +332,8 @@ def _exclusion(row: pd.Series, superseded_by: str | None, has_map: bool) -> str 
         return "parent run (the study invocation)"
     if row["role"] == "pretrain":
         return "stage-1 pretraining run, not a variant (see the Stage 1 table)"
+    if row["role"] == "benchmark":
+        return "side-by-side latency benchmark, not a variant (see the answer's latency)"
     if isinstance(superseded_by, str) and superseded_by:
         return f"stale (made by other code or data), redone by run {superseded_by[:8]}"
     if status == "FINISHED" and has_map:
@@ -332,7 +348,7 @@ def _exclusion(row: pd.Series, superseded_by: str | None, has_map: bool) -> str 
 
 
 def _role_rank(role: str) -> int:
-    return {"parent": 0, "pretrain": 1}.get(role, 2)
+    return {"parent": 0, "pretrain": 1, "benchmark": 2}.get(role, 3)
 
 
 def _group_key(row: pd.Series) -> str:
@@ -382,7 +398,8 @@ def _label_groups(df: pd.DataFrame) -> None:
                 labels[gid] = f"{label} [{cells[0] if cells else gid}]"
                 keys[gid] = keys[gid][:5] + (labels[gid], gid)
     order = {gid: i for i, gid in enumerate(sorted(keys, key=lambda g: keys[g]))}
-    df["label"] = [labels.get(g) or ((t or "(stage 1)") if g.startswith("pretrain:") else "(parent)")
+    df["label"] = [labels.get(g) or ((t or "(stage 1)") if g.startswith("pretrain:") else
+                                     "(benchmark)" if g.startswith("benchmark:") else "(parent)")
                    for g, t in zip(df["group"], df["variant_tag"])]
     df["sort_key"] = [order.get(g, -1) for g in df["group"]]
 
@@ -456,10 +473,12 @@ def baseline_of(vs: pd.DataFrame, backbone: str) -> pd.Series | None:
 
 
 def evaluations(study: StudyRuns, run_ids) -> dict[str, B.Evaluated | str]:
-    """Each run's detections matched against its ground truth (:func:`analysis.bootstrap.evaluate_run`), from
-    its ``ARTIFACT_DETECTIONS`` and ``ARTIFACT_GROUND_TRUTH``, or, as a string, why there is none: a run from
-    before these artifacts existed, or an unreadable one (the report then falls back on seeds alone and says
-    why). Downloaded and evaluated once per run and report (cached on ``study``)."""
+    """Each run's detections matched against its ground truth (:func:`analysis.bootstrap.evaluate_run`), or, as a
+    string, why there is none: a run from before these artifacts existed, or an unreadable one (the report then
+    falls back on seeds alone and says why). The scoring split's artifacts (``ARTIFACT_TEST_DETECTIONS``,
+    ``ARTIFACT_TEST_GROUND_TRUTH``) where the run logged them, else the validation ones (``ARTIFACT_DETECTIONS``,
+    ``ARTIFACT_GROUND_TRUTH``: the images the model was selected on); the result's ``split`` says which ("test" or
+    "val"). Downloaded and evaluated once per run and report (cached on ``study``)."""
     todo = [r for r in run_ids if r not in study._evaluations]
     if todo:
         with store.no_progress_bar(), tempfile.TemporaryDirectory(prefix="dset_report_") as tmp:
@@ -469,23 +488,35 @@ def evaluations(study: StudyRuns, run_ids) -> dict[str, B.Evaluated | str]:
     return {r: study._evaluations[r] for r in run_ids}
 
 
+def split_artifacts() -> list[tuple[str, str, str]]:
+    """(split, detections artifact, ground-truth artifact) in the order the report prefers them: the test split's
+    (when studies/mlflow_schema.py names them), then the validation split's."""
+    test = (getattr(S, "ARTIFACT_TEST_DETECTIONS", None), getattr(S, "ARTIFACT_TEST_GROUND_TRUTH", None))
+    return ([("test", *test)] if all(test) else []) + [("val", S.ARTIFACT_DETECTIONS, S.ARTIFACT_GROUND_TRUTH)]
+
+
 def _evaluation(client, run_id: str, folder: Path) -> B.Evaluated | str:
-    folder_name = S.ARTIFACT_DETECTIONS.rsplit("/", 1)[0]
+    splits = split_artifacts()
     try:
-        logged = {f.path for f in client.list_artifacts(run_id, folder_name)}
+        logged = {f.path for folder_name in sorted({d.rsplit("/", 1)[0] for _, d, _ in splits})
+                  for f in client.list_artifacts(run_id, folder_name)}
     except Exception as exc:  # an artifact store that cannot be listed: the run is reported without them
         return f"artifacts not readable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-    absent = [a for a in (S.ARTIFACT_DETECTIONS, S.ARTIFACT_GROUND_TRUTH) if a not in logged]
-    if absent:
-        return f"no {' or '.join(absent)} logged"
+    found = [(split, d, g) for split, d, g in splits if d in logged and g in logged]
+    if not found:
+        val = splits[-1]
+        return f"no {' or '.join(a for a in val[1:] if a not in logged)} logged"
+    split, det_name, gt_name = found[0]
     try:
-        dets = json.loads(Path(client.download_artifacts(run_id, S.ARTIFACT_DETECTIONS, str(folder))).read_text())
-        gt = json.loads(Path(client.download_artifacts(run_id, S.ARTIFACT_GROUND_TRUTH, str(folder))).read_text())
+        dets = json.loads(Path(client.download_artifacts(run_id, det_name, str(folder))).read_text())
+        gt = json.loads(Path(client.download_artifacts(run_id, gt_name, str(folder))).read_text())
         if not isinstance(dets, dict) or "detections" not in dets or "image_ids" not in dets:
-            raise ValueError(f"{S.ARTIFACT_DETECTIONS} needs 'image_ids' and 'detections'")
-        return B.evaluate_run(gt, dets["detections"], dets["image_ids"], name=f"run {run_id}")
+            raise ValueError(f"{det_name} needs 'image_ids' and 'detections'")
+        ev = B.evaluate_run(gt, dets["detections"], dets["image_ids"], name=f"run {run_id}")
+        ev.split = split
+        return ev
     except Exception as exc:  # a malformed file: say which run and why, and report the run without it
-        return f"{S.ARTIFACT_DETECTIONS} / {S.ARTIFACT_GROUND_TRUTH} unusable: {type(exc).__name__}: {exc}"
+        return f"{det_name} / {gt_name} unusable: {type(exc).__name__}: {exc}"
 
 
 def pictures(study: StudyRuns, run_id: str) -> tuple[dict, dict[str, bytes]] | str:
@@ -559,3 +590,23 @@ def histories(study: StudyRuns, keys: tuple[str, ...], runs: pd.DataFrame | None
     df = df.sort_values(["sort_key", "run_id", "key", "step", "timestamp"], kind="mergesort")
     df = df.drop_duplicates(["run_id", "key", "step"], keep="last").drop(columns="timestamp")
     return df.reset_index(drop=True)
+
+
+def moe_diagnostics(study: StudyRuns, group: str) -> dict[str, pd.DataFrame]:
+    """Per MoE site of a variant (``{"encoder_moe": frame, "decoder_moe": frame}``, the sites that logged them): one
+    row per layer with ``expert_cosine`` (mean pairwise cosine of the experts' weights, 1 = identical experts) and
+    ``router_entropy`` (mean per-token routing entropy, nats), each the latest value MLflow holds of
+    ``sparse/<site>/layer<i>/<name>`` (the last epoch's), averaged over the variant's included runs."""
+    inc = study.included[study.included["group"] == group]
+    found: dict[str, dict[int, dict[str, str]]] = {}
+    for col in study.runs.columns:
+        m = DIAGNOSTIC_RE.match(col)
+        if m and inc[col].notna().any():
+            found.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = col
+    out = {}
+    for where, layers in found.items():
+        rows = [{"layer": layer, **{name: float(inc[col].astype(float).mean()) if col else math.nan
+                                    for name, col in ((n, cols.get(n)) for n in ("expert_cosine", "router_entropy"))}}
+                for layer, cols in sorted(layers.items())]
+        out[where] = pd.DataFrame(rows)
+    return out

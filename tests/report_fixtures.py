@@ -7,7 +7,7 @@ tests can recompute every table value by hand. Parameters are the real flat conf
 Experiments:
 - ``ablation_grid``: a parent run and child runs over R18/R34 x some switch combinations x seeds 0, 1
   (see ``ABLATION_RUNS``), one of them FAILED with ``dset.error``; 3 epochs of per-epoch metrics;
-  expert usage shares for the MoE variants.
+  expert usage shares and MoE diagnostics (expert cosine, router entropy) for the MoE variants.
 - ``optuna_search``: a parent run and trials 0-4 (``OPTUNA_TRIALS``) with ``dset.trial`` tags, plus a
   failed trial 5 and a trial 6 that Optuna pruned (finished, with numbers that would dominate the front).
 - ``crashed_study``: a FAILED parent, a child that failed before logging any param, and a child still
@@ -18,7 +18,9 @@ Experiments:
   (E+P+D) clearly better, (E) with two seeds of RT-DETR's quality (indistinguishable), (P) worse, (D) a run
   without the artifacts (an old run: the report falls back on Welch), and R34 cells whose mAPs are both
   below the noise floor. Their best/mAP and best/mAP50 are pycocotools' numbers on those detections, and
-  they log profile/tokens, profile/kept_tokens and profile/keep_ratio.
+  they log profile/tokens, profile/kept_tokens and profile/keep_ratio. Its parent run logs the study's targets
+  (``TWO_STAGE_TARGETS``, δ 0.05) as studies/study_runs.py does; the other experiments' parents log none (a store
+  from before targets: the defaults).
 - ``empty_study``: no runs.
 """
 
@@ -32,6 +34,7 @@ import numpy as np
 from dset import metric_names as M
 from dset.config import load_config
 from studies import mlflow_schema as S
+from studies.spec import Targets
 
 EPOCHS = 3
 T0_MS = 1_700_000_000_000  # fixed start times: the report's "newest run" date is then known
@@ -53,6 +56,7 @@ ABLATION_RUNS = [
 ]
 FAILED_ERROR = "RuntimeError: CUDA out of memory (fixture)"
 MAP50_OFFSET, MAP75_OFFSET = 0.25, 0.05
+ROUTER_ENTROPY = [1.2, 1.79, 1.3, 1.4]   # per MoE layer, nats (6 experts: ln 6 = 1.7918 is uniform routing)
 
 BASE_GFLOPS = {"R18": (8.5, 4.3, 2.2), "R34": (16.0, 4.3, 3.2)}   # backbone, encoder, decoder
 BASE_LATENCY = {"R18": 20.0, "R34": 30.0}
@@ -227,6 +231,11 @@ def _epoch_metrics(e: bool, p: bool, d: bool, seed: int, best_map: float, num_de
                 shares = usage_shares(layer) if ep == EPOCHS - 1 else [1 / 6] * 6
                 out += [(M.usage_metric(where, layer, j), s, ep) for j, s in enumerate(shares)]
                 out.append((M.entropy_metric(where, layer), 1.5, ep))
+                # MoE diagnostics: the report reads the final epoch's; layer 0 ends with near-identical experts,
+                # layer 1 with a near-uniform router (entropy within 1% of ln 6 = 1.7918)
+                cosine = [0.5, 0.7, 0.995 if layer == 0 else 0.6][min(ep, 2)]
+                out += [(f"{M.USAGE_PREFIX}{where}/layer{layer}/expert_cosine", cosine, ep),
+                        (f"{M.USAGE_PREFIX}{where}/layer{layer}/router_entropy", ROUTER_ENTROPY[layer], ep)]
     return out
 
 
@@ -318,6 +327,8 @@ TWO_STAGE_RUNS = [
     ("R34", True, True, True, 0, "noise", True),
 ]
 TWO_STAGE_IMAGES = 48
+TWO_STAGE_TARGETS = Targets(delta_map=0.05, gflops_percent=-5.0, latency_percent=-4.0, learning_floor_map=0.05,
+                            min_scored_images=30)
 STAGE1_DIR = "runs/two_stage/stage1-r18/checkpoints"
 STAGE1_INIT = "weights/presnet18vd_imagenet.pth"
 R34_INIT = "weights/rtdetr_r34vd_published.pth"
@@ -338,6 +349,9 @@ def log_two_stage(client, artifact_root: Path, name: str = "two_stage") -> str:
 
     exp_id = client.create_experiment(name, artifact_location=(artifact_root / name).as_uri())
     parent = client.create_run(exp_id, start_time=T0_MS, tags={S.TAG_ROLE: "parent", S.TAG_STUDY: name})
+    # the study file's targets, as studies/study_runs.py logs them (a margin other than the default's)
+    for key, value in TWO_STAGE_TARGETS.params().items():
+        client.log_param(parent.info.run_id, key, value)
     gt = two_stage_ground_truth()
     image_ids = sorted(im["id"] for im in gt["images"])
     stage1 = {S.TAG_ROLE: "pretrain", S.TAG_STUDY: name, S.TAG_CELL: "r18-stage1", S.TAG_BACKBONE: "R18",

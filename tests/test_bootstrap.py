@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 
 import numpy as np
 import pytest
@@ -107,21 +108,48 @@ def test_paired_delta_one_seed_is_the_paired_image_bootstrap(case):
     assert same.map.verdict == "no difference detected (95% CI includes 0)"
 
 
-def test_paired_delta_resamples_seeds_too(case):
-    """Two seeds on a side: each replicate draws the seeds with replacement, so a seed spread widens the
-    interval beyond the image bootstrap of either seed."""
+def test_several_seeds_add_a_t_based_seed_term_without_shrinkage(case):
+    """Two seeds a side: the interval is the paired image bootstrap of the seed-averaged ΔmAP, widened on each side in
+    quadrature by t(2 df) x the pooled seed SE (sample variances, ddof 1). Resampling two seeds with replacement (or
+    ddof 0) would shrink the seed variance by (n-1)/n = 1/2: the exact values below would then be off by far more
+    than rounding."""
+    from scipy import stats as sst
+
     gt, good, poor = case
     mid = F.synthetic_detections(gt, recall=0.75, jitter=0.1, false_per_image=2.0, seed=4)
-    b = B.evaluate_run(gt, poor, name="base")
-    s0, s1 = B.evaluate_run(gt, good, name="s0"), B.evaluate_run(gt, mid, name="s1")
-    both = B.paired_delta([s0, s1], [b], n_resamples=400, seed=1)
-    assert both.n_variant == 2
-    assert both.map.delta == pytest.approx((s0.observed()[0] + s1.observed()[0]) / 2 - b.observed()[0])
-    width = both.map.high - both.map.low
-    for one in (s0, s1):
-        r = B.paired_delta([one], [b], n_resamples=400, seed=1)
-        assert width > r.map.high - r.map.low
-    assert both.map.low < min(s.observed()[0] for s in (s0, s1)) - b.observed()[0]
+    poorer = F.synthetic_detections(gt, recall=0.3, jitter=0.3, false_per_image=6.0, seed=5)
+    v = [B.evaluate_run(gt, good, name="v0"), B.evaluate_run(gt, mid, name="v1")]
+    b = [B.evaluate_run(gt, poor, name="b0"), B.evaluate_run(gt, poorer, name="b1")]
+    r = B.paired_delta(v, b, n_resamples=400, seed=1)
+    w = B.image_weights(len(gt["images"]), 400, seed=1)
+    deltas = np.mean([B.map_replicates(ev, w)[0] for ev in v], axis=0) - np.mean(
+        [B.map_replicates(ev, w)[0] for ev in b], axis=0)
+    v_obs, b_obs = [ev.observed()[0] for ev in v], [ev.observed()[0] for ev in b]
+    observed = statistics.fmean(v_obs) - statistics.fmean(b_obs)
+    pooled = ((len(v_obs) - 1) * statistics.variance(v_obs) + (len(b_obs) - 1) * statistics.variance(b_obs)) / 2
+    se_seed = math.sqrt(pooled * (1 / 2 + 1 / 2))
+    half = sst.t.ppf(0.975, 2) * se_seed
+    p_low, p_high = np.quantile(deltas, [0.025, 0.975])
+    assert (r.map.seed_dof, r.map.se_seed) == (2, pytest.approx(se_seed))
+    assert r.map.low == pytest.approx(observed - math.hypot(observed - p_low, half))
+    assert r.map.high == pytest.approx(observed + math.hypot(p_high - observed, half))
+    # decisive: the seed term is a large part of the width, so a shrunk one (x sqrt(1/2)) moves the bounds visibly
+    shrunk = observed + math.hypot(p_high - observed, half * math.sqrt(0.5))
+    assert r.map.high - shrunk > 0.1 * (r.map.high - r.map.low)
+    assert r.map.se_image == pytest.approx(np.std(deltas, ddof=1))
+    # MDE: 2.80 x SE_image and (t_0.975 + t_0.80 on 2 df) x SE_seed, in quadrature
+    z = sst.norm.ppf(0.975) + sst.norm.ppf(0.8)
+    t = sst.t.ppf(0.975, 2) + sst.t.ppf(0.8, 2)
+    assert r.map.mde == pytest.approx(math.hypot(z * r.map.se_image, t * se_seed))
+    assert z == pytest.approx(2.8016, abs=1e-4)
+
+
+def test_seed_term_pools_sample_variances_and_one_seed_a_side_has_none():
+    se, dof = B.seed_term(np.array([[0.50], [0.52], [0.54]]), np.array([[0.40]]))
+    # one side with one seed borrows the other's spread: s^2 = 0.0004 (ddof 1), SE = s sqrt(1/3 + 1)
+    assert dof == 2 and se[0] == pytest.approx(math.sqrt(0.0004 * (1 / 3 + 1)))
+    se, dof = B.seed_term(np.array([[0.5, 0.6]]), np.array([[0.4, 0.3]]))
+    assert dof == 0 and list(se) == [0.0, 0.0]
 
 
 def test_runs_on_different_images_are_an_error(case):

@@ -133,14 +133,17 @@ def test_ablation_table_deltas_and_seed_noise(ablation):
     assert r["ΔmAP (%)"] == pytest.approx(rel)
     assert r["p (Welch)"] == pytest.approx(sst.ttest_ind(e18, base18, equal_var=False).pvalue)
     # no detections logged by these runs: the interval is Welch's over seeds, and the verdict follows from it
-    assert r["verdict"] == "no difference detected (95% CI includes 0)" and r["interval"] == "Welch over seeds"
-    assert row("R18", "E+P+D")["verdict"] == "no difference detected (95% CI includes 0)"  # +0.035, 0.085 seed std
+    # (the ablation store's parent logged no targets: the default margin δ 0.01 judges them)
+    assert r["verdict"] == "inconclusive" and r["interval"] == "Welch over seeds"
+    assert r["ΔmAP CI low"] < -0.01
+    assert row("R18", "E+P+D")["verdict"] == "inconclusive"  # +0.035, 0.085 seed std
     tight = row("R34", "E+P+D")
-    assert tight["verdict"] == "better (95% CI above 0)" and tight["p (Welch)"] < 0.05
+    assert tight["verdict"] == "better" and tight["p (Welch)"] < 0.05
     low, high = (float(x) for x in tight["ΔmAP 95% CI"].strip("[]").split(","))
     assert low < 0.05 < high and low > 0
     single = row("R18", "D")
-    assert single["n"] == 1 and single["verdict"] == "n=1, no test" and math.isnan(single["p (Welch)"])
+    assert single["n"] == 1 and math.isnan(single["p (Welch)"])
+    assert single["verdict"] == "no verdict: no interval (n=1, no test: one seed and no logged detections)"
     assert single["ΔmAP"] == pytest.approx(0.515 - statistics.fmean(base18))
     assert "seed 1 not run" in single["runs not included"]
     assert row("R18", "")["verdict"] == "baseline"
@@ -158,10 +161,14 @@ def _two_stage_evals(*indices) -> list:
 
 
 def test_answer_table_verdicts_follow_the_bootstrap_intervals(two_stage):
-    df = two_stage["tables"]["answer"].df
-    assert list(df["model"]) == ["DSET R18 (E+P+D)", "DSET R18 (E)", "DSET R18 (P)", "DSET R18 (D)",
-                                 "DSET R34 (E+P+D)", "DSET R34 (E)", "DSET R34 (P)", "DSET R34 (D)"]
-    better = _row(df, "model", "DSET R18 (E+P+D)")
+    answer = two_stage["tables"]["answer"]
+    df = answer.df
+    # every variant of the grid against RT-DETR of its backbone, none "not run"
+    assert list(df["variant"]) == ["DSET R18 (E)", "DSET R18 (P)", "DSET R18 (D)", "DSET R18 (E+P+D)",
+                                   "DSET R34 (E+P+D)"]
+    assert list(answer.text().columns) == ["variant", "ΔmAP [95% CI]", "verdict", "MDE", "interval includes",
+                                           "ΔGFLOPs %", "Δlatency % [95% CI]", "scored on"]
+    better = _row(df, "variant", "DSET R18 (E+P+D)")
     # one seed a side, the paired image bootstrap: the same numbers as analysis.bootstrap on the logged detections
     base, dset = _two_stage_evals(0, 1)
     expected = bootstrap.paired_delta([dset], [base])
@@ -171,28 +178,55 @@ def test_answer_table_verdicts_follow_the_bootstrap_intervals(two_stage):
     assert (better["ΔmAP CI low"], better["ΔmAP CI high"]) == pytest.approx((expected.map.low, expected.map.high))
     assert (better["ΔmAP50 CI low"], better["ΔmAP50 CI high"]) == pytest.approx((expected.map50.low,
                                                                                  expected.map50.high))
-    assert better["ΔmAP CI low"] > 0 and better["verdict"] == "better (95% CI above 0)"
+    assert better["ΔmAP CI low"] > 0 and better["verdict"] == "better"
     assert better["n (variant / RT-DETR)"] == "1 / 1"
     assert better["interval"] == f"bootstrap: {F.TWO_STAGE_IMAGES} images × 1000 resamples"
-    assert better["ΔmAP 95% CI"] == f"[{expected.map.low:+.4f}, {expected.map.high:+.4f}]"
-    same = _row(df, "model", "DSET R18 (E)")  # two seeds of RT-DETR's quality
+    assert better["ΔmAP [95% CI]"] == f"{expected.map.delta:+.4f} [{expected.map.low:+.4f}, {expected.map.high:+.4f}]"
+    # its minimum detectable effect: 2.80 x the bootstrap SE; one seed a side: image sampling only
+    assert better["MDE"] == pytest.approx(2.8016 * expected.map.se_image, rel=1e-3)
+    assert better["interval includes"] == "image sampling only (1 seed): training noise not included"
+    assert better["scored on"] == f"val (selected on it), {F.TWO_STAGE_IMAGES} images"
+    same = _row(df, "variant", "DSET R18 (E)")  # two seeds of RT-DETR's quality
     assert same["n (variant / RT-DETR)"] == "2 / 1"
-    assert same["ΔmAP CI low"] < 0 < same["ΔmAP CI high"]
-    assert same["verdict"] == "no difference detected (95% CI includes 0)"
-    assert _row(df, "model", "DSET R18 (P)")["verdict"] == "worse (95% CI below 0)"
-    old = _row(df, "model", "DSET R18 (D)")  # no detections logged: Welch over seeds, nothing with one seed
-    assert old["interval"] == "Welch over seeds" and old["verdict"] == "n=1, no test" and pd.isna(old["ΔmAP 95% CI"])
-    assert _row(df, "model", "DSET R34 (E)")["verdict"] == "not run"
-    # compute and speed deltas, where they were measured and at which keep ratio
-    assert better["ΔGFLOPs"] == pytest.approx(sum(F.gflops_of("R18", True, True, True))
-                                              - sum(F.gflops_of("R18", False, False, False)))
-    assert better["Δlatency (ms)"] == pytest.approx(1.0 + 0.5 - 2.0)
-    assert better["latency measured on"] == "cpu (2 threads), batch 1"
-    assert better["GFLOPs/latency at"] == ("70/100 tokens (keep ratio 0.70) vs RT-DETR 100/100 tokens "
-                                           "(keep ratio 1.00)")
-    notes = " ".join(two_stage["tables"]["answer"].notes)
-    assert "paired bootstrap over the validation images" in notes and "Welch over seeds (fallback)" in notes
+    # its interval includes 0 but rules out a loss of the study's margin (0.05): non-inferior, not "better"
+    assert -F.TWO_STAGE_TARGETS.delta_map < same["ΔmAP CI low"] < 0 < same["ΔmAP CI high"]
+    assert same["verdict"] == "non-inferior"
+    assert same["interval includes"].startswith("image sampling + training noise (2 / 1 seeds")
+    assert _row(df, "variant", "DSET R18 (P)")["verdict"] == "worse"
+    old = _row(df, "variant", "DSET R18 (D)")  # no detections logged: Welch over seeds, nothing with one seed
+    assert old["interval"] == "Welch over seeds" and old["verdict"].startswith("no verdict: no interval")
+    assert old["scored on"] == "val (logged best/mAP)"
+    # R34's RT-DETR has not learned (mAP below the floor): no verdict, though its interval lies above 0
+    r34 = _row(df, "variant", "DSET R34 (E+P+D)")
+    assert r34["mAP RT-DETR"] < F.TWO_STAGE_TARGETS.learning_floor_map
+    assert r34["verdict"] == f"no verdict: RT-DETR has not learned (mAP {r34['mAP RT-DETR']:.4f} < floor 0.05)"
+    # the answer's first line: the margin the study set (0.05, not the default), the verdicts, and why none for R34
+    assert answer.lead.startswith("Answer (margin δ = 0.05 mAP; scored on the validation images that also selected "
+                                  "the model (selected on the images it is scored on)): R18: 1 better, 1 worse, "
+                                  "1 non-inferior, 1 with no verdict")
+    assert "R34: 1 with no verdict (RT-DETR has not learned" in answer.lead
+    # compute: % of RT-DETR's GFLOPs; latency: no side-by-side benchmark in this study, so none compared
+    assert better["ΔGFLOPs %"] == pytest.approx(100 * (sum(F.gflops_of("R18", True, True, True))
+                                                       / sum(F.gflops_of("R18", False, False, False)) - 1))
+    assert math.isnan(better["Δlatency (%)"]) and _row(answer.text(), "variant", "DSET R18 (E+P+D)")[
+        "Δlatency % [95% CI]"] == "–"
+    assert better["GFLOPs at"] == "70/100 tokens (keep ratio 0.70) vs RT-DETR 100/100 tokens (keep ratio 1.00)"
+    notes = " ".join(answer.notes)
+    assert "paired bootstrap over the scored images" in notes and "Welch over seeds (fallback)" in notes
     assert "no eval/detections.json or eval/ground_truth.json logged" in notes
+    assert "δ = 0.05 mAP" in notes and "2.80 × the standard error" in notes
+    assert "no side-by-side latency benchmark" in notes
+
+
+def test_targets_are_read_from_the_parent_run_or_default(two_stage, ablation):
+    from analysis import verdicts
+
+    got = verdicts.study_targets(two_stage["study"])
+    assert got.logged and got.targets == F.TWO_STAGE_TARGETS
+    assert "targets: as the study file set them" in two_stage["provenance"]
+    old = verdicts.study_targets(ablation["study"])  # a store from before targets were logged: the defaults, said
+    assert not old.logged and old.targets == verdicts.Targets()
+    assert "logged no targets.* params" in ablation["provenance"]
 
 
 def _pycocotools_ap(gt: dict, dets: list[dict], category_id: int | None = None) -> np.ndarray:
@@ -266,11 +300,15 @@ def test_the_report_opens_with_the_answer(two_stage):
     out = two_stage["out_dir"]
     assert list(two_stage["tables"])[0] == "answer"
     page = (out / "index.html").read_text()
+    # the page opens on the answer's sentence, then its forest plot, then the answer table, then the details
+    lead, forest = page.index('id="answer-lead"'), page.index('id="plot-forest"')
     first = page.index('id="table-answer"')
-    assert first < page.index('class="provenance"') and first < page.index('id="table-main"')
+    assert lead < forest < first < page.index('class="provenance"') < page.index('id="table-main"')
+    assert page.index('id="plot-forest"') < page.index('id="plot-map_vs_gflops"')
     md = (out / "report.md").read_text()
-    assert md.index("## Answer: DSET and each sparse mechanism") < md.index("## Main comparison")
-    assert "better (95% CI above 0)" in md and "worse (95% CI below 0)" in md
+    assert md.index("**Answer (margin δ = 0.05 mAP") < md.index("## Answer: each variant") < md.index(
+        "## Main comparison")
+    assert "| better " in md and "| worse " in md
 
 
 def test_no_relative_change_below_the_noise_floor(two_stage):
@@ -278,8 +316,8 @@ def test_no_relative_change_below_the_noise_floor(two_stage):
     base, dset = (F.coco_stats(gt, F.two_stage_detections(i))[0] for i in (6, 7))
     assert base < bootstrap.NOISE_FLOOR_MAP and dset < bootstrap.NOISE_FLOOR_MAP and dset > 2 * base
     t = two_stage["tables"]
-    assert math.isnan(_row(t["answer"].df, "model", "DSET R34 (E+P+D)")["ΔmAP (%)"])
-    assert _row(t["answer"].text(), "model", "DSET R34 (E+P+D)")["ΔmAP (%)"] == "–"
+    assert math.isnan(_row(t["answer"].df, "variant", "DSET R34 (E+P+D)")["ΔmAP (%)"])
+    assert _row(t["ablation"].text(), "model", "DSET R34 (E+P+D)")["ΔmAP (%)"] == "–"
     assert math.isnan(_row(t["ablation"].df, "model", "DSET R34 (E+P+D)")["ΔmAP (%)"])
     assert math.isnan(_row(t["main"].df, "model", "DSET R34 (E+P+D)")["ΔmAP vs RT-DETR same backbone (%)"])
     measured = t["reported_vs_measured"].df
@@ -288,7 +326,7 @@ def test_no_relative_change_below_the_noise_floor(two_stage):
     for name in ("answer", "ablation", "main"):
         assert any("noise floor" in n for n in t[name].notes), name
     # above the floor the % is shown
-    assert _row(t["answer"].df, "model", "DSET R18 (E+P+D)")["ΔmAP (%)"] > 100
+    assert _row(t["answer"].df, "variant", "DSET R18 (E+P+D)")["ΔmAP (%)"] > 100
     rel = f"{(dset - base) / base * 100:+.2f}"
     for path in two_stage["out_dir"].glob("*.md"):
         assert rel not in path.read_text(), path.name
@@ -299,7 +337,8 @@ def test_pretrain_runs_are_not_variants(two_stage):
     # the stage-1 run has RT-DETR R18's configuration: as a variant it would be a second RT-DETR R18 seed
     assert _row(t["main"].df, "model", "RT-DETR R18")["n"] == 1
     assert "(stage 1)" not in set(t["main"].df["model"])
-    assert all(m != "(stage 1)" for name in ("answer", "ablation", "compute") for m in t[name].df["model"])
+    assert all(m != "(stage 1)" for name in ("ablation", "compute") for m in t[name].df["model"])
+    assert "(stage 1)" not in set(t["answer"].df["variant"])
     stage1 = t["stage1"].df
     assert len(stage1) == 1
     r = stage1.iloc[0]
@@ -343,9 +382,10 @@ def test_runs_without_detections_fall_back_on_welch(ablation):
     assert runs.evaluations(study, [first])[first] == "no eval/detections.json or eval/ground_truth.json logged"
     answer = ablation["tables"]["answer"]
     assert set(answer.df["interval"].dropna()) == {"Welch over seeds"}
-    tight = _row(answer.df, "model", "DSET R34 (E+P+D)")
-    assert tight["verdict"] == "better (95% CI above 0)" and tight["ΔmAP CI low"] > 0
-    assert _row(answer.df, "model", "DSET R18 (D)")["verdict"] == "n=1, no test"
+    tight = _row(answer.df, "variant", "DSET R34 (E+P+D)")
+    assert tight["verdict"] == "better" and tight["ΔmAP CI low"] > 0
+    assert tight["interval includes"] == "training noise only (Welch over the logged per-seed best/mAP)"
+    assert _row(answer.df, "variant", "DSET R18 (D)")["verdict"].startswith("no verdict: no interval (n=1, no test")
     assert any("Welch over seeds (fallback)" in n for n in answer.notes)
     assert not any("paired bootstrap" in n for n in answer.notes)
 
@@ -474,13 +514,31 @@ def _check_png(path: Path) -> None:
 
 
 def test_every_plot_is_a_valid_png(ablation, optuna_report):
-    expected = {"map_vs_gflops", "map_vs_latency", "ablation_bars", "map_keep_ratio_per_epoch", "train_loss",
+    expected = {"forest", "map_vs_gflops", "map_vs_latency", "ablation_bars", "map_keep_ratio_per_epoch", "train_loss",
                 "expert_usage_dset_r18_e", "expert_usage_dset_r18_d", "expert_usage_dset_r18_e_p_d",
                 "expert_usage_dset_r34_e_p_d"}
     assert set(ablation["plots"]) == expected
     for report in (ablation, optuna_report):
         for path in report["plots"].values():
             _check_png(path)
+
+
+def test_moe_diagnostics_table_flags_degenerate_layers(ablation):
+    t = ablation["tables"]["moe_diagnostics"]
+    df = t.df
+    dec = df[(df["model"] == "DSET R34 (E+P+D)") & (df["site"] == "decoder moe")]
+    assert list(dec["layer"]) == [0, 1, 2, 3]
+    # the final epoch's values (the fixture's earlier epochs differ), mean over the variant's two seeds
+    assert list(dec["router entropy (nats)"]) == pytest.approx(F.ROUTER_ENTROPY)
+    assert list(dec["expert cosine"]) == pytest.approx([0.995, 0.6, 0.6, 0.6])
+    assert list(dec["ln E"]) == pytest.approx([math.log(6)] * 4)
+    flags = list(dec["degenerate"])
+    assert flags[0] == "experts near-identical (cosine > 0.99)"
+    assert flags[1] == "router near-uniform (entropy within 1% of ln E)"   # 1.79 >= 0.99 x ln 6 = 1.7739
+    assert flags[2:] == ["no", "no"]
+    enc = df[(df["model"] == "DSET R18 (E)") & (df["site"] == "encoder moe")]
+    assert len(enc) == 1 and not (df["model"] == "RT-DETR R18").any()
+    assert "moe_diagnostics" in ablation["tables"] and (ablation["out_dir"] / "moe_diagnostics.md").is_file()
 
 
 def test_expert_usage_is_the_final_epoch(ablation):
