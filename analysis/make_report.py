@@ -23,8 +23,11 @@ metrics.jsonl) is read. Metric names are those of ``dset/metric_names.py``, tags
 detections), the compute table's "sites" column is the one number this report computes itself (closed-form
 multiply-adds from each run's logged configuration), and says so.
 
-Tables: answer (first: DSET and each switch alone against RT-DETR of the same backbone, ΔmAP and ΔmAP50
-with 95% intervals, ΔGFLOPs, Δlatency, a verdict from the interval), main (every variant vs RT-DETR of the
+Tables: answer (first, after its one-sentence summary, a forest plot per backbone and accuracy against side-by-side
+latency: every variant against RT-DETR of the same backbone, ΔmAP with its 95% interval, the verdict judged against
+the study's targets (analysis/verdicts.py), the minimum detectable effect, what the interval includes, ΔGFLOPs %,
+Δlatency % with its interval (analysis.latency), the split it was scored on), moe_diagnostics (expert cosine and
+router entropy per MoE layer), main (every variant vs RT-DETR of the
 same backbone), ablation (8 switch combinations per backbone, mean ± std over seeds, deltas with 95%
 intervals: paired bootstrap over validation images, or Welch over seeds for runs that logged no detections),
 compute (GFLOPs by component and the

@@ -659,3 +659,10 @@ def test_the_report_renders_in_a_browser_with_every_image_and_link(ablation, two
         links = set(page["links"])
         assert {f"{name}.csv" for name in report["tables"]} <= links and any(h.startswith("#") for h in links)
         assert broken_links(page, out) == []
+        # the answer reads at a glance: its table's cells wrap to three lines at most (13 px text at 1280 px wide)
+        rows = browser.evaluate('[...document.querySelectorAll("#table-answer tbody tr")].map(tr => '
+                                'tr.getBoundingClientRect().height / parseFloat(getComputedStyle(tr).fontSize))')
+        assert rows and max(rows) < 4 * 1.25 + 1, rows
+        # the page opens on the answer: its sentence and its forest plot in the first screen
+        top = browser.evaluate('document.getElementById("plot-forest").getBoundingClientRect().top')
+        assert top < 900
