@@ -376,10 +376,13 @@ class RTDETRDecoder(nn.Module):
         value = SparseValue(kept, index, raw.shape[1], fill)
         return kept, _gather_tokens(anchors, index), value, spatial_shapes
 
-    def _select_queries(self, memory: torch.Tensor, anchors: torch.Tensor, spatial_shapes, box_head_on_selected: bool):
+    def _select_queries(self, memory: torch.Tensor, anchors: torch.Tensor, spatial_shapes):
         """Score every token of ``memory``, keep the top ``num_queries``: their reference boxes (logits), content
-        (detached) and encoder logits. The reference runs the box head on every token and gathers;
-        ``box_head_on_selected`` gathers first (the same boxes: the head is per token)."""
+        (detached) and encoder logits. The reference runs the box head on every token, then gathers; we gather
+        first and run it on the selected tokens only: the head is per token, so the boxes are the same, and only
+        the selected tokens' boxes reach an output or a loss (the encoder's auxiliary loss reads
+        ``enc_topk_bboxes``), so training gets the same gradients too. Every model takes this path, RT-DETR
+        included: a baseline gets every output-identical optimisation a variant gets (2.14 GFLOPs at 640 px)."""
         output_memory = self.enc_output(memory)
         enc_class = self.enc_score_head(output_memory)
         if memory.shape[1] < self.num_queries:
@@ -387,12 +390,10 @@ class RTDETRDecoder(nn.Module):
                              f"tokens of a {spatial_shapes[0][0] * self.feat_strides[0]}-pixel-high input; "
                              "use fewer queries or larger images")
         _, topk_ind = torch.topk(enc_class.max(-1).values, self.num_queries, dim=1)
-        if box_head_on_selected:
-            ref_unact = self.enc_bbox_head(_gather_tokens(output_memory, topk_ind)) + _gather_tokens(anchors, topk_ind)
-        else:
-            ref_unact = _gather_tokens(self.enc_bbox_head(output_memory) + anchors, topk_ind)
+        selected_memory = _gather_tokens(output_memory, topk_ind)
+        ref_unact = self.enc_bbox_head(selected_memory) + _gather_tokens(anchors, topk_ind)
         enc_topk_logits = _gather_tokens(enc_class, topk_ind)
-        target = _gather_tokens(output_memory, topk_ind).detach()
+        target = selected_memory.detach()
         return ref_unact, target, enc_topk_logits
 
     def forward(self, feats: list[torch.Tensor], targets: list[dict] | None = None) -> dict:
@@ -414,8 +415,7 @@ class RTDETRDecoder(nn.Module):
         else:
             memory, anchors, value, spatial_shapes = self._pruned_memory(feats)
         # query selection: score every (kept) memory token, keep the top num_queries
-        ref_unact, target, enc_topk_logits = self._select_queries(
-            memory, anchors, spatial_shapes, box_head_on_selected=self.memory_pruner is not None)
+        ref_unact, target, enc_topk_logits = self._select_queries(memory, anchors, spatial_shapes)
         enc_topk_bboxes = torch.sigmoid(ref_unact)
         if dn_class is not None:
             ref_unact = torch.cat([dn_bbox_unact, ref_unact], 1)
