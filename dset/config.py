@@ -160,6 +160,8 @@ class SplitConfig:
 class SyntheticConfig:
     num_train: int = 256
     num_val: int = 64
+    num_test: int = 0                         # images of the test split (0: none): the scoring split, other images
+                                              # than train's and val's (val selects the model, test scores it)
     image_size: int = 320
     seed: int = 0
     num_classes: int = 4                      # shape classes (1..6)
@@ -170,9 +172,11 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "synthetic"                   # "synthetic" (built in) or "coco" (train/val below)
+    name: str = "synthetic"                   # "synthetic" (built in) or "coco" (train/val/test below)
     train: SplitConfig = field(default_factory=SplitConfig)
-    val: SplitConfig = field(default_factory=SplitConfig)
+    val: SplitConfig = field(default_factory=SplitConfig)   # the selection split: best epoch, early stopping, tuning
+    test: SplitConfig = field(default_factory=SplitConfig)  # the scoring split (optional): the reported checkpoint
+                                                            # is evaluated on it once, at the end of the run
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     image_size: int = 640                     # training and evaluation resolution (square)
     batch_size: int = 4
@@ -547,6 +551,7 @@ def _validate_data(d: DataConfig) -> None:
     sy = d.synthetic
     _need(sy.num_train >= 1, "data.synthetic.num_train", f"must be >= 1, got {sy.num_train}")
     _need(sy.num_val >= 1, "data.synthetic.num_val", f"must be >= 1, got {sy.num_val}")
+    _need(sy.num_test >= 0, "data.synthetic.num_test", f"must be >= 0 (0: no test split), got {sy.num_test}")
     _need(sy.image_size >= 32, "data.synthetic.image_size", f"must be >= 32, got {sy.image_size}")
     _need(1 <= sy.num_classes <= 6, "data.synthetic.num_classes", f"must be between 1 and 6, got {sy.num_classes}")
     _need(sy.max_objects >= 1, "data.synthetic.max_objects", f"must be >= 1, got {sy.max_objects}")
@@ -554,7 +559,7 @@ def _validate_data(d: DataConfig) -> None:
           f"must be between 4 and 0.6 x data.synthetic.image_size ({0.6 * sy.image_size:g}), got {sy.min_object_size}")
     _need(d.stop_epoch is None or d.stop_epoch >= 0, "data.stop_epoch", f"must be >= 0 (or null), got {d.stop_epoch}")
     if d.name == "synthetic":  # paths the user named must never be silently ignored
-        for split in ("train", "val"):
+        for split in ("train", "val", "test"):
             s_cfg: SplitConfig = getattr(d, split)
             for part in ("images", "annotations"):
                 value = getattr(s_cfg, part)
@@ -568,6 +573,13 @@ def _validate_data(d: DataConfig) -> None:
             _need(s.annotations is not None, f"data.{split}.annotations", "is required when data.name is 'coco'")
             _need(Path(s.images).is_dir(), f"data.{split}.images", f"folder not found: {s.images}")
             _need(Path(s.annotations).is_file(), f"data.{split}.annotations", f"file not found: {s.annotations}")
+        test = d.test  # optional; when given, both parts
+        if test.images is not None or test.annotations is not None:
+            for part, other in (("images", "annotations"), ("annotations", "images")):
+                _need(getattr(test, part) is not None, f"data.test.{part}",
+                      f"is required when data.test.{other} is set (the test split needs both)")
+            _need(Path(test.images).is_dir(), "data.test.images", f"folder not found: {test.images}")
+            _need(Path(test.annotations).is_file(), "data.test.annotations", f"file not found: {test.annotations}")
 
 
 def _validate_train(t: TrainConfig) -> None:

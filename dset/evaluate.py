@@ -1,10 +1,12 @@
-"""Evaluate a saved run: ``python -m dset.evaluate CHECKPOINT [--data IMAGES ANNOTATIONS] [key=value ...]``.
+"""Evaluate a saved run: ``python -m dset.evaluate CHECKPOINT [--split val|test] [--data IMAGES ANNOTATIONS]
+[key=value ...]``.
 
 CHECKPOINT is ``checkpoints/best.pt`` or ``checkpoints/last.pt`` of a training run, or the run folder itself
 (then ``checkpoints/best.pt``). The configuration is read from the checkpoint; ``key=value`` overrides
 change evaluation settings (``data.batch_size``, ``data.max_val_images``, ``data.num_workers``,
-``run.device``). Without ``--data`` the run's own validation split is evaluated (the synthetic one is
-regenerated from its parameters if its cache is gone). The EMA weights are evaluated unless
+``run.device``). Without ``--data`` the run's own validation split is evaluated, or with ``--split test`` its
+test split (the scoring split, when its data has one; the synthetic ones are regenerated from their parameters if
+their cache is gone). The EMA weights are evaluated unless
 ``--weights model`` (the raw training weights, only in ``last.pt``: ``best.pt`` keeps the EMA weights only).
 Prints the COCO metrics (AP in [0, 1], pycocotools, original image sizes) and writes them as JSON with
 ``--json FILE``.
@@ -40,11 +42,11 @@ def _checkpoint_path(path: str | Path) -> Path:
 
 
 def evaluate_checkpoint(checkpoint: str | Path, images: str | None = None, annotations: str | None = None,
-                        overrides: list[str] | None = None, weights: str = "ema") -> dict:
-    """COCO metrics of a saved run's model on its validation split or on ``images`` + ``annotations``.
+                        overrides: list[str] | None = None, weights: str = "ema", split: str = "val") -> dict:
+    """COCO metrics of a saved run's model on its ``split`` ("val" or "test") or on ``images`` + ``annotations``.
 
-    Returns the :func:`dset.engine.coco_eval.coco_metrics` dict plus ``val_images``, ``epoch`` (of the
-    checkpoint), ``weights`` and ``checkpoint``."""
+    Returns the :func:`dset.engine.coco_eval.coco_metrics` dict plus ``split``, ``<split>_images``, ``epoch`` (of
+    the checkpoint), ``weights`` and ``checkpoint``."""
     from .data.errors import DatasetError
     from .data.loaders import build_eval_data, build_val_loader
     from .engine.coco_eval import evaluate_detections
@@ -63,6 +65,10 @@ def evaluate_checkpoint(checkpoint: str | Path, images: str | None = None, annot
         cfg = load_config(cfg, overrides)
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+    if split not in ("val", "test"):
+        raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+    if split == "test" and images is not None:
+        raise ValueError("--split test evaluates the run's own test split; --data gives other images instead")
     if weights not in ckpt:   # best.pt keeps the EMA weights only; last.pt has both
         raise ValueError(f"{path} has no {weights!r} weights (best.pt keeps the EMA weights only; "
                          "the raw ones are in checkpoints/last.pt)")
@@ -80,9 +86,9 @@ def evaluate_checkpoint(checkpoint: str | Path, images: str | None = None, annot
     model = build_model(cfg, load_weights=False)
     model.load_state_dict(state)
     model.to(device).eval()
-    loader = build_val_loader(data.val, cfg)
-    metrics = evaluate_detections(model, loader, data, device)
-    metrics.update({"epoch": ckpt.get("epoch"), "weights": weights, "checkpoint": str(path)})
+    loader = build_val_loader(data.evaluated_split(split)[0], cfg)
+    metrics = evaluate_detections(model, loader, data, device, split=split)
+    metrics.update({"split": split, "epoch": ckpt.get("epoch"), "weights": weights, "checkpoint": str(path)})
     return metrics
 
 
@@ -101,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="evaluation settings (data.batch_size=8, ...)")
     ap.add_argument("--data", nargs=2, metavar=("IMAGES", "ANNOTATIONS"),
                     help="evaluate on this images folder + COCO instances JSON instead of the run's validation split")
+    ap.add_argument("--split", choices=("val", "test"), default="val",
+                    help="the run's validation split (default; it selected the model) or its test split (scoring)")
     ap.add_argument("--weights", choices=("ema", "model"), default="ema",
                     help="EMA weights (default) or the raw model (last.pt only)")
     ap.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
@@ -114,14 +122,15 @@ def main(argv: list[str] | None = None) -> int:
 
     images, annotations = ns.data if ns.data else (None, None)
     try:
-        metrics = evaluate_checkpoint(ns.checkpoint, images, annotations, ns.overrides, ns.weights)
+        metrics = evaluate_checkpoint(ns.checkpoint, images, annotations, ns.overrides, ns.weights, ns.split)
     except (ConfigError, DatasetError, FileNotFoundError, ValueError) as exc:
         from .engine.errors import error_message
 
         print(f"error: {error_message(exc)}", file=sys.stderr)
         return 2
     print(f"{metrics['checkpoint']} (epoch {metrics['epoch']}, {metrics['weights']} weights, "
-          f"{metrics['val_images']} images; COCO AP in [0, 1], pycocotools)")
+          f"{metrics[ns.split + '_images']} {'given' if ns.data else ns.split} images; COCO AP in [0, 1], "
+          "pycocotools)")
     print(_format(metrics))
     if ns.json:
         from .engine.records import json_safe

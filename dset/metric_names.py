@@ -40,6 +40,14 @@ BEST_MAP = "best/mAP"                  # mAP@0.5:0.95 of the best epoch (EMA wei
 BEST_MAP50 = "best/mAP50"
 BEST_MAP75 = "best/mAP75"
 BEST_EPOCH = "best/epoch"
+# the reported checkpoint (best.pt's EMA weights) scored once on the test split, the scoring split (only runs whose
+# data has one: data.test, data.synthetic.num_test); the val/ metrics are on the selection split, which chose it
+TEST_PREFIX = "test/"                  # test/mAP, test/mAP50, test/mAP75, test/mAP_small, test/mAP_medium,
+                                       # test/mAP_large, test/AR100
+TEST_MAP = TEST_PREFIX + "mAP"
+TEST_MAP50 = TEST_PREFIX + "mAP50"
+TEST_MAP75 = TEST_PREFIX + "mAP75"
+TEST_AP_PREFIX = "test/AP/"            # test/AP/<class name>, sanitised as val/AP/<class name>
 PARAMS = "params"
 ACTIVE_PARAMS = "active_params"
 GFLOPS = "gflops"                      # 2 x multiply-adds, fvcore + attention/grid-sample handles
@@ -95,6 +103,17 @@ def lr_metric(group: str) -> str:
 def val_metric(name: str) -> str:
     """``val/<name>``: a COCO metric (``mAP``, ``mAP50``, ..., ``AR100``) of the epoch's evaluation."""
     return VAL_PREFIX + name
+
+
+# (not named test_*: pytest would collect them where a test module imports them)
+def metric_on_test(name: str) -> str:
+    """``test/<name>``: a COCO metric (``mAP``, ``mAP50``, ..., ``AR100``) of the test-split evaluation."""
+    return TEST_PREFIX + name
+
+
+def per_class_ap_metric_on_test(class_name: str) -> str:
+    """``test/AP/<class name>``, sanitised (:func:`sanitise`)."""
+    return sanitise(TEST_AP_PREFIX + class_name)
 
 
 def per_class_ap_metric(class_name: str) -> str:

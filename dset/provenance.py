@@ -64,10 +64,10 @@ def file_digest(path: str | Path) -> str:
 def data_digest(cfg) -> str:
     """Digest of the data a configuration trains and evaluates on, 16 hex digits.
 
-    COCO-format data: the bytes of both annotation files (a changed label or box is another data set; image
-    files are not read, for speed: an edited image under an unchanged JSON goes unnoticed). The synthetic set:
-    its parameters and generator version, of which it is a pure function (the same key as its cache folder),
-    so nothing has to be generated to know it."""
+    COCO-format data: the bytes of the annotation files of every split, the test split's when there is one (a
+    changed label or box is another data set; image files are not read, for speed: an edited image under an
+    unchanged JSON goes unnoticed). The synthetic set: its parameters and generator version, of which it is a
+    pure function (the same key as its cache folder), so nothing has to be generated to know it."""
     d = cfg.data
     if d.name == "synthetic":
         from .data.synthetic import dataset_key
@@ -75,9 +75,11 @@ def data_digest(cfg) -> str:
         s = d.synthetic
         parts = {"synthetic": dataset_key(num_train=s.num_train, num_val=s.num_val, image_size=s.image_size,
                                           seed=s.seed, num_classes=s.num_classes, max_objects=s.max_objects,
-                                          min_object_size=s.min_object_size)}
+                                          min_object_size=s.min_object_size, num_test=s.num_test)}
     else:
-        parts = {split: file_digest(getattr(d, split).annotations) for split in ("train", "val")}
+        # the test split only when configured: data without one keeps its digest
+        splits = ("train", "val", "test") if d.test.annotations is not None else ("train", "val")
+        parts = {split: file_digest(getattr(d, split).annotations) for split in splits}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 

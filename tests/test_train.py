@@ -27,11 +27,13 @@ one_thread = pytest.fixture(autouse=True, scope="module")(one_thread_for_module)
 
 
 def tiny(root, *extra):
-    """8 train / 4 val synthetic images of 64 px, batch 4 (2 steps per epoch), 20 queries."""
+    """8 train / 4 val synthetic images of 64 px, batch 4 (2 steps per epoch), 20 queries; pruning schedules (as
+    configured, switch on or off) that leave every epoch eligible to be the reported one."""
     return ["data.synthetic.num_train=8", "data.synthetic.num_val=4", "data.synthetic.image_size=64",
             f"data.synthetic.root={root}", "data.image_size=64", "data.batch_size=4", "data.augment=flip",
             "model.eval_spatial_size=[64,64]", "model.decoder.num_queries=20", "model.decoder.num_denoising=8",
-            *SMALL_HEADS,
+            "model.token_pruning.warmup_epochs=0", "model.token_pruning.ramp_epochs=0",
+            "model.memory_pruning.warmup_epochs=0", *SMALL_HEADS,
             "train.epochs=2", "train.warmup_steps=3", "train.ema_warmup_steps=10", "train.profile=false",
             "run.progress=false", *extra]
 
@@ -102,6 +104,11 @@ def test_fit_writes_config_metrics_checkpoints_and_summary(tmp_path, synth_root)
 
     assert summary["status"] == "completed" and summary["metrics"][M.EPOCHS_RUN] == 2
     assert summary["num_classes"] == 4 and summary["num_train_images"] == 8 and summary["num_val_images"] == 4
+    # no test split: the model is scored on the images that selected it
+    assert summary["selection_split"] == "val" and summary["score_split"] == "val"
+    assert summary["eligible_epochs"] == [0, 1] and "num_test_images" not in summary
+    assert not any(k.startswith(M.TEST_PREFIX) for k in summary["metrics"])
+    assert not (tmp_path / "eval" / "test_detections.json").exists()
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "completed"
     # the resolved configuration, num_classes taken from the data set (the preset says 80)
     saved = dset.load_config(tmp_path / "config.yaml")
@@ -466,13 +473,46 @@ def test_cli_reports_unreadable_image_during_training(tmp_path, synth_root, caps
 
 
 def test_cli_train_then_evaluate(tmp_path, synth_root, capsys):
+    """A run with a test split: selected on val, scored once on test (metrics, files); dset.evaluate evaluates
+    either split of the saved run."""
+    from dset.engine.records import TEST_DETECTIONS_FILE, TEST_GROUND_TRUTH_FILE
     from dset.evaluate import main as eval_main
     from dset.train import main
 
     out = tmp_path / "run"
-    assert main(["rtdetr_r18", *tiny(synth_root, "train.epochs=1"), "--out", str(out), "-q"]) == 0
-    assert json.loads((out / "summary.json").read_text())["status"] == "completed"
+    assert main(["rtdetr_r18", *tiny(synth_root, "train.epochs=1", "data.synthetic.num_test=3"), "--out", str(out),
+                 "-q"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["selection_split"] == "val" and summary["score_split"] == "test"
+    assert summary["num_test_images"] == 3 and summary["num_val_images"] == 4
+    test_metrics = {k: v for k, v in summary["metrics"].items() if k.startswith(M.TEST_PREFIX)}
+    assert {M.TEST_MAP, M.TEST_MAP50, M.TEST_MAP75, "test/AR100", "test/AP/circle"} <= set(test_metrics)
+    # the test images (ids after the 8 train and 4 val ones) and their ground truth, in eval/detections.json's format
+    truth = json.loads((out / TEST_GROUND_TRUTH_FILE).read_text())
+    assert [im["id"] for im in truth["images"]] == [13, 14, 15] and truth["annotations"] and truth["categories"]
+    dets = json.loads((out / TEST_DETECTIONS_FILE).read_text())
+    assert dets["epoch"] == 0 and dets["image_ids"] == [13, 14, 15] and dets["detections"]
+    assert {d["image_id"] for d in dets["detections"]} <= {13, 14, 15}
+    assert set(dets) == set(json.loads((out / "eval" / "detections.json").read_text()))
+    # scoring the saved detections against the saved ground truth gives the summary's test metrics
+    from pycocotools.coco import COCO
+
+    from dset.engine.coco_eval import coco_metrics
+
+    gt = COCO()
+    gt.dataset = truth
+    gt.createIndex()
+    rescored = coco_metrics(gt, dets["detections"])
+    assert rescored["mAP"] == pytest.approx(test_metrics[M.TEST_MAP], abs=1e-12)
+    assert rescored["mAP50"] == pytest.approx(test_metrics[M.TEST_MAP50], abs=1e-12)
     capsys.readouterr()
+    assert eval_main([str(out), "--split", "test", "--json", str(tmp_path / "t.json")]) == 0
+    assert "3 test images" in capsys.readouterr().out
+    evaluated = json.loads((tmp_path / "t.json").read_text())
+    assert evaluated["test_images"] == 3 and evaluated["split"] == "test"
+    for k in ("mAP", "mAP50", "AR100"):
+        assert evaluated[k] == pytest.approx(test_metrics[M.metric_on_test(k)], abs=1e-9)
     # the run's own validation split, then another data set given on the command line
     assert eval_main([str(out / "checkpoints" / "best.pt"), "--json", str(tmp_path / "m.json")]) == 0
     printed = capsys.readouterr().out
@@ -483,7 +523,7 @@ def test_cli_train_then_evaluate(tmp_path, synth_root, capsys):
 
     other = make_synthetic_coco(root=synth_root, num_train=1, num_val=3, image_size=64, seed=5)
     assert eval_main([str(out), "--data", other["val_images"], other["val_annotations"]]) == 0
-    assert "3 images" in capsys.readouterr().out
+    assert "3 given images" in capsys.readouterr().out
     assert eval_main([str(tmp_path / "missing.pt")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
     # best.pt keeps the EMA weights only; the raw ones are in last.pt

@@ -2,6 +2,9 @@
 
 - ``data.name: synthetic`` generates (or reuses from its cache) the built-in synthetic data set with the
   ``data.synthetic.*`` settings; ``data.name: coco`` reads ``data.{train,val}.{images,annotations}``.
+- Splits: ``train``; ``val``, the selection split (best epoch, early stopping, tuning); and optionally ``test``,
+  the scoring split (``data.test.*``, or ``data.synthetic.num_test`` > 0): the finished run's reported checkpoint
+  is evaluated on it once. All of a split's images are evaluated (``data.max_val_images`` limits val only).
 - Training images go through ``data.augment``: ``rtdetr`` (RT-DETR's recipe, :func:`train_transforms`),
   ``flip`` (horizontal flip + resize) or ``none`` (resize only); validation images are only resized.
   Both to ``data.image_size`` square.
@@ -36,7 +39,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DataBundle:
-    """The two splits and what training and evaluation need to know about them."""
+    """The splits and what training and evaluation need to know about them."""
 
     train: Dataset | None                     # CocoDetection (or a Subset of it); None when not built
     val: Dataset                              # CocoDetection (or a Subset of it)
@@ -46,11 +49,25 @@ class DataBundle:
     category_names: list[str]
     label_to_category_id: dict[int, int]
     paths: dict[str, str] = field(default_factory=dict)
+    test: CocoDetection | None = None         # the test (scoring) split, every image of it; None: there is none
+
+    def evaluated_split(self, split: str) -> tuple[Dataset, CocoDetection, list[int]]:
+        """``split`` ("val" or "test") as evaluation reads it: the data set a loader iterates, the underlying
+        COCO data set (ground truth) and the image ids that are scored."""
+        if split == "val":
+            return self.val, self.val_dataset, self.val_image_ids
+        if split == "test":
+            if self.test is None:
+                raise DatasetError("this data has no test split (set data.test.images and data.test.annotations, "
+                                   "or data.synthetic.num_test for the synthetic set)")
+            return self.test, self.test, self.test.image_ids
+        raise ValueError(f"split must be 'val' or 'test', got {split!r}")
 
 
 def data_paths(cfg: Config) -> dict[str, str]:
-    """``{train_images, train_annotations, val_images, val_annotations}`` of the configured data set;
-    for ``synthetic`` the data set is generated into its cache first (seconds, once)."""
+    """``{train_images, train_annotations, val_images, val_annotations}`` of the configured data set, and
+    ``test_images``, ``test_annotations`` when it has a test split; for ``synthetic`` the data set is generated
+    into its cache first (seconds, once)."""
     d = cfg.data
     if d.name == "synthetic":
         from .synthetic import make_synthetic_coco
@@ -59,12 +76,14 @@ def data_paths(cfg: Config) -> dict[str, str]:
         try:
             paths = make_synthetic_coco(root=s.root, num_train=s.num_train, num_val=s.num_val,
                                         image_size=s.image_size, seed=s.seed, num_classes=s.num_classes,
-                                        max_objects=s.max_objects, min_object_size=s.min_object_size)
+                                        max_objects=s.max_objects, min_object_size=s.min_object_size,
+                                        num_test=s.num_test)
         except ValueError as exc:  # invalid combination of synthetic parameters
             raise DatasetError(f"data.synthetic: {exc}") from None
         return {k: str(v) for k, v in paths.items()}
-    return {"train_images": str(d.train.images), "train_annotations": str(d.train.annotations),
-            "val_images": str(d.val.images), "val_annotations": str(d.val.annotations)}
+    splits = ("train", "val", "test") if d.test.annotations is not None else ("train", "val")
+    return {f"{split}_{part}": str(getattr(getattr(d, split), part)) for split in splits
+            for part in ("images", "annotations")}
 
 
 def train_transform_for(cfg: Config):
@@ -87,27 +106,34 @@ def _first(ds: CocoDetection, n: int | None) -> Dataset:
 
 
 def build_datasets(cfg: Config, train: bool = True) -> DataBundle:
-    """Both splits of the configured data set (only validation with ``train=False``).
+    """The splits of the configured data set (without training with ``train=False``).
 
-    Raises :class:`DatasetError` naming the file when a split is missing or malformed, or when the two
-    splits disagree on their categories."""
+    Raises :class:`DatasetError` naming the file when a split is missing or malformed, or when a split's
+    categories differ from the validation split's."""
     from .transforms import eval_transforms
 
     paths = data_paths(cfg)
     val_full = CocoDetection(paths["val_images"], paths["val_annotations"], eval_transforms(cfg.data.image_size))
-    train_ds = None
+
+    def same_categories(split: CocoDetection, name: str, label: str) -> CocoDetection:
+        if split.category_ids != val_full.category_ids:
+            raise DatasetError(
+                f"the {label} and validation sets have different categories: {paths[name + '_annotations']} has "
+                f"ids {split.category_ids}, {paths['val_annotations']} has ids {val_full.category_ids}")
+        return split
+
+    train_ds = test_ds = None
     if train:
         train_full = CocoDetection(paths["train_images"], paths["train_annotations"], train_transform_for(cfg))
-        if train_full.category_ids != val_full.category_ids:
-            raise DatasetError(
-                f"the training and validation sets have different categories: {paths['train_annotations']} has "
-                f"ids {train_full.category_ids}, {paths['val_annotations']} has ids {val_full.category_ids}")
-        train_ds = _first(train_full, cfg.data.max_train_images)
+        train_ds = _first(same_categories(train_full, "train", "training"), cfg.data.max_train_images)
+    if "test_annotations" in paths:
+        test_ds = same_categories(CocoDetection(paths["test_images"], paths["test_annotations"],
+                                                eval_transforms(cfg.data.image_size)), "test", "test")
     val_ds = _first(val_full, cfg.data.max_val_images)
     val_ids = val_full.image_ids[: len(val_ds)]
     return DataBundle(train=train_ds, val=val_ds, val_dataset=val_full, val_image_ids=val_ids,
                       num_classes=val_full.num_classes, category_names=list(val_full.category_names),
-                      label_to_category_id=dict(val_full.label_to_category_id), paths=paths)
+                      label_to_category_id=dict(val_full.label_to_category_id), paths=paths, test=test_ds)
 
 
 def build_eval_data(cfg: Config, images: str | None = None, annotations: str | None = None) -> DataBundle:

@@ -16,13 +16,18 @@ Boxes are exact: ``bbox`` is the tight box of the object's own drawn pixels (amo
 object covers), ``area`` is the object's pixel count (COCO's area is the object's, not the box's, area),
 ``iscrowd`` is 0. Sensor noise is added to the whole image after the objects are drawn.
 
+Splits: ``train`` and ``val`` (the selection split: best epoch, early stopping, tuning) and, with ``num_test`` > 0,
+``test`` (the scoring split). Every image is drawn from a generator seeded by (seed, split, index), so the three
+splits hold different scenes, and an image does not depend on how many images the other splits have.
+
 The data set is a pure function of its parameters (and ``GENERATOR_VERSION``). It is written once, as PNG images
-plus ``annotations/instances_{train,val}.json``, into ``<root>/<readable name>_<hash of all parameters>``;
+plus ``annotations/instances_{train,val[,test]}.json``, into ``<root>/<readable name>_<hash of all parameters>``;
 a later call with the same parameters reuses it. It is built in a temporary folder beside it and renamed into
 place when complete, so an interrupted generation never leaves a half-written data set. Default root:
 ``$DSET_CACHE_DIR/synthetic`` if ``DSET_CACHE_DIR`` is set, else ``~/.cache/dset/synthetic``.
 
-Command line: ``python -m dset.data.synthetic --out DIR [--num-train N] [--num-val N] [--image-size S] [--seed S]``
+Command line: ``python -m dset.data.synthetic --out DIR [--num-train N] [--num-val N] [--num-test N] [--image-size S]
+[--seed S]``
 prints the paths (``--out`` is the root the data set folder is created in).
 """
 
@@ -62,7 +67,7 @@ GENERATOR_VERSION = 1
 CLASS_NAMES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "ring", "diamond")
 # hue centre (degrees) of each class's colour family
 _CLASS_HUE = {"circle": 0.0, "square": 120.0, "triangle": 220.0, "cross": 55.0, "ring": 300.0, "diamond": 180.0}
-_SPLIT_CODE = {"train": 0, "val": 1}
+_SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
 
 
 @dataclass
@@ -236,8 +241,8 @@ def render_scene(
 
 
 def _params(num_train, num_val, image_size, seed, num_classes, min_objects, max_objects, min_object_size,
-            max_object_frac) -> dict:
-    return {
+            max_object_frac, num_test=0) -> dict:
+    p = {
         "generator_version": GENERATOR_VERSION,
         "num_train": int(num_train),
         "num_val": int(num_val),
@@ -249,11 +254,26 @@ def _params(num_train, num_val, image_size, seed, num_classes, min_objects, max_
         "min_object_size": int(min_object_size),
         "max_object_frac": float(max_object_frac),
     }
+    # only when there is a test split: a data set without one keeps its key (its cache and the fingerprints of the
+    # runs made on it)
+    if int(num_test):
+        p["num_test"] = int(num_test)
+    return p
+
+
+def _splits(p: dict) -> dict[str, int]:
+    """Each split's number of images, in the order their ids are given."""
+    sizes = {"train": p["num_train"], "val": p["num_val"]}
+    if p.get("num_test", 0):
+        sizes["test"] = p["num_test"]
+    return sizes
 
 
 def _validate(p: dict) -> None:
     if p["num_train"] < 1 or p["num_val"] < 1:
         raise ValueError(f"synthetic: num_train and num_val must be >= 1, got {p['num_train']}, {p['num_val']}")
+    if p.get("num_test", 0) < 0:
+        raise ValueError(f"synthetic: num_test must be >= 0, got {p['num_test']}")
     if p["image_size"] < 32:
         raise ValueError(f"synthetic: image_size must be >= 32, got {p['image_size']}")
     if not 1 <= p["num_classes"] <= len(CLASS_NAMES):
@@ -306,13 +326,12 @@ def _make_image_star(args: tuple) -> tuple[dict, list[dict]]:
 def _write_dataset(folder: Path, p: dict, workers: int) -> None:
     jobs: dict[str, list[tuple]] = {}
     next_id = 1
-    for split in ("train", "val"):
-        n = p["num_train"] if split == "train" else p["num_val"]
+    for split, n in _splits(p).items():
         img_dir = folder / "images" / split
         img_dir.mkdir(parents=True)
         jobs[split] = [(p, split, i, next_id + i, str(img_dir)) for i in range(n)]
         next_id += n
-    all_jobs = jobs["train"] + jobs["val"]
+    all_jobs = [job for split_jobs in jobs.values() for job in split_jobs]
     if workers > 1:
         # spawn, not fork: the caller may hold threads/locks (torch, DataLoader) that a fork would copy
         ctx = multiprocessing.get_context("spawn")
@@ -324,7 +343,7 @@ def _write_dataset(folder: Path, p: dict, workers: int) -> None:
     (folder / "annotations").mkdir()
     categories = [{"id": k + 1, "name": CLASS_NAMES[k], "supercategory": "shape"} for k in range(p["num_classes"])]
     offset = 0
-    for split in ("train", "val"):
+    for split in jobs:
         split_results = results[offset : offset + len(jobs[split])]
         offset += len(jobs[split])
         images = [entry for entry, _ in split_results]
@@ -340,14 +359,13 @@ def _write_dataset(folder: Path, p: dict, workers: int) -> None:
             json.dump(coco, f)
 
 
-def _paths(folder: Path) -> dict[str, str]:
-    return {
-        "train_images": str(folder / "images" / "train"),
-        "train_annotations": str(folder / "annotations" / "instances_train.json"),
-        "val_images": str(folder / "images" / "val"),
-        "val_annotations": str(folder / "annotations" / "instances_val.json"),
-        "root": str(folder),
-    }
+def _paths(folder: Path, p: dict) -> dict[str, str]:
+    paths = {}
+    for split in _splits(p):
+        paths[f"{split}_images"] = str(folder / "images" / split)
+        paths[f"{split}_annotations"] = str(folder / "annotations" / f"instances_{split}.json")
+    paths["root"] = str(folder)
+    return paths
 
 
 def _is_complete(folder: Path, key: str, p: dict) -> bool:
@@ -355,23 +373,19 @@ def _is_complete(folder: Path, key: str, p: dict) -> bool:
     try:
         if marker.read_text().strip() != key:
             return False
-        paths = _paths(folder)
-        return (
-            Path(paths["train_annotations"]).is_file()
-            and Path(paths["val_annotations"]).is_file()
-            and len(os.listdir(paths["train_images"])) == p["num_train"]
-            and len(os.listdir(paths["val_images"])) == p["num_val"]
-        )
+        paths = _paths(folder, p)
+        return all(Path(paths[f"{split}_annotations"]).is_file() and len(os.listdir(paths[f"{split}_images"])) == n
+                   for split, n in _splits(p).items())
     except OSError:
         return False
 
 
 def dataset_key(num_train: int = 256, num_val: int = 64, image_size: int = 320, seed: int = 0, num_classes: int = 4,
                 min_objects: int = 1, max_objects: int = 8, min_object_size: int = 8,
-                max_object_frac: float = 0.6) -> str:
+                max_object_frac: float = 0.6, num_test: int = 0) -> str:
     """The data set's identity: a hash of all its parameters and GENERATOR_VERSION (its cache folder's key)."""
     p = _params(num_train, num_val, image_size, seed, num_classes, min_objects, max_objects, min_object_size,
-                max_object_frac)
+                max_object_frac, num_test)
     return hashlib.sha256(json.dumps(p, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -388,26 +402,29 @@ def make_synthetic_coco(
     max_object_frac: float = 0.6,
     force: bool = False,
     workers: int = 1,
+    num_test: int = 0,
 ) -> dict[str, str]:
     """Generate (or reuse) the synthetic COCO data set and return its paths.
 
-    Returns ``{"train_images", "train_annotations", "val_images", "val_annotations", "root"}`` (strings);
-    ``root`` is the data set's own folder inside the cache ``root`` argument. ``force=True`` regenerates.
+    Returns ``{"train_images", "train_annotations", "val_images", "val_annotations", "root"}`` (strings), with
+    ``num_test`` > 0 also ``"test_images", "test_annotations"``; ``root`` is the data set's own folder inside the
+    cache ``root`` argument. ``force=True`` regenerates.
     ``workers``: processes that render images (1: in this process). The output is identical for any number of
     workers. More than 1 uses spawned processes, so a calling script needs the usual
     ``if __name__ == "__main__":`` guard; the command line uses up to 8 by default.
-    Train image ids are 1..num_train, val ids continue after them.
+    Train image ids are 1..num_train, val ids continue after them, test ids after val's.
     """
     p = _params(num_train, num_val, image_size, seed, num_classes, min_objects, max_objects, min_object_size,
-                max_object_frac)
+                max_object_frac, num_test)
     _validate(p)
     key = dataset_key(num_train, num_val, image_size, seed, num_classes, min_objects, max_objects, min_object_size,
-                      max_object_frac)
+                      max_object_frac, num_test)
     cache_root = Path(root).expanduser() if root is not None else default_cache_root()
-    name = f"shapes{p['num_classes']}_{p['num_train']}-{p['num_val']}_{p['image_size']}px_seed{p['seed']}_{key}"
+    counts = "-".join(str(n) for n in _splits(p).values())
+    name = f"shapes{p['num_classes']}_{counts}_{p['image_size']}px_seed{p['seed']}_{key}"
     folder = cache_root / name
     if not force and _is_complete(folder, key, p):
-        return _paths(folder)
+        return _paths(folder, p)
 
     cache_root.mkdir(parents=True, exist_ok=True)
     tmp = cache_root / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -419,7 +436,7 @@ def make_synthetic_coco(
         if folder.exists():  # stale, incomplete, or forced: replace it
             if not force and _is_complete(folder, key, p):  # another process finished first
                 shutil.rmtree(tmp, ignore_errors=True)
-                return _paths(folder)
+                return _paths(folder, p)
             old = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=cache_root))
             os.rename(folder, old / "d")
             shutil.rmtree(old, ignore_errors=True)
@@ -434,7 +451,7 @@ def make_synthetic_coco(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return _paths(folder)
+    return _paths(folder, p)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -443,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
                     "(default $DSET_CACHE_DIR/synthetic or ~/.cache/dset/synthetic)")
     ap.add_argument("--num-train", type=int, default=256)
     ap.add_argument("--num-val", type=int, default=64)
+    ap.add_argument("--num-test", type=int, default=0, help="images of the test (scoring) split; 0: none")
     ap.add_argument("--image-size", type=int, default=320)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num-classes", type=int, default=4)
@@ -457,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         paths = make_synthetic_coco(
             root=args.out, num_train=args.num_train, num_val=args.num_val, image_size=args.image_size,
             seed=args.seed, num_classes=args.num_classes, min_objects=args.min_objects,
-            max_objects=args.max_objects, force=args.force, workers=args.workers,
+            max_objects=args.max_objects, force=args.force, workers=args.workers, num_test=args.num_test,
         )
     except ValueError as e:
         ap.error(str(e))

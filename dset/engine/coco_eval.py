@@ -1,4 +1,4 @@
-"""COCO box evaluation with pycocotools: a model's detections on a validation split and their COCO metrics
+"""COCO box evaluation with pycocotools: a model's detections on a validation or test split and their COCO metrics
 (:func:`evaluate_detections`, gathered over ranks under DDP), and the detections and ground truth a run keeps
 for reports.
 
@@ -253,10 +253,12 @@ def predict_detections(
 @torch.no_grad()
 def evaluate_detections(model: torch.nn.Module, loader: Iterable, bundle: DataBundle, device: torch.device,
                         dinfo: DistInfo | None = None, num_top_queries: int = 300,
-                        detections_out: list | None = None) -> dict:
-    """COCO metrics of ``model`` (eval mode) on ``loader`` (the validation split of ``bundle``); under DDP
+                        detections_out: list | None = None, split: str = "val") -> dict:
+    """COCO metrics of ``model`` (eval mode) on ``loader``, which reads ``split`` of ``bundle`` (``val``, the
+    selection split, or ``test``, the scoring split), with ``<split>_images`` (the images scored); under DDP
     each rank predicts its shard, detections are gathered to rank 0 and the metrics broadcast back.
     ``detections_out`` (rank 0) receives the detections that were scored."""
+    _, coco_dataset, image_ids = bundle.evaluated_split(split)
     dinfo = dinfo or DistInfo()
     detections, n_images = predict_detections(model, loader, bundle.label_to_category_id, device, num_top_queries)
     parts = all_gather_object((detections, n_images), dinfo)
@@ -265,9 +267,8 @@ def evaluate_detections(model: torch.nn.Module, loader: Iterable, bundle: DataBu
         all_dets = [d for p in parts for d in p[0]]
         if detections_out is not None:
             detections_out.extend(all_dets)
-        metrics = coco_metrics(bundle.val_dataset.coco, all_dets, bundle.category_names,
-                               image_ids=bundle.val_image_ids)
-        metrics["val_images"] = sum(p[1] for p in parts)
+        metrics = coco_metrics(coco_dataset.coco, all_dets, bundle.category_names, image_ids=image_ids)
+        metrics[f"{split}_images"] = sum(p[1] for p in parts)
     return broadcast_object(metrics, dinfo)
 
 

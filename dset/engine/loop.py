@@ -24,7 +24,9 @@ What a run does, in order:
    model every ``train.eval_every`` epochs and at the last epoch (COCO metrics on the validation split,
    :mod:`dset.engine.coco_eval`), a line in ``metrics.jsonl``, ``checkpoints/best.pt`` (when ``val/mAP``
    improved), the callbacks' ``on_epoch_end`` (:mod:`dset.engine.callbacks`), early stopping after
-   ``train.early_stop_patience`` epochs without an mAP improvement.
+   ``train.early_stop_patience`` epochs without an mAP improvement. Only the epochs
+   :func:`dset.engine.reported_checkpoint.eligible_epochs` names (one rule for every run: from the end of the
+   pruning schedules as configured, switch on or off) can be best or stop the run.
    The resume state (``checkpoints/last.pt``: weights, EMA, optimizer, ...) is copied to the CPU at every
    epoch end but written at most every ``train.checkpoint_every_minutes`` (default 10; since the last write or
    the start of training), at the end of the run (completed or stopped) when ``train.keep_last_checkpoint``,
@@ -33,17 +35,19 @@ What a run does, in order:
    ``kill -9`` loses at most one epoch or ``checkpoint_every_minutes``, whichever is longer (writing the state
    every epoch costs seconds of I/O per epoch: on short epochs, a large part of the work it protects).
 6. ``summary.json``: status ``completed`` / ``stopped`` (early stopping or a callback) / ``failed`` (with the
-   error) and the final metrics (:mod:`dset.engine.run_metrics`): best epoch, parameter counts, GFLOPs and
-   latency from :mod:`dset.measure` (:mod:`dset.engine.reported_checkpoint`), throughput and peak memory
+   error) and the final metrics (:mod:`dset.engine.run_metrics`): best epoch, with a test split the reported
+   checkpoint's ``test/`` metrics (evaluated once on it), parameter counts, GFLOPs and latency from
+   :mod:`dset.measure` (:mod:`dset.engine.reported_checkpoint`), throughput and peak memory
    (:mod:`dset.engine.epoch_stats`, :mod:`dset.engine.memory`).
 7. ``pictures/``: the reported checkpoint drawn on the first ``train.pictures`` validation images
    (:mod:`dset.pictures`: detections, and with the DSET switches the kept tokens and the experts' routing).
 
 Files in ``out_dir`` (:mod:`dset.engine.records`): ``config.yaml`` (resolved configuration),
 ``metrics.jsonl`` (one JSON object per epoch, keys listed in :func:`fit`), ``summary.json``,
-``checkpoints/last.pt``, ``checkpoints/best.pt``, ``eval/detections.json`` and ``eval/ground_truth.json``,
-``pictures/*.png`` and ``pictures/pictures.json``. Checkpoints are written to a temporary file and renamed
-(``os.replace``), so a killed run never leaves a torn file. ``best.pt`` holds what evaluation and fine-tuning
+``checkpoints/last.pt``, ``checkpoints/best.pt``, ``eval/detections.json`` and ``eval/ground_truth.json`` (and
+with a test split ``eval/test_detections.json`` and ``eval/test_ground_truth.json``), ``pictures/*.png`` and
+``pictures/pictures.json``. Checkpoints are written to a temporary file and renamed (``os.replace``), so a killed
+run never leaves a torn file. ``best.pt`` holds what evaluation and fine-tuning
 read: the EMA weights (``ema``; the raw training weights are not kept), ``config``, ``epoch``, ``metrics`` and
 the label maps.
 
@@ -114,7 +118,13 @@ from .records import (
     start_metrics_file,
     write_json,
 )
-from .reported_checkpoint import ReportedCheckpoint, picture_entries, profile_entries
+from .reported_checkpoint import (
+    ReportedCheckpoint,
+    eligible_epochs,
+    picture_entries,
+    profile_entries,
+    score_on_test_split,
+)
 from .rng import rng_state, seed_everything, set_rng_state
 from .run_metrics import best_epoch_metrics, train_minutes
 from .schedule import WarmupCosine, build_scheduler
@@ -154,6 +164,7 @@ class _Run:
         self.use_amp = bool(cfg.train.amp and self.device.type == "cuda")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.early = EarlyStopping(cfg.train.early_stop_patience)
+        self.eligible_epochs = eligible_epochs(cfg)   # those that may be best or stop the run, as for every run
         if dinfo.world_size > 1:   # each rank draws its own augmentations / denoising noise (weights were broadcast)
             seed_everything(cfg.run.seed + dinfo.rank)
         self.ckpt_dir = out_dir / "checkpoints"
@@ -236,6 +247,11 @@ class _Run:
             "num_classes": self.data.num_classes,
             "num_train_images": len(self.data.train),
             "num_val_images": len(self.data.val),
+            # the model is selected (best epoch, early stopping) on val among the eligible epochs and scored on
+            # test when there is one; without one it is scored on the images that selected it
+            "selection_split": "val",
+            "score_split": "test" if self.data.test is not None else "val",
+            "eligible_epochs": list(self.eligible_epochs),
             "metrics": {M.PARAMS: sum(p.numel() for p in self.model_core.parameters())},
         })
 
@@ -286,7 +302,7 @@ class _Run:
         metrics.update(self.throughput.metrics())
         if self.dinfo.world_size > 1:
             self.summary["ddp_params_in_sync"] = params_in_sync(self.model_core, self.dinfo)
-        if self.dinfo.is_main and (cfg.train.profile or cfg.train.pictures):
+        if self.dinfo.is_main and (cfg.train.profile or cfg.train.pictures or self.data.test is not None):
             entries = self._describe_reported_checkpoint()
             metrics.update(entries.pop("metrics", {}))
             self.summary.update(entries)
@@ -294,15 +310,21 @@ class _Run:
         metrics[M.PEAK_GPU_MEMORY_MB] = peak_gpu_memory_mb(self.device)
 
     def _describe_reported_checkpoint(self) -> dict:
-        """Profile and pictures of the reported checkpoint (best.pt's EMA weights, else the final EMA model),
-        loaded once for both."""
+        """Test-split score, profile and pictures of the reported checkpoint (best.pt's EMA weights, else the final
+        EMA model), loaded once for all."""
         final_epoch = self.epochs_done - 1 if self.epochs_done else None
         reported = ReportedCheckpoint(self.ckpt_dir / "best.pt", self.cfg, self.device, self.ema.module, final_epoch)
-        entries = {}
+        parts = []
+        if self.data.test is not None:
+            parts.append(score_on_test_split(reported, self.data, self.cfg, self.device, self.out))
         if self.cfg.train.profile:
-            entries.update(profile_entries(reported, self.cfg, self.device))
+            parts.append(profile_entries(reported, self.cfg, self.device))
         if self.cfg.train.pictures:
-            entries.update(picture_entries(reported, self.data, self.out, self.cfg.train.pictures))
+            parts.append(picture_entries(reported, self.data, self.out, self.cfg.train.pictures))
+        entries: dict[str, Any] = {"metrics": {}}
+        for part in parts:  # each part's summary entries; their final metrics together
+            entries["metrics"].update(part.pop("metrics", {}))
+            entries.update(part)
         return entries
 
     # ----- one epoch
@@ -320,10 +342,10 @@ class _Run:
         counts = {"step": self.global_step, **train_metrics.pop("counts")}
         self.throughput.train_images += counts["train_images"]
         metrics: dict[str, Any] = {"epoch": epoch, **train_metrics, **lrs, "counts": counts}
-        at_target = self._at_target_sparsity(epoch)
+        eligible = epoch in self.eligible_epochs
         evaluated = (epoch + 1) % cfg.train.eval_every == 0 or epoch == cfg.train.epochs - 1
         detections: list = []
-        improved = evaluated and self._evaluate(epoch, metrics, at_target, detections)
+        improved = evaluated and self._evaluate(epoch, metrics, eligible, detections)
         metrics[M.EPOCH_TIME] = time.time() - t_epoch
         self.epoch_times.append(metrics[M.EPOCH_TIME])
         self.epochs_done, self.last_metrics = epoch + 1, metrics
@@ -331,12 +353,12 @@ class _Run:
         stop_reason = None
         if dinfo.is_main:
             stop_reason = self._record_epoch(epoch, metrics, rng_states, improved, detections,
-                                             may_stop_early=evaluated and at_target)
+                                             may_stop_early=evaluated and eligible)
         return broadcast_object(stop_reason, dinfo)
 
-    def _evaluate(self, epoch: int, metrics: dict, at_target: bool, detections: list) -> bool:
+    def _evaluate(self, epoch: int, metrics: dict, eligible: bool, detections: list) -> bool:
         """COCO metrics of the EMA model added to ``metrics`` (its detections to ``detections`` on rank 0);
-        True when the epoch is the new best."""
+        True when the epoch is the new best (an ``eligible`` one: :func:`eligible_epochs`)."""
         broadcast_state(self.ema.module, self.dinfo)   # every rank evaluates the EMA model the checkpoints keep
         with self.throughput.timing_evaluation():
             ev = evaluate_detections(self.ema.module, self.val_loader, self.data, self.device, self.dinfo,
@@ -344,10 +366,10 @@ class _Run:
         self.throughput.eval_images += ev["val_images"]
         metrics.update(evaluation_entries(ev))
         metrics["counts"]["val_images"] = ev["val_images"]
-        # the reported checkpoint runs as deployed: epochs still in token pruning's warm-up or ramp (fewer
-        # tokens pruned than the target) cannot be the best, so that its GFLOPs, latency and keep ratio are
-        # those of the target sparsity
-        improved = at_target and self.early.update(epoch, metrics[M.VAL_MAP])
+        # only eligible epochs can be the best: the same rule for every cell of a study, and the reported
+        # checkpoint runs as deployed (no epoch of a pruning warm-up or ramp), so that its GFLOPs, latency and
+        # keep ratio are those of the target sparsity
+        improved = eligible and self.early.update(epoch, metrics[M.VAL_MAP])
         if improved:
             self.best_metrics = json_safe(metrics)
         return improved
@@ -405,10 +427,6 @@ class _Run:
         if not d.multi_scale or (d.stop_epoch is not None and epoch >= d.stop_epoch):
             return None
         return multi_scale_sizes(d.image_size)
-
-    def _at_target_sparsity(self, epoch: int) -> bool:
-        """Every pruner runs at its target keep ratio in ``epoch`` (always true without pruning)."""
-        return all(epoch >= p.target_epoch for p in self.model_core.pruners())
 
     def _group_info(self) -> dict:
         return {g["name"]: {"lr": g["initial_lr"], "weight_decay": g["weight_decay"],
@@ -547,11 +565,16 @@ def fit(cfg: Config | str, out_dir: str | os.PathLike, callbacks: Callback | Seq
     ``data.image_size``: ``active_params``, ``gflops`` (2 x multiply-adds, fvcore), ``gflops/<component>``,
     ``latency_ms``/``fps`` (eval forward, batch ``latency_batch_size`` on ``latency_device``),
     ``profile/tokens``, ``profile/kept_tokens``, ``profile/keep_ratio``; with ``train.profile_deployment`` the
-    ``deploy/...`` metrics. Beside it: ``status`` (completed / stopped / failed), ``stop_reason``, ``error``
-    (failed runs), ``epochs`` (configured), ``global_step``, ``num_classes``, ``num_train_images``,
-    ``num_val_images``, ``world_size``, ``device``, ``train_time_s`` (this attempt), ``train_images_processed``,
-    ``train_seconds``, ``eval_images_processed``, ``eval_seconds``, ``profile`` (everything the profile measured)
-    or ``profile_error``, ``deployment`` (:func:`dset.measure.deployment_latency`: eager PyTorch next to ONNX
+    ``deploy/...`` metrics; with a test split (``data.test``, ``data.synthetic.num_test``) the reported
+    checkpoint's ``test/mAP``, ``test/mAP50``, ``test/mAP75``, ``test/mAP_small``, ``test/mAP_medium``,
+    ``test/mAP_large``, ``test/AR100`` and ``test/AP/<class name>``. Beside it: ``status`` (completed / stopped /
+    failed), ``stop_reason``, ``error`` (failed runs), ``epochs`` (configured), ``eligible_epochs`` (those that
+    could be best), ``selection_split`` ("val": it chose the best epoch), ``score_split`` ("test", or "val" when
+    there is no test split: the model was then scored on the images that selected it), ``global_step``,
+    ``num_classes``, ``num_train_images``, ``num_val_images``, ``num_test_images`` (with a test split),
+    ``world_size``, ``device``, ``train_time_s`` (this attempt), ``train_images_processed``, ``train_seconds``,
+    ``eval_images_processed``, ``eval_seconds``, ``profile`` (everything the profile measured) or
+    ``profile_error``, ``deployment`` (:func:`dset.measure.deployment_latency`: eager PyTorch next to ONNX
     Runtime at batch 1 and 8, timed round-robin in this process, and the ONNX check against eager) or
     ``deployment_error``.
 

@@ -4,8 +4,10 @@
   :mod:`dset.metric_names`), appended by :func:`append_metrics`; a resumed run first drops the lines of epochs
   after its checkpoint (:func:`start_metrics_file`).
 - ``summary.json``, ``config.yaml``, ``eval/detections.json`` (the reported checkpoint's detections on the
-  validation images) and ``eval/ground_truth.json`` (their ground truth): what a report needs to bootstrap
-  intervals over images. JSON files are written through a temporary file and a rename (:func:`write_json`).
+  validation images) and ``eval/ground_truth.json`` (their ground truth); with a test split,
+  ``eval/test_detections.json`` and ``eval/test_ground_truth.json`` (the same on the test images, the scoring
+  split): what a report needs to bootstrap intervals over images. JSON files are written through a temporary
+  file and a rename (:func:`write_json`).
 
 NaN and infinite numbers are written as ``null`` (:func:`json_safe`).
 """
@@ -24,13 +26,16 @@ from .. import metric_names as M
 from .checkpoint import atomic_write_text
 from .coco_eval import METRIC_KEYS
 
-__all__ = ["DETECTIONS_FILE", "GROUND_TRUTH_FILE", "json_safe", "write_json", "start_metrics_file",
-           "append_metrics", "evaluation_entries", "epoch_line"]
+__all__ = ["DETECTIONS_FILE", "GROUND_TRUTH_FILE", "TEST_DETECTIONS_FILE", "TEST_GROUND_TRUTH_FILE", "json_safe",
+           "write_json", "start_metrics_file", "append_metrics", "evaluation_entries", "epoch_line"]
 
 # the reported (best) checkpoint's detections on the validation images, and their ground truth (beside
 # metrics.jsonl)
 DETECTIONS_FILE = "eval/detections.json"
 GROUND_TRUTH_FILE = "eval/ground_truth.json"
+# the same checkpoint's detections on the test images (the scoring split), and their ground truth; same formats
+TEST_DETECTIONS_FILE = "eval/test_detections.json"
+TEST_GROUND_TRUTH_FILE = "eval/test_ground_truth.json"
 
 
 def json_safe(value: Any) -> Any:
@@ -75,12 +80,17 @@ def append_metrics(path: Path, record: dict) -> None:
         f.write(json.dumps(json_safe(record)) + "\n")
 
 
-def evaluation_entries(evaluation: dict) -> dict:
+def evaluation_entries(evaluation: dict, split: str = "val") -> dict:
     """An evaluation's metrics (:func:`dset.engine.coco_eval.evaluate_detections`, COCO's names) as record
-    entries: ``val/<metric>`` and ``val/AP/<class name>``."""
-    out = {M.val_metric(k): evaluation[k] for k in METRIC_KEYS if k in evaluation}
+    entries: ``val/<metric>`` and ``val/AP/<class name>``, or for the test split ``test/<metric>`` and
+    ``test/AP/<class name>``."""
+    if split not in ("val", "test"):
+        raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+    metric, class_ap = ((M.val_metric, M.per_class_ap_metric) if split == "val"
+                        else (M.metric_on_test, M.per_class_ap_metric_on_test))
+    out = {metric(k): evaluation[k] for k in METRIC_KEYS if k in evaluation}
     for name, ap in (evaluation.get("per_class_AP") or {}).items():
-        out[M.per_class_ap_metric(name)] = ap
+        out[class_ap(name)] = ap
     return out
 
 

@@ -1,9 +1,14 @@
 """The reported checkpoint of a finished run, measured and drawn for ``summary.json``.
 
 The reported checkpoint is ``best.pt``'s EMA weights, or the final EMA model when no epoch was best (its
-epoch: the last one run). Its token pruner runs at the ratio of its epoch, which is the target ratio (best
-epochs are chosen among those), so it is profiled as deployed. It is loaded once
+epoch: the last one run). The best epoch is chosen on the validation split (the selection split) among the
+epochs :func:`eligible_epochs` names, one rule for every run; they are at or after every pruning schedule's
+target, so its pruners run at their target ratio and it is profiled as deployed. It is loaded once
 (:class:`ReportedCheckpoint`), then:
+
+- with a test split (``data.test``, ``data.synthetic.num_test``): :func:`score_on_test_split`, the checkpoint's
+  COCO metrics on the test images (the scoring split) as the final ``test/`` metrics, its detections and their
+  ground truth written beside the validation ones (``eval/test_detections.json``, ``eval/test_ground_truth.json``);
 
 - with ``train.profile``: :func:`profile_entries`, active params / GFLOPs / latency via :mod:`dset.measure`
   (and with ``train.profile_deployment`` eager PyTorch next to ONNX Runtime), as final metrics
@@ -12,7 +17,7 @@ epochs are chosen among those), so it is profiled as deployed. It is loaded once
   (:func:`dset.pictures.draw_pictures`).
 
 A measurement or drawing failure is recorded (``profile_error``, ``deployment_error``, ``pictures_error``)
-and never fails a finished run.
+and never fails a finished run; a failure to score the test split does (the score is the run's result).
 """
 
 from __future__ import annotations
@@ -23,18 +28,37 @@ from pathlib import Path
 import torch
 
 from .. import metric_names as M
-from ..config import Config
-from ..data.loaders import DataBundle
+from ..config import Config, PruningConfig
+from ..data.loaders import DataBundle, build_val_loader
 from ..models.detector import Detector, build_model
-from .records import json_safe
+from ..models.pruning import ScheduledPruner
+from .coco_eval import evaluate_detections, ground_truth, top_per_image_and_class
+from .records import TEST_DETECTIONS_FILE, TEST_GROUND_TRUTH_FILE, evaluation_entries, json_safe, write_json
 from .run_metrics import deployment_metrics
 
-__all__ = ["DEPLOYMENT_BATCH_SIZES", "ReportedCheckpoint", "profile_entries", "picture_entries"]
+__all__ = ["DEPLOYMENT_BATCH_SIZES", "ReportedCheckpoint", "eligible_epochs", "score_on_test_split",
+           "profile_entries", "picture_entries"]
 
 log = logging.getLogger(__name__)
 
 # batch sizes at which a run's profile times eager PyTorch next to ONNX Runtime (train.profile_deployment)
 DEPLOYMENT_BATCH_SIZES = (1, 8)
+
+
+def eligible_epochs(cfg: Config) -> range:
+    """The epochs that may give the reported checkpoint (the best ``val/mAP`` among those evaluated) and stop a
+    run early: one rule for every run, so that the cells of a study choose among the same epochs.
+
+    They start at the first epoch where both pruning schedules AS CONFIGURED reach their target keep ratio
+    (``model.token_pruning`` and ``model.memory_pruning``: warm-up, then ramp), whether or not the switch is on: a
+    study's budget sets the schedules for all its cells alike, so a cell without pruning may not pick an epoch that
+    a pruning cell could not. The last epoch is always eligible (only a switch that is off may have a schedule
+    longer than the run: validation refuses it for one that is on)."""
+    schedules: tuple[PruningConfig, ...] = (cfg.model.token_pruning, cfg.model.memory_pruning)
+    # the schedule's end as the pruners define it (ScheduledPruner.target_epoch, one definition)
+    first = max(ScheduledPruner(1.0, 1, s.warmup_epochs, s.ramp_epochs).target_epoch for s in schedules)
+    last = cfg.train.epochs - 1
+    return range(min(first, last), last + 1)
 
 
 class ReportedCheckpoint:
@@ -68,6 +92,25 @@ class ReportedCheckpoint:
         model = build_model(self.cfg, load_weights=False)
         model.load_state_dict(checkpoint["ema"]["module"])
         return model.to(self.device), checkpoint.get("epoch")
+
+
+def score_on_test_split(reported: ReportedCheckpoint, data: DataBundle, cfg: Config, device: torch.device,
+                        out_dir: Path) -> dict:
+    """Evaluate the reported checkpoint once on the test split of ``data`` (the scoring split; this process alone,
+    rank 0 under DDP): write its detections (``eval/test_detections.json``, with the checkpoint's epoch) and their
+    ground truth (``eval/test_ground_truth.json``) into ``out_dir``, and return the ``summary.json`` entries: the
+    ``test/`` metrics under ``metrics`` and ``num_test_images``."""
+    model, epoch = reported.load()
+    dataset, coco_dataset, image_ids = data.evaluated_split("test")
+    detections: list = []
+    evaluation = evaluate_detections(model, build_val_loader(dataset, cfg), data, device, split="test",
+                                     detections_out=detections)
+    write_json(out_dir / TEST_GROUND_TRUTH_FILE, ground_truth(coco_dataset.coco, image_ids))
+    write_json(out_dir / TEST_DETECTIONS_FILE, {"epoch": epoch, "image_ids": list(image_ids),
+                                                "detections": top_per_image_and_class(detections, 100)})
+    log.info("test split (%d images): mAP %.4f mAP50 %.4f (the reported checkpoint, epoch %s)",
+             evaluation["test_images"], evaluation["mAP"], evaluation["mAP50"], epoch)
+    return {"metrics": evaluation_entries(evaluation, split="test"), "num_test_images": evaluation["test_images"]}
 
 
 def profile_entries(reported: ReportedCheckpoint, cfg: Config, device: torch.device) -> dict:
