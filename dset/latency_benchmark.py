@@ -218,8 +218,10 @@ def run_benchmark(specs: list[ModelSpec], size: int = 640, device: str = "cpu", 
                 raise LatencyBenchmarkError(f"latency benchmark process {k + 1}/{processes} ran past {timeout_s} s"
                                             ) from None
             if proc.returncode != 0 or not result_path.is_file():
+                lines = proc.stderr.strip().splitlines() or ["(no error output)"]
+                # the exception's own line first, then the traceback's end
                 raise LatencyBenchmarkError(f"latency benchmark process {k + 1}/{processes} failed (exit "
-                                            f"{proc.returncode}): {proc.stderr.strip()[-2000:]}")
+                                            f"{proc.returncode}): {lines[-1]}\n" + "\n".join(lines[-30:]))
             per_process.append(json.loads(result_path.read_text()))
     settings = {"image_size": size, "batch_size": batch_size, "rounds": rounds, "warmup": warmup}
     result = summarise([s.label for s in specs], per_process, settings)

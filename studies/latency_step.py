@@ -113,7 +113,11 @@ def benchmark_backbone(inv: Invocation, plan: BackbonePlan, settings: BenchmarkS
 
     runs = inv.runs
     c, key = runs.c, plan.key(settings)
-    holders = [r for r in _benchmark_runs(c, runs.exp_id, key) if _claimed(r, runs.host)]
+    found = _benchmark_runs(c, runs.exp_id, key)
+    for run in found:   # an invocation that died while measuring: its run is closed, the backbone measured again
+        if run.info.status == "RUNNING" and not _claimed(run, runs.host):
+            mlflow_store.retry(c.set_terminated, run.info.run_id, status="KILLED")
+    holders = [r for r in found if _claimed(r, runs.host)]
     if holders:
         holder = min(holders, key=_order)
         state = "measured" if holder.info.status == "FINISHED" else "being measured by another invocation"
@@ -143,7 +147,7 @@ def benchmark_backbone(inv: Invocation, plan: BackbonePlan, settings: BenchmarkS
         error = f"{type(exc).__name__}: {exc}"
         tracking.set_tags(c, rid, {S.TAG_STATUS: "failed", S.TAG_ERROR: error})
         mlflow_store.retry(c.set_terminated, rid, status="FAILED")
-        return f"{plan.backbone}: FAILED ({error[:500]})"
+        return f"{plan.backbone}: FAILED ({error.splitlines()[0]}; the whole error is the run's {S.TAG_ERROR} tag)"
     log_result(c, rid, result, slugs)
     mlflow_store.retry(c.set_terminated, rid, status="FINISHED")
     base = result["baseline"]

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +120,9 @@ def test_profile_cli_gives_the_interval_between_processes(capsys):
 def test_study_step_logs_one_benchmark_run_per_backbone_once(tmp_path, store, capsys):
     from analysis.latency import COLUMNS, side_by_side_latency
     from analysis.runs import load_study_runs
+    from studies import spec
+    from studies.invocation import Invocation
+    from studies.latency_step import BenchmarkSettings, benchmark_backbone, plan_backbones
     from studies.run import main
 
     args = ["smoke", f"out_dir={tmp_path / 'runs'}", f"data.synthetic.root={tmp_path / 'synthetic'}",
@@ -169,6 +175,30 @@ def test_study_step_logs_one_benchmark_run_per_backbone_once(tmp_path, store, ca
     assert "latency benchmark R18: already measured" in capsys.readouterr().out
     runs = c.search_runs([exp.experiment_id])
     assert sum(r.data.tags.get(S.TAG_ROLE) == S.ROLE_BENCHMARK for r in runs) == 1
+
+    # other settings make another key. A live invocation measuring it is left alone; one whose process is gone is
+    # closed (KILLED) and the backbone measured here; a benchmark that fails is a FAILED run with the error
+    study = spec.load_study("smoke", args[1:])
+    inv = Invocation(study, store, 1, None)
+    settings = BenchmarkSettings(processes=2, rounds=1, warmup=0)
+    (plan,), skipped = plan_backbones(inv, spec.grid_cells(study))
+    assert skipped == [] and plan.key(settings) != tags[S.TAG_BENCHMARK_KEY]
+    other = c.create_run(exp.experiment_id, tags={S.TAG_ROLE: S.ROLE_BENCHMARK, S.TAG_BENCHMARK_KEY: plan.key(settings),
+                                                  S.TAG_HOST: inv.host, S.TAG_PID: str(os.getpid())}).info.run_id
+    assert "being measured by another invocation" in benchmark_backbone(inv, plan, settings)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    c.set_tag(other, S.TAG_PID, str(dead.pid))
+    (Path(children["DSET R18 (E+P+D)"].data.tags[S.TAG_CHECKPOINT_DIR]) / "best.pt").unlink()
+    line = benchmark_backbone(inv, plan, settings)
+    inv.close("FINISHED")
+    assert line.startswith("R18: FAILED") and "no checkpoint" in line
+    assert c.get_run(other).info.status == "KILLED"
+    failed = [r for r in c.search_runs([exp.experiment_id]) if r.data.tags.get(S.TAG_BENCHMARK_KEY) ==
+              plan.key(settings) and r.info.run_id != other]
+    assert len(failed) == 1 and failed[0].info.status == "FAILED"
+    assert "no checkpoint" in failed[0].data.tags[S.TAG_ERROR]
+    assert all(c.get_run(r.info.run_id).info.status == "FINISHED" for r in children.values())
 
 
 def test_side_by_side_latency_of_a_study_without_benchmark_is_empty(tmp_path, store):
