@@ -11,7 +11,8 @@ Child runs carry:
   at ``step=epoch``; final metrics (``summary.json``'s ``metrics`` block) once;
 - artifacts: config.yaml, metrics.jsonl, summary.json, per_class_ap.csv, expert_usage.png (DSET only), and the
   reported checkpoint's detections on the validation images with their ground truth (``ARTIFACT_DETECTIONS``,
-  ``ARTIFACT_GROUND_TRUTH``), from which the report bootstraps intervals over images;
+  ``ARTIFACT_GROUND_TRUTH``) and, with a test split, on the test images (``ARTIFACT_TEST_DETECTIONS``,
+  ``ARTIFACT_TEST_GROUND_TRUTH``), from which the report bootstraps intervals over images;
 - pictures of the reported checkpoint on the first validation images (``ARTIFACT_PICTURES``, see
   :mod:`dset.pictures`): ``pictures/detections_<image id>.png`` and, with the switches on,
   ``pictures/kept_tokens_<id>.png``, ``pictures/encoder_experts_<id>.png``, ``pictures/decoder_experts_<id>.png``,
@@ -70,6 +71,9 @@ TAG_DEPLOY_DEVICES = "dset.deploy_devices"  # where each deploy/<runtime> metric
 TAG_DEPLOY_ERROR = "dset.deploy_error"  # why a finished run has no deploy/ metrics (an ONNX export problem, ...)
 TAG_DEVICE_SHARED = "dset.device_shared"  # "true" when other workers of the invocation used the run's device
                                        # (a GPU shared round-robin, or the CPU with --workers > 1)
+TAG_SCORE_SPLIT = "dset.score_split"   # the split the run's reported checkpoint is scored on (summary.json's
+                                       # score_split): "test", or "val" when its data has no test split (then the
+                                       # images that selected it score it); the selection split is always "val"
 
 SWITCH_TAGS = (TAG_ENCODER_MOE, TAG_TOKEN_PRUNING, TAG_DECODER_MOE)
 
@@ -78,13 +82,18 @@ SWITCH_TAGS = (TAG_ENCODER_MOE, TAG_TOKEN_PRUNING, TAG_DECODER_MOE)
 ARTIFACT_DETECTIONS = "eval/detections.json"
 # the COCO ground truth of those images: {"images": [...], "annotations": [...], "categories": [...]}
 ARTIFACT_GROUND_TRUTH = "eval/ground_truth.json"
+# the same two for the test images (the scoring split; runs whose data has one, TAG_SCORE_SPLIT "test"), same formats
+# (dset.engine.records.TEST_DETECTIONS_FILE, TEST_GROUND_TRUTH_FILE)
+ARTIFACT_TEST_DETECTIONS = "eval/test_detections.json"
+ARTIFACT_TEST_GROUND_TRUTH = "eval/test_ground_truth.json"
 # pictures of the reported checkpoint (dset.pictures): a folder of PNGs and the JSON that describes them
 # (image_id, kind, the variant's switches, score threshold, kept tokens, expert and class colours per picture)
 ARTIFACT_PICTURES = "pictures"
 ARTIFACT_PICTURES_INDEX = "pictures/pictures.json"
 ARTIFACT_IMAGES = "images"   # where MlflowClient.log_image puts the same pictures for the run page
 ARTIFACTS = ("config.yaml", "metrics.jsonl", "summary.json", "per_class_ap.csv", "expert_usage.png",
-             ARTIFACT_DETECTIONS, ARTIFACT_GROUND_TRUTH, ARTIFACT_PICTURES)
+             ARTIFACT_DETECTIONS, ARTIFACT_GROUND_TRUTH, ARTIFACT_TEST_DETECTIONS, ARTIFACT_TEST_GROUND_TRUTH,
+             ARTIFACT_PICTURES)
 
 # ---------------------------------------------------------------------------------- latency benchmark runs
 # One run per backbone of a grid study, nested under the parent run of the invocation that measured it: the

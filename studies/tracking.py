@@ -246,10 +246,12 @@ def write_per_class_ap(summary: dict, records: list[dict], path: Path) -> bool:
 
 def log_artifacts(c, run_id: str, out_dir: Path, summary: dict, title: str) -> list[str]:
     """config.yaml, metrics.jsonl, summary.json, eval/ (the reported checkpoint's detections and their
-    ground truth) and pictures/ (:mod:`dset.pictures`; each PNG also through :func:`log_pictures_as_images`)
-    from the run folder, per_class_ap.csv and expert_usage.png (written here). Returns the names logged."""
+    ground truth, on the validation and, when there is one, the test split) and pictures/ (:mod:`dset.pictures`;
+    each PNG also through :func:`log_pictures_as_images`) from the run folder, per_class_ap.csv and
+    expert_usage.png (written here). Returns the names logged."""
     logged = []
-    for name in ("config.yaml", "metrics.jsonl", "summary.json", S.ARTIFACT_DETECTIONS, S.ARTIFACT_GROUND_TRUTH):
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", S.ARTIFACT_DETECTIONS, S.ARTIFACT_GROUND_TRUTH,
+                 S.ARTIFACT_TEST_DETECTIONS, S.ARTIFACT_TEST_GROUND_TRUTH):
         path = out_dir / name
         if path.is_file():
             folder = str(Path(name).parent)
@@ -345,7 +347,7 @@ class MlflowCallback(Callback):
         self.summary = summary
         log_metrics(self.c, self.run_id, final_metrics(summary), 0)
         profile = summary.get("profile") or {}
-        tags = {S.TAG_STATUS: summary.get("status")}
+        tags = {S.TAG_STATUS: summary.get("status"), S.TAG_SCORE_SPLIT: summary.get("score_split")}
         if summary.get("stop_reason"):
             tags[S.TAG_STOP_REASON] = summary["stop_reason"]
         latency_device = summary.get("latency_device") or profile.get("device")

@@ -180,8 +180,10 @@ def test_grid_end_to_end_into_mlflow_with_a_failing_cell(tmp_path, store, synth_
     study_file = write_study(tmp_path / "tiny.yaml", {
         "backbone": {"r18": {"preset": "rtdetr_r18"}},
         "variant": {"off": BASE, "dset": DSET, "bad": {**BASE, "model.decoder_moe.top_k": 9}}})
-    # the smoke budget leaves the deployed-speed timing out; this test checks it end to end
-    code = main([str(study_file), *common(tmp_path, synth_root, "train.profile_deployment=true")])
+    # the smoke budget leaves the deployed-speed timing out; this test checks it end to end; and a test split, so
+    # that each cell is scored once on other images than those that selected it
+    overrides = common(tmp_path, synth_root, "train.profile_deployment=true", "data.synthetic.num_test=3")
+    code = main([str(study_file), *overrides])
     out, err = capsys.readouterr()
     assert code == 1                                           # a run failed: non-zero at the end
     assert "r18-bad-s0" in err and "top_k" in err and "1 run(s) FAILED" in err
@@ -198,7 +200,7 @@ def test_grid_end_to_end_into_mlflow_with_a_failing_cell(tmp_path, store, synth_
     assert bad["status"] == "FAILED" and "model.decoder_moe.top_k" in bad["tags.dset.error"]
     assert bad["tags.dset.status"] == "failed"
 
-    cells = {c.id: c for c in spec.grid_cells(spec.load_study(str(study_file), common(tmp_path, synth_root)))}
+    cells = {c.id: c for c in spec.grid_cells(spec.load_study(str(study_file), overrides))}
     c = client(store)
     for cell_id, on in (("r18-base-s0", False), ("r18-dset-s0", True)):
         row = children.loc[cell_id]
@@ -206,7 +208,7 @@ def test_grid_end_to_end_into_mlflow_with_a_failing_cell(tmp_path, store, synth_
         # tags
         expect = {S.TAG_STUDY: "tiny", S.TAG_BACKBONE: "R18", S.TAG_SEED: "0", S.TAG_STATUS: "completed",
                   S.TAG_VARIANT: "DSET R18 (E+P+D)" if on else "RT-DETR R18", S.TAG_DEVICE: "cpu",
-                  S.TAG_FINGERPRINT: cells[cell_id].fingerprint}
+                  S.TAG_FINGERPRINT: cells[cell_id].fingerprint, S.TAG_SCORE_SPLIT: "test"}
         for tag in S.SWITCH_TAGS:
             expect[tag] = str(on).lower()
         for k, v in expect.items():
@@ -240,6 +242,9 @@ def test_grid_end_to_end_into_mlflow_with_a_failing_cell(tmp_path, store, synth_
         prof, final = summary["profile"], summary["metrics"]
         assert row[f"metrics.{M.BEST_MAP}"] == pytest.approx(final[M.BEST_MAP])
         assert row[f"metrics.{M.BEST_EPOCH}"] == final[M.BEST_EPOCH]
+        assert summary["num_test_images"] == 3
+        for key in (M.TEST_MAP, M.TEST_MAP50, M.TEST_MAP75):
+            assert row[f"metrics.{key}"] == pytest.approx(final[key])
         assert row[f"metrics.{M.PARAMS}"] == final[M.PARAMS]
         assert row[f"metrics.{M.ACTIVE_PARAMS}"] == final[M.ACTIVE_PARAMS]
         assert row[f"metrics.{M.GFLOPS}"] == pytest.approx(final[M.GFLOPS])
@@ -260,7 +265,10 @@ def test_grid_end_to_end_into_mlflow_with_a_failing_cell(tmp_path, store, synth_
         pictures = {Path(a.path).name for a in c.list_artifacts(run_id, S.ARTIFACT_PICTURES)}
         assert pictures == {p.name for p in (run_dir / S.ARTIFACT_PICTURES).iterdir()}
         assert {n.rsplit("_", 1)[0] for n in pictures if n.endswith(".png")} == set(kinds)
-        assert {a.path for a in c.list_artifacts(run_id, "eval")} == {S.ARTIFACT_DETECTIONS, S.ARTIFACT_GROUND_TRUTH}
+        assert {a.path for a in c.list_artifacts(run_id, "eval")} == {
+            S.ARTIFACT_DETECTIONS, S.ARTIFACT_GROUND_TRUTH, S.ARTIFACT_TEST_DETECTIONS, S.ARTIFACT_TEST_GROUND_TRUTH}
+        logged = Path(c.download_artifacts(run_id, S.ARTIFACT_TEST_DETECTIONS, str(tmp_path / f"dl-t-{cell_id}")))
+        assert logged.read_bytes() == (run_dir / S.ARTIFACT_TEST_DETECTIONS).read_bytes()
         local = Path(c.download_artifacts(run_id, "per_class_ap.csv", str(tmp_path / f"dl-{cell_id}")))
         table = {r["class"]: r for r in csv.DictReader(local.open())}
         assert set(table) == {"circle", "square", "triangle", "cross"}
@@ -309,7 +317,7 @@ def test_grid_end_to_end_into_mlflow_with_a_failing_cell(tmp_path, store, synth_
             "pictures_decoder_experts_r18"} <= set(report["plots"])
 
     # running again (the same command): the finished cells are skipped, the failed one is retried in the SAME run
-    code = main([str(study_file), *common(tmp_path, synth_root, "train.profile_deployment=true")])
+    code = main([str(study_file), *overrides])
     out = capsys.readouterr().out
     assert code == 1 and "2 of 3 runs already finished" in out
     df2 = search(store, "tiny")
