@@ -489,10 +489,10 @@ def evaluations(study: StudyRuns, run_ids) -> dict[str, B.Evaluated | str]:
 
 
 def split_artifacts() -> list[tuple[str, str, str]]:
-    """(split, detections artifact, ground-truth artifact) in the order the report prefers them: the test split's
-    (when studies/mlflow_schema.py names them), then the validation split's."""
-    test = (getattr(S, "ARTIFACT_TEST_DETECTIONS", None), getattr(S, "ARTIFACT_TEST_GROUND_TRUTH", None))
-    return ([("test", *test)] if all(test) else []) + [("val", S.ARTIFACT_DETECTIONS, S.ARTIFACT_GROUND_TRUTH)]
+    """(split, detections artifact, ground-truth artifact) in the order the report prefers them: the scoring
+    (test) split's, then the validation split's, on which the run was selected."""
+    return [("test", S.ARTIFACT_TEST_DETECTIONS, S.ARTIFACT_TEST_GROUND_TRUTH),
+            ("val", S.ARTIFACT_DETECTIONS, S.ARTIFACT_GROUND_TRUTH)]
 
 
 def _evaluation(client, run_id: str, folder: Path) -> B.Evaluated | str:

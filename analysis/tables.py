@@ -23,6 +23,7 @@ from studies import mlflow_schema as S
 from . import bootstrap as B
 from . import deltas as D
 from . import errors as E
+from . import latency as L
 from . import runs as R
 from . import stats
 from . import verdicts as V
@@ -407,22 +408,10 @@ def ablation_table(study: R.StudyRuns, vs: pd.DataFrame, targets: V.Targets) -> 
                   "p (Welch)": pvalue, "MDE": F4}, notes), ""
 
 
-# the side-by-side latency benchmark's columns (analysis.latency.side_by_side_latency), one row per variant
-LATENCY_COLUMNS = ["variant", "baseline", "latency_ms", "baseline_latency_ms", "delta_percent", "delta_low",
-                   "delta_high", "processes", "rounds", "device", "image_size", "batch", "precision"]
-
-
 def side_by_side_latency(study: R.StudyRuns) -> pd.DataFrame:
     """The study's side-by-side latency deltas (:func:`analysis.latency.side_by_side_latency`), indexed by variant
-    label; an empty frame where the study has no side-by-side benchmark (or this checkout has no analysis.latency)."""
-    import importlib.util
-
-    if importlib.util.find_spec("analysis.latency") is None:
-        return pd.DataFrame(columns=LATENCY_COLUMNS).set_index("variant", drop=False)
-    from . import latency as L
-
-    frame = L.side_by_side_latency(study)
-    return frame.set_index("variant", drop=False)
+    label; an empty frame where the study has no side-by-side benchmark."""
+    return L.side_by_side_latency(study).set_index("variant", drop=False)
 
 
 def _latency_of(latency: pd.DataFrame, label: str) -> dict:

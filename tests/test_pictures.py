@@ -34,7 +34,8 @@ DATA = ["data.synthetic.num_train=2", "data.synthetic.num_val=3", "data.syntheti
         "data.image_size=128", "model.eval_spatial_size=[128,128]"]
 MODEL = ["model.num_classes=4", "model.decoder.num_queries=20", "model.decoder.num_denoising=0", *SMALL_HEADS,
          "model.token_pruning.keep_ratio=0.5", "model.token_pruning.min_tokens=1",
-         "model.token_pruning.warmup_epochs=0", "model.token_pruning.ramp_epochs=0"]
+         "model.token_pruning.warmup_epochs=0", "model.token_pruning.ramp_epochs=0",
+         "model.memory_pruning.warmup_epochs=0"]   # every epoch eligible as the reported checkpoint
 SWITCHES = ("encoder_moe", "token_pruning", "decoder_moe")
 
 
