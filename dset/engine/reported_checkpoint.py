@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .. import metric_names as M
-from ..config import Config, PruningConfig
+from ..config import Config
 from ..data.loaders import DataBundle, build_val_loader
 from ..models.detector import Detector, build_model
 from ..models.pruning import ScheduledPruner
@@ -54,7 +54,7 @@ def eligible_epochs(cfg: Config) -> range:
     study's budget sets the schedules for all its cells alike, so a cell without pruning may not pick an epoch that
     a pruning cell could not. The last epoch is always eligible (only a switch that is off may have a schedule
     longer than the run: validation refuses it for one that is on)."""
-    schedules: tuple[PruningConfig, ...] = (cfg.model.token_pruning, cfg.model.memory_pruning)
+    schedules = (cfg.model.token_pruning, cfg.model.memory_pruning)
     # the schedule's end as the pruners define it (ScheduledPruner.target_epoch, one definition)
     first = max(ScheduledPruner(1.0, 1, s.warmup_epochs, s.ramp_epochs).target_epoch for s in schedules)
     last = cfg.train.epochs - 1
