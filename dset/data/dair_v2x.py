@@ -82,16 +82,21 @@ def _norm_type(t: str) -> str:
     return re.sub(r"[\s_\-]", "", t).lower()
 
 
+def _read_json(path: Path, problem: str) -> Any:
+    """The JSON in ``path``; a file that cannot be read or parsed is a DatasetError naming it and ``problem``."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DatasetError(f"{path}: {problem} ({e})") from e
+
+
 def _frame_of(entry: Any) -> str:
     return Path(str(entry).strip()).stem
 
 
 def _read_split(src: Path, split_file: Path | None) -> tuple[list[str], list[str], str] | None:
     def from_json(path: Path) -> tuple[list[str], list[str], str]:
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DatasetError(f"{path}: cannot read split file ({e})") from e
+        data = _read_json(path, "cannot read split file")
         if not (isinstance(data, dict) and isinstance(data.get("train"), list) and isinstance(data.get("val"), list)):
             raise DatasetError(f"{path}: split file must be a JSON object with lists under 'train' and 'val'")
         return [_frame_of(x) for x in data["train"]], [_frame_of(x) for x in data["val"]], str(path)
@@ -152,10 +157,7 @@ def _sequences(src: Path, labelled: list[str]) -> tuple[list[list[str]], str]:
     """The labelled frames grouped by the recording they come from, and how they were grouped."""
     info_path = src / "data_info.json"
     if info_path.is_file():
-        try:
-            info = json.loads(info_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DatasetError(f"{info_path}: cannot read ({e})") from e
+        info = _read_json(info_path, "cannot read")
         if not isinstance(info, list):
             raise DatasetError(f"{info_path}: expected a JSON list of frame entries")
         batch_of = {}
@@ -247,10 +249,7 @@ def _read_frame(frame: str, image_dir: Path, label_dir: Path) -> tuple[Path, int
             width, height = im.size
     except (OSError, UnidentifiedImageError) as e:
         raise DatasetError(f"cannot read image {img_path}: {e}") from e
-    try:
-        objects = json.loads(label_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DatasetError(f"{label_file}: malformed label JSON ({e})") from e
+    objects = _read_json(label_file, "malformed label JSON")
     if not isinstance(objects, list):
         raise DatasetError(f"{label_file}: label JSON must be a list of objects, got {type(objects).__name__}")
     return img_path, width, height, objects
