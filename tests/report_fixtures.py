@@ -21,11 +21,18 @@ Experiments:
   they log profile/tokens, profile/kept_tokens and profile/keep_ratio. Its parent run logs the study's targets
   (``TWO_STAGE_TARGETS``, δ 0.05) as studies/study_runs.py does; the other experiments' parents log none (a store
   from before targets: the defaults).
+- ``scored_on_test``: RT-DETR R18, DSET R18 (E+P+D) and DSET R18 (M0.3), one seed each (``SCORED_RUNS``), whose runs
+  log their detections on both splits (``ARTIFACT_DETECTIONS`` on ``SCORED_VAL_IMAGES`` validation images and
+  ``ARTIFACT_TEST_DETECTIONS`` on ``SCORED_TEST_IMAGES`` test images, tag ``dset.score_split`` "test") of opposite
+  qualities: the variants' verdicts on the test split are the reverse of those on the validation split. Its per-run
+  latency_ms would give both variants +50%; a side-by-side benchmark run (role ``benchmark``, logged as
+  studies/latency_step.py logs it, ``SCORED_BENCHMARK``) gives them other changes, with intervals.
 - ``empty_study``: no runs.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -383,6 +390,96 @@ def log_two_stage(client, artifact_root: Path, name: str = "two_stage") -> str:
     return exp_id
 
 
+# scored_on_test: (variant label, e, p, d, memory keep ratio or None, quality of its validation detections, of its
+# test detections, per-run latency_ms, GFLOPs or None for gflops_of's)
+SCORED_RUNS = [
+    ("RT-DETR R18", False, False, False, None, "rtdetr", "rtdetr", 20.0, None),
+    ("DSET R18 (E+P+D)", True, True, True, None, "good", "poor", 30.0, None),     # better on val, worse on test
+    ("DSET R18 (M0.3)", False, False, False, 0.3, "poor", "good", 30.0, 13.2),   # worse on val, better on test
+]
+SCORED_VAL_IMAGES, SCORED_TEST_IMAGES = 48, 64
+# the side-by-side benchmark of R18: variant label -> (latency ms, change %, 95% interval low, high); the per-run
+# latencies above would read +50% for both variants
+SCORED_BENCHMARK = {"RT-DETR R18": (25.0, None, None, None), "DSET R18 (E+P+D)": (24.0, -4.0, -5.8, -2.2),
+                    "DSET R18 (M0.3)": (22.0, -12.0, -14.5, -9.5)}
+SCORED_BENCHMARK_SETTINGS = {"device": "cpu (x86_64, 2 threads)", "image_size": 320, "batch": 1, "processes": 3,
+                             "rounds": 10, "warmup": 2}
+
+
+def scored_ground_truth(split: str) -> dict:
+    """The ``scored_on_test`` study's ground truth of one split ("val" or "test"): other images, other boxes."""
+    if split == "val":
+        return synthetic_ground_truth(SCORED_VAL_IMAGES, 4, seed=20)
+    return synthetic_ground_truth(SCORED_TEST_IMAGES, 4, seed=21)
+
+
+def scored_detections(i: int, split: str) -> list[dict]:
+    """The detections of ``SCORED_RUNS[i]`` on one split (deterministic)."""
+    quality = SCORED_RUNS[i][5 if split == "val" else 6]
+    return synthetic_detections(scored_ground_truth(split), *QUALITY[quality], seed=200 + 10 * i + (split == "test"))
+
+
+def _scored_cell(e: bool, p: bool, d: bool, keep: float | None) -> str:
+    return f"r18-{combo_code(e, p, d) or 'base'}" + (f"-m{keep:g}" if keep is not None else "") + "-s0"
+
+
+def _log_benchmark(client, exp_id: str, parent_id: str, study: str, start_ms: int) -> str:
+    """R18's side-by-side latency benchmark run, tagged as studies/latency_step.benchmark_backbone tags it and logged
+    by its own log_result (a result shaped like dset.latency_benchmark.run_benchmark's, ``SCORED_BENCHMARK``)."""
+    from dset.latency_benchmark import INTERVAL_PROCESSES, PRECISION
+    from studies.latency_step import log_result, variant_slug
+
+    labels = list(SCORED_BENCHMARK)
+    baseline, st = labels[0], SCORED_BENCHMARK_SETTINGS
+    slugs = {variant_slug(label): label for label in labels}
+    cells = {label: _scored_cell(e, p, d, keep) for label, e, p, d, keep, *_ in SCORED_RUNS}
+    tags = {S.TAG_ROLE: S.ROLE_BENCHMARK, S.TAG_STUDY: study, S.TAG_BACKBONE: "R18", S.TAG_BENCHMARK_KEY: "0123abcd",
+            S.TAG_BENCHMARK_BASELINE: baseline, S.TAG_BENCHMARK_CELLS: json.dumps(cells),
+            S.TAG_BENCHMARK_VARIANTS: json.dumps(slugs), S.TAG_BENCHMARK_IMAGE_SIZE: str(st["image_size"]),
+            S.TAG_BENCHMARK_BATCH: str(st["batch"]), S.TAG_BENCHMARK_PROCESSES: str(st["processes"]),
+            S.TAG_BENCHMARK_ROUNDS: str(st["rounds"]), S.TAG_BENCHMARK_WARMUP: str(st["warmup"]),
+            S.TAG_GIT_COMMIT: "abc1234", "mlflow.parentRunId": parent_id, "mlflow.runName": "latency R18"}
+    rid = client.create_run(exp_id, start_time=start_ms, tags=tags, run_name="latency R18").info.run_id
+    result = {"device": st["device"], "threads": 2, "precision": PRECISION, "interval": INTERVAL_PROCESSES,
+              "processes": st["processes"], "rounds": st["rounds"], "baseline": baseline, "seconds": 61.0,
+              "models": {label: {"latency_ms": ms} for label, (ms, *_) in SCORED_BENCHMARK.items()},
+              "changes": {label: {"latency_change_percent": ch, "latency_change_low_percent": low,
+                                  "latency_change_high_percent": high, "baseline": baseline}
+                          for label, (_, ch, low, high) in SCORED_BENCHMARK.items() if label != baseline}}
+    log_result(client, rid, result, slugs)
+    client.set_terminated(rid, status="FINISHED", end_time=start_ms + 61_000)
+    return rid
+
+
+def log_scored_on_test(client, artifact_root: Path, name: str = "scored_on_test") -> str:
+    from mlflow.entities import RunTag
+
+    exp_id = client.create_experiment(name, artifact_location=(artifact_root / name).as_uri())
+    parent = client.create_run(exp_id, start_time=T0_MS, tags={S.TAG_ROLE: "parent", S.TAG_STUDY: name})
+    gts = {split: scored_ground_truth(split) for split in ("val", "test")}
+    for i, (label, e, p, d, keep, _val, _test, latency, gflops) in enumerate(SCORED_RUNS):
+        dets = {split: scored_detections(i, split) for split in gts}
+        best, best50 = coco_stats(gts["val"], dets["val"])      # the selection split's best/mAP, as a run logs it
+        test_map, test_map50 = coco_stats(gts["test"], dets["test"])
+        metrics = [m for m in _final_metrics("R18", e, p, d, best, latency, gflops) if m[0] != M.BEST_MAP50]
+        metrics += [(M.BEST_MAP50, best50, 0), (M.TEST_MAP, test_map, 0), (M.TEST_MAP50, test_map50, 0)]
+        extra = [] if keep is None else ["model.memory_pruning.enabled=true", f"model.memory_pruning.keep_ratio={keep}"]
+        tags = _child_tags(name, _scored_cell(e, p, d, keep), "R18", e, p, d, 0, "completed")
+        tags.update({S.TAG_VARIANT: label, S.TAG_MEMORY_PRUNING: "false" if keep is None else f"{keep:g}",
+                     S.TAG_SCORE_SPLIT: "test"})
+        rid = _log_run(client, exp_id, parent.info.run_id, start_ms=T0_MS + 3_600_000 * (i + 1), tags=tags,
+                       params=_config_params("R18", e, p, d, 0, extra), status="FINISHED", metrics=metrics)
+        for split, det_name, gt_name in (("val", S.ARTIFACT_DETECTIONS, S.ARTIFACT_GROUND_TRUTH),
+                                         ("test", S.ARTIFACT_TEST_DETECTIONS, S.ARTIFACT_TEST_GROUND_TRUTH)):
+            image_ids = sorted(im["id"] for im in gts[split]["images"])
+            client.log_dict(rid, {"image_ids": image_ids, "detections": dets[split]}, det_name)
+            client.log_dict(rid, gts[split], gt_name)
+    _log_benchmark(client, exp_id, parent.info.run_id, name, T0_MS + 3_600_000 * (len(SCORED_RUNS) + 1))
+    client.log_batch(parent.info.run_id, tags=[RunTag("dset.fixture", "1")])
+    client.set_terminated(parent.info.run_id, status="FINISHED", end_time=T0_MS + 3_600_000 * 10)
+    return exp_id
+
+
 def make_store(uri: str) -> float:
     """Create the experiments in the (empty) tracking store at ``uri`` (a ``sqlite:///`` file; run artifacts go
     into ``artifacts/`` beside it); returns the seconds it took."""
@@ -393,6 +490,8 @@ def make_store(uri: str) -> float:
     log_ablation(client)
     log_optuna(client)
     log_crashed(client)
-    log_two_stage(client, Path(uri[len("sqlite:///"):]).resolve().parent / "artifacts")
+    artifacts = Path(uri[len("sqlite:///"):]).resolve().parent / "artifacts"
+    log_two_stage(client, artifacts)
+    log_scored_on_test(client, artifacts)
     client.create_experiment("empty_study")
     return time.perf_counter() - t

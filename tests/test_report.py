@@ -59,6 +59,11 @@ def two_stage(store, module_tmp) -> dict:
     return make_report.build_report("two_stage", module_tmp("report") / "two_stage", store)
 
 
+@pytest.fixture(scope="module")
+def scored(store, module_tmp) -> dict:
+    return make_report.build_report("scored_on_test", module_tmp("report") / "scored_on_test", store)
+
+
 def _means(backbone, e, p, d) -> list[float]:
     return [m for bb, ee, pp, dd, _, m in F.ABLATION_RUNS if (bb, ee, pp, dd) == (backbone, e, p, d) and m is not None]
 
@@ -216,6 +221,78 @@ def test_answer_table_verdicts_follow_the_bootstrap_intervals(two_stage):
     assert "no eval/detections.json or eval/ground_truth.json logged" in notes
     assert "δ = 0.05 mAP" in notes and "2.80 × the standard error" in notes
     assert "no side-by-side latency benchmark" in notes
+
+
+def _scored_delta(label: str, split: str) -> float:
+    """pycocotools' mAP of ``label``'s detections on ``split`` minus RT-DETR R18's (the scored_on_test fixture)."""
+    gt = F.scored_ground_truth(split)
+    i = [r[0] for r in F.SCORED_RUNS].index(label)
+    return F.coco_stats(gt, F.scored_detections(i, split))[0] - F.coco_stats(gt, F.scored_detections(0, split))[0]
+
+
+def test_the_answer_is_scored_on_the_test_split(scored, two_stage):
+    answer = scored["tables"]["answer"]
+    df = answer.df
+    # the two splits disagree on purpose: scored on the validation images the verdicts would be the reverse
+    for label, sign in (("DSET R18 (E+P+D)", -1), ("DSET R18 (M0.3)", +1)):
+        test, val = _scored_delta(label, "test"), _scored_delta(label, "val")
+        assert sign * test > 0.05 and -sign * val > 0.05, (label, test, val)
+        row = _row(df, "variant", label)
+        assert row["ΔmAP"] == pytest.approx(test)
+        assert row["verdict"] == ("worse" if sign < 0 else "better")
+        assert row["scored on"] == f"test, {F.SCORED_TEST_IMAGES} images"
+        assert row["interval"] == f"bootstrap: {F.SCORED_TEST_IMAGES} images × 1000 resamples"
+    assert answer.lead.startswith("Answer (margin δ = 0.01 mAP; scored on the test split): R18: 1 better, 1 worse.")
+    notes = " ".join(answer.notes)
+    assert "Scored on: test: the study's scoring split" in notes and "val: the validation images" not in notes
+    memory = _row(scored["tables"]["memory_pruning"].df, "model", "DSET R18 (M0.3)")
+    assert memory["ΔmAP"] == pytest.approx(_scored_delta("DSET R18 (M0.3)", "test"))
+    assert memory["scored on"] == f"test, {F.SCORED_TEST_IMAGES} images"
+    # a store whose runs logged validation detections only: scored on them, and the answer says they selected it
+    r18 = _row(two_stage["tables"]["answer"].df, "variant", "DSET R18 (E+P+D)")
+    assert r18["scored on"] == f"val (selected on it), {F.TWO_STAGE_IMAGES} images"
+    lead = two_stage["tables"]["answer"].lead
+    assert "scored on the test split" not in lead and "(selected on the images it is scored on)" in lead
+    assert "selected on the images it is scored on" in " ".join(two_stage["tables"]["answer"].notes)
+
+
+def test_latency_deltas_come_from_the_side_by_side_benchmark(scored, two_stage):
+    answer = scored["tables"]["answer"]
+    text = answer.text()
+    measured = "cpu (x86_64, 2 threads), 320 px, batch 1, fp32, 3 processes × 10 rounds"
+    base_ms = F.SCORED_RUNS[0][7]
+    for label in ("DSET R18 (E+P+D)", "DSET R18 (M0.3)"):
+        _, change, low, high = F.SCORED_BENCHMARK[label]
+        row = _row(answer.df, "variant", label)
+        # the run's own latency (timed alone) would read +50%: it stays run metadata in the main table
+        per_run = _row(scored["tables"]["main"].df, "model", label)["latency (ms)"]
+        assert 100 * (per_run / base_ms - 1) == pytest.approx(50.0)
+        assert (row["Δlatency (%)"], row["Δlatency CI low"], row["Δlatency CI high"]) == pytest.approx(
+            (change, low, high))
+        assert _row(text, "variant", label)["Δlatency % [95% CI]"] == f"{change:+.1f}% [{low:+.1f}, {high:+.1f}]"
+        assert row["latency measured side by side"] == measured
+    assert _row(text, "variant", "DSET R18 (E+P+D)")["Δlatency % [95% CI]"] == "-4.0% [-5.8, -2.2]"
+    assert "measured on: cpu (x86_64, 2 threads), 320 px, batch 1, fp32." in " ".join(answer.notes)
+    # the memory-pruning table compares the same benchmark's figure, and judges the latency target on its interval
+    memory = _row(scored["tables"]["memory_pruning"].df, "model", "DSET R18 (M0.3)")
+    assert memory["Δlatency % [95% CI]"] == "-12.0% [-14.5, -9.5]"
+    assert memory["latency (ms, run metadata)"] == pytest.approx(30.0)
+    assert memory["meets the targets"] == "yes"   # better, -12% GFLOPs, latency at most -9.5% (targets -10%, -8%)
+    # the benchmark run is listed as what it is, never as a variant
+    runs_df = scored["tables"]["runs"].df
+    bench = _row(runs_df, "role", "benchmark")
+    assert bench["in tables"] == "no" and bench["reason / error"].startswith("side-by-side latency benchmark")
+    assert list(answer.df["variant"]) == ["DSET R18 (M0.3)", "DSET R18 (E+P+D)"]
+    assert list(scored["tables"]["main"].df["model"]) == ["RT-DETR R18", "DSET R18 (M0.3)", "DSET R18 (E+P+D)"]
+    assert "(benchmark)" not in set(scored["variants"]["label"]) and len(scored["study"].benchmarks) == 1
+    _check_png(scored["plots"]["accuracy_vs_latency"])
+    # without a benchmark run: no Δlatency, and the notes and the skipped plot say why
+    r18 = _row(two_stage["tables"]["answer"].text(), "variant", "DSET R18 (E+P+D)")
+    assert r18["Δlatency % [95% CI]"] == "–"
+    assert any(n.startswith("Δlatency %: – : this study has no side-by-side latency benchmark")
+               for n in two_stage["tables"]["answer"].notes)
+    assert "accuracy_vs_latency" not in two_stage["plots"]
+    assert two_stage["skipped"]["accuracy_vs_latency"] == "no side-by-side latency benchmark in this study"
 
 
 def test_targets_are_read_from_the_parent_run_or_default(two_stage, ablation):
