@@ -3,7 +3,8 @@
 The store (tests/report_fixtures.py) holds an ablation grid with known numbers, a failed run, per-epoch
 metrics and expert usage (runs without detections: the report falls back on Welch), an Optuna-like study,
 a two-stage study whose runs log their detections (bootstrap intervals, a stage-1 run, init checkpoints,
-mAPs below the noise floor) and an empty experiment. Every table value checked here is recomputed by hand
+mAPs below the noise floor), a study scored on its test split
+with a side-by-side latency benchmark run, and an empty experiment. Every table value checked here is recomputed by hand
 (or with pycocotools) from what the fixture logged.
 """
 
