@@ -35,13 +35,37 @@ def top_k_decisions(model, size: int) -> list[tuple[str, torch.nn.Module, list[i
     return decisions
 
 
-def make_decisions_decisive(model, size: int, seed: int = 0) -> None:
-    """Draw the weights of every top-k-deciding layer (``top_k_decisions``) from N(0, 1)."""
+def _draw(model, size: int, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _kind, layer, _levels, _kept in top_k_decisions(model, size):
             last = layer[-1] if isinstance(layer, torch.nn.Sequential) else layer
             last.weight.normal_(0.0, 1.0, generator=generator)
+
+
+def make_decisions_decisive(model, batches: list[torch.Tensor], target: float = 1e-4, floor: float = 1e-5,
+                            tries: int = 8) -> dict[str, float]:
+    """Draw the weights of every top-k-deciding layer (``top_k_decisions``) from N(0, 1), with seeds 0, 1, ...:
+    the first draw whose every decision on ``batches`` (eval mode) has a margin of at least ``target`` (100x the
+    runtimes' 1e-6), else the draw with the largest smallest margin of ``tries``, which must reach ``floor``. Which
+    draw works depends on the rest of the model's initialisation (a fixed seed landed on a 3.8e-6 near-tie once),
+    and untrained features lie close together (memory pruning's best of 8 draws: about 1e-5). Returns the margins
+    (``decision_margins``)."""
+    size = batches[0].shape[-1]
+    best_seed, best = 0, -1.0
+    for seed in range(tries):
+        _draw(model, size, seed)
+        margins = decision_margins(model, batches)
+        smallest = min(margins.values())
+        if smallest >= target:
+            return margins
+        if smallest > best:
+            best_seed, best = seed, smallest
+    _draw(model, size, best_seed)
+    margins = decision_margins(model, batches)
+    if best < floor:
+        raise AssertionError(f"no draw of {tries} gave every decision a margin >= {floor}: {margins}")
+    return margins
 
 
 def decision_margins(model, batches: list[torch.Tensor]) -> dict[str, float]:

@@ -26,8 +26,10 @@ def small_model(encoder_moe: bool, token_pruning: bool, decoder_moe: bool) -> to
     model = dset.build_model("dset_r18", SMALL + [f"model.{k}.enabled={str(v).lower()}" for k, v in flags.items()])
     if model.token_pruner is not None:
         model.set_epoch(100)  # the end of the schedule: keep ratio 0.7, 12 of 16 tokens
-    make_decisions_decisive(model, SIZE)  # not ties that float rounding decides (tests/decisions.py)
-    return model.eval()
+    model.eval()
+    # not ties that float rounding decides (tests/decisions.py), on compare_with_eager's inputs
+    make_decisions_decisive(model, comparison_images(SIZE, (1, 3)))
+    return model
 
 
 def op_counts(path) -> dict[str, int]:
@@ -73,8 +75,8 @@ def test_patch_level_routing_exports_and_matches_eager(tmp_path):
     a patch's decision is taken on its kept tokens, in the graph as in eager PyTorch."""
     model = dset.build_model("dset_r18", SMALL + ["model.encoder_moe.patch_size=2", "model.decoder_moe.enabled=false"])
     model.set_epoch(100)
-    make_decisions_decisive(model, SIZE)
     model.eval()
+    make_decisions_decisive(model, comparison_images(SIZE, (1, 3)))
     path = export_onnx(model, tmp_path / "model.onnx", SIZE)
     diff = compare_with_eager(model, onnxruntime_session(path), SIZE, batch_sizes=(1, 3))
     margins = decision_margins(model, comparison_images(SIZE, (1, 3)))  # on compare_with_eager's inputs

@@ -142,7 +142,8 @@ def test_study_step_logs_one_benchmark_run_per_backbone_once(tmp_path, store, ca
     tags, metrics = run.data.tags, run.data.metrics
     assert tags["mlflow.parentRunId"] == parent.info.run_id and tags[S.TAG_BACKBONE] == "R18"
     assert (tags[S.TAG_BENCHMARK_PROCESSES], tags[S.TAG_BENCHMARK_ROUNDS], tags[S.TAG_BENCHMARK_IMAGE_SIZE],
-            tags[S.TAG_BENCHMARK_BATCH], tags[S.TAG_BENCHMARK_PRECISION]) == ("3", "10", "64", "1", "fp32")
+            tags[S.TAG_BENCHMARK_BATCH], tags[S.TAG_BENCHMARK_PRECISION]) == (
+        str(BenchmarkSettings().processes), str(BenchmarkSettings().rounds), "64", "1", "fp32")
     assert tags[S.TAG_BENCHMARK_DEVICE].startswith("cpu (") and int(tags[S.TAG_BENCHMARK_THREADS]) >= 1
     children = {r.data.tags[S.TAG_VARIANT]: r for r in runs if r.data.tags.get(S.TAG_ROLE) == "child"}
     assert json.loads(tags[S.TAG_BENCHMARK_CELLS]) == {"RT-DETR R18": "r18-base-s0", "DSET R18 (E+P+D)": "r18-dset-s0"}
@@ -165,7 +166,7 @@ def test_study_step_logs_one_benchmark_run_per_backbone_once(tmp_path, store, ca
     assert list(frame.columns) == list(COLUMNS) and len(frame) == 1
     row = frame.iloc[0]
     assert (row["variant"], row["baseline"], row["processes"], row["rounds"], row["image_size"]) == \
-        ("DSET R18 (E+P+D)", "RT-DETR R18", 3, 10, 64)
+        ("DSET R18 (E+P+D)", "RT-DETR R18", BenchmarkSettings().processes, BenchmarkSettings().rounds, 64)
     assert row["delta_percent"] == pytest.approx(variant["latency_change_percent"])
     assert row["delta_high"] == pytest.approx(variant["latency_change_high_percent"])
     assert row["baseline_latency_ms"] == pytest.approx(result["models"]["RT-DETR R18"]["latency_ms"])

@@ -320,7 +320,7 @@ def test_memory_pruning_exports_to_onnx_and_matches_eager(tmp_path):
 
     mp = _pruned(0.3).eval()
     mp.set_deployed_epoch()
-    make_decisions_decisive(mp, SIZE, seed=2)  # no ties for float rounding to decide (tests/decisions.py)
+    make_decisions_decisive(mp, comparison_images(SIZE, (1, 2)))  # no ties for float rounding to decide
     path = export_onnx(mp, tmp_path / "model.onnx", SIZE)
     diff = compare_with_eager(mp, onnxruntime_session(path), SIZE, batch_sizes=(1, 2))
     margins = decision_margins(mp, comparison_images(SIZE, (1, 2)))  # on compare_with_eager's inputs
