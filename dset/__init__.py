@@ -1,5 +1,5 @@
 """DSET study harness: RT-DETR and DSET (Dual-Sparse Expert Transformer) models, data, training,
-evaluation and measurement. See DESIGN.md for the layout."""
+evaluation and measurement. The map of the code: docs/architecture.md."""
 
 from .config import Config, ConfigError, load_config
 

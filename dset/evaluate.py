@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from . import run_folder
 from .config import ConfigError, config_from_dict, load_config
 
 __all__ = ["evaluate_checkpoint", "main"]
@@ -32,7 +33,9 @@ log = logging.getLogger(__name__)
 def _checkpoint_path(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
-        for name in ("checkpoints/best.pt", "checkpoints/last.pt", "best.pt", "last.pt"):
+        # a run folder, or its checkpoints folder
+        names = (run_folder.BEST_CHECKPOINT, run_folder.RESUME_STATE)
+        for name in (*names, *(Path(n).name for n in names)):
             if (path / name).is_file():
                 return path / name
         raise FileNotFoundError(f"no checkpoint in {path} (looked for checkpoints/best.pt and checkpoints/last.pt)")

@@ -37,7 +37,8 @@ import torch
 import torch.nn as nn
 
 from .models.detector import TensorOutputs
-from .models.moe import MoEFFN, fvcore_op_handles
+from .models.moe import MoEFFN
+from .models.moe_flops import fvcore_op_handles
 
 COMPONENTS = ("backbone", "encoder", "decoder")
 FLOPS_TOOL = "fvcore FlopCountAnalysis + handles for scaled_dot_product_attention and grid_sampler"
@@ -170,7 +171,8 @@ def time_round_robin(runners: dict[str, Callable[[], object]], warmup: int, repe
     return times
 
 
-def _timing(ts: list[float], batch_size: int, repeats: int, device: str) -> dict:
+def timing_summary(ts: list[float], batch_size: int, repeats: int, device: str) -> dict:
+    """Median, min, max and FPS of timed calls (milliseconds), with what they were timed on."""
     median = statistics.median(ts)
     return {"latency_ms": median, "latency_ms_min": min(ts), "latency_ms_max": max(ts),
             "fps": 1000.0 * batch_size / median, "batch_size": batch_size, "repeats": repeats, "device": device,
@@ -216,7 +218,7 @@ def measure_latency(models: dict[str, nn.Module], size: int | tuple[int, int] = 
     finally:
         for name, model in models.items():
             model.train(states[name])
-    return {name: _timing(ts, batch_size, repeats, device_name(device)) for name, ts in times.items()}
+    return {name: timing_summary(ts, batch_size, repeats, device_name(device)) for name, ts in times.items()}
 
 
 # ------------------------------------------------------------------------------------ deployed speed
@@ -300,7 +302,7 @@ def deployment_latency(models: dict[str, nn.Module], size: int = 640, device: st
                     times = time_round_robin(runners, warmup, repeats, lambda: _sync(torch_device))
                     for (name, runtime), ts in times.items():
                         where = device_name(torch_device) if runtime == "eager" else runtime_names[runtime]
-                        out[name]["runtimes"].setdefault(runtime, {})[b] = _timing(ts, b, repeats, where)
+                        out[name]["runtimes"].setdefault(runtime, {})[b] = timing_summary(ts, b, repeats, where)
         finally:
             for name, model in models.items():
                 model.train(states[name])
@@ -330,62 +332,3 @@ def sparse_summary(model: nn.Module) -> dict:
                                   "target_keep_ratio": memory_pruner.keep_ratio, "fill": memory_pruner.fill,
                                   "epoch": memory_pruner._epoch}
     return info
-
-
-def profile_models(models: dict[str, nn.Module], size: int = 640, device: str = "cpu", flops_inputs: int = 3,
-                   warmup: int = 3, repeats: int = 10, batch_size: int = 1, deployment: bool = False,
-                   deployment_batch_sizes: tuple[int, ...] = (1, 8), processes: int = 0,
-                   latency_specs: list | None = None) -> dict[str, dict]:
-    """Everything ``python -m dset.profile`` prints, for several models measured side by side. With
-    ``deployment``, also eager PyTorch next to ONNX Runtime at ``deployment_batch_sizes``
-    (:func:`deployment_latency`), under the key ``deployment``.
-
-    Latency: with ``processes`` = 0, the models given are timed round-robin in this process, and ``vs_first``'s
-    interval is a bootstrap over its rounds. With ``processes`` >= 1, :func:`dset.latency_benchmark.run_benchmark`
-    times them in that many separate processes, each building its models from ``latency_specs``
-    (:class:`~dset.latency_benchmark.ModelSpec`, one per model, labelled by its name), in a shuffled order every
-    round; ``vs_first``'s interval then includes the between-process spread (with 2 or more processes)."""
-    from . import latency_benchmark as LB
-
-    if processes and [s.label for s in latency_specs or []] != list(models):
-        raise ValueError(f"latency in {processes} processes needs one ModelSpec per model, labelled "
-                         f"{list(models)}, got {[s.label for s in latency_specs or []]}")
-    results = {}
-    for name, model in models.items():
-        model.eval()
-        sparse = sparse_summary(model)
-        n_inputs = flops_inputs if sparse else 1  # a dense model's FLOPs do not depend on the input
-        # traced where the weights are (a model fit() trained on a GPU is there): the count does not depend on it
-        where = next(model.parameters()).device
-        results[name] = {"model": name, "params": count_params(model), "active_params": count_active_params(model),
-                         "size": size, **count_flops(model, size, num_inputs=n_inputs, device=where),
-                         "sparse": sparse}
-        results[name].pop("gflops_by_module")
-    first = next(iter(models))
-    if processes:
-        bench = LB.run_benchmark(latency_specs, size, device, batch_size, warmup, repeats, processes)
-        timing, changes = {}, bench["changes"]
-        for name, m in bench["models"].items():
-            pooled = [ms for process in m["latency_ms_rounds"] for ms in process]
-            timing[name] = {**_timing(pooled, batch_size, repeats, bench["device"]), "processes": processes,
-                            "latency_ms_by_process": m["latency_ms_by_process"]}
-    else:
-        timing = measure_latency(models, size, device, batch_size, warmup, repeats)
-        changes = {name: {**paired_latency_change(timing[first]["latency_ms_rounds"],
-                                                  timing[name]["latency_ms_rounds"]),
-                          "processes": 1, "interval": LB.INTERVAL_ONE_PROCESS} for name in list(models)[1:]}
-    for name in models:
-        results[name].update(timing[name])
-    for name in list(models)[1:]:  # each model against the first, measured side by side
-        results[name]["vs_first"] = {
-            **changes[name], "baseline": first,
-            "gflops_change_percent": 100 * (results[name]["gflops"] / results[first]["gflops"] - 1)}
-    if deployment:
-        deployed = deployment_latency(models, size, device, deployment_batch_sizes, warmup, repeats)
-        for name in models:
-            results[name]["deployment"] = deployed[name]
-    return results
-
-
-def profile_model(model: nn.Module, size: int = 640, device: str = "cpu", **kwargs) -> dict:
-    return profile_models({"model": model}, size, device, **kwargs)["model"]

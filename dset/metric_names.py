@@ -1,7 +1,7 @@
 """The name of every metric a run records: in the training loop's ``metrics.jsonl`` and ``summary.json``, in
 MLflow and in the report. One name per metric, used unchanged by every layer: ``dset/`` defines them and the
 training loop writes them (:mod:`dset.engine.loop`); ``studies/`` logs them to MLflow as they are, without
-renaming (:mod:`studies.tracking`); ``analysis/`` reads them back.
+renaming (:mod:`studies.tracking.callback`); ``analysis/`` reads them back.
 
 - Per-epoch metrics: the keys of each ``metrics.jsonl`` record (the dict a callback's ``on_epoch_end`` gets),
   beside ``epoch`` (MLflow's step) and ``counts`` (images and steps of the epoch, not metrics); logged at
@@ -52,7 +52,7 @@ PARAMS = "params"
 ACTIVE_PARAMS = "active_params"
 GFLOPS = "gflops"                      # 2 x multiply-adds, fvcore + attention/grid-sample handles
 GFLOPS_COMPONENT_PREFIX = "gflops/"    # gflops/backbone, gflops/encoder, gflops/decoder
-LATENCY_MS = "latency_ms"              # batch 1, median, on the tag dset.latency_device (studies.mlflow_schema)
+LATENCY_MS = "latency_ms"              # batch 1, median, on the tag dset.latency_device (studies.tracking.schema)
 FPS = "fps"
 FINAL_KEEP_RATIO = "final/keep_ratio"
 # what the reported checkpoint's GFLOPs and latency were measured at: AIFI tokens in, tokens kept, their ratio

@@ -1,45 +1,9 @@
 """Pictures of what a detector does on a few fixed validation images: ``draw_pictures(model, data, out_dir)``.
 
-The images are the first ``num_images`` of the evaluated validation split (``DataBundle.val``), so every
-variant of a study shows the same images. Each picture is drawn on the original image
-(``CocoDetection.load_image``) resized so that its longer side is ``LONG_SIDE`` pixels (labels stay legible
-on small and large images alike), with torchvision's ``draw_bounding_boxes`` / ``draw_segmentation_masks``,
-and saved as a PNG without metadata (the same model and data give the same bytes).
-
-Files under ``<out_dir>/pictures/`` (``<id>`` is the COCO image id):
-
-- ``detections_<id>.png`` (every model): ground truth (left panel) and the predictions with score >=
-  ``score_threshold`` labelled "<class> <score>" (right panel), boxes coloured by class. When no prediction
-  reaches the threshold the top ``FALLBACK_TOP`` are shown and the panel's caption says so.
-- ``kept_tokens_<id>.png`` (token pruning): the stride-32 token grid of the AIFI layer's input, pruned tokens
-  shaded, kept tokens clear; the caption gives K of N.
-- ``encoder_experts_<id>.png`` (encoder MoE): each AIFI token coloured by its top-1 expert (one panel per
-  AIFI layer); with token pruning the pruned tokens are not routed and stay uncoloured.
-- ``decoder_experts_<id>.png`` (decoder MoE): the detections of the right panel above, each box coloured by
-  the top-1 expert its query chose in the decoder layer whose output is the prediction
-  (``model.decoder.eval_idx``), labelled "E<expert> <class> <score>".
-- ``pictures.json``: what each picture shows, for captions (MLflow, the report)::
-
-    {"schema": 1, "model": "dset_r18", "epoch": 11 | null (the weights' training epoch),
-     "variant": {"encoder_moe": bool, "token_pruning": bool, "decoder_moe": bool},
-     "score_threshold": 0.3, "input_size": [H, W] (what the model saw), "long_side": 384,
-     "image_ids": [...], "class_colours": {"<class name>": "#rrggbb", ...},
-     "expert_colours": {"E0": "#rrggbb", ...} (only with an MoE),
-     "pictures": [{"file": "detections_9.png", "kind": "detections", "image_id": 9, "caption": "...",
-                   "image_size": [w, h] (original pixels), "threshold_passed": bool,
-                   "ground_truth": [{"label": "circle", "box": [x0, y0, x1, y1]}, ...],
-                   "detections": [{"label", "score", "box", "query"}, ...]},
-                  {"kind": "kept_tokens", ..., "grid": [h, w], "tokens": N, "kept_tokens": K},
-                  {"kind": "encoder_experts", ..., "num_experts": E, "grid": [h, w], "routed_tokens": K,
-                   "tokens_per_expert": [[n_0, ..., n_E-1] per AIFI layer]},
-                  {"kind": "decoder_experts", ..., "num_experts": E, "decoder_layer": i,
-                   "detections": [{"label", "score", "box", "query", "expert"}, ...]}]}
-
-  Boxes are in original image pixels (x0, y0, x1, y1).
-
-Routing is read with forward hooks on the ``MoEFFN`` modules, which re-run ``MoEFFN.route`` on the hooked
-input (deterministic in eval mode), so the MoE forward itself is untouched; the kept tokens come from
-``HybridEncoder.last_pruning["keep_index"]``.
+The first ``num_images`` images of the evaluated validation split, so that every variant of a study shows the
+same ones: the detections beside the ground truth, and with the DSET switches the kept tokens and the experts'
+routing, as PNGs without metadata (the same model and data give the same bytes) under ``<out_dir>/pictures/``,
+described by ``pictures.json``. The files and the index's format: docs/runs.md.
 """
 
 from __future__ import annotations
@@ -61,12 +25,11 @@ from .data.loaders import DataBundle
 from .models.box_ops import box_cxcywh_to_xyxy
 from .models.detector import Detector
 from .models.postprocess import PostProcessor
+from .run_folder import RunFolder
 
 __all__ = ["draw_pictures", "trace_image", "ImageTrace", "shade_pruned_tokens", "colour_token_experts",
-           "palette_colour", "PICTURES_DIR", "PICTURES_INDEX", "PICTURE_KINDS", "PALETTE", "LONG_SIDE"]
+           "palette_colour", "PICTURE_KINDS", "PALETTE", "LONG_SIDE"]
 
-PICTURES_DIR = "pictures"
-PICTURES_INDEX = "pictures.json"
 PICTURE_KINDS = ("detections", "kept_tokens", "encoder_experts", "decoder_experts")
 SCHEMA_VERSION = 1
 LONG_SIDE = 384          # px: the longer side of every drawn image
@@ -356,12 +319,12 @@ def _switches(model: Detector) -> dict[str, bool]:
             "decoder_moe": bool(model.decoder_moe_layers())}
 
 
-def _remove_old_pictures(folder: Path) -> None:
+def _remove_old_pictures(run: RunFolder) -> None:
     """An earlier run in the same folder (more images, other switches) must not leave pictures behind."""
     for kind in PICTURE_KINDS:
-        for old in folder.glob(f"{kind}_*.png"):
+        for old in run.pictures.glob(f"{kind}_*.png"):
             old.unlink()
-    (folder / PICTURES_INDEX).unlink(missing_ok=True)
+    run.pictures_index.unlink(missing_ok=True)
 
 
 def _check_draw_arguments(model: Detector, data: DataBundle, num_images: int, score_threshold: float) -> list[str]:
@@ -494,13 +457,14 @@ def _save_decoder_experts(pictures: _PictureFolder, s: _Scene, num_experts: int,
 
 def draw_pictures(model: Detector, data: DataBundle, out_dir: str | Path, num_images: int = 4,
                   score_threshold: float = SCORE_THRESHOLD, epoch: int | None = None) -> list[Path]:
-    """Draw the pictures of the first ``num_images`` validation images into ``<out_dir>/pictures/`` (see the
-    module docstring) and return the files written, ``pictures.json`` last. ``epoch``: the training epoch of
+    """Draw the pictures of the first ``num_images`` validation images into ``<out_dir>/pictures/`` (see
+    docs/runs.md) and return the files written, ``pictures.json`` last. ``epoch``: the training epoch of
     the weights, recorded in ``pictures.json``. Earlier pictures in that folder are removed first."""
     names = _check_draw_arguments(model, data, num_images, score_threshold)
-    folder = Path(out_dir) / PICTURES_DIR
+    run = RunFolder(out_dir)
+    folder = run.pictures
     folder.mkdir(parents=True, exist_ok=True)
-    _remove_old_pictures(folder)
+    _remove_old_pictures(run)
     pictures = _PictureFolder(folder)
     switches = _switches(model)
     enc_experts = model.encoder_moe_layers()[0].num_experts if switches["encoder_moe"] else None
@@ -536,6 +500,6 @@ def draw_pictures(model: Detector, data: DataBundle, out_dir: str | Path, num_im
     if num_experts:
         index["expert_colours"] = {f"E{e}": palette_colour(e) for e in range(num_experts)}
     index["pictures"] = pictures.entries
-    index_path = folder / PICTURES_INDEX
+    index_path = run.pictures_index
     index_path.write_text(json.dumps(index, indent=2) + "\n")
     return [*pictures.written, index_path]

@@ -24,7 +24,7 @@ import torch
 from .config import ConfigError, load_config
 from .export import ExportError
 from .latency_benchmark import LatencyBenchmarkError, ModelSpec
-from .measure import profile_models
+from .model_profile import profile_models
 
 
 def main(argv: list[str] | None = None) -> int:

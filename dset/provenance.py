@@ -2,8 +2,8 @@
 
 Both are hashes, cheap to compute and independent of git (a run from an unpacked archive or a working tree
 with uncommitted changes gets an exact version too). A study counts a finished run as done only when the same
-code and the same data made it (studies/spec.py), and stage 1's cache is keyed by them (studies/pretrain.py).
-Torch-free.
+code and the same data made it (studies/planning/cells.py), and stage 1's cache is keyed by them
+(studies/planning/pretrain.py). The git commit is recorded beside them, for people. Torch-free.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import functools
 import hashlib
 import importlib.metadata
 import json
+import subprocess
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -95,3 +96,18 @@ def weights_digest(cfg) -> str | None:
     if not files:
         return None
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def git_commit() -> str | None:
+    """The project's git commit (12 hex digits, ``-dirty`` with uncommitted changes to tracked files), recorded
+    beside the code version for people reading a run; None outside a git checkout."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=PROJECT_DIR, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        if not sha:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_DIR,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None

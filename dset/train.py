@@ -1,28 +1,9 @@
 """Train one run: ``python -m dset.train PRESET_OR_YAML [key=value ...] --out DIR [--resume] [--budget B]``.
 
-Examples::
-
-    python -m dset.train rtdetr_r18 --out runs/r18              # synthetic data, the CPU budget (minutes)
-    python -m dset.train dset_r18 train.epochs=20 --out runs/d18   # the CPU budget, longer
-    python -m dset.train rtdetr_r18 data.name=coco data.train.images=... data.train.annotations=... \\
-        data.val.images=... data.val.annotations=... --out runs/coco
-    torchrun --nproc_per_node 2 -m dset.train rtdetr_r18 --out runs/ddp   # DDP (gloo on CPU, NCCL on CUDA)
-    python -m dset.train --resume --out runs/r18                 # continue a killed run (config from DIR)
-
-Ctrl-C and SIGTERM (a scheduler stopping the job) end training the same way: the newest epoch's resume state is
-written to ``checkpoints/last.pt`` first, and ``--resume`` continues from it (exit status 130).
-
-The budget (``--budget``, default ``auto``) is a YAML file of ``data.*``/``train.*``/``model.*`` settings
-applied on top of the preset and below the ``key=value`` overrides (which always win). ``auto`` applies
-``budget_cpu`` (dset/configs/budget_cpu.yaml) when the run uses the built-in synthetic data (no
-``data.name=coco``) and the preset/YAML file itself sets no ``data.*`` or ``train.*`` key: so
-``python -m dset.train rtdetr_r18 --out DIR`` is a run of a few minutes on a CPU, ``... train.epochs=20`` is the
-same budget for longer, and a COCO run or a study YAML with its own schedule is left alone.
-``--budget none`` never applies one (the preset's full schedule: 640 px, 72 epochs); ``--budget NAME``
-(``budget_NAME.yaml`` in dset/configs) or ``--budget FILE.yaml`` always does. The layers are stacked by
-:func:`dset.config.resolve_config`, the same function studies use; the budget applied is logged and kept in
-``config.yaml`` as ``run.budget``. Data paths (``data.train.images=...``) without ``data.name=coco`` are an
-error naming the key, never silently replaced by the synthetic set.
+The command line of :func:`dset.engine.loop.fit`: the configuration put together from a preset, a budget and the
+overrides (:func:`dset.config.resolve_config`, as studies do), SIGTERM handled as Ctrl-C (the newest epoch's
+resume state is written first; exit status 130), the errors a user can act on as one line. Usage, budgets and
+resume: docs/training.md.
 """
 
 from __future__ import annotations
@@ -45,7 +26,9 @@ from .config import (
     load_config,
     read_budget,
     resolve_config,
+    with_values,
 )
+from .run_folder import RunFolder
 
 
 def _budget_help() -> str:
@@ -111,14 +94,14 @@ def _resolve(ap: argparse.ArgumentParser, ns: argparse.Namespace) -> Config:
             ap.error("PRESET_OR_YAML is required (e.g. rtdetr_r18)")
         if ns.out is None:
             ap.error("--resume without PRESET_OR_YAML needs --out DIR")
-        saved = Path(ns.out) / "config.yaml"
+        saved = RunFolder(ns.out).config
         if not saved.is_file():
             raise ConfigError(f"--resume without PRESET_OR_YAML needs {saved}")
         cfg = load_config(saved, overrides)
     else:
         cfg = resolve_config(config, budget=ns.budget, overrides=overrides)
     if ns.quiet:
-        cfg = load_config(cfg, ["run.progress=false"])
+        cfg = with_values(cfg, {"run.progress": False})
     if ns.out is None and cfg.run.out_dir is None:
         raise ConfigError("no output folder: give --out DIR (or run.out_dir=DIR)")
     return cfg

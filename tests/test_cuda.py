@@ -129,7 +129,8 @@ def test_profile_model_on_cuda_counts_the_cpu_flops_and_times_the_gpu(r18_640):
     """``profile_model(cpu_model, device="cuda")`` (what ``python -m dset.profile --device cuda`` does): GFLOPs
     equal to the CPU count, a positive GPU latency, the device named by its GPU name; and the fvcore trace run
     on the GPU counts the same FLOPs as on the CPU."""
-    from dset.measure import count_flops, profile_model
+    from dset.measure import count_flops
+    from dset.model_profile import profile_model
 
     model, cpu_flops = r18_640
     assert 55 < cpu_flops < 65                               # RT-DETR R18 at 640 px: about 60 GFLOPs
@@ -146,7 +147,7 @@ def test_profile_model_on_cuda_counts_the_cpu_flops_and_times_the_gpu(r18_640):
 def test_profile_model_of_a_model_already_on_cuda(r18_640):
     """``profile_model`` of a model whose weights are already on the GPU, as ``fit``'s final profile
     (``train.profile``) passes its EMA model on a CUDA run: same GFLOPs as the CPU count, a GPU latency."""
-    from dset.measure import profile_model
+    from dset.model_profile import profile_model
 
     model, cpu_flops = r18_640
     gpu_model = copy.deepcopy(model).cuda()

@@ -322,7 +322,7 @@ def test_invalid_args(kwargs, name):
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 def test_fvcore_counts_every_dispatch_path(activation, dispatch):
     fvcore = pytest.importorskip("fvcore.nn")
-    from dset.models.moe import fvcore_op_handles
+    from dset.models.moe_flops import fvcore_op_handles
 
     T, d, H, E, k = 24, 16, 32, 4, 2
     m = _spread_router(MoEFFN(d, H, E, k, activation=activation)).eval()

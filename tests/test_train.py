@@ -475,8 +475,8 @@ def test_cli_reports_unreadable_image_during_training(tmp_path, synth_root, caps
 def test_cli_train_then_evaluate(tmp_path, synth_root, capsys):
     """A run with a test split: selected on val, scored once on test (metrics, files); dset.evaluate evaluates
     either split of the saved run."""
-    from dset.engine.records import TEST_DETECTIONS_FILE, TEST_GROUND_TRUTH_FILE
     from dset.evaluate import main as eval_main
+    from dset.run_folder import TEST_DETECTIONS, TEST_GROUND_TRUTH
     from dset.train import main
 
     out = tmp_path / "run"
@@ -489,9 +489,9 @@ def test_cli_train_then_evaluate(tmp_path, synth_root, capsys):
     test_metrics = {k: v for k, v in summary["metrics"].items() if k.startswith(M.TEST_PREFIX)}
     assert {M.TEST_MAP, M.TEST_MAP50, M.TEST_MAP75, "test/AR100", "test/AP/circle"} <= set(test_metrics)
     # the test images (ids after the 8 train and 4 val ones) and their ground truth, in eval/detections.json's format
-    truth = json.loads((out / TEST_GROUND_TRUTH_FILE).read_text())
+    truth = json.loads((out / TEST_GROUND_TRUTH).read_text())
     assert [im["id"] for im in truth["images"]] == [13, 14, 15] and truth["annotations"] and truth["categories"]
-    dets = json.loads((out / TEST_DETECTIONS_FILE).read_text())
+    dets = json.loads((out / TEST_DETECTIONS).read_text())
     assert dets["epoch"] == 0 and dets["image_ids"] == [13, 14, 15] and dets["detections"]
     assert {d["image_id"] for d in dets["detections"]} <= {13, 14, 15}
     assert set(dets) == set(json.loads((out / "eval" / "detections.json").read_text()))

@@ -129,10 +129,9 @@ class ResumeStateWriter:
     def restart_clock(self) -> None:
         self.last_write = time.monotonic()
 
-    def keep(self, state: dict) -> dict:
-        """Keep a CPU copy of ``state`` (an epoch's full training state) as the newest; returns the copy."""
-        self.snapshot = cpu_copy(state)
-        return self.snapshot
+    def keep(self, snapshot: dict) -> None:
+        """Keep ``snapshot`` (an epoch's full training state, copied to the CPU: :func:`cpu_copy`) as the newest."""
+        self.snapshot = snapshot
 
     def due(self) -> bool:
         return time.monotonic() - self.last_write >= self.every_s

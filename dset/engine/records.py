@@ -1,15 +1,7 @@
-"""The text files a run writes beside its checkpoints, and the strict JSON they hold.
-
-- ``metrics.jsonl``: one record per epoch (keys listed in :func:`dset.engine.loop.fit`: the metric names of
-  :mod:`dset.metric_names`), appended by :func:`append_metrics`; a resumed run first drops the lines of epochs
-  after its checkpoint (:func:`start_metrics_file`).
-- ``summary.json``, ``config.yaml``, ``eval/detections.json`` (the reported checkpoint's detections on the
-  validation images) and ``eval/ground_truth.json`` (their ground truth); with a test split,
-  ``eval/test_detections.json`` and ``eval/test_ground_truth.json`` (the same on the test images, the scoring
-  split): what a report needs to bootstrap intervals over images. JSON files are written through a temporary
-  file and a rename (:func:`write_json`).
-
-NaN and infinite numbers are written as ``null`` (:func:`json_safe`).
+"""The text files a run writes beside its checkpoints (:mod:`dset.run_folder` names them), and the strict JSON
+they hold: ``metrics.jsonl``'s records (:func:`start_metrics_file`, :func:`append_metrics`), the JSON files
+written through a temporary file and a rename (:func:`write_json`), NaN and infinite numbers as ``null``
+(:func:`json_safe`). Their keys: docs/runs.md.
 """
 
 from __future__ import annotations
@@ -26,16 +18,7 @@ from .. import metric_names as M
 from .checkpoint import atomic_write_text
 from .coco_eval import METRIC_KEYS
 
-__all__ = ["DETECTIONS_FILE", "GROUND_TRUTH_FILE", "TEST_DETECTIONS_FILE", "TEST_GROUND_TRUTH_FILE", "json_safe",
-           "write_json", "start_metrics_file", "append_metrics", "evaluation_entries", "epoch_line"]
-
-# the reported (best) checkpoint's detections on the validation images, and their ground truth (beside
-# metrics.jsonl)
-DETECTIONS_FILE = "eval/detections.json"
-GROUND_TRUTH_FILE = "eval/ground_truth.json"
-# the same checkpoint's detections on the test images (the scoring split), and their ground truth; same formats
-TEST_DETECTIONS_FILE = "eval/test_detections.json"
-TEST_GROUND_TRUTH_FILE = "eval/test_ground_truth.json"
+__all__ = ["json_safe", "write_json", "start_metrics_file", "append_metrics", "evaluation_entries", "epoch_line"]
 
 
 def json_safe(value: Any) -> Any:

@@ -10,7 +10,7 @@ target, so its pruners run at their target ratio and it is profiled as deployed.
   COCO metrics on the test images (the scoring split) as the final ``test/`` metrics, its detections and their
   ground truth written beside the validation ones (``eval/test_detections.json``, ``eval/test_ground_truth.json``);
 
-- with ``train.profile``: :func:`profile_entries`, active params / GFLOPs / latency via :mod:`dset.measure`
+- with ``train.profile``: :func:`profile_entries`, active params / GFLOPs / latency via :mod:`dset.model_profile`
   (and with ``train.profile_deployment`` eager PyTorch next to ONNX Runtime), as final metrics
   (``summary["metrics"]``, :mod:`dset.metric_names`) beside the detail of what was measured;
 - with ``train.pictures``: :func:`picture_entries`, the first validation images drawn into ``pictures/``
@@ -28,16 +28,17 @@ from pathlib import Path
 import torch
 
 from .. import metric_names as M
+from .. import run_folder
 from ..config import Config
 from ..data.loaders import DataBundle, build_val_loader
 from ..models.detector import Detector, build_model
 from ..models.pruning import ScheduledPruner
 from .coco_eval import evaluate_detections, ground_truth, top_per_image_and_class
-from .records import TEST_DETECTIONS_FILE, TEST_GROUND_TRUTH_FILE, evaluation_entries, json_safe, write_json
+from .records import evaluation_entries, json_safe, write_json
 from .run_metrics import deployment_metrics
 
-__all__ = ["DEPLOYMENT_BATCH_SIZES", "ReportedCheckpoint", "eligible_epochs", "score_on_test_split",
-           "profile_entries", "picture_entries"]
+__all__ = ["DEPLOYMENT_BATCH_SIZES", "ReportedCheckpoint", "eligible_epochs", "reported_checkpoint_entries",
+           "score_on_test_split", "profile_entries", "picture_entries"]
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,26 @@ class ReportedCheckpoint:
         return model.to(self.device), checkpoint.get("epoch")
 
 
+def reported_checkpoint_entries(folder: run_folder.RunFolder, cfg: Config, device: torch.device, data: DataBundle,
+                                final_model: Detector, final_epoch: int | None) -> dict:
+    """Test-split score, profile and pictures of the reported checkpoint (best.pt's EMA weights, else
+    ``final_model``), loaded once for all: the ``summary.json`` entries, their final metrics together under
+    ``metrics``."""
+    reported = ReportedCheckpoint(folder.best_checkpoint, cfg, device, final_model, final_epoch)
+    parts = []
+    if data.test is not None:
+        parts.append(score_on_test_split(reported, data, cfg, device, folder.root))
+    if cfg.train.profile:
+        parts.append(profile_entries(reported, cfg, device))
+    if cfg.train.pictures:
+        parts.append(picture_entries(reported, data, folder.root, cfg.train.pictures))
+    entries: dict = {"metrics": {}}
+    for part in parts:  # each part's summary entries; their final metrics together
+        entries["metrics"].update(part.pop("metrics", {}))
+        entries.update(part)
+    return entries
+
+
 def score_on_test_split(reported: ReportedCheckpoint, data: DataBundle, cfg: Config, device: torch.device,
                         out_dir: Path) -> dict:
     """Evaluate the reported checkpoint once on the test split of ``data`` (the scoring split; this process alone,
@@ -105,27 +126,27 @@ def score_on_test_split(reported: ReportedCheckpoint, data: DataBundle, cfg: Con
     detections: list = []
     evaluation = evaluate_detections(model, build_val_loader(dataset, cfg), data, device, split="test",
                                      detections_out=detections)
-    write_json(out_dir / TEST_GROUND_TRUTH_FILE, ground_truth(coco_dataset.coco, image_ids))
-    write_json(out_dir / TEST_DETECTIONS_FILE, {"epoch": epoch, "image_ids": list(image_ids),
-                                                "detections": top_per_image_and_class(detections, 100)})
+    write_json(out_dir / run_folder.TEST_GROUND_TRUTH, ground_truth(coco_dataset.coco, image_ids))
+    write_json(out_dir / run_folder.TEST_DETECTIONS, {"epoch": epoch, "image_ids": list(image_ids),
+                                                      "detections": top_per_image_and_class(detections, 100)})
     log.info("test split (%d images): mAP %.4f mAP50 %.4f (the reported checkpoint, epoch %s)",
              evaluation["test_images"], evaluation["mAP"], evaluation["mAP50"], epoch)
     return {"metrics": evaluation_entries(evaluation, split="test"), "num_test_images": evaluation["test_images"]}
 
 
 def profile_entries(reported: ReportedCheckpoint, cfg: Config, device: torch.device) -> dict:
-    """The ``summary.json`` entries of the reported model's profile (:func:`dset.measure.profile_model` at
+    """The ``summary.json`` entries of the reported model's profile (:func:`dset.model_profile.profile_model` at
     ``data.image_size``, as it runs: its token pruner at the ratio of its epoch): its final metrics under
     ``metrics`` (active params, GFLOPs in all and by component, latency, FPS, the tokens it was measured at,
     deployed speed), what they were measured on (``latency_batch_size``, ``latency_device``,
     ``profile_image_size``), the ``profile`` and ``deployment`` detail; or ``profile_error`` /
     ``deployment_error``."""
-    from .. import measure  # fvcore and onnxruntime: imported only when a run is profiled
+    from .. import measure, model_profile  # fvcore and onnxruntime: imported only when a run is profiled
 
     try:
         model, _ = reported.load()
         size = cfg.data.image_size
-        prof = measure.profile_model(model, size=size, device=str(device), warmup=2, repeats=5)
+        prof = model_profile.profile_model(model, size=size, device=str(device), warmup=2, repeats=5)
     except Exception as exc:  # noqa: BLE001 - a measurement problem must not fail a finished run
         log.warning("profiling failed: %s", exc)
         return {"profile_error": f"{type(exc).__name__}: {exc}"}

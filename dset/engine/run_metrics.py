@@ -1,7 +1,7 @@
 """The final metrics of a run: ``summary.json``'s ``metrics`` block, under the names of :mod:`dset.metric_names`
 (those MLflow and the report use).
 
-The loop fills the block (:meth:`dset.engine.loop._Run`): ``params`` when the run starts; at its end the best
+The loop fills the block (:class:`dset.engine.loop.TrainingRun`): ``params`` when the run starts; at its end the best
 epoch (:func:`best_epoch_metrics`), ``final/keep_ratio``, ``epochs_run``, ``train_minutes``
 (:func:`train_minutes`), throughput and peak memory; the reported checkpoint's profile adds its measurements
 (:func:`dset.engine.reported_checkpoint.profile_entries`, with :func:`deployment_metrics`). A metric that was not

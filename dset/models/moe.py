@@ -1,66 +1,12 @@
-"""Token-level mixture-of-experts FFN (router, experts, balance loss, usage statistics).
+"""Token-level mixture-of-experts FFN: router, experts, balance loss, usage statistics.
 
-``MoEFFN`` is a drop-in replacement for the transformer FFN ``linear2(dropout(act(linear1(x))))``
-used by RT-DETR's AIFI encoder layer (GELU) and decoder layers (ReLU).
-
-Routing
-    ``logits = router(x)`` (``nn.Linear(d_model, num_experts)``); in training, optional Gaussian noise
-    of std ``router_noise`` is added to the logits; ``probs = softmax(logits)``; each token picks its
-    ``top_k`` experts and their probabilities are renormalised to sum to 1 over the chosen k.
-    Patch-level routing (``patch_size > 1``, the encoder's AIFI tokens; what the DSET design report calls
-    spatial consistency): the tokens of one ``k x k`` patch of the map share one decision, taken on the mean of
-    their logits (the router is linear: the logits of their mean token); the noise is drawn per patch.
-    :func:`patch_groups` says which patch each token is in (:class:`RoutingGroups`).
-
-Sparse dispatch (dropless)
-    The ``T * top_k`` token-slots are sorted by expert (one stable ``sort``); every token-slot is
-    computed (no capacity factor, no token dropping), each only by its own expert. Two CPU/GPU paths,
-    chosen per forward from the group sizes:
-      * padded (default when routing is balanced): the slots are gathered once into an
-        ``[E, max_count, d]`` layout and ALL experts run as one ``baddbmm`` per layer (bias fused).
-        Taken when padding every group to the largest costs at most ``pad_waste_limit`` (1.5) x
-        the routed compute (the padded compute never exceeds run-every-expert's: max_count <= T).
-        Same number of kernels as a dense FFN, which makes it far less sensitive than the loop to
-        other processes competing for the cores: on the 2-core CPU with one core busy elsewhere the
-        loop was about 2-5x slower than the padded path at 400-2000 tokens, while on idle cores the
-        two were within ~15% (``python -m dset.bench moe``);
-      * per-expert loop (imbalanced routing): the slots are gathered once in sorted order and each
-        expert's contiguous group is one ``addmm`` per layer (bias fused). Without autograd the
-        outputs are written into one preallocated tensor (no ``cat``).
-    Host synchronisation: the group sizes are read to the host ONCE per forward
-    (``counts.tolist()``) for the padded size / the split. On CPU this is free; on a GPU it is a
-    single sync. Opt-in third path (env ``DSET_MOE_GROUPED_MM=1``): ``torch._grouped_mm`` on the
-    sorted slots with device-side offsets, no sync at all. It exists on CPU in torch 2.14 and is
-    correct there (tested), but was not faster than per-expert ``addmm`` and its bias adds cost extra
-    passes; on CUDA it is untested here (no GPU), hence off by default.
-    The expert outputs are put back in slot order with one gather and summed per token, weighted
-    by the routing weights, in one ``bmm`` ([T,1,k] x [T,k,d]): deterministic on every device
-    (``index_add`` is not on CUDA) and as fast as ``index_add`` on CPU.
-    Dropout is applied to the hidden activation, as in the dense FFN.
-
-Auxiliary outputs (set on the module after each forward; tensors, never synchronised)
-    ``balance_loss``: Switch-Transformer load-balancing loss ``E * sum_i f_i * P_i`` where ``f_i`` is
-        the fraction of the ``T * top_k`` token-slot assignments that went to expert i (not
-        differentiable) and ``P_i`` the mean router probability of expert i over tokens (taken from
-        the probabilities used for routing, i.e. after noise in training). Equals 1 for perfectly
-        uniform routing and ``E / top_k`` when all tokens go to the same ``top_k`` experts with
-        equal probability mass.
-    ``z_loss``: ST-MoE router z-loss ``mean_t logsumexp(logits_t)^2`` on the noise-free logits.
-    ``usage``: detached ``f`` (fraction of token-slot assignments per expert, shape [E], sums to 1).
-    ``router_entropy``: detached mean over tokens of the entropy (nats) of the routing probabilities (after noise
-        in training): ln(E) for uniform routing, 0 for one-hot. ``expert_cosine()`` (from the weights): how alike
-        the experts are. Both are logged per epoch (:mod:`dset.engine.epoch_stats`).
-
-Expert initialisation (``ExpertInit``, ``model.*_moe.expert_init``) when the model starts from a dense checkpoint:
-plain upcycling (copies: the layer computes the dense FFN whatever the routing, so its router gets no task
-gradient), Drop-Upcycling (copies with a share of each expert's hidden units re-initialised) or random (the
-original DSET code's xavier-uniform experts, ``reset_parameters``).
-
-Compute accounting: ``MoEFFN.flops_per_token()`` / ``dset.analytic.moe_ffn_macs_per_token`` give the nominal
-multiply-adds (MACs) per token: ``d*E`` for the router plus ``top_k * 2 * d * hidden`` for the experts
-(biases, softmax, top-k, padding and the weighted combine ignored). GFLOPs in the paper convention
-are 2 x MACs. For fvcore tracing, pass ``fvcore_op_handles()`` (fvcore does not know
-``aten::baddbmm``, which the padded path uses, and would silently count the experts as zero).
+:class:`MoEFFN` replaces the transformer FFN ``linear2(dropout(act(linear1(x))))`` of RT-DETR's AIFI encoder layer
+(GELU) and decoder layers (ReLU). Each token (or, with ``patch_size > 1``, each patch of the encoder's map) is
+routed to its ``top_k`` experts; dispatch is dropless, every token-slot computed only by its own expert, on a
+padded batched path (balanced routing) or a per-expert loop (imbalanced), with one host sync per forward. After
+each forward the module holds ``balance_loss``, ``z_loss``, ``usage`` and ``router_entropy``. The experts of a
+layer that replaced a dense FFN start as :class:`ExpertInit` says (upcycled, drop-upcycled or random).
+The routing, the dispatch paths, the auxiliary losses and the compute accounting in detail: docs/moe.md.
 """
 
 from __future__ import annotations
@@ -73,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..analytic import moe_ffn_macs_per_token
-from ..config import EXPERT_INITS
+from ..config_checks import EXPERT_INITS
 
 __all__ = [
     "MoEFFN",
@@ -82,9 +28,6 @@ __all__ = [
     "RoutingGroups",
     "patch_groups",
     "dense_moe_forward",
-    "grouped_mm_flop_jit",
-    "baddbmm_flop_jit",
-    "fvcore_op_handles",
 ]
 
 _ACTIVATIONS = ("relu", "gelu")
@@ -622,35 +565,3 @@ def dense_moe_forward(moe: MoEFFN, x: torch.Tensor) -> torch.Tensor:
     w2cat = moe.w2.permute(0, 2, 1).reshape(E * H, D)  # rows (e, j) -> W2_e[:, j]
     out = torch.addmm(gates @ moe.b2, h, w2cat)
     return out.reshape(shape)
-
-
-def grouped_mm_flop_jit(inputs, outputs):
-    """fvcore op handle for ``aten::_grouped_mm``: multiply-adds = rows(A) * K * N."""
-    from fvcore.nn.jit_handles import get_shape
-
-    a, b = get_shape(inputs[0]), get_shape(inputs[1])
-    if a is None or b is None:
-        return 0
-    return int(a[0]) * int(a[-1]) * int(b[-1])
-
-
-def baddbmm_flop_jit(inputs, outputs):
-    """fvcore op handle for ``aten::baddbmm(bias, A [n,c,t], B [n,t,d])``: multiply-adds = n*c*t*d
-    (the bias add is ignored, as fvcore's ``addmm`` handle ignores it)."""
-    from fvcore.nn.jit_handles import get_shape
-
-    a, b = get_shape(inputs[1]), get_shape(inputs[2])
-    if a is None or b is None:
-        return 0
-    n, c, t = (int(v) for v in a)
-    return n * c * t * int(b[-1])
-
-
-def fvcore_op_handles() -> dict:
-    """Op handles to pass to ``fvcore.nn.FlopCountAnalysis(...).set_op_handle(**handles)`` so that
-    every MoE dispatch path is counted (fvcore has no default handle for ``aten::baddbmm``, used by
-    the padded path, nor for ``aten::_grouped_mm``). With them fvcore counts what was executed: the
-    router, the expert matmuls INCLUDING the padding rows of the padded path (at most
-    ``pad_waste_limit`` x the routed work), and the ``[T,1,k] x [T,k,d]`` combine ``bmm``.
-    ``MoEFFN.flops_per_token()`` is the padding-free nominal count."""
-    return {"aten::baddbmm": baddbmm_flop_jit, "aten::_grouped_mm": grouped_mm_flop_jit}
