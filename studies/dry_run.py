@@ -4,13 +4,18 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from . import mlflow_schema as S
-from . import mlflow_store, tracking
-from .cell_state import classify_cell, stale_reason
-from .progress import table
-from .search import describe_pruning, describe_storage, optuna_study_name, sampler_name, storage_descriptor
-from .spec import Cell, Study, describe_budget, make_cell
+from dset.config import BUDGET_AUTO, Config, budget_path, flatten, read_budget
+
+from .console import table
+from .execution.optuna_storage import describe_storage, storage_descriptor
+from .execution.search import describe_pruning, optuna_study_name, sampler_name
+from .planning.cells import Cell, make_cell
+from .planning.pretrain import cache_root
+from .planning.study import STUDY_DIR, Study
+from .tracking import mlflow_runs, mlflow_store, schema
+from .tracking.cell_state import classify_cell, stale_reason
 
 
 def _existing_runs_readonly(uri: str, experiment: str) -> tuple[dict, dict] | None:
@@ -24,7 +29,8 @@ def _existing_runs_readonly(uri: str, experiment: str) -> tuple[dict, dict] | No
         exp = c.get_experiment_by_name(experiment)
         if exp is None:
             return {}, {}
-        return tracking.find_child_runs(c, exp.experiment_id), tracking.find_stale_candidates(c, exp.experiment_id)
+        return (mlflow_runs.find_child_runs(c, exp.experiment_id),
+                mlflow_runs.find_stale_candidates(c, exp.experiment_id))
     except Exception:  # noqa: BLE001 - a dry run only informs
         return None
 
@@ -40,16 +46,57 @@ def _state(cell: Cell, existing: tuple[dict, dict] | None, keep_stale: bool) -> 
     if kind == "stale":
         return f"STALE ({stale_reason(cell, run)}) -> rerun"
     if kind == "finished":
-        if run.data.tags.get(S.TAG_FINGERPRINT) != cell.fingerprint:
+        if run.data.tags.get(schema.TAG_FINGERPRINT) != cell.fingerprint:
             return f"stale ({stale_reason(cell, run)}), kept (--keep-stale)"
         return "finished (skipped)"
     return f"{run.info.status.lower()} -> resume"
 
 
+def describe_budget(study: Study, cfg: Config | None) -> list[str]:
+    """Human-readable lines: what the budget file is and what the runs train on."""
+    applied = cfg.run.budget if cfg is not None else study.budget
+    path = budget_path(applied) if applied not in (None, BUDGET_AUTO) else None
+    lines = [f"budget: {applied or 'none'}" + (f" ({_rel(path)})" if path else "")
+             + (" (auto)" if study.budget == BUDGET_AUTO else "")]
+    if study.data:
+        lines.append(f"data preset: {study.data} ({_rel(study.data_path())})")
+    if cfg is None:  # the runs' configuration is invalid: show what the budget file sets
+        if path is not None:
+            flat = flatten(read_budget(path)[0])
+            lines += [f"  {k} = {v}" for k, v in flat.items()]
+        return lines
+    d, t, m = cfg.data, cfg.train, cfg.model
+    if d.name == "synthetic":
+        n_train = min(d.synthetic.num_train, d.max_train_images or d.synthetic.num_train)
+        n_val = min(d.synthetic.num_val, d.max_val_images or d.synthetic.num_val)
+        source = f"synthetic shapes ({d.synthetic.num_classes} classes, drawn at {d.synthetic.image_size} px)"
+    else:
+        n_train = d.max_train_images or "all"
+        n_val = d.max_val_images or "all"
+        source = f"COCO-format {d.train.annotations} / {d.val.annotations}"
+    lines.append(f"  data: {source}; {n_train} train / {n_val} val images at {d.image_size} px, batch {d.batch_size}, "
+                 f"augment {d.augment}")
+    lines.append(f"  train: {t.epochs} epochs, lr {t.lr:g} (pretrained {t.lr_pretrained:g}), warm-up {t.warmup_steps} "
+                 f"steps, eval every {t.eval_every}, early stop "
+                 f"{'patience ' + str(t.early_stop_patience) if t.early_stop_patience else 'off'}, "
+                 f"profile {'on' if t.profile else 'off'}, device {cfg.run.device}")
+    lines.append(f"  model: {m.decoder.num_queries} queries, {m.decoder.num_denoising} denoising, "
+                 f"token pruning warm-up {m.token_pruning.warmup_epochs} + ramp {m.token_pruning.ramp_epochs} epochs, "
+                 f"min tokens {m.token_pruning.min_tokens}")
+    return lines
+
+
+def _rel(path: Path | None) -> str:
+    if path is None:
+        return "-"
+    try:
+        return str(path.resolve().relative_to(STUDY_DIR.parent))
+    except ValueError:
+        return str(path)
+
+
 def describe_stage1(cells: list[Cell]) -> list[str]:
     """Lines on stage 1 for the cells: per backbone, where its checkpoint comes from and whether it is cached."""
-    from .pretrain import cache_root
-
     stages = {id(c.stage1): c.stage1 for c in cells if c.ok and c.stage1 is not None}
     lines = ["stage 1 (the RT-DETR checkpoint every cell fine-tunes from):"]
     lines += [f"  {st.describe()}" for st in sorted(stages.values(), key=lambda st: st.depth)]

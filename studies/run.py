@@ -1,6 +1,36 @@
-"""Run a study end to end: ``python -m studies.run STUDY [key=value ...] [--workers N] [--devices 0,1] [--dry-run]
-[--storage URL]``.
+"""The command line of the harness's studies: ``python -m studies.run STUDY [key=value ...]`` runs a study end to
+end (or ``--list``s them, or shows what one would do with ``--dry-run``) and exits 0, 1 (a run failed), 2 (usage or
+configuration error) or 130 (interrupted). How to run studies, alone or across machines: docs/studies.md.
+"""
 
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+from dset.config import PRESET_DIR, ConfigError
+
+from .console import say, table
+from .dry_run import dry_run
+from .execution.devices import DeviceError, Slot, plan_for_invocation
+from .execution.grid_run import run_grid
+from .execution.invocation import Invocation
+from .execution.latency_step import benchmark_grid
+from .execution.search_run import run_search
+from .planning.cells import Cell, grid_cells, make_cell
+from .planning.pretrain import PretrainError
+from .planning.study import Study, StudyError, load_study, study_names
+from .tracking.mlflow_store import quiet_mlflow, tracking_uri
+
+log = logging.getLogger("studies")
+
+# the --help text (docs/studies.md says the same at length)
+USAGE = ("Run a study end to end: ``python -m studies.run STUDY [key=value ...] [--workers N] [--devices 0,1] "
+         "[--dry-run]\n[--storage URL]``.")
+HELP_EPILOG = """\
 Examples::
 
     python -m studies.run --list
@@ -18,19 +48,19 @@ Examples::
 
 MLflow: the store is ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db`` in the working directory (what
 ``mlflow ui`` opens there). One experiment per study, one parent run per invocation, one nested child
-run per cell or trial (names in ``studies/mlflow_schema.py``). Run outputs (checkpoints, metrics.jsonl)
+run per cell or trial (names in ``studies/tracking/schema.py``). Run outputs (checkpoints, metrics.jsonl)
 stay in ``<out_dir>/<study>/<cell>-<fingerprint>/``.
 
-Stage 1 (studies/pretrain.py): every cell fine-tunes from its backbone's RT-DETR checkpoint, trained here
+Stage 1 (studies/planning/pretrain.py): every cell fine-tunes from its backbone's RT-DETR checkpoint, trained here
 first and cached ($DSET_CACHE_DIR/pretrained) or published (budget=paper); ``--dry-run`` shows which.
 
 Any number of invocations of one study share its work through a queue in Optuna's storage
-(``studies/queue.py``): the study's journal file on one machine, ``--storage postgresql://...`` across
+(``studies/execution/queue.py``): the study's journal file on one machine, ``--storage postgresql://...`` across
 machines that also share the MLflow store (``MLFLOW_TRACKING_URI=http://...`` of an ``mlflow server``), the
 output folder and ``$DSET_CACHE_DIR``. Each cell, and each stage-1 training, runs exactly once; an invocation
 ends when no cell is waiting or running anywhere, and takes over the cells of invocations that die (process
 gone on this host, or no heartbeat for 4 x $DSET_QUEUE_HEARTBEAT_S seconds on any host). ``--workers N`` gives
-each worker a GPU of its own (``--devices 0,2`` chooses them; ``studies/devices.py``).
+each worker a GPU of its own (``--devices 0,2`` chooses them; ``studies/execution/devices.py``).
 
 Re-running a study skips finished runs (same fingerprint: resolved configuration, seed, stage 1, code version
 and data digest), continues interrupted ones from their last checkpoint in the same MLflow run, and retries
@@ -38,30 +68,13 @@ failed ones. A cell finished by other code or on other data is stale: ``--dry-ru
 (``--keep-stale`` keeps it instead).
 
 Latency (a grid): once every cell of a backbone has finished, its variants and its RT-DETR baseline are timed side
-by side, interleaved, in 3 separate processes, from the cells' checkpoints (studies/latency_step.py); one MLflow
+by side, interleaved, in 3 separate processes, from the cells' checkpoints (studies/execution/latency_step.py); one MLflow
 run per backbone (role "benchmark") holds each variant's latency change with a 95% interval, measured once per set
 of cells. ``--no-latency-benchmark`` leaves it out; a benchmark that fails is printed and recorded in its run, and
 does not change the exit code. Exit code:
 0 when every run finished, 1 when some failed (listed at the end), 2 for a usage or configuration
 error (before any work), 130 when interrupted.
-"""
-
-from __future__ import annotations
-
-import argparse
-import logging
-import os
-import signal
-import sys
-
-from dset.config import PRESET_DIR, ConfigError
-
-from .devices import DeviceError, Slot, plan_for_invocation
-from .pretrain import PretrainError
-from .progress import say, table
-from .spec import Cell, Study, StudyError, grid_cells, load_study, make_cell, study_names
-
-log = logging.getLogger("studies")
+"""  # noqa: E501 - the text of --help as it was, with the paths of the modules it names
 
 
 def list_studies() -> int:
@@ -82,7 +95,7 @@ def list_studies() -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m studies.run", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
+                                 description=USAGE, epilog=HELP_EPILOG)
     ap.add_argument("args", nargs="*", metavar="STUDY [key=value ...]",
                     help=f"a study ({', '.join(study_names())}) or a study YAML file, then overrides")
     ap.add_argument("--list", action="store_true", help="list the shipped studies and budgets")
@@ -97,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--keep-stale", action="store_true", help="count a finished cell as done even when other code "
                     "or data made it (by default such a stale cell is run again; --dry-run marks it)")
     ap.add_argument("--no-latency-benchmark", action="store_true", help="a grid: do not time each backbone's "
-                    "variants and baseline side by side once its cells have finished (studies/latency_step.py)")
+                    "variants and baseline side by side once its cells have finished "
+                    "(studies/execution/latency_step.py)")
     ap.add_argument("-v", "--verbose", action="store_true", help="per-epoch log lines of every run")
     return ap
 
@@ -131,11 +145,6 @@ def run_study(study: Study, cells: list[Cell] | None, uri: str, workers: int, st
               keep_stale: bool, slots: list[Slot], latency_benchmark: bool = True) -> int:
     """Run the study's cells or trials (this invocation's share of them), then, for a grid, the latency benchmark
     of each backbone whose cells have all finished (unless ``latency_benchmark`` is false); the exit code."""
-    from .grid_run import run_grid
-    from .invocation import Invocation
-    from .latency_step import benchmark_grid
-    from .search_run import run_search
-
     signal.signal(signal.SIGTERM, _terminate)
     if workers == 1:  # this process trains: its GPU is chosen before anything starts CUDA
         os.environ.update(slots[0].env)
@@ -145,11 +154,11 @@ def run_study(study: Study, cells: list[Cell] | None, uri: str, workers: int, st
     inv = Invocation(study, uri, workers, storage, keep_stale, slots)
     try:
         if cells is not None:
-            run_grid(inv, cells)
+            run_grid(cells, inv.runs, inv.progress, inv.jobs, inv.queues, inv.scheduler)
             if latency_benchmark:
-                benchmark_grid(inv, cells)
+                benchmark_grid(cells, inv.runs)
         else:
-            run_search(inv)
+            inv.optuna_study = run_search(study, inv.runs, inv.progress, inv.jobs, inv.queues, inv.scheduler)
     except KeyboardInterrupt:
         inv.interrupted()
         print(f"\ninterrupted; run the same command again to resume ({inv.progress.done}/{inv.progress.total} done)",
@@ -163,8 +172,6 @@ def main(argv: list[str] | None = None) -> int:
     ns = ap.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("dset").setLevel(logging.INFO if ns.verbose else logging.WARNING)
-    from .mlflow_store import quiet_mlflow, tracking_uri
-
     quiet_mlflow()
     if ns.list:
         return list_studies()
@@ -189,8 +196,6 @@ def main(argv: list[str] | None = None) -> int:
     if device_warning:
         log.warning("warning: %s", device_warning)
     if ns.dry_run:
-        from .dry_run import dry_run
-
         code = dry_run(study, cells, uri, ns.storage, ns.workers, ns.keep_stale)
         print("devices: " + ", ".join(f"worker {i + 1}: {sl.label}" for i, sl in enumerate(slots)))
         return code

@@ -1,47 +1,15 @@
-"""What a study invocation prints: a line per finished run with the elapsed time and the ETA, the summary
-table at the end, and the text helpers they share with the dry run."""
+"""What a study invocation prints as it runs: a line per finished run with the elapsed time and the ETA, and the
+summary table at the end."""
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import Any
 
 from dset import metric_names as M
 
+from ..console import format_duration, format_value, say, table
 from .jobs import RunResult
-
-
-def say(text: str = "") -> None:
-    """A line above any progress bar."""
-    try:
-        from tqdm import tqdm
-
-        tqdm.write(text, file=sys.stdout)
-    except ImportError:  # pragma: no cover
-        print(text, flush=True)
-    sys.stdout.flush()
-
-
-def format_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    seconds = int(round(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
-
-
-def format_value(value: Any, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths)),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(str(x).ljust(w) for x, w in zip(r, widths)) for r in rows]
-    return "\n".join(lines)
 
 
 class Progress:

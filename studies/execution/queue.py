@@ -1,63 +1,30 @@
-"""A study's work as a queue in Optuna's storage, so that any number of invocations share it.
-
-Each unit of work (a grid cell, a stage-1 training) is an Optuna trial enqueued WAITING, with the user
-attribute ``dset.queue_key`` saying what it stands for (a cell's fingerprint, a stage-1 cache key). An
-invocation claims work with ``Study.ask()``, which moves exactly one WAITING trial to RUNNING (Optuna's
-storage makes that atomic: a row lock in PostgreSQL, the journal's lock in a journal file), and tells the
-trial COMPLETE or FAIL when the work ends. The storage is the study's journal file (one machine) or
-``--storage postgresql://...`` (any number of machines).
-
-Why this is safe without any lock of ours:
-- Enqueueing is not exclusive: two invocations started at the same moment may both enqueue a cell. A claim
-  therefore runs its cell only when no other trial of the same key is COMPLETE and no lower-numbered trial of
-  it is WAITING or RUNNING; otherwise the claim is told FAIL with ``dset.yielded_to`` and dropped. Of several
-  live trials of one key, exactly one (the lowest-numbered) runs.
-- A dead worker's trial stays RUNNING. It is found dead by its process id (same host: the process is gone) or
-  by Optuna's heartbeat (PostgreSQL and other RDB storages: no heartbeat for ``grace`` seconds, whichever
-  machine ran it), told FAIL, and enqueued again with ``dset.requeued_from``. Whoever claims it next resumes
-  the cell from its ``last.pt`` into the same MLflow run (the fingerprint finds both).
-
-The queue's Optuna study is named after the study and a hash of its work keys, so invocations of one study
-definition share one queue; another seed list or other code makes another queue (finished cells are still
-found in MLflow and skipped). A COMPLETE trial's value is the run's wall time in seconds: Optuna needs a
-value for a complete trial; nothing optimises it.
+"""A study's work as a queue in Optuna's storage, so that any number of invocations share it: each unit of work
+(a grid cell, a stage-1 training) is a trial enqueued WAITING, claimed by exactly one invocation with
+``Study.ask()`` and told COMPLETE or FAIL when the work ends (docs/studies.md: how, and why that is safe).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import threading
-import time
-import warnings
+from dataclasses import dataclass
 from typing import Any
 
+from .claims import (
+    ATTR_EMPTY,
+    ATTR_ERROR,
+    ATTR_HOST,
+    ATTR_KEY,
+    ATTR_LABEL,
+    ATTR_PID,
+    ATTR_YIELDED,
+    Heartbeat,
+    reap_dead,
+    requeue,
+)
+from .optuna_storage import describe_storage, open_storage, quiet_optuna
+
 log = logging.getLogger("studies")
-
-# We use Optuna's heartbeat with ask/tell (a thread of ours renews it) rather than with Study.optimize, which
-# Optuna warns about; and its heartbeat arguments are marked experimental. Both warnings say nothing to a user.
-warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-warnings.filterwarnings("ignore", message=".*heartbeat_interval.* is an experimental feature")
-warnings.filterwarnings("ignore", message=".*grace_period.* is an experimental feature")
-warnings.filterwarnings("ignore", message=".*heartbeat_stale_trial_callback.* is an experimental feature")
-
-ATTR_KEY = "dset.queue_key"            # what the trial stands for (a cell fingerprint, a stage-1 key)
-ATTR_LABEL = "dset.cell"               # the cell id, for people reading the storage
-ATTR_HOST = "dset.host"                # who claimed the trial: host and process id
-ATTR_PID = "dset.pid"
-ATTR_ERROR = "dset.error"              # why the work failed
-ATTR_YIELDED = "dset.yielded_to"       # a duplicate claim, dropped: the trial number that has the work
-ATTR_EMPTY = "dset.empty_claim"        # ask() found the queue empty (another invocation took the last item)
-ATTR_REQUEUED_FROM = "dset.requeued_from"  # a dead worker's trial this one re-enqueues
-ATTR_RETRY_OF = "dset.retry_of"        # the first trial of a chain of re-enqueued trials
-CARRIED = (ATTR_KEY, ATTR_LABEL, ATTR_RETRY_OF)
-
-
-def heartbeat_seconds() -> int:
-    """How often a worker's claim is renewed in an RDB storage ($DSET_QUEUE_HEARTBEAT_S, default 30); a claim
-    without a heartbeat for four times that is taken for dead."""
-    return max(1, int(os.environ.get("DSET_QUEUE_HEARTBEAT_S", "30")))
 
 
 def queue_name(study_name: str, part: str, keys: list[str]) -> str:
@@ -65,96 +32,23 @@ def queue_name(study_name: str, part: str, keys: list[str]) -> str:
     return f"{study_name}-{part}-{digest}"
 
 
-def requeue(study, trial, why: str = "its worker died") -> None:
-    """Enqueue a trial again whose worker died or stopped: the same parameters and work key (Optuna's
-    ``heartbeat_stale_trial_callback`` signature)."""
-    attrs = {k: trial.user_attrs[k] for k in CARRIED if k in trial.user_attrs}
-    attrs.setdefault(ATTR_RETRY_OF, trial.number)
-    attrs[ATTR_REQUEUED_FROM] = trial.number
-    study.enqueue_trial(dict(trial.params), user_attrs=attrs, skip_if_exists=False)
-    log.info("trial %d (%s) enqueued again: %s", trial.number, attrs.get(ATTR_LABEL, dict(trial.params)), why)
+@dataclass(frozen=True)
+class Queues:
+    """Where an invocation's queues live (an Optuna storage descriptor, :mod:`.optuna_storage`) and who claims
+    their items: the study's queues of cells and of stage-1 trainings are opened here."""
 
+    desc: dict
+    study_name: str
+    host: str
+    pid: int
 
-def requeued_numbers(trials) -> set[int]:
-    """Numbers of trials that were re-enqueued (a dead worker's): they do not count as attempts."""
-    return {t.user_attrs[ATTR_REQUEUED_FROM] for t in trials if ATTR_REQUEUED_FROM in t.user_attrs}
+    def open(self, part: str, keys: list[str], complete_means_done: bool = True) -> WorkQueue:
+        """The queue of the study's ``part`` ("cells", "stage1") over these work keys."""
+        return WorkQueue(self.desc, queue_name(self.study_name, part, keys), self.host, self.pid,
+                         complete_means_done=complete_means_done)
 
-
-def reap_dead(ostudy, my_host: str) -> list[int]:
-    """Fail the RUNNING trials whose worker is dead and enqueue them again; returns their numbers.
-
-    Dead: claimed by a process of this host that no longer exists, or (RDB storages) without a heartbeat
-    for the grace period, on any host. Two invocations reaping at once cannot both re-enqueue one trial:
-    only one of them moves it from RUNNING to FAIL."""
-    import optuna
-    from optuna.exceptions import UpdateFinishedTrialError
-    from optuna.storages import fail_stale_trials
-    from optuna.trial import TrialState
-
-    from .tracking import pid_alive
-
-    reaped: list[int] = []
-    storage = ostudy._storage  # Study has no public accessor for its storage
-    for t in ostudy.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if t.user_attrs.get(ATTR_HOST) != my_host or ATTR_PID not in t.user_attrs:
-            continue  # another machine's worker: only its heartbeat can tell
-        if pid_alive(int(t.user_attrs[ATTR_PID])):
-            continue
-        try:
-            if not storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
-                continue
-        except UpdateFinishedTrialError:
-            continue  # another invocation reaped it first
-        requeue(ostudy, t)
-        reaped.append(t.number)
-    before = {t.number for t in ostudy.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
-    with warnings.catch_warnings():  # fail_stale_trials is marked experimental
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        fail_stale_trials(ostudy)  # heartbeat: calls requeue() through the storage's callback
-    reaped += sorted({t.number for t in ostudy.get_trials(deepcopy=False, states=(TrialState.FAIL,))} - before
-                     - set(reaped))
-    return reaped
-
-
-
-class Heartbeat:
-    """Renews this process's claims in an RDB storage every :func:`heartbeat_seconds`, from a daemon thread
-    (the main thread may be busy training). A journal storage has no heartbeat: claims there are checked by
-    process id (one machine)."""
-
-    def __init__(self, storage) -> None:
-        from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
-
-        self.storage = storage
-        self.enabled = isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage)
-        self.trial_ids: set[int] = set()
-        self.lock = threading.Lock()
-        self.thread: threading.Thread | None = None
-
-    def add(self, trial_id: int) -> None:
-        if not self.enabled:
-            return
-        self.storage.record_heartbeat(trial_id)
-        with self.lock:
-            self.trial_ids.add(trial_id)
-        if self.thread is None:
-            self.thread = threading.Thread(target=self._beat, name="optuna-heartbeat", daemon=True)
-            self.thread.start()
-
-    def remove(self, trial_id: int) -> None:
-        with self.lock:
-            self.trial_ids.discard(trial_id)
-
-    def _beat(self) -> None:
-        while True:
-            time.sleep(heartbeat_seconds())
-            with self.lock:
-                ids = list(self.trial_ids)
-            for trial_id in ids:
-                try:
-                    self.storage.record_heartbeat(trial_id)
-                except Exception as exc:  # noqa: BLE001 - a storage hiccup must not kill the thread
-                    log.warning("heartbeat of trial %d failed: %s", trial_id, exc)
+    def describe(self) -> str:
+        return describe_storage(self.desc)
 
 
 class WorkQueue:
@@ -164,8 +58,6 @@ class WorkQueue:
         """``complete_means_done=False``: a COMPLETE trial does not settle its key for good (a stage-1 checkpoint
         is done only while its cached file exists: its key may be enqueued and run again)."""
         import optuna
-
-        from .search import open_storage, quiet_optuna
 
         quiet_optuna()
         self.name, self.host, self.pid = name, host, pid

@@ -2,8 +2,9 @@
 worker is free, hand each result back to where the job came from, until no job is left and none runs.
 
 Where jobs come from is a :class:`JobSource`: a :class:`QueueSource` claims the items of a
-:class:`~studies.queue.WorkQueue` (grid cells, stage-1 trainings) that any number of invocations share;
-a search asks Optuna for trials (``studies/search_run.py``)."""
+:class:`~studies.execution.queue.WorkQueue` (grid cells, stage-1 trainings) that any number of invocations share;
+a search asks Optuna for trials (:mod:`.search_run`). A :class:`Scheduler` runs the sources of an invocation one
+after the other on its executor, and stops them on Ctrl-C."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ..console import say
+from .claims import ATTR_KEY
 from .jobs import Job, RunResult
-from .progress import say
-from .queue import ATTR_KEY, WorkQueue
+from .queue import WorkQueue
 
 log = logging.getLogger("studies")
 
@@ -36,7 +38,7 @@ class Started:
 
 
 class Executor(Protocol):
-    """``studies.workers.InlineExecutor`` or ``WorkerPool``."""
+    """:class:`~studies.execution.workers.InlineExecutor` or :class:`~studies.execution.workers.WorkerPool`."""
 
     @property
     def free(self) -> int: ...
@@ -47,6 +49,8 @@ class Executor(Protocol):
     def start(self, job: Job, tag: Any) -> None: ...
 
     def wait_any(self, timeout: float | None = None) -> list[tuple[Any, RunResult]]: ...
+
+    def terminate(self) -> None: ...
 
 
 class JobSource(Protocol):
@@ -144,3 +148,22 @@ class QueueSource:
             except Exception as exc:  # noqa: BLE001 - the next invocation reaps them by process id anyway
                 log.warning("could not give back queue trial %d: %s", trial.number, exc)
         self.claims.clear()
+
+
+class Scheduler:
+    """Runs an invocation's job sources on its executor, one after the other; :meth:`stop` (Ctrl-C, SIGTERM) ends
+    the workers and gives the claims of the queue being worked on back."""
+
+    def __init__(self, executor: Executor) -> None:
+        self.executor = executor
+        self.queue_source: QueueSource | None = None    # the queue whose items are being claimed now
+
+    def run(self, source: JobSource) -> None:
+        if isinstance(source, QueueSource):
+            self.queue_source = source
+        run_jobs(self.executor, source)
+
+    def stop(self) -> None:
+        self.executor.terminate()
+        if self.queue_source is not None:
+            self.queue_source.release_claims()

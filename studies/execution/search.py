@@ -1,96 +1,28 @@
-"""Optuna for studies: storage, sampler and pruner, sampling a trial's configuration, and the per-epoch
-pruning callback.
-
-Storage: by default a journal file ``<out_dir>/<study>/optuna_journal.log`` (``JournalStorage`` with
-``JournalFileBackend``: safe for several local processes); ``--storage URL`` passes any Optuna storage URL
-through (``postgresql://...``, ``mysql://...``, ``sqlite:///...``): workers on several machines then share one
-search, the way Optuna distributes. The Optuna study is named ``<study>-<hash>``, the hash covering
-everything that defines the search except ``n_trials`` (more trials continue the same search; a different
-budget or space starts a new one).
-
-The invoking process asks for trials and tells their results; a worker process only reports per-epoch
-values (and asks ``should_prune``) through the same storage. Pruning is used only when the study has ONE
-objective: Optuna does not support pruning in multi-objective studies (``Trial.report`` raises there).
-
-Interrupted trials: a trial left RUNNING by a dead worker (a process of this host that no longer exists, or,
-with an RDB storage, a trial without a heartbeat for the grace period on any host; ``studies.queue``) is
-marked FAIL (it does not count toward ``n_trials``) and its parameters are enqueued again with the trial
-user attributes ``dset.retry_of`` and ``dset.requeued_from``; the re-run finds the same MLflow run and
-checkpoint (same fingerprint) and continues from the last epoch.
+"""An Optuna search over a study's configuration: the Optuna study (named ``<study>-<hash>`` of everything that
+defines the search but ``n_trials``), its sampler and pruner, sampling a trial's parameters, counting the trials
+done, and the per-epoch pruning callback a worker runs. Pruning needs ONE objective: Optuna cannot prune
+multi-objective studies. How a search is shared and resumed: docs/studies.md.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
-from pathlib import Path
 from typing import Any
 
 from dset import metric_names as M
 from dset.engine.callbacks import Callback
+from dset.run_folder import RunFolder
 
-from .spec import Param, Search, Study, search_fingerprint
+from ..planning.cells import search_fingerprint
+from ..planning.study import Param, Search, Study
+from .claims import ATTR_EMPTY, reap_dead, requeued_numbers
+from .optuna_storage import open_storage, quiet_optuna
 
 log = logging.getLogger("studies")
 
 ATTR_INTERRUPTED = "dset.interrupted"
 ATTR_RUN_ID = "dset.mlflow_run_id"
-
-
-def quiet_optuna() -> None:
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-def storage_descriptor(study: Study, url: str | None) -> dict:
-    """Picklable description of the storage (workers open their own)."""
-    if url:
-        return {"url": url}
-    return {"journal": str((study.study_dir / "optuna_journal.log").resolve())}
-
-
-def describe_storage(desc: dict) -> str:
-    if "journal" in desc:
-        return f"journal file {desc['journal']}"
-    from .mlflow_store import redact
-
-    return redact(desc["url"])
-
-
-def open_storage(desc: dict, heartbeat: bool = True):
-    """The storage a descriptor names. RDB storages (PostgreSQL, ...) get Optuna's heartbeat, so that a trial
-    whose worker died on any machine is found (``studies.queue.reap_dead``); a journal file (one machine) is
-    checked by process id instead. Creating an RDB storage's tables is retried: several invocations started
-    at once on a fresh database race to create them."""
-    import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    if "journal" in desc:
-        path = Path(desc["journal"])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
-    url = desc["url"]
-    if not url.startswith(("sqlite:", "postgresql", "mysql", "oracle", "mssql")):
-        return url  # anything else Optuna understands
-    from .queue import heartbeat_seconds, requeue
-
-    kwargs: dict[str, Any] = {"engine_kwargs": {"pool_pre_ping": True} if not url.startswith("sqlite")
-                              else {"connect_args": {"timeout": 60}}}
-    if heartbeat:
-        kwargs.update(heartbeat_interval=heartbeat_seconds(), grace_period=4 * heartbeat_seconds(),
-                      heartbeat_stale_trial_callback=requeue)
-    for attempt in range(5):
-        try:
-            return optuna.storages.RDBStorage(url, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - e.g. a UniqueViolation on pg_type while tables are made
-            if attempt == 4 or "already exists" not in str(exc) and "duplicate key" not in str(exc):
-                raise
-            log.info("Optuna storage: tables being created by another process (%s); retrying", type(exc).__name__)
-            time.sleep(1.0 + attempt)
-    raise AssertionError("unreachable")
 
 
 def optuna_study_name(study: Study) -> str:
@@ -193,17 +125,15 @@ def sample(trial, space: list[Param]) -> dict[str, Any]:
 
 def trial_counts(ostudy) -> tuple[int, list]:
     """(trials that count toward n_trials, RUNNING trials). Interrupted trials do not count: they are
-    re-enqueued (``studies.queue.requeue``)."""
+    re-enqueued (:func:`.claims.requeue`)."""
     from optuna.trial import TrialState
-
-    from .queue import requeued_numbers
 
     counted, running = 0, []
     trials = ostudy.get_trials(deepcopy=False)
-    # ATTR_INTERRUPTED: how journals written before studies.queue marked interrupted trials
+    # ATTR_INTERRUPTED: how journals written before the queues (studies/execution/queue.py) marked interrupted trials
     interrupted = set(ostudy.user_attrs.get(ATTR_INTERRUPTED, [])) | requeued_numbers(trials)
     for t in trials:
-        if t.user_attrs.get("dset.empty_claim"):
+        if t.user_attrs.get(ATTR_EMPTY):
             continue
         if t.state == TrialState.RUNNING:
             running.append(t)
@@ -220,8 +150,6 @@ def trial_counts(ostudy) -> tuple[int, list]:
 def requeue_stale(ostudy, my_host: str) -> list[int]:
     """Fail the RUNNING trials of dead workers (a gone process of this host; with an RDB storage also a
     missing heartbeat, any host) and enqueue their parameters again. Returns the trial numbers re-enqueued."""
-    from .queue import reap_dead
-
     return reap_dead(ostudy, my_host)
 
 
@@ -237,7 +165,7 @@ def objective_values(search: Search, metrics: dict[str, float]) -> list[float] |
 
 class PruningCallback(Callback):
     """Reports val/mAP of each evaluated epoch to the trial and stops the run when the pruner says so.
-    Used only for single-objective studies (see the module docstring)."""
+    Used only for single-objective studies (Optuna cannot prune multi-objective ones)."""
 
     def __init__(self, desc: dict, study_name: str, trial_id: int, pruner: dict, metric_key: str = M.VAL_MAP) -> None:
         import optuna
@@ -251,9 +179,7 @@ class PruningCallback(Callback):
     def on_train_start(self, info: dict) -> None:
         start = int(info.get("start_epoch", 0))
         if start > 0:  # a resumed trial: re-report the finished epochs to this (new) trial
-            from .tracking import read_records
-
-            for r in read_records(Path(info["out_dir"]) / "metrics.jsonl"):
+            for r in RunFolder(info["out_dir"]).records():
                 if r.get("epoch", start) < start and r.get(self.metric_key) is not None:
                     self._report(r[self.metric_key], int(r["epoch"]))
 
@@ -269,5 +195,3 @@ class PruningCallback(Callback):
             self.pruned = True
             return True
         return None
-
-

@@ -1,51 +1,50 @@
 """Stage 1 in an invocation: train the RT-DETR checkpoints that the cells need and the cache lacks, each once
 across all invocations of the study (a queue of their own), and publish them into the cache
-(``studies/pretrain.py``)."""
+(:mod:`studies.planning.pretrain`)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from dset import metric_names as M
+from dset.run_folder import RunFolder
 
-from . import mlflow_schema as S
-from .jobs import Job, RunResult
-from .pretrain import Stage1, publish
-from .progress import say
-from .queue import ATTR_HOST, WorkQueue, queue_name
-from .scheduler import QueueSource, Started
-from .spec import Cell
-
-if TYPE_CHECKING:
-    from .invocation import Invocation
+from ..console import say
+from ..planning.cells import Cell
+from ..planning.pretrain import Stage1, publish
+from ..tracking import schema
+from ..tracking.invocation_runs import InvocationRuns
+from .claims import ATTR_HOST
+from .jobs import Job, JobMaker, RunResult
+from .queue import Queues, WorkQueue
+from .scheduler import QueueSource, Scheduler, Started
 
 
 class Stage1Queue(QueueSource):
     """The stage-1 trainings as jobs: each trains into an MLflow run with role "pretrain"."""
 
-    def __init__(self, inv: Invocation, queue: WorkQueue, todo: dict[str, Stage1]) -> None:
+    def __init__(self, queue: WorkQueue, todo: dict[str, Stage1], runs: InvocationRuns, jobs: JobMaker) -> None:
         super().__init__(queue, todo, "stage-1 trainings")
-        self.inv = inv
-        self.earlier_runs = inv.runs.stage1_runs()     # by stage-1 key: an unfinished one is resumed
+        self.runs = runs
+        self.jobs = jobs
+        self.earlier_runs = runs.stage1_runs()     # by stage-1 key: an unfinished one is resumed
 
     def start(self, trial, st: Stage1) -> Job | None:
         if st.cached:  # published by another invocation meanwhile
             self.queue.complete(trial, 0.0)
             return None
-        rid = self.inv.runs.open_stage1_run(st, self.earlier_runs.get(st.key))
-        resume = (st.partial_folder / "checkpoints" / "last.pt").is_file()
+        rid = self.runs.open_stage1_run(st, self.earlier_runs.get(st.key))
+        resume = RunFolder(st.partial_folder).resume_state.is_file()
         say(f"-> {st.cell_id}: RT-DETR R{st.depth}, budget {st.budget}" + (", resuming" if resume else ""))
-        return self.inv.job(st.cell_id, st.config.to_dict(), str(st.partial_folder), rid, resume,
-                            f"stage 1: RT-DETR R{st.depth}")
+        return self.jobs.job(st.cell_id, st.config.to_dict(), str(st.partial_folder), rid, resume,
+                             f"stage 1: RT-DETR R{st.depth}")
 
     def finish_item(self, started: Started, result: RunResult) -> None:
         st: Stage1 = started.item
         minutes = started.seconds / 60
         if result.worker_died:
-            self.inv.runs.fail_run(result.run_id, result.error)
+            self.runs.fail_run(result.run_id, result.error)
         if result.status == "completed":
             publish(st)
-            self.inv.runs.tag_run(result.run_id, {S.TAG_CHECKPOINT_DIR: str(st.folder / "checkpoints")})
+            self.runs.tag_run(result.run_id, {schema.TAG_CHECKPOINT_DIR: str(RunFolder(st.folder).checkpoints)})
         if st.cached:
             self.queue.complete(started.trial, minutes * 60)
             best = result.metrics.get(M.BEST_MAP50)
@@ -67,7 +66,8 @@ def _not_here(st: Stage1, queue: WorkQueue, host: str) -> str | None:
             f"not on this machine: give every machine the same $DSET_CACHE_DIR (a shared folder)")
 
 
-def run_stage1(inv: Invocation, cells: list[Cell]) -> dict[str, str]:
+def run_stage1(cells: list[Cell], runs: InvocationRuns, jobs: JobMaker, queues: Queues,
+               scheduler: Scheduler) -> dict[str, str]:
     """Train the stage-1 checkpoints the cells need and the cache lacks (each an MLflow run with role
     "pretrain") through a queue of their own, so that concurrent invocations train each once, and publish
     them into the cache. Returns the errors of those that are not available, by cache key: their cells are
@@ -76,14 +76,13 @@ def run_stage1(inv: Invocation, cells: list[Cell]) -> dict[str, str]:
               and c.stage1.kind == "train"}
     if not stages:
         return {}
-    queue = WorkQueue(inv.queue_desc, queue_name(inv.study.name, "stage1", list(stages)), inv.host, inv.pid,
-                      complete_means_done=False)
+    queue = queues.open("stage1", list(stages), complete_means_done=False)
     errors: dict[str, str] = {}
     todo: dict[str, Stage1] = {}
     for key, st in stages.items():
         if st.cached:
             continue
-        error = _not_here(st, queue, inv.host)
+        error = _not_here(st, queue, queues.host)
         if error:
             errors[key] = error
         else:
@@ -92,7 +91,7 @@ def run_stage1(inv: Invocation, cells: list[Cell]) -> dict[str, str]:
         say(f"stage 1: training RT-DETR {', '.join(f'R{st.depth}' for st in todo.values())} first (cached "
             f"for later studies: {', '.join(str(st.folder) for st in todo.values())})")
         queue.fill({key: st.cell_id for key, st in todo.items()})
-        inv.run(Stage1Queue(inv, queue, todo))
+        scheduler.run(Stage1Queue(queue, todo, runs, jobs))
     for key, st in todo.items():
         if not st.cached:
             errors[key] = queue.error_of(key) or f"stage 1 ({st.cell_id}) failed: no checkpoint at {st.checkpoint}"

@@ -1,11 +1,12 @@
-"""Executing the runs of a study (:class:`~studies.jobs.Job`): in this process, or in spawned worker processes.
+"""Executing the runs of a study (:class:`~studies.execution.jobs.Job`): in this process, or in spawned worker
+processes.
 
 :func:`execute` trains with :func:`dset.engine.loop.fit` into an MLflow child run created beforehand by
 the invoking process (so two workers can never create the same run), and returns a
-:class:`~studies.jobs.RunResult`. The two executors share one interface (``start``, ``wait_any``, ``free``,
+:class:`~studies.execution.jobs.RunResult`. The two executors share one interface (``start``, ``wait_any``, ``free``,
 ``running``, ``terminate``): :class:`InlineExecutor` runs one job at a time in this process;
 :class:`WorkerPool` runs up to N jobs at once in ``spawn`` processes; each limits torch to
-``max(1, cores // N)`` threads, runs on its slot's device (``studies.devices``: a GPU of its own through
+``max(1, cores // N)`` threads, runs on its slot's device (:mod:`.devices`: a GPU of its own through
 CUDA_VISIBLE_DEVICES) and exits when the invoking process disappears. MLflow's system metrics (CPU, memory,
 and GPU utilisation and memory where there is one) are logged to the run while it trains.
 """
@@ -23,11 +24,13 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
-from dset.config import flatten
+from dset.config import config_from_dict, flatten, with_values
 
-from . import mlflow_schema as S
+from ..tracking import mlflow_runs, mlflow_store, schema
+from ..tracking.callback import MlflowCallback, final_metrics, system_metrics_monitor
 from .devices import Slot
 from .jobs import Job, RunResult
+from .search import PruningCallback
 
 log = logging.getLogger("studies")
 
@@ -40,14 +43,12 @@ def _status_of(summary: dict | None, pruned: bool) -> str:
 
 def _record_failure(c, job: Job, logged_params: bool, error: str) -> None:
     """A run that raised: FAILED with its error (and its parameters, when it failed before logging them)."""
-    from . import mlflow_store as store
-    from . import tracking as T
-
     try:
         if not logged_params:
-            T.log_params(c, job.run_id, flatten(job.config), store.retry(c.get_run, job.run_id).data.params)
-        T.set_tags(c, job.run_id, {S.TAG_STATUS: "failed", S.TAG_ERROR: error})
-        store.retry(c.set_terminated, job.run_id, status="FAILED")
+            logged = mlflow_store.retry(c.get_run, job.run_id).data.params
+            mlflow_runs.log_params(c, job.run_id, flatten(job.config), logged)
+        mlflow_runs.set_tags(c, job.run_id, {schema.TAG_STATUS: "failed", schema.TAG_ERROR: error})
+        mlflow_store.retry(c.set_terminated, job.run_id, status="FAILED")
     except Exception as exc:  # noqa: BLE001
         log.warning("could not record the failure of %s in MLflow: %s", job.cell_id, exc)
 
@@ -56,20 +57,17 @@ def _pruning_callback(job: Job):
     """Optuna's per-epoch pruning for a trial that asks for it (None otherwise)."""
     if not (job.optuna and job.optuna.get("prune")):
         return None
-    from .search import PruningCallback
-
     return PruningCallback(job.optuna["storage"], job.optuna["study_name"], job.optuna["trial_id"],
                            job.optuna["pruner"])
 
 
 def _train(job: Job, callbacks: list) -> dict:
     """``fit`` with the job's configuration (without the progress bar where the job says so)."""
-    from dset.config import config_from_dict, load_config
     from dset.engine.loop import fit
 
     cfg = config_from_dict(job.config)
     if not job.progress:
-        cfg = load_config(cfg, ["run.progress=false"])
+        cfg = with_values(cfg, {"run.progress": False})
     return fit(cfg, Path(job.out_dir), callbacks=callbacks, resume=job.resume)
 
 
@@ -77,19 +75,16 @@ def execute(job: Job) -> RunResult:
     """Train one run into its MLflow run; never raises except KeyboardInterrupt (the run is then KILLED)."""
     import torch
 
-    from . import mlflow_store as store
-    from . import tracking as T
-
     if job.threads:
         torch.set_num_threads(job.threads)
-    c = store.client(job.tracking_uri)
-    store.retry(c.update_run, job.run_id, status="RUNNING")
-    T.delete_tag(c, job.run_id, S.TAG_ERROR)
+    c = mlflow_store.client(job.tracking_uri)
+    mlflow_store.retry(c.update_run, job.run_id, status="RUNNING")
+    mlflow_runs.delete_tag(c, job.run_id, schema.TAG_ERROR)
     if job.device_shared is not None:
-        T.set_tags(c, job.run_id, {S.TAG_DEVICE_SHARED: str(job.device_shared).lower()})
-    monitor = T.system_metrics_monitor(job.run_id, job.tracking_uri, resume=job.resume)
+        mlflow_runs.set_tags(c, job.run_id, {schema.TAG_DEVICE_SHARED: str(job.device_shared).lower()})
+    monitor = system_metrics_monitor(job.run_id, job.tracking_uri, resume=job.resume)
     out = Path(job.out_dir)
-    cb = T.MlflowCallback(c, job.run_id, out, job.title, job.latency_note)
+    cb = MlflowCallback(c, job.run_id, out, job.title, job.latency_note)
     pruning = None
     try:
         try:
@@ -99,8 +94,8 @@ def execute(job: Job) -> RunResult:
             if monitor is not None:
                 monitor.finish()
     except KeyboardInterrupt:
-        T.set_tags(c, job.run_id, {S.TAG_STATUS: "interrupted"})
-        store.retry(c.set_terminated, job.run_id, status="KILLED")
+        mlflow_runs.set_tags(c, job.run_id, {schema.TAG_STATUS: "interrupted"})
+        mlflow_store.retry(c.set_terminated, job.run_id, status="KILLED")
         raise
     except BaseException as exc:  # noqa: BLE001 - a failed run is recorded; the study goes on
         msg = f"{type(exc).__name__}: {exc}"
@@ -109,9 +104,9 @@ def execute(job: Job) -> RunResult:
         return RunResult.of_job(job, "failed", error=msg)
     status = _status_of(summary, pruning is not None and pruning.pruned)
     if status == "pruned":
-        T.set_tags(c, job.run_id, {S.TAG_STOP_REASON: "optuna_pruned"})
-    store.retry(c.set_terminated, job.run_id, status="FINISHED")
-    return RunResult.of_job(job, status, metrics=T.final_metrics(summary))
+        mlflow_runs.set_tags(c, job.run_id, {schema.TAG_STOP_REASON: "optuna_pruned"})
+    mlflow_store.retry(c.set_terminated, job.run_id, status="FINISHED")
+    return RunResult.of_job(job, status, metrics=final_metrics(summary))
 
 
 # ------------------------------------------------------------------------------------------ processes
@@ -137,9 +132,7 @@ def worker_main(job: Job, conn) -> None:
     signal.signal(signal.SIGTERM, _interrupt_once)
     signal.signal(signal.SIGINT, _interrupt_once)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    from .mlflow_store import quiet_mlflow
-
-    quiet_mlflow()
+    mlflow_store.quiet_mlflow()
     if job.parent_pid:
         threading.Thread(target=_watch_parent, args=(job.parent_pid,), daemon=True).start()
     try:

@@ -1,24 +1,8 @@
 """Stage 1 of a study (DSET's protocol): the RT-DETR checkpoint that every cell of a backbone fine-tunes from.
 
-DSET fine-tunes from a pretrained RT-DETR, so every cell of a study, the all-off RT-DETR cell included, starts
-from the same checkpoint of its backbone and trains for the same steps (stage 2). Where stage 1 comes from is
-the ``pretrain`` section of the study's budget (``dset/configs/budget_<name>.yaml``), or the study's own
-``pretrain`` setting, which replaces it:
-
-``pretrain: {budget: NAME}`` (or ``{budget: {18: NAME, 34: NAME}}``, a budget per backbone)
-    RT-DETR R18/R34 (presets ``rtdetr_r18``/``rtdetr_r34``) trained here with that budget (for the CPU
-    studies: a synthetic source set; no published weights can be had offline). Each checkpoint is trained
-    once and cached in ``$DSET_CACHE_DIR/pretrained`` (default ``~/.cache/dset/pretrained``), in a folder
-    keyed by what produced it: the resolved configuration, the data digest and the code version
-    (:mod:`dset.provenance`). Every later study on the machine reuses it; other code or data train anew.
-``pretrain: {checkpoints: {18: PATH, 34: PATH}, source: TEXT}``
-    Published RT-DETR COCO checkpoints (v1 or v2 layout, :func:`dset.models.detector.load_checkpoint`). A
-    missing file is an error before any work starts, naming the file and, from ``source``, where to get it.
-``pretrain: none``
-    No stage 1: every cell trains from its configuration's own initial weights (from scratch, or the ImageNet
-    PResNet weights that ``model.backbone.pretrained=FILE`` names). An explicit choice, never a fallback.
-
-A study without ``pretrain`` uses its budget's section; a budget without one is an error that says so.
+Every cell of a study, the all-off RT-DETR cell included, starts from the same checkpoint of its backbone and trains
+for the same steps (stage 2). That checkpoint is trained here once and cached, keyed by what produced it, or a
+published file, or none; the study's or its budget's ``pretrain`` setting says which (docs/studies.md).
 """
 
 from __future__ import annotations
@@ -33,6 +17,7 @@ from typing import Any
 
 from dset.config import RESULT_NEUTRAL_KEYS, Config, ConfigError, _merge, budget_path, read_budget, resolve_config
 from dset.provenance import code_version, data_digest, file_digest
+from dset.run_folder import RunFolder
 
 # stage-1 runs keep no resume state once finished and need no profile or pictures (cells are profiled and drawn)
 STAGE1_SETTINGS = {"train.keep_last_checkpoint": False, "train.profile": False, "train.pictures": 0}
@@ -77,10 +62,10 @@ class Stage1:
     def cached(self) -> bool:
         if self.kind != "train":
             return self.kind == "file"
-        summary = self.folder / "summary.json"
-        if not (summary.is_file() and self.checkpoint.is_file()):
+        run = RunFolder(self.folder)
+        if not (run.summary.is_file() and self.checkpoint.is_file()):
             return False
-        return json.loads(summary.read_text()).get("status") == "completed"
+        return run.read_summary().get("status") == "completed"
 
     @property
     def identity(self) -> dict:
@@ -139,7 +124,7 @@ def pretrain_spec(budget: str | None, override: Any) -> Any:
 
 
 def plan_stage1(spec: Any, depth: int, run_overrides: list[str] = ()) -> Stage1:
-    """Stage 1 for backbone ``depth`` under ``spec`` (see the module docstring). ``run_overrides``: the
+    """Stage 1 for backbone ``depth`` under ``spec`` (docs/studies.md). ``run_overrides``: the
     command line's ``run.*`` overrides (device ...), which stage 1 shares with the cells."""
     if spec is None or str(spec).lower() in ("none", "null"):
         return Stage1(depth, "none")
@@ -179,7 +164,7 @@ def plan_stage1(spec: Any, depth: int, run_overrides: list[str] = ()) -> Stage1:
                          default=str)
     key = hashlib.sha256(payload.encode()).hexdigest()[:16]
     folder = cache_root() / f"rtdetr_r{depth}-{key}"
-    return Stage1(depth, "train", checkpoint=folder / "checkpoints" / "best.pt", key=key, config=cfg,
+    return Stage1(depth, "train", checkpoint=RunFolder(folder).best_checkpoint, key=key, config=cfg,
                   folder=folder, budget=str(budget))
 
 

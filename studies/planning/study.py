@@ -1,51 +1,12 @@
-"""Study files: what a study is, and the resolved configuration of each of its runs.
+"""A study file: what a study is (a grid of cells or an Optuna search, its budget, seeds and targets), read,
+checked and with the command line's ``key=value`` overrides applied.
 
-A study is a YAML file in ``studies/`` (or any path). Keys:
-
-``description``  one line for ``--list``.
-``kind``         ``grid`` or ``optuna``.
-``presets``      model preset(s) of ``dset/configs`` merged in order (a grid axis value may replace them).
-``budget``       ``dset/configs/budget_<name>.yaml`` (or a YAML path, or ``none``): data size, image size,
-                 epochs, queries ... applied on top of the presets.
-``data``         optional ``dset/configs/data_<name>.yaml`` (or a YAML path) applied after the budget;
-                 null: the budget's data set.
-``pretrain``     stage 1, the RT-DETR checkpoint every cell fine-tunes from (studies/pretrain.py): ``auto``
-                 (default: the budget's ``pretrain`` section), ``none`` (every cell from its own initial
-                 weights, an explicit choice), ``{budget: NAME}`` or ``{checkpoints: {18: PATH, 34: PATH}}``.
-``seeds``        list of ``run.seed`` values; every cell runs once per seed (Optuna: the first seed).
-``set``          run-configuration settings for every run, dotted keys (``train.eval_every: 1``).
-``out_dir``      root of the runs' output folders (default ``runs``): ``<out_dir>/<study>/<cell>-<fp>/``.
-``grid``         (kind grid) axes in order: ``axis: {value_id: {dotted.key: value, ..., preset: NAME}}``;
-                 ``preset`` replaces the study's presets. ``section: {from_preset: NAME, without: [key, ...]}``
-                 takes the settings that preset ``NAME`` states under the dotted ``section`` (without the
-                 keys listed), e.g. ``model.encoder_moe: {from_preset: dset_r18}``.
-                 A cell takes one value of every axis. Its id joins the value ids with ``-``, leaving
-                 out the ids named ``off``; a cell whose axes after the first are all ``off`` is
-                 ``<first>-base``; then ``-s<seed>``. Example: ``r18-enc_moe-prune-s0``, ``r34-base-s0``.
-``targets``      what the report judges the variants against (:class:`Targets`; every key optional, defaults
-                 in ``TARGET_DEFAULTS``): ``delta_map`` (the non-inferiority margin δ, absolute mAP),
-                 ``gflops_percent`` and ``latency_percent`` (the compute and latency change a variant must reach,
-                 e.g. -10), ``learning_floor_map`` (a baseline below this mAP has not learned: no verdict) and
-                 ``min_scored_images`` (fewer scored images: no verdict). Logged on the parent run as
-                 ``targets.<key>`` params.
-``search``       (kind optuna) ``n_trials``, ``objectives`` (list of ``{metric, direction}``, metrics named
-                 as in ``studies/mlflow_schema.py``: ``best/mAP``, ``gflops``, ``latency_ms`` ...),
-                 ``sampler`` (``{name: auto|tpe|nsga2|random, seed}``), ``pruner`` (``{name:
-                 median|none, n_startup_trials, n_warmup_steps}``; used only with ONE objective: Optuna
-                 cannot prune multi-objective studies) and ``space``: ``dotted.key: {type: int|float|
-                 categorical, low, high, step, log, choices, at_most: other.dotted.key}``.
-
-Configuration of a run, in order (:func:`dset.config.resolve_config`, the one resolver ``dset.train`` uses too):
-presets -> budget -> data -> ``STUDY_RUN_DEFAULTS`` -> ``set`` -> grid values / sampled parameters ->
-command-line ``model.*``/``data.*``/``train.*``/``run.*`` overrides -> ``run.seed``. A study without ``budget``
-gets ``auto``, as ``dset.train`` does.
+A study is a YAML file in ``studies/`` (or any path); its keys are described in docs/studies.md. A problem is a
+:class:`StudyError` that names the key. The runs a study makes of it are :mod:`studies.planning.cells`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import itertools
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,31 +14,19 @@ from typing import Any
 from dset.config import (
     BUDGET_AUTO,
     PRESET_DIR,
-    RESULT_NEUTRAL_KEYS,
-    Config,
     ConfigError,
     apply_overrides,
-    budget_path,
     find_yaml,
     flatten,
-    parse_override,
-    read_budget,
     read_preset,
     read_yaml_mapping,
-    resolve_config,
 )
-from dset.provenance import code_version, data_digest, weights_digest
 
 from .pretrain import Stage1, plan_stage1, pretrain_spec
 
-STUDY_DIR = Path(__file__).resolve().parent
+# the study files shipped with the project (python -m studies.run NAME)
+STUDY_DIR = Path(__file__).resolve().parents[1]
 CONFIG_SECTIONS = ("model", "data", "train", "run")
-# settings that may change between a run and its resumption: left out of the fingerprint
-FINGERPRINT_IGNORED = RESULT_NEUTRAL_KEYS
-# Study runs differ from a lone ``dset.train`` run here (a study's ``set`` or the command line can change it):
-# a finished cell is never resumed, so its checkpoints/last.pt (the resume state: model, EMA and the optimizer's
-# two moments, about four times best.pt's EMA weights) is deleted.
-STUDY_RUN_DEFAULTS = {"train": {"keep_last_checkpoint": False}}
 STUDY_KEYS = ("name", "description", "kind", "presets", "budget", "data", "pretrain", "seeds", "set", "out_dir", "grid",
               "search", "targets")
 OVERRIDABLE = ("name", "presets", "budget", "data", "pretrain", "seeds", "out_dir", "n_trials", "search", "targets")
@@ -215,7 +164,7 @@ class Study:
     config_overrides: list[str]       # command line model.*/data.*/train.*/run.* overrides
     study_overrides: list[str]        # command line study-level overrides (as given)
     targets: Targets = field(default_factory=Targets)   # what the report judges the variants against
-    pretrain: Any = "auto"            # stage 1 (studies/pretrain.py): "auto" (the budget's section), none, a mapping
+    pretrain: Any = "auto"            # stage 1 (planning/pretrain.py): "auto" (the budget's section), none, a mapping
     _stage1: dict = field(default_factory=dict, repr=False)   # planned stage 1 by (budget, depth)
 
     def stage1(self, budget: str | None, depth: int) -> Stage1:
@@ -236,57 +185,6 @@ class Study:
 
     def data_path(self) -> Path | None:
         return _named_yaml("data", self.data)
-
-
-@dataclass
-class Cell:
-    """One run of a study: a grid cell x seed, or an Optuna trial."""
-
-    id: str
-    seed: int
-    overrides: dict[str, Any]          # the cell's own settings (grid values / trial parameters), flat
-    presets: list[str]
-    config: Config | None = None
-    error: str | None = None
-    fingerprint: str = ""              # configuration + seed + stage 1 + code version + data digest: a finished run
-                                       # with this fingerprint is this cell, done
-    cell_key: str = ""                 # the same without code and data: a finished run with this key but another
-                                       # fingerprint is this cell made by other code or data (stale)
-    provenance: dict = field(default_factory=dict)   # {"code": version, "data": digest}
-    stage1: Stage1 | None = None
-    out_dir: Path | None = None
-    trial: int | None = None           # Optuna trial number
-    trial_root: int | None = None      # the first trial of a re-run chain (an interrupted trial re-enqueued)
-
-    @property
-    def ok(self) -> bool:
-        return self.config is not None
-
-    def labels(self) -> dict[str, Any]:
-        """Backbone, switches and the variant label, from the configuration (or the settings)."""
-        keep = None  # memory pruning's keep ratio, None when off
-        if self.config is not None:
-            m = self.config.model
-            depth, e, p, d = m.backbone.depth, m.encoder_moe.enabled, m.token_pruning.enabled, m.decoder_moe.enabled
-            keep = m.memory_pruning.keep_ratio if m.memory_pruning.enabled else None
-        else:
-            o = self.overrides
-            depth = o.get("model.backbone.depth") or (34 if any("34" in p for p in self.presets) else 18)
-            e = bool(o.get("model.encoder_moe.enabled", any(p.startswith("dset") for p in self.presets)))
-            p = bool(o.get("model.token_pruning.enabled", any(p.startswith("dset") for p in self.presets)))
-            d = bool(o.get("model.decoder_moe.enabled", any(p.startswith("dset") for p in self.presets)))
-        backbone = f"R{depth}"
-        return {"backbone": backbone, "encoder_moe": bool(e), "token_pruning": bool(p), "decoder_moe": bool(d),
-                "memory_keep": keep, "variant": variant_label(backbone, e, p, d, keep)}
-
-
-def variant_label(backbone: str, e: bool, p: bool, d: bool, memory_keep: float | None = None) -> str:
-    """"RT-DETR R18" with every switch off, else e.g. "DSET R18 (E+P+D)" or "DSET R18 (E+P+D+M0.3)": E encoder MoE,
-    P token pruning, D decoder MoE, M memory pruning with its keep ratio."""
-    codes = [c for c, on in zip("EPD", (e, p, d)) if on]
-    if memory_keep is not None:
-        codes.append(f"M{memory_keep:g}")
-    return f"RT-DETR {backbone}" if not codes else f"DSET {backbone} ({'+'.join(codes)})"
 
 
 # ------------------------------------------------------------------------------------------ files
@@ -505,142 +403,3 @@ def _parse_search(raw: Any, path: Path) -> Search:
     if pruner["name"] not in ("median", "none"):
         raise StudyError(f"search.pruner.name: median or none, got {pruner['name']!r}")
     return Search(n_trials=n_trials, objectives=objectives, space=space, sampler=sampler, pruner=pruner)
-
-
-# ------------------------------------------------------------------------------------- configuration
-def cell_config(study: Study, overrides: dict[str, Any], seed: int, presets: list[str] | None = None) -> Config:
-    """The validated configuration of one run of a study (a cell): :func:`dset.config.resolve_config` with the
-    study's presets, budget and data, then ``STUDY_RUN_DEFAULTS``, the study's ``set``, the cell's values, the
-    command line's ``key=value`` overrides and the seed (see the module docstring)."""
-    try:
-        return resolve_config(presets or study.presets, budget=study.budget, data=study.data,
-                              layers=[STUDY_RUN_DEFAULTS, study.settings, overrides],
-                              overrides=study.config_overrides, seed=seed)
-    except ConfigError as exc:
-        msg = str(exc)
-        if study.budget == "paper" or study.data == "dair_v2x":
-            if "not found" in msg and msg.startswith("data."):
-                msg += (" -- budget=paper trains on DAIR-V2X converted to COCO: "
-                        "python -m dset.data.dair_v2x SRC data/dair_v2x_coco (or set data.train.*/data.val.*)")
-        raise ConfigError(msg) from None
-
-
-def fingerprint(cfg: Config, extra: dict | None = None) -> str:
-    """Hash of the resolved configuration (seed included, resume-mutable keys left out) and ``extra``."""
-    flat = {k: v for k, v in cfg.flat().items() if k not in FINGERPRINT_IGNORED}
-    payload = json.dumps({"config": flat, "extra": extra or {}}, sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def _error_fingerprint(study: Study, cell_id: str, overrides: dict, seed: int, extra: dict | None) -> str:
-    payload = json.dumps({"study": study.name, "cell": cell_id, "overrides": overrides, "seed": seed,
-                          "cli": study.config_overrides, "budget": study.budget, "data": study.data,
-                          "extra": extra or {}}, sort_keys=True, default=str)
-    return "invalid-" + hashlib.sha256(payload.encode()).hexdigest()[:8]
-
-
-def make_cell(study: Study, cell_id: str, overrides: dict[str, Any], seed: int, presets: list[str] | None = None,
-              extra: dict | None = None) -> Cell:
-    """Resolve a cell; a configuration error is kept in ``cell.error`` (the run is then recorded as failed).
-    A stage 1 that cannot be had (a missing published checkpoint) raises :class:`PretrainError`: nothing runs."""
-    presets = presets or study.presets
-    cell = Cell(id=cell_id, seed=seed, overrides=dict(overrides), presets=list(presets))
-    try:
-        cell.config = cell_config(study, overrides, seed, presets)
-    except (ConfigError, StudyError) as exc:
-        cell.error = f"ConfigError: {exc}"
-        cell.fingerprint = _error_fingerprint(study, cell_id, overrides, seed, extra)
-        return cell
-    cfg = cell.config
-    cell.stage1 = study.stage1(cfg.run.budget, cfg.model.backbone.depth)
-    identity = {**(extra or {}), "stage1": cell.stage1.identity}
-    cell.provenance = {"code": code_version(), "data": data_digest(cfg)}
-    cell.cell_key = fingerprint(cfg, identity)
-    cell.fingerprint = fingerprint(cfg, {**identity, "stage1_key": cell.stage1.key, **cell.provenance,
-                                         "weights": weights_digest(cfg)})
-    cell.out_dir = study.study_dir / f"{cell_id}-{cell.fingerprint[:8]}"
-    return cell
-
-
-def grid_cells(study: Study) -> list[Cell]:
-    """Every grid cell x seed: seed by seed; within a seed by the first axis, then the cells with the
-    fewest non-"off" values first (for the ablation: baseline, E, P, D, E+P, E+D, P+D, E+P+D)."""
-    cells = []
-    combos = list(itertools.product(*[a.values for a in study.axes]))
-    # reading order: by the first axis, then the fewest non-"off" values first (baseline, single switches, ...)
-    combos.sort(key=lambda combo: (study.axes[0].values.index(combo[0]), sum(v.id != "off" for v in combo[1:]),
-                                   tuple(-a.values.index(v) for a, v in zip(study.axes[1:], combo[1:]))))
-    for seed, combo in itertools.product(study.seeds, combos):  # every cell once per seed, seed by seed
-        ids = [v.id for v in combo if v.id != "off"]
-        if len(combo) > 1 and all(v.id == "off" for v in combo[1:]):
-            ids.append("base")
-        base_id = "-".join(ids) or "base"
-        overrides: dict[str, Any] = {}
-        presets = None
-        for v in combo:
-            overrides.update(v.settings)
-            if v.preset:
-                presets = v.preset
-        cells.append(make_cell(study, f"{base_id}-s{seed}", overrides, seed, presets))
-    ids = [c.id for c in cells]
-    dup = sorted({i for i in ids if ids.count(i) > 1})
-    if dup:
-        raise StudyError(f"grid: several cells get the id(s) {dup}; give the axis values distinct ids")
-    return cells
-
-
-def describe_budget(study: Study, cfg: Config | None) -> list[str]:
-    """Human-readable lines: what the budget file is and what the runs train on."""
-    applied = cfg.run.budget if cfg is not None else study.budget
-    path = budget_path(applied) if applied not in (None, BUDGET_AUTO) else None
-    lines = [f"budget: {applied or 'none'}" + (f" ({_rel(path)})" if path else "")
-             + (" (auto)" if study.budget == BUDGET_AUTO else "")]
-    if study.data:
-        lines.append(f"data preset: {study.data} ({_rel(study.data_path())})")
-    if cfg is None:  # the runs' configuration is invalid: show what the budget file sets
-        if path is not None:
-            flat = flatten(read_budget(path)[0])
-            lines += [f"  {k} = {v}" for k, v in flat.items()]
-        return lines
-    d, t, m = cfg.data, cfg.train, cfg.model
-    if d.name == "synthetic":
-        n_train = min(d.synthetic.num_train, d.max_train_images or d.synthetic.num_train)
-        n_val = min(d.synthetic.num_val, d.max_val_images or d.synthetic.num_val)
-        source = f"synthetic shapes ({d.synthetic.num_classes} classes, drawn at {d.synthetic.image_size} px)"
-    else:
-        n_train = d.max_train_images or "all"
-        n_val = d.max_val_images or "all"
-        source = f"COCO-format {d.train.annotations} / {d.val.annotations}"
-    lines.append(f"  data: {source}; {n_train} train / {n_val} val images at {d.image_size} px, batch {d.batch_size}, "
-                 f"augment {d.augment}")
-    lines.append(f"  train: {t.epochs} epochs, lr {t.lr:g} (pretrained {t.lr_pretrained:g}), warm-up {t.warmup_steps} "
-                 f"steps, eval every {t.eval_every}, early stop "
-                 f"{'patience ' + str(t.early_stop_patience) if t.early_stop_patience else 'off'}, "
-                 f"profile {'on' if t.profile else 'off'}, device {cfg.run.device}")
-    lines.append(f"  model: {m.decoder.num_queries} queries, {m.decoder.num_denoising} denoising, "
-                 f"token pruning warm-up {m.token_pruning.warmup_epochs} + ramp {m.token_pruning.ramp_epochs} epochs, "
-                 f"min tokens {m.token_pruning.min_tokens}")
-    return lines
-
-
-def _rel(path: Path | None) -> str:
-    if path is None:
-        return "-"
-    try:
-        return str(path.resolve().relative_to(STUDY_DIR.parent))
-    except ValueError:
-        return str(path)
-
-
-def search_fingerprint(study: Study) -> str:
-    """Identity of an Optuna search: everything but n_trials (more trials continue the same search)."""
-    s = study.search
-    payload = json.dumps({"presets": study.presets, "budget": study.budget, "data": study.data,
-                          "seeds": study.seeds[:1], "set": study.settings, "cli": sorted(study.config_overrides),
-                          "objectives": [o.__dict__ for o in s.objectives], "space": [p.__dict__ for p in s.space]},
-                         sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:8]
-
-
-def parse_value(text: str) -> Any:
-    return parse_override(f"x={text}")[1]

@@ -6,15 +6,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from . import mlflow_schema as S
-from .spec import Cell
+from ..planning.cells import Cell
+from . import schema
 
 
 def stale_reason(cell: Cell, run) -> str:
     """What differs between ``cell`` and an earlier run of the same cell (code version, data digest)."""
     tags = run.data.tags
-    changed = [what for what, tag, key in (("code", S.TAG_CODE_VERSION, "code"), ("data", S.TAG_DATA_DIGEST, "data"))
-               if tags.get(tag) != cell.provenance.get(key)]
+    compared = (("code", schema.TAG_CODE_VERSION, "code"), ("data", schema.TAG_DATA_DIGEST, "data"))
+    changed = [what for what, tag, key in compared if tags.get(tag) != cell.provenance.get(key)]
     return " and ".join(changed) + " changed" if changed else "made differently"
 
 

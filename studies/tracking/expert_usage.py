@@ -4,7 +4,8 @@ A record (one ``metrics.jsonl`` line) holds ``sparse/<encoder_moe|decoder_moe>/l
 token-slots expert j of layer i received that epoch, and ``sparse/<site>/layer<i>/entropy``, the entropy of the
 layer's shares (:func:`dset.engine.epoch_stats.entropy`; names: :mod:`dset.metric_names`).
 :func:`draw_usage_heatmap` draws a site's layer x expert shares; the run's ``expert_usage.png``
-(:func:`plot_expert_usage`) and the report's per-variant figure (``analysis/plots.py``) both draw theirs with it.
+(:func:`plot_expert_usage`) and the report's per-variant figure (``analysis/present/plots.py``) both draw theirs
+with it.
 """
 
 from __future__ import annotations

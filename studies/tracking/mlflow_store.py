@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from . import mlflow_schema as S
+from . import schema
 
 log = logging.getLogger("studies")
 
@@ -163,15 +163,15 @@ def get_experiment(c, name: str, uri: str) -> str:
     if exp is None:
         try:
             return retry(c.create_experiment, name, artifact_location=_artifact_location(name, uri),
-                         tags={S.TAG_EXPERIMENT_KIND: S.EXPERIMENT_KIND})
+                         tags={schema.TAG_EXPERIMENT_KIND: schema.EXPERIMENT_KIND})
         except Exception:  # noqa: BLE001 - created meanwhile by another process
             exp = retry(c.get_experiment_by_name, name)
             if exp is None:
                 raise
     elif exp.lifecycle_stage != "active":
         retry(c.restore_experiment, exp.experiment_id)
-    if exp.tags.get(S.TAG_EXPERIMENT_KIND) != S.EXPERIMENT_KIND:  # from before the tag, or another tool's
-        retry(c.set_experiment_tag, exp.experiment_id, S.TAG_EXPERIMENT_KIND, S.EXPERIMENT_KIND)
+    if exp.tags.get(schema.TAG_EXPERIMENT_KIND) != schema.EXPERIMENT_KIND:  # from before the tag, or another tool's
+        retry(c.set_experiment_tag, exp.experiment_id, schema.TAG_EXPERIMENT_KIND, schema.EXPERIMENT_KIND)
     return exp.experiment_id
 
 

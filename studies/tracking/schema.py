@@ -7,7 +7,7 @@ Child runs carry:
 - params: the full resolved configuration, flat dotted keys (``model.decoder_moe.top_k`` ...);
 - tags (below), all strings; switches are "true"/"false";
 - metrics, named in :mod:`dset.metric_names` and logged under the names the training loop wrote them with (no
-  renaming, :mod:`studies.tracking`): per-epoch metrics (each ``metrics.jsonl`` record's numbers but ``epoch``)
+  renaming, :mod:`studies.tracking.callback`): per-epoch metrics (each ``metrics.jsonl`` record's numbers but ``epoch``)
   at ``step=epoch``; final metrics (``summary.json``'s ``metrics`` block) once;
 - artifacts: config.yaml, metrics.jsonl, summary.json, per_class_ap.csv, expert_usage.png (DSET only), and the
   reported checkpoint's detections on the validation images with their ground truth (``ARTIFACT_DETECTIONS``,
@@ -21,6 +21,8 @@ Child runs carry:
   the run page.
 A failed child run has MLflow status FAILED and the tag ``dset.error`` with the error message.
 """
+
+from dset import run_folder
 
 # ------------------------------------------------------------------------------------------ experiments
 # MLflow 3's UI opens an experiment on its GenAI overview (traces, sessions, judges) unless this experiment tag
@@ -77,29 +79,29 @@ TAG_SCORE_SPLIT = "dset.score_split"   # the split the run's reported checkpoint
 
 SWITCH_TAGS = (TAG_ENCODER_MOE, TAG_TOKEN_PRUNING, TAG_DECODER_MOE)
 
-# COCO detections of the reported checkpoint on the validation images:
-# {"image_ids": [int, ...], "detections": [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}, ...]}
-ARTIFACT_DETECTIONS = "eval/detections.json"
-# the COCO ground truth of those images: {"images": [...], "annotations": [...], "categories": [...]}
-ARTIFACT_GROUND_TRUTH = "eval/ground_truth.json"
-# the same two for the test images (the scoring split; runs whose data has one, TAG_SCORE_SPLIT "test"), same formats
-# (dset.engine.records.TEST_DETECTIONS_FILE, TEST_GROUND_TRUTH_FILE)
-ARTIFACT_TEST_DETECTIONS = "eval/test_detections.json"
-ARTIFACT_TEST_GROUND_TRUTH = "eval/test_ground_truth.json"
-# pictures of the reported checkpoint (dset.pictures): a folder of PNGs and the JSON that describes them
-# (image_id, kind, the variant's switches, score threshold, kept tokens, expert and class colours per picture)
-ARTIFACT_PICTURES = "pictures"
-ARTIFACT_PICTURES_INDEX = "pictures/pictures.json"
+# the run folder's files, logged under the same relative paths (dset.run_folder names them and their formats):
+# COCO detections of the reported checkpoint on the validation images and their ground truth, the same two on the
+# test images (the scoring split; runs whose data has one, TAG_SCORE_SPLIT "test"), and the pictures of the reported
+# checkpoint (dset.pictures: a folder of PNGs and the JSON that describes them)
+ARTIFACT_DETECTIONS = run_folder.DETECTIONS
+ARTIFACT_GROUND_TRUTH = run_folder.GROUND_TRUTH
+ARTIFACT_TEST_DETECTIONS = run_folder.TEST_DETECTIONS
+ARTIFACT_TEST_GROUND_TRUTH = run_folder.TEST_GROUND_TRUTH
+ARTIFACT_PICTURES = run_folder.PICTURES_DIR
+ARTIFACT_PICTURES_INDEX = run_folder.PICTURES_INDEX
+# written when a run is logged (studies.tracking.callback), not in the run folder
+ARTIFACT_PER_CLASS_AP = "per_class_ap.csv"
+ARTIFACT_EXPERT_USAGE = "expert_usage.png"
 ARTIFACT_IMAGES = "images"   # where MlflowClient.log_image puts the same pictures for the run page
-ARTIFACTS = ("config.yaml", "metrics.jsonl", "summary.json", "per_class_ap.csv", "expert_usage.png",
+ARTIFACTS = (run_folder.CONFIG, run_folder.METRICS, run_folder.SUMMARY, ARTIFACT_PER_CLASS_AP, ARTIFACT_EXPERT_USAGE,
              ARTIFACT_DETECTIONS, ARTIFACT_GROUND_TRUTH, ARTIFACT_TEST_DETECTIONS, ARTIFACT_TEST_GROUND_TRUTH,
              ARTIFACT_PICTURES)
 
 # ---------------------------------------------------------------------------------- latency benchmark runs
 # One run per backbone of a grid study, nested under the parent run of the invocation that measured it: the
 # backbone's variants and its RT-DETR baseline timed side by side by dset.latency_benchmark (interleaved in one
-# process, repeated in several processes) from the cells' reported checkpoints (studies/latency_step.py). It is the
-# latency the report compares; each cell's own latency metric stays as that run's metadata.
+# process, repeated in several processes) from the cells' reported checkpoints (studies/execution/latency_step.py).
+# It is the latency the report compares; each cell's own latency metric stays as that run's metadata.
 ROLE_BENCHMARK = "benchmark"                        # its TAG_ROLE; TAG_STUDY and TAG_BACKBONE as on the cells
 TAG_BENCHMARK_KEY = "dset.benchmark_key"            # hash of the timed cells' fingerprints and the settings below:
                                                     # a finished benchmark run with it is not measured again
