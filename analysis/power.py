@@ -1,19 +1,8 @@
-"""How many images and seeds a study needs to detect a ΔmAP of a given size, at this study's noise.
+"""How many images and seeds a study needs to detect a ΔmAP of a given size, at this study's noise: the command.
 
     python -m analysis.power --experiment ablation_grid --delta 0.01 [--seeds 1 2 3 5] [--tracking-uri URI]
 
-From the study's logged detections: each comparison with RT-DETR (variant minus RT-DETR of the same backbone, as
-in the report's answer) gives the standard error of its ΔmAP over the scored images, from the paired image
-bootstrap (:func:`analysis.bootstrap.paired_delta`); image sampling variance scales as 1/n_images, so at ``n``
-images it is ``SE_image * sqrt(n_now / n)``. The seed spread is the pooled sample std of the per-seed mAPs of every
-variant with several seeds (ddof 1). A comparison with ``k`` seeds a side then has the minimum detectable effect
-(80% power, two-sided 5%; :func:`analysis.bootstrap.minimum_detectable_effect`)
-
-    MDE(n, k) = sqrt((2.80 * SE_image * sqrt(n_now / n))**2 + ((t_0.975 + t_0.80; 2k-2 df) * s_seed * sqrt(2 / k))**2)
-
-and the images needed for ``MDE <= delta`` follow; where the seed term alone exceeds ``delta`` no number of images
-is enough with ``k`` seeds. With one seed a side there is no seed term (and no estimate of training noise in the
-interval): the images needed then cover image sampling only, and the table says so.
+The computation and its formula are in :mod:`analysis.compute.power`; docs/statistics.md explains them.
 """
 
 from __future__ import annotations
@@ -22,90 +11,10 @@ import argparse
 import math
 import sys
 
-import pandas as pd
-
-from dset import metric_names as M
-from studies import mlflow_store as store
-
-from . import bootstrap as B
-from . import runs as R
-
-DEFAULT_SEEDS = (1, 2, 3, 5)
-
-
-def seed_spread(study: R.StudyRuns, vs: pd.DataFrame) -> tuple[float, int]:
-    """The pooled sample std of the per-seed mAPs within each variant (ddof 1: every variant with n >= 2 adds
-    n - 1 degrees of freedom) and its degrees of freedom; (NaN, 0) where no variant has two seeds. Each run's mAP is
-    that of its logged detections on every scored image where it has them, else its logged best/mAP."""
-    squares, dof = 0.0, 0
-    for _, v in vs[(vs["n"] > 1) & vs["trial"].isna()].iterrows():
-        evals = R.evaluations(study, tuple(v["run_ids"]))
-        if all(isinstance(ev, B.Evaluated) for ev in evals.values()):
-            values = [ev.observed()[0] for ev in evals.values()]
-        else:
-            values = list(v[f"{M.BEST_MAP}_values"])
-        if len(values) > 1:
-            mean = sum(values) / len(values)
-            squares += sum((x - mean) ** 2 for x in values)
-            dof += len(values) - 1
-    return (math.sqrt(squares / dof), dof) if dof else (math.nan, 0)
-
-
-def images_needed(se_image: float, n_images: int, delta: float, seeds: int, s_seed: float) -> float:
-    """The fewest images at which a comparison with ``seeds`` seeds a side has MDE <= ``delta`` (module docstring):
-    ``inf`` where the seed term alone reaches ``delta``, NaN where the seed spread is unknown for ``seeds`` > 1."""
-    if seeds > 1 and math.isnan(s_seed):
-        return math.nan
-    seed_mde = B.minimum_detectable_effect(0.0, s_seed * math.sqrt(2 / seeds), 2 * seeds - 2) if seeds > 1 else 0.0
-    room = delta ** 2 - seed_mde ** 2
-    if room <= 0:
-        return math.inf
-    per_image = B.minimum_detectable_effect(se_image) ** 2 * n_images   # (2.80 SE)^2 scaled to one image
-    return float(math.ceil(per_image / room))
-
-
-def plan(study: R.StudyRuns, delta: float, seeds: tuple[int, ...] = DEFAULT_SEEDS,
-         n_resamples: int = B.N_RESAMPLES) -> tuple[pd.DataFrame, str]:
-    """One row per comparison with RT-DETR that has logged detections: its images now, SE_image, MDE now, and the
-    images needed for an MDE of ``delta`` at each number of ``seeds`` a side; and a note on the seed spread used.
-    Raises ValueError where no comparison has logged detections."""
-    if not delta > 0:
-        raise ValueError(f"--delta: expected a ΔmAP > 0 to detect (e.g. 0.01), got {delta}")
-    vs = R.variants(study)
-    if vs.empty:
-        raise ValueError(f"experiment '{study.experiment}' has no finished variant")
-    s_seed, seed_dof = seed_spread(study, vs)
-    rows, skipped = [], []
-    for bb in sorted(set(vs["backbone"].dropna()), key=lambda b: (R.BACKBONE_ORDER.get(b, 9), b)):
-        base = R.baseline_of(vs, bb)
-        if base is None:
-            continue
-        for _, v in vs[(vs["backbone"] == bb) & vs["trial"].isna() & (vs["n"] > 0)].iterrows():
-            if v["group"] == base["group"]:
-                continue
-            evals = R.evaluations(study, tuple(v["run_ids"]) + tuple(base["run_ids"]))
-            if any(isinstance(ev, str) for ev in evals.values()):
-                skipped.append(v["label"])
-                continue
-            d = B.paired_delta([evals[r] for r in v["run_ids"]], [evals[r] for r in base["run_ids"]],
-                               n_resamples=n_resamples)
-            row = {"comparison": f"{v['label']} vs {base['label']}", "images now": d.n_images,
-                   "seeds now (variant / RT-DETR)": f"{d.n_variant} / {d.n_baseline}", "SE_image": d.map.se_image,
-                   "MDE now": d.map.mde}
-            for k in seeds:
-                row[f"images for {k} seed{'s' if k > 1 else ''}"] = images_needed(d.map.se_image, d.n_images, delta,
-                                                                                  k, s_seed)
-            rows.append(row)
-    if not rows:
-        raise ValueError(f"experiment '{study.experiment}': no comparison with RT-DETR has logged detections "
-                         f"({', '.join(skipped) or 'no variant besides the baselines'}): nothing to scale")
-    note = (f"ΔmAP to detect: {delta:g} (80% power, two-sided 5%). Seed spread: "
-            + (f"pooled per-seed mAP std {s_seed:.4f} on {seed_dof} df (variants with several seeds)" if seed_dof
-               else "unknown (no variant has two seeds): the columns for several seeds are – ; one seed a side covers "
-                    "image sampling only (training noise not included)")
-            + ". inf: the seed term alone exceeds the ΔmAP at that number of seeds."
-            + (f" Left out (no logged detections): {', '.join(skipped)}." if skipped else ""))
-    return pd.DataFrame(rows), note
+from analysis.compute.loading import load_study_results
+from analysis.compute.power import DEFAULT_SEEDS, plan
+from analysis.compute.report_error import ReportError
+from studies.tracking import mlflow_store
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,14 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS),
                         help="seeds per side to plan for (default 1 2 3 5)")
     parser.add_argument("--tracking-uri", default=None,
-                        help=f"MLflow tracking URI; default $MLFLOW_TRACKING_URI, else {store.DEFAULT_TRACKING_URI}")
+                        help="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else "
+                        f"{mlflow_store.DEFAULT_TRACKING_URI}")
     args = parser.parse_args(argv)
     if any(k < 1 for k in args.seeds):
         parser.error(f"--seeds: expected integers >= 1, got {args.seeds}")
     try:
-        study = R.load_study_runs(args.experiment, args.tracking_uri)
+        study = load_study_results(args.experiment, args.tracking_uri)
         table, note = plan(study, args.delta, tuple(args.seeds))
-    except R.ReportError as exc:
+    except ReportError as exc:
         print(f"analysis.power: {exc}", file=sys.stderr)
         return exc.exit_code
     except ValueError as exc:

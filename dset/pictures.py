@@ -35,8 +35,9 @@ SCHEMA_VERSION = 1
 LONG_SIDE = 384          # px: the longer side of every drawn image
 MAX_BOXES = 100          # detections drawn at most (COCO's maxDets), so that an untrained model stays readable
 FALLBACK_TOP = 3         # shown when no detection reaches the threshold
-# the report's confusion matrices count detections from the same score (analysis.errors.SCORE_THRESHOLD); at 0.5
-# the CPU budget's short fine-tuning left every variant below the threshold on the default grid's images
+# the report's confusion matrices count detections from the same score
+# (analysis.compute.detection_errors.SCORE_THRESHOLD); at 0.5 the CPU budget's short fine-tuning left every
+# variant below the threshold on the default grid's images
 SCORE_THRESHOLD = 0.3
 FONT_SIZE = 12
 BOX_WIDTH = 2

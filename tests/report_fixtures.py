@@ -1,4 +1,4 @@
-"""A tiny MLflow store, logged the way ``studies/`` logs (``studies/mlflow_schema.py``), for the report tests.
+"""A tiny MLflow store, logged the way ``studies/`` logs (``studies/tracking/schema.py``), for the report tests.
 
 Everything is logged directly through the MLflow API with known, hand-picked numbers so that the
 tests can recompute every table value by hand. Parameters are the real flat configuration
@@ -19,14 +19,14 @@ Experiments:
   without the artifacts (an old run: the report falls back on Welch), and R34 cells whose mAPs are both
   below the noise floor. Their best/mAP and best/mAP50 are pycocotools' numbers on those detections, and
   they log profile/tokens, profile/kept_tokens and profile/keep_ratio. Its parent run logs the study's targets
-  (``TWO_STAGE_TARGETS``, δ 0.05) as studies/study_runs.py does; the other experiments' parents log none (a store
-  from before targets: the defaults).
+  (``TWO_STAGE_TARGETS``, δ 0.05) as studies/tracking/invocation_runs.py does; the other experiments' parents log
+  none (a store from before targets: the defaults).
 - ``scored_on_test``: RT-DETR R18, DSET R18 (E+P+D) and DSET R18 (M0.3), one seed each (``SCORED_RUNS``), whose runs
   log their detections on both splits (``ARTIFACT_DETECTIONS`` on ``SCORED_VAL_IMAGES`` validation images and
   ``ARTIFACT_TEST_DETECTIONS`` on ``SCORED_TEST_IMAGES`` test images, tag ``dset.score_split`` "test") of opposite
   qualities: the variants' verdicts on the test split are the reverse of those on the validation split. Its per-run
   latency_ms would give both variants +50%; a side-by-side benchmark run (role ``benchmark``, logged as
-  studies/latency_step.py logs it, ``SCORED_BENCHMARK``) gives them other changes, with intervals.
+  studies/execution/latency_step.py logs it, ``SCORED_BENCHMARK``) gives them other changes, with intervals.
 - ``empty_study``: no runs.
 """
 
@@ -40,8 +40,8 @@ import numpy as np
 
 from dset import metric_names as M
 from dset.config import load_config
-from studies import mlflow_schema as S
-from studies.spec import Targets
+from studies.planning.study import Targets
+from studies.tracking import schema
 
 EPOCHS = 3
 T0_MS = 1_700_000_000_000  # fixed start times: the report's "newest run" date is then known
@@ -196,10 +196,12 @@ def _log_run(client, exp_id: str, parent_id: str, *, start_ms: int, tags: dict, 
 
 
 def _child_tags(study: str, cell: str, backbone: str, e: bool, p: bool, d: bool, seed: int, status: str) -> dict:
-    return {S.TAG_ROLE: "child", S.TAG_STUDY: study, S.TAG_CELL: cell, S.TAG_VARIANT: variant_label(backbone, e, p, d),
-            S.TAG_BACKBONE: backbone, S.TAG_ENCODER_MOE: str(e).lower(), S.TAG_TOKEN_PRUNING: str(p).lower(),
-            S.TAG_DECODER_MOE: str(d).lower(), S.TAG_SEED: str(seed), S.TAG_DEVICE: "cpu",
-            S.TAG_LATENCY_DEVICE: "cpu (2 threads), batch 1", S.TAG_GIT_COMMIT: "abc1234", S.TAG_STATUS: status}
+    return {schema.TAG_ROLE: "child", schema.TAG_STUDY: study, schema.TAG_CELL: cell,
+            schema.TAG_VARIANT: variant_label(backbone, e, p, d), schema.TAG_BACKBONE: backbone,
+            schema.TAG_ENCODER_MOE: str(e).lower(), schema.TAG_TOKEN_PRUNING: str(p).lower(),
+            schema.TAG_DECODER_MOE: str(d).lower(), schema.TAG_SEED: str(seed), schema.TAG_DEVICE: "cpu",
+            schema.TAG_LATENCY_DEVICE: "cpu (2 threads), batch 1", schema.TAG_GIT_COMMIT: "abc1234",
+            schema.TAG_STATUS: status}
 
 
 def _final_metrics(backbone: str, e: bool, p: bool, d: bool, best_map: float, latency: float, gflops=None) -> list:
@@ -248,7 +250,7 @@ def _epoch_metrics(e: bool, p: bool, d: bool, seed: int, best_map: float, num_de
 
 def log_ablation(client, name: str = "ablation_grid") -> str:
     exp_id = client.create_experiment(name)
-    parent = client.create_run(exp_id, start_time=T0_MS, tags={S.TAG_ROLE: "parent", S.TAG_STUDY: name})
+    parent = client.create_run(exp_id, start_time=T0_MS, tags={schema.TAG_ROLE: "parent", schema.TAG_STUDY: name})
     for i, (bb, e, p, d, seed, best) in enumerate(ABLATION_RUNS):
         start = T0_MS + 3_600_000 * (i + 1)
         cell = f"{bb.lower()}-{combo_code(e, p, d) or 'base'}-s{seed}"
@@ -258,7 +260,7 @@ def log_ablation(client, name: str = "ablation_grid") -> str:
         n_dec = int(params["model.decoder.num_layers"])
         if best is None:
             _log_run(client, exp_id, parent.info.run_id, start_ms=start, params=params, status="FAILED",
-                     tags={**_child_tags(name, cell, bb, e, p, d, seed, "failed"), S.TAG_ERROR: FAILED_ERROR})
+                     tags={**_child_tags(name, cell, bb, e, p, d, seed, "failed"), schema.TAG_ERROR: FAILED_ERROR})
             continue
         latency = BASE_LATENCY[bb] + 1.0 * e + 0.5 * d - 2.0 * p
         metrics = _final_metrics(bb, e, p, d, best, latency) + _epoch_metrics(e, p, d, seed, best, n_dec)
@@ -274,16 +276,16 @@ def newest_ablation_start_ms() -> int:
 
 def log_optuna(client, name: str = "optuna_search") -> str:
     exp_id = client.create_experiment(name)
-    parent = client.create_run(exp_id, start_time=T0_MS, tags={S.TAG_ROLE: "parent", S.TAG_STUDY: name})
+    parent = client.create_run(exp_id, start_time=T0_MS, tags={schema.TAG_ROLE: "parent", schema.TAG_STUDY: name})
     for trial, experts, top_k, keep, best, gflops in OPTUNA_TRIALS + [(5, 6, 1, 0.5, None, None)]:
         extra = [f"model.encoder_moe.num_experts={experts}", f"model.encoder_moe.top_k={top_k}",
                  f"model.token_pruning.keep_ratio={keep}"]
         params = _config_params("R18", True, True, True, 0, extra)
         tags = {**_child_tags(name, f"trial-{trial}", "R18", True, True, True, 0,
-                              "completed" if best is not None else "failed"), S.TAG_TRIAL: str(trial)}
+                              "completed" if best is not None else "failed"), schema.TAG_TRIAL: str(trial)}
         start = T0_MS + 60_000 * (trial + 1)
         if best is None:
-            tags[S.TAG_ERROR] = "ValueError: diverged (fixture)"
+            tags[schema.TAG_ERROR] = "ValueError: diverged (fixture)"
             _log_run(client, exp_id, parent.info.run_id, start_ms=start, params=params, status="FAILED", tags=tags)
             continue
         metrics = _final_metrics("R18", True, True, True, best, 20.0 + gflops, gflops=gflops)
@@ -292,7 +294,7 @@ def log_optuna(client, name: str = "optuna_search") -> str:
                  tags=tags, metrics=metrics)
     # trial 6: pruned by Optuna after one epoch; its (meaningless) numbers would dominate every other trial
     extra = ["model.encoder_moe.num_experts=6", "model.encoder_moe.top_k=1", "model.token_pruning.keep_ratio=0.5"]
-    tags = {**_child_tags(name, "trial-6", "R18", True, True, True, 0, "stopped"), S.TAG_TRIAL: "6",
+    tags = {**_child_tags(name, "trial-6", "R18", True, True, True, 0, "stopped"), schema.TAG_TRIAL: "6",
             "dset.stop_reason": "optuna_pruned"}
     metrics = _final_metrics("R18", True, True, True, 0.99, 21.0, gflops=1.0)
     metrics += _epoch_metrics(True, True, True, 0, 0.99, 3)
@@ -309,9 +311,9 @@ def log_crashed(client, name: str = "crashed_study") -> str:
     from mlflow.entities import Metric
 
     exp_id = client.create_experiment(name)
-    parent = client.create_run(exp_id, start_time=T0_MS, tags={S.TAG_ROLE: "parent", S.TAG_STUDY: name})
+    parent = client.create_run(exp_id, start_time=T0_MS, tags={schema.TAG_ROLE: "parent", schema.TAG_STUDY: name})
     pid = parent.info.run_id
-    tags = {**_child_tags(name, "r18-base-s0", "R18", False, False, False, 0, "failed"), S.TAG_ERROR: CRASH_ERROR}
+    tags = {**_child_tags(name, "r18-base-s0", "R18", False, False, False, 0, "failed"), schema.TAG_ERROR: CRASH_ERROR}
     _log_run(client, exp_id, pid, start_ms=T0_MS + 1000, params={}, status="FAILED", tags=tags)
     running = client.create_run(exp_id, start_time=T0_MS + 2000, tags={
         "mlflow.parentRunId": pid, **_child_tags(name, "r34-base-s0", "R34", False, False, False, 0, "running")})
@@ -355,15 +357,15 @@ def log_two_stage(client, artifact_root: Path, name: str = "two_stage") -> str:
     from mlflow.entities import RunTag
 
     exp_id = client.create_experiment(name, artifact_location=(artifact_root / name).as_uri())
-    parent = client.create_run(exp_id, start_time=T0_MS, tags={S.TAG_ROLE: "parent", S.TAG_STUDY: name})
-    # the study file's targets, as studies/study_runs.py logs them (a margin other than the default's)
+    parent = client.create_run(exp_id, start_time=T0_MS, tags={schema.TAG_ROLE: "parent", schema.TAG_STUDY: name})
+    # the study file's targets, as studies/tracking/invocation_runs.py logs them (a margin other than the default's)
     for key, value in TWO_STAGE_TARGETS.params().items():
         client.log_param(parent.info.run_id, key, value)
     gt = two_stage_ground_truth()
     image_ids = sorted(im["id"] for im in gt["images"])
-    stage1 = {S.TAG_ROLE: "pretrain", S.TAG_STUDY: name, S.TAG_CELL: "r18-stage1", S.TAG_BACKBONE: "R18",
-              S.TAG_STATUS: "completed", S.TAG_CHECKPOINT_DIR: STAGE1_DIR, S.TAG_INIT_CHECKPOINT: STAGE1_INIT,
-              S.TAG_INIT_SOURCE: "published"}
+    stage1 = {schema.TAG_ROLE: "pretrain", schema.TAG_STUDY: name, schema.TAG_CELL: "r18-stage1",
+              schema.TAG_BACKBONE: "R18", schema.TAG_STATUS: "completed", schema.TAG_CHECKPOINT_DIR: STAGE1_DIR,
+              schema.TAG_INIT_CHECKPOINT: STAGE1_INIT, schema.TAG_INIT_SOURCE: "published"}
     _log_run(client, exp_id, parent.info.run_id, start_ms=T0_MS + 1000, tags=stage1, status="FINISHED",
              params=_config_params("R18", False, False, False, 0),
              metrics=_final_metrics("R18", False, False, False, 0.2, BASE_LATENCY["R18"]))
@@ -375,16 +377,17 @@ def log_two_stage(client, artifact_root: Path, name: str = "two_stage") -> str:
         kept = 70 if p else 100
         metrics += [(M.BEST_MAP50, best50, 0), (M.PROFILE_TOKENS, 100, 0), (M.PROFILE_KEPT_TOKENS, kept, 0),
                     (M.PROFILE_KEEP_RATIO, kept / 100, 0)]
-        init = {S.TAG_INIT_CHECKPOINT: f"{STAGE1_DIR}/best.pt", S.TAG_INIT_SOURCE: "stage 1 (cached, key 1a2b3c)"}
+        init = {schema.TAG_INIT_CHECKPOINT: f"{STAGE1_DIR}/best.pt",
+                schema.TAG_INIT_SOURCE: "stage 1 (cached, key 1a2b3c)"}
         if bb == "R34":
-            init = {S.TAG_INIT_CHECKPOINT: R34_INIT, S.TAG_INIT_SOURCE: "published"}
+            init = {schema.TAG_INIT_CHECKPOINT: R34_INIT, schema.TAG_INIT_SOURCE: "published"}
         cell = f"{bb.lower()}-{combo_code(e, p, d) or 'base'}-s{seed}"
         rid = _log_run(client, exp_id, parent.info.run_id, start_ms=T0_MS + 3_600_000 * (i + 1),
                        params=_config_params(bb, e, p, d, seed), status="FINISHED", metrics=metrics,
                        tags={**_child_tags(name, cell, bb, e, p, d, seed, "completed"), **init})
         if artifacts:
-            client.log_dict(rid, {"image_ids": image_ids, "detections": dets}, S.ARTIFACT_DETECTIONS)
-            client.log_dict(rid, gt, S.ARTIFACT_GROUND_TRUTH)
+            client.log_dict(rid, {"image_ids": image_ids, "detections": dets}, schema.ARTIFACT_DETECTIONS)
+            client.log_dict(rid, gt, schema.ARTIFACT_GROUND_TRUTH)
     client.log_batch(parent.info.run_id, tags=[RunTag("dset.fixture", "1")])
     client.set_terminated(parent.info.run_id, status="FINISHED", end_time=T0_MS + 3_600_000 * 10)
     return exp_id
@@ -424,21 +427,23 @@ def _scored_cell(e: bool, p: bool, d: bool, keep: float | None) -> str:
 
 
 def _log_benchmark(client, exp_id: str, parent_id: str, study: str, start_ms: int) -> str:
-    """R18's side-by-side latency benchmark run, tagged as studies/latency_step.benchmark_backbone tags it and logged
-    by its own log_result (a result shaped like dset.latency_benchmark.run_benchmark's, ``SCORED_BENCHMARK``)."""
+    """R18's side-by-side latency benchmark run, tagged as studies/execution/latency_step.benchmark_backbone tags it
+    and logged by its own log_result (a result shaped like dset.latency_benchmark.run_benchmark's,
+    ``SCORED_BENCHMARK``)."""
     from dset.latency_benchmark import INTERVAL_PROCESSES, PRECISION
-    from studies.latency_step import log_result, variant_slug
+    from studies.execution.latency_step import log_result, variant_slug
 
     labels = list(SCORED_BENCHMARK)
     baseline, st = labels[0], SCORED_BENCHMARK_SETTINGS
     slugs = {variant_slug(label): label for label in labels}
     cells = {label: _scored_cell(e, p, d, keep) for label, e, p, d, keep, *_ in SCORED_RUNS}
-    tags = {S.TAG_ROLE: S.ROLE_BENCHMARK, S.TAG_STUDY: study, S.TAG_BACKBONE: "R18", S.TAG_BENCHMARK_KEY: "0123abcd",
-            S.TAG_BENCHMARK_BASELINE: baseline, S.TAG_BENCHMARK_CELLS: json.dumps(cells),
-            S.TAG_BENCHMARK_VARIANTS: json.dumps(slugs), S.TAG_BENCHMARK_IMAGE_SIZE: str(st["image_size"]),
-            S.TAG_BENCHMARK_BATCH: str(st["batch"]), S.TAG_BENCHMARK_PROCESSES: str(st["processes"]),
-            S.TAG_BENCHMARK_ROUNDS: str(st["rounds"]), S.TAG_BENCHMARK_WARMUP: str(st["warmup"]),
-            S.TAG_GIT_COMMIT: "abc1234", "mlflow.parentRunId": parent_id, "mlflow.runName": "latency R18"}
+    tags = {schema.TAG_ROLE: schema.ROLE_BENCHMARK, schema.TAG_STUDY: study, schema.TAG_BACKBONE: "R18",
+            schema.TAG_BENCHMARK_KEY: "0123abcd",
+            schema.TAG_BENCHMARK_BASELINE: baseline, schema.TAG_BENCHMARK_CELLS: json.dumps(cells),
+            schema.TAG_BENCHMARK_VARIANTS: json.dumps(slugs), schema.TAG_BENCHMARK_IMAGE_SIZE: str(st["image_size"]),
+            schema.TAG_BENCHMARK_BATCH: str(st["batch"]), schema.TAG_BENCHMARK_PROCESSES: str(st["processes"]),
+            schema.TAG_BENCHMARK_ROUNDS: str(st["rounds"]), schema.TAG_BENCHMARK_WARMUP: str(st["warmup"]),
+            schema.TAG_GIT_COMMIT: "abc1234", "mlflow.parentRunId": parent_id, "mlflow.runName": "latency R18"}
     rid = client.create_run(exp_id, start_time=start_ms, tags=tags, run_name="latency R18").info.run_id
     result = {"device": st["device"], "threads": 2, "precision": PRECISION, "interval": INTERVAL_PROCESSES,
               "processes": st["processes"], "rounds": st["rounds"], "baseline": baseline, "seconds": 61.0,
@@ -455,7 +460,7 @@ def log_scored_on_test(client, artifact_root: Path, name: str = "scored_on_test"
     from mlflow.entities import RunTag
 
     exp_id = client.create_experiment(name, artifact_location=(artifact_root / name).as_uri())
-    parent = client.create_run(exp_id, start_time=T0_MS, tags={S.TAG_ROLE: "parent", S.TAG_STUDY: name})
+    parent = client.create_run(exp_id, start_time=T0_MS, tags={schema.TAG_ROLE: "parent", schema.TAG_STUDY: name})
     gts = {split: scored_ground_truth(split) for split in ("val", "test")}
     for i, (label, e, p, d, keep, _val, _test, latency, gflops) in enumerate(SCORED_RUNS):
         dets = {split: scored_detections(i, split) for split in gts}
@@ -465,12 +470,12 @@ def log_scored_on_test(client, artifact_root: Path, name: str = "scored_on_test"
         metrics += [(M.BEST_MAP50, best50, 0), (M.TEST_MAP, test_map, 0), (M.TEST_MAP50, test_map50, 0)]
         extra = [] if keep is None else ["model.memory_pruning.enabled=true", f"model.memory_pruning.keep_ratio={keep}"]
         tags = _child_tags(name, _scored_cell(e, p, d, keep), "R18", e, p, d, 0, "completed")
-        tags.update({S.TAG_VARIANT: label, S.TAG_MEMORY_PRUNING: "false" if keep is None else f"{keep:g}",
-                     S.TAG_SCORE_SPLIT: "test"})
+        tags.update({schema.TAG_VARIANT: label, schema.TAG_MEMORY_PRUNING: "false" if keep is None else f"{keep:g}",
+                     schema.TAG_SCORE_SPLIT: "test"})
         rid = _log_run(client, exp_id, parent.info.run_id, start_ms=T0_MS + 3_600_000 * (i + 1), tags=tags,
                        params=_config_params("R18", e, p, d, 0, extra), status="FINISHED", metrics=metrics)
-        for split, det_name, gt_name in (("val", S.ARTIFACT_DETECTIONS, S.ARTIFACT_GROUND_TRUTH),
-                                         ("test", S.ARTIFACT_TEST_DETECTIONS, S.ARTIFACT_TEST_GROUND_TRUTH)):
+        for split, det_name, gt_name in (("val", schema.ARTIFACT_DETECTIONS, schema.ARTIFACT_GROUND_TRUTH),
+                                         ("test", schema.ARTIFACT_TEST_DETECTIONS, schema.ARTIFACT_TEST_GROUND_TRUTH)):
             image_ids = sorted(im["id"] for im in gts[split]["images"])
             client.log_dict(rid, {"image_ids": image_ids, "detections": dets[split]}, det_name)
             client.log_dict(rid, gts[split], gt_name)

@@ -1,4 +1,4 @@
-"""The paired image bootstrap (analysis/bootstrap.py): its mAP is pycocotools' mAP, on the evaluated images
+"""The paired image bootstrap (analysis/compute/bootstrap.py): its mAP is pycocotools' mAP, on the evaluated images
 and on any multiset of them, and its intervals and verdicts say what they should.
 
 The synthetic case (tests/report_fixtures.py): 4 classes plus one listed class with no box, images without
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import report_fixtures as F
 
-from analysis import bootstrap as B
+from analysis.compute import bootstrap
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def _duplicated(gt: dict, dets: list[dict], counts: np.ndarray) -> tuple[dict, l
 def test_identity_sample_is_pycocotools(case):
     gt, good, poor = case
     for dets in (good, poor, []):
-        ev = B.evaluate_run(gt, dets, name="run")
+        ev = bootstrap.evaluate_run(gt, dets, name="run")
         m, m50 = ev.observed()
         if dets:
             ref = F.coco_stats(gt, dets)
@@ -72,38 +72,38 @@ def test_a_resample_is_pycocotools_on_physically_duplicated_images(case):
     counts.append(no_4)
     assert max(c.max() for c in counts) >= 3
     for dets in (good, poor):
-        ev = B.evaluate_run(gt, dets, name="run")
-        m, m50 = B.map_replicates(ev, np.stack(counts))
+        ev = bootstrap.evaluate_run(gt, dets, name="run")
+        m, m50 = bootstrap.map_replicates(ev, np.stack(counts))
         for j, c in enumerate(counts):
             ref = F.coco_stats(*_duplicated(gt, dets, c))
             assert (m[j], m50[j]) == pytest.approx(ref, abs=1e-9), j
 
 
 def test_image_weights_are_draws_with_replacement():
-    w = B.image_weights(32, 500, seed=3)
+    w = bootstrap.image_weights(32, 500, seed=3)
     assert w.shape == (500, 32) and (w.sum(axis=1) == 32).all()
     assert (w == 0).any() and (w >= 2).any()
-    assert np.array_equal(w, B.image_weights(32, 500, seed=3))
+    assert np.array_equal(w, bootstrap.image_weights(32, 500, seed=3))
     assert w.mean() == pytest.approx(1.0)
 
 
 def test_paired_delta_one_seed_is_the_paired_image_bootstrap(case):
     gt, good, poor = case
-    v, b = B.evaluate_run(gt, good, name="good"), B.evaluate_run(gt, poor, name="poor")
-    r = B.paired_delta([v], [b], n_resamples=400, seed=7)
+    v, b = bootstrap.evaluate_run(gt, good, name="good"), bootstrap.evaluate_run(gt, poor, name="poor")
+    r = bootstrap.paired_delta([v], [b], n_resamples=400, seed=7)
     assert r.map.delta == pytest.approx(F.coco_stats(gt, good)[0] - F.coco_stats(gt, poor)[0], abs=1e-9)
     assert r.map50.delta == pytest.approx(F.coco_stats(gt, good)[1] - F.coco_stats(gt, poor)[1], abs=1e-9)
     # both sides on the same resamples: the deltas are the differences of the per-resample mAPs
-    w = B.image_weights(len(gt["images"]), 400, seed=7)
-    d = B.map_replicates(v, w)[0] - B.map_replicates(b, w)[0]
+    w = bootstrap.image_weights(len(gt["images"]), 400, seed=7)
+    d = bootstrap.map_replicates(v, w)[0] - bootstrap.map_replicates(b, w)[0]
     assert (r.map.low, r.map.high) == pytest.approx(tuple(np.quantile(d, [0.025, 0.975])))
     assert 0 < r.map.low < r.map.delta < r.map.high
     assert r.map.verdict == "better (95% CI above 0)" and r.map50.verdict == "better (95% CI above 0)"
     assert (r.n_variant, r.n_baseline, r.n_images, r.n_resamples) == (1, 1, 40, 400)
-    worse = B.paired_delta([b], [v], n_resamples=400, seed=7)
+    worse = bootstrap.paired_delta([b], [v], n_resamples=400, seed=7)
     assert worse.map.verdict == "worse (95% CI below 0)"
     assert (worse.map.low, worse.map.high) == pytest.approx((-r.map.high, -r.map.low))
-    same = B.paired_delta([v], [v], n_resamples=200)
+    same = bootstrap.paired_delta([v], [v], n_resamples=200)
     assert (same.map.delta, same.map.low, same.map.high) == (0.0, 0.0, 0.0)
     assert same.map.verdict == "no difference detected (95% CI includes 0)"
 
@@ -118,12 +118,12 @@ def test_several_seeds_add_a_t_based_seed_term_without_shrinkage(case):
     gt, good, poor = case
     mid = F.synthetic_detections(gt, recall=0.75, jitter=0.1, false_per_image=2.0, seed=4)
     poorer = F.synthetic_detections(gt, recall=0.3, jitter=0.3, false_per_image=6.0, seed=5)
-    v = [B.evaluate_run(gt, good, name="v0"), B.evaluate_run(gt, mid, name="v1")]
-    b = [B.evaluate_run(gt, poor, name="b0"), B.evaluate_run(gt, poorer, name="b1")]
-    r = B.paired_delta(v, b, n_resamples=400, seed=1)
-    w = B.image_weights(len(gt["images"]), 400, seed=1)
-    deltas = np.mean([B.map_replicates(ev, w)[0] for ev in v], axis=0) - np.mean(
-        [B.map_replicates(ev, w)[0] for ev in b], axis=0)
+    v = [bootstrap.evaluate_run(gt, good, name="v0"), bootstrap.evaluate_run(gt, mid, name="v1")]
+    b = [bootstrap.evaluate_run(gt, poor, name="b0"), bootstrap.evaluate_run(gt, poorer, name="b1")]
+    r = bootstrap.paired_delta(v, b, n_resamples=400, seed=1)
+    w = bootstrap.image_weights(len(gt["images"]), 400, seed=1)
+    deltas = np.mean([bootstrap.map_replicates(ev, w)[0] for ev in v], axis=0) - np.mean(
+        [bootstrap.map_replicates(ev, w)[0] for ev in b], axis=0)
     v_obs, b_obs = [ev.observed()[0] for ev in v], [ev.observed()[0] for ev in b]
     observed = statistics.fmean(v_obs) - statistics.fmean(b_obs)
     pooled = ((len(v_obs) - 1) * statistics.variance(v_obs) + (len(b_obs) - 1) * statistics.variance(b_obs)) / 2
@@ -145,10 +145,10 @@ def test_several_seeds_add_a_t_based_seed_term_without_shrinkage(case):
 
 
 def test_seed_term_pools_sample_variances_and_one_seed_a_side_has_none():
-    se, dof = B.seed_term(np.array([[0.50], [0.52], [0.54]]), np.array([[0.40]]))
+    se, dof = bootstrap.seed_term(np.array([[0.50], [0.52], [0.54]]), np.array([[0.40]]))
     # one side with one seed borrows the other's spread: s^2 = 0.0004 (ddof 1), SE = s sqrt(1/3 + 1)
     assert dof == 2 and se[0] == pytest.approx(math.sqrt(0.0004 * (1 / 3 + 1)))
-    se, dof = B.seed_term(np.array([[0.5, 0.6]]), np.array([[0.4, 0.3]]))
+    se, dof = bootstrap.seed_term(np.array([[0.5, 0.6]]), np.array([[0.4, 0.3]]))
     assert dof == 0 and list(se) == [0.0, 0.0]
 
 
@@ -158,20 +158,20 @@ def test_runs_on_different_images_are_an_error(case):
     sub["images"] = sub["images"][:30]
     keep = {im["id"] for im in sub["images"]}
     sub["annotations"] = [a for a in sub["annotations"] if a["image_id"] in keep]
-    a = B.evaluate_run(gt, good, name="run-a")
-    b = B.evaluate_run(sub, [d for d in poor if d["image_id"] in keep], name="run-b")
+    a = bootstrap.evaluate_run(gt, good, name="run-a")
+    b = bootstrap.evaluate_run(sub, [d for d in poor if d["image_id"] in keep], name="run-b")
     with pytest.raises(ValueError, match=r"different images: run-a \(40 images\) and run-b \(30 images\)"):
-        B.paired_delta([a], [b])
+        bootstrap.paired_delta([a], [b])
     with pytest.raises(ValueError, match="run-x: detection 0 is on image 1040"):
-        B.evaluate_run(sub, [d for d in good if d["image_id"] == 1040], name="run-x")
+        bootstrap.evaluate_run(sub, [d for d in good if d["image_id"] == 1040], name="run-x")
 
 
 def test_verdict_and_noise_floor():
-    assert B.verdict(0.001, 0.02) == "better (95% CI above 0)"
-    assert B.verdict(-0.02, -0.001) == "worse (95% CI below 0)"
-    assert B.verdict(-0.01, 0.02) == "no difference detected (95% CI includes 0)"
-    assert B.verdict(0.0, 0.02) == "no difference detected (95% CI includes 0)"
-    assert B.relative_percent(0.6, 0.5) == pytest.approx(20.0)
-    assert math.isnan(B.relative_percent(0.0032, 0.001))  # "+220%" of two near-zero mAPs: not shown
-    assert B.relative_percent(0.012, 0.001) == pytest.approx(1100.0)  # one side above the floor: shown
-    assert math.isnan(B.relative_percent(0.5, 0.0))
+    assert bootstrap.verdict(0.001, 0.02) == "better (95% CI above 0)"
+    assert bootstrap.verdict(-0.02, -0.001) == "worse (95% CI below 0)"
+    assert bootstrap.verdict(-0.01, 0.02) == "no difference detected (95% CI includes 0)"
+    assert bootstrap.verdict(0.0, 0.02) == "no difference detected (95% CI includes 0)"
+    assert bootstrap.relative_percent(0.6, 0.5) == pytest.approx(20.0)
+    assert math.isnan(bootstrap.relative_percent(0.0032, 0.001))  # "+220%" of two near-zero mAPs: not shown
+    assert bootstrap.relative_percent(0.012, 0.001) == pytest.approx(1100.0)  # one side above the floor: shown
+    assert math.isnan(bootstrap.relative_percent(0.5, 0.0))

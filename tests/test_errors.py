@@ -1,4 +1,5 @@
-"""Error analysis beyond mAP (analysis/errors.py) and the per-class bootstrap (analysis/bootstrap.py).
+"""Error analysis beyond mAP (analysis/compute/detection_errors.py) and the per-class bootstrap
+(analysis/compute/bootstrap.py).
 
 A hand-built case whose answers are known (confusion counts, ground-truth boxes per size and class), the
 rest checked against pycocotools' own numbers on the same input, and the per-class bootstrap against the
@@ -14,8 +15,7 @@ import numpy as np
 import pytest
 import report_fixtures as F
 
-from analysis import bootstrap as B
-from analysis import errors as E
+from analysis.compute import bootstrap, detection_errors
 
 CAR, PERSON, BIKE, TRUCK = 1, 2, 3, 4  # truck: listed, no box anywhere
 C, P, K, T, BG = 0, 1, 2, 3, 4         # matrix indices (category-id order, background last)
@@ -67,7 +67,7 @@ def hand():
 
 def test_confusion_matrix_counts(hand):
     gt, dets = hand
-    a = E.analyse(gt, dets, name="hand")
+    a = detection_errors.analyse(gt, dets, name="hand")
     assert a.labels == ["car", "person", "bike", "truck", "background"]
     expected = np.zeros((5, 5), dtype=int)
     expected[C, C] = 1                # image 1's car
@@ -82,31 +82,31 @@ def test_confusion_matrix_counts(hand):
     # every non-crowd box is in exactly one row; every detection at or above the threshold in one column
     assert a.confusion[:BG].sum() == 7 and a.confusion[:, :BG].sum() == sum(d["score"] >= 0.3 for d in dets)
     # the thresholds are parameters: at 0.1 the low-scored car is found; at IoU 0.7, G1's detection (0.538) misses
-    low = E.analyse(gt, dets, name="hand", score_threshold=0.1).confusion
+    low = detection_errors.analyse(gt, dets, name="hand", score_threshold=0.1).confusion
     assert (low[C, C], low[C, BG]) == (2, 0)
-    strict = E.analyse(gt, dets, name="hand", iou_threshold=0.7).confusion
+    strict = detection_errors.analyse(gt, dets, name="hand", iou_threshold=0.7).confusion
     assert (strict[P, P], strict[P, BG], strict[BG, P]) == (2, 1, 2)
 
 
 def test_ap_by_size_is_pycocotools_and_counts_the_boxes(hand):
     gt, dets = hand
-    a = E.analyse(gt, dets, name="hand")
+    a = detection_errors.analyse(gt, dets, name="hand")
     ref = F.cocoeval(gt, dets)
-    assert [a.ap_by_size[s] for s in E.SIZES] == pytest.approx(list(ref.stats[3:6]), abs=1e-12)
+    assert [a.ap_by_size[s] for s in detection_errors.SIZES] == pytest.approx(list(ref.stats[3:6]), abs=1e-12)
     assert 0 < a.ap_by_size["small"] < 1 and a.ap_by_size["large"] == pytest.approx(1.0)
     assert a.gt_by_size == {"small": 2, "medium": 4, "large": 1}   # the crowd car is not counted
     assert a.gt_by_class.tolist() == [2, 4, 1, 0]
     # a size without any box is NaN, where pycocotools says -1
     no_large = copy.deepcopy(gt)
     no_large["annotations"] = [x for x in no_large["annotations"] if x["area"] <= 96 ** 2]
-    b = E.analyse(no_large, dets, name="hand")
+    b = detection_errors.analyse(no_large, dets, name="hand")
     assert F.cocoeval(no_large, dets).stats[5] == -1 and math.isnan(b.ap_by_size["large"])
     assert b.gt_by_size["large"] == 0
 
 
 def test_precision_recall_curves_are_cocoevals_precision(hand):
     gt, dets = hand
-    a = E.analyse(gt, dets, name="hand")
+    a = detection_errors.analyse(gt, dets, name="hand")
     ref = np.asarray(F.cocoeval(gt, dets).eval["precision"])[:, :, :, 0, 2]   # area all, 100 detections
     ref = np.where(ref > -1, ref, np.nan)
     assert a.recall.tolist() == pytest.approx(np.linspace(0, 1, 101).tolist())
@@ -119,19 +119,19 @@ def test_precision_recall_curves_are_cocoevals_precision(hand):
 
 def test_the_bootstrap_evaluation_carries_the_same_analysis(hand):
     gt, dets = hand
-    a, b = E.analyse(gt, dets, name="hand"), B.evaluate_run(gt, dets, name="hand").errors
+    a, b = detection_errors.analyse(gt, dets, name="hand"), bootstrap.evaluate_run(gt, dets, name="hand").errors
     for field in ("image_ids", "recall", "precision50", "precision", "gt_by_class", "confusion"):
         np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
     assert (a.ap_by_size, a.gt_by_size, a.category_ids) == (b.ap_by_size, b.gt_by_size, b.category_ids)
     with pytest.raises(ValueError, match="run-7: detection 0 has category 9"):
-        E.analyse(gt, [_det(1, 9, [0, 0, 5, 5], 0.5)], name="run-7")
+        detection_errors.analyse(gt, [_det(1, 9, [0, 0, 5, 5], 0.5)], name="run-7")
 
 
 def test_mean_over_runs(hand):
     gt, dets = hand
-    one = E.analyse(gt, dets, name="s0")
-    other = E.analyse(gt, [d for d in dets if d["image_id"] != 1], name="s1")
-    m = E.mean_over_runs([one, other], "variant")
+    one = detection_errors.analyse(gt, dets, name="s0")
+    other = detection_errors.analyse(gt, [d for d in dets if d["image_id"] != 1], name="s1")
+    m = detection_errors.mean_over_runs([one, other], "variant")
     assert m.n_runs == 2 and m.name == "variant"
     np.testing.assert_array_equal(m.confusion, (one.confusion + other.confusion) / 2)
     np.testing.assert_array_equal(m.precision50, (one.precision50 + other.precision50) / 2)
@@ -140,7 +140,8 @@ def test_mean_over_runs(hand):
     fewer["images"] = fewer["images"][:3]
     fewer["annotations"] = [x for x in fewer["annotations"] if x["image_id"] != 4]
     with pytest.raises(ValueError, match="variant: runs s0 and s2 were evaluated on different images"):
-        E.mean_over_runs([one, E.analyse(fewer, [d for d in dets if d["image_id"] != 4], name="s2")], "variant")
+        detection_errors.mean_over_runs(
+            [one, detection_errors.analyse(fewer, [d for d in dets if d["image_id"] != 4], name="s2")], "variant")
 
 
 # ------------------------------------------------------------------------------ per-class bootstrap
@@ -150,7 +151,7 @@ def case():
     good = F.synthetic_detections(gt, recall=0.9, jitter=0.05, false_per_image=1.0, seed=1)
     poor = F.synthetic_detections(gt, recall=0.6, jitter=0.15, false_per_image=3.0, seed=2)
     mid = F.synthetic_detections(gt, recall=0.75, jitter=0.1, false_per_image=2.0, seed=4)
-    evs = {n: B.evaluate_run(gt, d, name=n) for n, d in (("good", good), ("poor", poor), ("mid", mid))}
+    evs = {n: bootstrap.evaluate_run(gt, d, name=n) for n, d in (("good", good), ("poor", poor), ("mid", mid))}
     return gt, {"good": good, "poor": poor, "mid": mid}, evs
 
 
@@ -163,7 +164,7 @@ def _class_ap(gt: dict, dets: list[dict]) -> np.ndarray:
 
 def test_class_deltas_observed_are_pycocotools_per_class_ap(case):
     gt, dets, evs = case
-    deltas = B.paired_class_delta([evs["good"]], [evs["poor"]], n_resamples=300, seed=7)
+    deltas = bootstrap.paired_class_delta([evs["good"]], [evs["poor"]], n_resamples=300, seed=7)
     good, poor = _class_ap(gt, dets["good"]), _class_ap(gt, dets["poor"])
     assert [d.category_id for d in deltas] == [1, 2, 3, 4, 5]
     for k, d in enumerate(deltas[:4]):
@@ -171,10 +172,10 @@ def test_class_deltas_observed_are_pycocotools_per_class_ap(case):
         assert d.ap.delta == pytest.approx(good[k] - poor[k], abs=1e-12)
         assert d.n_gt == sum(a["category_id"] == k + 1 for a in gt["annotations"])
     # one seed a side: the interval is the quantiles of that class's AP differences on the same image draws
-    w = B.image_weights(len(gt["images"]), 300, seed=7)
+    w = bootstrap.image_weights(len(gt["images"]), 300, seed=7)
     for k in range(4):
-        diff = (B.class_ap_replicates(evs["good"], w).mean(axis=2)[:, k]
-                - B.class_ap_replicates(evs["poor"], w).mean(axis=2)[:, k])
+        diff = (bootstrap.class_ap_replicates(evs["good"], w).mean(axis=2)[:, k]
+                - bootstrap.class_ap_replicates(evs["poor"], w).mean(axis=2)[:, k])
         diff = diff[~np.isnan(diff)]
         assert (deltas[k].ap.low, deltas[k].ap.high) == pytest.approx(tuple(np.quantile(diff, [0.025, 0.975])))
     assert any(d.ap.verdict == "better (95% CI above 0)" for d in deltas[:4])
@@ -185,11 +186,11 @@ def test_class_deltas_observed_are_pycocotools_per_class_ap(case):
 
 def test_class_replicates_average_to_the_map_replicates(case):
     gt, _, evs = case
-    w = np.vstack([np.ones(len(gt["images"])), B.image_weights(len(gt["images"]), 200, seed=3)])
+    w = np.vstack([np.ones(len(gt["images"])), bootstrap.image_weights(len(gt["images"]), 200, seed=3)])
     for ev in evs.values():
-        per_class = B.class_ap_replicates(ev, w)                        # (resamples, categories, IoU thresholds)
+        per_class = bootstrap.class_ap_replicates(ev, w)                # (resamples, categories, IoU thresholds)
         assert per_class.shape == (201, 5, 10) and np.isnan(per_class[:, 4]).all()
-        m, m50 = B.map_replicates(ev, w)
+        m, m50 = bootstrap.map_replicates(ev, w)
         np.testing.assert_allclose(np.nanmean(per_class.mean(axis=2), axis=1), m, rtol=0, atol=1e-12)
         np.testing.assert_allclose(np.nanmean(per_class[:, :, 0], axis=1), m50, rtol=0, atol=1e-12)
         np.testing.assert_array_equal(ev.observed_class_ap(), per_class[0])
@@ -199,14 +200,14 @@ def test_class_deltas_draw_the_seeds_as_the_map_delta_does(case):
     """Two seeds on the variant side: the observed class delta is the difference of the seed means, and with
     one category the per-class interval is the mAP interval (same image resamples, same seed draws)."""
     gt, dets, evs = case
-    both = B.paired_class_delta([evs["good"], evs["mid"]], [evs["poor"]], n_resamples=300, seed=2)
+    both = bootstrap.paired_class_delta([evs["good"], evs["mid"]], [evs["poor"]], n_resamples=300, seed=2)
     for k, d in enumerate(both):
         expected = (evs["good"].observed_class_ap()[k].mean() + evs["mid"].observed_class_ap()[k].mean()) / 2
         assert d.variant_ap == pytest.approx(expected, nan_ok=True) and d.n_variant == 2
     only = copy.deepcopy(gt)
     only["categories"] = [c for c in only["categories"] if c["id"] == 2]
     only["annotations"] = [a for a in only["annotations"] if a["category_id"] == 2]
-    one = {n: B.evaluate_run(only, [d for d in ds if d["category_id"] == 2], name=n) for n, ds in dets.items()}
-    (cls,) = B.paired_class_delta([one["good"], one["mid"]], [one["poor"]], n_resamples=300, seed=2)
-    whole = B.paired_delta([one["good"], one["mid"]], [one["poor"]], n_resamples=300, seed=2)
+    one = {n: bootstrap.evaluate_run(only, [d for d in ds if d["category_id"] == 2], name=n) for n, ds in dets.items()}
+    (cls,) = bootstrap.paired_class_delta([one["good"], one["mid"]], [one["poor"]], n_resamples=300, seed=2)
+    whole = bootstrap.paired_delta([one["good"], one["mid"]], [one["poor"]], n_resamples=300, seed=2)
     assert (cls.ap.delta, cls.ap.low, cls.ap.high) == pytest.approx((whole.map.delta, whole.map.low, whole.map.high))

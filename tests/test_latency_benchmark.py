@@ -1,6 +1,6 @@
 """Latency measured side by side in several processes (dset/latency_benchmark.py), with an interval that includes
-the between-process spread; ``dset.profile --processes``; the study's benchmark step (studies/latency_step.py) and
-the report's reading of it (analysis/latency.py)."""
+the between-process spread; ``dset.profile --processes``; the study's benchmark step
+(studies/execution/latency_step.py) and the report's reading of it (analysis/compute/latency.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from conftest import one_thread_for_module
 
 from dset import latency_benchmark as LB
 from dset.measure import paired_latency_change
-from studies import mlflow_schema as S
+from studies.tracking import schema
 
 # one intra-op thread in this module's processes (the study's runs and its benchmark's, which take this one's): on
 # a busy 2-core machine two threads spend most of their time waiting for each other
@@ -118,11 +118,12 @@ def test_profile_cli_gives_the_interval_between_processes(capsys):
 # ------------------------------------------------------------------------------------------- the study step
 @pytest.mark.slow
 def test_study_step_logs_one_benchmark_run_per_backbone_once(tmp_path, store, capsys):
-    from analysis.latency import COLUMNS, side_by_side_latency
-    from analysis.runs import load_study_runs
-    from studies import spec
-    from studies.invocation import Invocation
-    from studies.latency_step import BenchmarkSettings, benchmark_backbone, plan_backbones
+    from analysis.compute.latency import COLUMNS, side_by_side_latency
+    from analysis.compute.loading import load_study_results
+    from studies.execution.invocation import Invocation
+    from studies.execution.latency_step import BenchmarkSettings, benchmark_backbone, plan_backbones
+    from studies.planning.cells import grid_cells
+    from studies.planning.study import load_study
     from studies.run import main
 
     args = ["smoke", f"out_dir={tmp_path / 'runs'}", f"data.synthetic.root={tmp_path / 'synthetic'}",
@@ -135,34 +136,37 @@ def test_study_step_logs_one_benchmark_run_per_backbone_once(tmp_path, store, ca
     c = MlflowClient(tracking_uri=store)
     exp = c.get_experiment_by_name("smoke")
     runs = c.search_runs([exp.experiment_id])
-    bench = [r for r in runs if r.data.tags.get(S.TAG_ROLE) == S.ROLE_BENCHMARK]
-    parent = next(r for r in runs if r.data.tags.get(S.TAG_ROLE) == "parent")
+    bench = [r for r in runs if r.data.tags.get(schema.TAG_ROLE) == schema.ROLE_BENCHMARK]
+    parent = next(r for r in runs if r.data.tags.get(schema.TAG_ROLE) == "parent")
     assert len(bench) == 1 and bench[0].info.status == "FINISHED"
     run = bench[0]
     tags, metrics = run.data.tags, run.data.metrics
-    assert tags["mlflow.parentRunId"] == parent.info.run_id and tags[S.TAG_BACKBONE] == "R18"
-    assert (tags[S.TAG_BENCHMARK_PROCESSES], tags[S.TAG_BENCHMARK_ROUNDS], tags[S.TAG_BENCHMARK_IMAGE_SIZE],
-            tags[S.TAG_BENCHMARK_BATCH], tags[S.TAG_BENCHMARK_PRECISION]) == (
+    assert tags["mlflow.parentRunId"] == parent.info.run_id and tags[schema.TAG_BACKBONE] == "R18"
+    assert (tags[schema.TAG_BENCHMARK_PROCESSES], tags[schema.TAG_BENCHMARK_ROUNDS],
+            tags[schema.TAG_BENCHMARK_IMAGE_SIZE], tags[schema.TAG_BENCHMARK_BATCH],
+            tags[schema.TAG_BENCHMARK_PRECISION]) == (
         str(BenchmarkSettings().processes), str(BenchmarkSettings().rounds), "64", "1", "fp32")
-    assert tags[S.TAG_BENCHMARK_DEVICE].startswith("cpu (") and int(tags[S.TAG_BENCHMARK_THREADS]) >= 1
-    children = {r.data.tags[S.TAG_VARIANT]: r for r in runs if r.data.tags.get(S.TAG_ROLE) == "child"}
-    assert json.loads(tags[S.TAG_BENCHMARK_CELLS]) == {"RT-DETR R18": "r18-base-s0", "DSET R18 (E+P+D)": "r18-dset-s0"}
+    assert (tags[schema.TAG_BENCHMARK_DEVICE].startswith("cpu (")
+            and int(tags[schema.TAG_BENCHMARK_THREADS]) >= 1)
+    children = {r.data.tags[schema.TAG_VARIANT]: r for r in runs if r.data.tags.get(schema.TAG_ROLE) == "child"}
+    assert json.loads(tags[schema.TAG_BENCHMARK_CELLS]) == {"RT-DETR R18": "r18-base-s0",
+                                                           "DSET R18 (E+P+D)": "r18-dset-s0"}
     # the artifact holds every round; the metrics are its summary; the timed checkpoints are the cells' best.pt
-    local = Path(c.download_artifacts(run.info.run_id, S.ARTIFACT_BENCHMARK, str(tmp_path / "dl")))
+    local = Path(c.download_artifacts(run.info.run_id, schema.ARTIFACT_BENCHMARK, str(tmp_path / "dl")))
     result = json.loads(local.read_text())
     variant = result["changes"]["DSET R18 (E+P+D)"]
-    slugs = {label: slug for slug, label in json.loads(tags[S.TAG_BENCHMARK_VARIANTS]).items()}
-    metric = lambda label, q: metrics[S.BENCHMARK_METRIC.format(variant=slugs[label], quantity=q)]  # noqa: E731
+    slugs = {label: slug for slug, label in json.loads(tags[schema.TAG_BENCHMARK_VARIANTS]).items()}
+    metric = lambda label, q: metrics[schema.BENCHMARK_METRIC.format(variant=slugs[label], quantity=q)]  # noqa: E731
     assert metric("DSET R18 (E+P+D)", "change_percent") == pytest.approx(variant["latency_change_percent"])
     assert metric("DSET R18 (E+P+D)", "change_low_percent") == pytest.approx(variant["latency_change_low_percent"])
     assert metric("RT-DETR R18", "latency_ms") == pytest.approx(result["models"]["RT-DETR R18"]["latency_ms"])
     assert len(result["models"]["RT-DETR R18"]["latency_ms_rounds"]) == 3
     # the token pruner timed at its target keep ratio (the smoke budget: 0.7 after 1 warm-up epoch)
     assert result["models"]["DSET R18 (E+P+D)"]["sparse"]["token_pruning"]["keep_ratio_in_force"] == pytest.approx(0.7)
-    assert all(Path(r.data.tags[S.TAG_CHECKPOINT_DIR], "best.pt").is_file() for r in children.values())
+    assert all(Path(r.data.tags[schema.TAG_CHECKPOINT_DIR], "best.pt").is_file() for r in children.values())
 
     # the report reads it back: one row per variant
-    frame = side_by_side_latency(load_study_runs("smoke", store))
+    frame = side_by_side_latency(load_study_results("smoke", store))
     assert list(frame.columns) == list(COLUMNS) and len(frame) == 1
     row = frame.iloc[0]
     assert (row["variant"], row["baseline"], row["processes"], row["rounds"], row["image_size"]) == \
@@ -175,42 +179,44 @@ def test_study_step_logs_one_benchmark_run_per_backbone_once(tmp_path, store, ca
     assert main(args) == 0
     assert "latency benchmark R18: already measured" in capsys.readouterr().out
     runs = c.search_runs([exp.experiment_id])
-    assert sum(r.data.tags.get(S.TAG_ROLE) == S.ROLE_BENCHMARK for r in runs) == 1
+    assert sum(r.data.tags.get(schema.TAG_ROLE) == schema.ROLE_BENCHMARK for r in runs) == 1
 
     # other settings make another key. A live invocation measuring it is left alone; one whose process is gone is
     # closed (KILLED) and the backbone measured here; a benchmark that fails is a FAILED run with the error
-    study = spec.load_study("smoke", args[1:])
+    study = load_study("smoke", args[1:])
     inv = Invocation(study, store, 1, None)
     settings = BenchmarkSettings(processes=2, rounds=1, warmup=0)
-    (plan,), skipped = plan_backbones(inv, spec.grid_cells(study))
-    assert skipped == [] and plan.key(settings) != tags[S.TAG_BENCHMARK_KEY]
-    other = c.create_run(exp.experiment_id, tags={S.TAG_ROLE: S.ROLE_BENCHMARK, S.TAG_BENCHMARK_KEY: plan.key(settings),
-                                                  S.TAG_HOST: inv.host, S.TAG_PID: str(os.getpid())}).info.run_id
-    assert "being measured by another invocation" in benchmark_backbone(inv, plan, settings)
+    (plan,), skipped = plan_backbones(grid_cells(study), inv.runs)
+    assert skipped == [] and plan.key(settings) != tags[schema.TAG_BENCHMARK_KEY]
+    other = c.create_run(exp.experiment_id, tags={schema.TAG_ROLE: schema.ROLE_BENCHMARK,
+                                                  schema.TAG_BENCHMARK_KEY: plan.key(settings),
+                                                  schema.TAG_HOST: inv.host,
+                                                  schema.TAG_PID: str(os.getpid())}).info.run_id
+    assert "being measured by another invocation" in benchmark_backbone(plan, settings, inv.runs)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    c.set_tag(other, S.TAG_PID, str(dead.pid))
-    (Path(children["DSET R18 (E+P+D)"].data.tags[S.TAG_CHECKPOINT_DIR]) / "best.pt").unlink()
-    line = benchmark_backbone(inv, plan, settings)
+    c.set_tag(other, schema.TAG_PID, str(dead.pid))
+    (Path(children["DSET R18 (E+P+D)"].data.tags[schema.TAG_CHECKPOINT_DIR]) / "best.pt").unlink()
+    line = benchmark_backbone(plan, settings, inv.runs)
     inv.close("FINISHED")
     assert line.startswith("R18: FAILED") and "no checkpoint" in line
     assert c.get_run(other).info.status == "KILLED"
-    failed = [r for r in c.search_runs([exp.experiment_id]) if r.data.tags.get(S.TAG_BENCHMARK_KEY) ==
+    failed = [r for r in c.search_runs([exp.experiment_id]) if r.data.tags.get(schema.TAG_BENCHMARK_KEY) ==
               plan.key(settings) and r.info.run_id != other]
     assert len(failed) == 1 and failed[0].info.status == "FAILED"
-    assert "no checkpoint" in failed[0].data.tags[S.TAG_ERROR]
+    assert "no checkpoint" in failed[0].data.tags[schema.TAG_ERROR]
     assert all(c.get_run(r.info.run_id).info.status == "FINISHED" for r in children.values())
 
 
 def test_side_by_side_latency_of_a_study_without_benchmark_is_empty(tmp_path, store):
-    from analysis.latency import COLUMNS, side_by_side_latency
-    from analysis.runs import StudyRuns
-    from studies import mlflow_store
+    from analysis.compute.latency import COLUMNS, side_by_side_latency
+    from analysis.compute.loading import StudyResults
+    from studies.tracking import mlflow_store
 
     mlflow_store.prepare_store(store)
     c = mlflow_store.client(store)
     exp_id = mlflow_store.get_experiment(c, "empty", store)
     import pandas as pd
 
-    frame = side_by_side_latency(StudyRuns("empty", exp_id, store, pd.DataFrame()))
+    frame = side_by_side_latency(StudyResults("empty", exp_id, store, pd.DataFrame()))
     assert frame.empty and list(frame.columns) == list(COLUMNS)

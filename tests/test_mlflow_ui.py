@@ -8,24 +8,23 @@ import uuid
 import pytest
 
 from dset import metric_names as M
-from studies import mlflow_schema as S
-from studies import mlflow_store as T
+from studies.tracking import mlflow_store, schema
 
 
 @pytest.mark.slow
 def test_the_printed_link_opens_the_experiment_on_its_runs(mlflow_server, browser):
-    c = T.client(mlflow_server)
+    c = mlflow_store.client(mlflow_server)
     name = f"ui_check_{uuid.uuid4().hex[:8]}"
-    exp_id = T.get_experiment(c, name, mlflow_server)
-    assert c.get_experiment(exp_id).tags[S.TAG_EXPERIMENT_KIND] == S.EXPERIMENT_KIND
-    parent = c.create_run(exp_id, tags={S.TAG_ROLE: "parent", "mlflow.runName": f"{name} parent"})
-    child = c.create_run(exp_id, tags={S.TAG_ROLE: "child", "mlflow.runName": "r18-base-s0",
+    exp_id = mlflow_store.get_experiment(c, name, mlflow_server)
+    assert c.get_experiment(exp_id).tags[schema.TAG_EXPERIMENT_KIND] == schema.EXPERIMENT_KIND
+    parent = c.create_run(exp_id, tags={schema.TAG_ROLE: "parent", "mlflow.runName": f"{name} parent"})
+    child = c.create_run(exp_id, tags={schema.TAG_ROLE: "child", "mlflow.runName": "r18-base-s0",
                                        "mlflow.parentRunId": parent.info.run_id})
     c.log_metric(child.info.run_id, M.BEST_MAP, 0.25)
     for run in (child, parent):
         c.set_terminated(run.info.run_id)
 
-    link = T.ui_link(mlflow_server, exp_id)
+    link = mlflow_store.ui_link(mlflow_server, exp_id)
     assert link.startswith(mlflow_server) and link.endswith("?workflowType=machine_learning")
     browser.open(link, wait_for=f"{name} parent")  # the parent run in the runs table; its child nests under it
     text = browser.evaluate("document.body.innerText")

@@ -236,9 +236,9 @@ def tiny_run(tmp_path, *extra):
 @pytest.mark.slow   # a training run, and a fresh MLflow store (its schema migrations alone take about 10 s)
 def test_a_run_draws_its_reported_checkpoint_and_studies_log_the_pictures(tmp_path, store, monkeypatch):
     from dset.engine import loop as train_mod
-    from studies import mlflow_schema as S
-    from studies.mlflow_store import client, get_experiment
-    from studies.tracking import log_artifacts
+    from studies.tracking import schema
+    from studies.tracking.callback import log_artifacts
+    from studies.tracking.mlflow_store import client, get_experiment
 
     maps = iter([0.5, 0.4])    # epoch 0 is the best: the reported weights are not the final ones
     real = train_mod.evaluate_detections
@@ -266,17 +266,17 @@ def test_a_run_draws_its_reported_checkpoint_and_studies_log_the_pictures(tmp_pa
     final = draw_pictures(model, build_datasets(cfg, train=False), tmp_path / "final", num_images=2, epoch=0)
     assert final[-1].read_bytes() != (out / "pictures" / "pictures.json").read_bytes()   # other weights, other boxes
 
-    assert S.ARTIFACT_PICTURES == "pictures" and S.ARTIFACT_PICTURES_INDEX == "pictures/pictures.json"
+    assert schema.ARTIFACT_PICTURES == "pictures" and schema.ARTIFACT_PICTURES_INDEX == "pictures/pictures.json"
     c = client(store)
     run_id = c.create_run(get_experiment(c, "pictures", store)).info.run_id
     logged = log_artifacts(c, run_id, out, summary, "a run")
-    assert S.ARTIFACT_PICTURES in logged and S.ARTIFACT_IMAGES in logged
-    listed = {Path(a.path).name for a in c.list_artifacts(run_id, S.ARTIFACT_PICTURES)}
+    assert schema.ARTIFACT_PICTURES in logged and schema.ARTIFACT_IMAGES in logged
+    listed = {Path(a.path).name for a in c.list_artifacts(run_id, schema.ARTIFACT_PICTURES)}
     assert listed == {p.name for p in files}
-    got = Path(c.download_artifacts(run_id, S.ARTIFACT_PICTURES_INDEX, str(tmp_path / "dl")))
+    got = Path(c.download_artifacts(run_id, schema.ARTIFACT_PICTURES_INDEX, str(tmp_path / "dl")))
     assert got.read_bytes() == (out / "pictures" / "pictures.json").read_bytes()
     # and as MLflow images (the run page's image view): a PNG and a compressed preview per picture
-    images = [Path(a.path).name for a in c.list_artifacts(run_id, S.ARTIFACT_IMAGES)]
+    images = [Path(a.path).name for a in c.list_artifacts(run_id, schema.ARTIFACT_IMAGES)]
     keys = sorted(p.stem for p in files if p.suffix == ".png")
     assert sorted(n.split("+")[0] for n in images if n.endswith("+compressed.webp")) == keys
     assert sorted(n.split("+")[0] for n in images if n.endswith(".png")) == keys

@@ -16,11 +16,12 @@ from conftest import one_thread_for_module
 import dset
 from dset import provenance
 from dset.config import load_config
-from studies import mlflow_schema as S
-from studies import pretrain as P
-from studies import spec
-from studies.cell_state import classify_cell
+from studies.planning import pretrain
+from studies.planning.cells import grid_cells
+from studies.planning.study import load_study
 from studies.run import main
+from studies.tracking import schema
+from studies.tracking.cell_state import classify_cell
 
 one_thread = pytest.fixture(autouse=True, scope="module")(one_thread_for_module)
 
@@ -46,8 +47,8 @@ def runs_of(uri: str, experiment: str) -> list:
 
 # ------------------------------------------------------------------------------------------ stage 1 plan
 def test_every_cell_of_the_default_grid_fine_tunes_from_its_backbones_stage1():
-    st = spec.load_study("ablation_grid")
-    cells = spec.grid_cells(st)
+    st = load_study("ablation_grid")
+    cells = grid_cells(st)
     by_depth: dict[int, set] = {}
     for cell in cells:
         by_depth.setdefault(cell.config.model.backbone.depth, set()).add(id(cell.stage1))
@@ -60,23 +61,23 @@ def test_every_cell_of_the_default_grid_fine_tunes_from_its_backbones_stage1():
     r34 = next(c for c in cells if c.id == "r34-base-s0").stage1   # a budget per backbone: R34 at a lower rate
     assert r34.config.run.budget == "pretrain_cpu_r34" and r34.config.train.lr < r18.config.train.lr
     assert r18.checkpoint == r18.folder / "checkpoints" / "best.pt"
-    assert r18.folder.parent == P.cache_root() and r18.key in r18.folder.name
+    assert r18.folder.parent == pretrain.cache_root() and r18.key in r18.folder.name
     # the fine-tuning rates of the paper: pretrained parts 1e-5, new parts 1e-4
     assert all(c.config.train.lr_pretrained == 1e-5 and c.config.train.lr == 1e-4 for c in cells)
 
 
 def test_stage1_cache_key_follows_config_data_and_code(monkeypatch, tmp_path):
     spec_ = {"budget": "smoke"}
-    a = P.plan_stage1(spec_, 18)
-    assert P.plan_stage1(spec_, 18).key == a.key                     # deterministic
-    assert P.plan_stage1(spec_, 34).key != a.key                     # another configuration
-    assert P.plan_stage1({"budget": "smoke", "seed": 1}, 18).key != a.key
-    assert P.plan_stage1(spec_, 18, ["run.device=cpu", "run.progress=false"]).key == a.key   # result-neutral
-    monkeypatch.setattr(P, "code_version", lambda: "another-version")
-    assert P.plan_stage1(spec_, 18).key != a.key                     # other code: trained anew
+    a = pretrain.plan_stage1(spec_, 18)
+    assert pretrain.plan_stage1(spec_, 18).key == a.key                     # deterministic
+    assert pretrain.plan_stage1(spec_, 34).key != a.key                     # another configuration
+    assert pretrain.plan_stage1({"budget": "smoke", "seed": 1}, 18).key != a.key
+    assert pretrain.plan_stage1(spec_, 18, ["run.device=cpu", "run.progress=false"]).key == a.key   # result-neutral
+    monkeypatch.setattr(pretrain, "code_version", lambda: "another-version")
+    assert pretrain.plan_stage1(spec_, 18).key != a.key                     # other code: trained anew
     monkeypatch.undo()
     monkeypatch.setenv("DSET_CACHE_DIR", str(tmp_path / "elsewhere"))
-    moved = P.plan_stage1(spec_, 18)
+    moved = pretrain.plan_stage1(spec_, 18)
     assert moved.folder.parent == tmp_path / "elsewhere" / "pretrained" and not moved.cached
 
 
@@ -100,9 +101,9 @@ def test_a_budget_without_stage1_is_an_error_and_none_is_explicit(tmp_path):
     budget.write_text(yaml.safe_dump({"data": {"image_size": 64, "synthetic": {"image_size": 64}},
                                       "model": {"eval_spatial_size": [64, 64]}}))
     study = write_study(tmp_path / "study.yaml", budget=str(budget))
-    with pytest.raises(P.PretrainError, match="pretrain=none"):
-        spec.grid_cells(spec.load_study(str(study)))
-    cells = spec.grid_cells(spec.load_study(str(study), ["pretrain=none"]))
+    with pytest.raises(pretrain.PretrainError, match="pretrain=none"):
+        grid_cells(load_study(str(study)))
+    cells = grid_cells(load_study(str(study), ["pretrain=none"]))
     assert all(c.stage1.kind == "none" and c.stage1.checkpoint is None for c in cells)
 
 
@@ -135,11 +136,11 @@ def test_paper_budget_starts_every_cell_from_the_published_files(tmp_path, store
     assert main([*args, "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert f"R18: published checkpoint {files[18]}" in out and f"R34: published checkpoint {files[34]}" in out
-    cells = spec.grid_cells(spec.load_study("ablation_grid", args[1:]))
+    cells = grid_cells(load_study("ablation_grid", args[1:]))
     assert {c.stage1.checkpoint for c in cells} == {files[18], files[34]}
     # only R18 overridden: R34 keeps the budget's file (and is then missing)
-    with pytest.raises(P.PretrainError, match="rtdetrv2_r34vd_120e_coco_ema.pth"):
-        spec.grid_cells(spec.load_study("ablation_grid", ["budget=paper", *_coco_overrides(tmp_path),
+    with pytest.raises(pretrain.PretrainError, match="rtdetrv2_r34vd_120e_coco_ema.pth"):
+        grid_cells(load_study("ablation_grid", ["budget=paper", *_coco_overrides(tmp_path),
                                                           f"pretrain.checkpoints.18={files[18]}"]))
 
 
@@ -147,18 +148,18 @@ def test_paper_budget_starts_every_cell_from_the_published_files(tmp_path, store
 class _Run:
     def __init__(self, fingerprint, status="FINISHED", code="c", data="d"):
         self.info = type("I", (), {"status": status, "run_id": "r" * 32})()
-        self.data = type("D", (), {"tags": {S.TAG_FINGERPRINT: fingerprint, S.TAG_CODE_VERSION: code,
-                                            S.TAG_DATA_DIGEST: data}})()
+        self.data = type("D", (), {"tags": {schema.TAG_FINGERPRINT: fingerprint, schema.TAG_CODE_VERSION: code,
+                                            schema.TAG_DATA_DIGEST: data}})()
 
 
 def test_a_cell_made_by_other_code_or_data_is_stale(monkeypatch):
-    st = spec.load_study("smoke")
-    cell = spec.grid_cells(st)[0]
-    monkeypatch.setattr(spec, "code_version", lambda: "other")
-    other_code = spec.grid_cells(spec.load_study("smoke"))[0]
+    st = load_study("smoke")
+    cell = grid_cells(st)[0]
+    monkeypatch.setattr("studies.planning.cells.code_version", lambda: "other")
+    other_code = grid_cells(load_study("smoke"))[0]
     assert other_code.cell_key == cell.cell_key and other_code.fingerprint != cell.fingerprint
     monkeypatch.undo()
-    other_data = spec.grid_cells(spec.load_study("smoke", ["data.synthetic.seed=5"]))[0]
+    other_data = grid_cells(load_study("smoke", ["data.synthetic.seed=5"]))[0]
     assert other_data.fingerprint != cell.fingerprint
 
     old = _Run(cell.fingerprint)
@@ -184,18 +185,18 @@ def test_two_stages_end_to_end_cached_then_stale(tmp_path, store, capsys, monkey
     out = capsys.readouterr().out
     assert "stage 1: training RT-DETR R18 first" in out
     runs = runs_of(store, "two_stage")
-    pre = [r for r in runs if r.data.tags[S.TAG_ROLE] == "pretrain"]
-    cells = [r for r in runs if r.data.tags[S.TAG_ROLE] == "child"]
+    pre = [r for r in runs if r.data.tags[schema.TAG_ROLE] == "pretrain"]
+    cells = [r for r in runs if r.data.tags[schema.TAG_ROLE] == "child"]
     assert len(pre) == 1 and len(cells) == 1 and pre[0].info.status == "FINISHED"
-    stage1 = spec.grid_cells(spec.load_study(str(study)))[0].stage1
-    assert stage1.cached and pre[0].data.tags[S.TAG_STAGE1_KEY] == stage1.key
-    assert pre[0].data.tags[S.TAG_CHECKPOINT_DIR] == str(stage1.folder / "checkpoints")
+    stage1 = grid_cells(load_study(str(study)))[0].stage1
+    assert stage1.cached and pre[0].data.tags[schema.TAG_STAGE1_KEY] == stage1.key
+    assert pre[0].data.tags[schema.TAG_CHECKPOINT_DIR] == str(stage1.folder / "checkpoints")
     for run in cells:
-        assert run.data.tags[S.TAG_INIT_CHECKPOINT] == str(stage1.checkpoint.resolve())
-        assert stage1.key in run.data.tags[S.TAG_INIT_SOURCE]
+        assert run.data.tags[schema.TAG_INIT_CHECKPOINT] == str(stage1.checkpoint.resolve())
+        assert stage1.key in run.data.tags[schema.TAG_INIT_SOURCE]
         assert run.data.params["model.checkpoint"] == str(stage1.checkpoint.resolve())
-        assert run.data.tags[S.TAG_CODE_VERSION] == provenance.code_version()
-        out_dir = Path(run.data.tags[S.TAG_CHECKPOINT_DIR]).parent
+        assert run.data.tags[schema.TAG_CODE_VERSION] == provenance.code_version()
+        out_dir = Path(run.data.tags[schema.TAG_CHECKPOINT_DIR]).parent
         assert (out_dir / "eval" / "detections.json").is_file()
 
     # another study on the same machine: stage 1 comes from the cache, no pretraining run
@@ -204,10 +205,10 @@ def test_two_stages_end_to_end_cached_then_stale(tmp_path, store, capsys, monkey
     assert "RT-DETR trained here with budget smoke, cached" in capsys.readouterr().out
     assert main([str(other), f"out_dir={tmp_path / 'runs2'}", "run.progress=false"]) == 0
     assert "stage 1: training" not in capsys.readouterr().out
-    assert not [r for r in runs_of(store, "second") if r.data.tags[S.TAG_ROLE] == "pretrain"]
+    assert not [r for r in runs_of(store, "second") if r.data.tags[schema.TAG_ROLE] == "pretrain"]
 
     # other code: the finished cells are stale
-    monkeypatch.setattr(spec, "code_version", lambda: "0123456789abcdef")
+    monkeypatch.setattr("studies.planning.cells.code_version", lambda: "0123456789abcdef")
     assert main([*args, "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert out.count("STALE (code changed) -> rerun") == 1
@@ -216,8 +217,8 @@ def test_two_stages_end_to_end_cached_then_stale(tmp_path, store, capsys, monkey
     assert main(args) == 0
     runs = runs_of(store, "two_stage")
     old = {r.info.run_id for r in cells}
-    superseded = {r.info.run_id: r.data.tags.get(S.TAG_SUPERSEDED_BY) for r in runs if r.info.run_id in old}
+    superseded = {r.info.run_id: r.data.tags.get(schema.TAG_SUPERSEDED_BY) for r in runs if r.info.run_id in old}
     assert all(superseded.values())
-    fresh = [r for r in runs if r.data.tags[S.TAG_ROLE] == "child" and r.info.run_id not in old]
+    fresh = [r for r in runs if r.data.tags[schema.TAG_ROLE] == "child" and r.info.run_id not in old]
     assert len(fresh) == 1 and {r.info.run_id for r in fresh} == set(superseded.values())
-    assert all(r.data.tags[S.TAG_CODE_VERSION] == "0123456789abcdef" for r in fresh)
+    assert all(r.data.tags[schema.TAG_CODE_VERSION] == "0123456789abcdef" for r in fresh)

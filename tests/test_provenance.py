@@ -9,7 +9,7 @@ import torch
 
 from dset import provenance
 from dset.config import load_config
-from studies import pretrain as P
+from studies.planning import pretrain
 
 
 def _weights_file(path, value: float):
@@ -20,11 +20,11 @@ def _weights_file(path, value: float):
 def test_published_stage1_is_keyed_by_its_content_not_its_path(tmp_path):
     ckpt = _weights_file(tmp_path / "rtdetr_r18.pth", 1.0)
     spec_ = {"checkpoints": {18: str(ckpt)}}
-    first = P.plan_stage1(spec_, 18)
+    first = pretrain.plan_stage1(spec_, 18)
     assert first.key == provenance.file_digest(ckpt)[:16]
-    assert P.plan_stage1(spec_, 18).key == first.key                 # the same file: the same start
+    assert pretrain.plan_stage1(spec_, 18).key == first.key                 # the same file: the same start
     _weights_file(ckpt, 2.0)                                          # replaced in place, same name
-    assert P.plan_stage1(spec_, 18).key != first.key
+    assert pretrain.plan_stage1(spec_, 18).key != first.key
     assert first.key in first.describe() and first.key in first.init_source()
 
 
@@ -64,12 +64,13 @@ def test_code_version_covers_every_project_package_and_torch(tmp_path, monkeypat
 
 
 def test_a_cell_whose_weight_file_was_replaced_is_another_cell(tmp_path):
-    from studies import spec
+    from studies.planning.cells import grid_cells
+    from studies.planning.study import load_study
 
     ckpt = _weights_file(tmp_path / "start.pth", 1.0)
-    first = spec.grid_cells(spec.load_study("smoke", [f"model.backbone.pretrained={ckpt}"]))[0]
-    assert spec.grid_cells(spec.load_study("smoke", [f"model.backbone.pretrained={ckpt}"]))[0].fingerprint == \
+    first = grid_cells(load_study("smoke", [f"model.backbone.pretrained={ckpt}"]))[0]
+    assert grid_cells(load_study("smoke", [f"model.backbone.pretrained={ckpt}"]))[0].fingerprint == \
         first.fingerprint
     _weights_file(ckpt, 5.0)                                          # the same path, other weights
-    again = spec.grid_cells(spec.load_study("smoke", [f"model.backbone.pretrained={ckpt}"]))[0]
+    again = grid_cells(load_study("smoke", [f"model.backbone.pretrained={ckpt}"]))[0]
     assert again.cell_key == first.cell_key and again.fingerprint != first.fingerprint

@@ -24,7 +24,8 @@ import pandas as pd
 import pytest
 import report_fixtures as F
 
-from analysis import bootstrap, make_report, runs, stats
+from analysis import make_report
+from analysis.compute import bootstrap, evaluations, stats, variants
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -175,7 +176,7 @@ def test_answer_table_verdicts_follow_the_bootstrap_intervals(two_stage):
     assert list(answer.text().columns) == ["variant", "ΔmAP [95% CI]", "verdict", "MDE", "interval includes",
                                            "ΔGFLOPs %", "Δlatency % [95% CI]", "scored on"]
     better = _row(df, "variant", "DSET R18 (E+P+D)")
-    # one seed a side, the paired image bootstrap: the same numbers as analysis.bootstrap on the logged detections
+    # one seed a side, the paired image bootstrap: as analysis.compute.bootstrap computes from the logged detections
     base, dset = _two_stage_evals(0, 1)
     expected = bootstrap.paired_delta([dset], [base])
     assert better["ΔmAP"] == pytest.approx(expected.map.delta)
@@ -297,7 +298,7 @@ def test_latency_deltas_come_from_the_side_by_side_benchmark(scored, two_stage):
 
 
 def test_targets_are_read_from_the_parent_run_or_default(two_stage, ablation):
-    from analysis import verdicts
+    from analysis.compute import verdicts
 
     got = verdicts.study_targets(two_stage["study"])
     assert got.logged and got.targets == F.TWO_STAGE_TARGETS
@@ -330,7 +331,7 @@ def _pycocotools_ap(gt: dict, dets: list[dict], category_id: int | None = None) 
 
 
 def test_error_analysis_tables_and_plots(two_stage, ablation):
-    from analysis import errors, tables
+    from analysis.compute import detection_errors
 
     gt = F.two_stage_ground_truth()
     t = two_stage["tables"]
@@ -358,12 +359,12 @@ def test_error_analysis_tables_and_plots(two_stage, ablation):
     assert math.isnan(r["AP large"]) and math.isnan(r["ΔAP large"])  # no large box: no AP, not 0
     assert _row(sizes, "model", "DSET R18 (D)")["note"].startswith("no detections logged")
     # the plots' analyses: a variant with two seeds is the mean of its runs' confusion matrices
-    analyses = tables.error_analyses(two_stage["study"], two_stage["variants"])
+    analyses = evaluations.error_analyses(two_stage["study"], two_stage["variants"])
     seeds = [i for i, (bb, e, p, d, *_) in enumerate(F.TWO_STAGE_RUNS) if (bb, e, p, d) == ("R18", True, False, False)]
     two = analyses[_row(two_stage["variants"], "label", "DSET R18 (E)")["group"]]
     assert two.n_runs == 2
-    np.testing.assert_array_equal(two.confusion, np.mean([errors.analyse(gt, F.two_stage_detections(i)).confusion
-                                                          for i in seeds], axis=0))
+    np.testing.assert_array_equal(two.confusion, np.mean(
+        [detection_errors.analyse(gt, F.two_stage_detections(i)).confusion for i in seeds], axis=0))
     for name in ("pr_curves_r18", "confusion_r18", "pr_curves_r34", "confusion_r34"):
         _check_png(two_stage["plots"][name])
     page = html.unescape((two_stage["out_dir"] / "index.html").read_text())
@@ -457,7 +458,7 @@ def test_every_table_with_gflops_or_latency_says_what_it_was_measured_at(two_sta
 def test_runs_without_detections_fall_back_on_welch(ablation):
     study = ablation["study"]
     first = study.children["run_id"].iloc[0]
-    assert runs.evaluations(study, [first])[first] == "no eval/detections.json or eval/ground_truth.json logged"
+    assert evaluations.evaluations(study, [first])[first] == "no eval/detections.json or eval/ground_truth.json logged"
     answer = ablation["tables"]["answer"]
     assert set(answer.df["interval"].dropna()) == {"Welch over seeds"}
     tight = _row(answer.df, "variant", "DSET R34 (E+P+D)")
@@ -622,11 +623,11 @@ def test_moe_diagnostics_table_flags_degenerate_layers(ablation):
 def test_expert_usage_is_the_final_epoch(ablation):
     study = ablation["study"]
     vs = ablation["variants"]
-    mats = runs.usage_matrices(study, _row(vs, "label", "DSET R34 (E+P+D)")["group"])
+    mats = variants.usage_matrices(study, _row(vs, "label", "DSET R34 (E+P+D)")["group"])
     assert mats["encoder_moe"].shape == (1, 6) and mats["decoder_moe"].shape == (4, 6)  # R34: 4 decoder layers
     for layer in range(4):
         assert mats["decoder_moe"][layer] == pytest.approx(F.usage_shares(layer))
-    assert "decoder_moe" not in runs.usage_matrices(study, _row(vs, "label", "DSET R18 (E)")["group"])
+    assert "decoder_moe" not in variants.usage_matrices(study, _row(vs, "label", "DSET R18 (E)")["group"])
 
 
 # ---------------------------------------------------------------------------------------- index.html

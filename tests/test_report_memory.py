@@ -10,10 +10,12 @@ import math
 import pytest
 import report_fixtures as F
 
-from analysis import make_report, runs
-from analysis import tables as T
+from analysis import make_report
+from analysis.compute import normalise
+from analysis.compute.verdicts import Targets
+from analysis.present.tables_answer import meets_targets
 from dset import metric_names as M
-from studies import mlflow_schema as S
+from studies.tracking import schema
 
 # (cell, memory keep ratio or None, seed, best mAP, GFLOPs, latency ms)
 RUNS = [
@@ -36,13 +38,14 @@ def memory_report(module_tmp) -> dict:
     uri = f"sqlite:///{root / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
     exp = client.create_experiment("memory_pruning")
-    parent = client.create_run(exp, start_time=F.T0_MS, tags={S.TAG_ROLE: "parent", S.TAG_STUDY: "memory_pruning"})
+    parent = client.create_run(exp, start_time=F.T0_MS,
+                               tags={schema.TAG_ROLE: "parent", schema.TAG_STUDY: "memory_pruning"})
     for i, (cell, keep, seed, best, gflops, latency) in enumerate(RUNS):
         extra = [] if keep is None else ["model.memory_pruning.enabled=true", f"model.memory_pruning.keep_ratio={keep}"]
         params = F._config_params("R18", False, False, False, seed, extra)
         tags = F._child_tags("memory_pruning", f"{cell}-s{seed}", "R18", False, False, False, seed, "completed")
-        tags[S.TAG_VARIANT] = "RT-DETR R18" if keep is None else f"DSET R18 (M{keep:g})"
-        tags[S.TAG_MEMORY_PRUNING] = "false" if keep is None else f"{keep:g}"
+        tags[schema.TAG_VARIANT] = "RT-DETR R18" if keep is None else f"DSET R18 (M{keep:g})"
+        tags[schema.TAG_MEMORY_PRUNING] = "false" if keep is None else f"{keep:g}"
         metrics = F._final_metrics("R18", False, False, False, best, latency, gflops=gflops)
         metrics += [(M.PROFILE_MEMORY_TOKENS, 336, 0), (M.PROFILE_MEMORY_KEPT_TOKENS, round(336 * (keep or 1)), 0)]
         F._log_run(client, exp, parent.info.run_id, start_ms=F.T0_MS + 60_000 * (i + 1), tags=tags, params=params,
@@ -80,15 +83,15 @@ def test_percent_changes_and_the_targets(memory_report):
 
 
 def test_meets_targets_edges():
-    targets = T.V.Targets()  # -10% GFLOPs, -8% latency
-    assert T.meets_targets("non-inferior", -10.0, -8.0, targets) == "yes"  # the targets' own values pass
-    assert T.meets_targets("better", -10.0, -8.0, targets) == "yes"
-    assert T.meets_targets("inconclusive", -20.0, -20.0, targets) == "no: ΔmAP inconclusive"  # no loss ruled out
-    assert T.meets_targets("worse", -20.0, -20.0, targets) == "no: ΔmAP worse"
-    assert T.meets_targets("better", -9.99, -8.0, targets).startswith("no: GFLOPs")
-    assert T.meets_targets("better", -20.0, -7.9, targets).startswith("no: latency up to -7.9%")
-    assert T.meets_targets("better", -20.0, math.nan, targets) == "not decided: no side-by-side latency"
-    assert T.meets_targets("no verdict: 7 scored images < 30", -20.0, -20.0, targets).startswith("not decided")
+    targets = Targets()  # -10% GFLOPs, -8% latency
+    assert meets_targets("non-inferior", -10.0, -8.0, targets) == "yes"  # the targets' own values pass
+    assert meets_targets("better", -10.0, -8.0, targets) == "yes"
+    assert meets_targets("inconclusive", -20.0, -20.0, targets) == "no: ΔmAP inconclusive"  # no loss ruled out
+    assert meets_targets("worse", -20.0, -20.0, targets) == "no: ΔmAP worse"
+    assert meets_targets("better", -9.99, -8.0, targets).startswith("no: GFLOPs")
+    assert meets_targets("better", -20.0, -7.9, targets).startswith("no: latency up to -7.9%")
+    assert meets_targets("better", -20.0, math.nan, targets) == "not decided: no side-by-side latency"
+    assert meets_targets("no verdict: 7 scored images < 30", -20.0, -20.0, targets).startswith("not decided")
 
 
 def test_the_tradeoff_plot_and_the_ablation_tables_leave_memory_variants_out(memory_report):
@@ -102,8 +105,8 @@ def test_the_tradeoff_plot_and_the_ablation_tables_leave_memory_variants_out(mem
 
 
 def test_runs_from_before_the_fourth_switch_read_as_off():
-    assert runs._memory_keep(None, None, None) is None
-    assert runs._memory_keep("false", "True", "0.3") is None  # the tag wins
-    assert runs._memory_keep("0.3", None, None) == 0.3
-    assert runs._memory_keep(None, "True", "0.5") == 0.5
-    assert runs._memory_keep(None, "False", "0.5") is None
+    assert normalise._memory_keep(None, None, None) is None
+    assert normalise._memory_keep("false", "True", "0.3") is None  # the tag wins
+    assert normalise._memory_keep("0.3", None, None) == 0.3
+    assert normalise._memory_keep(None, "True", "0.5") == 0.5
+    assert normalise._memory_keep(None, "False", "0.5") is None

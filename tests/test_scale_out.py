@@ -1,7 +1,7 @@
-"""One study shared by several invocations (studies/queue.py): each cell runs exactly once, a dead
+"""One study shared by several invocations (studies/execution/queue.py): each cell runs exactly once, a dead
 invocation's cell is taken over and resumed into the same MLflow run, on PostgreSQL + ``mlflow server``
 (several machines) and on the default SQLite store + journal file (one machine); and which GPU each worker
-gets (studies/devices.py).
+gets (studies/execution/devices.py).
 
 The invocations are real ``python -m studies.run`` processes on the smoke budget (64 px, 2 steps an epoch)."""
 
@@ -19,9 +19,9 @@ import pytest
 import yaml
 
 from dset import metric_names as M
-from studies import mlflow_schema as S
-from studies.devices import DeviceError, Slot, parse_devices, plan_devices
+from studies.execution.devices import DeviceError, Slot, parse_devices, plan_devices
 from studies.run import main
+from studies.tracking import schema
 
 REPO = Path(__file__).resolve().parents[1]
 GRID = {"backbone": {"r18": {"preset": "rtdetr_r18"}},
@@ -35,9 +35,9 @@ CELLS = ["r18-base-s0", "r18-dmoe-s0", "r18-emoe-s0"]
 
 KILLER = """
 import os, signal, sys
-from studies import tracking
+from studies.tracking.callback import MlflowCallback
 
-original = tracking.MlflowCallback.on_epoch_end
+original = MlflowCallback.on_epoch_end
 
 
 def on_epoch_end(self, epoch, metrics):
@@ -46,7 +46,7 @@ def on_epoch_end(self, epoch, metrics):
     return original(self, epoch, metrics)
 
 
-tracking.MlflowCallback.on_epoch_end = on_epoch_end
+MlflowCallback.on_epoch_end = on_epoch_end
 from studies.run import main
 
 if __name__ == "__main__":
@@ -97,16 +97,16 @@ def assert_each_cell_once(uri: str, study: Path, tmp_path: Path, epochs: int, in
     """One FINISHED MLflow run per cell, trained once (each epoch in metrics.jsonl once), every invocation's
     parent run FINISHED. Returns the child runs by cell."""
     runs = runs_of(uri, study.stem)
-    children = [r for r in runs if r.data.tags.get(S.TAG_ROLE) == "child"]
-    by_cell = {r.data.tags[S.TAG_CELL]: r for r in children}
-    assert sorted(r.data.tags[S.TAG_CELL] for r in children) == CELLS            # no cell twice
+    children = [r for r in runs if r.data.tags.get(schema.TAG_ROLE) == "child"]
+    by_cell = {r.data.tags[schema.TAG_CELL]: r for r in children}
+    assert sorted(r.data.tags[schema.TAG_CELL] for r in children) == CELLS            # no cell twice
     assert {r.info.status for r in children} == {"FINISHED"}
-    parents = [r for r in runs if r.data.tags.get(S.TAG_ROLE) == "parent"]
+    parents = [r for r in runs if r.data.tags.get(schema.TAG_ROLE) == "parent"]
     assert len(parents) == invocations and {r.info.status for r in parents} == {"FINISHED"}
-    assert len({r.data.tags[S.TAG_PID] for r in children}) >= 2   # the work was shared, not done by one
+    assert len({r.data.tags[schema.TAG_PID] for r in children}) >= 2   # the work was shared, not done by one
     for r in children:
-        run_dir = Path(r.data.tags[S.TAG_CHECKPOINT_DIR]).parent
-        assert epochs_logged(run_dir) == list(range(epochs)), r.data.tags[S.TAG_CELL]
+        run_dir = Path(r.data.tags[schema.TAG_CHECKPOINT_DIR]).parent
+        assert epochs_logged(run_dir) == list(range(epochs)), r.data.tags[schema.TAG_CELL]
         m = r.data.metrics
         summary = json.loads((run_dir / "summary.json").read_text())
         assert (m[M.TRAIN_IMAGES_PER_S] == pytest.approx(summary["metrics"][M.TRAIN_IMAGES_PER_S])
@@ -114,7 +114,7 @@ def assert_each_cell_once(uri: str, study: Path, tmp_path: Path, epochs: int, in
         assert m[M.EVAL_IMAGES_PER_S] > 0 and m[M.PEAK_HOST_MEMORY_MB] > 100   # torch alone takes more
         assert M.PEAK_GPU_MEMORY_MB not in m                                  # a CPU run
         assert "system/cpu_utilization_percentage" in m and "system/system_memory_usage_megabytes" in m
-        assert r.data.tags[S.TAG_DEVICE_SHARED] == "false"                    # one worker per invocation
+        assert r.data.tags[schema.TAG_DEVICE_SHARED] == "false"                    # one worker per invocation
     return by_cell
 
 
@@ -132,7 +132,7 @@ def queue_trials(storage: str, study: Path) -> list:
 
 
 def assert_one_complete_claim_per_cell(trials) -> None:
-    from studies.queue import ATTR_KEY, ATTR_LABEL
+    from studies.execution.claims import ATTR_KEY, ATTR_LABEL
 
     complete = [t.user_attrs[ATTR_LABEL] for t in trials if t.state.name == "COMPLETE" and ATTR_KEY in t.user_attrs]
     assert sorted(complete) == CELLS
@@ -155,9 +155,10 @@ def test_invocations_on_postgresql_started_together_and_3s_apart_run_each_cell_o
     by_cell = assert_each_cell_once(mlflow_server, study, tmp_path, epochs=2, invocations=3)
     assert_one_complete_claim_per_cell(queue_trials(storage, study))
     # the report reads everything through the server, the evaluation artifacts too
-    from analysis.runs import evaluations, load_study_runs
+    from analysis.compute.evaluations import evaluations
+    from analysis.compute.loading import load_study_results
 
-    evaluated = evaluations(load_study_runs(study.stem, mlflow_server), [r.info.run_id for r in by_cell.values()])
+    evaluated = evaluations(load_study_results(study.stem, mlflow_server), [r.info.run_id for r in by_cell.values()])
     assert not [v for v in evaluated.values() if isinstance(v, str)], evaluated
 
 
@@ -177,21 +178,22 @@ def test_a_killed_invocation_on_another_host_is_taken_over_by_heartbeat(tmp_path
     claimed = []
     while not claimed:   # wait until the doomed invocation has claimed a cell and opened its MLflow run
         claimed = [r for r in runs_of(mlflow_server, study.stem)
-                   if r.data.tags.get(S.TAG_HOST) == "other-machine" and r.data.tags.get(S.TAG_ROLE) == "child"]
+                   if r.data.tags.get(schema.TAG_HOST) == "other-machine"
+                   and r.data.tags.get(schema.TAG_ROLE) == "child"]
         assert doomed.poll() is None and time.time() < deadline, doomed.communicate()[0][-3000:]
         time.sleep(0.5)
-    cell, run_id = claimed[0].data.tags[S.TAG_CELL], claimed[0].info.run_id
+    cell, run_id = claimed[0].data.tags[schema.TAG_CELL], claimed[0].info.run_id
     survivor = invocation(tmp_path, study, mlflow_server, *common, env=beat)
     (code_doomed, text_doomed), (code, text) = finish(doomed, survivor)
     assert code_doomed == -9, text_doomed[-3000:]
     assert code == 0, text[-3000:]
     assert f"-> {cell}: resuming from" in text, text[-3000:]
-    children = [r for r in runs_of(mlflow_server, study.stem) if r.data.tags.get(S.TAG_ROLE) == "child"]
-    assert sorted(r.data.tags[S.TAG_CELL] for r in children) == ["r18-base-s0", "r18-dmoe-s0"]  # one run each
+    children = [r for r in runs_of(mlflow_server, study.stem) if r.data.tags.get(schema.TAG_ROLE) == "child"]
+    assert sorted(r.data.tags[schema.TAG_CELL] for r in children) == ["r18-base-s0", "r18-dmoe-s0"]  # one run each
     assert {r.info.status for r in children} == {"FINISHED"}
-    resumed = next(r for r in children if r.data.tags[S.TAG_CELL] == cell)
+    resumed = next(r for r in children if r.data.tags[schema.TAG_CELL] == cell)
     assert resumed.info.run_id == run_id                       # the same MLflow run
-    run_dir = Path(resumed.data.tags[S.TAG_CHECKPOINT_DIR]).parent
+    run_dir = Path(resumed.data.tags[schema.TAG_CHECKPOINT_DIR]).parent
     assert epochs_logged(run_dir) == [0, 1, 2]                 # epochs 0 and 1 came from the killed invocation
     from mlflow.tracking import MlflowClient
 
@@ -214,7 +216,7 @@ def test_two_invocations_on_the_default_sqlite_store_and_journal(tmp_path):
         assert code == 0, text[-3000:]
         assert "Traceback" not in text and "locked" not in text, text[-3000:]
     assert_each_cell_once(uri, study, tmp_path, epochs=2)
-    pretrain = [r for r in runs_of(uri, study.stem) if r.data.tags.get(S.TAG_ROLE) == "pretrain"]
+    pretrain = [r for r in runs_of(uri, study.stem) if r.data.tags.get(schema.TAG_ROLE) == "pretrain"]
     assert len(pretrain) == 1 and pretrain[0].info.status == "FINISHED"   # stage 1 trained once
     journal = tmp_path / "runs" / study.stem / "optuna_journal.log"
     assert_one_complete_claim_per_cell(queue_trials(str(journal), study))
@@ -255,15 +257,15 @@ def test_bad_devices_are_refused(text, error):
 
 
 def test_devices_on_the_command_line_with_a_faked_gpu_count(monkeypatch, capsys, tmp_path):
-    import studies.devices as D
+    from studies.execution import devices
 
-    monkeypatch.setattr(D, "gpu_count", lambda: 2)
+    monkeypatch.setattr(devices, "gpu_count", lambda: 2)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert main(["smoke", "--workers", "3", "--dry-run", f"out_dir={tmp_path}"]) == 0
     out = capsys.readouterr()
     assert "devices: worker 1: GPU 0, worker 2: GPU 1, worker 3: GPU 0" in out.out
     assert main(["smoke", "--devices", "4", "--dry-run"]) == 2
     assert "GPU index 4 does not exist" in capsys.readouterr().err
-    monkeypatch.setattr(D, "gpu_count", lambda: 0)
+    monkeypatch.setattr(devices, "gpu_count", lambda: 0)
     assert main(["smoke", "--devices", "0", "--dry-run"]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err

@@ -23,10 +23,11 @@ from conftest import one_thread_for_module
 from dset import metric_names as M
 from dset.config import flatten, load_config, read_budget
 from dset.engine.epoch_stats import entropy
-from studies import mlflow_schema as S
-from studies import spec
+from studies.planning.cells import grid_cells, search_fingerprint
+from studies.planning.study import StudyError, load_study, study_names
 from studies.run import main
-from studies.tracking import epoch_metrics, final_metrics
+from studies.tracking import schema
+from studies.tracking.callback import epoch_metrics, final_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,7 +58,7 @@ def common(tmp_path, synth_root, *extra):
 
 def search(uri: str, experiment: str):
     """``mlflow.search_runs`` on ``uri``: the experiment's runs as a pandas frame."""
-    from studies.mlflow_store import search_runs_frame
+    from studies.tracking.mlflow_store import search_runs_frame
 
     return search_runs_frame(uri, experiment_names=[experiment])
 
@@ -77,15 +78,15 @@ def out_dir_of(row) -> Path:
 
 
 # ------------------------------------------------------------------------------------- study files
-@pytest.mark.parametrize("name", spec.study_names())
+@pytest.mark.parametrize("name", study_names())
 def test_dry_run_of_every_shipped_study(name, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert main([name, "--dry-run"]) == 0
     out = capsys.readouterr().out
-    st = spec.load_study(name)
+    st = load_study(name)
     assert f"budget: {st.budget}" in out and "train:" in out and "epochs" in out
     if st.kind == "grid":
-        for cell in spec.grid_cells(st):
+        for cell in grid_cells(st):
             assert cell.ok and cell.id in out
     else:
         for p in st.search.space:
@@ -99,8 +100,8 @@ def test_dry_run_of_every_shipped_study(name, tmp_path, monkeypatch, capsys):
 
 
 def test_ablation_grid_cells_configs_and_overrides(capsys):
-    st = spec.load_study("ablation_grid")
-    cells = spec.grid_cells(st)
+    st = load_study("ablation_grid")
+    cells = grid_cells(st)
     assert len(cells) == 16 and len({c.fingerprint for c in cells}) == 16
     assert [c.id for c in cells[:8]] == ["r18-base-s0", "r18-enc_moe-s0", "r18-prune-s0", "r18-dec_moe-s0",
                                          "r18-enc_moe-prune-s0", "r18-enc_moe-dec_moe-s0", "r18-prune-dec_moe-s0",
@@ -122,21 +123,21 @@ def test_ablation_grid_cells_configs_and_overrides(capsys):
     cfg = cells[0].config                              # the default budget
     assert cfg.data.name == "synthetic" and cfg.data.image_size == 128 and cfg.train.profile
     # study-level and configuration overrides
-    st3 = spec.load_study("ablation_grid", ["seeds=[0,1,2]", "model.decoder.num_queries=30"])
-    cells3 = spec.grid_cells(st3)
+    st3 = load_study("ablation_grid", ["seeds=[0,1,2]", "model.decoder.num_queries=30"])
+    cells3 = grid_cells(st3)
     assert len(cells3) == 48 and [c.seed for c in cells3[:17]] == [0] * 16 + [1]
     assert all(c.config.model.decoder.num_queries == 30 and c.config.run.seed == c.seed for c in cells3)
-    assert spec.load_study("optuna_search", ["n_trials=3"]).search.n_trials == 3
-    with pytest.raises(spec.StudyError, match="unknown override key 'epochs'"):
-        spec.load_study("ablation_grid", ["epochs=3"])
-    with pytest.raises(spec.StudyError, match="seeds=\\[0,1,2\\]"):
-        spec.load_study("ablation_grid", ["run.seed=3"])
-    with pytest.raises(spec.StudyError, match="unknown budget 'nope'"):
-        spec.load_study("ablation_grid", ["budget=nope"])
+    assert load_study("optuna_search", ["n_trials=3"]).search.n_trials == 3
+    with pytest.raises(StudyError, match="unknown override key 'epochs'"):
+        load_study("ablation_grid", ["epochs=3"])
+    with pytest.raises(StudyError, match="seeds=\\[0,1,2\\]"):
+        load_study("ablation_grid", ["run.seed=3"])
+    with pytest.raises(StudyError, match="unknown budget 'nope'"):
+        load_study("ablation_grid", ["budget=nope"])
     # budget=paper: DAIR-V2X at 640 px, 72 epochs, patience 35; a clear error when the data is absent
-    paper = spec.grid_cells(spec.load_study("ablation_grid", ["budget=paper"]))
+    paper = grid_cells(load_study("ablation_grid", ["budget=paper"]))
     assert not paper[0].ok and "data.train.images" in paper[0].error and "dset.data.dair_v2x" in paper[0].error
-    raw = flatten(read_budget(spec.load_study("ablation_grid", ["budget=paper"]).budget_path())[0])
+    raw = flatten(read_budget(load_study("ablation_grid", ["budget=paper"]).budget_path())[0])
     assert raw["data.image_size"] == 640 and raw["train.epochs"] == 72 and raw["train.early_stop_patience"] == 35
     assert raw["data.train.annotations"] == "data/dair_v2x_coco/train.json"
     # an invalid override for every run: an error before any work
@@ -200,27 +201,28 @@ def test_grid_end_to_end_into_mlflow_with_a_failing_cell(tmp_path, store, synth_
     assert bad["status"] == "FAILED" and "model.decoder_moe.top_k" in bad["tags.dset.error"]
     assert bad["tags.dset.status"] == "failed"
 
-    cells = {c.id: c for c in spec.grid_cells(spec.load_study(str(study_file), overrides))}
+    cells = {c.id: c for c in grid_cells(load_study(str(study_file), overrides))}
     c = client(store)
     for cell_id, on in (("r18-base-s0", False), ("r18-dset-s0", True)):
         row = children.loc[cell_id]
         assert row["status"] == "FINISHED"
         # tags
-        expect = {S.TAG_STUDY: "tiny", S.TAG_BACKBONE: "R18", S.TAG_SEED: "0", S.TAG_STATUS: "completed",
-                  S.TAG_VARIANT: "DSET R18 (E+P+D)" if on else "RT-DETR R18", S.TAG_DEVICE: "cpu",
-                  S.TAG_FINGERPRINT: cells[cell_id].fingerprint, S.TAG_SCORE_SPLIT: "test"}
-        for tag in S.SWITCH_TAGS:
+        expect = {schema.TAG_STUDY: "tiny", schema.TAG_BACKBONE: "R18", schema.TAG_SEED: "0",
+                  schema.TAG_STATUS: "completed", schema.TAG_VARIANT: "DSET R18 (E+P+D)" if on else "RT-DETR R18",
+                  schema.TAG_DEVICE: "cpu",
+                  schema.TAG_FINGERPRINT: cells[cell_id].fingerprint, schema.TAG_SCORE_SPLIT: "test"}
+        for tag in schema.SWITCH_TAGS:
             expect[tag] = str(on).lower()
         for k, v in expect.items():
             assert row[f"tags.{k}"] == v, k
-        latency_device = row[f"tags.{S.TAG_LATENCY_DEVICE}"]
+        latency_device = row[f"tags.{schema.TAG_LATENCY_DEVICE}"]
         assert latency_device.startswith("cpu (") and "batch 1" in latency_device
         run_dir = out_dir_of(row)
         # a finished study run keeps its weights, not its resume state (train.keep_last_checkpoint=false)
         assert (run_dir / "checkpoints" / "best.pt").is_file()
         assert not (run_dir / "checkpoints" / "last.pt").exists()
         assert row["params.train.keep_last_checkpoint"] == "False"
-        assert (REPO / ".git").exists() and row[f"tags.{S.TAG_GIT_COMMIT}"]
+        assert (REPO / ".git").exists() and row[f"tags.{schema.TAG_GIT_COMMIT}"]
         # params: the resolved configuration, as fit saved it (num_classes from the data set)
         saved = load_config(run_dir / "config.yaml")
         assert saved.model.num_classes == 4
@@ -257,18 +259,19 @@ def test_grid_end_to_end_into_mlflow_with_a_failing_cell(tmp_path, store, synth_
         assert row[f"metrics.{M.TRAIN_MINUTES}"] == pytest.approx(sum(r[M.EPOCH_TIME] for r in lines) / 60)
         # artifacts
         names = {a.path for a in c.list_artifacts(run_id)}
-        expected = {"config.yaml", "metrics.jsonl", "summary.json", "per_class_ap.csv", "eval", S.ARTIFACT_PICTURES,
-                    S.ARTIFACT_IMAGES}
+        expected = {"config.yaml", "metrics.jsonl", "summary.json", "per_class_ap.csv", "eval",
+                    schema.ARTIFACT_PICTURES, schema.ARTIFACT_IMAGES}
         expected |= {"expert_usage.png"} if on else set()
         assert names == expected
         kinds = ("detections", "kept_tokens", "encoder_experts", "decoder_experts") if on else ("detections",)
-        pictures = {Path(a.path).name for a in c.list_artifacts(run_id, S.ARTIFACT_PICTURES)}
-        assert pictures == {p.name for p in (run_dir / S.ARTIFACT_PICTURES).iterdir()}
+        pictures = {Path(a.path).name for a in c.list_artifacts(run_id, schema.ARTIFACT_PICTURES)}
+        assert pictures == {p.name for p in (run_dir / schema.ARTIFACT_PICTURES).iterdir()}
         assert {n.rsplit("_", 1)[0] for n in pictures if n.endswith(".png")} == set(kinds)
         assert {a.path for a in c.list_artifacts(run_id, "eval")} == {
-            S.ARTIFACT_DETECTIONS, S.ARTIFACT_GROUND_TRUTH, S.ARTIFACT_TEST_DETECTIONS, S.ARTIFACT_TEST_GROUND_TRUTH}
-        logged = Path(c.download_artifacts(run_id, S.ARTIFACT_TEST_DETECTIONS, str(tmp_path / f"dl-t-{cell_id}")))
-        assert logged.read_bytes() == (run_dir / S.ARTIFACT_TEST_DETECTIONS).read_bytes()
+            schema.ARTIFACT_DETECTIONS, schema.ARTIFACT_GROUND_TRUTH, schema.ARTIFACT_TEST_DETECTIONS,
+            schema.ARTIFACT_TEST_GROUND_TRUTH}
+        logged = Path(c.download_artifacts(run_id, schema.ARTIFACT_TEST_DETECTIONS, str(tmp_path / f"dl-t-{cell_id}")))
+        assert logged.read_bytes() == (run_dir / schema.ARTIFACT_TEST_DETECTIONS).read_bytes()
         local = Path(c.download_artifacts(run_id, "per_class_ap.csv", str(tmp_path / f"dl-{cell_id}")))
         table = {r["class"]: r for r in csv.DictReader(local.open())}
         assert set(table) == {"circle", "square", "triangle", "cross"}
@@ -291,12 +294,12 @@ def test_grid_end_to_end_into_mlflow_with_a_failing_cell(tmp_path, store, synth_
             assert f"metrics.{M.KEEP_RATIO}" not in row or math.isnan(row[f"metrics.{M.KEEP_RATIO}"])
 
     # the report layer reads this store
-    from analysis.runs import load_study_runs
+    from analysis.compute.loading import load_study_results
 
-    study = load_study_runs("tiny", store)
+    study = load_study_results("tiny", store)
     assert sorted(study.included["cell"]) == ["r18-base-s0", "r18-dset-s0"]
     # mlflow ui opens the experiment on its runs, not on MLflow 3's GenAI overview
-    assert c.get_experiment_by_name("tiny").tags[S.TAG_EXPERIMENT_KIND] == "custom_model_development"
+    assert c.get_experiment_by_name("tiny").tags[schema.TAG_EXPERIMENT_KIND] == "custom_model_development"
 
     # the report shows each run's deployed speed (eager and ONNX Runtime, as the run timed them) and its pictures
     from analysis.make_report import build_report
@@ -328,9 +331,9 @@ def test_grid_end_to_end_into_mlflow_with_a_failing_cell(tmp_path, store, synth_
 
 KILLER = """
 import os, signal, sys
-from studies import tracking
+from studies.tracking.callback import MlflowCallback
 
-original = tracking.MlflowCallback.on_epoch_end
+original = MlflowCallback.on_epoch_end
 
 
 def on_epoch_end(self, epoch, metrics):
@@ -339,7 +342,7 @@ def on_epoch_end(self, epoch, metrics):
     return original(self, epoch, metrics)
 
 
-tracking.MlflowCallback.on_epoch_end = on_epoch_end
+MlflowCallback.on_epoch_end = on_epoch_end
 from studies.run import main
 
 if __name__ == "__main__":
@@ -414,8 +417,8 @@ def test_optuna_search_two_trials(tmp_path, store, synth_root, capsys):
     kids = df[df["tags.dset.role"] == "child"].sort_values("tags.dset.trial")
     assert list(kids["tags.dset.trial"]) == ["0", "1"] and list(kids["tags.dset.cell"]) == ["trial-0", "trial-1"]
     assert (kids["status"] == "FINISHED").all()
-    name = parent[f"tags.{S.TAG_OPTUNA_STUDY}"]
-    assert (kids[f"tags.{S.TAG_OPTUNA_STUDY}"] == name).all()
+    name = parent[f"tags.{schema.TAG_OPTUNA_STUDY}"]
+    assert (kids[f"tags.{schema.TAG_OPTUNA_STUDY}"] == name).all()
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
         str(tmp_path / "runs" / "optuna_search" / "optuna_journal.log")))
     ostudy = optuna.load_study(study_name=name, storage=storage)
@@ -430,14 +433,15 @@ def test_optuna_search_two_trials(tmp_path, store, synth_root, capsys):
         assert t.params["model.encoder_moe.top_k"] <= t.params["model.encoder_moe.num_experts"]
         assert t.values == [pytest.approx(row[f"metrics.{M.BEST_MAP}"]), pytest.approx(row[f"metrics.{M.GFLOPS}"])]
     # more trials continue the same search
-    assert spec.search_fingerprint(spec.load_study("optuna_search", ["budget=smoke", "n_trials=5"])) == \
-        spec.search_fingerprint(spec.load_study("optuna_search", ["budget=smoke", "n_trials=2"]))
+    assert search_fingerprint(load_study("optuna_search", ["budget=smoke", "n_trials=5"])) == \
+        search_fingerprint(load_study("optuna_search", ["budget=smoke", "n_trials=2"]))
 
 
 def test_pruning_callback_reports_and_prunes(tmp_path):
     import optuna
 
-    from studies.search import PruningCallback, open_storage
+    from studies.execution.optuna_storage import open_storage
+    from studies.execution.search import PruningCallback
 
     desc = {"journal": str(tmp_path / "journal.log")}
     ostudy = optuna.create_study(study_name="p", storage=open_storage(desc), direction="maximize",
@@ -458,28 +462,29 @@ def test_pruning_callback_reports_and_prunes(tmp_path):
 def test_interrupted_trial_is_enqueued_again_with_its_parameters(tmp_path):
     import optuna
 
-    from studies import queue as Q
-    from studies import search as O
-    from studies.tracking import host
+    from studies.execution import claims
+    from studies.execution.optuna_storage import open_storage
+    from studies.execution.search import requeue_stale, trial_counts
+    from studies.processes import host
 
     dead = subprocess.Popen(["true"])
     dead.wait()                                                 # a pid that no longer runs
     desc = {"journal": str(tmp_path / "journal.log")}
-    ostudy = optuna.create_study(study_name="s", storage=O.open_storage(desc), direction="maximize")
+    ostudy = optuna.create_study(study_name="s", storage=open_storage(desc), direction="maximize")
     done = ostudy.ask({"x": optuna.distributions.IntDistribution(1, 9)})
     ostudy.tell(done, 0.5)
     killed = ostudy.ask({"x": optuna.distributions.IntDistribution(1, 9)})
-    killed.set_user_attr(Q.ATTR_HOST, host())
-    killed.set_user_attr(Q.ATTR_PID, dead.pid)
+    killed.set_user_attr(claims.ATTR_HOST, host())
+    killed.set_user_attr(claims.ATTR_PID, dead.pid)
     alive = ostudy.ask({"x": optuna.distributions.IntDistribution(1, 9)})    # this process: still running
-    alive.set_user_attr(Q.ATTR_HOST, host())
-    alive.set_user_attr(Q.ATTR_PID, os.getpid())
-    assert O.trial_counts(ostudy)[0] == 3
+    alive.set_user_attr(claims.ATTR_HOST, host())
+    alive.set_user_attr(claims.ATTR_PID, os.getpid())
+    assert trial_counts(ostudy)[0] == 3
 
-    assert O.requeue_stale(ostudy, host()) == [killed.number]
+    assert requeue_stale(ostudy, host()) == [killed.number]
     states = [t.state.name for t in ostudy.get_trials()]
     assert states == ["COMPLETE", "FAIL", "RUNNING", "WAITING"]
-    assert O.trial_counts(ostudy)[0] == 3                       # the interrupted trial is replaced, not counted
+    assert trial_counts(ostudy)[0] == 3                       # the interrupted trial is replaced, not counted
     retry = ostudy.ask()                                        # the next trial asked is the re-run
-    assert retry.user_attrs[Q.ATTR_RETRY_OF] == killed.number
+    assert retry.user_attrs[claims.ATTR_RETRY_OF] == killed.number
     assert retry.suggest_int("x", 1, 9) == killed.params["x"]

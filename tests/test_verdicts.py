@@ -1,4 +1,5 @@
-"""Verdicts against the study's targets (analysis/verdicts.py) and the targets a study file states (studies/spec.py)."""
+"""Verdicts against the study's targets (analysis/compute/verdicts.py) and the targets a study file states
+(studies/planning/study.py)."""
 
 from __future__ import annotations
 
@@ -6,43 +7,44 @@ import math
 
 import pytest
 
-from analysis import verdicts as V
-from studies.spec import TARGET_DEFAULTS, StudyError, Targets, load_study, parse_targets
+from analysis.compute import verdicts
+from studies.planning.study import TARGET_DEFAULTS, StudyError, Targets, load_study, parse_targets
 
 
 @pytest.mark.parametrize("low, high, expected", [
-    (0.001, 0.02, V.BETTER),
-    (-0.02, -0.001, V.WORSE),            # below 0, even inside the margin: a loss is shown
-    (-0.009, 0.02, V.NON_INFERIOR),      # a loss larger than δ = 0.01 is ruled out
-    (0.0, 0.02, V.NON_INFERIOR),         # lower bound exactly 0: not better
-    (-0.011, 0.02, V.INCONCLUSIVE),      # "no difference detected" but a loss of up to 0.011 is possible
-    (-0.01, 0.5, V.INCONCLUSIVE),        # the margin's own value is not above −δ
-    (-0.03, 0.0, V.INCONCLUSIVE),
-    (math.nan, math.nan, V.INCONCLUSIVE),
+    (0.001, 0.02, verdicts.BETTER),
+    (-0.02, -0.001, verdicts.WORSE),            # below 0, even inside the margin: a loss is shown
+    (-0.009, 0.02, verdicts.NON_INFERIOR),      # a loss larger than δ = 0.01 is ruled out
+    (0.0, 0.02, verdicts.NON_INFERIOR),         # lower bound exactly 0: not better
+    (-0.011, 0.02, verdicts.INCONCLUSIVE),      # "no difference detected" but a loss of up to 0.011 is possible
+    (-0.01, 0.5, verdicts.INCONCLUSIVE),        # the margin's own value is not above −δ
+    (-0.03, 0.0, verdicts.INCONCLUSIVE),
+    (math.nan, math.nan, verdicts.INCONCLUSIVE),
 ])
 def test_judge(low, high, expected):
-    assert V.judge(low, high, 0.01) == expected
+    assert verdicts.judge(low, high, 0.01) == expected
 
 
 def test_the_margin_decides_non_inferiority():
-    assert V.judge(-0.029, 0.021, 0.01) == V.INCONCLUSIVE   # the issue's R18 keep-0.3 interval at δ 0.01
-    assert V.judge(-0.029, 0.021, 0.03) == V.NON_INFERIOR
+    assert verdicts.judge(-0.029, 0.021, 0.01) == verdicts.INCONCLUSIVE   # the issue's R18 keep-0.3 interval at δ 0.01
+    assert verdicts.judge(-0.029, 0.021, 0.03) == verdicts.NON_INFERIOR
 
 
 def test_no_verdict_below_the_learning_floor_or_with_too_few_images():
     t = Targets(learning_floor_map=0.05, min_scored_images=30)
-    assert V.why_no_verdict(0.2, 48, t) is None
-    assert V.why_no_verdict(0.0005, 48, t) == "RT-DETR has not learned (mAP 0.0005 < floor 0.05)"
-    assert V.why_no_verdict(0.2, 7, t) == "7 scored images < 30"
-    assert V.why_no_verdict(0.0005, 7, t) == "RT-DETR has not learned (mAP 0.0005 < floor 0.05); 7 scored images < 30"
-    assert V.why_no_verdict(0.2, None, t) is None   # Welch: no images counted, the floor still applies
-    assert V.verdict_text(V.WORSE, "7 scored images < 30") == "no verdict: 7 scored images < 30"
-    assert V.verdict_text(V.WORSE, None) == "worse"
+    assert verdicts.why_no_verdict(0.2, 48, t) is None
+    assert verdicts.why_no_verdict(0.0005, 48, t) == "RT-DETR has not learned (mAP 0.0005 < floor 0.05)"
+    assert verdicts.why_no_verdict(0.2, 7, t) == "7 scored images < 30"
+    assert verdicts.why_no_verdict(0.0005, 7, t) == ("RT-DETR has not learned (mAP 0.0005 < floor 0.05); "
+                                                     "7 scored images < 30")
+    assert verdicts.why_no_verdict(0.2, None, t) is None   # Welch: no images counted, the floor still applies
+    assert verdicts.verdict_text(verdicts.WORSE, "7 scored images < 30") == "no verdict: 7 scored images < 30"
+    assert verdicts.verdict_text(verdicts.WORSE, None) == "worse"
 
 
 def test_interval_includes():
-    assert V.interval_includes(1, 1, 0) == "image sampling only (1 seed): training noise not included"
-    assert V.interval_includes(3, 3, 4).startswith("image sampling + training noise (3 / 3 seeds")
+    assert verdicts.interval_includes(1, 1, 0) == "image sampling only (1 seed): training noise not included"
+    assert verdicts.interval_includes(3, 3, 4).startswith("image sampling + training noise (3 / 3 seeds")
 
 
 def test_targets_in_a_study_file_and_their_errors():
@@ -64,15 +66,15 @@ def test_targets_in_a_study_file_and_their_errors():
 
 
 def test_the_parent_run_logs_the_targets(tmp_path, monkeypatch):
-    """studies/study_runs.py logs the study's targets on the parent run, as params analysis reads back."""
+    """studies/tracking/invocation_runs.py logs the study's targets on the parent run, as params analysis reads
+    back."""
     from mlflow.tracking import MlflowClient
 
-    from studies import study_runs
-    from studies.devices import Slot
+    from studies.tracking.invocation_runs import InvocationRuns
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     study = load_study("ablation_grid", ["targets.delta_map=0.03"])
-    runs = study_runs.StudyRuns(study, uri, [Slot(None, "CPU", 1)], keep_stale=False, host="h", pid=1)
+    runs = InvocationRuns(study, uri, ["CPU"], keep_stale=False, host="h", pid=1)
     params = MlflowClient(tracking_uri=uri).get_run(runs.parent_id).data.params
     assert {k: v for k, v in params.items() if k.startswith("targets.")} == {
         "targets.delta_map": "0.03", "targets.gflops_percent": "-10.0", "targets.latency_percent": "-8.0",

@@ -20,7 +20,7 @@ all resamples at once (:func:`map_replicates`): one matrix product per category 
 of one pycocotools call per resample. The per-category APs of those resamples (:func:`class_ap_replicates`,
 which :func:`map_replicates` averages) give each category's delta the same paired interval
 (:func:`paired_class_delta`). The same pycocotools evaluation (COCO's four area ranges, ``accumulate()``)
-also gives the run's error analysis beyond mAP (:mod:`analysis.errors`), kept on the run.
+also gives the run's error analysis beyond mAP (:mod:`analysis.compute.detection_errors`), kept on the run.
 
 Why the weighted form is exact: precision is only read at the first point reaching a recall threshold and
 as a maximum over what follows; the interpolated precision of the copies of a true positive is that of its
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import errors as E
+from . import detection_errors
 
 LEVEL = 0.95
 N_RESAMPLES = 1000
@@ -55,7 +55,7 @@ class Evaluated:
     threshold ``t``: two (images x true positives) count matrices, in score order, where column ``p`` holds,
     per image, the true positives up to and including the ``p``-th and the false positives before it.
     ``category_ids`` (sorted) name the categories ``k``; ``errors`` is the run's error analysis beyond mAP
-    (:mod:`analysis.errors`), from the same pycocotools evaluation."""
+    (:mod:`analysis.compute.detection_errors`), from the same pycocotools evaluation."""
 
     name: str
     image_ids: np.ndarray
@@ -63,7 +63,7 @@ class Evaluated:
     curves: list[list[tuple[np.ndarray, np.ndarray]]]
     rec_thrs: np.ndarray
     category_ids: np.ndarray
-    errors: E.ErrorAnalysis
+    errors: detection_errors.ErrorAnalysis
     _replicates: dict = field(default_factory=dict, repr=False)
     split: str = "val"        # the split the detections were scored on: "test", or "val" (the selection split)
 
@@ -90,9 +90,9 @@ class Evaluated:
 def evaluate_run(ground_truth: dict, detections: list[dict], image_ids=None, name: str = "run") -> Evaluated:
     """Run ``COCOeval.evaluate()`` (bbox) once on ``detections`` against ``ground_truth`` (a COCO dict with
     images, annotations and categories) over ``image_ids`` (default: every ground-truth image) and keep what
-    resampling needs, and the run's error analysis (:mod:`analysis.errors`, from the same evaluation).
+    resampling needs, and the run's error analysis (:mod:`analysis.compute.detection_errors`, from the same evaluation).
     Errors name ``name`` (the run) and say what is wrong."""
-    ev = E.coco_evaluation(ground_truth, detections, image_ids, name)
+    ev = detection_errors.coco_evaluation(ground_truth, detections, image_ids, name)
     p = ev.params
     n_img, n_thr, n_area = len(p.imgIds), len(p.iouThrs), len(p.areaRng)
     area_all = list(p.areaRngLbl).index("all")
@@ -120,7 +120,7 @@ def evaluate_run(ground_truth: dict, detections: list[dict], image_ids=None, nam
         fps = np.logical_and(np.logical_not(matched), np.logical_not(ignored))
         curves.append([_curve(image, tps[t], fps[t], n_img) for t in range(n_thr)])
     return Evaluated(name, np.asarray(p.imgIds, dtype=np.int64), npig, curves, np.asarray(p.recThrs, dtype=float),
-                     np.asarray(p.catIds, dtype=np.int64), E.analysis_of(ev, name))
+                     np.asarray(p.catIds, dtype=np.int64), detection_errors.analysis_of(ev, name))
 
 
 def _curve(image: np.ndarray, tp: np.ndarray, fp: np.ndarray, n_img: int) -> tuple[np.ndarray, np.ndarray]:
@@ -224,7 +224,7 @@ POWER = 0.80
 @dataclass(frozen=True)
 class Interval:
     """An observed delta, its 95% interval and the verdict that follows from the interval (without a margin:
-    :mod:`analysis.verdicts` judges ΔmAP with the study's margin); ``se_image``: the std of the paired image
+    :mod:`analysis.compute.verdicts` judges ΔmAP with the study's margin); ``se_image``: the std of the paired image
     bootstrap's deltas, ``se_seed``: the seed term's standard error (0 with one seed a side) on ``seed_dof`` degrees
     of freedom; ``mde``: the minimum detectable effect (:func:`minimum_detectable_effect`)."""
 

@@ -5,7 +5,7 @@ Input is what a run logs (``eval/detections.json``, ``eval/ground_truth.json``):
 a detection list ``[{image_id, category_id, bbox [x, y, w, h], score}]`` and the evaluated image ids.
 :func:`coco_evaluation` checks them (errors name the run) and runs pycocotools' ``COCOeval`` once, over
 COCO's four area ranges ('all', 'small', 'medium', 'large'); :func:`analysis_of` reads everything here from
-that one evaluation, and :func:`analysis.bootstrap.evaluate_run` reads its mAP data from the same one, so a
+that one evaluation, and :func:`analysis.compute.bootstrap.evaluate_run` reads its mAP data from the same one, so a
 run is evaluated once per report.
 
 - Precision-recall: pycocotools' accumulated ``eval['precision']`` [IoU T, recall R, class K, area A,

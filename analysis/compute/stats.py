@@ -1,5 +1,5 @@
 """Statistics the report uses: seed-noise tests, Pareto fronts, Optuna parameter importances, and the
-closed-form compute of the sites the sparse mechanisms act on."""
+closed-form compute of the sites the sparse mechanisms act on. Pure arithmetic: no MLflow, no runs frame."""
 
 from __future__ import annotations
 
@@ -10,13 +10,23 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from dset.analytic import aifi_layer_macs, ffn_macs, keep_count  # torch-free formulas shared with dset.measure
 from dset.config import Config, MoEConfig
 
-from .runs import config_from_params
+from .logged_params import config_from_params
 
 ALPHA = 0.05
+
+
+def missing(v) -> bool:
+    """True for a value that was not logged: None, pandas' NA or NaN."""
+    if v is None or v is pd.NA:
+        return True
+    if isinstance(v, (float, np.floating)):
+        return math.isnan(v)
+    return False
 
 
 # ------------------------------------------------------------------------------------- seed noise
@@ -75,25 +85,6 @@ def pareto_mask(maximise: np.ndarray | list, minimise: np.ndarray | list) -> np.
 
 
 # ----------------------------------------------------------------------------- Optuna importances
-def parse_param(text):
-    """An MLflow param string back to a value: int, float, bool, None or the string itself."""
-    if not isinstance(text, str):
-        return text
-    low = text.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        return text
-
-
 def param_importances(settings: list[dict], values: list[tuple[float, ...]], objective_names: tuple[str, ...],
                       directions: tuple[str, ...], seed: int = 0) -> tuple[dict[str, dict[str, float]], str]:
     """Importance of each varying parameter for each objective, from finished trials.
@@ -159,11 +150,12 @@ def param_importances(settings: list[dict], values: list[tuple[float, ...]], obj
 def sparse_site_macs(cfg: Config | Mapping[str, Any], image_size: int,
                      keep_ratio: float | None = None) -> dict[str, float]:
     """Closed-form multiply-adds of the parts the three switches act on, from a run's configuration (``cfg``: a
-    :class:`~dset.config.Config`, or logged params, dotted key -> value, which :func:`analysis.runs.config_from_params`
-    rebuilds it from; keys not given keep the defaults of ``dset/config.py``): the AIFI layer(s) on the stride-32 map
-    (token pruning, encoder MoE) and the FFNs of the decoder layers over the queries (decoder MoE), at eval (no
-    denoising queries). Returns ``aifi_dense``, ``dec_ffn_dense`` (the same config with every switch off) and
-    ``aifi``, ``dec_ffn`` (as configured; pruning at ``keep_ratio``, default the configured target ratio)."""
+    :class:`~dset.config.Config`, or logged params, dotted key -> value, which
+    :func:`analysis.compute.logged_params.config_from_params` rebuilds it from; keys not given keep the defaults of
+    ``dset/config.py``): the AIFI layer(s) on the stride-32 map (token pruning, encoder MoE) and the FFNs of the
+    decoder layers over the queries (decoder MoE), at eval (no denoising queries). Returns ``aifi_dense``,
+    ``dec_ffn_dense`` (the same config with every switch off) and ``aifi``, ``dec_ffn`` (as configured; pruning at
+    ``keep_ratio``, default the configured target ratio)."""
     model = (cfg if isinstance(cfg, Config) else config_from_params(cfg)).model
     d = model.encoder.hidden_dim
     enc_ffn = model.encoder.dim_feedforward

@@ -10,9 +10,9 @@ A verdict on a variant's ΔmAP (variant minus RT-DETR of the same backbone) is o
 - ``no verdict``: the baseline has not learned (its mAP is below ``targets.learning_floor_map``) or too few images
   were scored (fewer than ``targets.min_scored_images``) for an interval to mean anything; the reason is given.
 
-The targets are the study file's ``targets:`` (:class:`studies.spec.Targets`), logged as ``targets.<key>`` params on
-the study's parent run; :func:`study_targets` reads them back (the newest parent run that logged them), and falls
-back on ``TARGET_DEFAULTS`` for a store made before targets were logged, saying so.
+The targets are the study file's ``targets:`` (:class:`studies.planning.study.Targets`), logged as
+``targets.<key>`` params on the study's parent run; :func:`study_targets` reads them back (the newest parent run
+that logged them), and falls back on ``TARGET_DEFAULTS`` for a store made before targets were logged, saying so.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from studies.spec import TARGET_DEFAULTS, TARGETS_PARAM_PREFIX, StudyError, Targets, parse_targets
+from studies.planning.study import TARGET_DEFAULTS, TARGETS_PARAM_PREFIX, StudyError, Targets, parse_targets
 
-from . import runs as R
+from .loading import StudyResults
 
 BETTER, WORSE, NON_INFERIOR, INCONCLUSIVE, NO_VERDICT = "better", "worse", "non-inferior", "inconclusive", "no verdict"
 VERDICTS = (BETTER, WORSE, NON_INFERIOR, INCONCLUSIVE)
@@ -38,7 +38,7 @@ class StudyTargets:
     logged: bool              # False: the defaults, the store predates logged targets
 
 
-def study_targets(study: R.StudyRuns) -> StudyTargets:
+def study_targets(study: StudyResults) -> StudyTargets:
     """The targets logged on the study's newest parent run that has ``targets.*`` params; the defaults
     (``TARGET_DEFAULTS``) where none has, or where a logged value is unusable (the source says which and why)."""
     parents = study.parents
@@ -107,14 +107,3 @@ def interval_includes(n_variant: int, n_baseline: int, seed_dof: int) -> str:
 def verdict_text(verdict: str, why: str | None) -> str:
     """The verdict as a table shows it: the verdict, or "no verdict: <why>"."""
     return f"{NO_VERDICT}: {why}" if why else verdict
-
-
-VERDICT_NOTE = ("Verdict, from the ΔmAP 95% interval and the study's margin δ: better = lower bound > 0; worse = upper "
-                "bound < 0; non-inferior = not better and lower bound > −δ (a loss larger than δ is ruled out); "
-                "inconclusive = otherwise (the interval reaches below −δ: no difference detected is not as "
-                "accurate); no verdict = RT-DETR's mAP below the learning floor, or fewer scored images than the "
-                "minimum, as the row says.")
-MDE_NOTE = ("MDE (minimum detectable effect): the smallest |ΔmAP| this comparison detects with 80% power at a "
-            "two-sided 5% level, (z_0.975 + z_0.80) × SE = 2.80 × the standard error of the paired image "
-            "bootstrap's ΔmAP, combined in quadrature with (t_0.975 + t_0.80 on the seed term's df) × the seed SE "
-            "where there are several seeds. A true effect smaller than the MDE is likely to read inconclusive.")

@@ -1,11 +1,11 @@
-"""The report's figures. Each builder returns a matplotlib ``Figure`` (no pyplot state, no display
+"""The report's charts. Each builder returns a matplotlib ``Figure`` (no pyplot state, no display
 backend), or None when the experiment has nothing to draw; ``png_bytes`` renders one reproducibly
-(Agg, fixed size and dpi, no PNG metadata: no software version, no time stamp)."""
+(Agg, fixed size and dpi, no PNG metadata: no software version, no time stamp). The figures of detections
+(precision-recall, confusion, pictures) are in :mod:`analysis.present.plots_detections`."""
 
 from __future__ import annotations
 
 import io
-import math
 import re
 
 import numpy as np
@@ -14,12 +14,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from analysis.compute import stats
+from analysis.compute.normalise import COMBOS, backbones_in_order, combo_code
 from dset import metric_names as M
-from studies.expert_usage import draw_usage_heatmap
-
-from . import errors as E
-from . import runs as R
-from . import stats
+from studies.tracking.expert_usage import draw_usage_heatmap
 
 DPI = 100
 BACKBONE_COLORS = {"R18": "tab:blue", "R34": "tab:orange"}
@@ -67,7 +65,7 @@ def _color(backbone: str | None, seen: list) -> str:
     return OTHER_COLORS[seen.index(backbone) % len(OTHER_COLORS)]
 
 
-def _styled(fn):
+def styled(fn):
     """Build (and lay out) the figure under the report's fixed style, whatever the caller's rcParams."""
     import functools
 
@@ -81,13 +79,13 @@ def _styled(fn):
     return wrapper
 
 
-def _new(width: float, height: float, rows: int = 1, cols: int = 1):
+def new_figure(width: float, height: float, rows: int = 1, cols: int = 1):
     fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
     return fig, axes
 
 
-def _labelled(ax, title: str, xlabel: str, ylabel: str, legend: bool = True) -> None:
+def labelled(ax, title: str, xlabel: str, ylabel: str, legend: bool = True) -> None:
     """A chart panel's title, axis labels, light grid and (unless ``legend`` is False) legend."""
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
@@ -106,7 +104,7 @@ def _short_label(v: pd.Series) -> str:
     return "+".join(codes) or "RT-DETR"
 
 
-@_styled
+@styled
 def map_vs(vs: pd.DataFrame, x_metric: str, x_label: str) -> Figure | None:
     """mAP against ``x_metric`` (``M.GFLOPS`` or ``M.LATENCY_MS``) for every variant, Pareto front (max mAP, min x)
     drawn, RT-DETR baselines as stars, seed std as error bars."""
@@ -114,11 +112,11 @@ def map_vs(vs: pd.DataFrame, x_metric: str, x_label: str) -> Figure | None:
     pts = vs[(vs["n"] > 0) & vs[x].notna() & vs[y].notna()].reset_index(drop=True)
     if pts.empty:
         return None
-    fig, axes = _new(6.4, 4.4)
+    fig, axes = new_figure(6.4, 4.4)
     ax = axes[0, 0]
     seen: list = []
     front = stats.pareto_mask(pts[y], pts[x])
-    for bb in sorted(set(pts["backbone"].dropna()), key=lambda b: (R.BACKBONE_ORDER.get(b, 9), b)):
+    for bb in backbones_in_order(pts):
         sub = pts[pts["backbone"] == bb]
         color = _color(bb, seen)
         base = (sub["combo"] == "") & (sub["memory_pruning"] == False)  # noqa: E712
@@ -138,7 +136,7 @@ def map_vs(vs: pd.DataFrame, x_metric: str, x_label: str) -> Figure | None:
     ax.step(f[x], f[y], where="post", color="black", linestyle="--", linewidth=1,
             label="Pareto front (max mAP, min " + x_label.split(" (")[0] + ")", zorder=2)
     ax.scatter(f[x], f[y], s=90, facecolor="none", edgecolor="black", linewidth=1, zorder=4)
-    _labelled(ax, f"mAP vs {x_label.split(' (')[0]}: every variant", x_label,
+    labelled(ax, f"mAP vs {x_label.split(' (')[0]}: every variant", x_label,
               "mAP@0.5:0.95 (best epoch; seed mean ± std)")
     return fig
 
@@ -148,7 +146,7 @@ def _errors(df: pd.DataFrame, value: str, low: str, high: str) -> list:
     return [(df[value] - df[low]).clip(lower=0).fillna(0), (df[high] - df[value]).clip(lower=0).fillna(0)]
 
 
-@_styled
+@styled
 def forest(answer_df: pd.DataFrame, delta_map: float) -> Figure | None:
     """One panel per backbone: each variant's ΔmAP (answer table) with its 95% interval as a horizontal bar, the
     ±``delta_map`` band shaded, 0 drawn, and the verdict written beside each row."""
@@ -185,7 +183,7 @@ def forest(answer_df: pd.DataFrame, delta_map: float) -> Figure | None:
     return fig
 
 
-@_styled
+@styled
 def accuracy_vs_latency(answer_df: pd.DataFrame, targets) -> Figure | None:
     """ΔmAP (95% interval, vertical) against the side-by-side Δlatency % (95% interval, horizontal) of each variant
     of the answer table, one colour per backbone; the latency target and the ±δ band drawn; None without any
@@ -193,7 +191,7 @@ def accuracy_vs_latency(answer_df: pd.DataFrame, targets) -> Figure | None:
     df = answer_df[answer_df["ΔmAP"].notna() & answer_df["Δlatency (%)"].notna()]
     if df.empty:
         return None
-    fig, axes = _new(6.4, 4.4)
+    fig, axes = new_figure(6.4, 4.4)
     ax = axes[0, 0]
     seen: list = []
     ax.axhspan(-targets.delta_map, targets.delta_map, color="0.9", zorder=0, label=f"ΔmAP within ±δ = "
@@ -210,12 +208,12 @@ def accuracy_vs_latency(answer_df: pd.DataFrame, targets) -> Figure | None:
         for _, r in sub.iterrows():
             ax.annotate(str(r["variant"]).replace(f" {bb}", ""), (r["Δlatency (%)"], r["ΔmAP"]),
                         textcoords="offset points", xytext=(4, 3), fontsize=6.5)
-    _labelled(ax, "Accuracy against measured latency, vs RT-DETR", "Δlatency % vs RT-DETR (side by side, 95% interval)",
+    labelled(ax, "Accuracy against measured latency, vs RT-DETR", "Δlatency % vs RT-DETR (side by side, 95% interval)",
               "ΔmAP@0.5:0.95 vs RT-DETR (95% interval)")
     return fig
 
 
-@_styled
+@styled
 def memory_pruning_tradeoff(table_df: pd.DataFrame, targets) -> Figure | None:
     """ΔmAP (95% interval as error bars) against ΔGFLOPs (%) for every variant of the memory-pruning table, one
     series per backbone and DSET switches, each point labelled with its memory keep ratio; RT-DETR at the origin;
@@ -223,7 +221,7 @@ def memory_pruning_tradeoff(table_df: pd.DataFrame, targets) -> Figure | None:
     df = table_df[table_df["ΔmAP"].notna() & table_df["ΔGFLOPs (%)"].notna()]
     if df.empty:
         return None
-    fig, axes = _new(6.4, 4.4)
+    fig, axes = new_figure(6.4, 4.4)
     ax = axes[0, 0]
     seen: list = []
     markers = ["o", "s", "^", "D", "v", "P"]
@@ -243,12 +241,12 @@ def memory_pruning_tradeoff(table_df: pd.DataFrame, targets) -> Figure | None:
     ax.axhline(0, color="black", linewidth=0.6)
     ax.axvline(targets.gflops_percent, color="grey", linestyle="--", linewidth=0.8,
                label=f"target: {targets.gflops_percent:g}% GFLOPs")
-    _labelled(ax, "Memory pruning: accuracy against compute, vs RT-DETR", "ΔGFLOPs (%) vs RT-DETR, as run",
+    labelled(ax, "Memory pruning: accuracy against compute, vs RT-DETR", "ΔGFLOPs (%) vs RT-DETR, as run",
               "ΔmAP@0.5:0.95 vs RT-DETR (95% interval)")
     return fig
 
 
-@_styled
+@styled
 def ablation_bars(table_df: pd.DataFrame) -> Figure | None:
     """Grouped bars: mean mAP per switch combination, one bar per backbone, sample std as error bars."""
     df = table_df[table_df["n"] > 0]
@@ -256,12 +254,12 @@ def ablation_bars(table_df: pd.DataFrame) -> Figure | None:
         return None
     backbones = list(dict.fromkeys(df["backbone"]))
     codes = []
-    for e, p, d in R.COMBOS:
-        code = R.combo_code(e, p, d) or "RT-DETR"
+    for e, p, d in COMBOS:
+        code = combo_code(e, p, d) or "RT-DETR"
         if any((table_df["enc MoE"] == ("on" if e else "off")) & (table_df["pruning"] == ("on" if p else "off"))
                 & (table_df["dec MoE"] == ("on" if d else "off")) & (table_df["n"] > 0)):
             codes.append((code, e, p, d))
-    fig, axes = _new(7.2, 4.0)
+    fig, axes = new_figure(7.2, 4.0)
     ax = axes[0, 0]
     width = 0.8 / max(1, len(backbones))
     seen: list = []
@@ -297,10 +295,10 @@ def ablation_bars(table_df: pd.DataFrame) -> Figure | None:
     return fig
 
 
-@_styled
+@styled
 def expert_usage(label: str, mats: dict[str, np.ndarray]) -> Figure:
     """Heatmaps (layer x expert) of the final-epoch share of token-slots each expert received."""
-    fig, axes = _new(3.2 * len(mats) + 0.8, 3.0, 1, len(mats))
+    fig, axes = new_figure(3.2 * len(mats) + 0.8, 3.0, 1, len(mats))
     for ax, (where, mat) in zip(axes[0], sorted(mats.items(), key=lambda kv: kv[0] != "encoder_moe")):
         im = draw_usage_heatmap(ax, mat, fontsize=6)
         ax.set_title(f"{where.replace('_', ' ')} (uniform = {1 / mat.shape[1]:.3f})")
@@ -330,49 +328,49 @@ def _styles(hist: pd.DataFrame) -> dict:
     return {lab: (["-", "--", ":", "-."][(i // 10) % 4], cmap(i % 10)) for i, lab in enumerate(labels)}
 
 
-@_styled
+@styled
 def per_epoch(hist: pd.DataFrame) -> Figure | None:
     """Validation mAP per epoch (left) and the token keep ratio in force (right), per variant, seed means."""
     if hist.empty or not (hist["key"] == M.VAL_PREFIX + "mAP").any():
         return None
-    backbones = sorted(set(hist["backbone"].dropna()), key=lambda b: (R.BACKBONE_ORDER.get(b, 9), b)) or [None]
-    fig, axes = _new(9.0, 3.0 * len(backbones), len(backbones), 2)
+    backbones = backbones_in_order(hist) or [None]
+    fig, axes = new_figure(9.0, 3.0 * len(backbones), len(backbones), 2)
     styles = _styles(hist)
     for row, bb in enumerate(backbones):
         h = hist if bb is None else hist[hist["backbone"] == bb]
         ax_m, ax_k = axes[row]
         _curves(ax_m, h, M.VAL_PREFIX + "mAP", styles)
-        _labelled(ax_m, f"{bb or ''} validation mAP@0.5:0.95 per epoch", "epoch", "val/mAP")
+        labelled(ax_m, f"{bb or ''} validation mAP@0.5:0.95 per epoch", "epoch", "val/mAP")
         if _curves(ax_k, h, M.KEEP_RATIO, styles):
             ax_k.legend(loc="best")
         else:
             ax_k.text(0.5, 0.5, "no token pruning in these variants", ha="center", va="center",
                       transform=ax_k.transAxes)
-        _labelled(ax_k, f"{bb or ''} token keep ratio in force", "epoch", "sparse/keep_ratio", legend=False)
+        labelled(ax_k, f"{bb or ''} token keep ratio in force", "epoch", "sparse/keep_ratio", legend=False)
         ax_k.set_ylim(0, 1.05)
     return fig
 
 
-@_styled
+@styled
 def train_loss(hist: pd.DataFrame) -> Figure | None:
     """Total training loss (epoch mean) per epoch, per variant, seed means; one panel per backbone."""
     if hist.empty or not (hist["key"] == M.TRAIN_LOSS_PREFIX + "loss").any():
         return None
-    backbones = sorted(set(hist["backbone"].dropna()), key=lambda b: (R.BACKBONE_ORDER.get(b, 9), b)) or [None]
-    fig, axes = _new(4.8 * len(backbones), 3.4, 1, len(backbones))
+    backbones = backbones_in_order(hist) or [None]
+    fig, axes = new_figure(4.8 * len(backbones), 3.4, 1, len(backbones))
     styles = _styles(hist)
     for ax, bb in zip(axes[0], backbones):
         h = hist if bb is None else hist[hist["backbone"] == bb]
         _curves(ax, h, M.TRAIN_LOSS_PREFIX + "loss", styles)
-        _labelled(ax, f"{bb or ''} training loss (train/loss, epoch mean)", "epoch", "loss")
+        labelled(ax, f"{bb or ''} training loss (train/loss, epoch mean)", "epoch", "loss")
     return fig
 
 
-@_styled
+@styled
 def optuna_pareto(trials: pd.DataFrame) -> Figure | None:
     if trials.empty:
         return None
-    fig, axes = _new(6.0, 4.2)
+    fig, axes = new_figure(6.0, 4.2)
     ax = axes[0, 0]
     rest, front = trials[~trials["pareto"]], trials[trials["pareto"]].sort_values(M.GFLOPS, kind="mergesort")
     ax.scatter(rest[M.GFLOPS], rest[M.BEST_MAP], s=28, color="tab:gray", label="trials", zorder=3)
@@ -382,18 +380,18 @@ def optuna_pareto(trials: pd.DataFrame) -> Figure | None:
     for _, t in trials.iterrows():
         ax.annotate(str(int(t["trial"])), (t[M.GFLOPS], t[M.BEST_MAP]), textcoords="offset points", xytext=(4, 3),
                     fontsize=7)
-    _labelled(ax, f"Optuna: {len(trials)} finished trials, Pareto front (max mAP, min GFLOPs)",
+    labelled(ax, f"Optuna: {len(trials)} finished trials, Pareto front (max mAP, min GFLOPs)",
               "GFLOPs (2 × multiply-adds)", "best mAP@0.5:0.95")
     return fig
 
 
-@_styled
+@styled
 def optuna_importances(imp: dict[str, dict[str, float]], method: str) -> Figure | None:
     if not imp:
         return None
     objectives = list(imp)
     keys = sorted(imp[objectives[0]], key=lambda k: (imp[objectives[0]][k], k))
-    fig, axes = _new(4.0 * len(objectives) + 1.5, 0.45 * len(keys) + 1.8, 1, len(objectives))
+    fig, axes = new_figure(4.0 * len(objectives) + 1.5, 0.45 * len(keys) + 1.8, 1, len(objectives))
     for ax, obj in zip(axes[0], objectives):
         ax.barh(range(len(keys)), [imp[obj][k] for k in keys], color="tab:blue")
         names = [k[len("model."):] if k.startswith("model.") else k for k in keys]
@@ -406,84 +404,7 @@ def optuna_importances(imp: dict[str, dict[str, float]], method: str) -> Figure 
     return fig
 
 
-def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:
-    cols = max(1, min(n, max_cols))
-    return math.ceil(n / cols), cols
-
-
-@_styled
-def pr_curves(backbone: str, analyses: dict[str, E.ErrorAnalysis], baseline: str | None = None) -> Figure | None:
-    """Precision against recall at IoU 0.50, one panel per class, one line per variant (``analyses``: label ->
-    its seed-mean :class:`analysis.errors.ErrorAnalysis`, in reading order); ``baseline`` (RT-DETR) dashed black."""
-    import matplotlib
-
-    if not analyses:
-        return None
-    first = next(iter(analyses.values()))
-    n_classes = len(first.category_ids)
-    rows, cols = _grid(n_classes)
-    fig, axes = _new(3.0 * cols + 0.4, 2.7 * rows + 0.5, rows, cols)
-    cmap = matplotlib.colormaps["tab10"]
-    others = [label for label in analyses if label != baseline]
-    for k, ax in enumerate(axes.flat):
-        if k >= n_classes:
-            ax.set_axis_off()
-            continue
-        for label, a in analyses.items():
-            if label == baseline:
-                style = {"color": "black", "linestyle": "--", "linewidth": 1.4, "zorder": 3}
-            else:
-                i = others.index(label)
-                style = {"color": cmap(i % 10), "linestyle": ["-", ":", "-."][(i // 10) % 3], "linewidth": 1.0}
-            ax.plot(a.recall, a.precision50[k], label=label, **style)
-        if np.isnan(first.precision50[k]).all():
-            ax.text(0.5, 0.5, "no ground truth", ha="center", va="center", transform=ax.transAxes)
-        _labelled(ax, f"{first.category_names[k]} ({int(first.gt_by_class[k])} GT boxes)", "recall",
-                  "precision (IoU 0.50)", legend=False)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.02)
-    axes.flat[0].legend(loc="lower left", fontsize=6)
-    fig.suptitle(f"{backbone}: precision-recall per class at IoU 0.50 (pycocotools, area all, 100 detections)",
-                 fontsize=10)
-    return fig
-
-
-@_styled
-def confusion_matrices(backbone: str, analyses: dict[str, E.ErrorAnalysis]) -> Figure | None:
-    """One detection confusion matrix per variant (``analyses``: label -> its seed-mean
-    :class:`analysis.errors.ErrorAnalysis`): rows ground truth, columns predicted, background last; colour =
-    the share of the row, the count printed (a mean per run where a variant has several seeds)."""
-    if not analyses:
-        return None
-    first = next(iter(analyses.values()))
-    size = len(first.labels)
-    rows, cols = _grid(len(analyses), 3)
-    panel = max(3.2, 0.45 * size + 1.6)
-    fig, axes = _new(panel * cols, panel * rows + 0.5, rows, cols)
-    im = None
-    for ax, (label, a) in zip(axes.flat, analyses.items()):
-        counts = np.asarray(a.confusion, dtype=float)
-        totals = counts.sum(axis=1, keepdims=True)
-        share = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
-        im = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
-        for (i, j), c in np.ndenumerate(counts):
-            if c:
-                ax.text(j, i, f"{c:.0f}" if float(c).is_integer() else f"{c:.1f}", ha="center", va="center",
-                        fontsize=6, color="white" if share[i, j] > 0.5 else "black")
-        ax.set_xticks(range(size), a.labels, rotation=90, fontsize=7)
-        ax.set_yticks(range(size), a.labels, fontsize=7)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("ground truth")
-        ax.set_title(label + (f" (mean of {a.n_runs} runs)" if a.n_runs > 1 else ""), fontsize=9)
-    for ax in list(axes.flat)[len(analyses):]:
-        ax.set_axis_off()
-    fig.colorbar(im, ax=axes, shrink=0.6, label="share of the ground-truth row")
-    fig.suptitle(f"{backbone}: detection confusion matrix (score ≥ {first.score_threshold:g}, "
-                 f"IoU ≥ {first.iou_threshold:g})", fontsize=10)
-    return fig
-
-
-@_styled
+@styled
 def deployment_bars(table_df: pd.DataFrame) -> Figure | None:
     """Batch-1 latency (left) and batch-8 throughput (right) of every variant, one bar per runtime (the deployment
     table's columns)."""
@@ -492,7 +413,7 @@ def deployment_bars(table_df: pd.DataFrame) -> Figure | None:
     if table_df.empty or not latency or table_df[latency].isna().all().all():
         return None
     labels = [f"{m}" for m in table_df["model"]]
-    fig, axes = _new(11, 0.9 + 0.32 * len(labels), 1, 2)
+    fig, axes = new_figure(11, 0.9 + 0.32 * len(labels), 1, 2)
     y = np.arange(len(labels))
     for ax, cols, xlabel in ((axes[0][0], latency, "latency at batch 1 (ms, median)"),
                              (axes[0][1], throughput, "throughput at batch 8 (images/s)")):
@@ -507,33 +428,4 @@ def deployment_bars(table_df: pd.DataFrame) -> Figure | None:
         ax.grid(axis="x", alpha=0.3)
         ax.legend(loc="lower right")
     axes[0][1].set_yticklabels([])
-    return fig
-
-
-@_styled
-def picture_grid(title: str, rows: list[tuple[str, list[np.ndarray]]], column_titles: list[str]) -> Figure | None:
-    """Pictures side by side: one row per variant (its label on the left), one column per validation image, each
-    cell a picture the run drew (:mod:`dset.pictures`), shown at its own aspect ratio."""
-    rows = [(label, images) for label, images in rows if images]
-    if not rows:
-        return None
-    cols = max(len(images) for _, images in rows)
-    h, w = rows[0][1][0].shape[:2]
-    cell_w = 3.6 if w < 1.5 * h else 5.2  # detections pictures hold two panels
-    fig, axes = _new(0.6 + cell_w * cols, 0.4 + cell_w * h / w * len(rows), len(rows), cols)
-    axes = np.atleast_2d(np.asarray(axes, dtype=object).reshape(len(rows), cols))
-    for r, (label, images) in enumerate(rows):
-        for c in range(cols):
-            ax = axes[r, c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_visible(False)
-            if c < len(images):
-                ax.imshow(images[c], interpolation="antialiased")
-            if r == 0 and c < len(column_titles):
-                ax.set_title(column_titles[c])
-            if c == 0:
-                ax.set_ylabel(label, rotation=90, fontsize=9)
-    fig.suptitle(title)
     return fig
