@@ -133,6 +133,8 @@ class ModelConfig:
     num_classes: int = 80
     eval_spatial_size: list[int] = field(default_factory=lambda: [640, 640])
     checkpoint: str | None = None          # local RT-DETR checkpoint to start from (MoE experts upcycled)
+    class_map: dict[str, str] | None = None  # {checkpoint class: our class}: keep those rows of the checkpoint's
+                                              # class heads when num_classes differs (model.class_map={car: car})
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
@@ -167,6 +169,8 @@ class SyntheticConfig:
 @dataclass
 class DataConfig:
     name: str = "synthetic"                   # "synthetic" (built in) or "coco" (train/val/test below)
+    classes: list[str] | None = None       # coco: the class names in category-id order, checked against the
+                                              # annotation files (a data file written by dset.data sets them)
     train: SplitConfig = field(default_factory=SplitConfig)
     val: SplitConfig = field(default_factory=SplitConfig)   # the selection split: best epoch, early stopping, tuning
     test: SplitConfig = field(default_factory=SplitConfig)  # the scoring split (optional): the reported checkpoint
@@ -296,6 +300,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of settings, got {value!r}")
         return _build(tp, value, key)
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp) or (Any, Any)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, e.g. {{a: b}}, got {value!r}")
+        return {_coerce(k, key_tp, f"{key} (a key)"): _coerce(v, value_tp, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         (item_tp,) = typing.get_args(tp) or (Any,)
         if not isinstance(value, (list, tuple)):
@@ -500,6 +509,39 @@ def unflatten(flat: dict[str, Any]) -> dict:
     return out
 
 
+def split_data_override(overrides: list[str] | None, data: str | Path | None = None) -> tuple[list[str], Any]:
+    """``data=FILE`` among command-line overrides names a data file (or a shipped data preset), not a key: the
+    other overrides, and the data file (the last ``data=`` given, else ``data``)."""
+    rest = []
+    for text in overrides or []:
+        key, _, value = text.partition("=")
+        if key.strip() == "data":
+            data = value.strip()
+        else:
+            rest.append(text)
+    return rest, data
+
+
+def read_data_layer(data: str | Path) -> dict:
+    """The configuration layer of a data file (a path; relative paths in it are relative to its folder) or of a
+    shipped data preset (a name: ``dset/configs/data_<name>.yaml``, paths relative to the working directory)."""
+    from .data_file import read_data_file
+
+    path = find_yaml(data, PRESET_DIR, what="data", prefix="data_", context="data")
+    layer, _ = read_data_file(path, relative_to_file=path.resolve().parent != PRESET_DIR.resolve())
+    return layer
+
+
+def with_data_file(cfg: Config, data: str | Path) -> Config:
+    """``cfg`` reading the data set of a data file instead of its own: the file's ``name``, ``classes`` and
+    splits replace the configuration's (a split the file does not give is unset); image size, batch size and
+    the other ``data.*`` settings stay (``dset.evaluate RUN data=other.yaml``)."""
+    data_layer = read_data_layer(data)["data"]
+    location = {"data.classes": None, **{f"data.{s}": {"images": None, "annotations": None}
+                                          for s in ("train", "val", "test")}}
+    return with_values(cfg, {**location, **flatten({"data": data_layer})})
+
+
 def resolve_config(presets: str | Path | list, *, budget: str | Path | None = BUDGET_AUTO,
                    data: str | Path | None = None, layers: tuple | list = (), overrides: list[str] | None = None,
                    seed: int | None = None) -> Config:
@@ -517,10 +559,10 @@ def resolve_config(presets: str | Path | list, *, budget: str | Path | None = BU
     stack: dict = {}
     for p in presets:
         stack = _merge(stack, read_preset(p))
+    overrides, data = split_data_override(overrides, data)
     on_top: list[dict] = []
     if data is not None and str(data).lower() not in ("none", "null", ""):
-        on_top.append(read_preset(find_yaml(data, PRESET_DIR, what="data preset", prefix="data_",
-                                                 context="data")))
+        on_top.append(read_data_layer(data))
     on_top += [unflatten(layer) for layer in layers]
     if budget is not None and str(budget) == BUDGET_AUTO:
         sets_schedule = any(section in stack for section in ("data", "train"))

@@ -4,7 +4,7 @@
 CHECKPOINT is ``checkpoints/best.pt`` or ``checkpoints/last.pt`` of a training run, or the run folder itself
 (then ``checkpoints/best.pt``). The configuration is read from the checkpoint; ``key=value`` overrides
 change evaluation settings (``data.batch_size``, ``data.max_val_images``, ``data.num_workers``,
-``run.device``). Without ``--data`` the run's own validation split is evaluated, or with ``--split test`` its
+``run.device``); ``data=FILE.yaml`` evaluates on the splits of that data file. Without ``--data`` the run's own validation split is evaluated, or with ``--split test`` its
 test split (the scoring split, when its data has one; the synthetic ones are regenerated from their parameters if
 their cache is gone). The EMA weights are evaluated unless
 ``--weights model`` (the raw training weights, only in ``last.pt``: ``best.pt`` keeps the EMA weights only).
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from . import run_folder
-from .config import ConfigError, config_from_dict, load_config
+from .config import ConfigError, config_from_dict, load_config, split_data_override, with_data_file
 
 __all__ = ["evaluate_checkpoint", "main"]
 
@@ -64,6 +64,9 @@ def evaluate_checkpoint(checkpoint: str | Path, images: str | None = None, annot
     if not isinstance(ckpt, dict) or "config" not in ckpt or not ("ema" in ckpt or "model" in ckpt):
         raise ValueError(f"{path}: not a dset training checkpoint (no 'config' and 'ema'/'model' entries)")
     cfg = config_from_dict(ckpt["config"])
+    overrides, data_file = split_data_override(overrides)
+    if data_file is not None:   # data=FILE: another data set, as a data file describes it
+        cfg = with_data_file(cfg, data_file)
     if overrides:
         cfg = load_config(cfg, overrides)
     if weights not in ("ema", "model"):

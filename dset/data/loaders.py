@@ -115,6 +115,11 @@ def build_datasets(cfg: Config, train: bool = True) -> DataBundle:
     paths = data_paths(cfg)
     val_full = CocoDetection(paths["val_images"], paths["val_annotations"], eval_transforms(cfg.data.image_size))
 
+    classes = cfg.data.classes
+    if classes is not None and list(classes) != val_full.category_names:
+        raise DatasetError(f"data.classes {list(classes)} differ from the categories of {paths['val_annotations']} "
+                           f"(in id order): {val_full.category_names}")
+
     def same_categories(split: CocoDetection, name: str, label: str) -> CocoDetection:
         if split.category_ids != val_full.category_ids:
             raise DatasetError(
