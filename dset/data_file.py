@@ -18,6 +18,7 @@ reads it.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +45,11 @@ def write_data_file(path: str | Path, splits: dict[str, tuple[str | Path, str | 
     unknown = sorted(set(splits) - set(SPLITS))
     if unknown:
         raise ValueError(f"unknown split(s) {unknown}; splits are {list(SPLITS)}")
-    folder = path.parent.resolve()
+    # abspath, not resolve: DST/images is often a link to the source images, and the file should say "images"
+    folder = Path(os.path.abspath(path.parent))
 
     def rel(p: str | Path) -> str:
-        p = Path(p).resolve()
+        p = Path(os.path.abspath(p))
         return str(p.relative_to(folder)) if p.is_relative_to(folder) else str(p)
 
     data: dict[str, Any] = {"name": "coco", "classes": list(classes)}
