@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["ConfigError", "EXPERT_INITS", "validate"]
+__all__ = ["ConfigError", "EXPERT_INITS", "check_class_map", "validate"]
 
 # model.*_moe.expert_init's choices (dset.models.moe.ExpertInit)
 EXPERT_INITS = ("upcycle", "drop_upcycle", "random")
@@ -22,6 +22,27 @@ class ConfigError(ValueError):
 def _need(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{key}: {msg}")
+
+
+def check_class_map(class_map) -> None:
+    """``model.class_map`` (checkpoint class name -> our class name): non-empty names, and no two checkpoint
+    classes onto one of ours (which row would it keep?). Whether the names exist is checked at loading, where
+    both sides' classes are known."""
+    key = "model.class_map"
+    _need(isinstance(class_map, dict) and class_map, key,
+          f"must map checkpoint class names to ours, e.g. {{car: car, person: pedestrian}}, got {class_map!r}")
+    onto: dict[str, str] = {}
+    for name, ours in class_map.items():
+        _need(isinstance(name, str) and name.strip() != "", key, f"a checkpoint class name must be a non-empty "
+              f"string, got {name!r}")
+        # the map's keys become dotted configuration keys (model.class_map.car: MLflow params, study layers)
+        _need("." not in name, key, f"{name!r}: a checkpoint class name with a '.' cannot be mapped (dotted keys "
+              "are configuration paths)")
+        _need(isinstance(ours, str) and ours.strip() != "", f"{key}.{name}",
+              f"must be one of our class names (a non-empty string), got {ours!r}")
+        _need(ours not in onto, key, f"{onto.get(ours)!r} and {name!r} both map onto our class {ours!r}: "
+              "one of our classes can start from one checkpoint class only")
+        onto[ours] = name
 
 
 def _validate_moe(moe, key: str) -> None:
@@ -104,6 +125,8 @@ def _validate_model(cfg) -> None:
     _need(-m.decoder.num_layers <= m.decoder.eval_idx < m.decoder.num_layers, "model.decoder.eval_idx",
           f"must index one of the {m.decoder.num_layers} decoder layers, got {m.decoder.eval_idx}")
     _need(m.decoder.num_denoising >= 0, "model.decoder.num_denoising", "must be >= 0")
+    if m.class_map is not None:
+        check_class_map(m.class_map)
     for name in ("encoder_moe", "decoder_moe"):
         _validate_moe(getattr(m, name), f"model.{name}")
     _validate_token_pruning(m.token_pruning, cfg.train.epochs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import pytest
@@ -26,23 +27,50 @@ def test_rtdetr_checkpoint_loads_strictly_in_all_published_layouts(tmp_path, wra
     obj = {"ema": {"module": state, "updates": 10}} if wrap == "ema" else {"model": state} if wrap == "model" else state
     target = dset.build_model("rtdetr_r18", SMALL)
     report = load_checkpoint(target, _saved(tmp_path, obj))
-    assert len(report.loaded) == len(state) and not report.skipped_class_heads and not report.new_components
+    assert len(report.loaded) == len(state) and not report.class_heads_reinitialised and not report.new_components
     for k, v in target.state_dict().items():
         assert torch.equal(v, state[k]), k
 
 
-def test_different_num_classes_skips_class_heads_and_says_so(tmp_path):
+def test_different_num_classes_reinitialises_the_class_heads_and_reports_it(tmp_path, caplog):
     path = _saved(tmp_path, {"model": dset.build_model("rtdetr_r18", SMALL).state_dict()})
     target = dset.build_model("rtdetr_r18", SMALL + ["model.num_classes=4"])
-    with pytest.warns(UserWarning, match="class heads not loaded"):
+    fresh = {k: v.clone() for k, v in target.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # a report in the log, not a UserWarning
         report = load_checkpoint(target, path)
     # SMALL has no denoising, so no denoising class embedding: the score heads are all that differ
-    assert sorted(report.skipped_class_heads) == sorted(
-        ["decoder.enc_score_head.weight", "decoder.enc_score_head.bias"]
-        + [f"decoder.dec_score_head.{i}.{p}" for i in range(3) for p in ("weight", "bias")])
-    assert "skipped 8 class-head tensors" in report.summary()
+    heads = (["decoder.enc_score_head.weight", "decoder.enc_score_head.bias"]
+             + [f"decoder.dec_score_head.{i}.{p}" for i in range(3) for p in ("weight", "bias")])
+    assert sorted(report.class_heads_reinitialised) == sorted(heads)
+    assert report.class_heads_reinitialised["decoder.dec_score_head.2.bias"] == "file [80], model [4]"
+    assert all(torch.equal(target.state_dict()[k], fresh[k]) for k in heads)
+    assert "8 class-head tensors re-initialised (80 classes in the file, 4 in the model)" in report.summary()
     # everything else was loaded
     assert len(report.loaded) == len(target.state_dict()) - 8
+    # the log: the summary, then the head report (our names unknown here: the map's hint names none)
+    with caplog.at_level(logging.INFO, logger="dset"):
+        report.log_to()
+    assert [r.levelno for r in caplog.records] == [logging.INFO] * 4
+    assert caplog.records[0].getMessage().startswith(f"initial weights: {path}: loaded {len(report.loaded)} tensors")
+    assert [r.getMessage() for r in caplog.records[1:]] == [
+        "  class heads: 80 classes in the file (COCO's, in RT-DETR's label order), 4 in the model",
+        "    re-initialised (random weights, prior-probability bias), as a row is a class and the file's classes "
+        "are not ours: decoder.enc_score_head (file [80, 256], "
+        "model [4, 256]), decoder.dec_score_head.{0,1,2} (file [80, 256], model [4, 256])",
+        "    every class starts from scratch: set model.class_map={file class: our class} to keep the file's rows "
+        "of the classes both have"]
+
+
+def test_same_classes_report_the_heads_loaded(tmp_path):
+    path = _saved(tmp_path, {"model": dset.build_model("rtdetr_r18", SMALL).state_dict()})
+    report = load_checkpoint(dset.build_model("rtdetr_r18", SMALL), path)
+    assert report.head_report() == ("class heads loaded: 80 classes in the file and in the model: "
+                                    "decoder.enc_score_head, decoder.dec_score_head.{0,1,2}")
+    assert "re-initialised" not in report.summary()
+    # PResNet weights have no class heads: nothing to say
+    presnet = _saved(tmp_path, dset.build_model("rtdetr_r18", SMALL).backbone.state_dict(), "presnet.pth")
+    assert load_backbone_weights(dset.build_model("rtdetr_r18", SMALL), presnet).head_report() == ""
 
 
 def test_a_checkpoint_of_another_model_is_a_clear_error(tmp_path):
@@ -103,3 +131,21 @@ def test_dset_model_makes_its_experts_from_an_rtdetr_checkpoint(tmp_path, expert
                "re-initialised)" in report.summary()
         assert report.upcycled == []   # not plain copies: the experts are new parts (train.lr)
         assert "decoder.decoder.layers.2.moe.w1" in report.new_components
+
+
+def test_experts_of_another_width_are_reported_not_warned(tmp_path):
+    """A MoE layer whose experts are not as wide as the file's dense FFN cannot be made from it: its experts keep
+    their random initialisation, and the report (not a warning) says so."""
+    path = _saved(tmp_path, {"model": dset.build_model("rtdetr_r18", SMALL).state_dict()})
+    cfg = dset.load_config("dset_r18", SMALL + ["model.token_pruning.enabled=false",
+                                                "model.decoder_moe.expert_hidden_dim=512"])
+    model = dset.build_model(cfg, load_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = load_checkpoint(model, path, expert_init=expert_inits(cfg))
+    narrow = {k: v for k, v in report.expert_init.items() if k.startswith("decoder.")}
+    assert len(narrow) == 3 and set(narrow.values()) == {
+        "random (the file's FFN is 1024 wide, the experts 512: not made from it)"}
+    assert "experts of 3 MoE layers random (the file's FFN is 1024 wide, the experts 512" in report.summary()
+    assert report.expert_init["encoder.encoder.0.layers.0.moe"].startswith("drop-upcycled")   # same width: made
+    assert "decoder.decoder.layers.0.moe.w1" in report.new_components

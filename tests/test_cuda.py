@@ -180,8 +180,8 @@ def test_amp_training_on_cuda(tmp_path, monkeypatch):
     if hasattr(train_mod, "build_training_model"):
         original = train_mod.build_training_model
 
-        def recording(cfg):
-            model, *rest = original(cfg)
+        def recording(cfg, *args, **kwargs):
+            model, *rest = original(cfg, *args, **kwargs)
 
             def hook(module, inputs, out):
                 if module.training:
