@@ -4,9 +4,9 @@
 CHECKPOINT is ``checkpoints/best.pt`` or ``checkpoints/last.pt`` of a training run, or the run folder itself
 (then ``checkpoints/best.pt``). The configuration is read from the checkpoint; ``key=value`` overrides
 change evaluation settings (``data.batch_size``, ``data.max_val_images``, ``data.num_workers``,
-``run.device``); ``data=FILE.yaml`` evaluates on the splits of that data file. Without ``--data`` the run's own validation split is evaluated, or with ``--split test`` its
-test split (the scoring split, when its data has one; the synthetic ones are regenerated from their parameters if
-their cache is gone). The EMA weights are evaluated unless
+``run.device``); ``data=FILE.yaml`` evaluates on the splits of that data file. Without ``--data`` the run's own
+validation split is evaluated, or with ``--split test`` its test split (the scoring split, when its data has one;
+the synthetic ones are regenerated from their parameters if their cache is gone). The EMA weights are evaluated unless
 ``--weights model`` (the raw training weights, only in ``last.pt``: ``best.pt`` keeps the EMA weights only).
 Prints the COCO metrics (AP in [0, 1], pycocotools, original image sizes) and writes them as JSON with
 ``--json FILE``.

@@ -11,7 +11,7 @@ from dset.config import BUDGET_AUTO, Config, budget_path, flatten, read_budget
 from .console import table
 from .execution.optuna_storage import describe_storage, storage_descriptor
 from .execution.search import describe_pruning, optuna_study_name, sampler_name
-from .planning.cells import Cell, make_cell
+from .planning.cells import Cell, make_cell, study_data_check
 from .planning.pretrain import cache_root
 from .planning.study import STUDY_DIR, Study
 from .tracking import mlflow_runs, mlflow_store, schema
@@ -59,7 +59,8 @@ def describe_budget(study: Study, cfg: Config | None) -> list[str]:
     lines = [f"budget: {applied or 'none'}" + (f" ({_rel(path)})" if path else "")
              + (" (auto)" if study.budget == BUDGET_AUTO else "")]
     if study.data:
-        lines.append(f"data preset: {study.data} ({_rel(study.data_path())})")
+        where = _rel(study.data_path())
+        lines.append(f"data: {study.data}" + (f" ({where})" if where != study.data else ""))
     if cfg is None:  # the runs' configuration is invalid: show what the budget file sets
         if path is not None:
             flat = flatten(read_budget(path)[0])
@@ -73,9 +74,11 @@ def describe_budget(study: Study, cfg: Config | None) -> list[str]:
     else:
         n_train = d.max_train_images or "all"
         n_val = d.max_val_images or "all"
-        source = f"COCO-format {d.train.annotations} / {d.val.annotations}"
+        source = "COCO-format " + " / ".join(str(getattr(d, s).annotations) for s in ("train", "val", "test")
+                                             if getattr(d, s).annotations is not None)
     lines.append(f"  data: {source}; {n_train} train / {n_val} val images at {d.image_size} px, batch {d.batch_size}, "
                  f"augment {d.augment}")
+    lines += describe_data_check(study, cfg)
     lines.append(f"  train: {t.epochs} epochs, lr {t.lr:g} (pretrained {t.lr_pretrained:g}), warm-up {t.warmup_steps} "
                  f"steps, eval every {t.eval_every}, early stop "
                  f"{'patience ' + str(t.early_stop_patience) if t.early_stop_patience else 'off'}, "
@@ -83,6 +86,28 @@ def describe_budget(study: Study, cfg: Config | None) -> list[str]:
     lines.append(f"  model: {m.decoder.num_queries} queries, {m.decoder.num_denoising} denoising, "
                  f"token pruning warm-up {m.token_pruning.warmup_epochs} + ramp {m.token_pruning.ramp_epochs} epochs, "
                  f"min tokens {m.token_pruning.min_tokens}")
+    return lines
+
+
+def describe_data_check(study: Study, cfg: Config) -> list[str]:
+    """The data check of COCO data in a few lines: the splits, the problems by severity and the suggestion with
+    whether the study applies it (the cells' configuration already holds it, under the study's own settings)."""
+    check = study_data_check(study, cfg)
+    if check is None:
+        return []
+    o = check.overview
+    splits = ", ".join(f"{name} {st['images']} images / {st['boxes']} boxes" for name, st in o["splits"].items()
+                       if st is not None)
+    counts = {sev: sum(p.severity == sev for p in check.problems) for sev in ("error", "warning", "note")}
+    problems = ", ".join(f"{n} {sev}{'s' if n != 1 else ''}" for sev, n in counts.items() if n) or "none"
+    classes = ", ".join(o["classes"][:8]) + (", ..." if len(o["classes"]) > 8 else "")
+    lines = [f"  data check: {splits}; {len(o['classes'])} classes ({classes}); problems: {problems} "
+             "(python -m dset.data check shows them)"]
+    s = check.suggestion
+    if s is not None:
+        how = ("applied under the study's set, the cells' values and the command line" if study.data_suggestion
+               else "not applied (data_suggestion=false)")
+        lines.append(f"  data check's suggestion: {s.overrides()} -- {how}")
     return lines
 
 

@@ -12,6 +12,7 @@ import signal
 import sys
 
 from dset.config import PRESET_DIR, ConfigError
+from dset.data.errors import DatasetError
 
 from .console import say, table
 from .dry_run import dry_run
@@ -172,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = ap.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("dset").setLevel(logging.INFO if ns.verbose else logging.WARNING)
+    logging.getLogger("dset.models.detector").setLevel(logging.INFO)  # each cell's load report (class heads)
     quiet_mlflow()
     if ns.list:
         return list_studies()
@@ -184,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"the study must come first, got {name!r}")
     try:
         study, cells = _load(name, overrides)
-    except (StudyError, ConfigError, PretrainError) as exc:
+    except (StudyError, ConfigError, PretrainError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     uri = tracking_uri()

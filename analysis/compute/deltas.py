@@ -68,6 +68,11 @@ class Delta:
         return self.no_verdict is None
 
 
+def _likely_cause(base: pd.Series) -> str | None:
+    cause = base.get("learning_risks")
+    return cause if isinstance(cause, str) and cause else None
+
+
 def against_baseline(study: StudyResults, v: pd.Series, base: pd.Series, targets: Targets,
                      n_resamples: int = N_RESAMPLES, seed: int = 0) -> Delta:
     """``v`` minus ``base`` (rows of :func:`analysis.compute.variants.variants`, with included runs): the bootstrap
@@ -88,7 +93,7 @@ def against_baseline(study: StudyResults, v: pd.Series, base: pd.Series, targets
         try:
             d = paired_delta([evals[r] for r in v["run_ids"]], [evals[r] for r in base["run_ids"]],
                                n_resamples=n_resamples, seed=seed)
-            no = why_no_verdict(d.baseline_map, d.n_images, targets)
+            no = why_no_verdict(d.baseline_map, d.n_images, targets, _likely_cause(base))
             verdict = verdict_text(judge(d.map.low, d.map.high, targets.delta_map), no)
             return Delta(BOOTSTRAP, d.map.delta, d.map.low, d.map.high, d.map50.delta, d.map50.low, d.map50.high,
                          verdict, d.variant_map, d.baseline_map, p, d.n_images, d.n_resamples, None, d.map.mde,
@@ -96,7 +101,7 @@ def against_baseline(study: StudyResults, v: pd.Series, base: pd.Series, targets
         except ValueError as exc:  # e.g. evaluated on different images: say so, and fall back
             why = str(exc)
     w50 = stats.welch(v[f"{M.BEST_MAP50}_values"], base[f"{M.BEST_MAP50}_values"])
-    no = why_no_verdict(base[f"{M.BEST_MAP}_mean"], None, targets)
+    no = why_no_verdict(base[f"{M.BEST_MAP}_mean"], None, targets, _likely_cause(base))
     if no is None and math.isnan(welch.ci_low):
         no = f"no interval ({welch.verdict}: one seed and no logged detections)"
     verdict = verdict_text(judge(welch.ci_low, welch.ci_high, targets.delta_map), no)

@@ -27,6 +27,7 @@ SWITCH_CODES = {"encoder_moe": "E", "token_pruning": "P", "decoder_moe": "D"}
 COMBOS = [(False, False, False), (True, False, False), (False, True, False), (False, False, True),
           (True, True, False), (True, False, True), (False, True, True), (True, True, True)]
 BACKBONE_ORDER = {"R18": 0, "R34": 1}
+LEARNING_RISKS = getattr(schema, "TAG_LEARNING_RISKS", "dset.learning_risks")
 TAG_STOP_REASON = getattr(schema, "TAG_STOP_REASON", "dset.stop_reason")        # "early_stopping: ...", "optuna_pruned"
 TAG_PROFILE_ERROR = getattr(schema, "TAG_PROFILE_ERROR", "dset.profile_error")  # why params/GFLOPs/latency are missing
 ROLES = ("parent", "pretrain", "benchmark")   # runs that are never a variant; any other role is a "child"
@@ -164,7 +165,8 @@ def _add_tag_columns(df: pd.DataFrame) -> None:
                         ("error", schema.TAG_ERROR), ("latency_device", schema.TAG_LATENCY_DEVICE),
                         ("deploy_devices", schema.TAG_DEPLOY_DEVICES), ("device", schema.TAG_DEVICE),
                         ("stop_reason", TAG_STOP_REASON), ("init_checkpoint", schema.TAG_INIT_CHECKPOINT),
-                        ("init_source", schema.TAG_INIT_SOURCE), ("checkpoint_dir", schema.TAG_CHECKPOINT_DIR)):
+                        ("init_source", schema.TAG_INIT_SOURCE), ("checkpoint_dir", schema.TAG_CHECKPOINT_DIR),
+                        ("learning_risks", LEARNING_RISKS)):
         df[column] = _tag(df, tag)
     df["note"] = _objects(df, ["; ".join(x for x in (f"stopped early ({s})" if s else "",
                                                      f"not profiled: {p}" if p else "") if x) or None

@@ -84,6 +84,9 @@ def variants(study: StudyResults) -> pd.DataFrame:
             "first_run": (inc if len(inc) else g).iloc[0]["run_id"],
             "run_ids": tuple(inc["run_id"]),
             "init_checkpoint": "; ".join(sorted({c for c in inc["init_checkpoint"] if c})) or None,
+            # why the budget may not learn these data, as its runs recorded (quoted where a baseline has not learned)
+            "learning_risks": "; ".join(dict.fromkeys(r for r in inc["learning_risks"] if isinstance(r, str) and r))
+            or None,
             "not_included": tuple(g.loc[~g["included"], "reason"]),
         }
         for metric in FINAL_METRICS:

@@ -86,11 +86,15 @@ def judge(low: float, high: float, delta_map: float) -> str:
     return INCONCLUSIVE
 
 
-def why_no_verdict(baseline_map: float, n_images: int | None, targets: Targets) -> str | None:
-    """Why a comparison gets no verdict (the baseline has not learned; too few scored images), or None."""
+def why_no_verdict(baseline_map: float, n_images: int | None, targets: Targets,
+                   likely_cause: str | None = None) -> str | None:
+    """Why a comparison gets no verdict (the baseline has not learned, with the ``likely_cause`` its runs
+    recorded; too few scored images), or None."""
     reasons = []
     if not math.isnan(baseline_map) and baseline_map < targets.learning_floor_map:
-        reasons.append(f"RT-DETR has not learned (mAP {baseline_map:.4f} < floor {targets.learning_floor_map:g})")
+        cause = f"; likely cause: {likely_cause}" if likely_cause else ""
+        reasons.append(f"RT-DETR has not learned (mAP {baseline_map:.4f} < floor {targets.learning_floor_map:g}"
+                       f"{cause})")
     if n_images is not None and n_images < targets.min_scored_images:
         reasons.append(f"{n_images} scored images < {targets.min_scored_images}")
     return "; ".join(reasons) or None

@@ -22,6 +22,7 @@ import torch
 from .. import metric_names as M
 from ..config import Config, load_config, multi_scale_sizes, with_values
 from ..data.loaders import DataBundle, build_datasets, build_train_loader, build_val_loader, set_loader_epoch
+from ..data.preflight import check_configured_data, learning_risks, refuse_unusable
 from ..models.criterion import build_criterion, total_loss
 from ..run_folder import RunFolder
 from .callbacks import Callback, EarlyStopping
@@ -57,6 +58,14 @@ __all__ = ["fit", "TrainingRun"]
 log = logging.getLogger(__name__)
 
 
+def _heads_from_scratch(reports: list) -> str | None:
+    """What the weight files' reports say of class heads re-initialised with no class carried over, or None."""
+    for r in reports:
+        if getattr(r, "class_heads_reinitialised", None) and not r.carried_classes:
+            return f"{r.file_num_classes} classes in {r.source}, {r.model_num_classes} in the model"
+    return None
+
+
 # ------------------------------------------------------------------------------------------ the run
 class TrainingRun:
     """One run of :func:`fit`. ``__init__`` builds all of it in memory: device, data, model, criterion,
@@ -72,12 +81,16 @@ class TrainingRun:
         self.wrote_outputs = False   # set by run(): fit() then records a failure in the run's files
         self.device = resolve_device(cfg.run.device, dinfo)
         _reset_process_state(cfg, self.device)
+        # the data check first: unusable data is refused with its report, not a traceback from the matcher
+        self.data_check = check_configured_data(cfg)
+        refuse_unusable(self.data_check)
         # data first: it decides num_classes
         self.data = build_datasets(cfg)
         self.cfg = cfg = _num_classes_from_data(cfg, self.data, dinfo)
         self.train_loader = build_train_loader(self.data.train, cfg, dinfo.rank, dinfo.world_size)
         self.val_loader = build_val_loader(self.data.val, cfg, dinfo.rank, dinfo.world_size)
-        model, self.pretrained_names, _ = build_training_model(cfg)
+        model, self.pretrained_names, self.load_reports = build_training_model(
+            cfg, class_names=self.data.category_names, log_reports=dinfo.is_main)
         self.model_core, self.model = wrap_for_ddp(model.to(self.device), cfg, self.device, dinfo)
         self.criterion = build_criterion(cfg).to(self.device)
         self.optimizer = build_optimizer(self.model_core, cfg, self.pretrained_names)
@@ -167,6 +180,9 @@ class TrainingRun:
             "score_split": "test" if self.data.test is not None else "val",
             "eligible_epochs": list(self.eligible_epochs),
             "metrics": {M.PARAMS: sum(p.numel() for p in self.model_core.parameters())},
+            # why this budget may not learn these data (dset.data.preflight), said where a baseline does not learn
+            "learning_risks": learning_risks(self.data_check, self.cfg.data.image_size, self.cfg.train.epochs,
+                                             self.steps_per_epoch, _heads_from_scratch(self.load_reports)),
         })
 
     def _finish_summary(self, status: str, stop_reason: str | None, t0: float) -> None:

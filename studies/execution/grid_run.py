@@ -10,6 +10,7 @@ from ..planning.cells import Cell
 from ..tracking import schema
 from ..tracking.invocation_runs import InvocationRuns
 from .jobs import Job, JobMaker, RunResult
+from .learning_floor import baselines_below_floor
 from .progress import Progress
 from .queue import Queues, WorkQueue
 from .scheduler import QueueSource, Scheduler, Started
@@ -99,3 +100,5 @@ def run_grid(cells: list[Cell], runs: InvocationRuns, progress: Progress, jobs: 
         queue.fill(todo)
         scheduler.run(CellQueue(queue, {k: items[k] for k in todo}, stage1_errors, runs, progress, jobs))
     _results_of_others([items[k] for k in todo], runs, progress)
+    progress.notes += baselines_below_floor(cells, progress.results, runs.study.targets.learning_floor_map,
+                                            runs.learning_risks)

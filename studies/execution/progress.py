@@ -23,6 +23,7 @@ class Progress:
         self.done = 0                       # of them, finished or failed, here or elsewhere
         self.executed = 0                   # jobs this invocation ran
         self.durations: list[float] = []    # wall seconds of the jobs that ran here
+        self.notes: list[str] = []          # what the study says after its table (a baseline that has not learned)
 
     @property
     def failed(self) -> list[RunResult]:
@@ -74,6 +75,8 @@ class Progress:
                          format_value(m.get(M.LATENCY_MS), ".1f"), format_value(m.get(M.TRAIN_MINUTES), ".1f")])
         print()
         print(table(rows, ["cell", "status", "mAP", "mAP50", "GFLOPs", "latency ms", "train min"]))
+        for note in self.notes:
+            print(f"\nCANNOT COMPARE: {note}")
 
     def print_totals(self, where: str) -> int:
         """The closing lines (``where``: the MLflow experiment); 1 when a run failed (listed), 0 otherwise."""

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from dset.config import RESULT_NEUTRAL_KEYS, Config, ConfigError, resolve_config
+from dset.data.check import DataCheck
+from dset.data.preflight import check_configured_data, refuse_unusable
 from dset.provenance import code_version, data_digest, weights_digest
 
 from .pretrain import Stage1
@@ -82,12 +84,20 @@ def variant_label(backbone: str, e: bool, p: bool, d: bool, memory_keep: float |
 
 def cell_config(study: Study, overrides: dict[str, Any], seed: int, presets: list[str] | None = None) -> Config:
     """The validated configuration of one run of a study (a cell): :func:`dset.config.resolve_config` with the
-    study's presets, budget and data, then ``STUDY_RUN_DEFAULTS``, the study's ``set``, the cell's values, the
-    command line's ``key=value`` overrides and the seed (docs/studies.md)."""
+    study's presets, budget and data, then (COCO data, ``data_suggestion``) the data check's suggestion, then
+    ``STUDY_RUN_DEFAULTS``, the study's ``set``, the cell's values, the command line's ``key=value`` overrides and
+    the seed (docs/studies.md). Data the check finds unusable raise :class:`DatasetError` with its report."""
+    layers = [STUDY_RUN_DEFAULTS, study.settings, overrides]
     try:
-        return resolve_config(presets or study.presets, budget=study.budget, data=study.data,
-                              layers=[STUDY_RUN_DEFAULTS, study.settings, overrides],
-                              overrides=study.config_overrides, seed=seed)
+        cfg = resolve_config(presets or study.presets, budget=study.budget, data=study.data, layers=layers,
+                             overrides=study.config_overrides, seed=seed)
+        check = study_data_check(study, cfg)
+        if study.data_suggestion and check is not None and check.suggestion is not None:
+            # right above the data: the study's own settings, the cell's values and the command line still win
+            cfg = resolve_config(presets or study.presets, budget=study.budget, data=study.data,
+                                 layers=[check.suggestion.values, *layers], overrides=study.config_overrides,
+                                 seed=seed)
+        return cfg
     except ConfigError as exc:
         msg = str(exc)
         if study.budget == "paper" or study.data == "dair_v2x":
@@ -95,6 +105,19 @@ def cell_config(study: Study, overrides: dict[str, Any], seed: int, presets: lis
                 msg += (" -- budget=paper trains on DAIR-V2X converted to COCO: "
                         "python -m dset.data.dair_v2x SRC data/dair_v2x_coco (or set data.train.*/data.val.*)")
         raise ConfigError(msg) from None
+
+
+def study_data_check(study: Study, cfg: Config) -> DataCheck | None:
+    """The check of a cell's COCO data (None for the synthetic data), run once per data set and batch size of
+    the study; :class:`DatasetError` with the check's report when the data are unusable."""
+    d = cfg.data
+    key = (d.name, *(getattr(getattr(d, s), p) for s in ("train", "val", "test") for p in ("images", "annotations")),
+           tuple(d.classes or ()), d.batch_size)
+    if key not in study._data_checks:
+        check = check_configured_data(cfg)
+        refuse_unusable(check)
+        study._data_checks[key] = check
+    return study._data_checks[key]
 
 
 def fingerprint(cfg: Config, extra: dict | None = None) -> str:

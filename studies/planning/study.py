@@ -27,9 +27,10 @@ from .pretrain import Stage1, plan_stage1, pretrain_spec
 # the study files shipped with the project (python -m studies.run NAME)
 STUDY_DIR = Path(__file__).resolve().parents[1]
 CONFIG_SECTIONS = ("model", "data", "train", "run")
-STUDY_KEYS = ("name", "description", "kind", "presets", "budget", "data", "pretrain", "seeds", "set", "out_dir", "grid",
-              "search", "targets")
-OVERRIDABLE = ("name", "presets", "budget", "data", "pretrain", "seeds", "out_dir", "n_trials", "search", "targets")
+STUDY_KEYS = ("name", "description", "kind", "presets", "budget", "data", "data_suggestion", "pretrain", "seeds", "set",
+              "out_dir", "grid", "search", "targets")
+OVERRIDABLE = ("name", "presets", "budget", "data", "data_suggestion", "pretrain", "seeds", "out_dir", "n_trials",
+               "search", "targets")
 SEARCH_KEYS = ("n_trials", "objectives", "sampler", "pruner", "space")
 SPACE_TYPES = ("int", "float", "categorical")
 DIRECTIONS = ("maximize", "minimize")
@@ -165,7 +166,10 @@ class Study:
     study_overrides: list[str]        # command line study-level overrides (as given)
     targets: Targets = field(default_factory=Targets)   # what the report judges the variants against
     pretrain: Any = "auto"            # stage 1 (planning/pretrain.py): "auto" (the budget's section), none, a mapping
+    data_suggestion: bool = True      # COCO data: the data check's image size, queries and epochs under the study's
+                                      # own settings (planning/cells.py)
     _stage1: dict = field(default_factory=dict, repr=False)   # planned stage 1 by (budget, depth)
+    _data_checks: dict = field(default_factory=dict, repr=False)   # the data check by data set (planning/cells.py)
 
     def stage1(self, budget: str | None, depth: int) -> Stage1:
         """Stage 1 of the cells of backbone ``depth`` whose configuration applied ``budget`` (planned once)."""
@@ -322,12 +326,15 @@ def load_study(name_or_path: str, overrides: list[str] | None = None) -> Study:
             raise StudyError(f"{path}: an optuna study needs 'presets'")
         search = _parse_search(data.get("search"), path)
 
+    data_suggestion = data.get("data_suggestion", True)
+    if not isinstance(data_suggestion, bool):
+        raise StudyError(f"data_suggestion: expected true or false, got {data_suggestion!r}")
     out_dir = Path(str(data.get("out_dir") or "runs"))
     return Study(name=name, path=path, kind=kind, description=str(data.get("description") or ""), presets=presets,
                  budget=budget, data=dataset, seeds=list(seeds), settings=settings, out_dir=out_dir, axes=axes,
                  search=search, config_overrides=config_ov, study_overrides=study_ov,
                  targets=parse_targets(data.get("targets"), f"{path.name}: targets"),
-                 pretrain=data.get("pretrain", "auto"))
+                 pretrain=data.get("pretrain", "auto"), data_suggestion=data_suggestion)
 
 
 def _parse_grid(grid: Any, path: Path) -> list[Axis]:

@@ -196,6 +196,8 @@ class MlflowCallback(Callback):
         tags = {schema.TAG_STATUS: summary.get("status"), schema.TAG_SCORE_SPLIT: summary.get("score_split")}
         if summary.get("stop_reason"):
             tags[schema.TAG_STOP_REASON] = summary["stop_reason"]
+        if summary.get("learning_risks"):
+            tags[schema.TAG_LEARNING_RISKS] = "; ".join(summary["learning_risks"])
         latency_device = summary.get("latency_device") or profile.get("device")
         if latency_device:
             batch = summary.get("latency_batch_size") or profile.get("batch_size", 1)

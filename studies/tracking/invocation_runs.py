@@ -199,3 +199,8 @@ class InvocationRuns:
 
     def tag_run(self, run_id: str, tags: dict[str, Any]) -> None:
         mlflow_runs.set_tags(self.c, run_id, tags)
+
+    def learning_risks(self, run_id: str) -> str | None:
+        """The likely causes a run recorded of a budget that may not learn its data (its learning-risks tag)."""
+        run = mlflow_store.retry(self.c.get_run, run_id)
+        return run.data.tags.get(schema.TAG_LEARNING_RISKS)

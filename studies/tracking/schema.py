@@ -76,6 +76,8 @@ TAG_DEVICE_SHARED = "dset.device_shared"  # "true" when other workers of the inv
 TAG_SCORE_SPLIT = "dset.score_split"   # the split the run's reported checkpoint is scored on (summary.json's
                                        # score_split): "test", or "val" when its data has no test split (then the
                                        # images that selected it score it); the selection split is always "val"
+TAG_LEARNING_RISKS = "dset.learning_risks"  # why the run's budget may not learn its data ("; "-joined, summary.json's
+                                       # learning_risks, dset.data.preflight): quoted where a baseline has not learned
 
 SWITCH_TAGS = (TAG_ENCODER_MOE, TAG_TOKEN_PRUNING, TAG_DECODER_MOE)
 
