@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from ..config_checks import ConfigError
-from .conversion import SourceSet, coco_box, image_size, read_json
+from .conversion import SourceSet, coco_box, image_size
 from .errors import DatasetError
+from .split import read_coco_json
 
 __all__ = ["read_coco", "default_images_dir"]
 
@@ -77,12 +78,7 @@ def read_coco(src: str | Path, images_dir: str | Path | None = None, classes: li
     images_root = Path(images_dir) if images_dir is not None else default_images_dir(path)
     if not images_root.is_dir():
         raise DatasetError(f"images folder not found: {images_root} (for {path}); give it with --images")
-    data = read_json(path, "a COCO instances file")
-    if not isinstance(data, dict):
-        raise DatasetError(f"{path}: top level must be a JSON object, got {type(data).__name__}")
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key), list):
-            raise DatasetError(f"{path}: '{key}' must be a list, got {data.get(key)!r:.60}")
+    data = read_coco_json(path)   # lists, unique image ids, annotations of listed images
     new_id, categories = _categories(data, path, classes)
     known = {c["id"] for c in data["categories"]}
 
@@ -90,13 +86,7 @@ def read_coco(src: str | Path, images_dir: str | Path | None = None, classes: li
     noted: Counter[str] = Counter()
     images: list[dict] = []
     sizes: dict[Any, tuple[float, float]] = {}
-    seen: set = set()
-    for i, img in enumerate(data["images"]):
-        if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
-            raise DatasetError(f"{path}: images[{i}] needs an 'id' and a 'file_name', got {img!r:.120}")
-        if img["id"] in seen:
-            raise DatasetError(f"{path}: images[{i}] repeats image id {img['id']!r}")
-        seen.add(img["id"])
+    for img in data["images"]:
         file = images_root / img["file_name"]
         if not file.is_file():
             dropped["images whose file is missing"] += 1
@@ -111,12 +101,7 @@ def read_coco(src: str | Path, images_dir: str | Path | None = None, classes: li
 
     annotations = []
     for i, ann in enumerate(data["annotations"]):
-        if not isinstance(ann, dict):
-            raise DatasetError(f"{path}: annotations[{i}] must be an object, got {ann!r:.80}")
-        if ann.get("image_id") not in seen:
-            raise DatasetError(f"{path}: annotations[{i}] has image_id {ann.get('image_id')!r}, which is not in "
-                               "'images'")
-        if ann.get("image_id") not in sizes:
+        if ann["image_id"] not in sizes:
             continue  # its image was dropped, counted there
         cat = ann.get("category_id")
         if cat not in known:

@@ -263,8 +263,8 @@ def read_coco_json(path: Path) -> dict:
         raise DatasetError(f"{path}: 'images' is an empty list")
     ids = set()
     for i, img in enumerate(data["images"]):
-        if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
-            raise DatasetError(f"{path}: images[{i}] needs 'id' and 'file_name', got {img!r:.120}")
+        if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
+            raise DatasetError(f"{path}: images[{i}] needs an 'id' and a 'file_name', got {img!r:.120}")
         if img["id"] in ids:
             raise DatasetError(f"{path}: images[{i}] repeats image id {img['id']!r}")
         ids.add(img["id"])
