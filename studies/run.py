@@ -173,7 +173,6 @@ def main(argv: list[str] | None = None) -> int:
     ns = ap.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("dset").setLevel(logging.INFO if ns.verbose else logging.WARNING)
-    logging.getLogger("dset.models.detector").setLevel(logging.INFO)  # each cell's load report (class heads)
     quiet_mlflow()
     if ns.list:
         return list_studies()

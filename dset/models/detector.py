@@ -273,7 +273,7 @@ class LoadReport:
             text = (f"class heads loaded: {self.file_num_classes} classes in the file and in the model: "
                     f"{_modules_text(self.class_heads_loaded)}")
             names = self.file_class_names, self.model_class_names
-            if None not in names and names[0] != names[1]:  # loaded by label, not by name: say so
+            if self._loaded_by_label_onto_other_names():  # loaded by label, not by name: say so
                 differ = [f"{a} -> {b}" for a, b in zip(*names) if a != b]
                 text += (f"\n  by label, and {len(differ)} labels name other classes in the file "
                          f"({_few(differ, 5)}): model.class_map maps rows by name")
@@ -306,12 +306,19 @@ class LoadReport:
         return "\n".join(lines)
 
     def log_to(self, logger: logging.Logger | None = None) -> None:
-        """The summary and the head report, at INFO (what a run's log shows); by default on this module's logger,
-        the one name a caller raises to INFO to see every load report (a study's workers)."""
+        """The summary and the head report, by default on this module's logger: at INFO, or at WARNING when the
+        class heads were not loaded whole or were loaded by label onto other names (what a study's console,
+        quiet at INFO, still shows)."""
         logger = logger or log
-        logger.info("initial weights: %s", self.summary())
+        level = logging.WARNING if self.class_heads_reinitialised or self._loaded_by_label_onto_other_names() \
+            else logging.INFO
+        logger.log(level, "initial weights: %s", self.summary())
         for line in self.head_report().splitlines():
-            logger.info("  %s", line)
+            logger.log(level, "  %s", line)
+
+    def _loaded_by_label_onto_other_names(self) -> bool:
+        names = self.file_class_names, self.model_class_names
+        return not self.class_heads_reinitialised and None not in names and names[0] != names[1]
 
 
 def _modules_text(keys: list[str], shapes: dict[str, str] | None = None) -> str:

@@ -132,7 +132,6 @@ def worker_main(job: Job, conn) -> None:
     signal.signal(signal.SIGTERM, _interrupt_once)
     signal.signal(signal.SIGINT, _interrupt_once)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("dset.models.detector").setLevel(logging.INFO)  # each cell's load report (class heads)
     mlflow_store.quiet_mlflow()
     if job.parent_pid:
         threading.Thread(target=_watch_parent, args=(job.parent_pid,), daemon=True).start()
