@@ -1,6 +1,8 @@
 """Micro-benchmarks, measured side by side in one process.
 
     python -m dset.bench moe [--json] [--tokens 400 2000 8400] [--repeats 30] [--warmup 5]
+    python -m dset.bench train [PRESET ...] [key=value ...]    (dset/bench_train.py: what bounds a training step)
+    python -m dset.bench loader [--num-images N] [--size 640]  (dset/bench_loader.py: the data pipeline per worker)
 
 ``moe``: latency of the sparse ``MoEFFN`` (d_model 256, 6 experts, top-3, expert hidden 1024, batch 1,
 eval mode, ``torch.inference_mode``) against (a) the "run every expert and mask" MoE
@@ -28,6 +30,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .bench_loader import add_command as add_loader_command
+from .bench_train import add_command as add_train_command
+from .cpu_share import OtherCpuShare
+
 
 def _time_interleaved(
     fns: dict[str, Callable[[], object]], warmup: int, repeats: int
@@ -43,41 +49,6 @@ def _time_interleaved(
             fn()
             samples[name].append((time.perf_counter() - t0) * 1e3)
     return {name: (statistics.median(v), min(v)) for name, v in samples.items()}
-
-
-class _OtherLoad:
-    """Share of the machine's CPU time used by OTHER processes between ``start()`` and ``stop()``
-    (Linux ``/proc``; None elsewhere). 0.0 = the cores were ours; 0.5 on 2 cores = one core busy
-    elsewhere. Reported with every latency because contention distorts it."""
-
-    def _read(self):
-        with open("/proc/stat") as f:
-            vals = [int(v) for v in f.readline().split()[1:]]
-        busy = sum(vals) - vals[3] - (vals[4] if len(vals) > 4 else 0)  # minus idle, iowait
-        with open("/proc/self/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        own = int(fields[11]) + int(fields[12])  # utime + stime of this process (all threads)
-        return busy, own, time.monotonic()
-
-    def start(self):
-        try:
-            self._t0 = self._read()
-        except (OSError, ValueError, IndexError):
-            self._t0 = None
-        return self
-
-    def stop(self):
-        if self._t0 is None:
-            return None
-        try:
-            busy1, own1, t1 = self._read()
-        except (OSError, ValueError, IndexError):
-            return None
-        busy0, own0, t0 = self._t0
-        capacity = (t1 - t0) * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
-        if capacity <= 0:
-            return None
-        return round(max(0.0, (busy1 - busy0) - (own1 - own0)) / capacity, 3)
 
 
 def bench_moe(
@@ -115,7 +86,7 @@ def bench_moe(
             torch.testing.assert_close(moe(x), dense_moe_forward(moe, x), atol=1e-4, rtol=1e-4)
             usage = moe.usage.tolist()
             dispatch = moe.last_dispatch
-            load = _OtherLoad().start()
+            load = OtherCpuShare().start()
             med = _time_interleaved(
                 {
                     "sparse": lambda x=x: moe(x),
@@ -200,6 +171,8 @@ def _build_parser() -> argparse.ArgumentParser:
     m.add_argument("--router-skew", type=float, default=0.0,
                    help="router bias skew * linspace(1, -1, E): 0 = even expert groups, 0.5 = uneven")
     m.set_defaults(func=_cmd_moe)
+    add_train_command(sub)
+    add_loader_command(sub)
     return p
 
 

@@ -13,7 +13,8 @@ import math
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -307,42 +308,15 @@ class TrainingRun:
     # ----- the training steps
     def train_one_epoch(self, epoch: int) -> dict:
         """One pass over the training loader; the epoch's means (:meth:`EpochStats.reduce`)."""
-        cfg = self.cfg
-        model, core = self.model, self.model_core
-        model.train()
+        self.model.train()
         self.criterion.train()
         stats = EpochStats()
         bar = self._progress_bar(epoch)
-        amp_ctx = torch.autocast("cuda", dtype=torch.float16, enabled=self.use_amp) if self.device.type == "cuda" \
-            else torch.autocast("cpu", enabled=False)
         try:
             sizes = self._multi_scale_sizes(epoch)
             for step, (images, targets) in enumerate(self.train_loader):
-                images = images.to(self.device, non_blocking=True)
-                if sizes:
-                    # RT-DETR's multi-scale training: the whole batch at one size drawn per step (nearest
-                    # resize, as the reference); boxes are normalised, so targets are unchanged
-                    size = random.choice(sizes)
-                    if tuple(images.shape[-2:]) != (size, size):
-                        images = torch.nn.functional.interpolate(images, size=(size, size))
-                targets = [{k: v.to(self.device, non_blocking=True) for k, v in t.items()} for t in targets]
-                with amp_ctx:
-                    outputs = model(images, targets)
-                loss_dict = self.criterion(outputs, targets)
-                loss = total_loss(loss_dict)
-                loss_value = _finite_loss(loss, loss_dict, self.dinfo,
-                                          f"epoch {epoch}, step {step} (global step {self.global_step})")
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                if cfg.train.grad_clip > 0:
-                    self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.train.grad_clip)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.scheduler.step()
-                self.ema.update(core)
-                self.global_step += 1
-                stats.add(loss_dict, loss_value, images.shape[0], core.sparse_stats())
+                loss_value = self.train_step(images, targets, stats, sizes,
+                                             f"epoch {epoch}, step {step} (global step {self.global_step})")
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss_value:.3f}", avg=f"{stats.total_sum / stats.steps:.3f}")
@@ -350,6 +324,46 @@ class TrainingRun:
             if bar is not None:
                 bar.close()
         return stats.reduce(self.dinfo)
+
+    def train_step(self, images: torch.Tensor, targets: list[dict], stats: EpochStats, sizes: list[int] | None,
+                   where: str, part: Callable[[str], Any] = lambda name: nullcontext()) -> float:
+        """One optimiser step on a batch from the loader; its loss. ``part(name)`` is a context around each part
+        of the step (copy, forward, loss, backward, optimizer, stats): ``dset.bench train`` times them there."""
+        cfg, core = self.cfg, self.model_core
+        with part("copy"):
+            images = images.to(self.device, non_blocking=True)
+            if sizes:
+                # RT-DETR's multi-scale training: the whole batch at one size drawn per step (nearest resize, as
+                # the reference); boxes are normalised, so targets are unchanged
+                size = random.choice(sizes)
+                if tuple(images.shape[-2:]) != (size, size):
+                    images = torch.nn.functional.interpolate(images, size=(size, size))
+            targets = [{k: v.to(self.device, non_blocking=True) for k, v in t.items()} for t in targets]
+        with part("forward"):
+            amp = torch.autocast("cuda", dtype=torch.float16, enabled=self.use_amp) if self.device.type == "cuda" \
+                else torch.autocast("cpu", enabled=False)
+            with amp:
+                outputs = self.model(images, targets)
+        with part("loss"):
+            loss_dict = self.criterion(outputs, targets)
+            loss = total_loss(loss_dict)
+            loss_value = _finite_loss(loss, loss_dict, self.dinfo, where)
+        with part("optimizer"):
+            self.optimizer.zero_grad(set_to_none=True)
+        with part("backward"):
+            self.scaler.scale(loss).backward()
+        with part("optimizer"):
+            if cfg.train.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.train.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            self.ema.update(core)
+            self.global_step += 1
+        with part("stats"):
+            stats.add(loss_dict, loss_value, images.shape[0], core.sparse_stats())
+        return loss_value
 
     def _progress_bar(self, epoch: int):
         """Rank 0's tqdm bar over the epoch's steps with ``run.progress``, else None."""
