@@ -50,7 +50,6 @@ from torch import nn
 
 from .config import ConfigError, resolve_config
 from .cpu_share import OtherCpuShare
-from .data.errors import DatasetError
 from .data.loaders import set_loader_epoch
 from .engine.distributed import DistInfo, resolve_device
 from .engine.epoch_stats import EpochStats
@@ -407,14 +406,14 @@ def _print_table(result: dict) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-
     models = [a for a in args.args if "=" not in a] or list(DEFAULT_MODELS)
     overrides = [a for a in args.args if "=" in a]
     try:
         result = bench_train(models, overrides, steps=args.steps, warmup=args.warmup, workers=args.workers,
                              amp=args.amp, epoch=args.epoch, budget=args.budget, trace=args.trace,
                              count_syncs=not args.no_syncs)
-    except (ConfigError, DatasetError, FileNotFoundError, NonFiniteLossError) as exc:
+    # ValueError: ConfigError, DatasetError and what the model says of its input (too many queries for the size)
+    except (ValueError, FileNotFoundError, NonFiniteLossError) as exc:
         print(f"error: {error_message(exc)}", file=sys.stderr)
         return 2
     except RuntimeError as exc:

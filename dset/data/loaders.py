@@ -171,9 +171,11 @@ class ShardSampler(Sampler[int]):
         return len(range(self.rank, self.length, self.world_size))
 
 
-def build_train_loader(dataset: Dataset, cfg: Config, rank: int = 0, world_size: int = 1) -> DataLoader:
+def build_train_loader(dataset: Dataset, cfg: Config, rank: int = 0, world_size: int = 1,
+                       pin_memory: bool = False) -> DataLoader:
     """Shuffled training loader (seeded per epoch; see :func:`set_loader_epoch`). ``data.batch_size`` is
-    per process; the last, smaller batch is kept."""
+    per process; the last, smaller batch is kept. ``pin_memory`` (a CUDA run) lets the copies to the GPU overlap
+    the step; workers are not persistent, since each epoch reseeds them and tells them the epoch."""
     if len(dataset) < world_size:
         raise DatasetError(f"the training set has {len(dataset)} images, fewer than the {world_size} processes")
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.run.seed,
@@ -182,7 +184,7 @@ def build_train_loader(dataset: Dataset, cfg: Config, rank: int = 0, world_size:
     generator.manual_seed(cfg.run.seed)
     return DataLoader(dataset, batch_size=cfg.data.batch_size, sampler=sampler, collate_fn=collate_fn,
                       num_workers=cfg.data.num_workers, generator=generator, drop_last=False,
-                      persistent_workers=False, pin_memory=False)
+                      persistent_workers=False, pin_memory=pin_memory)
 
 
 def build_val_loader(dataset: Dataset, cfg: Config, rank: int = 0, world_size: int = 1) -> DataLoader:

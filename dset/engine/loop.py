@@ -88,7 +88,8 @@ class TrainingRun:
         # data first: it decides num_classes
         self.data = build_datasets(cfg)
         self.cfg = cfg = _num_classes_from_data(cfg, self.data, dinfo)
-        self.train_loader = build_train_loader(self.data.train, cfg, dinfo.rank, dinfo.world_size)
+        self.train_loader = build_train_loader(self.data.train, cfg, dinfo.rank, dinfo.world_size,
+                                               pin_memory=self.device.type == "cuda")
         self.val_loader = build_val_loader(self.data.val, cfg, dinfo.rank, dinfo.world_size)
         model, self.pretrained_names, self.load_reports = build_training_model(
             cfg, class_names=self.data.category_names, log_reports=dinfo.is_main)
