@@ -6,7 +6,6 @@ layout of :func:`dset.data.split.write_splits`, returning a :class:`ConversionRe
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from ..config_checks import ConfigError
 from .errors import DatasetError
 from .split import SPLIT_ORDER, SplitRule, WrittenSplits, split_images, summary_lines, write_splits
 
-__all__ = ["IMAGE_SUFFIXES", "SourceSet", "ConversionResult", "image_size", "coco_box", "read_json",
+__all__ = ["IMAGE_SUFFIXES", "SourceSet", "ConversionResult", "image_size", "coco_box",
            "parse_classes", "categories_of", "save"]
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
@@ -79,14 +78,6 @@ def coco_box(x0: float, y0: float, x1: float, y1: float, width: int, height: int
         return None
     x0, y0, x1, y1 = (round(float(v), 4) for v in (x0, y0, x1, y1))
     return [x0, y0, round(x1 - x0, 4), round(y1 - y0, 4)]
-
-
-def read_json(path: Path, what: str) -> Any:
-    """The JSON in ``path``; DatasetError naming the file and ``what`` it should be when unreadable."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DatasetError(f"{path}: cannot read {what} ({e})") from e
 
 
 def parse_classes(text: str | list[str] | None) -> list[str] | None:

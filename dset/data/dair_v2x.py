@@ -45,7 +45,6 @@ Command line: ``python -m dset.data.dair_v2x SRC DST [--val-fraction F] [--seed 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import re
@@ -60,6 +59,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from .errors import DatasetError
+from .json_files import read_json, write_json_atomic
 
 __all__ = ["DAIR_V2X_CLASSES", "CLASS_MAP", "IGNORE_REGION_TYPES", "DROPPED_TYPES", "convert_dair_v2x"]
 
@@ -82,21 +82,13 @@ def _norm_type(t: str) -> str:
     return re.sub(r"[\s_\-]", "", t).lower()
 
 
-def _read_json(path: Path, problem: str) -> Any:
-    """The JSON in ``path``; a file that cannot be read or parsed is a DatasetError naming it and ``problem``."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DatasetError(f"{path}: {problem} ({e})") from e
-
-
 def _frame_of(entry: Any) -> str:
     return Path(str(entry).strip()).stem
 
 
 def _read_split(src: Path, split_file: Path | None) -> tuple[list[str], list[str], str] | None:
     def from_json(path: Path) -> tuple[list[str], list[str], str]:
-        data = _read_json(path, "cannot read split file")
+        data = read_json(path, "cannot read split file")
         if not (isinstance(data, dict) and isinstance(data.get("train"), list) and isinstance(data.get("val"), list)):
             raise DatasetError(f"{path}: split file must be a JSON object with lists under 'train' and 'val'")
         return [_frame_of(x) for x in data["train"]], [_frame_of(x) for x in data["val"]], str(path)
@@ -146,18 +138,11 @@ def _parse_box(obj: Any, label_file: Path, k: int) -> tuple[str, tuple[float, fl
     return str(obj["type"]), xyxy  # type: ignore[return-value]
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
-
-
 def _sequences(src: Path, labelled: list[str]) -> tuple[list[list[str]], str]:
     """The labelled frames grouped by the recording they come from, and how they were grouped."""
     info_path = src / "data_info.json"
     if info_path.is_file():
-        info = _read_json(info_path, "cannot read")
+        info = read_json(info_path, "cannot read")
         if not isinstance(info, list):
             raise DatasetError(f"{info_path}: expected a JSON list of frame entries")
         batch_of = {}
@@ -249,7 +234,7 @@ def _read_frame(frame: str, image_dir: Path, label_dir: Path) -> tuple[Path, int
             width, height = im.size
     except (OSError, UnidentifiedImageError) as e:
         raise DatasetError(f"cannot read image {img_path}: {e}") from e
-    objects = _read_json(label_file, "malformed label JSON")
+    objects = read_json(label_file, "malformed label JSON")
     if not isinstance(objects, list):
         raise DatasetError(f"{label_file}: label JSON must be a list of objects, got {type(objects).__name__}")
     return img_path, width, height, objects
@@ -376,7 +361,7 @@ def convert_dair_v2x(
     _place_images(image_dir, images_dir, images,
                   [img["file_name"] for split_name in ("train", "val") for img in outputs[split_name]["images"]])
     for split_name in ("train", "val"):
-        _write_json(dst / f"{split_name}.json", outputs[split_name])
+        write_json_atomic(dst / f"{split_name}.json", outputs[split_name])
 
     if left_out.unknown:
         warnings.warn(f"DAIR-V2X {src}: dropped objects of unknown type(s) {dict(left_out.unknown)}", stacklevel=2)

@@ -49,7 +49,8 @@ def learning_risks(check: DataCheck | None, image_size: int, epochs: int, steps_
     suggestion = check.suggestion if check is not None else None
     if suggestion is not None:
         suggested = suggestion.values["data.image_size"]
-        relative = suggestion.numbers["median_box_px_at_size"] / suggested   # median box / image's longer side
+        # the check's median box relative to the image it is resized with (sqrt(w h / (W H))), at the size asked
+        relative = suggestion.numbers["median_box_px_at_size"] / suggested
         median_px = relative * image_size
         if median_px < MEDIAN_BOX_PX:
             risks.append(f"objects are small at data.image_size={image_size}: the median training box is "

@@ -30,6 +30,7 @@ from typing import Any
 from ..config_checks import ConfigError
 from ..data_file import DATA_FILE_NAME, write_data_file
 from .errors import DatasetError
+from .json_files import read_json, write_json_atomic
 
 __all__ = ["SplitRule", "SplitCounts", "WrittenSplits", "group_key", "split_images", "write_splits",
            "read_coco_json", "split_coco_file", "add_split_arguments", "rule_from_args", "summary_lines",
@@ -152,13 +153,6 @@ class WrittenSplits:
     counts: dict[str, SplitCounts]
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
-
-
 def _place_images(images_root: Path, link: Path, file_names: list[str], copy: bool) -> None:
     """``link`` becomes a symbolic link to ``images_root`` or (``copy``) a folder with copies of the files."""
     target = images_root.resolve()
@@ -213,7 +207,7 @@ def write_splits(dst: str | os.PathLike, images_root: str | os.PathLike, parts: 
             continue
         images, annotations = parts[split]
         path = dst / f"{split}.json"
-        _write_json(path, {"info": {**info, "split": record["split"]}, "licenses": licenses or [],
+        write_json_atomic(path, {"info": {**info, "split": record["split"]}, "licenses": licenses or [],
                            "images": images, "annotations": annotations, "categories": cats})
         splits[split] = (link, path)
         counts[split] = _counts(images, annotations, names)
@@ -250,10 +244,7 @@ def read_coco_json(path: Path) -> dict:
     """A COCO instances file, its lists checked enough to split it; DatasetError naming the file and key."""
     if not path.is_file():
         raise DatasetError(f"annotation file not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DatasetError(f"{path}: cannot read COCO JSON ({e})") from e
+    data = read_json(path, "cannot read COCO JSON")
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: top level must be a JSON object, got {type(data).__name__}")
     for key in ("images", "annotations", "categories"):

@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 def _heads_from_scratch(reports: list) -> str | None:
     """What the weight files' reports say of class heads re-initialised with no class carried over, or None."""
     for r in reports:
-        if getattr(r, "class_heads_reinitialised", None) and not r.carried_classes:
+        if r.class_heads_reinitialised and not r.carried_classes:
             return f"{r.file_num_classes} classes in {r.source}, {r.model_num_classes} in the model"
     return None
 
