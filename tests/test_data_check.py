@@ -445,16 +445,17 @@ def test_image_size_rule_tenth_percentile(tmp_path):
 
 
 def test_image_size_rule_follows_trainings_square_resize(tmp_path):
-    # 20x20 boxes in 800x200 images: resized to S x S a box is (20 S/800) x (20 S/200), sqrt = S/20; >= 16 at 320.
-    # (Scaling by the longer side instead would call it 20 S/800 and ask for 640.)
-    folder, path = _boxes_set(tmp_path, 4, 800, 200, [20])
+    # 21x21 boxes in 800x200 images: resized to S x S a box is (21 S/800) x (21 S/200), sqrt = 21 S/400: 16.8 px at
+    # 320, 15.12 at 288 (off the 16 px boundary by far more than rounding). (Scaling by the longer side instead
+    # would call it 21 S/800 and ask for 640.)
+    folder, path = _boxes_set(tmp_path, 4, 800, 200, [21])
     size = _suggest(folder, path)["data.image_size"]
     assert size == 320
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _, target = CocoDetection(folder, path, eval_transforms(size))[0]
     w, h = (target["boxes"][0, 2:] * size).tolist()
-    assert math.sqrt(w * h) == pytest.approx(16.0)
+    assert math.sqrt(w * h) == pytest.approx(16.8)
 
 
 def test_image_size_rule_tiny_objects_get_640_and_say_so(tmp_path):
