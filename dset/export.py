@@ -36,7 +36,6 @@ deployed, trained state), as in ``dset.profile``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import warnings
@@ -47,7 +46,7 @@ import torch.nn as nn
 
 from .config import ConfigError, load_config
 from .models.detector import TensorOutputs
-from .models.moe import MoEFFN
+from .models.moe import moe_dispatch
 
 __all__ = ["ExportError", "export_onnx", "compare_with_eager", "onnxruntime_session", "OPSET", "TOLERANCE"]
 
@@ -59,18 +58,6 @@ OUTPUT_NAMES = ("pred_logits", "pred_boxes")
 
 class ExportError(RuntimeError):
     """The model could not be exported faithfully; the message says which path and why."""
-
-
-@contextlib.contextmanager
-def _export_dispatch(model: nn.Module):
-    layers = [m for m in model.modules() if isinstance(m, MoEFFN)]
-    for m in layers:
-        m.export_dispatch = True
-    try:
-        yield
-    finally:
-        for m in layers:
-            m.export_dispatch = False
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, size: int | tuple[int, int] = 640,
@@ -88,7 +75,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, size: int | tuple[int
     device = next(model.parameters()).device
     example = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0)).to(device)
     try:
-        with _export_dispatch(model), warnings.catch_warnings():
+        with moe_dispatch(model, "export"), warnings.catch_warnings():
             # the tracer warns about every shape it turns into a Python int; the shapes are fixed at export
             warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
             warnings.simplefilter("ignore", category=DeprecationWarning)
@@ -137,9 +124,6 @@ def compare_with_eager(model: nn.Module, session, size: int | tuple[int, int], b
     at random initialisation, and a matter of chance in any model) may come out in another order from the two
     runtimes' ``TopK``, which permutes rows without changing the detections. Returns ``{"pred_logits": max
     |diff|, "pred_boxes": max |diff|, "reordered_queries": rows that moved (all images), "images": n}``."""
-    import numpy as np
-    from scipy.optimize import linear_sum_assignment
-
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -149,18 +133,36 @@ def compare_with_eager(model: nn.Module, session, size: int | tuple[int, int], b
             with torch.inference_mode():
                 ref = model(images.to(device))
             got = dict(zip(OUTPUT_NAMES, session.run(list(OUTPUT_NAMES), {INPUT_NAME: images.numpy()})))
-            for b in range(images.shape[0]):
-                eager = {k: ref[k][b].float().cpu().numpy() for k in OUTPUT_NAMES}
-                onnx = {k: got[k][b] for k in OUTPUT_NAMES}
-                cost = np.maximum(*(np.abs(eager[k][:, None, :] - onnx[k][None, :, :]).max(-1) for k in OUTPUT_NAMES))
-                rows, cols = linear_sum_assignment(cost)
-                worst["reordered_queries"] += int((rows != cols).sum())
-                for k in OUTPUT_NAMES:
-                    worst[k] = max(worst[k], float(np.abs(eager[k][rows] - onnx[k][cols]).max()))
-                worst["images"] += 1
+            diff = paired_query_differences(ref, got)
+            worst["reordered_queries"] += diff["reordered_queries"]
+            worst["images"] += diff["images"]
+            for k in OUTPUT_NAMES:
+                worst[k] = max(worst[k], diff[k])
     finally:
         model.train(was_training)
     return worst
+
+
+def paired_query_differences(a: dict, b: dict) -> dict:
+    """Two runs' ``pred_logits`` and ``pred_boxes`` ([B, Q, ...] tensors or arrays) compared per image, the Q rows
+    of the two paired one to one by the assignment that minimises their differences (queries whose selection
+    scores tie may come out in another order). ``{"pred_logits": max |diff|, "pred_boxes": max |diff|,
+    "reordered_queries": rows that moved, "images": B}``."""
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment
+
+    def as_numpy(v):
+        return v.detach().float().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v, dtype=np.float32)
+
+    a, b = ({k: as_numpy(d[k]) for k in OUTPUT_NAMES} for d in (a, b))
+    out = {"pred_logits": 0.0, "pred_boxes": 0.0, "reordered_queries": 0, "images": a[OUTPUT_NAMES[0]].shape[0]}
+    for i in range(out["images"]):
+        cost = np.maximum(*(np.abs(a[k][i][:, None, :] - b[k][i][None, :, :]).max(-1) for k in OUTPUT_NAMES))
+        rows, cols = linear_sum_assignment(cost)
+        out["reordered_queries"] += int((rows != cols).sum())
+        for k in OUTPUT_NAMES:
+            out[k] = max(out[k], float(np.abs(a[k][i][rows] - b[k][i][cols]).max()))
+    return out
 
 
 def _argument_parser() -> argparse.ArgumentParser:

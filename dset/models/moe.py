@@ -11,7 +11,9 @@ The routing, the dispatch paths, the auxiliary losses and the compute accounting
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -28,6 +30,8 @@ __all__ = [
     "RoutingGroups",
     "patch_groups",
     "dense_moe_forward",
+    "moe_dispatch",
+    "MOE_DISPATCHES",
 ]
 
 _ACTIVATIONS = ("relu", "gelu")
@@ -147,6 +151,9 @@ class MoEFFN(nn.Module):
     pad_waste_limit: float = 1.5
     # set by dset.export while it exports a graph: forward takes _forward_export, which a trace cannot freeze
     export_dispatch: bool = False
+    # set by moe_dispatch(model, "static") (CUDA graphs, torch.compile): forward takes _forward_static, whose
+    # shapes do not depend on the routing, so it never reads a count back to the host
+    static_dispatch: bool = False
 
     def __init__(
         self,
@@ -203,7 +210,7 @@ class MoEFFN(nn.Module):
         self.z_loss: torch.Tensor | None = None
         self.usage: torch.Tensor | None = None
         self.router_entropy: torch.Tensor | None = None
-        self.last_dispatch: str = ""  # "padded" | "loop" | "grouped_mm": the path of the last forward
+        self.last_dispatch: str = ""  # "padded" | "loop" | "grouped_mm" | "static": the path of the last forward
 
     # ------------------------------------------------------------------ init / upcycling
     def reset_parameters(self) -> None:
@@ -420,6 +427,8 @@ class MoEFFN(nn.Module):
             raise ValueError(f"expected last dim d_model={self.d_model}, got input shape {tuple(shape)}")
         if self.export_dispatch:
             return self._forward_export(x, groups)
+        if self.static_dispatch:
+            return self._forward_static(x, groups)
         if torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
             raise RuntimeError(
                 "MoEFFN's sparse dispatch cannot be exported as it is: it reads each expert's group size to the "
@@ -491,6 +500,23 @@ class MoEFFN(nn.Module):
             out = out.scatter_add(0, token.unsqueeze(-1).expand(-1, self.d_model), y)
         return out.reshape(x.shape)
 
+    def _forward_static(self, x: torch.Tensor, groups: RoutingGroups | None = None) -> torch.Tensor:
+        """Static-shape dispatch (``static_dispatch``): the same routing, statistics and output as
+        :meth:`forward`, with every expert run on every token and its output weighted by the token's gate (0 for
+        an expert it did not choose). No shape depends on the routing and no count is read to the host, so a
+        CUDA graph captures it; it costs ``num_experts / top_k`` times the experts' routed multiply-adds, which
+        for few experts on few tokens (batch 1) is cheaper than a host sync. The counts use ``scatter_add``:
+        CUDA's ``bincount`` reads its input's maximum back to the host."""
+        x2d = x.reshape(-1, self.d_model)
+        top_w, top_i, probs, lse = self.route(x2d, groups)
+        flat_e = top_i.reshape(-1)
+        counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).scatter_add_(
+            0, flat_e, torch.ones_like(flat_e))
+        self._set_stats(probs, lse, counts)
+        self.last_dispatch = "static"
+        gates = x2d.new_zeros(x2d.shape[0], self.num_experts).scatter(1, top_i, top_w.to(x2d.dtype))
+        return _gated_dense_experts(self, x2d, gates).reshape(x.shape)
+
     def _act_(self, h: torch.Tensor, need_grad: bool) -> torch.Tensor:
         if self.activation == "relu":
             return torch.relu_(h)  # the matmul's backward needs only its inputs; relu's its output
@@ -546,22 +572,45 @@ class MoEFFN(nn.Module):
         return y + self.b2.index_select(0, expert_of_slot)
 
 
-def dense_moe_forward(moe: MoEFFN, x: torch.Tensor) -> torch.Tensor:
-    """Reference "run every expert and mask" MoE: all E experts on all tokens, combined with the
-    top-k routing weights (zero for unchosen experts). Same router as ``moe`` (noise included in
-    training, so compare in eval mode). Used as a correctness oracle and as a benchmark baseline.
-
-    Written as efficiently as a dense MoE can be: the E experts' first layers are one
-    ``[T, d] x [d, E*hidden]`` matmul and their second layers, with the gates folded into the hidden
-    activations, one ``[T, E*hidden] x [E*hidden, d]`` matmul. Does not set ``moe``'s statistics."""
-    shape = x.shape
-    x2d = x.reshape(-1, moe.d_model)
+def _gated_dense_experts(moe: MoEFFN, x2d: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """``sum_e gates[:, e] * expert_e(x2d)`` for ``x2d [T, d]`` and ``gates [T, E]``, in two matmuls: the E experts'
+    first layers are one ``[T, d] x [d, E*hidden]`` matmul and their second layers, with the gates folded into
+    the hidden activations, one ``[T, E*hidden] x [E*hidden, d]`` matmul."""
     T, E, H, D = x2d.shape[0], moe.num_experts, moe.hidden_dim, moe.d_model
-    top_w, top_i, _, _ = moe.route(x2d)
-    gates = x2d.new_zeros(T, E).scatter(1, top_i, top_w.to(x2d.dtype))  # [T, E]
     h = torch.addmm(moe.b1.reshape(E * H), x2d, moe.w1.reshape(E * H, D).t())  # [T, E*H]
     h = moe.dropout(_activation(h, moe.activation, False))
     h = (h.view(T, E, H) * gates.unsqueeze(-1)).view(T, E * H)
     w2cat = moe.w2.permute(0, 2, 1).reshape(E * H, D)  # rows (e, j) -> W2_e[:, j]
-    out = torch.addmm(gates @ moe.b2, h, w2cat)
-    return out.reshape(shape)
+    return torch.addmm(gates @ moe.b2, h, w2cat)
+
+
+def dense_moe_forward(moe: MoEFFN, x: torch.Tensor) -> torch.Tensor:
+    """Reference "run every expert and mask" MoE: all E experts on all tokens, combined with the
+    top-k routing weights (zero for unchosen experts). Same router as ``moe`` (noise included in
+    training, so compare in eval mode). Used as a correctness oracle and as a benchmark baseline.
+    Does not set ``moe``'s statistics (``moe_dispatch(model, "static")`` is the module's own dense path)."""
+    x2d = x.reshape(-1, moe.d_model)
+    top_w, top_i, _, _ = moe.route(x2d)
+    gates = x2d.new_zeros(x2d.shape[0], moe.num_experts).scatter(1, top_i, top_w.to(x2d.dtype))  # [T, E]
+    return _gated_dense_experts(moe, x2d, gates).reshape(x.shape)
+
+
+MOE_DISPATCHES = ("sparse", "static", "export")
+
+
+@contextlib.contextmanager
+def moe_dispatch(model: nn.Module, mode: str) -> Iterator[None]:
+    """Every :class:`MoEFFN` of ``model`` on one dispatch for the block: ``sparse`` (the default: dropless,
+    one host read per forward), ``static`` (:meth:`MoEFFN._forward_static`: no host read, for CUDA graphs and
+    ``torch.compile``) or ``export`` (:meth:`MoEFFN._forward_export`: for ONNX, eval only). Restored after."""
+    if mode not in MOE_DISPATCHES:
+        raise ValueError(f"MoE dispatch must be one of {MOE_DISPATCHES}, got {mode!r}")
+    layers = [m for m in model.modules() if isinstance(m, MoEFFN)]
+    saved = [(m.static_dispatch, m.export_dispatch) for m in layers]
+    for m in layers:
+        m.static_dispatch, m.export_dispatch = mode == "static", mode == "export"
+    try:
+        yield
+    finally:
+        for m, (static, export) in zip(layers, saved):
+            m.static_dispatch, m.export_dispatch = static, export
