@@ -202,7 +202,15 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     ema_decay: float = 0.9999
     ema_warmup_steps: int = 2000
-    amp: bool = True                          # only on CUDA
+    amp: bool = True                          # mixed precision (autocast), only on CUDA
+    amp_dtype: str = "bfloat16"               # "bfloat16" (no loss scaling needed) or "float16" (with a GradScaler,
+                                              # as the reference RT-DETR trains)
+    channels_last: bool = True                # CUDA: the convolutions on NHWC tensors (tensor-core kernels); the
+                                              # same computation, rounded differently
+    compile: bool = False                     # torch.compile the backbone (dset.engine.step_settings)
+    loss_check_every: int = 50                # optimizer steps between host reads of the loss (its NaN/inf check and
+                                              # the progress bar); also at every epoch's end. 1: every step, which
+                                              # also names the non-finite loss terms
     early_stop_patience: int | None = None # epochs without mAP improvement; None: never stop early
     eval_every: int = 1
     profile: bool = True                      # measure params/GFLOPs/latency of the final model (summary.json)
@@ -216,9 +224,6 @@ class TrainConfig:
                                               # without error; best.pt (weights) stays. Studies set false.
 
 
-# Configuration keys that change neither what a run computes nor its result (where it runs, how it logs,
-# what it keeps on disk). They may change when a run is resumed, they are left out of a study run's
-# fingerprint, and runs that differ only in these (and in run.seed) are seeds of one variant in the report.
 # RT-DETR's training sizes at 640 px (v1 rtdetr_pytorch `multi_scale`, v2 include/dataloader.yml)
 MULTI_SCALE_SIZES_640 = (480, 512, 544, 576, 608, 640, 640, 640, 672, 704, 736, 768, 800)
 
@@ -229,9 +234,13 @@ def multi_scale_sizes(image_size: int) -> list[int]:
     return [max(32, int(round(s * image_size / 640 / 32)) * 32) for s in MULTI_SCALE_SIZES_640]
 
 
+# Configuration keys that change neither what a run computes nor its result (where it runs, how it logs,
+# what it keeps on disk, how its kernels lay out or fuse the same computation: only the rounding differs). They
+# may change when a run is resumed, they are left out of a study run's fingerprint, and runs that differ only in
+# these (and in run.seed) are seeds of one variant in the report.
 RESULT_NEUTRAL_KEYS = ("run.device", "run.progress", "run.out_dir", "data.num_workers", "train.keep_last_checkpoint",
                        "train.checkpoint_every_minutes", "run.budget", "train.pictures",
-                       "train.profile_deployment")
+                       "train.profile_deployment", "train.channels_last", "train.compile", "train.loss_check_every")
 
 
 @dataclass

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["ConfigError", "EXPERT_INITS", "check_class_map", "validate"]
+__all__ = ["ConfigError", "AMP_DTYPES", "EXPERT_INITS", "check_class_map", "validate"]
+
+# train.amp_dtype's choices (dset.engine.step_settings)
+AMP_DTYPES = ("bfloat16", "float16")
 
 # model.*_moe.expert_init's choices (dset.models.moe.ExpertInit)
 EXPERT_INITS = ("upcycle", "drop_upcycle", "random")
@@ -189,6 +192,9 @@ def _validate_train(t) -> None:
     _need(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas",
           f"must be two numbers in [0, 1), got {t.betas}")
     _need(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+    _need(t.amp_dtype in AMP_DTYPES, "train.amp_dtype", f"must be one of {', '.join(AMP_DTYPES)}, got {t.amp_dtype!r}")
+    _need(isinstance(t.loss_check_every, int) and t.loss_check_every >= 1, "train.loss_check_every",
+          f"must be an integer >= 1, got {t.loss_check_every!r}")
     _need(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
     _need(0 <= t.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
     _need(t.early_stop_patience is None or t.early_stop_patience >= 1, "train.early_stop_patience", "must be >= 1")

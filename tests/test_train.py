@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import signal
 import time
 
@@ -308,13 +309,16 @@ def test_resume_state_is_written_when_minutes_have_passed_and_at_the_end(tmp_pat
     assert last.stat().st_mtime >= watcher.seen[-1][2] - 1   # written after the last epoch's callbacks
 
 
-def test_nan_loss_fails_with_step_and_name(tmp_path, synth_root, monkeypatch):
+@pytest.mark.parametrize("check_every", [1, 3])
+def test_nan_loss_fails_with_step_and_name(tmp_path, synth_root, monkeypatch, check_every):
+    """A NaN in one loss term at the second step fails the run naming that step: at once with
+    train.loss_check_every=1 (naming the term too); with 3, at the third step's read-back, still naming the second."""
     real_build = loop.build_criterion
+    calls = {"n": 0}
 
     def poisoned(cfg):
         criterion = real_build(cfg)
         forward = criterion.forward
-        calls = {"n": 0}
 
         def bad_forward(outputs, targets):
             losses = forward(outputs, targets)
@@ -328,12 +332,40 @@ def test_nan_loss_fails_with_step_and_name(tmp_path, synth_root, monkeypatch):
 
     monkeypatch.setattr(loop, "build_criterion", poisoned)
     rec = Recorder()
-    with pytest.raises(NonFiniteLossError, match=r"epoch 0, step 1 .*loss_giou_aux_1=nan"):
-        fit(dset.load_config("rtdetr_r18", tiny(synth_root)), tmp_path, callbacks=rec)
+    expected = r"epoch 0, step 1 .*loss_giou_aux_1=nan" if check_every == 1 else \
+        r"epoch 0, step 1 \(global step 1\), found by the check every 3 steps"
+    with pytest.raises(NonFiniteLossError, match=expected):
+        # batch 2: 4 steps per epoch, so that the read-back after 3 comes before the epoch's end
+        fit(dset.load_config("rtdetr_r18", tiny(synth_root, "data.batch_size=2",
+                                                f"train.loss_check_every={check_every}")), tmp_path, callbacks=rec)
+    assert calls["n"] == (2 if check_every == 1 else 3)   # found at the read-back, not later
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["status"] == "failed" and "loss_giou_aux_1=nan" in summary["error"]
+    assert summary["status"] == "failed" and re.search(expected, summary["error"])
     assert rec.calls[-1][0] == "end" and rec.calls[-1][1]["status"] == "failed"
     assert not (tmp_path / "checkpoints" / "last.pt").exists()
+
+
+def test_a_nan_loss_in_an_epochs_last_steps_is_found_before_the_epoch_is_saved(tmp_path, synth_root, monkeypatch):
+    """The read-back every 50 steps would come after the epoch's 2 steps: the check at the epoch's end finds the
+    NaN first, so epoch 0's state with NaN weights is never saved."""
+    real_build = loop.build_criterion
+
+    def poisoned(cfg):
+        criterion = real_build(cfg)
+        forward = criterion.forward
+
+        def bad_forward(outputs, targets):
+            losses = forward(outputs, targets)
+            return {k: v * float("nan") for k, v in losses.items()}
+
+        criterion.forward = bad_forward
+        return criterion
+
+    monkeypatch.setattr(loop, "build_criterion", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 0, step 0 \(global step 0\), found by the check every 50"):
+        fit(dset.load_config("rtdetr_r18", tiny(synth_root)), tmp_path)
+    assert not (tmp_path / "checkpoints" / "last.pt").exists()
+    assert not (tmp_path / "metrics.jsonl").exists() or (tmp_path / "metrics.jsonl").read_text() == ""
 
 
 def test_full_disk_at_a_checkpoint_is_a_clear_error_and_loses_no_work(tmp_path, synth_root, monkeypatch):

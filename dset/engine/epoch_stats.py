@@ -33,12 +33,12 @@ KEEP_RATIO_METRICS = {"token_pruning": (M.KEEP_RATIO, M.SCHEDULED_KEEP_RATIO),
 
 
 class EpochStats:
-    """Sums over the epoch's steps, kept as tensors (no host sync per step except the loss check)."""
+    """Sums over the epoch's steps, kept as tensors (no host sync per step: they are read at the epoch's end)."""
 
     def __init__(self) -> None:
         self.loss_sums: dict[str, torch.Tensor] = {}
         self.loss_counts: dict[str, int] = {}
-        self.total_sum = 0.0
+        self.total_sum: torch.Tensor | float = 0.0   # the total losses' sum, on the loss's device
         self.steps = 0
         self.images = 0
         self.usage_sums: dict[str, list[torch.Tensor]] = {}
@@ -50,12 +50,16 @@ class EpochStats:
         # per pruner ("token_pruning", "memory_pruning"): [sum of measured keep ratios, steps, scheduled ratio]
         self.keep: dict[str, list] = {}
 
-    def add(self, loss_dict: dict[str, torch.Tensor], total: float, batch: int, sparse: dict) -> None:
+    def mean_loss(self) -> float:
+        """The mean total loss so far (a host read)."""
+        return float(self.total_sum) / max(1, self.steps)
+
+    def add(self, loss_dict: dict[str, torch.Tensor], total: torch.Tensor, batch: int, sparse: dict) -> None:
         for k, v in loss_dict.items():
             v = v.detach().float()
             self.loss_sums[k] = self.loss_sums[k] + v if k in self.loss_sums else v.clone()
             self.loss_counts[k] = self.loss_counts.get(k, 0) + 1
-        self.total_sum += total
+        self.total_sum = self.total_sum + total.detach().float()
         self.steps += 1
         self.images += batch
         any_usage = False
@@ -86,7 +90,7 @@ class EpochStats:
         ``counts`` the epoch's ``train_images`` (all ranks) and ``train_steps``."""
         local = {
             "losses": {k: (float(v.item()), self.loss_counts[k]) for k, v in self.loss_sums.items()},
-            "total": (self.total_sum, self.steps),
+            "total": (float(self.total_sum), self.steps),
             "images": self.images,
             "usage": {k: ([u.tolist() for u in v], self.usage_count) for k, v in self.usage_sums.items()},
             "router_entropy": {k: [float(h) / max(1, self.usage_count) for h in v]

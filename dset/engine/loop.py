@@ -9,7 +9,6 @@ What a run does step by step, resume and DDP: docs/training.md; the files and th
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 import time
@@ -32,7 +31,6 @@ from .coco_eval import evaluate_detections
 from .distributed import (
     DistInfo,
     all_gather_object,
-    any_rank,
     broadcast_object,
     broadcast_state,
     params_in_sync,
@@ -43,9 +41,10 @@ from .distributed import (
 )
 from .ema import ModelEMA
 from .epoch_stats import EpochStats, Throughput
-from .errors import NonFiniteLossError, error_message
+from .errors import error_message
 from .hooks import EpochEnd, Hook, default_hooks
 from .initial_weights import build_training_model
+from .loss_check import LossCheck
 from .memory import peak_gpu_memory_mb, peak_host_memory_mb, reset_peak_memory
 from .optim import build_optimizer
 from .records import evaluation_entries, json_safe, write_json
@@ -53,6 +52,7 @@ from .reported_checkpoint import eligible_epochs, reported_checkpoint_entries
 from .rng import rng_state, seed_everything, set_rng_state
 from .run_metrics import best_epoch_metrics, train_minutes
 from .schedule import WarmupCosine, build_scheduler
+from .step_settings import StepSettings
 
 __all__ = ["fit", "TrainingRun"]
 
@@ -93,14 +93,17 @@ class TrainingRun:
         self.val_loader = build_val_loader(self.data.val, cfg, dinfo.rank, dinfo.world_size)
         model, self.pretrained_names, self.load_reports = build_training_model(
             cfg, class_names=self.data.category_names, log_reports=dinfo.is_main)
-        self.model_core, self.model = wrap_for_ddp(model.to(self.device), cfg, self.device, dinfo)
+        self.step_settings = StepSettings.of(cfg.train, self.device)
+        model = self.step_settings.prepare_model(model.to(self.device))
+        self.model_core, self.model = wrap_for_ddp(model, cfg, self.device, dinfo)
         self.criterion = build_criterion(cfg).to(self.device)
         self.optimizer = build_optimizer(self.model_core, cfg, self.pretrained_names)
         self.steps_per_epoch = len(self.train_loader)
         self.scheduler = _build_schedule(self.optimizer, cfg, self.steps_per_epoch)
         self.ema = ModelEMA(self.model_core, cfg.train.ema_decay, cfg.train.ema_warmup_steps)
-        self.use_amp = bool(cfg.train.amp and self.device.type == "cuda")
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.step_settings.compile_model(self.model_core)
+        self.scaler = self.step_settings.grad_scaler()
+        self.loss_check = LossCheck(cfg.train.loss_check_every, dinfo)
         self.early = EarlyStopping(cfg.train.early_stop_patience)
         self.eligible_epochs = eligible_epochs(cfg)   # those that may be best or stop the run, as for every run
         if dinfo.world_size > 1:   # each rank draws its own augmentations / denoising noise (weights were broadcast)
@@ -173,6 +176,7 @@ class TrainingRun:
             "config_name": self.cfg.model.name,
             "world_size": self.dinfo.world_size,
             "device": str(self.device),
+            "precision": self.step_settings.precision,
             "num_classes": self.data.num_classes,
             "num_train_images": len(self.data.train),
             "num_val_images": len(self.data.val),
@@ -316,21 +320,24 @@ class TrainingRun:
         try:
             sizes = self._multi_scale_sizes(epoch)
             for step, (images, targets) in enumerate(self.train_loader):
-                loss_value = self.train_step(images, targets, stats, sizes,
-                                             f"epoch {epoch}, step {step} (global step {self.global_step})")
+                checked = self.train_step(images, targets, stats, sizes,
+                                          f"epoch {epoch}, step {step} (global step {self.global_step})")
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss_value:.3f}", avg=f"{stats.total_sum / stats.steps:.3f}")
+                    if checked is not None:   # the loss was read back (train.loss_check_every)
+                        bar.set_postfix(loss=f"{checked:.3f}", avg=f"{stats.mean_loss():.3f}")
+            self.loss_check.check()   # before the epoch's state can be saved
         finally:
             if bar is not None:
                 bar.close()
         return stats.reduce(self.dinfo)
 
     def train_step(self, images: torch.Tensor, targets: list[dict], stats: EpochStats, sizes: list[int] | None,
-                   where: str, part: Callable[[str], Any] = lambda name: nullcontext()) -> float:
-        """One optimiser step on a batch from the loader; its loss. ``part(name)`` is a context around each part
-        of the step (copy, forward, loss, backward, optimizer, stats): ``dset.bench train`` times them there."""
-        cfg, core = self.cfg, self.model_core
+                   where: str, part: Callable[[str], Any] = lambda name: nullcontext()) -> float | None:
+        """One optimiser step on a batch from the loader; the newest loss when this step read it back to the host
+        (every ``train.loss_check_every`` steps), else None. ``part(name)`` is a context around each part of the
+        step (copy, forward, loss, backward, optimizer, stats): ``dset.bench train`` times them there."""
+        cfg, core, settings = self.cfg, self.model_core, self.step_settings
         with part("copy"):
             images = images.to(self.device, non_blocking=True)
             if sizes:
@@ -339,16 +346,15 @@ class TrainingRun:
                 size = random.choice(sizes)
                 if tuple(images.shape[-2:]) != (size, size):
                     images = torch.nn.functional.interpolate(images, size=(size, size))
+            images = settings.prepare_images(images)
             targets = [{k: v.to(self.device, non_blocking=True) for k, v in t.items()} for t in targets]
         with part("forward"):
-            amp = torch.autocast("cuda", dtype=torch.float16, enabled=self.use_amp) if self.device.type == "cuda" \
-                else torch.autocast("cpu", enabled=False)
-            with amp:
+            with settings.autocast(self.device):
                 outputs = self.model(images, targets)
         with part("loss"):
             loss_dict = self.criterion(outputs, targets)
             loss = total_loss(loss_dict)
-            loss_value = _finite_loss(loss, loss_dict, self.dinfo, where)
+            checked = self.loss_check.record(loss, loss_dict, where)
         with part("optimizer"):
             self.optimizer.zero_grad(set_to_none=True)
         with part("backward"):
@@ -363,8 +369,8 @@ class TrainingRun:
             self.ema.update(core)
             self.global_step += 1
         with part("stats"):
-            stats.add(loss_dict, loss_value, images.shape[0], core.sparse_stats())
-        return loss_value
+            stats.add(loss_dict, loss.detach(), images.shape[0], core.sparse_stats())
+        return checked
 
     def _progress_bar(self, epoch: int):
         """Rank 0's tqdm bar over the epoch's steps with ``run.progress``, else None."""
@@ -404,19 +410,6 @@ def _build_schedule(optimizer: torch.optim.Optimizer, cfg: Config, steps_per_epo
         log.warning("train.warmup_steps (%d) >= the run's %d optimizer steps: the learning rate never "
                     "reaches its peak", cfg.train.warmup_steps, total_steps)
     return build_scheduler(optimizer, cfg.train.warmup_steps, total_steps, cfg.train.min_lr_ratio)
-
-
-def _finite_loss(loss: torch.Tensor, loss_dict: dict, dinfo: DistInfo, where: str) -> float:
-    """The total loss as a number; a :class:`NonFiniteLossError` naming ``where`` and the non-finite terms when
-    it is NaN/inf here or on another process (every rank stops together)."""
-    value = float(loss.detach().float().item())
-    if not any_rank(not math.isfinite(value), loss.device, dinfo):
-        return value
-    bad = [f"{k}={float(t.detach().float().item())}" for k, t in loss_dict.items()
-           if not math.isfinite(float(t.detach().float().item()))]
-    if bad:
-        raise NonFiniteLossError(f"non-finite loss at {where}: {', '.join(bad)} (total loss {value})")
-    raise NonFiniteLossError(f"non-finite loss at {where} on another process (rank 0's total loss {value})")
 
 
 # ---------------------------------------------------------------------------------------------- fit
