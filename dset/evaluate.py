@@ -9,7 +9,9 @@ validation split is evaluated, or with ``--split test`` its test split (the scor
 the synthetic ones are regenerated from their parameters if their cache is gone). The EMA weights are evaluated unless
 ``--weights model`` (the raw training weights, only in ``last.pt``: ``best.pt`` keeps the EMA weights only).
 Prints the COCO metrics (AP in [0, 1], pycocotools, original image sizes) and writes them as JSON with
-``--json FILE``.
+``--json FILE``. ``--precisions bf16,fp16 --modes eager,compile`` also evaluates the model as it would be deployed
+(bf16/fp16 autocast; eager, torch.compile, CUDA graphs) and prints each mAP against fp32 eager, marked where it
+loses more than 0.1 point (:mod:`dset.deployed_accuracy`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,7 +28,7 @@ import torch
 from . import run_folder
 from .config import ConfigError, config_from_dict, load_config, split_data_override, with_data_file
 
-__all__ = ["evaluate_checkpoint", "main"]
+__all__ = ["evaluate_checkpoint", "prepare_evaluation", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +53,36 @@ def evaluate_checkpoint(checkpoint: str | Path, images: str | None = None, annot
 
     Returns the :func:`dset.engine.coco_eval.coco_metrics` dict plus ``split``, ``<split>_images``, ``epoch`` (of
     the checkpoint), ``weights`` and ``checkpoint``."""
+    from .engine.coco_eval import evaluate_detections
+
+    ev = prepare_evaluation(checkpoint, images, annotations, overrides, weights, split)
+    metrics = evaluate_detections(ev.model, ev.loader, ev.data, ev.device, split=split)
+    metrics.update(ev.describe())
+    return metrics
+
+
+@dataclass
+class Evaluation:
+    """A saved run's model (eval mode, on its device) and the data it is evaluated on."""
+
+    model: torch.nn.Module
+    loader: object
+    data: object            # dset.data.loaders.DataBundle
+    device: torch.device
+    split: str
+    epoch: int | None
+    weights: str
+    checkpoint: Path
+
+    def describe(self) -> dict:
+        return {"split": self.split, "epoch": self.epoch, "weights": self.weights, "checkpoint": str(self.checkpoint)}
+
+
+def prepare_evaluation(checkpoint: str | Path, images: str | None = None, annotations: str | None = None,
+                       overrides: list[str] | None = None, weights: str = "ema", split: str = "val") -> Evaluation:
+    """What :func:`evaluate_checkpoint` evaluates: the checkpoint's model and the loader of the split."""
     from .data.errors import DatasetError
     from .data.loaders import build_eval_data, build_val_loader
-    from .engine.coco_eval import evaluate_detections
     from .engine.distributed import DistInfo, resolve_device
     from .models.detector import build_model
 
@@ -93,9 +123,7 @@ def evaluate_checkpoint(checkpoint: str | Path, images: str | None = None, annot
     model.load_state_dict(state)
     model.to(device).eval()
     loader = build_val_loader(data.evaluated_split(split)[0], cfg)
-    metrics = evaluate_detections(model, loader, data, device, split=split)
-    metrics.update({"split": split, "epoch": ckpt.get("epoch"), "weights": weights, "checkpoint": str(path)})
-    return metrics
+    return Evaluation(model, loader, data, device, split, ckpt.get("epoch"), weights, path)
 
 
 def _format(metrics: dict) -> str:
@@ -117,18 +145,37 @@ def main(argv: list[str] | None = None) -> int:
                     help="the run's validation split (default; it selected the model) or its test split (scoring)")
     ap.add_argument("--weights", choices=("ema", "model"), default="ema",
                     help="EMA weights (default) or the raw model (last.pt only)")
+    ap.add_argument("--precisions", metavar="P,P",
+                    help="also evaluate in these precisions, from fp32,bf16,fp16 (bf16/fp16: torch.autocast)")
+    ap.add_argument("--modes", metavar="M,M", help="also evaluate in these modes, from eager,compile,cudagraphs")
     ap.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
     ns = ap.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     bad = [o for o in ns.overrides if "=" not in o]
     if bad:
         ap.error(f"overrides must be key=value, got {bad}")
+    deployed = ns.precisions is not None or ns.modes is not None
+    if deployed:
+        from .inference_modes import MODES, PRECISIONS, parse_choices
+
+        try:
+            precisions = parse_choices(ns.precisions or "fp32", PRECISIONS, "--precisions")
+            modes = parse_choices(ns.modes or "eager", MODES, "--modes")
+        except ValueError as exc:
+            ap.error(str(exc))
 
     from .data.errors import DatasetError
 
     images, annotations = ns.data if ns.data else (None, None)
     try:
-        metrics = evaluate_checkpoint(ns.checkpoint, images, annotations, ns.overrides, ns.weights, ns.split)
+        if deployed:
+            from .deployed_accuracy import accuracy_table, deployed_accuracy
+
+            ev = prepare_evaluation(ns.checkpoint, images, annotations, ns.overrides, ns.weights, ns.split)
+            result = deployed_accuracy(ev, precisions, modes)
+            metrics = {**result.pop("reference"), **result}
+        else:
+            metrics = evaluate_checkpoint(ns.checkpoint, images, annotations, ns.overrides, ns.weights, ns.split)
     except (ConfigError, DatasetError, FileNotFoundError, ValueError) as exc:
         from .engine.errors import error_message
 
@@ -138,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{metrics[ns.split + '_images']} {'given' if ns.data else ns.split} images; COCO AP in [0, 1], "
           "pycocotools)")
     print(_format(metrics))
+    if deployed:
+        print(accuracy_table(metrics))
     if ns.json:
         from .engine.records import json_safe
 

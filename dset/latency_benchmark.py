@@ -5,23 +5,28 @@ conditions, and the conditions of one process (its threads' placement, its memor
 ran) differ from the next one's by more than many effects worth measuring. So:
 
 - In one process the models are timed interleaved (:func:`dset.measure.measure_latency`): warm-up rounds, then
-  ``rounds`` rounds, each calling every model once in an order shuffled afresh (seeded by the process's index).
-  Eval mode, ``torch.inference_mode``, fp32, the same random images for every model, the pruning schedules at
-  their end (target sparsity, :meth:`~dset.models.detector.Detector.set_deployed_epoch`).
+  ``rounds`` rounds, each calling every runner once in an order shuffled afresh (seeded by the process's index).
+  A runner is a model in one precision and mode (:mod:`dset.inference_modes`; default fp32 eager only, then the
+  runners are named as their models). Eval mode, ``torch.inference_mode``, the same random images for every
+  runner, the pruning schedules at their end (target sparsity,
+  :meth:`~dset.models.detector.Detector.set_deployed_epoch`); CUDA events time each call on a GPU.
 - That is repeated in ``processes`` separate processes, one after the other (``python -m dset.latency_benchmark
   --worker REQUEST RESULT``), each building or loading the models itself.
-- The change of a variant against the baseline: in each process, the median over its rounds of the per-round log
-  ratio ``log(variant ms / baseline ms)`` (both timed in the same round); the estimate is the mean of the
-  ``processes`` medians, the 95% interval Student's t over them, ``mean +- t(0.975, K - 1) * sd / sqrt(K)``, both
-  shown as a change in percent, ``100 * (exp(x) - 1)``. A process's median carries its own round-to-round noise and
-  what sets it apart from the other processes, so their spread, and the interval, include both. (A bootstrap that
+- The change of a runner against the baseline (the first runner): in each process, the median over its rounds
+  of the per-round log ratio ``log(variant ms / baseline ms)`` (both timed in the same round); the estimate is the
+  mean of the ``processes`` medians, the 95% interval Student's t over them,
+  ``mean +- t(0.975, K - 1) * sd / sqrt(K)``, both shown as a change in percent, ``100 * (exp(x) - 1)``. A
+  process's median carries its own round-to-round noise and what sets it apart from the other processes, so
+  their spread, and the interval, include both. (A bootstrap that
   resamples 3 processes would understate their spread by (K - 1) / K and take only a handful of values.) With one
   process the interval is the paired bootstrap over its rounds (:func:`dset.measure.paired_latency_change`), and
   the result says that it leaves the between-process spread out.
-- A model's latency is the median of all its timed calls, every process's rounds together.
+- A runner's latency is the median (p50) of all its timed calls, every process's rounds together; p90 as well.
+  A combination that cannot run on the device (CUDA graphs on a CPU) is listed under ``not_timed`` with why.
 
-:func:`run_benchmark` returns what was measured and how: device, threads, batch, precision, image size, processes,
-rounds, warm-up, the interval's method; per model its median and per-process medians; per variant its change.
+:func:`run_benchmark` returns what was measured and how: the environment (device, driver, torch, CUDA, cuDNN),
+threads, batch, precisions and modes, image size, processes, rounds, warm-up, the interval's method; per runner its
+model, precision, mode, p50, p90 and per-process medians; per variant its change.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-PRECISION = "fp32"   # the models are built and timed in float32
+PRECISION = "fp32"   # what run_benchmark times by default (eager, no autocast): the study's benchmark
 LEVEL = 0.95
 INTERVAL_PROCESSES = "Student t over the processes' median per-round log ratios (between-process spread included)"
 INTERVAL_ONE_PROCESS = "bootstrap over the rounds of one process (between-process spread not included)"
@@ -104,17 +109,33 @@ def build_benchmark_model(spec: ModelSpec) -> torch.nn.Module:
 
 
 def time_in_this_process(specs: list[ModelSpec], size: int, device: str = "cpu", batch_size: int = 1,
-                         warmup: int = 3, rounds: int = 10, order_seed: int = 0) -> dict:
-    """One process's share: build every model, time them interleaved (:func:`dset.measure.measure_latency`, the
-    order shuffled every round with ``order_seed``); per model the milliseconds of each timed round, and its sparse
-    mechanisms as timed (:func:`dset.measure.sparse_summary`: the keep ratios in force)."""
-    from .measure import device_name, measure_latency, sparse_summary
-
+                         warmup: int = 3, rounds: int = 10, order_seed: int = 0,
+                         precisions: tuple[str, ...] = (PRECISION,), modes: tuple[str, ...] = ("eager",)) -> dict:
+    """One process's share: build every model, time its runners (each precision and mode) interleaved
+    (:func:`dset.measure.measure_latency`, the order shuffled every round with ``order_seed``); per runner the
+    milliseconds of each timed round, what it runs, and its model's sparse mechanisms as timed
+    (:func:`dset.measure.sparse_summary`: the keep ratios in force); ``not_timed``: runners that cannot run here."""
     models = {spec.label: build_benchmark_model(spec) for spec in specs}
-    timing = measure_latency(models, size, device, batch_size, warmup, rounds, order_seed=order_seed)
-    return {"device": device_name(device), "threads": torch.get_num_threads(),
-            "rounds_ms": {label: timing[label]["latency_ms_rounds"] for label in models},
-            "sparse": {label: sparse_summary(model) for label, model in models.items()}}
+    return time_models(models, size, device, batch_size, warmup, rounds, order_seed, precisions, modes)
+
+
+def time_models(models: dict[str, torch.nn.Module], size: int, device: str = "cpu", batch_size: int = 1,
+                warmup: int = 3, rounds: int = 10, order_seed: int = 0, precisions: tuple[str, ...] = (PRECISION,),
+                modes: tuple[str, ...] = ("eager",)) -> dict:
+    """:func:`time_in_this_process` of models already built (what :func:`summarise` reads)."""
+    from .measure import environment, measure_latency, sparse_summary
+
+    timing = measure_latency(models, size, device, batch_size, warmup, rounds, order_seed=order_seed,
+                             precisions=precisions, modes=modes)
+    timed = [label for label, t in timing.items() if "not_timed" not in t]
+    env = environment(device)
+    return {"device": env["device"], "environment": env, "threads": torch.get_num_threads(),
+            "timer": next((timing[label]["timer"] for label in timed), None),
+            "rounds_ms": {label: timing[label]["latency_ms_rounds"] for label in timed},
+            "runners": {label: {k: t[k] for k in ("model", "precision", "precision_as_run", "mode")}
+                        for label, t in timing.items()},
+            "not_timed": {label: t["not_timed"] for label, t in timing.items() if "not_timed" in t},
+            "sparse": {label: sparse_summary(models[t["model"]]) for label, t in timing.items()}}
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -155,7 +176,10 @@ def summarise(labels: list[str], per_process: list[dict], settings: dict, level:
     for label in labels:
         pooled = [ms for process in rounds[label] for ms in process]
         median = statistics.median(pooled)
-        models[label] = {"latency_ms": median, "fps": 1000.0 * settings["batch_size"] / median,
+        models[label] = {**per_process[0].get("runners", {}).get(label, {}),
+                         "latency_ms": median, "latency_ms_p50": median,
+                         "latency_ms_p90": float(np.percentile(pooled, 90)),
+                         "fps": 1000.0 * settings["batch_size"] / median,
                          "latency_ms_by_process": [statistics.median(ms) for ms in rounds[label]],
                          "latency_ms_rounds": rounds[label], "sparse": per_process[0]["sparse"][label]}
     baseline = labels[0]
@@ -167,8 +191,13 @@ def summarise(labels: list[str], per_process: list[dict], settings: dict, level:
             changes[label] = {**paired_latency_change(rounds[baseline][0], rounds[label][0], level),
                               "processes": 1, "interval": INTERVAL_ONE_PROCESS}
         changes[label]["baseline"] = baseline
-    return {**settings, "device": per_process[0]["device"], "threads": per_process[0]["threads"],
-            "precision": PRECISION, "processes": len(per_process), "level": level,
+    first = per_process[0]
+    precisions = sorted({m["precision"] for m in models.values() if "precision" in m}) or [PRECISION]
+    return {**settings, "device": first["device"], "environment": first.get("environment"),
+            "threads": first["threads"], "timer": first.get("timer"),
+            "precision": precisions[0] if len(precisions) == 1 else ",".join(precisions),
+            "not_timed": first.get("not_timed", {}), "runners": first.get("runners", {}),
+            "processes": len(per_process), "level": level,
             "interval": INTERVAL_PROCESSES if len(per_process) > 1 else INTERVAL_ONE_PROCESS,
             "baseline": baseline, "models": models, "changes": changes}
 
@@ -185,14 +214,18 @@ class BenchmarkRequest:
     warmup: int = 3
     rounds: int = 10
     threads: int = 1
+    precisions: tuple[str, ...] = (PRECISION,)
+    modes: tuple[str, ...] = ("eager",)
 
 
 def run_benchmark(specs: list[ModelSpec], size: int = 640, device: str = "cpu", batch_size: int = 1, warmup: int = 3,
                   rounds: int = 10, processes: int = 3, threads: int | None = None,
-                  timeout_s: float | None = None) -> dict:
-    """Time ``specs`` side by side in ``processes`` separate processes, one after the other (the first spec is the
-    baseline); see the module docstring. ``threads``: torch's intra-op threads in each process (default: this
-    process's). Raises :class:`LatencyBenchmarkError` when a worker fails, with its error output."""
+                  timeout_s: float | None = None, precisions: tuple[str, ...] = (PRECISION,),
+                  modes: tuple[str, ...] = ("eager",)) -> dict:
+    """Time ``specs`` in each of ``precisions`` and ``modes`` side by side in ``processes`` separate processes, one
+    after the other (the first timed runner is the baseline); see the module docstring. ``threads``: torch's
+    intra-op threads in each process (default: this process's). Raises :class:`LatencyBenchmarkError` when a
+    worker fails, with its error output."""
     if len(specs) < 1 or len({s.label for s in specs}) != len(specs):
         raise ValueError(f"the benchmark needs models with distinct labels, got {[s.label for s in specs]}")
     if processes < 1 or rounds < 1 or warmup < 0 or batch_size < 1:
@@ -200,7 +233,8 @@ def run_benchmark(specs: list[ModelSpec], size: int = 640, device: str = "cpu", 
                          f"rounds={rounds}, warmup={warmup}, batch_size={batch_size}")
     threads = threads or torch.get_num_threads()
     started = time.perf_counter()
-    request = BenchmarkRequest([asdict(s) for s in specs], size, device, batch_size, warmup, rounds, threads)
+    request = BenchmarkRequest([asdict(s) for s in specs], size, device, batch_size, warmup, rounds, threads,
+                               tuple(precisions), tuple(modes))
     package_root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "OMP_NUM_THREADS": str(threads),
            "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
@@ -223,10 +257,38 @@ def run_benchmark(specs: list[ModelSpec], size: int = 640, device: str = "cpu", 
                 raise LatencyBenchmarkError(f"latency benchmark process {k + 1}/{processes} failed (exit "
                                             f"{proc.returncode}): {lines[-1]}\n" + "\n".join(lines[-30:]))
             per_process.append(json.loads(result_path.read_text()))
-    settings = {"image_size": size, "batch_size": batch_size, "rounds": rounds, "warmup": warmup}
-    result = summarise([s.label for s in specs], per_process, settings)
+    result = _summarise_timed(per_process, size, batch_size, rounds, warmup, precisions, modes)
     result["seconds"] = time.perf_counter() - started
     return result
+
+
+def _summarise_timed(per_process: list[dict], size: int, batch_size: int, rounds: int, warmup: int,
+                     precisions: tuple[str, ...], modes: tuple[str, ...]) -> dict:
+    """:func:`summarise` of the runners that ran (the first is the baseline); an error when none could."""
+    settings = {"image_size": size, "batch_size": batch_size, "rounds": rounds, "warmup": warmup,
+                "precisions": list(precisions), "modes": list(modes)}
+    labels = list(per_process[0]["rounds_ms"])
+    if not labels:
+        raise LatencyBenchmarkError(f"nothing could run on {per_process[0]['device']}: " + "; ".join(
+            f"{label}: {why}" for label, why in per_process[0]["not_timed"].items()))
+    return summarise(labels, per_process, settings)
+
+
+def time_protocol(models: dict[str, torch.nn.Module], specs: list[ModelSpec], size: int, device: str,
+                  batch_sizes: tuple[int, ...], warmup: int, rounds: int, processes: int,
+                  precisions: tuple[str, ...], modes: tuple[str, ...]) -> dict[int, dict]:
+    """The deployed-latency protocol at each batch size: every model in every precision and mode timed
+    interleaved, in ``processes`` separate processes (:func:`run_benchmark`, models built from ``specs``) or, with
+    0, in this process on ``models`` (the interval then leaves the between-process spread out)."""
+    out = {}
+    for batch_size in batch_sizes:
+        if processes:
+            out[batch_size] = run_benchmark(specs, size, device, batch_size, warmup, rounds, processes,
+                                            precisions=precisions, modes=modes)
+        else:
+            timed = time_models(models, size, device, batch_size, warmup, rounds, 0, precisions, modes)
+            out[batch_size] = _summarise_timed([timed], size, batch_size, rounds, warmup, precisions, modes)
+    return out
 
 
 def worker_main(argv: list[str] | None = None) -> int:
@@ -242,7 +304,8 @@ def worker_main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     specs = [ModelSpec(**{**s, "overrides": tuple(s["overrides"])}) for s in request.specs]
     timings = time_in_this_process(specs, request.image_size, request.device, request.batch_size, request.warmup,
-                                   request.rounds, order_seed=args.order_seed)
+                                   request.rounds, order_seed=args.order_seed,
+                                   precisions=tuple(request.precisions), modes=tuple(request.modes))
     result_path.write_text(json.dumps(timings))
     return 0
 

@@ -11,8 +11,10 @@ Conventions (every number says how it was made):
   count is the routed work itself; the padded path that is faster on some devices also multiplies
   up to ``MoEFFN.pad_waste_limit`` x that work in padding rows, an implementation detail that the
   paper-convention GFLOPs leave out.
-- Latency: eval mode, ``torch.inference_mode``, batch 1 unless stated, warm-up runs then the median of
-  timed runs; several models are timed round-robin in one process so that they share conditions, and
+- Latency: eval mode, ``torch.inference_mode``, batch 1 unless stated, fp32 eager unless stated
+  (:mod:`dset.inference_modes`: bf16/fp16 autocast, ``torch.compile``, CUDA graphs), warm-up runs then the median
+  (and p90) of timed runs, timed with CUDA events on a GPU; several models are timed round-robin in one process so
+  that they share conditions, and
   :mod:`dset.latency_benchmark` repeats that in several processes for an interval that includes the spread
   between processes.
 - Deployed speed (:func:`deployment_latency`): each model exported to ONNX (:mod:`dset.export`) and run by
@@ -140,6 +142,41 @@ def device_name(device: torch.device | str) -> str:
     return f"cpu ({cpu}, {torch.get_num_threads()} threads)"
 
 
+def gpu_driver_version() -> str:
+    """The NVIDIA driver's version as ``nvidia-smi`` reports it, or "unknown" (no nvidia-smi, or it failed)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return "unknown"
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    versions = sorted({line.strip() for line in out.stdout.splitlines() if line.strip()})
+    return ", ".join(versions) if out.returncode == 0 and versions else "unknown"
+
+
+def environment(device: torch.device | str) -> dict:
+    """What latency is measured on: the device (a GPU's name and driver, or the CPU and its threads), torch, CUDA
+    and cuDNN versions."""
+    device = torch.device(device)
+    env = {"device": device_name(device), "torch": torch.__version__, "cuda": torch.version.cuda or "none",
+           "cudnn": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else "none"}
+    if device.type == "cuda":
+        env["driver"] = gpu_driver_version()
+    else:
+        env.update({"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()})
+    return env
+
+
+def environment_line(env: dict) -> str:
+    """:func:`environment` as one line of text."""
+    where = (f"{env['device']}, driver {env['driver']}" if "driver" in env else env["device"])
+    return f"measured on {where}; torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}"
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -147,11 +184,16 @@ def _sync(device: torch.device) -> None:
 
 def time_round_robin(runners: dict[str, Callable[[], object]], warmup: int, repeats: int,
                      sync: Callable[[], None] = lambda: None,
-                     order_rng: random.Random | None = None) -> dict[str, list[float]]:
+                     order_rng: random.Random | None = None, cuda_events: bool = False) -> dict[str, list[float]]:
     """Milliseconds of each call of each runner: ``warmup`` untimed rounds, then ``repeats`` rounds in which every
     runner is called once in turn, so that all of them share the machine's conditions (load, clocks, caches).
     With ``order_rng`` each timed round calls the runners in an order shuffled afresh, so that no runner always
-    follows the same one (whose caches or clocks it would inherit)."""
+    follows the same one (whose caches or clocks it would inherit).
+
+    Each call starts after ``sync()`` (an idle GPU). The clock is ``time.perf_counter`` around the call and a
+    ``sync()``; with ``cuda_events``, CUDA events recorded on the current stream before and after the call,
+    read after the round's ``sync()`` (the GPU's own clock, from the call's first queued work to its last, the
+    host's launch gaps included). Only for runners that queue their work on the current CUDA stream."""
     for _ in range(warmup):
         for run in runners.values():
             run()
@@ -161,20 +203,33 @@ def time_round_robin(runners: dict[str, Callable[[], object]], warmup: int, repe
     for _ in range(repeats):
         if order_rng is not None:
             order_rng.shuffle(names)
+        events = []
         for name in names:
             run = runners[name]
             sync()
-            start = time.perf_counter()
-            run()
+            if cuda_events:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                run()
+                end.record()
+                events.append((name, start, end))
+            else:
+                start_s = time.perf_counter()
+                run()
+                sync()
+                times[name].append((time.perf_counter() - start_s) * 1000)
+        if events:
             sync()
-            times[name].append((time.perf_counter() - start) * 1000)
+            for name, start, end in events:
+                times[name].append(start.elapsed_time(end))
     return times
 
 
 def timing_summary(ts: list[float], batch_size: int, repeats: int, device: str) -> dict:
-    """Median, min, max and FPS of timed calls (milliseconds), with what they were timed on."""
+    """Median (p50), p90, min, max and FPS of timed calls (milliseconds), with what they were timed on."""
     median = statistics.median(ts)
-    return {"latency_ms": median, "latency_ms_min": min(ts), "latency_ms_max": max(ts),
+    return {"latency_ms": median, "latency_ms_p50": median, "latency_ms_p90": float(np.percentile(ts, 90)),
+            "latency_ms_min": min(ts), "latency_ms_max": max(ts),
             "fps": 1000.0 * batch_size / median, "batch_size": batch_size, "repeats": repeats, "device": device,
             "latency_ms_rounds": list(ts)}
 
@@ -198,27 +253,57 @@ def paired_latency_change(baseline_ms: list[float], model_ms: list[float], level
             "rounds": len(ratios), "level": level}
 
 
+def runner_label(model: str, precision: str, mode: str, combinations: int) -> str:
+    """A timed runner's name: the model's alone when one precision and mode is timed, else with them."""
+    from .inference_modes import describe
+
+    return model if combinations == 1 else f"{model} {describe(precision, mode)}"
+
+
 def measure_latency(models: dict[str, nn.Module], size: int | tuple[int, int] = 640, device: str = "cpu",
                     batch_size: int = 1, warmup: int = 3, repeats: int = 10, seed: int = 0,
-                    order_seed: int | None = None) -> dict[str, dict]:
-    """Median latency (ms) and FPS (images/s) of each model's eval forward, timed round-robin in one process (in an
-    order shuffled every round with ``order_seed``, see :func:`time_round_robin`)."""
+                    order_seed: int | None = None, precisions: tuple[str, ...] = ("fp32",),
+                    modes: tuple[str, ...] = ("eager",)) -> dict[str, dict]:
+    """Median and p90 latency (ms) and FPS (images/s) of each model's eval forward in each precision and mode
+    (:func:`dset.inference_modes.inference_runner`), every runner timed round-robin in one process (in an order
+    shuffled every round with ``order_seed``, see :func:`time_round_robin`; CUDA events on a GPU).
+
+    One entry per runner (:func:`runner_label`) with its ``model``, ``precision`` and ``mode``; a combination that
+    cannot run here has ``not_timed`` (why) instead of timings."""
+    from .inference_modes import InferenceModeError, inference_runner, precision_label
+
     device = torch.device(device)
     h, w = (size, size) if isinstance(size, int) else size
     images = torch.rand(batch_size, 3, h, w, generator=torch.Generator().manual_seed(seed)).to(device)
+    combinations = [(p, m) for p in precisions for m in modes]
     states = {}
-    for name, model in models.items():
-        states[name] = model.training
-        model.eval().to(device)
+    runners, out = {}, {}
     try:
-        with torch.inference_mode():
-            order_rng = random.Random(order_seed) if order_seed is not None else None
-            times = time_round_robin({name: (lambda m=model: m(images)) for name, model in models.items()},
-                                     warmup, repeats, lambda: _sync(device), order_rng)
-    finally:
         for name, model in models.items():
-            model.train(states[name])
-    return {name: timing_summary(ts, batch_size, repeats, device_name(device)) for name, ts in times.items()}
+            states[name] = model.training
+            model.eval().to(device)
+            for precision, mode in combinations:
+                label = runner_label(name, precision, mode, len(combinations))
+                out[label] = {"model": name, "precision": precision, "precision_as_run": precision_label(precision),
+                              "mode": mode}
+                try:
+                    runners[label] = inference_runner(model, precision, mode, images)
+                except InferenceModeError as exc:
+                    out[label]["not_timed"] = str(exc)
+        order_rng = random.Random(order_seed) if order_seed is not None else None
+        times = time_round_robin({label: (lambda r=r: r(images)) for label, r in runners.items()}, warmup, repeats,
+                                 lambda: _sync(device), order_rng, cuda_events=device.type == "cuda")
+    finally:
+        for runner in runners.values():
+            runner.close()
+        for name, model in models.items():
+            if name in states:
+                model.train(states[name])
+    timer = "CUDA events" if device.type == "cuda" else "time.perf_counter"
+    for label, ts in times.items():
+        out[label].update({**timing_summary(ts, batch_size, repeats, device_name(device)), "timer": timer,
+                           "warmup": warmup, "image_size": [h, w]})
+    return out
 
 
 # ------------------------------------------------------------------------------------ deployed speed

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import one_thread_for_module
 
 from dset import latency_benchmark as LB
@@ -87,6 +88,11 @@ def test_a_real_benchmark_of_two_tiny_models_in_two_processes():
         rounds = model["latency_ms_rounds"]
         assert len(rounds) == 2 and all(len(r) == 3 and min(r) > 0 for r in rounds)
         assert model["latency_ms"] == pytest.approx(statistics.median(rounds[0] + rounds[1]))
+        assert model["latency_ms_p90"] == pytest.approx(float(np.percentile(rounds[0] + rounds[1], 90)))
+        assert (model["model"], model["precision"], model["mode"]) == (label, "fp32", "eager")
+    # what it was measured on: torch's version, the CPU and its threads, the clock
+    assert result["environment"]["torch"] == torch.__version__ and result["environment"]["threads"] == 1
+    assert result["timer"] == "time.perf_counter" and result["not_timed"] == {}
     # each process timed the models at their target sparsity: memory pruning keeps 30% (not 100% as at epoch 0)
     assert result["models"]["fast"]["sparse"]["memory_pruning"]["keep_ratio_in_force"] == pytest.approx(0.3)
     change = result["changes"]["fast"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import dset
 from dset.analytic import aifi_layer_macs
@@ -62,6 +63,8 @@ def test_latency_is_measured_for_every_model_round_robin():
     for name in models:
         r = result[name]
         assert r["latency_ms"] > 0 and r["fps"] == pytest.approx(1000 / r["latency_ms"])
+        assert r["latency_ms"] == r["latency_ms_p50"] <= r["latency_ms_p90"] <= r["latency_ms_max"]
+        assert (r["model"], r["precision"], r["mode"]) == (name, "fp32", "eager")
         assert r["repeats"] == 2 and r["batch_size"] == 1 and r["device"].startswith("cpu")
         assert models[name].training  # built in train mode; measuring leaves the mode as it found it
 
@@ -95,3 +98,21 @@ def test_profile_cli_bad_sizes_are_one_line_errors(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["rtdetr_r18", "--size", "100"])
     assert exc.value.code == 2 and "multiple of 32" in capsys.readouterr().err
+
+
+def test_what_latency_is_measured_on(tmp_path, monkeypatch):
+    """The environment printed above every latency: on a CPU its threads; the GPU driver from nvidia-smi where it
+    is present (a stand-in here prints a version), else "unknown"."""
+    from dset.measure import environment, environment_line, gpu_driver_version
+
+    env = environment("cpu")
+    assert env["torch"] == torch.__version__ and env["threads"] == torch.get_num_threads()
+    assert environment_line(env).startswith(f"measured on {env['device']}; torch {torch.__version__}, CUDA ")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert gpu_driver_version() == "unknown"
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\n[ \"$1\" = --query-gpu=driver_version ] && printf '550.54.15\\n550.54.15\\n'\n")
+    fake.chmod(0o755)
+    assert gpu_driver_version() == "550.54.15"
+    line = environment_line({**env, "device": "NVIDIA H200", "driver": gpu_driver_version()})
+    assert line.startswith("measured on NVIDIA H200, driver 550.54.15; torch ")

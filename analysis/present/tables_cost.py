@@ -129,7 +129,10 @@ def deployment_table(study: StudyResults, vs: pd.DataFrame) -> tuple[Table | Non
         "is indicative only; python -m dset.profile times variants side by side in one process for a comparison.",
         "max |ONNX − eager|: largest difference of the outputs (logits, boxes) between ONNX Runtime and eager "
         "PyTorch on random inputs, queries paired where tied scores reorder them (dset.export.compare_with_eager).",
-        "Runtimes: eager = PyTorch on the run's device; onnxruntime_cpu = ONNX Runtime's CPUExecutionProvider; "
+        "Runtimes: eager = PyTorch fp32 eager (no autocast, no torch.compile or CUDA graphs; the MoE layers on "
+        "their default sparse dispatch) on the run's device, a GPU for a run that trained on one (named under "
+        "measured on); python -m dset.profile --precisions/--modes times bf16/fp16 and compiled modes; "
+        "onnxruntime_cpu = ONNX Runtime's CPUExecutionProvider; "
         "onnxruntime_tensorrt / onnxruntime_cuda appear where the run had a GPU and an onnxruntime build with them.",
     ] + ([f"Measured on, for every run: {devices[0]}."] if len(devices) == 1 else [])
     text = [c for c in df.columns]
