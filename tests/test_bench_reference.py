@@ -60,7 +60,8 @@ STAND_IN = {
                 src.BUILT.append((path, kwargs))
                 print("Initial lr: [0.0001]")   # the real one prints this to stdout
                 dec = kwargs["RTDETRTransformerv2"]
-                overrides = [f"model.num_classes={kwargs['num_classes']}", f"model.decoder.num_queries={dec['num_queries']}",
+                overrides = [f"model.num_classes={kwargs['num_classes']}",
+                             f"model.decoder.num_queries={dec['num_queries']}",
                              f"model.decoder.num_denoising={dec['num_denoising']}", "model.eval_spatial_size=[64,64]"]
                 self.cfg = load_config("rtdetr_r18", overrides)
                 self.model = dset.build_model("rtdetr_r18", overrides)

@@ -1,7 +1,8 @@
 """The CUDA paths, which the CPU-only test suite never runs: fp32 forward parity CPU vs GPU, AMP training
 (float16 autocast + GradScaler) through ``fit``, evaluation and profiling on the GPU, ``torchrun`` on CUDA, an
-NCCL process group with DDP + SyncBatchNorm around a DSET model, and the MoE grouped-GEMM path
-(``DSET_MOE_GROUPED_MM=1``) against the default dispatch.
+NCCL process group with DDP + SyncBatchNorm around a DSET model, the deployed-latency protocol (CUDA graphs and
+bf16 against fp32 eager, CUDA-event timing), and the MoE grouped-GEMM path (``DSET_MOE_GROUPED_MM=1``) against the
+default dispatch.
 
 Every test is marked ``cuda`` and skipped without a GPU: ``python -m pytest -q -m cuda tests/test_cuda.py``
 (``.ci/device-check`` runs them on a GPU machine). Sizes are tiny (128 px, a few steps): the whole module
@@ -168,15 +169,18 @@ def _tiny_cuda(root, *extra) -> list[str]:
             "run.device=cuda", *extra]
 
 
-def test_amp_training_on_cuda(tmp_path, monkeypatch):
-    """``fit`` with ``train.amp=true`` on CUDA: the forward runs in float16 under autocast, the GradScaler is
-    on (its state is checkpointed), losses stay finite, the run completes, evaluation and the final profile
-    run on the GPU, and evaluating the checkpoint again (CUDA, then CPU) gives the run's mAP."""
+@pytest.mark.parametrize("amp_dtype", ["bfloat16", "float16"])
+def test_amp_training_on_cuda(tmp_path, monkeypatch, amp_dtype):
+    """``fit`` with ``train.amp=true`` on CUDA: the forward runs in ``train.amp_dtype`` under autocast on
+    channels-last convolutions, the GradScaler is on for float16 only (its state is checkpointed), losses stay
+    finite, the run completes, evaluation and the final profile run on the GPU, and evaluating the checkpoint again
+    (CUDA, then CPU) gives the run's mAP."""
     from dset.engine import loop as train_mod
     from dset.evaluate import evaluate_checkpoint
 
     monkeypatch.setenv("DSET_MOE_GROUPED_MM", "0")
     seen_dtypes: set = set()
+    seen_layouts: set = set()
     if hasattr(train_mod, "build_training_model"):
         original = train_mod.build_training_model
 
@@ -186,6 +190,7 @@ def test_amp_training_on_cuda(tmp_path, monkeypatch):
             def hook(module, inputs, out):
                 if module.training:
                     seen_dtypes.add(out.dtype)
+                    seen_layouts.add(module.weight.is_contiguous(memory_format=torch.channels_last))
 
             first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
             first_conv.register_forward_hook(hook)
@@ -194,15 +199,20 @@ def test_amp_training_on_cuda(tmp_path, monkeypatch):
         monkeypatch.setattr(train_mod, "build_training_model", recording)
 
     out = tmp_path / "run"
-    cfg = dset.load_config("dset_r18", _tiny_cuda(tmp_path / "synthetic", "train.amp=true", "train.profile=true"))
+    cfg = dset.load_config("dset_r18", _tiny_cuda(tmp_path / "synthetic", "train.amp=true", "train.profile=true",
+                                                  f"train.amp_dtype={amp_dtype}"))
     summary = train_mod.fit(cfg, out)
 
     assert summary["status"] == "completed", summary.get("error")
     assert summary["metrics"][M.EPOCHS_RUN] == 2 and summary["global_step"] == 8
     assert summary["device"] == "cuda:0" and summary["world_size"] == 1
+    scaling = amp_dtype == "float16"
+    assert summary["precision"] == ("fp16 autocast + loss scaling" if scaling else "bf16 autocast")
     assert json.loads((out / "summary.json").read_text())["status"] == "completed"
     if hasattr(train_mod, "build_training_model"):
-        assert seen_dtypes == {torch.float16}, f"training convolution output dtypes {seen_dtypes}: autocast not on"
+        expected = getattr(torch, amp_dtype)
+        assert seen_dtypes == {expected}, f"training convolution output dtypes {seen_dtypes}: autocast not on"
+        assert seen_layouts == {True}, "the convolutions' weights are not channels-last (train.channels_last)"
 
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert [m["epoch"] for m in lines] == [0, 1]
@@ -219,8 +229,11 @@ def test_amp_training_on_cuda(tmp_path, monkeypatch):
 
     ckpt = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
     scaler = ckpt["scaler"]
-    assert "scale" in scaler, f"GradScaler state {scaler}: the scaler was disabled"
-    assert math.isfinite(float(scaler["scale"])) and float(scaler["scale"]) > 0
+    if scaling:
+        assert "scale" in scaler, f"GradScaler state {scaler}: the scaler was disabled"
+        assert math.isfinite(float(scaler["scale"])) and float(scaler["scale"]) > 0
+    else:   # bfloat16 has float32's range: no loss scaling
+        assert scaler == {}, f"GradScaler state {scaler}: a scaler ran under bf16"
     # the master weights stay float32 under AMP
     assert all(v.dtype == torch.float32 for v in ckpt["model"].values() if v.is_floating_point())
 
@@ -349,6 +362,76 @@ def test_nccl_process_group_with_ddp_and_sync_batchnorm(tmp_path):
     assert r["sync_bn"] > 0                                   # the backbone's and neck's BatchNorms were converted
     assert len(r["losses"]) == 3 and all(math.isfinite(v) for v in r["losses"])
     assert r["changed"] > 0 and r["scale"] > 0                # the optimizer stepped
+
+
+# ---------------------------------------------------------------- f. the deployed-latency protocol
+def _top_scores(logits: torch.Tensor, k: int = 10) -> torch.Tensor:
+    """Each image's ``k`` best query scores, sorted: what detection keeps, blind to the order of tied queries."""
+    return logits.float().sigmoid().amax(-1).sort(-1, descending=True).values[:, :k].cpu()
+
+
+def _protocol_model(preset: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = dset.build_model(preset, SMALL + (PRUNE_NOW if preset.startswith("dset") else []),
+                             load_weights=False).eval()
+    model.set_deployed_epoch(None)
+    return model
+
+
+@pytest.mark.parametrize("preset", ["rtdetr_r18", "dset_r18"])
+def test_cuda_graphs_and_bf16_agree_with_fp32_eager(preset, exact_fp32):
+    """The whole forward captured as a CUDA graph (MoE on its static dispatch) gives eager fp32's outputs, for the
+    input it was captured on and for another one copied into its static buffer; bf16 autocast (eager and in a
+    graph) gives the same best scores within bf16's rounding."""
+    from dset.inference_modes import inference_runner
+
+    model = _protocol_model(preset).cuda()
+    generator = torch.Generator().manual_seed(1)
+    x, other = (torch.rand(2, 3, 128, 128, generator=generator).cuda() for _ in range(2))
+    with torch.inference_mode():
+        ref, ref_other = model(x), model(other)
+    graph = inference_runner(model, "fp32", "cudagraphs", x)
+    for images, expected in ((x, ref), (other, ref_other)):
+        out = {k: v.clone() for k, v in graph(images).items()}
+        torch.testing.assert_close(out["pred_logits"], expected["pred_logits"], atol=1e-4, rtol=1e-4)
+        box_ok = ((out["pred_boxes"] - expected["pred_boxes"]).abs() <= 2e-4 + 1e-3 * expected["pred_boxes"].abs()
+                  ).all(-1)
+        assert int((~box_ok).sum(-1).max()) <= 1   # at most one tied query per image (see the parity test above)
+    assert not torch.equal(ref["pred_logits"], ref_other["pred_logits"])   # the graph followed its new input
+    graph.close()
+    for mode in ("eager", "cudagraphs"):
+        runner = inference_runner(model, "bf16", mode, x)
+        out = runner(x)
+        assert out["pred_logits"].dtype == torch.bfloat16
+        diff = (_top_scores(out["pred_logits"]) - _top_scores(ref["pred_logits"])).abs().max().item()
+        assert 0 < diff < 0.05, (mode, diff)   # bf16 keeps 8 bits of mantissa: scores within a few 1e-3
+        runner.close()
+
+
+def test_the_protocol_on_cuda_times_with_cuda_events_and_names_the_gpu(capsys):
+    """``python -m dset.profile ... --device cuda --precisions fp32,bf16 --modes eager,cudagraphs --batch-sizes 1,2``
+    for RT-DETR R18 and DSET R18 at 128 px in a worker process per batch size (one, to keep the CUDA start-ups few;
+    the CPU tests cover several): every combination timed (CUDA events), p90 >= p50 > 0, the GPU, driver, torch,
+    CUDA and cuDNN versions printed first."""
+    from dset.profile import main
+
+    overrides = [a for o in SMALL + PRUNE_NOW for a in ("--set", o)]
+    assert main(["rtdetr_r18", "dset_r18", "--size", "128", "--device", "cuda", "--json", "--no-onnx",
+                 "--warmup", "5", "--repeats", "5", "--processes", "1", "--flops-inputs", "1",
+                 "--precisions", "fp32,bf16", "--modes", "eager,cudagraphs", "--batch-sizes", "1,2", *overrides]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"measured on {_gpu_name()}, driver ")
+    assert f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}" in captured.err
+    for line in captured.out.strip().splitlines():
+        r = json.loads(line)
+        assert r["environment"]["device"] == _gpu_name() and r["environment"]["driver"] != "unknown"
+        assert sorted((e["batch_size"], e["precision"], e["mode"]) for e in r["inference"]) == sorted(
+            (b, p, m) for b in (1, 2) for p in ("fp32", "bf16") for m in ("eager", "cudagraphs"))
+        for e in r["inference"]:
+            assert "not_timed" not in e, e
+            assert e["measured"]["timer"] == "CUDA events" and e["measured"]["device"] == _gpu_name()
+            assert len(e["latency_ms_rounds"]) == 1 and len(e["latency_ms_rounds"][0]) == 5
+            assert 0 < e["latency_ms_p50"] <= e["latency_ms_p90"] < 1000
 
 
 # -------------------------------------------------------------------------- c. MoE grouped GEMM path

@@ -123,3 +123,30 @@ def test_every_switch_combination_gives_the_same_detections_with_the_static_disp
     diff = paired_query_differences(sparse, static)
     assert diff["pred_logits"] <= 1e-4 and diff["pred_boxes"] <= 1e-4, diff
     assert diff["reordered_queries"] <= 0.25 * 40 * 2, diff
+
+
+HOST_READS = ("_local_scalar_dense", "nonzero", "unique", "masked_select", "bincount")   # .item()/.tolist() and
+# ops whose output size depends on values: each needs the host, and a CUDA graph cannot capture it
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_the_whole_model_with_every_switch_has_no_host_read_on_the_static_dispatch():
+    """What CUDA graphs need of the whole detector (dset.inference_modes' cudagraphs mode), checked on CPU: with
+    every switch on, patch routing and memory pruning included, torch.export's graph has no operation that reads a
+    value back to the host, and it gives the eager outputs."""
+    overrides = SMALL + ["model.memory_pruning.enabled=true", "model.encoder_moe.patch_size=2"]
+    model = dset.build_model("dset_r18", overrides)
+    model.set_deployed_epoch(None)
+    model.eval()
+    x = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(6))
+    with moe_dispatch(model, "static"), torch.no_grad():
+        program = torch.export.export(model, (x,), strict=False)
+        expected = model(x)
+    ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert "aten.topk.default" in ops and "aten.grid_sampler.default" in ops   # pruning, routing, attention are in
+    assert not [op for op in ops if any(r in op for r in HOST_READS)], sorted(ops)
+    got = program.module()(x)
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-5)
+    with pytest.raises(Exception, match="cannot be exported"), torch.no_grad():
+        torch.export.export(model, (x,), strict=False)   # the sparse dispatch's host read: refused, with why
