@@ -68,13 +68,16 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
     return inter / union, union
 
 
-def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+def generalized_box_iou(boxes1: Tensor, boxes2: Tensor, check: bool = True) -> Tensor:
     """Pairwise generalised IoU of xyxy boxes, ``[N, M]``, in [-1, 1].
 
-    GIoU = IoU - (enclosing area - union) / enclosing area.
+    GIoU = IoU - (enclosing area - union) / enclosing area. ``check`` refuses degenerate boxes, at the cost of a
+    host read; ``check=False`` is for boxes that cannot be degenerate (the training step's: predicted from a
+    sigmoid, targets sanitised at loading), so that a CUDA step does not wait on it.
     """
-    _check_xyxy(boxes1, "generalized_box_iou boxes1")
-    _check_xyxy(boxes2, "generalized_box_iou boxes2")
+    if check:
+        _check_xyxy(boxes1, "generalized_box_iou boxes1")
+        _check_xyxy(boxes2, "generalized_box_iou boxes2")
     iou, union = box_iou(boxes1, boxes2)
     lt = torch.minimum(boxes1[:, None, :2], boxes2[None, :, :2])
     rb = torch.maximum(boxes1[:, None, 2:], boxes2[None, :, 2:])
@@ -95,10 +98,12 @@ def elementwise_box_iou(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]
     return inter / union, union
 
 
-def elementwise_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """Generalised IoU of corresponding xyxy boxes, ``[N]`` (the diagonal of :func:`generalized_box_iou`)."""
-    _check_xyxy(boxes1, "elementwise_generalized_box_iou boxes1")
-    _check_xyxy(boxes2, "elementwise_generalized_box_iou boxes2")
+def elementwise_generalized_box_iou(boxes1: Tensor, boxes2: Tensor, check: bool = True) -> Tensor:
+    """Generalised IoU of corresponding xyxy boxes, ``[N]`` (the diagonal of :func:`generalized_box_iou`);
+    ``check`` as there."""
+    if check:
+        _check_xyxy(boxes1, "elementwise_generalized_box_iou boxes1")
+        _check_xyxy(boxes2, "elementwise_generalized_box_iou boxes2")
     iou, union = elementwise_box_iou(boxes1, boxes2)
     lt = torch.minimum(boxes1[:, :2], boxes2[:, :2])
     rb = torch.maximum(boxes1[:, 2:], boxes2[:, 2:])

@@ -196,9 +196,11 @@ def contrastive_denoising_group(targets: list[dict], num_classes: int, num_queri
     negative_mask = torch.zeros([bs, max_gt * 2, 1], device=device)
     negative_mask[:, max_gt:] = 1
     negative_mask = negative_mask.tile([1, num_group, 1])
-    positive_mask = (1 - negative_mask).squeeze(-1) * pad_gt_mask
-    dn_positive_idx = torch.nonzero(positive_mask)[:, 1]
-    dn_positive_idx = list(torch.split(dn_positive_idx, [n * num_group for n in num_gts]))
+    # each image's positive denoising queries (not negative, not padding): columns g * 2 * max_gt + j (group g, its
+    # j-th object), in order; from the per-image counts on the host, not a nonzero over the positive mask, whose
+    # size needs a host read
+    group_start = torch.arange(num_group, device=device).unsqueeze(1) * (2 * max_gt)
+    dn_positive_idx = [(group_start + torch.arange(n, device=device)).reshape(-1) for n in num_gts]
     total_dn = int(max_gt * 2 * num_group)
 
     if label_noise_ratio > 0:
@@ -214,7 +216,9 @@ def contrastive_denoising_group(targets: list[dict], num_classes: int, num_queri
         # negatives are pushed further away than positives: noise in [1, 2) instead of [0, 1)
         part = (part + 1.0) * negative_mask + part * (1 - negative_mask)
         known = (known + part * sign * diff).clip(min=0.0, max=1.0)
-        input_bbox = inverse_sigmoid(box_xyxy_to_cxcywh(known))
+        input_bbox = box_xyxy_to_cxcywh(known)
+    # as logits, noised or not (the reference leaves them unset without noise, box_noise_scale=0, and fails)
+    input_bbox = inverse_sigmoid(input_bbox)
 
     class_queries = class_embed(input_class)
 

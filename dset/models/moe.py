@@ -114,6 +114,13 @@ def patch_groups(h: int, w: int, patch_size: int, batch: int, index: torch.Tenso
     return RoutingGroups(patch.reshape(-1), batch * per_image)
 
 
+def _expert_counts(flat_e: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Token-slots per expert, ``[E]`` int64, with ``scatter_add``: CUDA's ``bincount`` reads its input's maximum
+    back to the host."""
+    return torch.zeros(num_experts, dtype=torch.long, device=flat_e.device).scatter_add_(
+        0, flat_e, torch.ones_like(flat_e))
+
+
 def _group_mean(values: torch.Tensor, groups: RoutingGroups) -> torch.Tensor:
     """``[T, E]`` -> ``[count, E]``: the mean over each group's tokens (0 for an empty group). Written with
     ``scatter_add`` (ONNX ``ScatterElements``), not ``bincount``, so that an exported graph keeps it."""
@@ -442,7 +449,7 @@ class MoEFFN(nn.Module):
 
         top_w, top_i, probs, lse = self.route(x2d, groups)
         flat_e = top_i.reshape(-1)  # [T*k] expert of each token-slot (slot s = token s // k)
-        counts = torch.bincount(flat_e, minlength=E)
+        counts = _expert_counts(flat_e, E)
         self._set_stats(probs, lse, counts)
         if T == 0:
             return x.new_zeros(shape)
@@ -505,13 +512,10 @@ class MoEFFN(nn.Module):
         :meth:`forward`, with every expert run on every token and its output weighted by the token's gate (0 for
         an expert it did not choose). No shape depends on the routing and no count is read to the host, so a
         CUDA graph captures it; it costs ``num_experts / top_k`` times the experts' routed multiply-adds, which
-        for few experts on few tokens (batch 1) is cheaper than a host sync. The counts use ``scatter_add``:
-        CUDA's ``bincount`` reads its input's maximum back to the host."""
+        for few experts on few tokens (batch 1) is cheaper than a host sync."""
         x2d = x.reshape(-1, self.d_model)
         top_w, top_i, probs, lse = self.route(x2d, groups)
-        flat_e = top_i.reshape(-1)
-        counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).scatter_add_(
-            0, flat_e, torch.ones_like(flat_e))
+        counts = _expert_counts(top_i.reshape(-1), self.num_experts)
         self._set_stats(probs, lse, counts)
         self.last_dispatch = "static"
         gates = x2d.new_zeros(x2d.shape[0], self.num_experts).scatter(1, top_i, top_w.to(x2d.dtype))
