@@ -337,7 +337,9 @@ original = MlflowCallback.on_epoch_end
 
 
 def on_epoch_end(self, epoch, metrics):
-    if epoch == 1:   # epoch 1 is checkpointed but not yet in MLflow: kill -9, no clean-up at all
+    # a cell's epoch 1 (not stage 1's, trained first unless an earlier test cached it) is checkpointed but not yet
+    # in MLflow: kill -9, no clean-up at all
+    if epoch == 1 and "pretrained" not in str(self.out_dir):
         os.kill(os.getpid(), signal.SIGKILL)
     return original(self, epoch, metrics)
 
@@ -386,6 +388,46 @@ def test_resume_after_kill_continues_the_same_run(tmp_path, store, synth_root):
     assert hist == [(r["epoch"], pytest.approx(r["train/loss"])) for r in lines]  # epoch 1 back-filled, each once
     stale = df[(df["tags.dset.role"] == "parent") & (df["status"] != "FINISHED")]
     assert list(stale["status"]) == ["KILLED"]                             # the killed invocation's parent
+
+
+KILLER_AFTER_LOGGING = KILLER.replace("""    if epoch == 1 and "pretrained" not in str(self.out_dir):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(self, epoch, metrics)""", """    result = original(self, epoch, metrics)
+    if epoch == 1 and "pretrained" not in str(self.out_dir):   # in MLflow now, and no last.pt (every 10 min)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result""")
+
+
+def test_a_cell_killed_past_its_resume_state_is_redone_in_a_new_run_logging_each_epoch_once(tmp_path, store,
+                                                                                           synth_root):
+    """Issue 24's case: killed after logging epochs 0 and 1 with no resume state, the cell starts again at epoch 0.
+    Into the same run it would log epochs [0, 1, 0, 1, 2]; instead a new attempt run, linked to the killed one,
+    logs each epoch once, and the killed run is deleted (restorable), so the store shows one run per cell."""
+    study_file = write_study(tmp_path / "again.yaml", {"backbone": {"r18": {"preset": "rtdetr_r18"}},
+                                                       "variant": {"off": BASE}})
+    args = [str(study_file), *common(tmp_path, synth_root, "train.epochs=3", "train.profile=false")]
+    assert KILLER_AFTER_LOGGING != KILLER
+    (tmp_path / "killer.py").write_text(KILLER_AFTER_LOGGING)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(tmp_path / "killer.py"), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not list((tmp_path / "runs").glob("again/*/checkpoints/last.pt"))
+    killed = search(store, "again")
+    killed = killed[killed["tags.dset.role"] == "child"].iloc[0]["run_id"]
+    assert [m.step for m in client(store).get_metric_history(killed, "train/loss")] == [0, 1]
+
+    assert main(args) == 0
+    df = search(store, "again")
+    child = df[df["tags.dset.role"] == "child"]
+    assert len(child) == 1 and child.iloc[0]["status"] == "FINISHED"
+    run_id = child.iloc[0]["run_id"]
+    assert run_id != killed and child.iloc[0][f"tags.{schema.TAG_ATTEMPT_OF}"] == killed
+    for key in ("train/loss", "val/mAP"):
+        assert sorted(m.step for m in client(store).get_metric_history(run_id, key)) == [0, 1, 2], key
+    old = client(store).get_run(killed)
+    assert old.info.lifecycle_stage == "deleted" and old.info.status == "KILLED"
+    assert old.data.tags[schema.TAG_SUPERSEDED_BY] == run_id
 
 
 def test_two_workers_share_the_store(tmp_path, store, synth_root, capfd):

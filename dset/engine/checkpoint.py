@@ -26,7 +26,8 @@ import torch
 from ..config import RESULT_NEUTRAL_KEYS, Config, ConfigError, flatten
 
 __all__ = ["CHECKPOINT_VERSION", "RESUME_MUTABLE_KEYS", "CheckpointWriteError", "atomic_save", "atomic_write_text",
-           "cpu_copy", "weights_checkpoint", "config_diff", "read_resume_state", "ResumeStateWriter"]
+           "cpu_copy", "weights_checkpoint", "config_diff", "read_resume_state", "resume_state_epoch",
+           "ResumeStateWriter"]
 
 CHECKPOINT_VERSION = 1
 # configuration keys that may differ between a run and its resumption
@@ -109,6 +110,15 @@ def read_resume_state(path: Path, cfg: Config) -> dict:
     if diff:
         raise ConfigError(f"--resume: the configuration differs from the checkpoint {path} in: {', '.join(diff)}")
     return ckpt
+
+
+def resume_state_epoch(path: Path) -> int | None:
+    """The epoch ``path`` (``checkpoints/last.pt``) holds, without reading its tensors (memory-mapped); None when
+    there is no readable file (a resumed run then starts at epoch 0)."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"])
+    except (OSError, RuntimeError, KeyError, ValueError, EOFError):
+        return None
 
 
 class ResumeStateWriter:

@@ -1,6 +1,7 @@
 """The MLflow runs of one study invocation: its parent run (opened first, closed last), a nested child run
-per cell or trial (new, or an unfinished one resumed: same run id), a "pretrain" run per stage-1 training,
-and the failures recorded in them. Names of tags and metrics: :mod:`studies.tracking.schema`."""
+per cell or trial (new, or an unfinished one resumed: the same run id when its logged epochs end where the cell's
+resume state does, else a new attempt run), a "pretrain" run per stage-1 training, and the failures recorded in
+them. Names of tags and metrics: :mod:`studies.tracking.schema`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import sys
 import time
 from typing import Any
 
+from dset import metric_names as M
+from dset.engine.checkpoint import resume_state_epoch
 from dset.provenance import code_version, data_digest, git_commit
 from dset.run_folder import RunFolder
 
@@ -150,8 +153,12 @@ class InvocationRuns:
         return rid
 
     def open_child(self, cell: Cell, run) -> str:
-        """The MLflow run of ``cell``: ``run`` (resumed: same run id) or a new nested run."""
+        """The MLflow run of ``cell``: ``run`` (resumed: same run id) or a new nested run. A run that logged epochs
+        past the cell's resume state (killed after logging an epoch, before writing last.pt) is replaced by a new
+        attempt run, so that no epoch is logged twice (:meth:`_replace_attempt`)."""
         tags = self.child_tags(cell)
+        if run is not None and self._would_log_twice(cell, run):
+            return self._replace_attempt(cell, run, tags)
         if run is not None:
             rid = run.info.run_id
             mlflow_runs.delete_tag(self.c, rid, schema.TAG_ERROR)
@@ -164,6 +171,33 @@ class InvocationRuns:
         new = mlflow_store.retry(self.c.create_run, self.exp_id, tags=_tags(tags), run_name=cell.id)
         self.existing[cell.fingerprint] = mlflow_store.retry(self.c.get_run, new.info.run_id)
         return new.info.run_id
+
+    def _would_log_twice(self, cell: Cell, run) -> bool:
+        """Whether resuming ``cell`` into ``run`` would log an epoch again: ``run`` holds an epoch at or past the
+        one the resume state continues from (last.pt's epoch + 1; 0 without one)."""
+        if cell.out_dir is None:
+            return False
+        held = resume_state_epoch(RunFolder(cell.out_dir).resume_state)
+        start = 0 if held is None else held + 1
+        logged = mlflow_store.retry(self.c.get_metric_history, run.info.run_id, M.train_loss_metric("loss"))
+        return any(m.step >= start for m in logged)
+
+    def _replace_attempt(self, cell: Cell, run, tags: dict[str, Any]) -> str:
+        """A new run for ``cell``'s new attempt, linked to the interrupted one (``TAG_ATTEMPT_OF``), which is marked
+        KILLED, tagged superseded by it and deleted (MLflow keeps deleted runs until ``mlflow gc``:
+        ``mlflow runs restore`` brings one back), so that the cell has one run with one value per epoch. The
+        epochs the resume state keeps are logged into the new run from the run folder at the start of training
+        (:class:`~studies.tracking.callback.MlflowCallback`)."""
+        old = run.info.run_id
+        tags = {**tags, schema.TAG_ATTEMPT_OF: old, "mlflow.parentRunId": self.parent_id}
+        new = mlflow_store.retry(self.c.create_run, self.exp_id, tags=_tags(tags), run_name=cell.id).info.run_id
+        mlflow_runs.set_tags(self.c, old, {schema.TAG_SUPERSEDED_BY: new, schema.TAG_STATUS: "interrupted"})
+        mlflow_store.retry(self.c.set_terminated, old, status="KILLED")
+        mlflow_store.retry(self.c.delete_run, old)
+        self.existing[cell.fingerprint] = mlflow_store.retry(self.c.get_run, new)
+        say(f"-> {cell.id}: run {old[:8]} logged epochs past its resume state: continued in a new run {new[:8]} "
+            f"(the old one deleted; `mlflow runs restore --run-id {old}` brings it back)")
+        return new
 
     def record_failure(self, cell: Cell, error: str) -> str:
         """A cell that cannot run (invalid configuration, failed stage 1): a FAILED run with the error; its id."""

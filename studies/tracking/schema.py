@@ -54,7 +54,9 @@ TAG_INIT_CHECKPOINT = "dset.init_checkpoint"  # the weights a run started from (
 TAG_INIT_SOURCE = "dset.init_source"   # what those weights are, e.g. "stage 1 (cached, key 1a2b...)" or "published"
 TAG_CELL_KEY = "dset.cell_key"         # hash of config + seed + stage 1 without code and data: the same cell
                                        # made by other code or data has the same key and another fingerprint
-TAG_SUPERSEDED_BY = "dset.superseded_by"  # on a stale run: the run id that redid its cell (the report skips it)
+TAG_SUPERSEDED_BY = "dset.superseded_by"  # on a stale run: the run id that redid its cell (the report skips it);
+                                          # on an interrupted attempt: the run of the attempt that replaced it
+TAG_ATTEMPT_OF = "dset.attempt_of"     # on a cell's run: the run of the interrupted attempt it replaced (deleted)
 TAG_STAGE1_KEY = "dset.stage1_key"     # a stage-1 run's cache key (role "pretrain")
 TAG_CODE_VERSION = "dset.code_version" # hash of the dset/ package sources that trained the run
 TAG_DATA_DIGEST = "dset.data_digest"   # hash of the annotation files it trained and was evaluated on
