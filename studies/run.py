@@ -24,6 +24,7 @@ from .execution.search_run import run_search
 from .planning.cells import Cell, grid_cells, make_cell
 from .planning.pretrain import PretrainError
 from .planning.study import Study, StudyError, load_study, study_names
+from .status import study_status
 from .tracking.mlflow_store import quiet_mlflow, tracking_uri
 
 log = logging.getLogger("studies")
@@ -105,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--devices", default=None, metavar="0,2,...", help="the GPUs the workers use (indices among "
                     "the visible ones; default: all)")
     ap.add_argument("--dry-run", action="store_true", help="print the cells or the search space and the budget")
+    ap.add_argument("--status", action="store_true", help="where the study stands in MLflow: each cell done, running "
+                    "(where, how many epochs), interrupted, failed, stale or waiting (read-only)")
     ap.add_argument("--storage", default=None, help="Optuna storage URL holding the study's queue of cells and trials "
                     "(default: a journal file in the study's output folder, for one machine); "
                     "postgresql://user:pw@host/db shares a study between machines")
@@ -196,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if device_warning:
         log.warning("warning: %s", device_warning)
+    if ns.status:
+        return study_status(study, cells, uri, ns.keep_stale)
     if ns.dry_run:
         code = dry_run(study, cells, uri, ns.storage, ns.workers, ns.keep_stale)
         print("devices: " + ", ".join(f"worker {i + 1}: {sl.label}" for i, sl in enumerate(slots)))

@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -399,7 +400,7 @@ KILLER_AFTER_LOGGING = KILLER.replace("""    if epoch == 1 and "pretrained" not 
 
 
 def test_a_cell_killed_past_its_resume_state_is_redone_in_a_new_run_logging_each_epoch_once(tmp_path, store,
-                                                                                           synth_root):
+                                                                                           synth_root, capsys):
     """Issue 24's case: killed after logging epochs 0 and 1 with no resume state, the cell starts again at epoch 0.
     Into the same run it would log epochs [0, 1, 0, 1, 2]; instead a new attempt run, linked to the killed one,
     logs each epoch once, and the killed run is deleted (restorable), so the store shows one run per cell."""
@@ -416,8 +417,17 @@ def test_a_cell_killed_past_its_resume_state_is_redone_in_a_new_run_logging_each
     killed = search(store, "again")
     killed = killed[killed["tags.dset.role"] == "child"].iloc[0]["run_id"]
     assert [m.step for m in client(store).get_metric_history(killed, "train/loss")] == [0, 1]
+    capsys.readouterr()
+    assert main([*args, "--status"]) == 0   # its process is gone: interrupted, with the epochs it logged
+    out = capsys.readouterr().out
+    assert "study again: 1 interrupted of 1 cells" in out, out
+    assert re.search(r"r18-base-s0\s+interrupted\s+its process is gone, 2 epoch\(s\) logged; the next invocation "
+                     r"resumes it", out), out
 
     assert main(args) == 0
+    assert main([*args, "--status"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"study again: 1 done of 1 cells.*\n.*\n.*\nr18-base-s0\s+done\s+best mAP 0\.\d{4}", out), out
     df = search(store, "again")
     child = df[df["tags.dset.role"] == "child"]
     assert len(child) == 1 and child.iloc[0]["status"] == "FINISHED"
@@ -530,3 +540,30 @@ def test_interrupted_trial_is_enqueued_again_with_its_parameters(tmp_path):
     retry = ostudy.ask()                                        # the next trial asked is the re-run
     assert retry.user_attrs[claims.ATTR_RETRY_OF] == killed.number
     assert retry.suggest_int("x", 1, 9) == killed.params["x"]
+
+
+def test_status_says_where_each_cell_stands():
+    """``--status``'s states from the runs MLflow holds (studies/status.py), without a store to read: running on
+    another host, failed with its error, killed, finished, never run."""
+    from types import SimpleNamespace
+
+    from studies.status import cell_status
+
+    def run(status, tags=None, metrics=None):
+        return SimpleNamespace(info=SimpleNamespace(status=status, run_id="r"),
+                               data=SimpleNamespace(tags=tags or {}, metrics=metrics or {}))
+
+    history = SimpleNamespace(get_metric_history=lambda run_id, key: [object()] * 3)   # 3 epochs logged
+    cell = SimpleNamespace(ok=True, error=None, fingerprint="fp", cell_key="key", provenance={})
+    cases = {
+        "running": (run("RUNNING", {schema.TAG_HOST: "node7", schema.TAG_PID: "41"}),
+                    "on node7 (pid 41), 3 epoch(s) logged"),
+        "failed": (run("FAILED", {schema.TAG_ERROR: "DatasetError: no images"}), "DatasetError: no images"),
+        "interrupted": (run("KILLED"), "killed, 3 epoch(s) logged; the next invocation resumes it"),
+        "done": (run("FINISHED", metrics={M.BEST_MAP: 0.25}), "best mAP 0.2500"),
+    }
+    for state, (r, what) in cases.items():
+        assert cell_status(cell, {"fp": r}, {}, False, history, my_host="this-host") == (state, what)
+    assert cell_status(cell, {}, {}, False, history, my_host="this-host") == ("waiting", "")
+    bad = SimpleNamespace(ok=False, error="ConfigError: model.top_k: must be ...", fingerprint=None)
+    assert cell_status(bad, {}, {}, False, history, my_host="h") == ("invalid", "ConfigError: model.top_k: must be ...")
