@@ -32,12 +32,12 @@ class LossCheck:
         loss = loss.detach()
         if self.every == 1:
             return _finite_loss(loss, loss_dict, self.dinfo, where)
-        index = torch.tensor(len(self._where), device=loss.device)
+        # the step's index as a Python scalar: a tensor made from it would be a host-to-device copy every step
         bad = ~torch.isfinite(loss)
         if self._first_bad is None:
-            self._first_bad = torch.where(bad, index, -1)
+            self._first_bad = torch.where(bad, len(self._where), -1)
         else:
-            self._first_bad = torch.where(bad & (self._first_bad < 0), index, self._first_bad)
+            self._first_bad = torch.where(bad & (self._first_bad < 0), len(self._where), self._first_bad)
         self._where.append(where)
         self._last = loss
         return self.check() if len(self._where) >= self.every else None

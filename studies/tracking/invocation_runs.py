@@ -167,7 +167,11 @@ class InvocationRuns:
             mlflow_runs.set_tags(self.c, rid, tags)
             mlflow_store.retry(self.c.update_run, rid, status="RUNNING")
             return rid
-        tags["mlflow.parentRunId"] = self.parent_id
+        return self._new_child(cell, tags)
+
+    def _new_child(self, cell: Cell, tags: dict[str, Any]) -> str:
+        """A new nested run of ``cell`` with ``tags``, known from now on as its run; its id."""
+        tags = {**tags, "mlflow.parentRunId": self.parent_id}
         new = mlflow_store.retry(self.c.create_run, self.exp_id, tags=_tags(tags), run_name=cell.id)
         self.existing[cell.fingerprint] = mlflow_store.retry(self.c.get_run, new.info.run_id)
         return new.info.run_id
@@ -189,12 +193,10 @@ class InvocationRuns:
         epochs the resume state keeps are logged into the new run from the run folder at the start of training
         (:class:`~studies.tracking.callback.MlflowCallback`)."""
         old = run.info.run_id
-        tags = {**tags, schema.TAG_ATTEMPT_OF: old, "mlflow.parentRunId": self.parent_id}
-        new = mlflow_store.retry(self.c.create_run, self.exp_id, tags=_tags(tags), run_name=cell.id).info.run_id
+        new = self._new_child(cell, {**tags, schema.TAG_ATTEMPT_OF: old})
         mlflow_runs.set_tags(self.c, old, {schema.TAG_SUPERSEDED_BY: new, schema.TAG_STATUS: "interrupted"})
         mlflow_store.retry(self.c.set_terminated, old, status="KILLED")
         mlflow_store.retry(self.c.delete_run, old)
-        self.existing[cell.fingerprint] = mlflow_store.retry(self.c.get_run, new)
         say(f"-> {cell.id}: run {old[:8]} logged epochs past its resume state: continued in a new run {new[:8]} "
             f"(the old one deleted; `mlflow runs restore --run-id {old}` brings it back)")
         return new
