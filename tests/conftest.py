@@ -188,6 +188,44 @@ def mlflow_server(request, tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A one-node SLURM cluster on 127.0.0.1 (tests/slurm_cluster.py's ``SlurmCluster``, 2 CPUs): pass
+    ``slurm_cluster.env()`` to sbatch/squeue/scancel/scontrol/sacct (it sets SLURM_CONF), or use
+    ``slurm_cluster.run("squeue", ...)``; ``slurm_cluster.sacct(job_id)`` reads finished jobs (no slurmdbd:
+    the job-completion log). .ci/run starts one and exports DSET_TEST_SLURM_CONF."""
+    import tempfile
+
+    from slurm_cluster import ServiceError, SlurmCluster, start_slurm
+
+    conf = os.environ.get("DSET_TEST_SLURM_CONF")
+    if conf:
+        try:
+            cluster = SlurmCluster.from_conf(conf)
+            cluster.node_state()  # answers sinfo
+            error = None
+        except ServiceError as e:
+            error = e
+        if error is not None:  # set on purpose: a dead cluster is an error, not a skip
+            pytest.fail(f"DSET_TEST_SLURM_CONF={conf}: {error}", pytrace=False)
+        yield cluster
+        return
+    # not pytest's tmp_path: its folders are 0700, and munged runs as the munge OS user, which must reach
+    # the cluster's munge/ folder
+    root = Path(tempfile.mkdtemp(prefix="dset-test-slurm-"))
+    os.chmod(root, 0o755)
+    try:
+        cluster, error = start_slurm(root), None
+    except (ServiceError, OSError) as e:
+        error = e
+    if error is not None:
+        shutil.rmtree(root, ignore_errors=True)
+        _service_unavailable(f"cannot start the SLURM cluster: {error}")
+    yield cluster
+    cluster.stop_quietly()
+    shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture
 def browser():
     """A headless Chromium page (tests/browser.py); skips without Chromium, or fails under CI=true (.ci/run
