@@ -1,9 +1,9 @@
 """Distributed training helpers: the process group under ``torchrun``, the device of this process, DDP
 wrapping and the few collectives training uses.
 
-Under ``torchrun`` (``WORLD_SIZE > 1``) :func:`setup_distributed` creates the process group (NCCL on CUDA,
-gloo on CPU) and :func:`teardown_distributed` destroys it again; without it everything here works on one
-process (the collectives return their input).
+Under ``torchrun`` (``WORLD_SIZE > 1``), or ``srun`` with several tasks, :func:`setup_distributed` creates the
+process group (NCCL on CUDA, gloo on CPU) and :func:`teardown_distributed` destroys it again; without it
+everything here works on one process (the collectives return their input).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import Config, ConfigError
+from .slurm_env import torch_env_from_slurm
 
 __all__ = ["DistInfo", "setup_distributed", "teardown_distributed", "resolve_device", "wrap_for_ddp",
            "all_gather_object", "broadcast_object", "broadcast_state", "any_rank", "params_in_sync"]
@@ -38,7 +39,9 @@ class DistInfo:
 
 
 def setup_distributed(device_setting: str) -> DistInfo:
-    """The process group of a ``torchrun`` launch (created here unless it exists), or a single process."""
+    """The process group of a ``torchrun`` launch, or of ``srun`` tasks of one SLURM step (:mod:`.slurm_env`),
+    created here unless it exists; or a single process."""
+    os.environ.update(torch_env_from_slurm(os.environ))
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
     info = DistInfo(local_rank=int(os.environ.get("LOCAL_RANK", "0")))
     if env_world > 1 and not dist.is_initialized():
