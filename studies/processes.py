@@ -13,6 +13,15 @@ def host() -> str:
     return os.environ.get("DSET_HOSTNAME") or socket.gethostname()
 
 
+def slurm_job() -> str:
+    """This process's SLURM job as ``squeue`` and ``sacct`` name it (``ARRAY_TASK`` for a task of an array), or
+    ``none`` outside SLURM: recorded beside the host and process id, for ``--status``."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array and task:
+        return f"{array}_{task}"
+    return os.environ.get("SLURM_JOB_ID") or "none"
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

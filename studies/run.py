@@ -8,12 +8,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
+import shlex
 import sys
 
 from dset.config import PRESET_DIR, ConfigError
 from dset.data.errors import DatasetError
 
+from . import stop_signals
 from .console import say, table
 from .dry_run import dry_run
 from .execution.devices import DeviceError, Slot, plan_for_invocation
@@ -24,8 +25,9 @@ from .execution.search_run import run_search
 from .planning.cells import Cell, grid_cells, make_cell
 from .planning.pretrain import PretrainError
 from .planning.study import Study, StudyError, load_study, study_names
+from .slurm.submit import array_id, dry_run_slurm, make_task, submit, unsharable_storage, wait_for_array
 from .status import study_status
-from .tracking.mlflow_store import quiet_mlflow, tracking_uri
+from .tracking.mlflow_store import quiet_mlflow, redact, tracking_uri
 
 log = logging.getLogger("studies")
 
@@ -43,9 +45,10 @@ Examples::
     python -m studies.run optuna_search n_trials=20 --workers 2
     python -m studies.run optuna_search --storage postgresql://user:pw@host/optuna   # on several machines
     python -m studies.run baselines model.decoder.num_queries=50
+    python -m studies.run ablation_grid --storage postgresql://... --slurm slurm.tasks=8 slurm.gpus_per_task=1
 
 ``key=value`` overrides are study settings (``seeds``, ``budget``, ``data``, ``n_trials``, ``out_dir``,
-``presets``, ``name``, ``search.*``) or run-configuration keys (``model.*``, ``data.*``, ``train.*``,
+``presets``, ``name``, ``search.*``, ``slurm.*``) or run-configuration keys (``model.*``, ``data.*``, ``train.*``,
 ``run.*``), applied to every run.
 
 MLflow: the store is ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db`` in the working directory (what
@@ -116,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-latency-benchmark", action="store_true", help="a grid: do not time each backbone's "
                     "variants and baseline side by side once its cells have finished "
                     "(studies/execution/latency_step.py)")
+    ap.add_argument("--slurm", action="store_true", help="submit the study's workers as a SLURM job array "
+                    "(submitit): slurm.tasks invocations of the study, with the resources of the study's slurm: "
+                    "section or slurm.KEY=VALUE overrides; needs --storage postgresql://... and an mlflow server "
+                    "(docs/slurm.md)")
+    ap.add_argument("--wait", action="store_true", help="with --slurm: follow the array until its tasks have ended, "
+                    "then print where the study stands (exit 1 unless every cell is done)")
     ap.add_argument("-v", "--verbose", action="store_true", help="per-epoch log lines of every run")
     return ap
 
@@ -141,15 +150,11 @@ def _nothing_can_run(study: Study, cells: list[Cell] | None) -> str | None:
     return None
 
 
-def _terminate(signum, frame):  # a scheduler's SIGTERM ends the study like Ctrl-C: runs marked KILLED
-    raise KeyboardInterrupt
-
-
 def run_study(study: Study, cells: list[Cell] | None, uri: str, workers: int, storage: str | None,
               keep_stale: bool, slots: list[Slot], latency_benchmark: bool = True) -> int:
     """Run the study's cells or trials (this invocation's share of them), then, for a grid, the latency benchmark
     of each backbone whose cells have all finished (unless ``latency_benchmark`` is false); the exit code."""
-    signal.signal(signal.SIGTERM, _terminate)
+    stop_signals.install()
     if workers == 1:  # this process trains: its GPU is chosen before anything starts CUDA
         os.environ.update(slots[0].env)
     n = len(cells) if cells is not None else study.search.n_trials
@@ -169,6 +174,52 @@ def run_study(study: Study, cells: list[Cell] | None, uri: str, workers: int, st
               file=sys.stderr)
         return 130
     return inv.finish()
+
+
+def task_arguments(ns: argparse.Namespace, name: str, overrides: list[str]) -> list[str]:
+    """The arguments of ``python -m studies.run`` that each SLURM task runs: this command's, less --slurm/--wait."""
+    argv = [name, *overrides, "--workers", str(ns.workers)]
+    if ns.storage:
+        argv += ["--storage", ns.storage]
+    if ns.devices:
+        argv += ["--devices", ns.devices]
+    argv += [flag for flag, on in (("--keep-stale", ns.keep_stale), ("--no-latency-benchmark",
+             ns.no_latency_benchmark), ("--verbose", ns.verbose)) if on]
+    return argv
+
+
+def submit_to_slurm(ns: argparse.Namespace, study: Study, cells: list[Cell] | None, uri: str,
+                    overrides: list[str]) -> int:
+    """``--slurm``: submit (or, with --dry-run, show) the study's job array; with --wait, follow it to its end."""
+    n_items = len(cells) if cells is not None else study.search.n_trials
+    task = make_task(main, task_arguments(ns, ns.args[0], overrides), uri, study.slurm.requeue)
+    if ns.dry_run:
+        return dry_run_slurm(study, n_items, task, ns.storage, uri)
+    problems = unsharable_storage(ns.storage, uri) + [e for e in [_nothing_can_run(study, cells)] if e]
+    if problems:
+        for problem in problems:
+            print(f"error: cannot submit to SLURM: {problem}", file=sys.stderr)
+        return 2
+    try:
+        jobs = submit(study, n_items, task, ns.storage, uri)
+    except Exception as exc:  # noqa: BLE001 - sbatch missing or refusing: say why, submit nothing
+        print(f"error: SLURM refused the submission: {type(exc).__name__}: {str(exc).strip()}", file=sys.stderr)
+        return 2
+    job_id = array_id(jobs)
+    say(f"submitted study {study.name} to SLURM: job array {job_id}, {len(jobs)} task(s); logs:")
+    for job in jobs:
+        print(f"  task {job.job_id}: {job.paths.stdout}")
+    status = redact(shlex.join(["python", "-m", "studies.run", *ns.args, "--status"]
+                               + (["--storage", ns.storage] if ns.storage else [])))
+    print(f"where it stands: {status} (or squeue -j {job_id}); stop it: scancel {job_id}")
+    if not ns.wait:
+        return 0
+    try:
+        wait_for_array(job_id)
+    except KeyboardInterrupt:
+        print(f"\nstopped waiting; the array goes on (scancel {job_id} stops it)", file=sys.stderr)
+        return 130
+    return study_status(study, cells, uri, ns.keep_stale, unfinished_code=1, storage=ns.storage)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,7 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     if device_warning:
         log.warning("warning: %s", device_warning)
     if ns.status:
-        return study_status(study, cells, uri, ns.keep_stale)
+        return study_status(study, cells, uri, ns.keep_stale, storage=ns.storage)
+    if ns.slurm:
+        return submit_to_slurm(ns, study, cells, uri, overrides)
+    if ns.wait:
+        ap.error("--wait follows a SLURM submission: use it with --slurm")
     if ns.dry_run:
         code = dry_run(study, cells, uri, ns.storage, ns.workers, ns.keep_stale)
         print("devices: " + ", ".join(f"worker {i + 1}: {sl.label}" for i, sl in enumerate(slots)))

@@ -369,20 +369,27 @@ def cli_stop(dir_: Path) -> None:
     print("services: stopped", file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.services", description=__doc__.split("\n\n")[0])
+def run_cli(argv: list[str] | None, prog: str, description: str, start, stop, what: str) -> int:
+    """The ``start --dir DIR`` / ``stop --dir DIR`` command line of a test service: ``start(dir)`` returns the
+    export lines to print, ``stop(dir)`` stops what start left there; a ServiceError is one line and exit 1."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("action", choices=["start", "stop"])
-    parser.add_argument("--dir", required=True, type=Path, help="folder for the services' data, logs and state")
+    parser.add_argument("--dir", required=True, type=Path, help=f"folder for the {what}")
     args = parser.parse_args(argv)
     try:
         if args.action == "start":
-            print(cli_start(args.dir))
+            print(start(args.dir))
         else:
-            cli_stop(args.dir)
+            stop(args.dir)
     except ServiceError as e:
-        print(f"services: {args.action} failed: {e}", file=sys.stderr)
+        print(f"{prog.split('.')[-1]}: {args.action} failed: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(argv, "python -m tests.services", __doc__.split("\n\n")[0], cli_start, cli_stop,
+                   "services' data, logs and state")
 
 
 if __name__ == "__main__":

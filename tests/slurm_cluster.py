@@ -21,7 +21,6 @@ reads; ``SlurmCluster.jobcomp_records()`` parses the same file.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pwd
@@ -34,10 +33,12 @@ import sys
 import time
 from pathlib import Path
 
+from studies.processes import pid_alive
+
 try:  # python -m tests.slurm_cluster
-    from .services import ServiceError, _tail, free_port
+    from .services import ServiceError, _tail, free_port, run_cli
 except ImportError:  # imported by tests/conftest.py, where tests/ is on sys.path
-    from services import ServiceError, _tail, free_port
+    from services import ServiceError, _tail, free_port, run_cli
 
 MUNGE_USER = "munge"  # the OS user munged runs as (Debian's munge package makes it)
 NODE = "dset-node"  # the node's name: slurmd -N NODE, reached at NodeAddr=127.0.0.1
@@ -133,12 +134,8 @@ def _alive(pid: int) -> bool:
             return True
         del _CHILDREN[pid]
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not pid_alive(pid):
         return False
-    except PermissionError:
-        return True
     try:  # a zombie child of ours is gone for our purpose: reap it
         done, _ = os.waitpid(pid, os.WNOHANG)
         return done == 0
@@ -454,19 +451,8 @@ def cli_stop(dir_: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.slurm_cluster", description=__doc__.split("\n\n")[0])
-    parser.add_argument("action", choices=["start", "stop"])
-    parser.add_argument("--dir", required=True, type=Path, help="folder for the cluster's config, state and logs")
-    args = parser.parse_args(argv)
-    try:
-        if args.action == "start":
-            print(cli_start(args.dir))
-        else:
-            cli_stop(args.dir)
-    except ServiceError as e:
-        print(f"slurm: {args.action} failed: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_cli(argv, "python -m tests.slurm_cluster", __doc__.split("\n\n")[0], cli_start, cli_stop,
+                   "cluster's config, state and logs")
 
 
 if __name__ == "__main__":

@@ -269,3 +269,26 @@ def test_devices_on_the_command_line_with_a_faked_gpu_count(monkeypatch, capsys,
     monkeypatch.setattr(devices, "gpu_count", lambda: 0)
     assert main(["smoke", "--devices", "0", "--dry-run"]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_status_reads_the_queue_to_tell_a_dead_claim_elsewhere_from_a_live_one(tmp_path, postgres, monkeypatch):
+    """A claim from another machine is alive while its heartbeat is renewed and dead once it has stopped for the
+    grace period (4 beats): what ``--status`` says of a cell whose MLflow run still reads RUNNING there."""
+    from studies.execution.queue import Queues, read_claims
+
+    monkeypatch.setenv("DSET_QUEUE_HEARTBEAT_S", "1")
+    desc = {"url": postgres.create_database(f"queue_{uuid.uuid4().hex[:8]}")}
+    queue = Queues(desc, "claims", "other-machine", 4242).open("cells", ["cell-a", "cell-b"])
+    queue.fill({"cell-a": "a", "cell-b": "b"})
+    trial = queue.claim(["cell-a", "cell-b"])
+    key = trial.user_attrs["dset.queue_key"]
+    views = read_claims(desc, queue.name, "this-machine")
+    assert views[key].state == "RUNNING" and not views[key].dead
+    assert (views[key].host, views[key].pid) == ("other-machine", 4242)
+    assert {k: v.state for k, v in views.items() if k != key} == {({"cell-a", "cell-b"} - {key}).pop(): "WAITING"}
+    time.sleep(3)
+    assert not read_claims(desc, queue.name, "this-machine")[key].dead        # beating: alive after 3 s
+    queue.heartbeat.remove(trial._trial_id)                                   # the worker dies: no more beats
+    time.sleep(5.5)
+    assert read_claims(desc, queue.name, "this-machine")[key].dead
+    assert read_claims(desc, "no-such-queue", "this-machine") == {}

@@ -16,6 +16,13 @@ from .queue import Queues, WorkQueue
 from .scheduler import QueueSource, Scheduler, Started
 from .stage1_run import run_stage1
 
+CELLS_QUEUE = "cells"   # the part of the study's queues that holds its grid cells
+
+
+def queue_key(cell: Cell) -> str:
+    """A cell's work key in the queue: its fingerprint (an invalid cell's id, so that it is listed too)."""
+    return cell.fingerprint if cell.ok else f"invalid:{cell.id}"
+
 
 class CellQueue(QueueSource):
     """The grid's cells as jobs."""
@@ -81,7 +88,7 @@ def run_grid(cells: list[Cell], runs: InvocationRuns, progress: Progress, jobs: 
     items: dict[str, Cell] = {}
     todo: dict[str, str] = {}
     for cell in cells:
-        key = cell.fingerprint if cell.ok else f"invalid:{cell.id}"
+        key = queue_key(cell)
         items[key] = cell
         if cell.ok:
             kind, run = runs.classify_at_start(cell)
@@ -95,7 +102,7 @@ def run_grid(cells: list[Cell], runs: InvocationRuns, progress: Progress, jobs: 
         runnable = [items[k] for k in todo if items[k].ok]
         jobs.prepare_data(runnable)
         stage1_errors = run_stage1(runnable, runs, jobs, queues, scheduler)
-        queue = queues.open("cells", list(items))
+        queue = queues.open(CELLS_QUEUE, list(items))
         runs.tag_parent({schema.TAG_QUEUE: f"{queue.name} in {queues.describe()}"})
         queue.fill(todo)
         scheduler.run(CellQueue(queue, {k: items[k] for k in todo}, stage1_errors, runs, progress, jobs))

@@ -8,8 +8,10 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from ..processes import pid_alive
 from .claims import (
     ATTR_EMPTY,
     ATTR_ERROR,
@@ -187,3 +189,45 @@ class WorkQueue:
         """The newest error recorded for ``key``."""
         errors = [t for t in self.by_key().get(key, []) if ATTR_ERROR in t.user_attrs]
         return max(errors, key=lambda t: t.number).user_attrs[ATTR_ERROR] if errors else None
+
+
+@dataclass(frozen=True)
+class ClaimView:
+    """Where a queued item stands, as ``--status`` reads it: its newest trial's state (WAITING, RUNNING, COMPLETE,
+    FAIL), who claimed it, and whether that claimer is known to be dead (no heartbeat in an RDB storage, or its
+    process gone on this host)."""
+
+    state: str
+    host: str | None = None
+    pid: int | None = None
+    dead: bool = False
+
+
+def read_claims(desc: dict, name: str, my_host: str) -> dict[str, ClaimView]:
+    """``{work key: ClaimView}`` of queue ``name`` (its newest trial per key), read without changing anything;
+    empty when the queue does not exist (nothing has run)."""
+    import optuna
+
+    quiet_optuna()
+    if "journal" in desc and not Path(desc["journal"]).exists():
+        return {}
+    storage = open_storage(desc, heartbeat=True)
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return {}
+    stale = set()
+    if hasattr(storage, "_get_stale_trial_ids"):   # Optuna's heartbeat (RDB storages): claims without a beat
+        stale = set(storage._get_stale_trial_ids(study._study_id))
+    newest: dict[str, Any] = {}
+    for t in study.get_trials(deepcopy=False):
+        key = t.user_attrs.get(ATTR_KEY)
+        if key is not None and (key not in newest or t.number > newest[key].number):
+            newest[key] = t
+    views = {}
+    for key, t in newest.items():
+        host, pid = t.user_attrs.get(ATTR_HOST), t.user_attrs.get(ATTR_PID)
+        dead = t.state.name == "RUNNING" and (t._trial_id in stale
+                                              or host == my_host and pid is not None and not pid_alive(int(pid)))
+        views[key] = ClaimView(t.state.name, host, None if pid is None else int(pid), dead)
+    return views

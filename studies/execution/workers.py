@@ -118,19 +118,23 @@ def _watch_parent(parent_pid: int) -> None:
             os._exit(3)
 
 
+# SLURM signals every process of a task: a worker gets the invocation's SIGUSR2 (time limit ahead) too
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
+
+
 def _interrupt_once(signum, frame) -> None:
-    """SIGTERM/SIGINT -> one KeyboardInterrupt (the run is then marked KILLED); later signals are ignored
-    so that the clean-up is not interrupted in turn."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """SIGTERM/SIGINT/SIGUSR2 -> one KeyboardInterrupt (the run saves its resume state and is marked KILLED);
+    later signals are ignored so that the clean-up is not interrupted in turn."""
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
 def worker_main(job: Job, conn) -> None:
     """Entry point of a spawned worker process: run the job, send the result back."""
     os.environ.update(job.env)  # before anything starts CUDA: the worker's GPU
-    signal.signal(signal.SIGTERM, _interrupt_once)
-    signal.signal(signal.SIGINT, _interrupt_once)
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, _interrupt_once)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     mlflow_store.quiet_mlflow()
     if job.parent_pid:

@@ -23,14 +23,15 @@ from dset.config import (
 )
 
 from .pretrain import Stage1, plan_stage1, pretrain_spec
+from .slurm_settings import SlurmSettings, SlurmSettingsError, parse_slurm_settings
 
 # the study files shipped with the project (python -m studies.run NAME)
 STUDY_DIR = Path(__file__).resolve().parents[1]
 CONFIG_SECTIONS = ("model", "data", "train", "run")
 STUDY_KEYS = ("name", "description", "kind", "presets", "budget", "data", "data_suggestion", "pretrain", "seeds", "set",
-              "out_dir", "grid", "search", "targets")
+              "out_dir", "grid", "search", "targets", "slurm")
 OVERRIDABLE = ("name", "presets", "budget", "data", "data_suggestion", "pretrain", "seeds", "out_dir", "n_trials",
-               "search", "targets")
+               "search", "targets", "slurm")
 SEARCH_KEYS = ("n_trials", "objectives", "sampler", "pruner", "space")
 SPACE_TYPES = ("int", "float", "categorical")
 DIRECTIONS = ("maximize", "minimize")
@@ -168,6 +169,7 @@ class Study:
     pretrain: Any = "auto"            # stage 1 (planning/pretrain.py): "auto" (the budget's section), none, a mapping
     data_suggestion: bool = True      # COCO data: the data check's image size, queries and epochs under the study's
                                       # own settings (planning/cells.py)
+    slurm: SlurmSettings = field(default_factory=SlurmSettings)   # each task of a SLURM submission (studies/slurm/)
     _stage1: dict = field(default_factory=dict, repr=False)   # planned stage 1 by (budget, depth)
     _data_checks: dict = field(default_factory=dict, repr=False)   # the data check by data set (planning/cells.py)
 
@@ -330,11 +332,15 @@ def load_study(name_or_path: str, overrides: list[str] | None = None) -> Study:
     if not isinstance(data_suggestion, bool):
         raise StudyError(f"data_suggestion: expected true or false, got {data_suggestion!r}")
     out_dir = Path(str(data.get("out_dir") or "runs"))
+    try:
+        slurm = parse_slurm_settings(data.get("slurm"), path.name)
+    except SlurmSettingsError as exc:
+        raise StudyError(str(exc)) from None
     return Study(name=name, path=path, kind=kind, description=str(data.get("description") or ""), presets=presets,
                  budget=budget, data=dataset, seeds=list(seeds), settings=settings, out_dir=out_dir, axes=axes,
                  search=search, config_overrides=config_ov, study_overrides=study_ov,
                  targets=parse_targets(data.get("targets"), f"{path.name}: targets"),
-                 pretrain=data.get("pretrain", "auto"), data_suggestion=data_suggestion)
+                 pretrain=data.get("pretrain", "auto"), data_suggestion=data_suggestion, slurm=slurm)
 
 
 def _parse_grid(grid: Any, path: Path) -> list[Axis]:

@@ -19,6 +19,7 @@ from ..console import say
 from ..planning.cells import Cell
 from ..planning.pretrain import Stage1
 from ..planning.study import Study
+from ..processes import slurm_job
 from . import mlflow_runs, mlflow_store, schema
 from .cell_state import classify_by_key, classify_cell, stale_reason
 
@@ -38,6 +39,8 @@ class InvocationRuns:
         self.uri = uri
         self.keep_stale = keep_stale
         self.host = host
+        # where the runs this invocation opens or resumes are running (--status, and claims of dead processes)
+        self.where = {schema.TAG_HOST: host, schema.TAG_PID: str(pid), schema.TAG_SLURM_JOB: slurm_job()}
         self.pid = pid
         self.commit = git_commit()
         self.optuna_name: str | None = None    # the Optuna study of a search (tagged on its trials' runs)
@@ -53,7 +56,7 @@ class InvocationRuns:
     def _open_parent(self, devices: list[str]) -> str:
         st = self.study
         tags = {schema.TAG_ROLE: "parent", schema.TAG_STUDY: st.name, schema.TAG_GIT_COMMIT: self.commit,
-                schema.TAG_HOST: self.host, schema.TAG_PID: str(self.pid), "mlflow.runName": f"{st.name} "
+                **self.where, "mlflow.runName": f"{st.name} "
                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}",
                 "dset.command": mlflow_store.redact(" ".join(["python -m studies.run", *sys.argv[1:]]))}
         run = mlflow_store.retry(self.c.create_run, self.exp_id, tags=_tags(tags))
@@ -129,7 +132,7 @@ class InvocationRuns:
                 schema.TAG_FINGERPRINT: cell.fingerprint, schema.TAG_CELL_KEY: cell.cell_key,
                 schema.TAG_CODE_VERSION: cell.provenance.get("code"),
                 schema.TAG_DATA_DIGEST: cell.provenance.get("data"),
-                schema.TAG_HOST: self.host, schema.TAG_PID: str(self.pid), "mlflow.runName": cell.id}
+                **self.where, "mlflow.runName": cell.id}
         if cell.stage1 is not None:
             tags[schema.TAG_INIT_SOURCE] = cell.stage1.init_source()
             if cell.stage1.checkpoint is not None:
@@ -224,7 +227,7 @@ class InvocationRuns:
                 schema.TAG_FINGERPRINT: st.key, schema.TAG_STAGE1_KEY: st.key,
                 schema.TAG_SEED: str(st.config.run.seed), schema.TAG_GIT_COMMIT: self.commit,
                 schema.TAG_CODE_VERSION: code_version(), schema.TAG_DATA_DIGEST: data_digest(st.config),
-                schema.TAG_HOST: self.host, schema.TAG_PID: str(self.pid),
+                **self.where,
                 schema.TAG_CHECKPOINT_DIR: str(RunFolder(st.partial_folder).checkpoints)}
         if run is not None and run.info.status != "FINISHED":
             mlflow_runs.set_tags(self.c, run.info.run_id, tags)

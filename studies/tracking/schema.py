@@ -69,6 +69,7 @@ TAG_PROFILE_ERROR = "dset.profile_error"  # why params/GFLOPs/latency are missin
 TAG_PICTURES_ERROR = "dset.pictures_error"  # why the pictures are missing from a finished run
 TAG_HOST = "dset.host"                 # host and process id of the invocation running the run: a RUNNING run
 TAG_PID = "dset.pid"                   # whose process is gone is resumed by the next invocation
+TAG_SLURM_JOB = "dset.slurm_job"       # and its SLURM job (ARRAY_TASK), "none" outside SLURM
 TAG_DEPLOY_DEVICES = "dset.deploy_devices"  # where each deploy/<runtime> metric ran, e.g. "eager: cpu (x86_64,
                                        # 2 threads); onnxruntime_cpu: onnxruntime 1.32.0 CPUExecutionProvider
                                        # (2 threads)"
