@@ -119,3 +119,37 @@ def test_the_signals_that_stop_a_study(monkeypatch):
             for s, handler in old.items():
                 signal.signal(s, handler)
             monkeypatch.setattr(stop_signals, "stopped_by", None)
+
+
+def test_a_task_runs_the_study_where_it_was_submitted_and_requeues_only_after_sigusr2(tmp_path, monkeypatch):
+    import os
+
+    from studies import stop_signals
+    from studies.slurm import task as task_module
+    from studies.slurm.task import StudyTask, StudyTaskError
+
+    monkeypatch.chdir("/")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")   # the node's own setting loses
+    monkeypatch.setattr(stop_signals, "stopped_by", None)
+    requeued = []
+    monkeypatch.setattr(task_module, "requeue_this_job", lambda: requeued.append(True))
+    argv = ["smoke", "--storage", QUEUE]
+    seen = []
+
+    def study(args, code=0, signum=None):
+        seen.append((args, os.getcwd(), os.environ["MLFLOW_TRACKING_URI"]))
+        stop_signals.stopped_by = signum
+        return code
+
+    def make(entry):
+        return StudyTask(entry, argv, str(tmp_path), {"MLFLOW_TRACKING_URI": SERVER}, requeue=True)
+
+    assert make(study)(0) == 0
+    assert seen == [(argv, str(tmp_path), SERVER)] and requeued == []
+    # warned of its time limit: the study stopped (exit 130) and the task puts itself back in the queue
+    assert make(lambda args: study(args, 130, signal.SIGUSR2))(1) == 130 and requeued == [True]
+    # cancelled (SIGTERM) or failed: no requeue, and SLURM records the task as failed, the password hidden
+    with pytest.raises(StudyTaskError, match=r"task 2: python -m studies.run smoke --storage "
+                                             r"postgresql://dset:\*\*\*@db.example/queue exited with 130"):
+        make(lambda args: study(args, 130, signal.SIGTERM))(2)
+    assert requeued == [True]

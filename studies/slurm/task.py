@@ -8,12 +8,14 @@ take its cell over."""
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
 from collections.abc import Callable
 
 from .. import stop_signals
+from ..tracking.mlflow_store import redact
 
 
 class StudyTaskError(RuntimeError):
@@ -37,7 +39,8 @@ class StudyTask:
             requeue_this_job()
             return code
         if code != 0:
-            raise StudyTaskError(f"task {index}: python -m studies.run {' '.join(self.argv)} exited with {code}")
+            command = redact(shlex.join(["python", "-m", "studies.run", *self.argv]))
+            raise StudyTaskError(f"task {index}: {command} exited with {code}")
         return code
 
 
