@@ -46,7 +46,7 @@ def on_cluster(tmp_path, monkeypatch, postgres, mlflow_server, slurm_cluster):
 
     monkeypatch.chdir(tmp_path)
     for key, value in {**slurm_cluster.env(), "MLFLOW_TRACKING_URI": mlflow_server, "OMP_NUM_THREADS": "1",
-                       "DSET_QUEUE_HEARTBEAT_S": "1", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}.items():
+                       "DSET_QUEUE_HEARTBEAT_S": "1"}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(submit, "WAIT_POLL_S", 1.0)
     return setup
@@ -155,7 +155,7 @@ def test_a_task_signalled_before_its_time_limit_requeues_and_resumes(on_cluster,
                                                                       capsys):
     """SIGUSR2 (what ``--signal=USR2@S`` sends S seconds before the time limit): the task saves its cell's resume
     state, gives its claim back and requeues itself; running again, it resumes the cell into the same run."""
-    name, args, _ = on_cluster({"off": BASE}, "train.epochs=6", "train.checkpoint_every_minutes=1e-6",
+    name, args, _ = on_cluster({"off": BASE}, "train.epochs=4", "train.checkpoint_every_minutes=1e-6",
                                "slurm.tasks=1")
     assert main(args) == 0
     job = submitted_array(capsys.readouterr().out)
@@ -164,7 +164,7 @@ def test_a_task_signalled_before_its_time_limit_requeues_and_resumes(on_cluster,
     assert task == job                                 # submitit submits one task as a plain job, not an array
     slurm_cluster.run("scancel", "--signal=USR2", task)
     submit.wait_for_array(job, poll_s=1.0)
-    by_cell = assert_one_clean_run_per_cell(mlflow_server, name, ["r18-base-s0"], 6)
+    by_cell = assert_one_clean_run_per_cell(mlflow_server, name, ["r18-base-s0"], 4)
     assert by_cell["r18-base-s0"].info.run_id == victim.info.run_id
     log = (Path(os.getcwd()) / "runs" / name / "slurm" / f"{job}_0_log.out").read_text()
     assert f"slurm: job {job}" in log and "requeued; its cell resumes from its last checkpoint" in log, log[-3000:]
