@@ -201,7 +201,7 @@ def submit_to_slurm(ns: argparse.Namespace, study: Study, cells: list[Cell] | No
             print(f"error: cannot submit to SLURM: {problem}", file=sys.stderr)
         return 2
     try:
-        jobs = submit(study, n_items, task, ns.storage, uri)
+        jobs = submit(study, n_items, task)
     except Exception as exc:  # noqa: BLE001 - sbatch missing or refusing: say why, submit nothing
         print(f"error: SLURM refused the submission: {type(exc).__name__}: {str(exc).strip()}", file=sys.stderr)
         return 2

@@ -9,20 +9,22 @@ import signal
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 stopped_by: int | None = None   # the signal that stopped this process's study (None: none did)
+_installed: tuple = ()          # the signals install() gave to _terminate
 
 
 def _terminate(signum, frame):
-    """A stop signal -> KeyboardInterrupt; a second signal while the study stops is ignored."""
+    """A stop signal -> one KeyboardInterrupt; later ones are ignored, so that the clean-up is not interrupted."""
     global stopped_by
     stopped_by = signum
-    for sig in STOP_SIGNALS:
+    for sig in _installed:
         signal.signal(sig, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
-def install() -> None:
-    """From now on, a stop signal ends the study (forked processes, e.g. data-loader workers, inherit it)."""
-    global stopped_by
-    stopped_by = None
-    for sig in STOP_SIGNALS:
+def install(signals: tuple = STOP_SIGNALS) -> None:
+    """From now on, each of ``signals`` ends the study (forked processes, e.g. data-loader workers, inherit it);
+    a worker process adds SIGINT, which Python's default already turns into KeyboardInterrupt in the invocation."""
+    global stopped_by, _installed
+    stopped_by, _installed = None, tuple(signals)
+    for sig in _installed:
         signal.signal(sig, _terminate)

@@ -120,7 +120,7 @@ def benchmark_backbone(plan: BackbonePlan, settings: BenchmarkSettings, runs: In
             schema.TAG_BENCHMARK_VARIANTS: json.dumps(slugs), schema.TAG_BENCHMARK_IMAGE_SIZE: plan.image_size,
             schema.TAG_BENCHMARK_BATCH: settings.batch_size, schema.TAG_BENCHMARK_PROCESSES: settings.processes,
             schema.TAG_BENCHMARK_ROUNDS: settings.rounds, schema.TAG_BENCHMARK_WARMUP: settings.warmup,
-            schema.TAG_GIT_COMMIT: runs.commit, schema.TAG_HOST: runs.host, schema.TAG_PID: runs.pid,
+            schema.TAG_GIT_COMMIT: runs.commit, **runs.where,
             "mlflow.parentRunId": runs.parent_id, "mlflow.runName": f"latency {plan.backbone}"}
     rid = mlflow_store.retry(c.create_run, runs.exp_id, tags={k: str(v) for k, v in tags.items() if v is not None},
                              run_name=f"latency {plan.backbone}").info.run_id

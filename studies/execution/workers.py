@@ -26,6 +26,7 @@ from typing import Any
 
 from dset.config import config_from_dict, flatten, with_values
 
+from .. import stop_signals
 from ..tracking import mlflow_runs, mlflow_store, schema
 from ..tracking.callback import MlflowCallback, final_metrics, system_metrics_monitor
 from .devices import Slot
@@ -118,23 +119,12 @@ def _watch_parent(parent_pid: int) -> None:
             os._exit(3)
 
 
-# SLURM signals every process of a task: a worker gets the invocation's SIGUSR2 (time limit ahead) too
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
-
-
-def _interrupt_once(signum, frame) -> None:
-    """SIGTERM/SIGINT/SIGUSR2 -> one KeyboardInterrupt (the run saves its resume state and is marked KILLED);
-    later signals are ignored so that the clean-up is not interrupted in turn."""
-    for sig in _STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    raise KeyboardInterrupt
-
-
 def worker_main(job: Job, conn) -> None:
     """Entry point of a spawned worker process: run the job, send the result back."""
     os.environ.update(job.env)  # before anything starts CUDA: the worker's GPU
-    for sig in _STOP_SIGNALS:
-        signal.signal(sig, _interrupt_once)
+    # SLURM signals every process of a task: a worker stops on the invocation's SIGUSR2 (time limit ahead) too,
+    # saving its run's resume state and marking the run KILLED
+    stop_signals.install((*stop_signals.STOP_SIGNALS, signal.SIGINT))
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     mlflow_store.quiet_mlflow()
     if job.parent_pid:

@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-from ..planning.slurm_settings import SlurmSettings
 from ..planning.study import Study
 from ..tracking.mlflow_store import local_store_path, redact
 from .task import StudyTask
@@ -36,12 +35,9 @@ def unsharable_storage(storage: str | None, uri: str) -> list[str]:
     return problems
 
 
-def task_count(study: Study, n_items: int) -> int:
-    return study.slurm.default_tasks(n_items)
-
-
-def executor_parameters(study: Study, s: SlurmSettings, tasks: int) -> dict:
+def executor_parameters(study: Study, tasks: int) -> dict:
     """The parameters given to submitit's SlurmExecutor (its names; ``--dry-run --slurm`` prints them)."""
+    s = study.slurm
     params = {"job_name": s.job_name or f"dset-{study.name}", "time": s.time_min, "nodes": 1,
               "ntasks_per_node": 1, "cpus_per_task": s.cpus_per_task, "signal_delay_s": s.signal_delay_s,
               "array_parallelism": tasks, "stderr_to_stdout": True}
@@ -90,8 +86,8 @@ def make_task(entry, argv: list[str], uri: str, requeue: bool) -> StudyTask:
 
 def dry_run_slurm(study: Study, n_items: int, task: StudyTask, storage: str | None, uri: str) -> int:
     """Print what ``--slurm`` would submit; 2 when the storage cannot be shared (as the submission would)."""
-    tasks = task_count(study, n_items)
-    params = executor_parameters(study, study.slurm, tasks)
+    tasks = study.slurm.default_tasks(n_items)
+    params = executor_parameters(study, tasks)
     print(f"SLURM job array of {tasks} task(s) for study {study.name} ({n_items} cells or trials), "
           f"logs in {log_folder(study)}/ (not submitted: --dry-run)")
     print("\n".join(sbatch_lines(params, tasks)))
@@ -106,15 +102,15 @@ def dry_run_slurm(study: Study, n_items: int, task: StudyTask, storage: str | No
     return 2 if problems else 0
 
 
-def submit(study: Study, n_items: int, task: StudyTask, storage: str | None, uri: str) -> list:
+def submit(study: Study, n_items: int, task: StudyTask) -> list:
     """Submit the array (the storage checked by the caller); submitit's jobs, one per task."""
     import submitit
 
-    tasks = task_count(study, n_items)
+    tasks = study.slurm.default_tasks(n_items)
     folder = log_folder(study).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     executor = submitit.SlurmExecutor(folder=folder, python=shlex.quote(sys.executable))
-    executor.update_parameters(**executor_parameters(study, study.slurm, tasks))
+    executor.update_parameters(**executor_parameters(study, tasks))
     return executor.map_array(task, range(tasks))
 
 
